@@ -1,0 +1,103 @@
+"""What every flow shares: the Prefect task per chunk, the options, and the run summary artifact."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.artifacts import acreate_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from tasks.client import DEFAULT_TIMEOUT_S, ProviderSettings
+from tasks.engine import Job, process_chunk
+from tasks.limits import DEFAULT_MAX_CONCURRENCY, Limits
+from tasks.metadata import summary_rows
+from tasks.run import DEFAULT_CHUNK_SIZE, RunOptions, run_job
+
+__all__ = ["chunk_task", "run_flow_job", "COMMON_DEFAULTS"]
+
+# One Prefect task per chunk, never per row. Called directly (not .submit()) so every chunk shares
+# the flow's event loop, its AsyncOpenAI client and its limiter.
+chunk_task = task(
+    process_chunk,
+    name="chunk",
+    task_run_name="chunk-{index}",
+    cache_policy=NO_CACHE,
+    persist_result=False,
+)
+
+COMMON_DEFAULTS: dict[str, Any] = {
+    "id_col": "id",
+    "provider": "gemini",
+    "base_url": None,
+    "api_key_env": None,
+    "rpm": None,
+    "tpm": None,
+    "max_concurrency": DEFAULT_MAX_CONCURRENCY,
+    "chunk_size": DEFAULT_CHUNK_SIZE,
+    "limit": None,
+    "retry_errors": False,
+    "timeout": DEFAULT_TIMEOUT_S,
+    "progress": False,
+}
+
+
+def run_options(
+    *,
+    input: str,
+    output: str,
+    id_col: str,
+    provider: str,
+    base_url: str | None,
+    api_key_env: str | None,
+    rpm: float | None,
+    tpm: float | None,
+    max_concurrency: int,
+    chunk_size: int,
+    limit: int | None,
+    retry_errors: bool,
+    timeout: float,
+    progress: bool,
+) -> RunOptions:
+    return RunOptions(
+        input=input,
+        output=output,
+        id_col=id_col,
+        provider=ProviderSettings(provider=provider, base_url=base_url, api_key_env=api_key_env, timeout_s=timeout),
+        limits=Limits(rpm=rpm, tpm=tpm, max_concurrency=max_concurrency),
+        chunk_size=chunk_size,
+        limit=limit,
+        retry_errors=retry_errors,
+        progress=progress,
+    )
+
+
+async def run_flow_job(job: Job, parameters: dict[str, Any]) -> dict[str, Any]:
+    """Run ``job`` inside the current flow: chunks as Prefect tasks, summary as a table artifact."""
+    from prefect.runtime import flow_run
+
+    options = run_options(**{k: parameters[k] for k in ("input", "output", *COMMON_DEFAULTS)})
+    document = await run_job(
+        job,
+        options,
+        parameters={k: v for k, v in parameters.items() if k != "progress"},
+        chunk_runner=chunk_task,
+        flow_run_id=str(flow_run.id) if flow_run.id else None,
+    )
+    await acreate_table_artifact(
+        key=f"gembatch-{job.name}-run",
+        table=summary_rows(document),
+        description=f"gembatch {job.name} run {document['run_id']}: {document['status']}",
+    )
+    logger = get_run_logger()
+    c = document["counts"]
+    logger.info(
+        "%s: %s rows in, %s skipped (done), %s deduplicated, %s succeeded, %s failed, %s not attempted; "
+        "%s requests, %s 429s. Metadata: %s/_runs/%s.json",
+        document["status"], c["input_rows"], c["skipped_done"], c["deduplicated"], c["succeeded"], c["failed"],
+        c["not_attempted"], document["requests"]["sent"], document["requests"]["rate_limited_429"],
+        document["output"]["path"], document["run_id"],
+    )
+    if document["status"] != "completed":
+        logger.warning("run ended early: %s — %s", document["status"], document["message"])
+    return document

@@ -1,0 +1,279 @@
+"""One AsyncOpenAI client per run, the provider it talks to, and what its failures mean."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx2
+import openai
+from openai import AsyncOpenAI
+
+from tasks.errors import ConfigError, RunStopped
+
+__all__ = [
+    "PROVIDERS",
+    "ProviderSettings",
+    "Connection",
+    "Failure",
+    "classify_failure",
+    "open_connection",
+    "check_model",
+]
+
+DEFAULT_TIMEOUT_S = 120.0
+DEFAULT_CONNECT_TIMEOUT_S = 10.0
+LOCAL_KEY_ENV = "GEMBATCH_LOCAL_KEY"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProviderSpec:
+    base_url: str | None
+    api_key_env: str | None
+
+
+PROVIDERS: dict[str, ProviderSpec] = {
+    "gemini": ProviderSpec(
+        base_url="https://generativelanguage.googleapis.com/v1beta/openai/", api_key_env="GEMINI_API_KEY"
+    ),
+    "openai": ProviderSpec(base_url="https://api.openai.com/v1/", api_key_env="OPENAI_API_KEY"),
+    # The built-in emulator: started in-process on a free loopback port with a one-off key.
+    "local": ProviderSpec(base_url=None, api_key_env=None),
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProviderSettings:
+    """Where requests go and which environment variable holds the key (never the key itself)."""
+
+    provider: str = "gemini"
+    base_url: str | None = None
+    api_key_env: str | None = None
+    timeout_s: float = DEFAULT_TIMEOUT_S
+
+    def __post_init__(self) -> None:
+        if self.provider not in PROVIDERS:
+            raise ConfigError(
+                f"unknown provider {self.provider!r}: use one of {', '.join(PROVIDERS)}, "
+                "or --base-url URL --api-key-env NAME for another OpenAI-compatible server"
+            )
+
+    @property
+    def key_env(self) -> str | None:
+        if self.api_key_env:
+            return self.api_key_env
+        if self.base_url and self.provider == "local":
+            return None
+        return PROVIDERS[self.provider].api_key_env
+
+
+@dataclass
+class Connection:
+    """An open client plus what the run metadata may say about it (host, never the key)."""
+
+    client: AsyncOpenAI
+    base_url: str
+    provider: str
+    api_key: str = field(repr=False)
+    emulator: Any = None
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.base_url).netloc
+
+    def redact(self, text: str) -> str:
+        """Belt and braces: no message we store or print may carry the key."""
+        return text.replace(self.api_key, "***") if self.api_key else text
+
+    async def close(self) -> None:
+        await self.client.close()
+        if self.emulator is not None:
+            self.emulator.stop()
+
+
+def open_connection(settings: ProviderSettings) -> Connection:
+    """Resolve the key and the base URL and build the client. Fails before any work on a missing key."""
+    emulator = None
+    if settings.provider == "local" and not settings.base_url:
+        from emulator import Emulator, EmulatorConfig
+
+        api_key = secrets.token_urlsafe(24)
+        emulator = Emulator(EmulatorConfig(api_key=api_key)).start()
+        base_url = emulator.base_url
+    else:
+        base_url = settings.base_url or PROVIDERS[settings.provider].base_url
+        env = settings.key_env
+        api_key = os.environ.get(env, "") if env else ""
+        if env and not api_key.strip():
+            raise ConfigError(
+                f"{env} is not set: export {env}=<your {settings.provider} API key> "
+                f"(or pick another variable with --api-key-env NAME). "
+                "To try gembatch without a key, use --provider local (the built-in emulator)."
+            )
+        if not env:
+            api_key = "none"
+    client = AsyncOpenAI(
+        base_url=base_url,
+        api_key=api_key,
+        # The SDK's own retries ignore Gemini's retryDelay; the engine retries instead.
+        max_retries=0,
+        timeout=httpx2.Timeout(settings.timeout_s, connect=DEFAULT_CONNECT_TIMEOUT_S),
+    )
+    return Connection(
+        client=client, base_url=base_url, provider=settings.provider, api_key=api_key, emulator=emulator
+    )
+
+
+async def check_model(conn: Connection, model: str, *, key_env: str | None) -> None:
+    """Fail fast on a wrong key, an unknown model or an unreachable server."""
+    try:
+        await conn.client.models.retrieve(model)
+    except Exception as exc:  # noqa: BLE001 - every failure here becomes a ConfigError
+        failure = classify_failure(exc)
+        where = f"{conn.host} ({conn.base_url})"
+        if failure.kind == "auth":
+            raise ConfigError(
+                f"the API key in {key_env or 'the environment'} was rejected by {where}: "
+                f"{conn.redact(failure.message)}. Check the key, or set the right variable with --api-key-env."
+            ) from None
+        if failure.kind == "not_found":
+            raise ConfigError(
+                f"model {model!r} was not found at {where}: {conn.redact(failure.message)}. "
+                "List the available models with `gembatch models`, then pass one with --model."
+            ) from None
+        if failure.kind == "transient" and failure.status is None:
+            raise ConfigError(
+                f"cannot reach {where}: {failure.message}. Check --base-url and your network."
+            ) from None
+        raise ConfigError(f"checking model {model!r} at {where} failed: {conn.redact(failure.message)}") from None
+
+
+@dataclass(frozen=True)
+class Failure:
+    """What a failed call means for the engine.
+
+    kind: ``rate_limited`` | ``daily_quota`` | ``transient`` | ``invalid_request`` | ``auth`` |
+    ``not_found`` | ``permission``.
+    """
+
+    kind: str
+    message: str
+    status: int | None = None
+    retry_after_s: float | None = None
+
+    @property
+    def retryable(self) -> bool:
+        return self.kind in ("rate_limited", "transient")
+
+    @property
+    def fatal(self) -> bool:
+        """Fatal for the whole run: every other request would fail the same way."""
+        return self.kind in ("auth", "not_found", "permission", "daily_quota")
+
+    def stop(self) -> RunStopped:
+        status = {"daily_quota": "stopped: daily quota"}.get(self.kind, f"failed: {self.kind}")
+        hint = {
+            "daily_quota": "The provider's per-day quota is used up; rerun after it resets "
+            "(midnight Pacific for Gemini): finished rows are kept and skipped.",
+            "auth": "The key was rejected; check it and rerun.",
+            "not_found": "The model or route was not found; check --model and --base-url.",
+            "permission": "The key may not use this model; check the project's permissions.",
+        }.get(self.kind, "")
+        return RunStopped(status, f"{self.message} {hint}".strip())
+
+
+_DELAY = re.compile(r"^\s*([0-9.]+)\s*s\s*$")
+_RETRY_IN = re.compile(r"retry in ([0-9.]+)\s*s", re.IGNORECASE)
+
+
+def classify_failure(exc: BaseException) -> Failure:
+    """Map an exception from the SDK (or its transport) to what the engine should do."""
+    if isinstance(exc, openai.APIStatusError):
+        status = exc.status_code
+        error = _error_object(exc.body)
+        message = f"HTTP {status}: {error.get('message') or _short(exc.body) or exc.message}"
+        retry_after = _retry_after(exc.response.headers, error)
+        if status == 429:
+            if _is_daily_quota(error):
+                return Failure("daily_quota", message, status, retry_after)
+            return Failure("rate_limited", message, status, retry_after)
+        if status >= 500 or status in (408, 409):
+            return Failure("transient", message, status, retry_after)
+        if status == 401 or "API_KEY_INVALID" in json.dumps(exc.body, default=str):
+            return Failure("auth", message, status)
+        if status == 403:
+            return Failure("permission", message, status)
+        if status == 404:
+            return Failure("not_found", message, status)
+        return Failure("invalid_request", message, status)
+    if isinstance(exc, openai.APITimeoutError):
+        return Failure("transient", "the request timed out")
+    if isinstance(exc, openai.APIConnectionError):
+        cause = exc.__cause__ or exc.__context__
+        return Failure("transient", f"connection failed: {cause or exc}")
+    if isinstance(exc, openai.APIResponseValidationError):
+        return Failure("transient", f"the reply did not have the expected shape: {exc}")
+    if isinstance(exc, json.JSONDecodeError):
+        return Failure("transient", f"the reply was not JSON ({exc.msg} at char {exc.pos})")
+    if isinstance(exc, (httpx2.TransportError, httpx2.StreamError)):
+        return Failure("transient", f"the connection broke: {type(exc).__name__}: {exc}")
+    raise exc
+
+
+def _error_object(body: object) -> dict[str, Any]:
+    # Gemini answers errors with a JSON array: [{"error": {...}}]; OpenAI with {"error": {...}}.
+    if isinstance(body, list) and body and isinstance(body[0], dict):
+        body = body[0]
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict):
+            return inner
+    return {}
+
+
+def _is_daily_quota(error: dict[str, Any]) -> bool:
+    for detail in error.get("details") or []:
+        for violation in detail.get("violations") or [] if isinstance(detail, dict) else []:
+            if "PerDay" in str(violation.get("quotaId", "")):
+                return True
+    return False
+
+
+def _retry_after(headers: httpx2.Headers, error: dict[str, Any]) -> float | None:
+    for header, divisor in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
+        value = headers.get(header)
+        if value:
+            try:
+                return float(value) / divisor
+            except ValueError:
+                pass
+    for detail in error.get("details") or []:
+        if isinstance(detail, dict) and str(detail.get("@type", "")).endswith("RetryInfo"):
+            match = _DELAY.match(str(detail.get("retryDelay", "")))
+            if match:
+                return float(match.group(1))
+    match = _RETRY_IN.search(str(error.get("message", "")))
+    return float(match.group(1)) if match else None
+
+
+def _short(body: object, limit: int = 300) -> str:
+    text = body if isinstance(body, str) else json.dumps(body, default=str) if body is not None else ""
+    return text[:limit]
+
+
+async def list_models(settings: ProviderSettings) -> list[str]:
+    """Model ids the provider serves, sorted (`gembatch models`)."""
+    conn = open_connection(settings)
+    try:
+        page = await conn.client.models.list()
+        return sorted(model.id for model in page.data)
+    except Exception as exc:  # noqa: BLE001 - every failure here becomes a ConfigError
+        failure = classify_failure(exc)
+        raise ConfigError(f"listing models at {conn.host} failed: {conn.redact(failure.message)}") from None
+    finally:
+        await conn.close()

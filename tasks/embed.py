@@ -1,0 +1,165 @@
+"""The embeddings job: many texts per `embeddings.create` request, vectors as fixed-size float32 lists."""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from openai.types import CreateEmbeddingResponse
+
+from tasks.client import Connection
+from tasks.engine import BadReply, Item, Reply
+
+__all__ = ["EmbedJob", "EMBEDDING_MODELS", "MAX_INPUTS_PER_REQUEST"]
+
+MAX_INPUTS_PER_REQUEST = 100  # Gemini: "at most 100 requests can be in one batch"
+
+
+@dataclass(frozen=True)
+class EmbeddingModel:
+    dims: int
+    max_input_tokens: int
+
+
+EMBEDDING_MODELS: dict[str, EmbeddingModel] = {
+    "gemini-embedding-001": EmbeddingModel(dims=3072, max_input_tokens=2048),
+    "text-embedding-3-small": EmbeddingModel(dims=1536, max_input_tokens=8191),
+    "text-embedding-3-large": EmbeddingModel(dims=3072, max_input_tokens=8191),
+}
+UNKNOWN_MODEL_MAX_TOKENS = 2048
+
+
+def estimate_text_tokens(text: str) -> int:
+    """About four characters a token: close enough to budget TPM; responses correct it."""
+    return max(1, (len(text) + 3) // 4)
+
+
+@dataclass(frozen=True, kw_only=True)
+class EmbedJob:
+    model: str
+    text_col: str = "text"
+    dimensions: int | None = None
+    batch_size: int = MAX_INPUTS_PER_REQUEST
+
+    name = "embed"
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.batch_size:
+            raise ValueError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.dimensions is not None and self.dimensions < 1:
+            raise ValueError(f"--dimensions must be at least 1, got {self.dimensions}")
+
+    @property
+    def input_columns(self) -> tuple[str, ...]:
+        return (self.text_col,)
+
+    @property
+    def string_columns(self) -> tuple[str, ...]:
+        return (self.text_col,)
+
+    @property
+    def max_items_per_request(self) -> int:
+        return min(self.batch_size, MAX_INPUTS_PER_REQUEST)
+
+    @property
+    def spec(self) -> EmbeddingModel | None:
+        return EMBEDDING_MODELS.get(self.model.removeprefix("models/"))
+
+    @property
+    def normalise(self) -> bool:
+        """Gemini only normalises its full-size output: shortened vectors are normalised here."""
+        spec = self.spec
+        return self.dimensions is not None and (spec is None or self.dimensions < spec.dims)
+
+    def parameters(self) -> dict[str, Any]:
+        return {
+            "text_col": self.text_col,
+            "dimensions": self.dimensions,
+            "batch_size": self.max_items_per_request,
+            "normalised_here": self.normalise,
+        }
+
+    def request_fields(self, payload: dict[str, Any]) -> dict[str, Any]:
+        return {"job": "embed", "model": self.model, "dimensions": self.dimensions, "input": payload[self.text_col]}
+
+    def validate(self, payload: dict[str, Any]) -> str | None:
+        text = payload[self.text_col]
+        if text is None:
+            return f"column {self.text_col!r} is null: nothing to embed"
+        if not text.strip():
+            return f"column {self.text_col!r} is empty: nothing to embed"
+        limit = self.spec.max_input_tokens if self.spec else UNKNOWN_MODEL_MAX_TOKENS
+        tokens = estimate_text_tokens(text)
+        if tokens > limit:
+            return (
+                f"text is about {tokens} tokens ({len(text)} characters), over {self.model}'s "
+                f"{limit}-token input limit: split it into smaller passages"
+            )
+        return None
+
+    def estimate_tokens(self, payload: dict[str, Any]) -> int:
+        return estimate_text_tokens(payload[self.text_col])
+
+    async def send(self, conn: Connection, items: list[Item]) -> Reply:
+        extra = {"dimensions": self.dimensions} if self.dimensions is not None else {}
+        response = await conn.client.embeddings.create(
+            model=self.model,
+            input=[item.payload[self.text_col] for item in items],
+            encoding_format="base64",
+            **extra,
+        )
+        if not isinstance(response, CreateEmbeddingResponse):
+            raise BadReply(f"the reply was not an embeddings object: {str(response)[:200]!r}")
+        vectors: list[np.ndarray | None] = [None] * len(items)
+        for entry in response.data:
+            vectors[entry.index] = self._vector(entry.embedding)
+        missing = [i for i, v in enumerate(vectors) if v is None]
+        if missing:
+            raise BadReply(f"the reply had no embedding for inputs {missing[:5]}")
+        usage = response.usage
+        prompt = usage.prompt_tokens if usage else 0
+        return Reply(results=vectors, prompt_tokens=prompt, total_tokens=usage.total_tokens if usage else 0)
+
+    def _vector(self, raw: Any) -> np.ndarray:
+        # Servers that honour encoding_format send base64 float32; others (Gemini, maybe) send lists.
+        if isinstance(raw, str):
+            vector = np.frombuffer(base64.b64decode(raw), dtype="<f4").astype(np.float32)
+        else:
+            vector = np.asarray(raw, dtype=np.float32)
+        if self.normalise:
+            norm = float(np.linalg.norm(vector))
+            if norm > 0:
+                vector = (vector / norm).astype(np.float32)
+        return vector
+
+    def output_schema(self, id_col: str, id_type: pa.DataType, dims: int | None = None) -> pa.Schema:
+        dims = dims or self.dimensions or (self.spec.dims if self.spec else None)
+        if dims is None:
+            raise ValueError("embedding size unknown: pass --dimensions")
+        return pa.schema(
+            [
+                pa.field(id_col, id_type),
+                pa.field("embedding", pa.list_(pa.float32(), dims)),
+                pa.field("content_hash", pa.string()),
+                pa.field("model", pa.string()),
+            ]
+        )
+
+    def result_arrays(self, results: list[Any]) -> dict[str, pa.Array]:
+        dims = {len(v) for v in results}
+        if len(dims) != 1:
+            raise BadReply(f"the server returned vectors of different sizes: {sorted(dims)}")
+        (size,) = dims
+        flat = pa.array(np.concatenate(results).astype(np.float32, copy=False), pa.float32())
+        return {"embedding": pa.FixedSizeListArray.from_arrays(flat, size)}
+
+    def results_from_table(self, table: pa.Table) -> dict[str, Any]:
+        if table.num_rows == 0:
+            return {}
+        column = table.column("embedding").combine_chunks()
+        size = column.type.list_size
+        matrix = column.flatten().to_numpy(zero_copy_only=False).reshape(-1, size)
+        return {h: matrix[i].copy() for i, h in enumerate(table.column("content_hash").to_pylist())}

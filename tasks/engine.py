@@ -1,0 +1,431 @@
+"""The engine, written once: plan a chunk, fan out rate-limited requests, write its parts.
+
+A job (see :class:`Job`) says how a row becomes a request and a response becomes typed columns;
+everything else — skipping done rows, sharing identical contents, retries, limits, atomic writes,
+counts — lives here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import pyarrow as pa
+
+from tasks.client import Connection, Failure, classify_failure
+from tasks.errors import RunStopped
+from tasks.limits import AdaptiveLimiter
+from tasks.store import DoneIndex, OutputStore, hash_key, pair_key
+
+__all__ = [
+    "Job",
+    "Item",
+    "BadReply",
+    "Reply",
+    "Outcome",
+    "RetryPolicy",
+    "RunStats",
+    "RunContext",
+    "ChunkReport",
+    "content_hash",
+    "process_chunk",
+]
+
+# After a stop (daily quota, fatal error) requests already in flight get this long to finish: their
+# answers are paid for, so keep them if they come soon; then they are cancelled.
+STOP_GRACE_S = 5.0
+
+
+class Job(Protocol):
+    """What one kind of work needs from the engine. Implementations live in ``tasks/<job>.py``."""
+
+    name: str
+    model: str
+    input_columns: tuple[str, ...]
+    string_columns: tuple[str, ...]
+    max_items_per_request: int
+
+    def request_fields(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """Everything sent for one row (model and parameters included): its content hash."""
+
+    def validate(self, payload: dict[str, Any]) -> str | None:
+        """A reason the row can't be sent, or None."""
+
+    def estimate_tokens(self, payload: dict[str, Any]) -> int: ...
+
+    async def send(self, conn: Connection, items: list[Item]) -> Reply:
+        """One request for ``items``; raises what the SDK raises."""
+
+    def output_schema(self, id_col: str, id_type: pa.DataType) -> pa.Schema: ...
+
+    def result_arrays(self, results: list[Any]) -> dict[str, pa.Array]:
+        """Typed output columns (besides id, content_hash, model) for results in row order."""
+
+    def results_from_table(self, table: pa.Table) -> dict[str, Any]:
+        """content_hash → result, read back from output rows (to share with an identical row)."""
+
+    def parameters(self) -> dict[str, Any]: ...
+
+
+@dataclass(slots=True)
+class Item:
+    position: int
+    row_id: Any
+    content_hash: str
+    payload: dict[str, Any]
+    tokens: int
+
+
+@dataclass(slots=True)
+class Reply:
+    results: list[Any]
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What happened to one unique content: a result, or an error, or nothing (not attempted)."""
+
+    result: Any = None
+    error_type: str | None = None
+    error_message: str | None = None
+    attempts: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.error_type is None
+
+
+@dataclass(frozen=True, kw_only=True)
+class RetryPolicy:
+    """Exponential back-off with jitter; the server's own delay (Retry-After, retryDelay) wins."""
+
+    max_attempts: int = 8
+    max_rate_limited_attempts: int = 30
+    base_delay_s: float = 1.0
+    max_delay_s: float = 60.0
+
+    def delay(self, attempt: int, failure: Failure) -> float:
+        if failure.retry_after_s is not None:
+            return min(failure.retry_after_s, 3600.0) + random.uniform(0, 1.0)
+        backoff = min(self.max_delay_s, self.base_delay_s * 2 ** (attempt - 1))
+        return random.uniform(backoff / 2, backoff)
+
+    def allows(self, attempts: int, failure: Failure) -> bool:
+        limit = self.max_rate_limited_attempts if failure.kind == "rate_limited" else self.max_attempts
+        return attempts < limit
+
+
+@dataclass
+class RunStats:
+    input_rows: int = 0
+    skipped_done: int = 0
+    deduplicated: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    not_attempted: int = 0
+    requests: int = 0
+    items_sent: int = 0
+    retries: int = 0
+    rate_limited: int = 0
+    transient_errors: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    estimated_tokens: int = 0
+    parts_written: list[str] = field(default_factory=list)
+    error_parts_written: list[str] = field(default_factory=list)
+
+    def rows_accounted(self) -> int:
+        return self.skipped_done + self.deduplicated + self.succeeded + self.failed + self.not_attempted
+
+
+class RunContext:
+    """Everything the chunks of one run share. A plain class on purpose: Prefect walks dataclass
+    task parameters field by field, and this one holds the done-key index."""
+
+    def __init__(
+        self,
+        *,
+        job: Job,
+        conn: Connection,
+        limiter: AdaptiveLimiter,
+        store: OutputStore,
+        index: DoneIndex,
+        run_id: str,
+        id_col: str,
+        retry_errors: bool = False,
+        retry: RetryPolicy | None = None,
+        on_progress: Callable[[int], None] | None = None,
+    ) -> None:
+        self.job = job
+        self.conn = conn
+        self.limiter = limiter
+        self.store = store
+        self.index = index
+        self.run_id = run_id
+        self.id_col = id_col
+        self.retry_errors = retry_errors
+        self.retry = retry or RetryPolicy()
+        self.stats = RunStats()
+        self.on_progress = on_progress or (lambda rows: None)
+        self.inflight: dict[str, asyncio.Future[Outcome | None]] = {}
+        self.stop_event = asyncio.Event()
+        self.stopped: RunStopped | None = None
+
+    def request_stop(self, reason: RunStopped) -> None:
+        if self.stopped is None:
+            self.stopped = reason
+        self.stop_event.set()
+
+    def __repr__(self) -> str:
+        return f"RunContext(run_id={self.run_id!r}, job={self.job.name!r})"
+
+
+@dataclass
+class ChunkReport:
+    index: int
+    rows: int
+    written: int
+    errors: int
+
+
+def content_hash(fields: dict[str, Any]) -> str:
+    blob = json.dumps(fields, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+# Where a row's result comes from.
+DONE, PREV_ERROR, INVALID, OWN, SAME, PEER, STORED = range(7)
+
+
+async def process_chunk(ctx: RunContext, chunk: pa.Table, index: int, first_row: int) -> ChunkReport:
+    """Send what this chunk still needs, then write one results part and at most one errors part."""
+    job = ctx.job
+    ids = chunk.column(ctx.id_col).to_pylist()
+    columns = {c: chunk.column(c).to_pylist() for c in job.input_columns}
+    n = len(ids)
+    hashes: list[str] = [""] * n
+    source = [DONE] * n
+    invalid: dict[int, str] = {}
+    own: dict[str, Item] = {}
+    peers: dict[str, asyncio.Future[Outcome | None]] = {}
+    stored: set[str] = set()
+
+    # Planning is synchronous: no other chunk runs in between, so ownership of a content is decided once.
+    for pos in range(n):
+        payload = {c: columns[c][pos] for c in job.input_columns}
+        reason = job.validate(payload)
+        if reason is None:
+            h = hashes[pos] = content_hash(job.request_fields(payload))
+        else:
+            h = hashes[pos] = content_hash({"invalid": payload, "job": job.name, "model": job.model})
+        key = pair_key(ids[pos], h)
+        if reason is not None:
+            invalid_before = key in ctx.index.errored_pairs and not ctx.retry_errors
+            source[pos] = PREV_ERROR if invalid_before else INVALID
+            invalid[pos] = reason
+        elif key in ctx.index.done_pairs:
+            source[pos] = DONE
+        elif key in ctx.index.errored_pairs and not ctx.retry_errors:
+            source[pos] = PREV_ERROR
+        elif h in own:
+            source[pos] = SAME
+        elif h in ctx.inflight:
+            source[pos], peers[h] = PEER, ctx.inflight[h]
+        elif hash_key(h) in ctx.index.known_hashes:
+            source[pos] = STORED
+            stored.add(h)
+        else:
+            source[pos] = OWN
+            own[h] = Item(pos, ids[pos], h, payload, job.estimate_tokens(payload))
+            ctx.inflight[h] = asyncio.get_running_loop().create_future()
+
+    outcomes: dict[str, Outcome | None] = {}
+    try:
+        await _send_all(ctx, list(own.values()), outcomes)
+        for h, future in peers.items():
+            outcomes[h] = await future
+        if stored:
+            found = job.results_from_table(await asyncio.to_thread(ctx.store.read_results_for, stored))
+            outcomes.update({h: Outcome(result=found[h]) for h in stored if h in found})
+        id_type = chunk.schema.field(ctx.id_col).type
+        report = await asyncio.to_thread(
+            _write_chunk, ctx, index, first_row, ids, id_type, hashes, source, invalid, outcomes
+        )
+        for h, outcome in outcomes.items():
+            if h in own and outcome is not None and outcome.ok:
+                ctx.index.known_hashes.add(hash_key(h))
+    finally:
+        for h in own:
+            future = ctx.inflight.pop(h)
+            if not future.done():
+                future.set_result(outcomes.get(h))
+    ctx.on_progress(n)
+    return report
+
+
+async def _send_all(ctx: RunContext, items: list[Item], outcomes: dict[str, Outcome | None]) -> None:
+    size = ctx.job.max_items_per_request
+    batches = [items[i : i + size] for i in range(0, len(items), size)]
+    tasks = [asyncio.create_task(_send(ctx, batch, outcomes)) for batch in batches]
+    if not tasks:
+        return
+    stop_wait = asyncio.create_task(ctx.stop_event.wait())
+    try:
+        pending = set(tasks)
+        while pending:
+            done, pending = await asyncio.wait(pending | {stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+            pending.discard(stop_wait)
+            if stop_wait in done and pending:
+                _, pending = await asyncio.wait(pending, timeout=STOP_GRACE_S)
+                for task in pending:
+                    task.cancel()
+                await asyncio.gather(*pending, return_exceptions=True)
+                break
+        for task in tasks:
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                raise task.exception()
+    finally:
+        stop_wait.cancel()
+
+
+async def _send(ctx: RunContext, items: list[Item], outcomes: dict[str, Outcome | None], attempts: int = 0) -> None:
+    job, stats, limiter = ctx.job, ctx.stats, ctx.limiter
+    estimate = sum(item.tokens for item in items)
+    while True:
+        if ctx.stop_event.is_set():
+            return
+        attempts += 1
+        failure: Failure | None = None
+        async with limiter.slot(estimate) as started:
+            if ctx.stop_event.is_set():
+                return
+            stats.requests += 1
+            stats.items_sent += len(items)
+            stats.estimated_tokens += estimate
+            try:
+                reply = await job.send(ctx.conn, items)
+                if len(reply.results) != len(items):
+                    raise BadReply(f"the reply had {len(reply.results)} results for {len(items)} inputs")
+            except BadReply as exc:
+                failure = Failure("transient", f"bad reply: {exc}")
+            except Exception as exc:  # noqa: BLE001 - classify_failure re-raises what it doesn't know
+                failure = classify_failure(exc)
+        if failure is None:
+            stats.prompt_tokens += reply.prompt_tokens
+            stats.completion_tokens += reply.completion_tokens
+            stats.total_tokens += reply.total_tokens
+            for item, result in zip(items, reply.results):
+                outcomes[item.content_hash] = Outcome(result=result, attempts=attempts)
+            await limiter.settle_tokens(estimate, reply.prompt_tokens)
+            return
+        if failure.kind == "rate_limited":
+            stats.rate_limited += 1
+            limiter.on_rate_limited(started)
+        elif failure.kind == "transient":
+            stats.transient_errors += 1
+        if failure.fatal:
+            if failure.kind == "daily_quota":
+                stats.rate_limited += 1
+            ctx.request_stop(failure.stop())
+            return
+        if failure.retryable and ctx.retry.allows(attempts, failure):
+            stats.retries += 1
+            try:
+                await asyncio.wait_for(ctx.stop_event.wait(), timeout=ctx.retry.delay(attempts, failure))
+            except TimeoutError:
+                pass
+            continue
+        if failure.kind == "invalid_request" and len(items) > 1:
+            # One bad input fails the whole request: split to find it, so the rest still succeed.
+            half = len(items) // 2
+            await asyncio.gather(
+                _send(ctx, items[:half], outcomes, attempts), _send(ctx, items[half:], outcomes, attempts)
+            )
+            return
+        for item in items:
+            outcomes[item.content_hash] = Outcome(
+                error_type=failure.kind, error_message=ctx.conn.redact(failure.message), attempts=attempts
+            )
+        return
+
+
+class BadReply(Exception):
+    """A reply that arrived but can't be used (wrong shape, missing items): retried like a 5xx."""
+
+
+def _write_chunk(
+    ctx: RunContext,
+    index: int,
+    first_row: int,
+    ids: list[Any],
+    id_type: pa.DataType,
+    hashes: list[str],
+    source: list[int],
+    invalid: dict[int, str],
+    outcomes: dict[str, Outcome | None],
+) -> ChunkReport:
+    job, stats = ctx.job, ctx.stats
+    ok_rows: list[int] = []
+    ok_results: list[Any] = []
+    err_rows: list[tuple[int, str, str, int]] = []
+    for pos, src in enumerate(source):
+        if src == DONE:
+            stats.skipped_done += 1
+        elif src == PREV_ERROR:
+            stats.failed += 1
+        elif src == INVALID:
+            err_rows.append((pos, "invalid_input", invalid[pos], 0))
+        else:
+            outcome = outcomes.get(hashes[pos])
+            if outcome is None:
+                stats.not_attempted += 1
+            elif not outcome.ok:
+                err_rows.append((pos, outcome.error_type or "error", outcome.error_message or "", outcome.attempts))
+            else:
+                ok_rows.append(pos)
+                ok_results.append(outcome.result)
+                if src == OWN:
+                    stats.succeeded += 1
+                else:
+                    stats.deduplicated += 1
+    stats.failed += len(err_rows)
+    written = 0
+    if ok_rows:
+        table = pa.table(
+            {
+                ctx.id_col: pa.array([ids[p] for p in ok_rows], id_type),
+                **job.result_arrays(ok_results),
+                "content_hash": pa.array([hashes[p] for p in ok_rows], pa.string()),
+                "model": pa.array([job.model] * len(ok_rows), pa.string()),
+            }
+        )
+        stats.parts_written.append(ctx.store.write_part(table, errors=False, run_id=ctx.run_id, id_col=ctx.id_col))
+        written = len(ok_rows)
+    if err_rows:
+        table = pa.table(
+            {
+                ctx.id_col: pa.array([ids[p] for p, *_ in err_rows], id_type),
+                "content_hash": pa.array([hashes[p] for p, *_ in err_rows], pa.string()),
+                "error_type": pa.array([e[1] for e in err_rows], pa.string()),
+                "error_message": pa.array([e[2] for e in err_rows], pa.string()),
+                "attempts": pa.array([e[3] for e in err_rows], pa.int32()),
+                "input_row": pa.array([first_row + p for p, *_ in err_rows], pa.int64()),
+                "model": pa.array([job.model] * len(err_rows), pa.string()),
+                "run_id": pa.array([ctx.run_id] * len(err_rows), pa.string()),
+            }
+        )
+        path = ctx.store.write_part(table, errors=True, run_id=ctx.run_id, id_col=ctx.id_col)
+        stats.error_parts_written.append(path)
+    return ChunkReport(index=index, rows=len(ids), written=written, errors=len(err_rows))
+
+
+ChunkRunner = Callable[[RunContext, pa.Table, int, int], Awaitable[ChunkReport]]

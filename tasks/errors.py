@@ -1,0 +1,28 @@
+"""Errors a user can act on. Each message says what was wrong and what to do."""
+
+from __future__ import annotations
+
+__all__ = ["GembatchError", "ConfigError", "InputError", "RunStopped"]
+
+
+class GembatchError(Exception):
+    """Base class: the message is meant for the user, without a traceback."""
+
+
+class ConfigError(GembatchError):
+    """Something about the command's settings stops the run before any work starts."""
+
+
+class InputError(GembatchError):
+    """The input file can't be read as asked (path, format, columns)."""
+
+
+class RunStopped(GembatchError):
+    """The run must end early; everything finished so far is kept and a rerun resumes.
+
+    ``status`` goes into the run metadata, e.g. ``stopped: daily quota``.
+    """
+
+    def __init__(self, status: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status

@@ -1,0 +1,178 @@
+"""Reading the input in chunks (Parquet or CSV, local path or fsspec URL) without loading it whole."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import fsspec
+import pyarrow as pa
+import pyarrow.csv as pcsv
+import pyarrow.parquet as pq
+
+from tasks.errors import InputError
+
+__all__ = ["InputSource"]
+
+CSV_BLOCK_BYTES = 4 << 20
+FINGERPRINT_BLOCK_BYTES = 8 << 20
+
+
+@dataclass(frozen=True)
+class InputSource:
+    """One input table. ``format`` is ``parquet`` or ``csv``, from the name or the file's first bytes."""
+
+    path: str
+    format: str
+    size_bytes: int
+
+    @classmethod
+    def open(cls, path: str) -> InputSource:
+        try:
+            fs, fs_path = fsspec.core.url_to_fs(path)
+            info = fs.info(fs_path)
+        except FileNotFoundError:
+            raise InputError(f"input {path} does not exist: check the path (or the URL's bucket and key)") from None
+        except (OSError, ValueError, ImportError) as exc:
+            raise InputError(f"input {path} can't be opened: {exc}") from None
+        if info.get("type") == "directory":
+            raise InputError(f"input {path} is a folder: give one Parquet or CSV file")
+        return cls(path=path, format=_detect_format(path, fs, fs_path), size_bytes=int(info.get("size") or 0))
+
+    def columns(self) -> list[str]:
+        return list(self.schema().names)
+
+    def schema(self) -> pa.Schema:
+        with self._open() as f:
+            if self.format == "parquet":
+                return pq.ParquetFile(f).schema_arrow
+            reader = pcsv.open_csv(f, read_options=pcsv.ReadOptions(block_size=CSV_BLOCK_BYTES))
+            return reader.schema
+
+    def num_rows(self) -> int | None:
+        """Known without a pass over the data for Parquet only."""
+        if self.format != "parquet":
+            return None
+        with self._open() as f:
+            return pq.ParquetFile(f).metadata.num_rows
+
+    def require_columns(self, needed: list[str]) -> None:
+        have = self.columns()
+        missing = [c for c in needed if c not in have]
+        if missing:
+            raise InputError(
+                f"input {self.path} has no column {', '.join(repr(c) for c in missing)}; "
+                f"its columns are: {', '.join(have)}. Name the right ones with --id-col / --text-col."
+            )
+
+    def iter_chunks(
+        self, columns: list[str], chunk_size: int, *, string_columns: tuple[str, ...] = ()
+    ) -> Iterator[pa.Table]:
+        """Tables of ``chunk_size`` rows (the last may be shorter), only the named columns."""
+        pending: list[pa.RecordBatch] = []
+        pending_rows = 0
+        for batch in self._iter_batches(columns, chunk_size, string_columns):
+            pending.append(batch)
+            pending_rows += batch.num_rows
+            while pending_rows >= chunk_size:
+                table = pa.Table.from_batches(pending)
+                yield table.slice(0, chunk_size)
+                rest = table.slice(chunk_size)
+                pending = rest.to_batches()
+                pending_rows = rest.num_rows
+        if pending_rows:
+            yield pa.Table.from_batches(pending)
+
+    def fingerprint(self) -> str:
+        """sha256 of the file's bytes: two runs over the same fingerprint read the same input."""
+        digest = hashlib.sha256()
+        with self._open(raw=True) as f:
+            while block := f.read(FINGERPRINT_BLOCK_BYTES):
+                digest.update(block)
+        return "sha256:" + digest.hexdigest()
+
+    def _open(self, *, raw: bool = False):
+        return fsspec.open(self.path, "rb", compression=None if raw else "infer").open()
+
+    def _iter_batches(
+        self, columns: list[str], batch_size: int, string_columns: tuple[str, ...]
+    ) -> Iterator[pa.RecordBatch]:
+        with self._open() as f:
+            if self.format == "parquet":
+                yield from pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=columns)
+                return
+            convert = pcsv.ConvertOptions(
+                include_columns=columns,
+                column_types={c: pa.string() for c in string_columns},
+                strings_can_be_null=True,
+            )
+            reader = pcsv.open_csv(
+                f, read_options=pcsv.ReadOptions(block_size=CSV_BLOCK_BYTES), convert_options=convert
+            )
+            rows_before = 0
+            while True:
+                try:
+                    batch = reader.read_next_batch()
+                except StopIteration:
+                    return
+                except pa.ArrowInvalid as exc:
+                    raise InputError(
+                        f"input {self.path}: CSV can't be parsed after data row {rows_before}: {exc}. "
+                        "Fix the line (quote fields that hold commas or newlines) and rerun; "
+                        "rows already written are kept and skipped."
+                    ) from None
+                rows_before += batch.num_rows
+                yield batch
+
+
+def _detect_format(path: str, fs: fsspec.AbstractFileSystem, fs_path: str) -> str:
+    lowered = path.lower()
+    for suffix, fmt in ((".parquet", "parquet"), (".pq", "parquet"), (".csv", "csv"), (".csv.gz", "csv")):
+        if lowered.endswith(suffix):
+            return fmt
+    with fs.open(fs_path, "rb") as f:
+        head = f.read(4)
+    if head == b"PAR1":
+        return "parquet"
+    raise InputError(
+        f"input {path} is neither Parquet nor CSV (by its name or its first bytes): "
+        "give a .parquet or .csv file"
+    )
+
+
+def check_ids(source: InputSource, id_col: str, *, limit: int | None, chunk_size: int = 1 << 18) -> int:
+    """Read the id column once: every row needs a unique, non-null id. Returns the row count."""
+    import polars as pl
+
+    arrays = []
+    rows = 0
+    for table in source.iter_chunks([id_col], chunk_size):
+        if limit is not None and rows + table.num_rows > limit:
+            table = table.slice(0, limit - rows)
+        arrays.append(table.column(id_col))
+        rows += table.num_rows
+        if limit is not None and rows >= limit:
+            break
+    if not arrays:
+        return 0
+    ids = pl.Series("id", pa.chunked_array([c for a in arrays for c in a.chunks]))
+    nulls = ids.is_null().arg_true()
+    if len(nulls):
+        shown = ", ".join(str(r + 1) for r in nulls[:5].to_list())
+        raise InputError(
+            f"input {source.path}: column {id_col!r} is null in {len(nulls)} row(s) (data rows {shown}"
+            f"{', …' if len(nulls) > 5 else ''}): every row needs an id. Fill them or pick another --id-col."
+        )
+    dup_mask = ids.is_duplicated()
+    if dup_mask.any():
+        dups = ids.filter(dup_mask).unique(maintain_order=True)
+        examples = []
+        for value in dups[:3].to_list():
+            where = (ids == value).arg_true()[:3].to_list()
+            examples.append(f"{value!r} at data rows {', '.join(str(r + 1) for r in where)}")
+        raise InputError(
+            f"input {source.path}: column {id_col!r} has {len(dups)} duplicated id(s), e.g. "
+            f"{'; '.join(examples)}. Ids must be unique: dedupe the input or pick another --id-col."
+        )
+    return rows

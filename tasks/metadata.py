@@ -1,0 +1,82 @@
+"""The run metadata document written to ``_runs/<run-id>.json`` and shown as a Prefect artifact."""
+
+from __future__ import annotations
+
+import platform
+from datetime import UTC, datetime
+from importlib import metadata as importlib_metadata
+from typing import Any
+
+from tasks.engine import RunStats
+from tasks.prices import estimate_cost_usd
+
+__all__ = ["new_run_id", "package_versions", "counts", "summary_rows", "utc_now"]
+
+VERSIONED_PACKAGES = ("gembatch", "prefect", "openai", "pyarrow", "polars", "aiolimiter", "numpy")
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_run_id(started: datetime) -> str:
+    import secrets
+
+    return f"{started:%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in VERSIONED_PACKAGES:
+        try:
+            versions[name] = importlib_metadata.version(name)
+        except importlib_metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def counts(stats: RunStats) -> dict[str, int]:
+    return {
+        "input_rows": stats.input_rows,
+        "skipped_done": stats.skipped_done,
+        "deduplicated": stats.deduplicated,
+        "succeeded": stats.succeeded,
+        "failed": stats.failed,
+        "not_attempted": stats.not_attempted,
+    }
+
+
+def usage(stats: RunStats, model: str) -> tuple[dict[str, int], dict[str, Any]]:
+    tokens = {
+        "prompt": stats.prompt_tokens,
+        "completion": stats.completion_tokens,
+        "total": stats.total_tokens,
+        "estimated_before_sending": stats.estimated_tokens,
+    }
+    cost = estimate_cost_usd(model, prompt_tokens=stats.prompt_tokens, total_tokens=stats.total_tokens)
+    return tokens, {"estimated_usd": None if cost is None else round(cost, 6), "priced_model": model}
+
+
+def summary_rows(document: dict[str, Any]) -> list[dict[str, str]]:
+    """The same summary as a two-column table: for the terminal and the Prefect artifact."""
+    c, r, t = document["counts"], document["requests"], document["tokens"]
+    cost = document["cost"]["estimated_usd"]
+    rows = [
+        ("status", document["status"]),
+        ("run id", document["run_id"]),
+        ("job / model", f"{document['job']} / {document['provider']['model']}"),
+        ("provider host", document["provider"]["host"]),
+        ("input rows", c["input_rows"]),
+        ("skipped (already done)", c["skipped_done"]),
+        ("deduplicated (no request)", c["deduplicated"]),
+        ("succeeded", c["succeeded"]),
+        ("failed (see _errors/)", c["failed"]),
+        ("not attempted", c["not_attempted"]),
+        ("requests / retries / 429s", f"{r['sent']} / {r['retries']} / {r['rate_limited_429']}"),
+        ("tokens prompt / total", f"{t['prompt']} / {t['total']}"),
+        ("estimated cost (USD)", "n/a (model not in price table)" if cost is None else f"{cost:.6f}"),
+        ("duration (s)", document["duration_s"]),
+        ("rows/s", document["throughput"]["rows_per_s"]),
+        ("output", document["output"]["path"]),
+    ]
+    return [{"metric": k, "value": str(v)} for k, v in rows]

@@ -1,0 +1,209 @@
+"""One run of a job from start to finish: checks, planning, the chunk fan-out, metadata."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+from tasks.client import ProviderSettings, check_model, open_connection
+from tasks.engine import ChunkRunner, Job, RetryPolicy, RunContext, process_chunk
+from tasks.errors import GembatchError, RunStopped
+from tasks.io import InputSource, check_ids
+from tasks.limits import AdaptiveLimiter, Limits
+from tasks.metadata import counts, new_run_id, package_versions, usage, utc_now
+from tasks.progress import ProgressBar
+from tasks.store import OutputStore
+
+__all__ = ["RunOptions", "run_job", "DEFAULT_CHUNK_SIZE"]
+
+DEFAULT_CHUNK_SIZE = 2000
+DEFAULT_CHUNKS_IN_FLIGHT = 4
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunOptions:
+    """Settings shared by every job (the common command-line options)."""
+
+    input: str
+    output: str
+    id_col: str = "id"
+    provider: ProviderSettings = field(default_factory=ProviderSettings)
+    limits: Limits = field(default_factory=Limits)
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    chunks_in_flight: int = DEFAULT_CHUNKS_IN_FLIGHT
+    limit: int | None = None
+    retry_errors: bool = False
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        if self.chunk_size < 1:
+            raise ValueError(f"--chunk-size must be at least 1, got {self.chunk_size}")
+        if self.limit is not None and self.limit < 0:
+            raise ValueError(f"--limit must be 0 or more, got {self.limit}")
+
+
+async def run_job(
+    job: Job,
+    options: RunOptions,
+    *,
+    parameters: dict[str, Any] | None = None,
+    chunk_runner: ChunkRunner = process_chunk,
+    flow_run_id: str | None = None,
+) -> dict[str, Any]:
+    """Run ``job`` over ``options.input`` into ``options.output``; returns the run metadata document.
+
+    Raises :class:`GembatchError` for problems found before any work, and re-raises an unexpected
+    error after writing the metadata of what was done.
+    """
+    started = utc_now()
+    run_id = new_run_id(started)
+    source = InputSource.open(options.input)
+    source.require_columns([options.id_col, *job.input_columns])
+    conn = open_connection(options.provider)
+    try:
+        await check_model(conn, job.model, key_env=options.provider.key_env)
+        store = OutputStore(options.output)
+        await asyncio.to_thread(store.prepare)
+        index = await asyncio.to_thread(store.scan, options.id_col)
+        total_rows = await asyncio.to_thread(check_ids, source, options.id_col, limit=options.limit)
+        limiter = AdaptiveLimiter(options.limits)
+        document: dict[str, Any] = {
+            "run_id": run_id,
+            "flow_run_id": flow_run_id,
+            "job": job.name,
+            "status": "running",
+            "message": "",
+            "parameters": parameters or {},
+            "provider": {"name": conn.provider, "host": conn.host, "base_url": conn.base_url, "model": job.model},
+            "job_parameters": job.parameters(),
+            "input": {
+                "path": source.path,
+                "format": source.format,
+                "size_bytes": source.size_bytes,
+                "rows": total_rows,
+                "fingerprint": await asyncio.to_thread(source.fingerprint),
+            },
+            "output": {"path": options.output, "existing_result_rows": index.result_rows},
+            "started_at": started.isoformat(),
+            "limits": limiter.describe(),
+            "versions": package_versions(),
+        }
+        await asyncio.to_thread(store.write_run, run_id, document)
+        ctx = RunContext(
+            job=job,
+            conn=conn,
+            limiter=limiter,
+            store=store,
+            index=index,
+            run_id=run_id,
+            id_col=options.id_col,
+            retry_errors=options.retry_errors,
+            retry=options.retry,
+        )
+        progress = ProgressBar(f"{job.name} {job.model}", total_rows, ctx.stats, enabled=options.progress)
+        ctx.on_progress = progress.advance
+        ctx.stats.input_rows = total_rows
+        error: BaseException | None = None
+        try:
+            await _drive(ctx, source, options, total_rows, chunk_runner)
+        except (Exception, asyncio.CancelledError, KeyboardInterrupt) as exc:
+            error = exc
+        finally:
+            progress.close()
+        status, message = _status(ctx, error)
+        stats = ctx.stats
+        stats.not_attempted += max(0, total_rows - stats.rows_accounted())
+        removed = 0
+        if stats.parts_written or stats.error_parts_written:
+            removed = await asyncio.to_thread(store.compact, options.id_col)
+        finished = utc_now()
+        duration = (finished - started).total_seconds()
+        tokens, cost = usage(stats, job.model)
+        document.update(
+            {
+                "status": status,
+                "message": conn.redact(message),
+                "finished_at": finished.isoformat(),
+                "duration_s": round(duration, 3),
+                "counts": counts(stats),
+                "requests": {
+                    "sent": stats.requests,
+                    "items_sent": stats.items_sent,
+                    "retries": stats.retries,
+                    "rate_limited_429": stats.rate_limited,
+                    "transient_errors": stats.transient_errors,
+                },
+                "tokens": tokens,
+                "cost": cost,
+                "throughput": {
+                    "rows_per_s": round((stats.succeeded + stats.deduplicated) / duration, 2) if duration else None,
+                    "requests_per_s": round(stats.requests / duration, 2) if duration else None,
+                },
+                "limits": limiter.describe(),
+            }
+        )
+        document["output"].update(
+            {
+                "parts_written": [p.rsplit("/", 1)[-1] for p in stats.parts_written],
+                "error_parts_written": [p.rsplit("/", 1)[-1] for p in stats.error_parts_written],
+                "superseded_rows_removed": removed,
+            }
+        )
+        await asyncio.to_thread(store.write_run, run_id, document)
+        if error is not None:
+            raise error
+        return document
+    finally:
+        await conn.close()
+
+
+async def _drive(
+    ctx: RunContext, source: InputSource, options: RunOptions, total_rows: int, runner: ChunkRunner
+) -> None:
+    """Read chunks and run up to ``chunks_in_flight`` of them at once; memory stays bounded by that."""
+    slots = asyncio.Semaphore(options.chunks_in_flight)
+    chunks = source.iter_chunks(
+        [options.id_col, *ctx.job.input_columns], options.chunk_size, string_columns=ctx.job.string_columns
+    )
+    tasks: list[asyncio.Task] = []
+    first_row = 0
+    try:
+        while first_row < total_rows and not ctx.stop_event.is_set():
+            await slots.acquire()
+            chunk = await asyncio.to_thread(next, chunks, None)
+            if chunk is None or ctx.stop_event.is_set():
+                slots.release()
+                break
+            chunk = chunk.slice(0, total_rows - first_row)
+            task = asyncio.create_task(runner(ctx, chunk, len(tasks), first_row))
+            task.add_done_callback(lambda _t: slots.release())
+            tasks.append(task)
+            first_row += chunk.num_rows
+            if any(t.done() and not t.cancelled() and t.exception() for t in tasks):
+                break
+    finally:
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        chunks.close()
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+
+
+def _status(ctx: RunContext, error: BaseException | None) -> tuple[str, str]:
+    if isinstance(error, (KeyboardInterrupt, asyncio.CancelledError)):
+        return "interrupted", "the run was interrupted; rerun the same command to resume"
+    if isinstance(error, GembatchError):
+        return "failed: " + type(error).__name__, str(error)
+    if error is not None:
+        return "failed: " + type(error).__name__, f"{type(error).__name__}: {error}"
+    if ctx.stopped is not None:
+        return ctx.stopped.status, str(ctx.stopped)
+    return "completed", ""
+
+
+def raise_if_stopped(document: dict[str, Any]) -> None:
+    """For callers that want an exception when a run ended early (daily quota, key rejected)."""
+    if document["status"] != "completed":
+        raise RunStopped(document["status"], document["message"])

@@ -1,0 +1,206 @@
+"""The output folder: atomic part files, the done-key index, superseding, and run metadata files.
+
+Layout (see ARCHITECTURE.md)::
+
+    OUTPUT/part-<chunk-hash>.parquet   results
+    OUTPUT/_errors/part-<…>.parquet     rows that failed for good
+    OUTPUT/_runs/<run-id>.json          one per run
+
+Every part file carries its write time in its schema metadata. When one id has several records
+(its text changed, or it failed and later succeeded), the newest record wins and the older ones are
+removed by :meth:`OutputStore.compact` at the end of every run that wrote something.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pds
+import pyarrow.parquet as pq
+
+__all__ = ["OutputStore", "DoneIndex", "pair_key", "hash_key", "ERRORS_DIR", "RUNS_DIR"]
+
+ERRORS_DIR = "_errors"
+RUNS_DIR = "_runs"
+TMP_PREFIX = ".tmp-"
+META_KEY = b"gembatch"
+
+
+def pair_key(row_id: object, content_hash: str) -> int:
+    """In-memory key of an (id, content_hash) pair: a 64-bit hash keeps the index small."""
+    return hash((row_id, content_hash))
+
+
+def hash_key(content_hash: str) -> int:
+    # content hashes are hex sha256: their first 16 digits are already uniformly random
+    return int(content_hash[:16], 16)
+
+
+@dataclass
+class DoneIndex:
+    """What the output already holds, as compact keys."""
+
+    done_pairs: set[int] = field(default_factory=set)
+    known_hashes: set[int] = field(default_factory=set)
+    errored_pairs: set[int] = field(default_factory=set)
+    result_rows: int = 0
+    error_rows: int = 0
+
+
+class OutputStore:
+    def __init__(self, root: str) -> None:
+        self.url = root
+        self.fs, self.root = fsspec.core.url_to_fs(root)
+        self.root = self.root.rstrip("/")
+
+    # -- layout -----------------------------------------------------------------------------------
+    def prepare(self) -> None:
+        for sub in ("", ERRORS_DIR, RUNS_DIR):
+            self.fs.makedirs(self._join(sub) if sub else self.root, exist_ok=True)
+        # A killed run may leave temporary files; they were never renamed, so nothing refers to them.
+        for folder in (self.root, self._join(ERRORS_DIR)):
+            for path in self.fs.ls(folder, detail=False):
+                if path.rsplit("/", 1)[-1].startswith(TMP_PREFIX):
+                    self.fs.rm(path)
+
+    def result_files(self) -> list[str]:
+        return self._parts(self.root)
+
+    def error_files(self) -> list[str]:
+        return self._parts(self._join(ERRORS_DIR))
+
+    def join(self, *parts: str) -> str:
+        return self._join(*parts)
+
+    # -- reading ----------------------------------------------------------------------------------
+    def scan(self, id_col: str) -> DoneIndex:
+        index = DoneIndex()
+        for path in self.result_files():
+            for ids, hashes in self._id_hash_batches(path, id_col):
+                index.done_pairs.update(pair_key(i, h) for i, h in zip(ids, hashes))
+                index.known_hashes.update(hash_key(h) for h in hashes)
+                index.result_rows += len(hashes)
+        for path in self.error_files():
+            for ids, hashes in self._id_hash_batches(path, id_col):
+                index.errored_pairs.update(pair_key(i, h) for i, h in zip(ids, hashes))
+                index.error_rows += len(hashes)
+        return index
+
+    def read_results_for(self, content_hashes: Iterable[str]) -> pa.Table:
+        """Result rows (one per hash) already in the output, for rows that share their content."""
+        wanted = sorted(set(content_hashes))
+        files = self.result_files()
+        if not wanted or not files:
+            return pa.table({})
+        dataset = pds.dataset(files, format="parquet", filesystem=self.fs)
+        table = dataset.to_table(filter=pc.field("content_hash").isin(wanted))
+        _, first = pl.from_arrow(table.select(["content_hash"])).with_row_index().group_by(
+            "content_hash"
+        ).agg(pl.col("index").first()).to_arrow().columns
+        return table.take(first)
+
+    def existing_schema(self) -> pa.Schema | None:
+        files = self.result_files()
+        return pq.read_schema(files[0], filesystem=self.fs) if files else None
+
+    # -- writing ----------------------------------------------------------------------------------
+    def write_part(self, table: pa.Table, *, errors: bool, run_id: str, id_col: str) -> str:
+        """Write one part atomically (temporary name, then rename) and return its path."""
+        folder = self._join(ERRORS_DIR) if errors else self.root
+        final = f"{folder}/part-{_part_hash(table, id_col)}.parquet"
+        meta = {"written_at_ns": time.time_ns(), "run_id": run_id}
+        self._write_atomic(table, final, meta)
+        return final
+
+    def write_run(self, run_id: str, document: dict[str, Any]) -> str:
+        path = self._join(RUNS_DIR, f"{run_id}.json")
+        tmp = self._join(RUNS_DIR, f"{TMP_PREFIX}{run_id}.json")
+        with self.fs.open(tmp, "w") as f:
+            json.dump(document, f, indent=2, default=str)
+        self.fs.mv(tmp, path)
+        return path
+
+    def compact(self, id_col: str) -> int:
+        """Keep only the newest record of each id across results and errors; return rows removed."""
+        frames = []
+        for _kind, paths in (("result", self.result_files()), ("error", self.error_files())):
+            for path in paths:
+                written = self._written_at(path)
+                ids = pq.read_table(path, columns=[id_col], filesystem=self.fs).column(id_col)
+                frames.append(
+                    pl.DataFrame({"id": pl.from_arrow(ids)}).with_row_index("row").with_columns(
+                        pl.lit(path).alias("path"), pl.lit(written, dtype=pl.Int64).alias("written")
+                    )
+                )
+        if not frames:
+            return 0
+        records = pl.concat(frames, how="vertical_relaxed")
+        ranked = records.with_columns(
+            pl.struct("written", "row").rank("ordinal", descending=True).over("id").alias("rank")
+        )
+        stale = ranked.filter(pl.col("rank") > 1)
+        if stale.is_empty():
+            return 0
+        for (path,), rows in stale.group_by(["path"]):
+            drop = pa.array(rows["row"].to_list(), pa.int64())
+            table = pq.read_table(path, filesystem=self.fs)
+            keep = pc.invert(pc.is_in(pa.array(range(table.num_rows), pa.int64()), value_set=drop))
+            remaining = table.filter(keep)
+            if remaining.num_rows == 0:
+                self.fs.rm(path)
+            else:
+                self._write_atomic(remaining, path, self._metadata(path))
+        return stale.height
+
+    # -- helpers ----------------------------------------------------------------------------------
+    def _write_atomic(self, table: pa.Table, final: str, meta: dict[str, Any]) -> None:
+        folder = final.rsplit("/", 1)[0]
+        tmp = f"{folder}/{TMP_PREFIX}{uuid.uuid4().hex}.parquet"
+        schema_meta = dict(table.schema.metadata or {})
+        schema_meta[META_KEY] = json.dumps(meta).encode()
+        with self.fs.open(tmp, "wb") as f:
+            pq.write_table(table.replace_schema_metadata(schema_meta), f, compression="zstd")
+        self.fs.mv(tmp, final)
+
+    def _metadata(self, path: str) -> dict[str, Any]:
+        schema_meta = pq.read_schema(path, filesystem=self.fs).metadata or {}
+        raw = schema_meta.get(META_KEY)
+        return json.loads(raw) if raw else {}
+
+    def _written_at(self, path: str) -> int:
+        return int(self._metadata(path).get("written_at_ns", 0))
+
+    def _id_hash_batches(self, path: str, id_col: str):
+        parquet = pq.ParquetFile(path, filesystem=self.fs)
+        for batch in parquet.iter_batches(columns=[id_col, "content_hash"], batch_size=65536):
+            yield batch.column(0).to_pylist(), batch.column(1).to_pylist()
+
+    def _parts(self, folder: str) -> list[str]:
+        if not self.fs.exists(folder):
+            return []
+        return sorted(
+            p for p in self.fs.ls(folder, detail=False)
+            if p.rsplit("/", 1)[-1].startswith("part-") and p.endswith(".parquet")
+        )
+
+    def _join(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+
+def _part_hash(table: pa.Table, id_col: str) -> str:
+    digest = hashlib.sha256()
+    for value in table.column("content_hash").to_pylist():
+        digest.update(value.encode())
+    for value in table.column(id_col).to_pylist():
+        digest.update(repr(value).encode())
+    return digest.hexdigest()[:20]
