@@ -1,0 +1,7 @@
+"""Local OpenAI-compatible emulator of Gemini's compat endpoint, for tests and benchmarks."""
+
+from __future__ import annotations
+
+from emulator.server import ApiError, Emulator, EmulatorConfig, serve
+
+__all__ = ["ApiError", "Emulator", "EmulatorConfig", "serve"]

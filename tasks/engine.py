@@ -329,7 +329,7 @@ async def _send(ctx: RunContext, items: list[Item], outcomes: dict[str, Outcome 
             return
         if failure.kind == "rate_limited":
             stats.rate_limited += 1
-            limiter.on_rate_limited(started)
+            limiter.on_rate_limited(started, failure.retry_after_s)
         elif failure.kind == "transient":
             stats.transient_errors += 1
         if failure.fatal:

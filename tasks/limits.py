@@ -64,6 +64,7 @@ class AdaptiveLimiter:
             AsyncLimiter(limits.tpm * TPM_BURST_SECONDS / 60, TPM_BURST_SECONDS) if limits.tpm else None
         )
         self._last_change = clock()
+        self._resume_at = 0.0
         self._recent_starts: deque[float] = deque()
         self.rate_cuts = 0
         self.min_rpm_seen: float | None = limits.rpm
@@ -87,12 +88,17 @@ class AdaptiveLimiter:
         async with self._in_flight:
             self._maybe_recover()
             while True:
+                pause = self._resume_at - self._clock()
+                if pause > 0:
+                    await asyncio.sleep(pause)
+                    continue
                 bucket = self._rpm_bucket
-                if bucket is None:
-                    break
-                await bucket.acquire()
-                if bucket is self._rpm_bucket:
-                    break
+                if bucket is not None:
+                    await bucket.acquire()
+                    # The rate may have been cut while this request waited: wait again under the new one.
+                    if bucket is not self._rpm_bucket or self._resume_at > self._clock():
+                        continue
+                break
             await self._take_tokens(round(estimated_tokens * self.token_correction))
             started = self._clock()
             self._recent_starts.append(started)
@@ -110,8 +116,13 @@ class AdaptiveLimiter:
         if extra > 0:
             await self._take_tokens(extra)
 
-    def on_rate_limited(self, request_started: float) -> bool:
-        """Slow down after a 429. Returns True if this 429 cut the rate."""
+    def on_rate_limited(self, request_started: float, retry_after_s: float | None = None) -> bool:
+        """Slow down after a 429. Returns True if this 429 cut the rate.
+
+        A cut also pauses every new request for one interval at the new rate, or for the server's
+        retry delay if that is longer: a fresh bucket would otherwise let the next request straight
+        through into the same exhausted window.
+        """
         if request_started < self._last_change and self.rate_cuts:
             return False
         now = self._clock()
@@ -122,6 +133,7 @@ class AdaptiveLimiter:
         else:
             new_rpm = max(MIN_RPM, self._rpm / 2)
         self._set_rpm(new_rpm, now)
+        self._resume_at = max(self._resume_at, now + max(60.0 / new_rpm, retry_after_s or 0.0))
         self.rate_cuts += 1
         self.min_rpm_seen = new_rpm if self.min_rpm_seen is None else min(self.min_rpm_seen, new_rpm)
         return True

@@ -1,0 +1,417 @@
+"""Deterministic, clearly synthetic answers for the emulator.
+
+Everything here is a pure function of its arguments, so tests can compute the exact value the
+emulator will send back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import struct
+import zlib
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+EMBEDDING_MODELS: dict[str, int] = {
+    "gemini-embedding-001": 3072,
+    "text-embedding-3-small": 1536,
+    "text-embedding-3-large": 3072,
+}
+EMBEDDING_MAX_INPUT_TOKENS = 2048
+
+_WORDS = (
+    "amber",
+    "basalt",
+    "cobalt",
+    "delta",
+    "ember",
+    "fjord",
+    "garnet",
+    "harbor",
+    "indigo",
+    "juniper",
+    "kelp",
+    "lumen",
+    "maple",
+    "nebula",
+    "onyx",
+    "pebble",
+    "quartz",
+    "ripple",
+    "saffron",
+    "tundra",
+    "umber",
+    "velvet",
+    "willow",
+    "xenon",
+    "yarrow",
+    "zephyr",
+)
+
+
+def count_tokens(text: str) -> int:
+    return max(1, (len(text) + 3) // 4)
+
+
+def _sha_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# embeddings
+
+
+def embedding_dims(model: str) -> int:
+    try:
+        return EMBEDDING_MODELS[model]
+    except KeyError:
+        raise ValueError(f"unknown embedding model: {model!r}") from None
+
+
+def fake_embeddings(texts: Sequence[str], model: str, dimensions: int | None = None) -> np.ndarray:
+    """Vectorised form of `fake_embedding`: one float32 row per text, bit-identical to it."""
+    full = embedding_dims(model)
+    if dimensions is not None and not 1 <= dimensions <= full:
+        raise ValueError(f"dimensions must be in 1..{full} for {model}, got {dimensions}")
+    n = len(texts)
+    if n == 0:
+        return np.zeros((0, dimensions or full), dtype=np.float32)
+    size = 4 * full
+    buf = b"".join(hashlib.shake_256(f"{model}\x00{t}".encode()).digest(size) for t in texts)
+    u = np.frombuffer(buf, dtype="<u4").reshape(n, full)
+    if dimensions is not None and dimensions < full:
+        u = u[:, :dimensions]
+    # u * 2**-31 - 1 equals (u / 2**32) * 2 - 1 exactly in float64, with one temporary instead of three.
+    v = u * (2.0**-31)
+    v -= 1.0
+    if dimensions is not None and dimensions < full:
+        # Gemini normalises only its full-size output; truncated vectors come back as they are.
+        return v.astype(np.float32)
+    # The norm is a per-row reduction, so a row's value never depends on the rest of its batch.
+    v /= np.sqrt(np.sum(v * v, axis=1, keepdims=True))
+    return v.astype(np.float32)
+
+
+def fake_embedding(text: str, model: str, dimensions: int | None = None) -> np.ndarray:
+    return fake_embeddings([text], model, dimensions)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# chat, captions, transcripts
+
+
+def fake_chat_text(model: str, prompt_text: str) -> str:
+    sha8 = _sha_hex(f"{model}\x00{prompt_text}".encode())[:8]
+    return f"[emulator {model}] reply #{sha8}: {prompt_text[:60]}"
+
+
+def image_size(image_bytes: bytes) -> tuple[int, int] | None:
+    """(width, height) from a PNG, JPEG or GIF header; None when unknown or malformed."""
+    b = image_bytes
+    if b[:8] == b"\x89PNG\r\n\x1a\n" and len(b) >= 24 and b[12:16] == b"IHDR":
+        w, h = struct.unpack(">II", b[16:24])
+        return w, h
+    if b[:6] in (b"GIF87a", b"GIF89a") and len(b) >= 10:
+        w, h = struct.unpack("<HH", b[6:10])
+        return w, h
+    if b[:2] == b"\xff\xd8":
+        return _jpeg_size(b)
+    return None
+
+
+_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def _jpeg_size(b: bytes) -> tuple[int, int] | None:
+    i = 2
+    n = len(b)
+    while i + 4 <= n:
+        if b[i] != 0xFF:
+            return None
+        marker = b[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7:
+            i += 2
+            continue
+        if marker in (0xD9, 0xDA):  # end of image / start of scan before any frame header
+            return None
+        (seg_len,) = struct.unpack(">H", b[i + 2 : i + 4])
+        if marker in _JPEG_SOF:
+            if i + 9 > n:
+                return None
+            h, w = struct.unpack(">HH", b[i + 5 : i + 9])
+            return w, h
+        i += 2 + seg_len
+    return None
+
+
+def fake_caption(image_bytes: bytes, mime: str, model: str, prompt: str = "") -> str:
+    sha12 = _sha_hex(image_bytes)[:12]
+    size = image_size(image_bytes)
+    dims = f"{size[0]}x{size[1]}, " if size else ""
+    return f"[emulator {model}] synthetic caption #{sha12} of a {mime} image ({dims}{len(image_bytes)} bytes)"
+
+
+def fake_transcript(audio_bytes: bytes, fmt: str, model: str) -> str:
+    sha12 = _sha_hex(audio_bytes)[:12]
+    return f"[emulator {model}] synthetic transcript #{sha12} ({fmt}, {len(audio_bytes)} bytes)"
+
+
+def audio_seconds(audio_bytes: bytes, fmt: str | None = None) -> float | None:
+    """Duration from a WAV (RIFF) header; None for anything else or a malformed header."""
+    b = audio_bytes
+    if len(b) < 12 or b[:4] != b"RIFF" or b[8:12] != b"WAVE":
+        return None
+    i = 12
+    byte_rate = 0
+    while i + 8 <= len(b):
+        cid = b[i : i + 4]
+        (size,) = struct.unpack("<I", b[i + 4 : i + 8])
+        body = i + 8
+        if cid == b"fmt " and size >= 16 and body + 16 <= len(b):
+            byte_rate = struct.unpack("<I", b[body + 8 : body + 12])[0]
+        elif cid == b"data":
+            if not byte_rate:
+                return None
+            # Streaming writers leave the size at 0 or 0xFFFFFFFF; trust the bytes we have instead.
+            avail = len(b) - body
+            data_len = avail if size in (0, 0xFFFFFFFF) else min(size, avail)
+            return data_len / byte_rate
+        i = body + size + (size & 1)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# structured output
+
+
+class _Gen:
+    def __init__(self, root: dict[str, Any], seed: str) -> None:
+        self.root = root
+        self.seed = seed
+
+    def h(self, path: str) -> int:
+        return int.from_bytes(hashlib.sha256(f"{self.seed}\x00{path}".encode()).digest()[:8], "big")
+
+    def resolve(self, schema: Any) -> dict[str, Any]:
+        seen = 0
+        while isinstance(schema, dict) and "$ref" in schema and seen < 64:
+            ref = schema["$ref"]
+            if not isinstance(ref, str) or not ref.startswith("#"):
+                raise ValueError(f"unsupported $ref: {ref!r}")
+            target: Any = self.root
+            for part in ref.lstrip("#").strip("/").split("/"):
+                if part:
+                    target = target[part.replace("~1", "/").replace("~0", "~")]
+            extra = {k: v for k, v in schema.items() if k != "$ref"}
+            schema = {**target, **extra}
+            seen += 1
+        if not isinstance(schema, dict):
+            return {}
+        if "allOf" in schema:
+            merged: dict[str, Any] = {k: v for k, v in schema.items() if k != "allOf"}
+            for sub in schema["allOf"]:
+                sub = self.resolve(sub)
+                for k, v in sub.items():
+                    if k in ("properties", "$defs") and isinstance(v, dict):
+                        merged[k] = {**merged.get(k, {}), **v}
+                    elif k == "required":
+                        merged[k] = sorted(set(merged.get(k, [])) | set(v))
+                    else:
+                        merged.setdefault(k, v)
+            schema = merged
+        return schema
+
+    def gen(self, schema: Any, path: str, depth: int = 0) -> Any:
+        s = self.resolve(schema)
+        if depth > 24:
+            return None
+        if "const" in s:
+            return s["const"]
+        if "enum" in s:
+            values = list(s["enum"])
+            return values[self.h(path) % len(values)] if values else None
+        for key in ("anyOf", "oneOf"):
+            if key in s:
+                branches = [self.resolve(b) for b in s[key]]
+                for b in branches:
+                    if b.get("type") != "null":
+                        return self.gen(b, path, depth + 1)
+                return None
+        t = s.get("type")
+        if isinstance(t, list):
+            non_null = [x for x in t if x != "null"]
+            t = non_null[0] if non_null else "null"
+        if t is None:
+            if "properties" in s or "additionalProperties" in s:
+                t = "object"
+            elif "items" in s or "prefixItems" in s:
+                t = "array"
+            else:
+                t = "string"
+        if t == "object":
+            return self.gen_object(s, path, depth)
+        if t == "array":
+            return self.gen_array(s, path, depth)
+        if t == "string":
+            return self.gen_string(s, path)
+        if t == "integer":
+            return self.gen_integer(s, path)
+        if t == "number":
+            return self.gen_number(s, path)
+        if t == "boolean":
+            return self.h(path) % 2 == 0
+        if t == "null":
+            return None
+        raise ValueError(f"unsupported schema type: {t!r}")
+
+    def gen_object(self, s: dict[str, Any], path: str, depth: int) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        props = s.get("properties") or {}
+        for name, sub in props.items():
+            out[name] = self.gen(sub, f"{path}.{name}", depth + 1)
+        extra = s.get("additionalProperties")
+        if not props and isinstance(extra, dict):
+            n = max(1, int(s.get("minProperties", 1)))
+            for i in range(n):
+                out[f"key{i + 1}"] = self.gen(extra, f"{path}.key{i + 1}", depth + 1)
+        return out
+
+    def gen_array(self, s: dict[str, Any], path: str, depth: int) -> list[Any]:
+        prefix = s.get("prefixItems")
+        if isinstance(prefix, list):
+            return [self.gen(sub, f"{path}[{i}]", depth + 1) for i, sub in enumerate(prefix)]
+        lo = int(s.get("minItems", 1 if depth < 8 else 0))
+        hi = int(s.get("maxItems", max(lo, 3)))
+        lo = min(lo, hi)
+        span = min(hi, max(lo, 3)) - lo + 1
+        n = lo + self.h(path + "#n") % span
+        items = s.get("items", {})
+        out: list[Any] = []
+        seen: set[str] = set()
+        unique = bool(s.get("uniqueItems"))
+        attempt = 0
+        while len(out) < n and attempt < n + 16:
+            value = self.gen(items, f"{path}[{attempt}]", depth + 1)
+            attempt += 1
+            if unique:
+                key = json.dumps(value, sort_keys=True)
+                if key in seen:
+                    continue
+                seen.add(key)
+            out.append(value)
+        return out
+
+    def gen_string(self, s: dict[str, Any], path: str) -> str:
+        h = self.h(path)
+        fmt = s.get("format")
+        if fmt in ("date", "date-time", "time"):
+            year, month, day = 2020 + h % 10, 1 + (h >> 8) % 12, 1 + (h >> 16) % 28
+            hh, mm, ss = (h >> 24) % 24, (h >> 32) % 60, (h >> 40) % 60
+            if fmt == "date":
+                return f"{year:04d}-{month:02d}-{day:02d}"
+            if fmt == "time":
+                return f"{hh:02d}:{mm:02d}:{ss:02d}Z"
+            return f"{year:04d}-{month:02d}-{day:02d}T{hh:02d}:{mm:02d}:{ss:02d}Z"
+        if fmt == "email":
+            return f"{_WORDS[h % 26]}.{_WORDS[(h >> 8) % 26]}@example.com"
+        if fmt in ("uri", "url", "uri-reference"):
+            return f"https://example.com/{_WORDS[h % 26]}/{(h >> 8) % 1000}"
+        if fmt == "uuid":
+            x = hashlib.sha256(f"{self.seed}\x00{path}#uuid".encode()).hexdigest()
+            return f"{x[:8]}-{x[8:12]}-4{x[13:16]}-a{x[17:20]}-{x[20:32]}"
+        words = [_WORDS[(h >> (8 * i)) % len(_WORDS)] for i in range(2 + h % 2)]
+        text = " ".join(words)
+        min_len = int(s.get("minLength", 0))
+        max_len = s.get("maxLength")
+        while len(text) < min_len:
+            text += " " + _WORDS[len(text) % len(_WORDS)]
+        if max_len is not None:
+            text = text[: int(max_len)]
+        return text
+
+    def _bounds(self, s: dict[str, Any]) -> tuple[float | None, float | None, bool, bool]:
+        lo = s.get("minimum")
+        hi = s.get("maximum")
+        lo_x = hi_x = False
+        if "exclusiveMinimum" in s and isinstance(s["exclusiveMinimum"], (int, float)):
+            lo, lo_x = s["exclusiveMinimum"], True
+        if "exclusiveMaximum" in s and isinstance(s["exclusiveMaximum"], (int, float)):
+            hi, hi_x = s["exclusiveMaximum"], True
+        return lo, hi, lo_x, hi_x
+
+    def gen_integer(self, s: dict[str, Any], path: str) -> int:
+        lo_f, hi_f, lo_x, hi_x = self._bounds(s)
+        lo = None if lo_f is None else (math.floor(lo_f) + 1 if lo_x else math.ceil(lo_f))
+        hi = None if hi_f is None else (math.ceil(hi_f) - 1 if hi_x else math.floor(hi_f))
+        if lo is None and hi is None:
+            lo, hi = 0, 100
+        elif lo is None:
+            lo = hi - 100
+        elif hi is None:
+            hi = lo + 100
+        if hi < lo:
+            return lo
+        value = lo + self.h(path) % (hi - lo + 1)
+        step = s.get("multipleOf")
+        if isinstance(step, int) and step > 0:
+            value = -(-value // step) * step
+            if value > hi:
+                value -= step
+        return value
+
+    def gen_number(self, s: dict[str, Any], path: str) -> float:
+        lo_b, hi_b, _, _ = self._bounds(s)
+        lo = float(lo_b) if lo_b is not None else None
+        hi = float(hi_b) if hi_b is not None else None
+        if lo is None and hi is None:
+            lo, hi = 0.0, 100.0
+        elif lo is None:
+            lo = hi - 100.0
+        elif hi is None:
+            hi = lo + 100.0
+        if hi <= lo:
+            return lo
+        frac = (self.h(path) % 10_000) / 10_000
+        # Stay strictly inside the interval so exclusive bounds hold too.
+        value = lo + (hi - lo) * (0.05 + 0.9 * frac)
+        rounded = round(value, 2)
+        return rounded if lo < rounded < hi else value
+
+
+def fake_json_for_schema(schema: dict[str, Any], seed: str) -> object:
+    """A value valid against `schema` (as pydantic's model_json_schema() emits it)."""
+    return _Gen(schema, seed).gen(schema, "$")
+
+
+# ---------------------------------------------------------------------------------------------
+# images
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def fake_png(prompt: str, width: int, height: int) -> bytes:
+    """A valid RGB PNG: a vertical gradient between two colours derived from the prompt."""
+    if width < 1 or height < 1:
+        raise ValueError("width and height must be positive")
+    d = hashlib.sha256(prompt.encode()).digest()
+    c0 = np.array(list(d[0:3]), dtype=np.float64)
+    c1 = np.array(list(d[3:6]), dtype=np.float64)
+    t = np.linspace(0.0, 1.0, height) if height > 1 else np.zeros(1)
+    colours = np.rint(c0 + (c1 - c0) * t[:, None]).astype(np.uint8)
+    raw = b"".join(b"\x00" + bytes(c) * width for c in colours)
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", ihdr)
+        + _png_chunk(b"IDAT", zlib.compress(raw, 6))
+        + _png_chunk(b"IEND", b"")
+    )

@@ -1,0 +1,1118 @@
+"""A local OpenAI-compatible HTTP server that behaves like Gemini's compat endpoint.
+
+Written on raw asyncio streams (no web framework) so that transport faults -- truncated bodies,
+dropped connections, hangs -- can be injected exactly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import dataclasses
+import datetime as dt
+import hashlib
+import itertools
+import json
+import logging
+import math
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from typing import Any
+from urllib.parse import unquote
+
+from emulator import fakes
+
+log = logging.getLogger("gembatch.emulator")
+
+DEFAULT_MODELS: tuple[str, ...] = (
+    "gemini-embedding-001",
+    "text-embedding-3-small",
+    "text-embedding-3-large",
+    "gemini-2.5-flash",
+    "gemini-2.5-flash-lite",
+    "gemini-2.5-flash-image",
+    "gpt-4o-mini",
+    "whisper-1",
+    "gpt-image-1",
+)
+PREFIXES: tuple[str, ...] = ("/v1beta/openai/", "/v1/")
+ROUTES: tuple[str, ...] = ("embeddings", "chat/completions", "images/generations", "audio/transcriptions", "models")
+FAULT_KINDS: tuple[str, ...] = ("500", "503", "hang", "truncate", "drop", "garbage")
+MARKER_KINDS: tuple[str, ...] = ("400", "500", "503", "504", "garbage", "hang", "truncate", "drop")
+REASONING_EFFORT_TOKENS: dict[str, int] = {"none": 0, "minimal": 16, "low": 64, "medium": 256, "high": 1024}
+IMAGE_TOKENS = 258
+AUDIO_TOKENS_PER_SECOND = 32
+MAX_EMBEDDING_INPUTS = 100
+MAX_BODY_BYTES = 128 * 1024 * 1024
+IMAGE_MIMES = ("image/png", "image/jpeg", "image/webp", "image/heic", "image/heif", "image/gif")
+AUDIO_FORMATS = ("wav", "mp3", "aiff", "aac", "ogg", "flac", "m4a", "webm", "mpeg", "mpga", "opus")
+
+_RATE_LIMIT_MESSAGE = (
+    "You exceeded your current quota, please check your plan and billing details. For more information on "
+    "this error, head to: https://ai.google.dev/gemini-api/docs/rate-limits. To monitor your current usage, "
+    "head to: https://ai.dev/rate-limit. \n* Quota exceeded for metric: {metric}, limit: {limit}, "
+    "model: {model}\nPlease retry in {delay:.1f}s."
+)
+_QUOTAS: dict[str, tuple[str, str]] = {
+    "rpm": (
+        "generativelanguage.googleapis.com/generate_content_free_tier_requests",
+        "GenerateRequestsPerMinutePerProjectPerModel-FreeTier",
+    ),
+    "tpm": (
+        "generativelanguage.googleapis.com/generate_content_free_tier_input_token_count",
+        "GenerateContentInputTokensPerModelPerMinute-FreeTier",
+    ),
+    "rpd": (
+        "generativelanguage.googleapis.com/generate_content_free_tier_requests",
+        "GenerateRequestsPerDayPerProjectPerModel-FreeTier",
+    ),
+}
+_MARKER_PREFIX = "[[emulator:"
+
+
+@dataclass(kw_only=True)
+class EmulatorConfig:
+    api_key: str = field(default="emulator-key", repr=False)
+    rpm: int | None = None
+    tpm: int | None = None
+    rpd: int | None = None
+    window_seconds: float = 60.0
+    latency_seconds: float = 0.0
+    fault_rate_500: float = 0.0
+    fault_rate_503: float = 0.0
+    fault_rate_hang: float = 0.0
+    fault_rate_truncate: float = 0.0
+    fault_rate_drop: float = 0.0
+    fault_rate_garbage: float = 0.0
+    hang_seconds: float = 3600.0
+    # With text/html the openai SDK hands back the body as a str instead of raising; with
+    # application/json it raises json.JSONDecodeError. Both happen in the wild.
+    garbage_content_type: str = "text/html"
+    seed: int = 0
+    models: tuple[str, ...] = DEFAULT_MODELS
+
+    def __post_init__(self) -> None:
+        self.models = tuple(self.models)
+        for kind in FAULT_KINDS:
+            if not 0.0 <= getattr(self, f"fault_rate_{kind}") <= 1.0:
+                raise ValueError(f"fault_rate_{kind} must be within [0, 1]")
+        if self.window_seconds <= 0:
+            raise ValueError("window_seconds must be positive")
+
+
+# ---------------------------------------------------------------------------------------------
+# errors and responses
+
+
+@dataclass
+class Response:
+    status: int
+    body: bytes | list[bytes]
+    content_type: str = "application/json"
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class ApiError(Exception):
+    """An error answered in Gemini's shape: a JSON array holding one {"error": {...}}."""
+
+    def __init__(self, code: int, status: str, message: str, details: list[dict[str, Any]] | None = None):
+        super().__init__(message)
+        self.code = code
+        self.status = status
+        self.message = message
+        self.details = details or []
+
+    def response(self) -> Response:
+        err: dict[str, Any] = {"code": self.code, "message": self.message, "status": self.status}
+        if self.details:
+            err["details"] = self.details
+        return Response(self.code, json.dumps([{"error": err}], indent=2).encode())
+
+
+class _TransportFault(Exception):
+    def __init__(self, kind: str) -> None:
+        super().__init__(kind)
+        self.kind = kind
+
+
+def _invalid(message: str) -> ApiError:
+    return ApiError(400, "INVALID_ARGUMENT", message)
+
+
+def _bad_key() -> ApiError:
+    message = "API key not valid. Please pass a valid API key."
+    return ApiError(
+        400,
+        "INVALID_ARGUMENT",
+        message,
+        [
+            {
+                "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                "reason": "API_KEY_INVALID",
+                "domain": "googleapis.com",
+                "metadata": {"service": "generativelanguage.googleapis.com"},
+            },
+            {"@type": "type.googleapis.com/google.rpc.LocalizedMessage", "locale": "en-US", "message": message},
+        ],
+    )
+
+
+def _model_not_found(model: str, method: str) -> ApiError:
+    return ApiError(
+        404,
+        "NOT_FOUND",
+        f"models/{model} is not found for API version v1beta, or is not supported for {method}. "
+        "Call ListModels to see the list of available models and their supported methods.",
+    )
+
+
+def _internal() -> ApiError:
+    return ApiError(
+        500,
+        "INTERNAL",
+        "An internal error has occurred. Please retry or report in "
+        "https://developers.generativeai.google/guide/troubleshooting",
+    )
+
+
+def _overloaded() -> ApiError:
+    return ApiError(503, "UNAVAILABLE", "The model is overloaded. Please try again later.")
+
+
+def _deadline() -> ApiError:
+    return ApiError(504, "DEADLINE_EXCEEDED", "Deadline expired before operation could complete.")
+
+
+def _json_response(obj: Any) -> Response:
+    return Response(200, json.dumps(obj, separators=(",", ":")).encode())
+
+
+# ---------------------------------------------------------------------------------------------
+# rate limits
+
+
+class _Limiter:
+    """Per-model sliding windows for rpm/tpm and a Pacific-midnight day for rpd, like Gemini."""
+
+    def __init__(self) -> None:
+        self.requests: dict[str, deque[float]] = {}
+        self.tokens: dict[str, deque[tuple[float, int]]] = {}
+        self.token_sums: dict[str, int] = {}
+        self.day_counts: dict[str, int] = {}
+        self.day: dt.date | None = None
+
+    def check(self, model: str, tokens: int, cfg: EmulatorConfig) -> None:
+        now = time.monotonic()
+        window = cfg.window_seconds
+        reqs = self.requests.setdefault(model, deque())
+        toks = self.tokens.setdefault(model, deque())
+        while reqs and reqs[0] <= now - window:
+            reqs.popleft()
+        total = self.token_sums.get(model, 0)
+        while toks and toks[0][0] <= now - window:
+            total -= toks.popleft()[1]
+        self.token_sums[model] = total
+
+        today, until_midnight = _pacific_day()
+        if self.day != today:
+            self.day = today
+            self.day_counts.clear()
+        if cfg.rpd is not None and self.day_counts.get(model, 0) >= cfg.rpd:
+            raise _rate_limited("rpd", cfg.rpd, model, until_midnight)
+        if cfg.rpm is not None and len(reqs) >= cfg.rpm:
+            # The oldest request that must leave the window before one more fits.
+            idx = len(reqs) - cfg.rpm
+            delay = reqs[idx] + window - now if cfg.rpm > 0 else window
+            raise _rate_limited("rpm", cfg.rpm, model, delay)
+        if cfg.tpm is not None and total + tokens > cfg.tpm:
+            delay = window
+            if tokens <= cfg.tpm:
+                remaining = total
+                for t, n in toks:
+                    remaining -= n
+                    if remaining + tokens <= cfg.tpm:
+                        delay = t + window - now
+                        break
+            raise _rate_limited("tpm", cfg.tpm, model, delay)
+
+        reqs.append(now)
+        toks.append((now, tokens))
+        self.token_sums[model] = total + tokens
+        self.day_counts[model] = self.day_counts.get(model, 0) + 1
+
+
+def _pacific_day() -> tuple[dt.date, float]:
+    try:
+        from zoneinfo import ZoneInfo
+
+        tz: dt.tzinfo = ZoneInfo("America/Los_Angeles")
+    except Exception:  # no tz database: a fixed offset is close enough for an emulator
+        tz = dt.timezone(dt.timedelta(hours=-8))
+    now = dt.datetime.now(tz)
+    midnight = dt.datetime.combine(now.date() + dt.timedelta(days=1), dt.time(), tzinfo=tz)
+    return now.date(), (midnight - now).total_seconds()
+
+
+def _rate_limited(kind: str, limit: int, model: str, delay: float) -> ApiError:
+    delay = max(delay, 0.1)
+    metric, quota_id = _QUOTAS[kind]
+    return ApiError(
+        429,
+        "RESOURCE_EXHAUSTED",
+        _RATE_LIMIT_MESSAGE.format(metric=metric, limit=limit, model=model, delay=delay),
+        [
+            {
+                "@type": "type.googleapis.com/google.rpc.QuotaFailure",
+                "violations": [
+                    {
+                        "quotaMetric": metric,
+                        "quotaId": quota_id,
+                        "quotaDimensions": {"location": "global", "model": model},
+                        "quotaValue": str(limit),
+                    }
+                ],
+            },
+            {
+                "@type": "type.googleapis.com/google.rpc.Help",
+                "links": [
+                    {
+                        "description": "Learn more about Gemini API quotas",
+                        "url": "https://ai.google.dev/gemini-api/docs/rate-limits",
+                    }
+                ],
+            },
+            {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": f"{math.ceil(delay)}s"},
+        ],
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# HTTP plumbing
+
+
+@dataclass
+class Request:
+    method: str
+    target: str
+    version: str
+    headers: dict[str, str]
+    body: bytes
+
+    @property
+    def path(self) -> str:
+        return self.target.split("?", 1)[0]
+
+    def keep_alive(self) -> bool:
+        conn = self.headers.get("connection", "").lower()
+        if self.version == "HTTP/1.0":
+            return "keep-alive" in conn
+        return "close" not in conn
+
+
+class _HttpError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+async def _read_request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> Request | None:
+    try:
+        line = await reader.readuntil(b"\r\n")
+    except asyncio.IncompleteReadError as e:
+        if e.partial.strip():
+            raise _HttpError(400, "incomplete request line") from None
+        return None
+    except asyncio.LimitOverrunError:
+        raise _HttpError(414, "request line too long") from None
+    parts = line.decode("latin-1").strip().split(" ")
+    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+        raise _HttpError(400, "malformed request line")
+    method, target, version = parts
+    headers: dict[str, str] = {}
+    while True:
+        try:
+            hline = await reader.readuntil(b"\r\n")
+        except asyncio.LimitOverrunError:
+            raise _HttpError(431, "header line too long") from None
+        if hline == b"\r\n":
+            break
+        if len(headers) > 200:
+            raise _HttpError(431, "too many headers")
+        name, sep, value = hline.decode("latin-1").partition(":")
+        if not sep:
+            raise _HttpError(400, "malformed header")
+        key = name.strip().lower()
+        value = value.strip()
+        headers[key] = f"{headers[key]}, {value}" if key in headers else value
+
+    if headers.get("expect", "").lower() == "100-continue":
+        writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    if "chunked" in headers.get("transfer-encoding", "").lower():
+        body = await _read_chunked(reader)
+    else:
+        try:
+            length = int(headers.get("content-length", "0"))
+        except ValueError:
+            raise _HttpError(400, "bad content-length") from None
+        if length < 0:
+            raise _HttpError(400, "bad content-length")
+        if length > MAX_BODY_BYTES:
+            raise _HttpError(413, "request body too large")
+        body = await reader.readexactly(length) if length else b""
+    return Request(method.upper(), target, version, headers, body)
+
+
+async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
+    chunks: list[bytes] = []
+    total = 0
+    while True:
+        size_line = await reader.readuntil(b"\r\n")
+        try:
+            size = int(size_line.split(b";", 1)[0].strip(), 16)
+        except ValueError:
+            raise _HttpError(400, "bad chunk size") from None
+        if size == 0:
+            while (await reader.readuntil(b"\r\n")) != b"\r\n":
+                pass
+            return b"".join(chunks)
+        total += size
+        if total > MAX_BODY_BYTES:
+            raise _HttpError(413, "request body too large")
+        chunks.append(await reader.readexactly(size))
+        if await reader.readexactly(2) != b"\r\n":
+            raise _HttpError(400, "bad chunk terminator")
+
+
+def _head(status: int, content_type: str, length: int, keep_alive: bool, extra: dict[str, str]) -> bytes:
+    try:
+        reason = HTTPStatus(status).phrase
+    except ValueError:
+        reason = "Unknown"
+    lines = [
+        f"HTTP/1.1 {status} {reason}",
+        f"Content-Type: {content_type}",
+        f"Content-Length: {length}",
+        "Server: gembatch-emulator",
+        f"Connection: {'keep-alive' if keep_alive else 'close'}",
+    ]
+    lines += [f"{k}: {v}" for k, v in extra.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def _multipart(req: Request) -> dict[str, tuple[bytes, str | None, str | None]]:
+    """name -> (content, filename, content type)."""
+    ctype = req.headers.get("content-type", "")
+    if not ctype.lower().startswith("multipart/form-data"):
+        raise _invalid("Expected a multipart/form-data body.")
+    boundary = None
+    for param in ctype.split(";")[1:]:
+        key, _, value = param.strip().partition("=")
+        if key.lower() == "boundary":
+            boundary = value.strip().strip('"')
+    if not boundary:
+        raise _invalid("multipart/form-data body without a boundary.")
+    delim = b"--" + boundary.encode("latin-1")
+    fields: dict[str, tuple[bytes, str | None, str | None]] = {}
+    for part in req.body.split(delim)[1:]:
+        if part.startswith(b"--"):
+            break
+        part = part.removeprefix(b"\r\n")
+        head, sep, content = part.partition(b"\r\n\r\n")
+        if not sep:
+            continue
+        content = content.removesuffix(b"\r\n")
+        name = filename = part_type = None
+        for hline in head.decode("utf-8", "replace").split("\r\n"):
+            hname, _, hvalue = hline.partition(":")
+            if hname.strip().lower() == "content-disposition":
+                for param in hvalue.split(";")[1:]:
+                    key, _, value = param.strip().partition("=")
+                    value = value.strip().strip('"')
+                    if key.lower() == "name":
+                        name = value
+                    elif key.lower() == "filename":
+                        filename = value
+            elif hname.strip().lower() == "content-type":
+                part_type = hvalue.strip()
+        if name is not None:
+            fields[name] = (content, filename, part_type)
+    return fields
+
+
+# ---------------------------------------------------------------------------------------------
+# request helpers
+
+
+def _parse_json(req: Request) -> dict[str, Any]:
+    try:
+        body = json.loads(req.body)
+    except (ValueError, UnicodeDecodeError):
+        raise _invalid("Invalid JSON payload received.") from None
+    if not isinstance(body, dict):
+        raise _invalid("Invalid JSON payload received. Expected an object.")
+    return body
+
+
+def _model_of(body: dict[str, Any]) -> str:
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise _invalid("model is required.")
+    return model.removeprefix("models/")
+
+
+def _marker(texts: list[str]) -> str | None:
+    for text in texts:
+        if _MARKER_PREFIX in text:
+            for kind in MARKER_KINDS:
+                if f"{_MARKER_PREFIX}{kind}]]" in text:
+                    return kind
+    return None
+
+
+def _decode_b64(data: Any, what: str) -> bytes:
+    if not isinstance(data, str):
+        raise _invalid(f"{what}: expected base64 data.")
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise _invalid(f"{what}: invalid base64 data.") from None
+
+
+def _audio_tokens(audio: bytes, fmt: str) -> int:
+    seconds = fakes.audio_seconds(audio, fmt)
+    if seconds is None:
+        seconds = len(audio) / 16000
+    return math.ceil(seconds * AUDIO_TOKENS_PER_SECOND)
+
+
+# ---------------------------------------------------------------------------------------------
+# the server
+
+
+def _empty_stats() -> dict[str, Any]:
+    return {
+        "requests": 0,
+        "by_route": dict.fromkeys(ROUTES, 0),
+        "by_status": {},
+        "embedding_inputs": 0,
+        "faults": {},
+        "prompt_tokens": 0,
+        "completion_tokens": 0,
+        "thinking_tokens": 0,
+        "images": 0,
+        "connections": 0,
+        "in_flight": 0,
+        "max_in_flight": 0,
+    }
+
+
+class Emulator:
+    """OpenAI-compatible emulator of Gemini's compat endpoint, served from its own thread."""
+
+    def __init__(self, config: EmulatorConfig | None = None, *, host: str = "127.0.0.1", port: int = 0):
+        self._config = config or EmulatorConfig()
+        self.host = host
+        self._requested_port = port
+        self.port: int | None = None
+        self._rng = random.Random(self._config.seed)
+        self._limiter = _Limiter()
+        self._stats_lock = threading.Lock()
+        self._stats = _empty_stats()
+        self._ids = itertools.count(1)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._server: asyncio.Server | None = None
+        self._conn_tasks: set[asyncio.Task[None]] = set()
+        self._ready = threading.Event()
+        self._start_error: BaseException | None = None
+        self._handlers: dict[tuple[str, str], Callable[[Request, str, EmulatorConfig], Awaitable[Response]]] = {
+            ("POST", "embeddings"): self._embeddings,
+            ("POST", "chat/completions"): self._chat,
+            ("POST", "images/generations"): self._images,
+            ("POST", "audio/transcriptions"): self._transcriptions,
+            ("GET", "models"): self._models,
+        }
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> Emulator:
+        if self._thread is not None:
+            return self
+        self._ready.clear()
+        self._start_error = None
+        self._thread = threading.Thread(target=self._run, name="gembatch-emulator", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self._start_error is not None:
+            self._thread.join()
+            self._thread = None
+            raise self._start_error
+        return self
+
+    def _run(self) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        asyncio.set_event_loop(loop)
+        try:
+            self._server = loop.run_until_complete(
+                asyncio.start_server(self._on_connect, self.host, self._requested_port, limit=1 << 20)
+            )
+            self.port = self._server.sockets[0].getsockname()[1]
+        except BaseException as e:  # reported to start()'s caller
+            self._start_error = e
+            self._ready.set()
+            loop.close()
+            return
+        self._ready.set()
+        try:
+            loop.run_forever()
+        finally:
+            pending = asyncio.all_tasks(loop)
+            for task in pending:
+                task.cancel()
+            if pending:
+                loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            loop.run_until_complete(loop.shutdown_default_executor())
+            loop.close()
+
+    async def _shutdown(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        tasks = list(self._conn_tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    def stop(self) -> None:
+        thread, loop = self._thread, self._loop
+        if thread is None or loop is None:
+            return
+        try:
+            asyncio.run_coroutine_threadsafe(self._shutdown(), loop).result(timeout=10)
+        finally:
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(timeout=10)
+            self._thread = None
+            self._loop = None
+            self._server = None
+
+    def __enter__(self) -> Emulator:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def base_url(self) -> str:
+        if self.port is None:
+            raise RuntimeError("emulator not started")
+        host = "127.0.0.1" if self.host in ("", "0.0.0.0", "::") else self.host
+        return f"http://{host}:{self.port}/v1beta/openai/"
+
+    # -- configuration and stats ---------------------------------------------------------------
+
+    @property
+    def config(self) -> EmulatorConfig:
+        return self._config
+
+    def configure(self, **changes: Any) -> EmulatorConfig:
+        new = dataclasses.replace(self._config, **changes)
+        if "seed" in changes:
+            self._rng = random.Random(new.seed)
+        self._config = new
+        return new
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        with self._stats_lock:
+            snap = dict(self._stats)
+            for key in ("by_route", "by_status", "faults"):
+                snap[key] = dict(self._stats[key])
+            return snap
+
+    def reset_stats(self) -> None:
+        with self._stats_lock:
+            in_flight = self._stats["in_flight"]
+            self._stats = _empty_stats()
+            self._stats["in_flight"] = in_flight
+
+    def reset_limits(self) -> None:
+        """Forget the rate-limit windows and the daily counts (thread-safe: runs on the loop)."""
+        if self._loop is None:
+            self._limiter = _Limiter()
+            return
+
+        def reset() -> None:
+            self._limiter = _Limiter()
+
+        self._loop.call_soon_threadsafe(reset)
+
+    def _bump(self, key: str, n: int = 1, sub: str | int | None = None) -> None:
+        with self._stats_lock:
+            if sub is None:
+                self._stats[key] += n
+            else:
+                bucket = self._stats[key]
+                bucket[sub] = bucket.get(sub, 0) + n
+
+    # -- connections -------------------------------------------------------------------------
+
+    async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._conn_tasks.add(task)
+        self._bump("connections")
+        try:
+            while True:
+                try:
+                    req = await _read_request(reader, writer)
+                except _HttpError as e:
+                    self._bump("requests")
+                    resp = ApiError(e.status, "INVALID_ARGUMENT", str(e)).response()
+                    await self._write(writer, resp, keep_alive=False)
+                    break
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    break
+                if req is None:
+                    break
+                if not await self._serve(req, writer):
+                    break
+        except asyncio.CancelledError:
+            pass
+        except ConnectionError:
+            pass
+        except Exception:
+            log.exception("emulator connection handler failed")
+        finally:
+            self._conn_tasks.discard(task)
+            writer.close()
+            try:
+                await writer.wait_closed()
+            except (ConnectionError, asyncio.CancelledError):
+                pass
+
+    async def _write(self, writer: asyncio.StreamWriter, resp: Response, *, keep_alive: bool) -> None:
+        body = b"".join(resp.body) if isinstance(resp.body, list) else resp.body
+        # Counted before writing: a client may read stats as soon as it has the answer.
+        self._bump("by_status", sub=resp.status)
+        # Two writes rather than head + body: concatenating would copy a multi-megabyte body again.
+        writer.write(_head(resp.status, resp.content_type, len(body), keep_alive, resp.headers))
+        writer.write(body)
+        await writer.drain()
+
+    def _route(self, method: str, path: str) -> tuple[str | None, str]:
+        path = unquote(path)
+        for prefix in PREFIXES:
+            if path.startswith(prefix):
+                rest = path[len(prefix) :].strip("/")
+                break
+        else:
+            return None, ""
+        if rest == "models":
+            return ("models" if method == "GET" else None), ""
+        if rest.startswith("models/"):
+            return ("models" if method == "GET" else None), rest[len("models/") :]
+        if rest in ROUTES and method == "POST":
+            return rest, ""
+        return None, ""
+
+    def _pick_fault(self, cfg: EmulatorConfig) -> str | None:
+        r = self._rng.random()
+        acc = 0.0
+        for kind in FAULT_KINDS:
+            acc += getattr(cfg, f"fault_rate_{kind}")
+            if r < acc:
+                return kind
+        return None
+
+    async def _serve(self, req: Request, writer: asyncio.StreamWriter) -> bool:
+        """Answer one request; False when the connection must close."""
+        cfg = self._config
+        keep_alive = req.keep_alive()
+        self._bump("requests")
+        with self._stats_lock:
+            self._stats["in_flight"] += 1
+            self._stats["max_in_flight"] = max(self._stats["max_in_flight"], self._stats["in_flight"])
+        try:
+            route, arg = self._route(req.method, req.path)
+            fault: str | None = None
+            if route is not None:
+                self._bump("by_route", sub=route)
+                if req.method == "POST":
+                    fault = self._pick_fault(cfg)
+            if cfg.latency_seconds > 0:
+                await asyncio.sleep(cfg.latency_seconds)
+            if route is None:
+                resp = ApiError(404, "NOT_FOUND", f"Unknown route: {req.method} {req.path}").response()
+            elif not self._authorised(req, cfg):
+                resp = _bad_key().response()
+            elif fault is not None:
+                self._bump("faults", sub=fault)
+                return await self._transport_fault(fault, writer, keep_alive, cfg)
+            else:
+                try:
+                    resp = await self._handlers[(req.method, route)](req, arg, cfg)
+                except ApiError as e:
+                    resp = e.response()
+                except _TransportFault as tf:
+                    self._bump("faults", sub=f"marker:{tf.kind}")
+                    kind = "garbage-json" if tf.kind == "garbage" else tf.kind
+                    return await self._transport_fault(kind, writer, keep_alive, cfg)
+                except Exception:
+                    log.exception("emulator handler failed for %s %s", req.method, req.path)
+                    resp = _internal().response()
+        finally:
+            with self._stats_lock:
+                self._stats["in_flight"] -= 1
+        await self._write(writer, resp, keep_alive=keep_alive)
+        return keep_alive
+
+    def _authorised(self, req: Request, cfg: EmulatorConfig) -> bool:
+        auth = req.headers.get("authorization", "")
+        scheme, _, token = auth.partition(" ")
+        return scheme.lower() == "bearer" and token.strip() == cfg.api_key
+
+    async def _transport_fault(
+        self, kind: str, writer: asyncio.StreamWriter, keep_alive: bool, cfg: EmulatorConfig
+    ) -> bool:
+        if kind == "500":
+            await self._write(writer, _internal().response(), keep_alive=keep_alive)
+            return keep_alive
+        if kind == "503":
+            await self._write(writer, _overloaded().response(), keep_alive=keep_alive)
+            return keep_alive
+        if kind == "garbage":
+            resp = Response(200, b"<html>oops</html>", cfg.garbage_content_type)
+            await self._write(writer, resp, keep_alive=keep_alive)
+            return keep_alive
+        if kind == "garbage-json":
+            body = b"<!DOCTYPE html><html>oops</html>"
+            await self._write(writer, Response(200, body, "application/json"), keep_alive=keep_alive)
+            return keep_alive
+        if kind == "hang":
+            await asyncio.sleep(cfg.hang_seconds)
+            return False
+        if kind == "truncate":
+            body = json.dumps(
+                {"id": "emulator-truncated", "object": "chat.completion", "choices": [], "padding": "x" * 256}
+            ).encode()
+            writer.write(_head(200, "application/json", len(body), True, {}))
+            writer.write(body[: len(body) // 2])
+            await writer.drain()
+            return False
+        return False  # drop: the caller closes the socket without a byte written
+
+    # -- handlers ------------------------------------------------------------------------------
+
+    def _check_markers(self, texts: list[str]) -> None:
+        kind = _marker(texts)
+        if kind is None:
+            return
+        if kind == "400":
+            self._bump("faults", sub="marker:400")
+            raise _invalid("Request contains an invalid argument: the input holds the marker [[emulator:400]].")
+        if kind in ("500", "503", "504"):
+            self._bump("faults", sub=f"marker:{kind}")
+            raise {"500": _internal, "503": _overloaded, "504": _deadline}[kind]()
+        raise _TransportFault(kind)
+
+    async def _embeddings(self, req: Request, _arg: str, cfg: EmulatorConfig) -> Response:
+        body = _parse_json(req)
+        model = _model_of(body)
+        if model not in cfg.models or model not in fakes.EMBEDDING_MODELS:
+            raise _model_not_found(model, "embedContent")
+        raw = body.get("input")
+        if isinstance(raw, str):
+            texts = [raw]
+        elif isinstance(raw, list) and raw and all(isinstance(x, str) for x in raw):
+            texts = raw
+        elif isinstance(raw, list) and raw:
+            raise _invalid("input: token arrays are not supported; send strings.")
+        else:
+            raise _invalid("input: expected a non-empty string or a non-empty list of strings.")
+        if len(texts) > MAX_EMBEDDING_INPUTS:
+            raise _invalid(
+                f"BatchEmbedContentsRequest.requests: at most {MAX_EMBEDDING_INPUTS} requests can be in one batch"
+            )
+        full = fakes.EMBEDDING_MODELS[model]
+        dims = body.get("dimensions")
+        if dims is not None and (isinstance(dims, bool) or not isinstance(dims, int) or not 1 <= dims <= full):
+            raise _invalid(f"dimensions: must be an integer between 1 and {full} for {model}, got {dims!r}.")
+        fmt = body.get("encoding_format") or "float"
+        if fmt not in ("float", "base64"):
+            raise _invalid(f"encoding_format: must be 'float' or 'base64', got {fmt!r}.")
+        counts = [fakes.count_tokens(t) for t in texts]
+        for i, n in enumerate(counts):
+            if n > fakes.EMBEDDING_MAX_INPUT_TOKENS:
+                raise _invalid(
+                    f"BatchEmbedContentsRequest.requests[{i}]: input {i} has {n} tokens, more than the "
+                    f"maximum of {fakes.EMBEDDING_MAX_INPUT_TOKENS}."
+                )
+        self._check_markers(texts)
+        tokens = sum(counts)
+        self._limiter.check(model, tokens, cfg)
+
+        matrix = fakes.fake_embeddings(texts, model, dims)
+        chunks: list[bytes] = [b'{"object":"list","data":[']
+        for i, row in enumerate(matrix):
+            if fmt == "base64":
+                value = b'"' + base64.b64encode(row.tobytes()) + b'"'
+            else:
+                value = json.dumps(row.tolist()).encode()
+            sep = b"," if i else b""
+            chunks.append(sep + b'{"object":"embedding","index":%d,"embedding":' % i + value + b"}")
+        tail = {"model": model, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+        chunks.append(b"]," + json.dumps(tail, separators=(",", ":")).encode()[1:])
+        self._bump("embedding_inputs", len(texts))
+        self._bump("prompt_tokens", tokens)
+        return Response(200, chunks)
+
+    async def _chat(self, req: Request, _arg: str, cfg: EmulatorConfig) -> Response:
+        body = _parse_json(req)
+        model = _model_of(body)
+        if model not in cfg.models or model in fakes.EMBEDDING_MODELS:
+            raise _model_not_found(model, "generateContent")
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise _invalid("messages: must be a non-empty list.")
+        effort = body.get("reasoning_effort")
+        if effort is not None and effort not in REASONING_EFFORT_TOKENS:
+            raise _invalid(
+                f"Invalid reasoning_effort: {effort}. Valid values are: {', '.join(REASONING_EFFORT_TOKENS)}"
+            )
+        schema = None
+        json_object = False
+        response_format = body.get("response_format")
+        if response_format is not None:
+            rtype = response_format.get("type") if isinstance(response_format, dict) else None
+            if rtype == "json_schema":
+                spec = response_format.get("json_schema")
+                schema = spec.get("schema") if isinstance(spec, dict) else None
+                if not isinstance(schema, dict):
+                    raise _invalid("response_format.json_schema.schema: a JSON schema object is required.")
+            elif rtype == "json_object":
+                json_object = True
+            elif rtype != "text":
+                raise _invalid(f"response_format.type: unsupported value {rtype!r}.")
+
+        texts: list[str] = []
+        last_user: list[str] = []
+        images: list[tuple[bytes, str]] = []
+        audios: list[tuple[bytes, str]] = []
+        for m_idx, msg in enumerate(messages):
+            if not isinstance(msg, dict):
+                raise _invalid(f"messages[{m_idx}]: must be an object.")
+            content = msg.get("content")
+            msg_texts: list[str] = []
+            if isinstance(content, str):
+                msg_texts.append(content)
+            elif isinstance(content, list):
+                for p_idx, part in enumerate(content):
+                    where = f"messages[{m_idx}].content[{p_idx}]"
+                    ptype = part.get("type") if isinstance(part, dict) else None
+                    if ptype == "text":
+                        text = part.get("text")
+                        if not isinstance(text, str):
+                            raise _invalid(f"{where}.text: must be a string.")
+                        msg_texts.append(text)
+                    elif ptype == "image_url":
+                        images.append(self._image_part(part, where))
+                    elif ptype == "input_audio":
+                        audios.append(self._audio_part(part, where))
+                    else:
+                        raise _invalid(f"{where}: unsupported content part type {ptype!r}.")
+            elif content is not None:
+                raise _invalid(f"messages[{m_idx}].content: must be a string or a list of parts.")
+            texts.extend(msg_texts)
+            if msg.get("role") == "user":
+                last_user = msg_texts
+        self._check_markers(texts)
+
+        prompt_text = "\n".join(last_user) if last_user else "\n".join(texts)
+        prompt_tokens = sum(fakes.count_tokens(t) for t in texts)
+        prompt_tokens += IMAGE_TOKENS * len(images)
+        prompt_tokens += sum(_audio_tokens(data, fmt) for data, fmt in audios)
+        self._limiter.check(model, prompt_tokens, cfg)
+
+        if images:
+            data, mime = images[-1]
+            reply = fakes.fake_caption(data, mime, model, prompt_text)
+        elif audios:
+            data, fmt = audios[-1]
+            reply = fakes.fake_transcript(data, fmt, model)
+        elif schema is not None:
+            reply = json.dumps(fakes.fake_json_for_schema(schema, seed=prompt_text))
+        elif json_object:
+            reply = json.dumps({"text": fakes.fake_chat_text(model, prompt_text)})
+        else:
+            reply = fakes.fake_chat_text(model, prompt_text)
+        completion_tokens = fakes.count_tokens(reply)
+        thinking = REASONING_EFFORT_TOKENS.get(effort or "", 0)
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens + thinking,
+        }
+        self._bump("prompt_tokens", prompt_tokens)
+        self._bump("completion_tokens", completion_tokens)
+        self._bump("thinking_tokens", thinking)
+
+        seq = next(self._ids)
+        chat_id = "chatcmpl-emu-" + hashlib.sha256(f"{seq}\x00{prompt_text}".encode()).hexdigest()[:24]
+        created = int(time.time())
+        if body.get("stream"):
+            return self._stream_chat(chat_id, created, model, reply, usage, body)
+        return _json_response(
+            {
+                "id": chat_id,
+                "object": "chat.completion",
+                "created": created,
+                "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": reply}, "finish_reason": "stop"}],
+                "usage": usage,
+            }
+        )
+
+    def _stream_chat(
+        self, chat_id: str, created: int, model: str, reply: str, usage: dict[str, int], body: dict[str, Any]
+    ) -> Response:
+        base = {"id": chat_id, "object": "chat.completion.chunk", "created": created, "model": model}
+        first = {
+            **base,
+            "choices": [{"index": 0, "delta": {"role": "assistant", "content": reply}, "finish_reason": None}],
+        }
+        last: dict[str, Any] = {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+        options = body.get("stream_options")
+        if isinstance(options, dict) and options.get("include_usage"):
+            last["usage"] = usage
+        events = [f"data: {json.dumps(first)}\n\n", f"data: {json.dumps(last)}\n\n", "data: [DONE]\n\n"]
+        return Response(200, "".join(events).encode(), "text/event-stream")
+
+    def _image_part(self, part: dict[str, Any], where: str) -> tuple[bytes, str]:
+        spec = part.get("image_url")
+        url = spec.get("url") if isinstance(spec, dict) else spec
+        if not isinstance(url, str) or not url.startswith("data:"):
+            raise _invalid(f"{where}.image_url: only inline data: URLs are supported (data:<mime>;base64,...).")
+        header, sep, data = url[5:].partition(",")
+        mime, _, encoding = header.partition(";")
+        if not sep or encoding.lower() != "base64":
+            raise _invalid(f"{where}.image_url: malformed data URL; expected data:<mime>;base64,<data>.")
+        mime = mime.lower()
+        if mime not in IMAGE_MIMES:
+            raise _invalid(f"{where}.image_url: unsupported MIME type {mime!r}.")
+        return _decode_b64(data, f"{where}.image_url"), mime
+
+    def _audio_part(self, part: dict[str, Any], where: str) -> tuple[bytes, str]:
+        spec = part.get("input_audio")
+        if not isinstance(spec, dict):
+            raise _invalid(f"{where}.input_audio: must be an object with data and format.")
+        fmt = str(spec.get("format", "")).lower()
+        if fmt not in AUDIO_FORMATS:
+            raise _invalid(f"{where}.input_audio.format: unsupported audio format {fmt!r}.")
+        return _decode_b64(spec.get("data"), f"{where}.input_audio.data"), fmt
+
+    async def _images(self, req: Request, _arg: str, cfg: EmulatorConfig) -> Response:
+        body = _parse_json(req)
+        model = _model_of(body)
+        if model not in cfg.models or model in fakes.EMBEDDING_MODELS:
+            raise _model_not_found(model, "generateContent")
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str) or not prompt:
+            raise _invalid("prompt: a non-empty string is required.")
+        n = body.get("n") or 1
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 10:
+            raise _invalid(f"n: must be an integer between 1 and 10, got {n!r}.")
+        size = body.get("size") or "1024x1024"
+        if size == "auto":
+            size = "1024x1024"
+        try:
+            w_s, h_s = str(size).lower().split("x")
+            width, height = int(w_s), int(h_s)
+        except ValueError:
+            raise _invalid(f"size: expected WIDTHxHEIGHT, got {size!r}.") from None
+        if not (1 <= width <= 4096 and 1 <= height <= 4096):
+            raise _invalid(f"size: {size!r} is out of range.")
+        response_format = body.get("response_format") or "b64_json"
+        if response_format not in ("b64_json", "url"):
+            raise _invalid(f"response_format: must be 'b64_json' or 'url', got {response_format!r}.")
+        self._check_markers([prompt])
+        self._limiter.check(model, fakes.count_tokens(prompt), cfg)
+
+        loop = asyncio.get_running_loop()
+        data = []
+        for k in range(n):
+            seed = prompt if k == 0 else f"{prompt}#{k}"
+            # zlib releases the GIL, so big images don't stall other connections.
+            png = await loop.run_in_executor(None, fakes.fake_png, seed, width, height)
+            b64 = base64.b64encode(png).decode()
+            item = {"revised_prompt": f"[emulator] {prompt}"}
+            if response_format == "url":
+                item["url"] = f"data:image/png;base64,{b64}"
+            else:
+                item["b64_json"] = b64
+            data.append(item)
+        self._bump("images", n)
+        self._bump("prompt_tokens", fakes.count_tokens(prompt))
+        return _json_response({"created": int(time.time()), "data": data})
+
+    async def _transcriptions(self, req: Request, _arg: str, cfg: EmulatorConfig) -> Response:
+        fields = _multipart(req)
+        model_field = fields.get("model")
+        if model_field is None:
+            raise _invalid("model is required.")
+        model = model_field[0].decode("utf-8", "replace").strip().removeprefix("models/")
+        if model not in cfg.models or model in fakes.EMBEDDING_MODELS:
+            raise _model_not_found(model, "generateContent")
+        file_field = fields.get("file")
+        if file_field is None or not file_field[0]:
+            raise _invalid("file is required.")
+        audio, filename, part_type = file_field
+        fmt = ""
+        if filename and "." in filename:
+            fmt = filename.rsplit(".", 1)[1].lower()
+        elif part_type and "/" in part_type:
+            fmt = part_type.split("/", 1)[1].lower().removeprefix("x-")
+        fmt = {"wave": "wav", "mpeg": "mp3", "mpga": "mp3"}.get(fmt, fmt) or "wav"
+        prompt = fields["prompt"][0].decode("utf-8", "replace") if "prompt" in fields else ""
+        self._check_markers([prompt] if prompt else [])
+        tokens = _audio_tokens(audio, fmt) + (fakes.count_tokens(prompt) if prompt else 0)
+        self._limiter.check(model, tokens, cfg)
+        text = fakes.fake_transcript(audio, fmt, model)
+        self._bump("prompt_tokens", tokens)
+        rf = fields["response_format"][0].decode().strip() if "response_format" in fields else "json"
+        if rf == "text":
+            return Response(200, text.encode(), "text/plain; charset=utf-8")
+        return _json_response({"text": text})
+
+    async def _models(self, _req: Request, arg: str, cfg: EmulatorConfig) -> Response:
+        if not arg:
+            data = [
+                {"id": f"models/{m}", "object": "model", "created": 0, "owned_by": "gembatch-emulator"}
+                for m in cfg.models
+            ]
+            return _json_response({"object": "list", "data": data})
+        if arg.removeprefix("models/") not in cfg.models:
+            raise ApiError(404, "NOT_FOUND", f"Model {arg} is not found for API version v1beta.")
+        return _json_response({"id": arg, "object": "model", "created": 0, "owned_by": "gembatch-emulator"})
+
+
+def serve(port: int, config: EmulatorConfig | None = None, *, host: str = "127.0.0.1") -> None:
+    """Run an emulator in the foreground until interrupted."""
+    emu = Emulator(config, host=host, port=port).start()
+    print(f"gembatch emulator listening on {emu.base_url}", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        emu.stop()

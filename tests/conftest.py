@@ -1,0 +1,78 @@
+"""Test isolation: Prefect's home, the emulator on loopback, and helpers to run jobs and read outputs."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+# Before Prefect is imported anywhere: its settings (and database) live in a throwaway folder.
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="gembatch-prefect-")
+os.environ.pop("PREFECT_API_URL", None)
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+
+from pathlib import Path  # noqa: E402
+
+import polars as pl  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+import pytest  # noqa: E402
+
+from emulator import Emulator, EmulatorConfig  # noqa: E402
+
+TEST_KEY_ENV = "GEMBATCH_TEST_KEY"
+TEST_KEY = "test-key-7f3a9c1e5b2d4f6a8c0e"  # a fake key; tests search outputs for it
+REPO = Path(__file__).resolve().parent.parent
+CORPUS = REPO / "data" / "corpus.parquet"
+
+
+@pytest.fixture(autouse=True)
+def _key_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(TEST_KEY_ENV, TEST_KEY)
+
+
+@pytest.fixture
+def emulator():
+    with Emulator(EmulatorConfig(api_key=TEST_KEY)) as emu:
+        yield emu
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=60):
+        yield
+
+
+def read_output(path: Path) -> pl.DataFrame:
+    """The result table as a user reads it: every part file in the folder, nothing under _."""
+    files = sorted(path.glob("*.parquet"))
+    if not files:
+        return pl.DataFrame()
+    return pl.from_arrow(pa.concat_tables(pq.read_table(f) for f in files))
+
+
+def read_errors(path: Path) -> pl.DataFrame:
+    files = sorted((path / "_errors").glob("*.parquet"))
+    if not files:
+        return pl.DataFrame()
+    return pl.from_arrow(pa.concat_tables(pq.read_table(f) for f in files))
+
+
+def write_corpus(path: Path, ids: list, texts: list) -> Path:
+    table = pa.table({"id": pa.array(ids, pa.int64()), "text": pa.array(texts, pa.string())})
+    if path.suffix == ".csv":
+        import pyarrow.csv as pcsv
+
+        pcsv.write_csv(table, path)
+    else:
+        pq.write_table(table, path)
+    return path
+
+
+def assert_balanced(doc: dict) -> None:
+    c = doc["counts"]
+    assert c["input_rows"] == (
+        c["skipped_done"] + c["deduplicated"] + c["succeeded"] + c["failed"] + c["not_attempted"]
+    ), c
