@@ -68,7 +68,7 @@ class OutputStore:
         for sub in ("", ERRORS_DIR, RUNS_DIR):
             self.fs.makedirs(self._join(sub) if sub else self.root, exist_ok=True)
         # A killed run may leave temporary files; they were never renamed, so nothing refers to them.
-        for folder in (self.root, self._join(ERRORS_DIR)):
+        for folder in (self.root, self._join(ERRORS_DIR), self._join(RUNS_DIR)):
             for path in self.fs.ls(folder, detail=False):
                 if path.rsplit("/", 1)[-1].startswith(TMP_PREFIX):
                     self.fs.rm(path)
@@ -124,7 +124,7 @@ class OutputStore:
 
     def write_run(self, run_id: str, document: dict[str, Any]) -> str:
         path = self._join(RUNS_DIR, f"{run_id}.json")
-        tmp = self._join(RUNS_DIR, f"{TMP_PREFIX}{run_id}.json")
+        tmp = self._join(RUNS_DIR, f"{TMP_PREFIX}{run_id}.inprogress")
         with self.fs.open(tmp, "w") as f:
             json.dump(document, f, indent=2, default=str)
         self.fs.mv(tmp, path)
@@ -165,7 +165,7 @@ class OutputStore:
     # -- helpers ----------------------------------------------------------------------------------
     def _write_atomic(self, table: pa.Table, final: str, meta: dict[str, Any]) -> None:
         folder = final.rsplit("/", 1)[0]
-        tmp = f"{folder}/{TMP_PREFIX}{uuid.uuid4().hex}.parquet"
+        tmp = f"{folder}/{TMP_PREFIX}{uuid.uuid4().hex}.inprogress"
         schema_meta = dict(table.schema.metadata or {})
         schema_meta[META_KEY] = json.dumps(meta).encode()
         with self.fs.open(tmp, "wb") as f:

@@ -47,7 +47,7 @@ def prefect_server():
 
 def read_output(path: Path) -> pl.DataFrame:
     """The result table as a user reads it: every part file in the folder, nothing under _."""
-    files = sorted(path.glob("*.parquet"))
+    files = sorted(path.glob("part-*.parquet"))
     if not files:
         return pl.DataFrame()
     return pl.from_arrow(pa.concat_tables(pq.read_table(f) for f in files))

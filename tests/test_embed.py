@@ -72,7 +72,12 @@ def test_every_row_gets_its_own_vector_with_typed_columns(emulator, tmp_path):
     assert_balanced(doc)
     # The corpus repeats 3 texts under other ids: those are embedded once.
     assert doc["counts"] == {
-        "input_rows": 323, "skipped_done": 0, "deduplicated": 3, "succeeded": 320, "failed": 0, "not_attempted": 0,
+        "input_rows": 323,
+        "skipped_done": 0,
+        "deduplicated": 3,
+        "succeeded": 320,
+        "failed": 0,
+        "not_attempted": 0,
     }
     assert emulator.stats["embedding_inputs"] == 320
     assert doc["requests"]["sent"] == emulator.stats["by_route"]["embeddings"]
@@ -235,7 +240,9 @@ def test_input_problems_name_the_file_and_the_columns(emulator, tmp_path):
         asyncio.run(
             run_job(
                 EmbedJob(model=MODEL, text_col="body"),
-                RunOptions(input=str(job_input), output=str(tmp_path / "o"), provider=ProviderSettings(provider="local")),
+                RunOptions(
+                    input=str(job_input), output=str(tmp_path / "o"), provider=ProviderSettings(provider="local")
+                ),
             )
         )
     with pytest.raises(InputError, match="does not exist"):

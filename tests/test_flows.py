@@ -1,0 +1,137 @@
+"""The real Prefect flows and the `gembatch` command: few tests, each one worth a server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from conftest import TEST_KEY, TEST_KEY_ENV, assert_balanced, read_output, write_corpus
+
+from emulator.fakes import fake_embedding
+
+
+@pytest.fixture
+def api_url(prefect_server) -> str:
+    from prefect.settings import PREFECT_API_URL
+
+    return PREFECT_API_URL.value()
+
+
+def test_embed_flow_runs_one_task_per_chunk_and_publishes_the_summary(prefect_server, emulator, tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId
+
+    from flows.embed import embed_flow
+
+    texts = [f"flow text {i}" for i in range(250)]
+    src = write_corpus(tmp_path / "in.csv", list(range(250)), texts)
+    doc = asyncio.run(
+        embed_flow(
+            input=str(src),
+            output=str(tmp_path / "out"),
+            base_url=emulator.base_url,
+            api_key_env=TEST_KEY_ENV,
+            provider="local",
+            chunk_size=100,
+            batch_size=50,
+        )
+    )
+    assert doc["status"] == "completed" and doc["counts"]["succeeded"] == 250
+    assert_balanced(doc)
+
+    async def inspect():
+        async with get_client() as client:
+            flow_filter = FlowRunFilter(id=FlowRunFilterId(any_=[doc["flow_run_id"]]))
+            task_runs = await client.read_task_runs(flow_run_filter=flow_filter)
+            artifacts = await client.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["gembatch-embed-run"])),
+                flow_run_filter=flow_filter,
+            )
+            return task_runs, artifacts
+
+    task_runs, artifacts = asyncio.run(inspect())
+    assert sorted(t.name for t in task_runs) == ["chunk-0", "chunk-1", "chunk-2"]
+    assert all(t.state.is_completed() for t in task_runs)
+    assert len(artifacts) == 1
+    table = {row["metric"]: row["value"] for row in json.loads(artifacts[0].data)}
+    assert table["succeeded"] == "250" and table["status"] == "completed"
+    assert TEST_KEY not in artifacts[0].data
+
+
+def _embed_cmd(src, out, base_url) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "flows.cli",
+        "embed",
+        str(src),
+        "--output",
+        str(out),
+        "--base-url",
+        base_url,
+        "--api-key-env",
+        TEST_KEY_ENV,
+        "--batch-size",
+        "20",
+        "--chunk-size",
+        "200",
+        "--max-concurrency",
+        "4",
+        "--no-progress",
+    ]
+
+
+def test_a_run_killed_mid_way_resumes_to_the_same_table_without_paying_twice(api_url, emulator, tmp_path):
+    emulator.configure(latency_seconds=0.05)
+    n = 2000
+    texts = [f"kill test sentence {i}" for i in range(n)]
+    src = write_corpus(tmp_path / "in.parquet", list(range(n)), texts)
+    out = tmp_path / "out"
+    env = {**os.environ, "PREFECT_API_URL": api_url, TEST_KEY_ENV: TEST_KEY}
+    rng = random.Random(7)
+    for trial in range(2):
+        parts_before = len(list(out.glob("part-*.parquet")))
+        proc = subprocess.Popen(
+            _embed_cmd(src, out, emulator.base_url),
+            env=env,
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 60
+        while len(list(out.glob("part-*.parquet"))) <= parts_before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.1, 0.6))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        done_before = read_output(out).height
+        assert parts_before < len(list(out.glob("part-*.parquet"))), f"trial {trial} wrote nothing before the kill"
+        assert done_before < n, f"trial {trial}: the run finished before the kill"
+
+    emulator.reset_stats()
+    result = subprocess.run(
+        _embed_cmd(src, out, emulator.base_url), env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    # Only rows missing after the kills were sent again.
+    assert emulator.stats["embedding_inputs"] == n - done_before
+    final = read_output(out)
+    assert final.height == n and final["id"].n_unique() == n
+    for row_id, vector in zip(final["id"].to_list(), final["embedding"].to_list(), strict=True):
+        np.testing.assert_allclose(
+            np.asarray(vector, np.float32), fake_embedding(texts[row_id], "gemini-embedding-001"), rtol=1e-6, atol=1e-7
+        )
+    assert not [p for p in out.rglob(".tmp-*")], "no temporary file survives the rerun"
+    runs = [json.loads(p.read_text()) for p in (out / "_runs").glob("*.json")]
+    assert sorted(r["status"] for r in runs) == ["completed", "running", "running"]  # the killed two never finished
+    last = next(r for r in runs if r["status"] == "completed")
+    assert last["counts"]["skipped_done"] == done_before and last["counts"]["succeeded"] == n - done_before
+    assert "Run metadata:" in result.stdout
