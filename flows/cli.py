@@ -65,10 +65,10 @@ def embed(
     no_progress: NoProgress = False,
 ) -> None:
     """Embed a text column: one fixed-size float32 vector per row."""
-    from flows.embed import embed_flow
+    from flows.embed import embed_flow, embed_job
 
-    params = _common(**{k: v for k, v in locals().items() if k != "embed_flow"})
-    _finish(asyncio.run(embed_flow(**params)))
+    params = _common(**locals())
+    _run(embed_flow, embed_job, params)
 
 
 @app.command()
@@ -137,6 +137,15 @@ def print_summary(document: dict[str, Any]) -> None:
     console.print(f"Run metadata: {document['output']['path']}/_runs/{document['run_id']}.json")
 
 
+def _run(flow, build_job, params: dict[str, Any]) -> None:
+    """Check what needs no server first (key, input, columns), so a mistake costs no Prefect start-up."""
+    from flows.common import options_from
+    from tasks.run import preflight
+
+    preflight(build_job(dict(params)), options_from(params))
+    _finish(asyncio.run(flow(**params)))
+
+
 def _finish(document: dict[str, Any]) -> None:
     print_summary(document)
     if document["status"] != "completed":
@@ -145,6 +154,8 @@ def _finish(document: dict[str, Any]) -> None:
 
 
 def main() -> None:
+    # Prefect's temporary server would try to send telemetry; many batch hosts have no way out.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     try:
         app()
     except GembatchError as exc:

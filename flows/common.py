@@ -14,7 +14,7 @@ from tasks.limits import DEFAULT_MAX_CONCURRENCY, Limits
 from tasks.metadata import summary_rows
 from tasks.run import DEFAULT_CHUNK_SIZE, RunOptions, run_job
 
-__all__ = ["chunk_task", "run_flow_job", "COMMON_DEFAULTS"]
+__all__ = ["COMMON_DEFAULTS", "chunk_task", "options_from", "run_flow_job"]
 
 # One Prefect task per chunk, never per row. Called directly (not .submit()) so every chunk shares
 # the flow's event loop, its AsyncOpenAI client and its limiter.
@@ -72,11 +72,15 @@ def run_options(
     )
 
 
+def options_from(parameters: dict[str, Any]) -> RunOptions:
+    return run_options(**{k: parameters[k] for k in ("input", "output", *COMMON_DEFAULTS)})
+
+
 async def run_flow_job(job: Job, parameters: dict[str, Any]) -> dict[str, Any]:
     """Run ``job`` inside the current flow: chunks as Prefect tasks, summary as a table artifact."""
     from prefect.runtime import flow_run
 
-    options = run_options(**{k: parameters[k] for k in ("input", "output", *COMMON_DEFAULTS)})
+    options = options_from(parameters)
     document = await run_job(
         job,
         options,

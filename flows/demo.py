@@ -31,6 +31,12 @@ def run_demo(*, output: str, fresh: bool, console: Console) -> dict:
         f'    import polars as pl\n    df = pl.read_parquet("{output}/*.parquet")\n    print(df.head())\n',
         highlight=False,
     )
-    console.print(frame.with_columns(pl.col("embedding").arr.head(3).alias("embedding[:3]")).drop("embedding").head(5))
+    preview = frame.select(
+        "id",
+        pl.col("embedding").arr.head(3).cast(pl.List(pl.Float64)).list.eval(pl.element().round(4)).alias("embedding[:3]"),
+        "model",
+    )
+    with pl.Config(tbl_width_chars=80, fmt_table_cell_list_len=3):
+        console.print(str(preview.head(5)), highlight=False, markup=False)
     console.print("\nRun `uv run gembatch demo` again: every row is already done, so it sends no request.")
     return document

@@ -13,7 +13,7 @@ from tasks.limits import DEFAULT_MAX_CONCURRENCY
 from tasks.prices import default_model
 from tasks.run import DEFAULT_CHUNK_SIZE
 
-__all__ = ["embed_flow"]
+__all__ = ["embed_flow", "embed_job"]
 
 
 @flow(name="gembatch-embed")
@@ -39,7 +39,15 @@ async def embed_flow(
 ) -> dict[str, Any]:
     """Embed ``text_col`` of every row of ``input`` into ``output`` (see README: gembatch embed)."""
     parameters = dict(locals())
-    model = model or default_model(provider, "embed")
-    parameters["model"] = model
-    job = EmbedJob(model=model, text_col=text_col, dimensions=dimensions, batch_size=batch_size)
-    return await run_flow_job(job, parameters)
+    return await run_flow_job(embed_job(parameters), parameters)
+
+
+def embed_job(parameters: dict[str, Any]) -> EmbedJob:
+    """The job for these flow parameters (fills in the provider's default model)."""
+    parameters["model"] = parameters.get("model") or default_model(parameters["provider"], "embed")
+    return EmbedJob(
+        model=parameters["model"],
+        text_col=parameters["text_col"],
+        dimensions=parameters["dimensions"],
+        batch_size=parameters["batch_size"],
+    )

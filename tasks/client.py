@@ -23,6 +23,7 @@ __all__ = [
     "Failure",
     "classify_failure",
     "open_connection",
+    "require_key",
     "check_model",
 ]
 
@@ -96,6 +97,23 @@ class Connection:
             self.emulator.stop()
 
 
+def require_key(settings: ProviderSettings) -> str:
+    """The key from its environment variable; a clear error naming the variable if it is missing."""
+    env = settings.key_env
+    if settings.provider == "local" and not settings.base_url:
+        return ""
+    if not env:
+        return "none"
+    api_key = os.environ.get(env, "")
+    if not api_key.strip():
+        raise ConfigError(
+            f"{env} is not set: export {env}=<your {settings.provider} API key> "
+            f"(or pick another variable with --api-key-env NAME). "
+            "To try gembatch without a key, use --provider local (the built-in emulator)."
+        )
+    return api_key
+
+
 def open_connection(settings: ProviderSettings) -> Connection:
     """Resolve the key and the base URL and build the client. Fails before any work on a missing key."""
     emulator = None
@@ -107,16 +125,7 @@ def open_connection(settings: ProviderSettings) -> Connection:
         base_url = emulator.base_url
     else:
         base_url = settings.base_url or PROVIDERS[settings.provider].base_url
-        env = settings.key_env
-        api_key = os.environ.get(env, "") if env else ""
-        if env and not api_key.strip():
-            raise ConfigError(
-                f"{env} is not set: export {env}=<your {settings.provider} API key> "
-                f"(or pick another variable with --api-key-env NAME). "
-                "To try gembatch without a key, use --provider local (the built-in emulator)."
-            )
-        if not env:
-            api_key = "none"
+        api_key = require_key(settings)
     client = AsyncOpenAI(
         base_url=base_url,
         api_key=api_key,

@@ -6,7 +6,7 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
-from tasks.client import ProviderSettings, check_model, open_connection
+from tasks.client import ProviderSettings, check_model, open_connection, require_key
 from tasks.engine import ChunkRunner, Job, RetryPolicy, RunContext, process_chunk
 from tasks.errors import GembatchError, RunStopped
 from tasks.io import InputSource, check_ids
@@ -15,7 +15,7 @@ from tasks.metadata import counts, new_run_id, package_versions, usage, utc_now
 from tasks.progress import ProgressBar
 from tasks.store import OutputStore
 
-__all__ = ["RunOptions", "run_job", "DEFAULT_CHUNK_SIZE"]
+__all__ = ["DEFAULT_CHUNK_SIZE", "RunOptions", "preflight", "run_job"]
 
 DEFAULT_CHUNK_SIZE = 2000
 DEFAULT_CHUNKS_IN_FLIGHT = 4
@@ -44,6 +44,14 @@ class RunOptions:
             raise ValueError(f"--limit must be 0 or more, got {self.limit}")
 
 
+def preflight(job: Job, options: RunOptions) -> InputSource:
+    """The checks that need no server: the key is set, the input opens and has the columns."""
+    require_key(options.provider)
+    source = InputSource.open(options.input)
+    source.require_columns([options.id_col, *job.input_columns])
+    return source
+
+
 async def run_job(
     job: Job,
     options: RunOptions,
@@ -59,8 +67,7 @@ async def run_job(
     """
     started = utc_now()
     run_id = new_run_id(started)
-    source = InputSource.open(options.input)
-    source.require_columns([options.id_col, *job.input_columns])
+    source = preflight(job, options)
     conn = open_connection(options.provider)
     try:
         await check_model(conn, job.model, key_env=options.provider.key_env)
