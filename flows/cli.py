@@ -65,9 +65,9 @@ def embed(
     no_progress: NoProgress = False,
 ) -> None:
     """Embed a text column: one fixed-size float32 vector per row."""
+    params = _common(**locals())
     from flows.embed import embed_flow, embed_job
 
-    params = _common(**locals())
     _run(embed_flow, embed_job, params)
 
 

@@ -108,6 +108,7 @@ def test_a_run_killed_mid_way_resumes_to_the_same_table_without_paying_twice(api
         )
         deadline = time.monotonic() + 60
         while len(list(out.glob("part-*.parquet"))) <= parts_before and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stdout.read().decode()
             time.sleep(0.05)
         time.sleep(rng.uniform(0.1, 0.6))
         proc.send_signal(signal.SIGKILL)
