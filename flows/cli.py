@@ -25,13 +25,22 @@ err_console = Console(stderr=True)
 # Common options, declared once and shared by every job command.
 Output = Annotated[str, typer.Option("--output", "-o", help="Output folder (local path or fsspec URL).")]
 IdCol = Annotated[str, typer.Option("--id-col", help="Column with each row's unique id.")]
-Provider = Annotated[str, typer.Option("--provider", help="gemini (GEMINI_API_KEY), openai (OPENAI_API_KEY) or local (the built-in emulator).")]  # noqa: E501
-BaseUrl = Annotated[str | None, typer.Option("--base-url", help="Any OpenAI-compatible server (vLLM, Ollama, LiteLLM).")]  # noqa: E501
+Provider = Annotated[
+    str,
+    typer.Option(
+        "--provider", help="gemini (GEMINI_API_KEY), openai (OPENAI_API_KEY) or local (the built-in emulator)."
+    ),
+]  # noqa: E501
+BaseUrl = Annotated[
+    str | None, typer.Option("--base-url", help="Any OpenAI-compatible server (vLLM, Ollama, LiteLLM).")
+]  # noqa: E501
 ApiKeyEnv = Annotated[str | None, typer.Option("--api-key-env", help="Environment variable that holds the key.")]
 Rpm = Annotated[float | None, typer.Option("--rpm", help="Requests per minute allowed (your quota).")]
 Tpm = Annotated[float | None, typer.Option("--tpm", help="Input tokens per minute allowed (your quota).")]
 MaxConcurrency = Annotated[int, typer.Option("--max-concurrency", help="Requests in flight at most.")]
-ChunkSize = Annotated[int, typer.Option("--chunk-size", help="Rows per chunk (one Prefect task and one part file each).")]  # noqa: E501
+ChunkSize = Annotated[
+    int, typer.Option("--chunk-size", help="Rows per chunk (one Prefect task and one part file each).")
+]  # noqa: E501
 Limit = Annotated[int | None, typer.Option("--limit", help="Only the first N rows of the input.")]
 RetryErrors = Annotated[bool, typer.Option("--retry-errors", help="Resend the rows recorded in _errors/.")]
 Timeout = Annotated[float, typer.Option("--timeout", help="Seconds before one request is abandoned and retried.")]
@@ -48,7 +57,9 @@ def embed(
     input: Annotated[str, typer.Argument(help="Parquet or CSV file (local path or fsspec URL).")],
     output: Output,
     text_col: Annotated[str, typer.Option("--text-col", help="Column with the text to embed.")] = "text",
-    model: Annotated[str | None, typer.Option("--model", help="Embedding model [default: gemini-embedding-001].")] = None,  # noqa: E501
+    model: Annotated[
+        str | None, typer.Option("--model", help="Embedding model [default: gemini-embedding-001].")
+    ] = None,  # noqa: E501
     dimensions: Annotated[int | None, typer.Option("--dimensions", help="Shorter vectors (normalised here).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Texts per request (Gemini allows 100).")] = 100,
     id_col: IdCol = "id",
@@ -85,7 +96,9 @@ def demo(
 @app.command()
 def emulator(
     port: Annotated[int, typer.Option("--port", help="Port on 127.0.0.1 (0: a free one).")] = 8000,
-    api_key_env: Annotated[str, typer.Option("--api-key-env", help="Variable with the key clients must send.")] = "GEMBATCH_EMULATOR_KEY",  # noqa: E501
+    api_key_env: Annotated[
+        str, typer.Option("--api-key-env", help="Variable with the key clients must send.")
+    ] = "GEMBATCH_EMULATOR_KEY",  # noqa: E501
     rpm: Annotated[int | None, typer.Option("--rpm", help="Requests per window before 429s.")] = None,
     tpm: Annotated[int | None, typer.Option("--tpm", help="Input tokens per window before 429s.")] = None,
     rpd: Annotated[int | None, typer.Option("--rpd", help="Requests per day before a PerDay 429.")] = None,

@@ -98,9 +98,17 @@ async def run_flow_job(job: Job, parameters: dict[str, Any]) -> dict[str, Any]:
     logger.info(
         "%s: %s rows in, %s skipped (done), %s deduplicated, %s succeeded, %s failed, %s not attempted; "
         "%s requests, %s 429s. Metadata: %s/_runs/%s.json",
-        document["status"], c["input_rows"], c["skipped_done"], c["deduplicated"], c["succeeded"], c["failed"],
-        c["not_attempted"], document["requests"]["sent"], document["requests"]["rate_limited_429"],
-        document["output"]["path"], document["run_id"],
+        document["status"],
+        c["input_rows"],
+        c["skipped_done"],
+        c["deduplicated"],
+        c["succeeded"],
+        c["failed"],
+        c["not_attempted"],
+        document["requests"]["sent"],
+        document["requests"]["rate_limited_429"],
+        document["output"]["path"],
+        document["run_id"],
     )
     if document["status"] != "completed":
         logger.warning("run ended early: %s — %s", document["status"], document["message"])

@@ -33,7 +33,11 @@ def run_demo(*, output: str, fresh: bool, console: Console) -> dict:
     )
     preview = frame.select(
         "id",
-        pl.col("embedding").arr.head(3).cast(pl.List(pl.Float64)).list.eval(pl.element().round(4)).alias("embedding[:3]"),
+        pl.col("embedding")
+        .arr.head(3)
+        .cast(pl.List(pl.Float64))
+        .list.eval(pl.element().round(4))
+        .alias("embedding[:3]"),
         "model",
     )
     with pl.Config(tbl_width_chars=80, fmt_table_cell_list_len=3):

@@ -133,9 +133,7 @@ def open_connection(settings: ProviderSettings) -> Connection:
         max_retries=0,
         timeout=httpx2.Timeout(settings.timeout_s, connect=DEFAULT_CONNECT_TIMEOUT_S),
     )
-    return Connection(
-        client=client, base_url=base_url, provider=settings.provider, api_key=api_key, emulator=emulator
-    )
+    return Connection(client=client, base_url=base_url, provider=settings.provider, api_key=api_key, emulator=emulator)
 
 
 async def check_model(conn: Connection, model: str, *, key_env: str | None) -> None:
@@ -156,9 +154,7 @@ async def check_model(conn: Connection, model: str, *, key_env: str | None) -> N
                 "List the available models with `gembatch models`, then pass one with --model."
             ) from None
         if failure.kind == "transient" and failure.status is None:
-            raise ConfigError(
-                f"cannot reach {where}: {failure.message}. Check --base-url and your network."
-            ) from None
+            raise ConfigError(f"cannot reach {where}: {failure.message}. Check --base-url and your network.") from None
         raise ConfigError(f"checking model {model!r} at {where} failed: {conn.redact(failure.message)}") from None
 
 

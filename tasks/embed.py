@@ -11,7 +11,7 @@ import pyarrow as pa
 from openai.types import CreateEmbeddingResponse
 
 from tasks.client import Connection
-from tasks.engine import BadReply, Item, Reply
+from tasks.engine import BadReply, Item, Prepared, Reply, RowInvalid
 
 __all__ = ["EmbedJob", "EMBEDDING_MODELS", "MAX_INPUTS_PER_REQUEST"]
 
@@ -82,32 +82,27 @@ class EmbedJob:
             "normalised_here": self.normalise,
         }
 
-    def request_fields(self, payload: dict[str, Any]) -> dict[str, Any]:
-        return {"job": "embed", "model": self.model, "dimensions": self.dimensions, "input": payload[self.text_col]}
-
-    def validate(self, payload: dict[str, Any]) -> str | None:
+    def prepare(self, payload: dict[str, Any]) -> Prepared:
         text = payload[self.text_col]
         if text is None:
-            return f"column {self.text_col!r} is null: nothing to embed"
+            raise RowInvalid(f"column {self.text_col!r} is null: nothing to embed")
         if not text.strip():
-            return f"column {self.text_col!r} is empty: nothing to embed"
+            raise RowInvalid(f"column {self.text_col!r} is empty: nothing to embed")
         limit = self.spec.max_input_tokens if self.spec else UNKNOWN_MODEL_MAX_TOKENS
         tokens = estimate_text_tokens(text)
         if tokens > limit:
-            return (
+            raise RowInvalid(
                 f"text is about {tokens} tokens ({len(text)} characters), over {self.model}'s "
                 f"{limit}-token input limit: split it into smaller passages"
             )
-        return None
-
-    def estimate_tokens(self, payload: dict[str, Any]) -> int:
-        return estimate_text_tokens(payload[self.text_col])
+        fields = {"job": "embed", "model": self.model, "dimensions": self.dimensions, "input": text}
+        return Prepared(fields=fields, tokens=tokens, data=text)
 
     async def send(self, conn: Connection, items: list[Item]) -> Reply:
         extra = {"dimensions": self.dimensions} if self.dimensions is not None else {}
         response = await conn.client.embeddings.create(
             model=self.model,
-            input=[item.payload[self.text_col] for item in items],
+            input=[item.prepared.data for item in items],
             encoding_format="base64",
             **extra,
         )

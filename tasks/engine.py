@@ -28,6 +28,9 @@ __all__ = [
     "BadReply",
     "Reply",
     "Outcome",
+    "Prepared",
+    "RowFailure",
+    "RowInvalid",
     "RetryPolicy",
     "RunStats",
     "RunContext",
@@ -50,13 +53,10 @@ class Job(Protocol):
     string_columns: tuple[str, ...]
     max_items_per_request: int
 
-    def request_fields(self, payload: dict[str, Any]) -> dict[str, Any]:
-        """Everything sent for one row (model and parameters included): its content hash."""
-
-    def validate(self, payload: dict[str, Any]) -> str | None:
-        """A reason the row can't be sent, or None."""
-
-    def estimate_tokens(self, payload: dict[str, Any]) -> int: ...
+    def prepare(self, payload: dict[str, Any]) -> Prepared:
+        """What will be sent for one row, or :class:`RowInvalid`. Runs in a worker thread (it may read
+        files); keep it light: heavy request bodies are built in :meth:`send`."""
+        ...
 
     async def send(self, conn: Connection, items: list[Item]) -> Reply:
         """One request for ``items``; raises what the SDK raises."""
@@ -64,7 +64,11 @@ class Job(Protocol):
     def output_schema(self, id_col: str, id_type: pa.DataType) -> pa.Schema: ...
 
     def result_arrays(self, results: list[Any]) -> dict[str, pa.Array]:
-        """Typed output columns (besides id, content_hash, model) for results in row order."""
+        """Typed output columns (besides id, content_hash, model) for results in row order.
+
+        One output row per result, unless the job defines ``rows_per_result(result) -> int`` (image
+        generation with n > 1): then the arrays hold that many rows for each result, in order.
+        """
 
     def results_from_table(self, table: pa.Table) -> dict[str, Any]:
         """content_hash → result, read back from output rows (to share with an identical row)."""
@@ -72,13 +76,39 @@ class Job(Protocol):
     def parameters(self) -> dict[str, Any]: ...
 
 
+class RowInvalid(Exception):
+    """The row can't be sent (empty text, missing file…); the message says why and what to do."""
+
+
+@dataclass(slots=True)
+class Prepared:
+    """``fields`` is everything that decides the answer (hashed into content_hash); ``data`` is what
+    :meth:`Job.send` needs to build the request."""
+
+    fields: dict[str, Any]
+    tokens: int
+    data: Any = None
+
+
+@dataclass(slots=True)
+class RowFailure:
+    """A reply arrived but one row's part of it is unusable (not JSON, fails validation)."""
+
+    kind: str
+    message: str
+    raw_reply: str | None = None
+
+
 @dataclass(slots=True)
 class Item:
     position: int
     row_id: Any
     content_hash: str
-    payload: dict[str, Any]
-    tokens: int
+    prepared: Prepared
+
+    @property
+    def tokens(self) -> int:
+        return self.prepared.tokens
 
 
 @dataclass(slots=True)
@@ -97,6 +127,7 @@ class Outcome:
     error_type: str | None = None
     error_message: str | None = None
     attempts: int = 0
+    raw_reply: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -109,6 +140,8 @@ class RetryPolicy:
 
     max_attempts: int = 8
     max_rate_limited_attempts: int = 30
+    # A reply whose row part can't be used (invalid JSON, fails the schema) is asked once more.
+    max_row_failure_attempts: int = 2
     base_delay_s: float = 1.0
     max_delay_s: float = 60.0
 
@@ -219,19 +252,21 @@ async def process_chunk(ctx: RunContext, chunk: pa.Table, index: int, first_row:
     peers: dict[str, asyncio.Future[Outcome | None]] = {}
     stored: set[str] = set()
 
-    # Planning is synchronous: no other chunk runs in between, so ownership of a content is decided once.
+    payloads = [{c: columns[c][pos] for c in job.input_columns} for pos in range(n)]
+    prepared = await asyncio.to_thread(_prepare_all, job, payloads)
+
+    # Deciding who owns which content is synchronous: no other chunk runs in between.
     for pos in range(n):
-        payload = {c: columns[c][pos] for c in job.input_columns}
-        reason = job.validate(payload)
-        if reason is None:
-            h = hashes[pos] = content_hash(job.request_fields(payload))
+        prep = prepared[pos]
+        if isinstance(prep, RowInvalid):
+            h = hashes[pos] = content_hash({"invalid": payloads[pos], "job": job.name, "model": job.model})
         else:
-            h = hashes[pos] = content_hash({"invalid": payload, "job": job.name, "model": job.model})
+            h = hashes[pos] = content_hash(prep.fields)
         key = pair_key(ids[pos], h)
-        if reason is not None:
+        if isinstance(prep, RowInvalid):
             invalid_before = key in ctx.index.errored_pairs and not ctx.retry_errors
             source[pos] = PREV_ERROR if invalid_before else INVALID
-            invalid[pos] = reason
+            invalid[pos] = str(prep)
         elif key in ctx.index.done_pairs:
             source[pos] = DONE
         elif key in ctx.index.errored_pairs and not ctx.retry_errors:
@@ -245,7 +280,7 @@ async def process_chunk(ctx: RunContext, chunk: pa.Table, index: int, first_row:
             stored.add(h)
         else:
             source[pos] = OWN
-            own[h] = Item(pos, ids[pos], h, payload, job.estimate_tokens(payload))
+            own[h] = Item(pos, ids[pos], h, prep)
             ctx.inflight[h] = asyncio.get_running_loop().create_future()
 
     outcomes: dict[str, Outcome | None] = {}
@@ -323,9 +358,23 @@ async def _send(ctx: RunContext, items: list[Item], outcomes: dict[str, Outcome 
             stats.prompt_tokens += reply.prompt_tokens
             stats.completion_tokens += reply.completion_tokens
             stats.total_tokens += reply.total_tokens
+            again: list[Item] = []
             for item, result in zip(items, reply.results):
-                outcomes[item.content_hash] = Outcome(result=result, attempts=attempts)
+                if not isinstance(result, RowFailure):
+                    outcomes[item.content_hash] = Outcome(result=result, attempts=attempts)
+                elif attempts < ctx.retry.max_row_failure_attempts:
+                    again.append(item)
+                else:
+                    outcomes[item.content_hash] = Outcome(
+                        error_type=result.kind,
+                        error_message=ctx.conn.redact(result.message),
+                        attempts=attempts,
+                        raw_reply=result.raw_reply,
+                    )
             await limiter.settle_tokens(estimate, reply.prompt_tokens)
+            if again:
+                stats.retries += 1
+                await _send(ctx, again, outcomes, attempts)
             return
         if failure.kind == "rate_limited":
             stats.rate_limited += 1
@@ -358,6 +407,16 @@ async def _send(ctx: RunContext, items: list[Item], outcomes: dict[str, Outcome 
         return
 
 
+def _prepare_all(job: Job, payloads: list[dict[str, Any]]) -> list[Prepared | RowInvalid]:
+    prepared: list[Prepared | RowInvalid] = []
+    for payload in payloads:
+        try:
+            prepared.append(job.prepare(payload))
+        except RowInvalid as exc:
+            prepared.append(exc)
+    return prepared
+
+
 class BadReply(Exception):
     """A reply that arrived but can't be used (wrong shape, missing items): retried like a 5xx."""
 
@@ -376,20 +435,28 @@ def _write_chunk(
     job, stats = ctx.job, ctx.stats
     ok_rows: list[int] = []
     ok_results: list[Any] = []
-    err_rows: list[tuple[int, str, str, int]] = []
+    err_rows: list[tuple[int, str, str, int, str | None]] = []
     for pos, src in enumerate(source):
         if src == DONE:
             stats.skipped_done += 1
         elif src == PREV_ERROR:
             stats.failed += 1
         elif src == INVALID:
-            err_rows.append((pos, "invalid_input", invalid[pos], 0))
+            err_rows.append((pos, "invalid_input", invalid[pos], 0, None))
         else:
             outcome = outcomes.get(hashes[pos])
             if outcome is None:
                 stats.not_attempted += 1
             elif not outcome.ok:
-                err_rows.append((pos, outcome.error_type or "error", outcome.error_message or "", outcome.attempts))
+                err_rows.append(
+                    (
+                        pos,
+                        outcome.error_type or "error",
+                        outcome.error_message or "",
+                        outcome.attempts,
+                        outcome.raw_reply,
+                    )
+                )
             else:
                 ok_rows.append(pos)
                 ok_results.append(outcome.result)
@@ -400,6 +467,9 @@ def _write_chunk(
     stats.failed += len(err_rows)
     written = 0
     if ok_rows:
+        rows_per_result = getattr(job, "rows_per_result", None)
+        if rows_per_result is not None:
+            ok_rows = [p for p, r in zip(ok_rows, ok_results) for _ in range(rows_per_result(r))]
         table = pa.table(
             {
                 ctx.id_col: pa.array([ids[p] for p in ok_rows], id_type),
@@ -409,7 +479,7 @@ def _write_chunk(
             }
         )
         stats.parts_written.append(ctx.store.write_part(table, errors=False, run_id=ctx.run_id, id_col=ctx.id_col))
-        written = len(ok_rows)
+        written = len(ok_results)
     if err_rows:
         table = pa.table(
             {
@@ -418,6 +488,7 @@ def _write_chunk(
                 "error_type": pa.array([e[1] for e in err_rows], pa.string()),
                 "error_message": pa.array([e[2] for e in err_rows], pa.string()),
                 "attempts": pa.array([e[3] for e in err_rows], pa.int32()),
+                "raw_reply": pa.array([e[4] for e in err_rows], pa.string()),
                 "input_row": pa.array([first_row + p for p, *_ in err_rows], pa.int64()),
                 "model": pa.array([job.model] * len(err_rows), pa.string()),
                 "run_id": pa.array([ctx.run_id] * len(err_rows), pa.string()),

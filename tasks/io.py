@@ -136,8 +136,7 @@ def _detect_format(path: str, fs: fsspec.AbstractFileSystem, fs_path: str) -> st
     if head == b"PAR1":
         return "parquet"
     raise InputError(
-        f"input {path} is neither Parquet nor CSV (by its name or its first bytes): "
-        "give a .parquet or .csv file"
+        f"input {path} is neither Parquet nor CSV (by its name or its first bytes): give a .parquet or .csv file"
     )
 
 

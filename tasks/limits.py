@@ -60,9 +60,7 @@ class AdaptiveLimiter:
         self._in_flight = asyncio.Semaphore(limits.max_concurrency)
         self._rpm: float | None = limits.rpm
         self._rpm_bucket = _pacer(limits.rpm)
-        self._tpm_bucket = (
-            AsyncLimiter(limits.tpm * TPM_BURST_SECONDS / 60, TPM_BURST_SECONDS) if limits.tpm else None
-        )
+        self._tpm_bucket = AsyncLimiter(limits.tpm * TPM_BURST_SECONDS / 60, TPM_BURST_SECONDS) if limits.tpm else None
         self._last_change = clock()
         self._resume_at = 0.0
         self._recent_starts: deque[float] = deque()

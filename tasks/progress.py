@@ -48,9 +48,7 @@ class ProgressBar:
             return
         self._progress.advance(self._task, rows)
         speed = self._progress.tasks[0].speed
-        self._progress.update(
-            self._task, rate=f"{speed:,.0f}" if speed else "-", rate_limited=self._stats.rate_limited
-        )
+        self._progress.update(self._task, rate=f"{speed:,.0f}" if speed else "-", rate_limited=self._stats.rate_limited)
 
     def close(self) -> None:
         if self._progress is not None:

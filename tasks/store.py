@@ -104,9 +104,14 @@ class OutputStore:
             return pa.table({})
         dataset = pds.dataset(files, format="parquet", filesystem=self.fs)
         table = dataset.to_table(filter=pc.field("content_hash").isin(wanted))
-        _, first = pl.from_arrow(table.select(["content_hash"])).with_row_index().group_by(
-            "content_hash"
-        ).agg(pl.col("index").first()).to_arrow().columns
+        _, first = (
+            pl.from_arrow(table.select(["content_hash"]))
+            .with_row_index()
+            .group_by("content_hash")
+            .agg(pl.col("index").first())
+            .to_arrow()
+            .columns
+        )
         return table.take(first)
 
     def existing_schema(self) -> pa.Schema | None:
@@ -138,16 +143,15 @@ class OutputStore:
                 written = self._written_at(path)
                 ids = pq.read_table(path, columns=[id_col], filesystem=self.fs).column(id_col)
                 frames.append(
-                    pl.DataFrame({"id": pl.from_arrow(ids)}).with_row_index("row").with_columns(
-                        pl.lit(path).alias("path"), pl.lit(written, dtype=pl.Int64).alias("written")
-                    )
+                    pl.DataFrame({"id": pl.from_arrow(ids)})
+                    .with_row_index("row")
+                    .with_columns(pl.lit(path).alias("path"), pl.lit(written, dtype=pl.Int64).alias("written"))
                 )
         if not frames:
             return 0
         records = pl.concat(frames, how="vertical_relaxed")
-        ranked = records.with_columns(
-            pl.struct("written", "row").rank("ordinal", descending=True).over("id").alias("rank")
-        )
+        # Rows of one id written in the same part (image generation with n > 1) stand or fall together.
+        ranked = records.with_columns(pl.col("written").rank("dense", descending=True).over("id").alias("rank"))
         stale = ranked.filter(pl.col("rank") > 1)
         if stale.is_empty():
             return 0
@@ -189,7 +193,8 @@ class OutputStore:
         if not self.fs.exists(folder):
             return []
         return sorted(
-            p for p in self.fs.ls(folder, detail=False)
+            p
+            for p in self.fs.ls(folder, detail=False)
             if p.rsplit("/", 1)[-1].startswith("part-") and p.endswith(".parquet")
         )
 
