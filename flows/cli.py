@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
+from flows import embed
+from flows.options import ApiKeyEnv, BaseUrl, Provider, console, err_console
 from tasks.errors import GembatchError
 
 app = typer.Typer(
@@ -19,67 +19,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
-err_console = Console(stderr=True)
-
-# Common options, declared once and shared by every job command.
-Output = Annotated[str, typer.Option("--output", "-o", help="Output folder (local path or fsspec URL).")]
-IdCol = Annotated[str, typer.Option("--id-col", help="Column with each row's unique id.")]
-Provider = Annotated[
-    str,
-    typer.Option(
-        "--provider", help="gemini (GEMINI_API_KEY), openai (OPENAI_API_KEY) or local (the built-in emulator)."
-    ),
-]  # noqa: E501
-BaseUrl = Annotated[
-    str | None, typer.Option("--base-url", help="Any OpenAI-compatible server (vLLM, Ollama, LiteLLM).")
-]  # noqa: E501
-ApiKeyEnv = Annotated[str | None, typer.Option("--api-key-env", help="Environment variable that holds the key.")]
-Rpm = Annotated[float | None, typer.Option("--rpm", help="Requests per minute allowed (your quota).")]
-Tpm = Annotated[float | None, typer.Option("--tpm", help="Input tokens per minute allowed (your quota).")]
-MaxConcurrency = Annotated[int, typer.Option("--max-concurrency", help="Requests in flight at most.")]
-ChunkSize = Annotated[
-    int, typer.Option("--chunk-size", help="Rows per chunk (one Prefect task and one part file each).")
-]  # noqa: E501
-Limit = Annotated[int | None, typer.Option("--limit", help="Only the first N rows of the input.")]
-RetryErrors = Annotated[bool, typer.Option("--retry-errors", help="Resend the rows recorded in _errors/.")]
-Timeout = Annotated[float, typer.Option("--timeout", help="Seconds before one request is abandoned and retried.")]
-NoProgress = Annotated[bool, typer.Option("--no-progress", help="No progress bar.")]
-
-
-def _common(**values: Any) -> dict[str, Any]:
-    values["progress"] = not values.pop("no_progress") and sys.stderr.isatty()
-    return values
-
-
-@app.command()
-def embed(
-    input: Annotated[str, typer.Argument(help="Parquet or CSV file (local path or fsspec URL).")],
-    output: Output,
-    text_col: Annotated[str, typer.Option("--text-col", help="Column with the text to embed.")] = "text",
-    model: Annotated[
-        str | None, typer.Option("--model", help="Embedding model [default: gemini-embedding-001].")
-    ] = None,  # noqa: E501
-    dimensions: Annotated[int | None, typer.Option("--dimensions", help="Shorter vectors (normalised here).")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Texts per request (Gemini allows 100).")] = 100,
-    id_col: IdCol = "id",
-    provider: Provider = "gemini",
-    base_url: BaseUrl = None,
-    api_key_env: ApiKeyEnv = None,
-    rpm: Rpm = None,
-    tpm: Tpm = None,
-    max_concurrency: MaxConcurrency = 16,
-    chunk_size: ChunkSize = 2000,
-    limit: Limit = None,
-    retry_errors: RetryErrors = False,
-    timeout: Timeout = 120.0,
-    no_progress: NoProgress = False,
-) -> None:
-    """Embed a text column: one fixed-size float32 vector per row."""
-    params = _common(**locals())
-    from flows.embed import embed_flow, embed_job
-
-    _run(embed_flow, embed_job, params)
+app.command("embed")(embed.command)
 
 
 @app.command()
@@ -136,34 +76,6 @@ def models(
     names = asyncio.run(list_models(ProviderSettings(provider=provider, base_url=base_url, api_key_env=api_key_env)))
     for name in names:
         console.print(name)
-
-
-def print_summary(document: dict[str, Any]) -> None:
-    from tasks.metadata import summary_rows
-
-    table = Table(title=f"gembatch {document['job']}", show_header=False)
-    table.add_column("metric", style="bold")
-    table.add_column("value")
-    for row in summary_rows(document):
-        table.add_row(row["metric"], row["value"])
-    console.print(table)
-    console.print(f"Run metadata: {document['output']['path']}/_runs/{document['run_id']}.json")
-
-
-def _run(flow, build_job, params: dict[str, Any]) -> None:
-    """Check what needs no server first (key, input, columns), so a mistake costs no Prefect start-up."""
-    from flows.common import options_from
-    from tasks.run import preflight
-
-    preflight(build_job(dict(params)), options_from(params))
-    _finish(asyncio.run(flow(**params)))
-
-
-def _finish(document: dict[str, Any]) -> None:
-    print_summary(document)
-    if document["status"] != "completed":
-        err_console.print(f"[bold red]{document['status']}[/]: {document['message']}")
-        raise typer.Exit(3)
 
 
 def main() -> None:

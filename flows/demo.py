@@ -17,7 +17,7 @@ DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 
 
 def run_demo(*, output: str, fresh: bool, console: Console) -> dict:
-    from flows.cli import print_summary
+    from flows.options import print_summary
 
     corpus = DATA_DIR / "corpus.parquet"
     if fresh:

@@ -2,18 +2,36 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
+import typer
 from prefect import flow
 
 from flows.common import run_flow_job
+from flows.options import (
+    ApiKeyEnv,
+    BaseUrl,
+    ChunkSize,
+    IdCol,
+    Limit,
+    MaxConcurrency,
+    NoProgress,
+    Output,
+    Provider,
+    RetryErrors,
+    Rpm,
+    Timeout,
+    Tpm,
+    common_params,
+    run_command,
+)
 from tasks.client import DEFAULT_TIMEOUT_S
 from tasks.embed import MAX_INPUTS_PER_REQUEST, EmbedJob
 from tasks.limits import DEFAULT_MAX_CONCURRENCY
 from tasks.prices import default_model
 from tasks.run import DEFAULT_CHUNK_SIZE
 
-__all__ = ["embed_flow", "embed_job"]
+__all__ = ["command", "embed_flow", "embed_job"]
 
 
 @flow(name="gembatch-embed")
@@ -51,3 +69,32 @@ def embed_job(parameters: dict[str, Any]) -> EmbedJob:
         dimensions=parameters["dimensions"],
         batch_size=parameters["batch_size"],
     )
+
+
+def command(
+    input: Annotated[str, typer.Argument(help="Parquet or CSV file (local path or fsspec URL).")],
+    output: Output,
+    text_col: Annotated[str, typer.Option("--text-col", help="Column with the text to embed.")] = "text",
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model", help="Embedding model (default: gemini-embedding-001; text-embedding-3-small for openai)."
+        ),
+    ] = None,  # noqa: E501
+    dimensions: Annotated[int | None, typer.Option("--dimensions", help="Shorter vectors (normalised here).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Texts per request (Gemini allows 100).")] = 100,
+    id_col: IdCol = "id",
+    provider: Provider = "gemini",
+    base_url: BaseUrl = None,
+    api_key_env: ApiKeyEnv = None,
+    rpm: Rpm = None,
+    tpm: Tpm = None,
+    max_concurrency: MaxConcurrency = 16,
+    chunk_size: ChunkSize = 2000,
+    limit: Limit = None,
+    retry_errors: RetryErrors = False,
+    timeout: Timeout = 120.0,
+    no_progress: NoProgress = False,
+) -> None:
+    """Embed a text column: one fixed-size float32 vector per row."""
+    run_command(embed_flow, embed_job, common_params(**locals()))

@@ -1,0 +1,71 @@
+"""Command-line options every job shares, and running a job's flow from the command line."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+err_console = Console(stderr=True)
+
+# Common options, declared once and shared by every job command.
+Output = Annotated[str, typer.Option("--output", "-o", help="Output folder (local path or fsspec URL).")]
+IdCol = Annotated[str, typer.Option("--id-col", help="Column with each row's unique id.")]
+Provider = Annotated[
+    str,
+    typer.Option(
+        "--provider", help="gemini (GEMINI_API_KEY), openai (OPENAI_API_KEY) or local (the built-in emulator)."
+    ),
+]  # noqa: E501
+BaseUrl = Annotated[
+    str | None, typer.Option("--base-url", help="Any OpenAI-compatible server (vLLM, Ollama, LiteLLM).")
+]  # noqa: E501
+ApiKeyEnv = Annotated[str | None, typer.Option("--api-key-env", help="Environment variable that holds the key.")]
+Rpm = Annotated[float | None, typer.Option("--rpm", help="Requests per minute allowed (your quota).")]
+Tpm = Annotated[float | None, typer.Option("--tpm", help="Input tokens per minute allowed (your quota).")]
+MaxConcurrency = Annotated[int, typer.Option("--max-concurrency", help="Requests in flight at most.")]
+ChunkSize = Annotated[
+    int, typer.Option("--chunk-size", help="Rows per chunk (one Prefect task and one part file each).")
+]  # noqa: E501
+Limit = Annotated[int | None, typer.Option("--limit", help="Only the first N rows of the input.")]
+RetryErrors = Annotated[bool, typer.Option("--retry-errors", help="Resend the rows recorded in _errors/.")]
+Timeout = Annotated[float, typer.Option("--timeout", help="Seconds before one request is abandoned and retried.")]
+NoProgress = Annotated[bool, typer.Option("--no-progress", help="No progress bar.")]
+
+
+def common_params(**values: Any) -> dict[str, Any]:
+    values["progress"] = not values.pop("no_progress") and sys.stderr.isatty()
+    return values
+
+
+def print_summary(document: dict[str, Any]) -> None:
+    from tasks.metadata import summary_rows
+
+    table = Table(title=f"gembatch {document['job']}", show_header=False)
+    table.add_column("metric", style="bold")
+    table.add_column("value")
+    for row in summary_rows(document):
+        table.add_row(row["metric"], row["value"])
+    console.print(table)
+    console.print(f"Run metadata: {document['output']['path']}/_runs/{document['run_id']}.json")
+
+
+def run_command(flow, build_job, params: dict[str, Any]) -> None:
+    """Check what needs no server first (key, input, columns), so a mistake costs no Prefect start-up."""
+    from flows.common import options_from
+    from tasks.run import preflight
+
+    preflight(build_job(dict(params)), options_from(params))
+    finish(asyncio.run(flow(**params)))
+
+
+def finish(document: dict[str, Any]) -> None:
+    print_summary(document)
+    if document["status"] != "completed":
+        err_console.print(f"[bold red]{document['status']}[/]: {document['message']}")
+        raise typer.Exit(3)
