@@ -289,7 +289,7 @@ async def process_chunk(ctx: RunContext, chunk: pa.Table, index: int, first_row:
         for h, future in peers.items():
             outcomes[h] = await future
         if stored:
-            found = job.results_from_table(await asyncio.to_thread(ctx.store.read_results_for, stored))
+            found = job.results_from_table(await asyncio.to_thread(ctx.store.read_results_for, stored, ctx.id_col))
             outcomes.update({h: Outcome(result=found[h]) for h in stored if h in found})
         id_type = chunk.schema.field(ctx.id_col).type
         report = await asyncio.to_thread(

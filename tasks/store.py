@@ -32,6 +32,7 @@ __all__ = ["OutputStore", "DoneIndex", "pair_key", "hash_key", "ERRORS_DIR", "RU
 
 ERRORS_DIR = "_errors"
 RUNS_DIR = "_runs"
+IMAGES_DIR = "images"
 TMP_PREFIX = ".tmp-"
 META_KEY = b"gembatch"
 
@@ -68,7 +69,9 @@ class OutputStore:
         for sub in ("", ERRORS_DIR, RUNS_DIR):
             self.fs.makedirs(self._join(sub) if sub else self.root, exist_ok=True)
         # A killed run may leave temporary files; they were never renamed, so nothing refers to them.
-        for folder in (self.root, self._join(ERRORS_DIR), self._join(RUNS_DIR)):
+        for folder in (self.root, self._join(ERRORS_DIR), self._join(RUNS_DIR), self._join(IMAGES_DIR)):
+            if not self.fs.exists(folder):
+                continue
             for path in self.fs.ls(folder, detail=False):
                 if path.rsplit("/", 1)[-1].startswith(TMP_PREFIX):
                     self.fs.rm(path)
@@ -96,23 +99,19 @@ class OutputStore:
                 index.error_rows += len(hashes)
         return index
 
-    def read_results_for(self, content_hashes: Iterable[str]) -> pa.Table:
-        """Result rows (one per hash) already in the output, for rows that share their content."""
+    def read_results_for(self, content_hashes: Iterable[str], id_col: str) -> pa.Table:
+        """Result rows already in the output for these hashes: all rows of one id per hash (a
+        result may span several rows, e.g. n generated images), for rows that share their content."""
         wanted = sorted(set(content_hashes))
         files = self.result_files()
         if not wanted or not files:
             return pa.table({})
         dataset = pds.dataset(files, format="parquet", filesystem=self.fs)
         table = dataset.to_table(filter=pc.field("content_hash").isin(wanted))
-        _, first = (
-            pl.from_arrow(table.select(["content_hash"]))
-            .with_row_index()
-            .group_by("content_hash")
-            .agg(pl.col("index").first())
-            .to_arrow()
-            .columns
-        )
-        return table.take(first)
+        keys = pl.from_arrow(table.select(["content_hash", id_col])).with_row_index()
+        first_id = keys.group_by("content_hash").agg(pl.col(id_col).first().alias("_first"))
+        rows = keys.join(first_id, on="content_hash").filter(pl.col(id_col) == pl.col("_first"))["index"]
+        return table.take(pa.array(rows.sort().to_list(), pa.int64()))
 
     def existing_schema(self) -> pa.Schema | None:
         files = self.result_files()

@@ -139,6 +139,14 @@ def test_rerun_is_free_new_rows_only_and_changed_rows_superseded(emulator, tmp_p
     assert out.height == 210 and out["id"].n_unique() == 210
     assert_vectors_match(out, dict(zip(ids2, texts2, strict=True)))
 
+    # A new id whose text is already embedded under another id: its vector is copied, not bought.
+    write_corpus(src, [*ids2, 210], [*texts2, texts2[5]])
+    emulator.reset_stats()
+    doc = run_embed(emulator, src, out_dir)
+    assert emulator.stats["by_route"]["embeddings"] == 0
+    assert doc["counts"]["deduplicated"] == 1 and doc["counts"]["skipped_done"] == 210
+    assert_vectors_match(read_output(out_dir), dict(zip([*ids2, 210], [*texts2, texts2[5]], strict=True)))
+
 
 def test_gemini_shaped_429s_are_absorbed_and_the_limiter_slows_down(emulator, tmp_path):
     emulator.configure(rpm=4, window_seconds=1.0)

@@ -1,0 +1,224 @@
+"""The structured-extraction job: one chat completion per row, answered as JSON for a pydantic model.
+
+The reply is validated with the model and stored as typed columns (see :mod:`schemas.arrow`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+from openai.types.chat import ChatCompletion
+from pydantic import BaseModel, ValidationError
+
+from schemas.arrow import ModelMapping, model_mapping
+from tasks.client import Connection
+from tasks.embed import estimate_text_tokens
+from tasks.engine import BadReply, Item, Prepared, Reply, RowFailure, RowInvalid
+from tasks.errors import ConfigError
+
+__all__ = ["ExtractJob", "REASONING_EFFORTS", "RESERVED_COLUMNS", "default_prompt", "import_model"]
+
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high")
+RESERVED_COLUMNS = ("content_hash", "model")
+MAX_ERROR_CHARS = 600
+MAX_ERRORS_SHOWN = 5
+
+
+def default_prompt(model: type[BaseModel]) -> str:
+    return (
+        f"Extract the fields of {model.__name__} from the user's text. Answer only with one JSON object "
+        "that matches the given JSON schema; use null for an optional field the text does not state."
+    )
+
+
+def import_model(spec: str) -> type[BaseModel]:
+    """``MODULE:Model`` → the pydantic model class, or a :class:`ConfigError` saying what to fix."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ConfigError(f"--schema {spec!r}: expected MODULE:Model, e.g. --schema schemas.examples:Invoice")
+    # A console script's sys.path lacks the working directory; a user's own schema module lives there.
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        raise ConfigError(
+            f"--schema {spec!r}: module {module_name!r} can't be imported ({exc}); check the spelling and run "
+            "from the folder that holds it, or install the package that provides it"
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - any error while importing the user's module is a config error
+        raise ConfigError(
+            f"--schema {spec!r}: importing module {module_name!r} failed: {type(exc).__name__}: {exc}"
+        ) from None
+    target: Any = module
+    for part in attr.split("."):
+        if not hasattr(target, part):
+            models = sorted(
+                name
+                for name, value in vars(module).items()
+                if inspect.isclass(value) and issubclass(value, BaseModel) and value is not BaseModel
+            )
+            hint = f"models there: {', '.join(models)}" if models else "it defines no pydantic models"
+            raise ConfigError(f"--schema {spec!r}: module {module_name!r} has no attribute {attr!r} ({hint})")
+        target = getattr(target, part)
+    if not (inspect.isclass(target) and issubclass(target, BaseModel)):
+        raise ConfigError(
+            f"--schema {spec!r}: {attr} is a {type(target).__name__}, not a pydantic model; "
+            "point --schema at a class that subclasses pydantic.BaseModel"
+        )
+    return target
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExtractJob:
+    model: str
+    schema: type[BaseModel]
+    text_col: str = "text"
+    prompt: str | None = None
+    reasoning_effort: str | None = None
+
+    name = "extract"
+    max_items_per_request = 1
+
+    mapping: ModelMapping = field(init=False, repr=False, compare=False)
+    json_schema: dict[str, Any] = field(init=False, repr=False, compare=False)
+    schema_sha256: str = field(init=False, repr=False, compare=False)
+    system_prompt: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.reasoning_effort is not None and self.reasoning_effort not in REASONING_EFFORTS:
+            raise ConfigError(
+                f"--reasoning-effort {self.reasoning_effort!r}: use one of {', '.join(REASONING_EFFORTS)}"
+            )
+        mapping = model_mapping(self.schema)
+        clash = [f.name for f in mapping.fields if f.name in RESERVED_COLUMNS]
+        if clash:
+            raise ConfigError(
+                f"{self.schema.__name__}.{clash[0]}: the output already has a {clash[0]!r} column; rename the "
+                "field (an alias keeps the JSON key)"
+            )
+        json_schema = self.schema.model_json_schema()
+        blob = json.dumps(json_schema, sort_keys=True, separators=(",", ":"))
+        object.__setattr__(self, "mapping", mapping)
+        object.__setattr__(self, "json_schema", json_schema)
+        object.__setattr__(self, "schema_sha256", hashlib.sha256(blob.encode()).hexdigest())
+        object.__setattr__(self, "system_prompt", self.prompt or default_prompt(self.schema))
+
+    @property
+    def input_columns(self) -> tuple[str, ...]:
+        return (self.text_col,)
+
+    @property
+    def string_columns(self) -> tuple[str, ...]:
+        return (self.text_col,)
+
+    @property
+    def schema_ref(self) -> str:
+        return f"{self.schema.__module__}:{self.schema.__qualname__}"
+
+    @property
+    def response_format(self) -> dict[str, Any]:
+        # OpenAI allows [a-zA-Z0-9_-]{1,64} as the name.
+        name = re.sub(r"[^a-zA-Z0-9_-]", "_", self.schema.__name__)[:64]
+        return {"type": "json_schema", "json_schema": {"name": name, "schema": self.json_schema, "strict": True}}
+
+    def parameters(self) -> dict[str, Any]:
+        return {
+            "text_col": self.text_col,
+            "schema": self.schema_ref,
+            "schema_sha256": self.schema_sha256,
+            "prompt": self.system_prompt,
+            "reasoning_effort": self.reasoning_effort,
+        }
+
+    def prepare(self, payload: dict[str, Any]) -> Prepared:
+        text = payload[self.text_col]
+        if text is None:
+            raise RowInvalid(f"column {self.text_col!r} is null: nothing to extract from")
+        if not text.strip():
+            raise RowInvalid(f"column {self.text_col!r} is empty: nothing to extract from")
+        fields = {
+            "job": self.name,
+            "model": self.model,
+            "schema_sha256": self.schema_sha256,
+            "prompt": self.system_prompt,
+            "reasoning_effort": self.reasoning_effort,
+            "text": text,
+        }
+        return Prepared(fields=fields, tokens=estimate_text_tokens(self.system_prompt + text), data=text)
+
+    async def send(self, conn: Connection, items: list[Item]) -> Reply:
+        (item,) = items
+        extra = {"reasoning_effort": self.reasoning_effort} if self.reasoning_effort is not None else {}
+        response = await conn.client.chat.completions.create(
+            model=self.model,
+            messages=[
+                {"role": "system", "content": self.system_prompt},
+                {"role": "user", "content": item.prepared.data},
+            ],
+            response_format=self.response_format,
+            **extra,
+        )
+        if not isinstance(response, ChatCompletion):
+            raise BadReply(f"the reply was not a chat completion: {str(response)[:200]!r}")
+        if not response.choices:
+            raise BadReply("the reply had no choices")
+        usage = response.usage
+        return Reply(
+            results=[self._parse(response)],
+            prompt_tokens=usage.prompt_tokens if usage else 0,
+            completion_tokens=usage.completion_tokens if usage else 0,
+            total_tokens=usage.total_tokens if usage else 0,
+        )
+
+    def _parse(self, response: ChatCompletion) -> dict[str, Any] | RowFailure:
+        choice = response.choices[0]
+        content = choice.message.content
+        if content is None:
+            refusal = getattr(choice.message, "refusal", None)
+            why = f"refused: {refusal}" if refusal else f"finish_reason {choice.finish_reason!r}"
+            return RowFailure("invalid_reply", f"the reply had no content ({why})", raw_reply=refusal)
+        try:
+            instance = self.schema.model_validate_json(content)
+            return self.mapping.row(instance)
+        except ValidationError as exc:
+            return RowFailure("invalid_reply", self._describe(exc), raw_reply=content)
+        except ValueError as exc:  # a value that validates but doesn't fit its column
+            return RowFailure("invalid_reply", str(exc), raw_reply=content)
+
+    def _describe(self, exc: ValidationError) -> str:
+        errors = exc.errors(include_url=False)
+        parts = [
+            f"{'.'.join(str(p) for p in e['loc']) or '(reply)'}: {e['msg']}" for e in errors[:MAX_ERRORS_SHOWN]
+        ]
+        more = f" (+{len(errors) - MAX_ERRORS_SHOWN} more)" if len(errors) > MAX_ERRORS_SHOWN else ""
+        message = f"reply does not match {self.schema.__name__}: {'; '.join(parts)}{more}"
+        return message if len(message) <= MAX_ERROR_CHARS else message[: MAX_ERROR_CHARS - 1] + "…"
+
+    def output_schema(self, id_col: str, id_type: pa.DataType) -> pa.Schema:
+        return pa.schema(
+            [
+                pa.field(id_col, id_type),
+                *self.mapping.arrow_fields,
+                pa.field("content_hash", pa.string()),
+                pa.field("model", pa.string()),
+            ]
+        )
+
+    def result_arrays(self, results: list[Any]) -> dict[str, pa.Array]:
+        return self.mapping.arrays(results)
+
+    def results_from_table(self, table: pa.Table) -> dict[str, Any]:
+        if table.num_rows == 0:
+            return {}
+        hashes = table.column("content_hash").to_pylist()
+        return dict(zip(hashes, self.mapping.rows(table), strict=True))
