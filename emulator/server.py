@@ -44,7 +44,8 @@ DEFAULT_MODELS: tuple[str, ...] = (
 PREFIXES: tuple[str, ...] = ("/v1beta/openai/", "/v1/")
 ROUTES: tuple[str, ...] = ("embeddings", "chat/completions", "images/generations", "audio/transcriptions", "models")
 FAULT_KINDS: tuple[str, ...] = ("500", "503", "hang", "truncate", "drop", "garbage")
-MARKER_KINDS: tuple[str, ...] = ("400", "500", "503", "504", "garbage", "hang", "truncate", "drop")
+MARKER_KINDS: tuple[str, ...] = ("400", "500", "503", "504", "garbage", "hang", "truncate", "drop", "badjson")
+BAD_JSON_REPLY = '{"oops": '
 REASONING_EFFORT_TOKENS: dict[str, int] = {"none": 0, "minimal": 16, "low": 64, "medium": 256, "high": 1024}
 IMAGE_TOKENS = 258
 AUDIO_TOKENS_PER_SECOND = 32
@@ -815,7 +816,7 @@ class Emulator:
 
     def _check_markers(self, texts: list[str]) -> None:
         kind = _marker(texts)
-        if kind is None:
+        if kind is None or kind == "badjson":  # a 200 whose content is broken: see _chat
             return
         if kind == "400":
             self._bump("faults", sub="marker:400")
@@ -955,6 +956,9 @@ class Emulator:
             reply = json.dumps({"text": fakes.fake_chat_text(model, prompt_text)})
         else:
             reply = fakes.fake_chat_text(model, prompt_text)
+        if _marker(texts) == "badjson":
+            self._bump("faults", sub="marker:badjson")
+            reply = BAD_JSON_REPLY
         completion_tokens = fakes.count_tokens(reply)
         thinking = REASONING_EFFORT_TOKENS.get(effort or "", 0)
         usage = {

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from flows import embed, images
+from flows import embed, extract, images
 from flows.options import ApiKeyEnv, BaseUrl, Provider, console, err_console
 from tasks.errors import GembatchError
 
@@ -20,6 +20,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.command("embed")(embed.command)
+app.command("extract")(extract.command)
 app.command("images")(images.command)
 
 

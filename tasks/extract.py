@@ -197,9 +197,7 @@ class ExtractJob:
 
     def _describe(self, exc: ValidationError) -> str:
         errors = exc.errors(include_url=False)
-        parts = [
-            f"{'.'.join(str(p) for p in e['loc']) or '(reply)'}: {e['msg']}" for e in errors[:MAX_ERRORS_SHOWN]
-        ]
+        parts = [f"{'.'.join(str(p) for p in e['loc']) or '(reply)'}: {e['msg']}" for e in errors[:MAX_ERRORS_SHOWN]]
         more = f" (+{len(errors) - MAX_ERRORS_SHOWN} more)" if len(errors) > MAX_ERRORS_SHOWN else ""
         message = f"reply does not match {self.schema.__name__}: {'; '.join(parts)}{more}"
         return message if len(message) <= MAX_ERROR_CHARS else message[: MAX_ERROR_CHARS - 1] + "…"

@@ -556,6 +556,13 @@ def test_markers(emu: Emulator) -> None:
     assert faults == {"marker:400": 1, "marker:500": 1, "marker:503": 1, "marker:garbage": 1, "marker:drop": 1}
 
 
+def test_badjson_marker_gives_200_with_invalid_json_content(emu: Emulator) -> None:
+    reply = client(emu).chat.completions.create(
+        model=CHAT, messages=[{"role": "user", "content": "[[emulator:badjson]]"}]
+    )
+    assert reply.choices[0].message.content == '{"oops": ' and emu.stats["faults"] == {"marker:badjson": 1}
+
+
 # ---------------------------------------------------------------------------------------------
 # stats and config
 
