@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from flows import embed, extract, images
+from flows import caption, embed, extract, images, transcribe
 from flows.options import ApiKeyEnv, BaseUrl, Provider, console, err_console
 from tasks.errors import GembatchError
 
@@ -22,6 +22,8 @@ app = typer.Typer(
 app.command("embed")(embed.command)
 app.command("extract")(extract.command)
 app.command("images")(images.command)
+app.command("caption")(caption.command)
+app.command("transcribe")(transcribe.command)
 
 
 @app.command()

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 import pyarrow as pa
 
+from tasks.budget import Budget
 from tasks.client import Connection, Failure, classify_failure
 from tasks.errors import RunStopped
 from tasks.limits import AdaptiveLimiter
@@ -197,6 +198,7 @@ class RunContext:
         retry_errors: bool = False,
         retry: RetryPolicy | None = None,
         on_progress: Callable[[int], None] | None = None,
+        budget: Budget | None = None,
     ) -> None:
         self.job = job
         self.conn = conn
@@ -212,6 +214,7 @@ class RunContext:
         self.inflight: dict[str, asyncio.Future[Outcome | None]] = {}
         self.stop_event = asyncio.Event()
         self.stopped: RunStopped | None = None
+        self.budget: Budget | None = budget
 
     def request_stop(self, reason: RunStopped) -> None:
         if self.stopped is None:
@@ -253,7 +256,7 @@ async def process_chunk(ctx: RunContext, chunk: pa.Table, index: int, first_row:
     stored: set[str] = set()
 
     payloads = [{c: columns[c][pos] for c in job.input_columns} for pos in range(n)]
-    prepared = await asyncio.to_thread(_prepare_all, job, payloads)
+    prepared = await asyncio.to_thread(prepare_rows, job, payloads)
 
     # Deciding who owns which content is synchronous: no other chunk runs in between.
     for pos in range(n):
@@ -340,20 +343,32 @@ async def _send(ctx: RunContext, items: list[Item], outcomes: dict[str, Outcome 
             return
         attempts += 1
         failure: Failure | None = None
-        async with limiter.slot(estimate) as started:
-            if ctx.stop_event.is_set():
+        reservation = 0.0
+        if ctx.budget is not None:
+            reservation = ctx.budget.reserve(estimate)
+            if reservation is None:
+                ctx.request_stop(ctx.budget.stop())
                 return
-            stats.requests += 1
-            stats.items_sent += len(items)
-            stats.estimated_tokens += estimate
-            try:
-                reply = await job.send(ctx.conn, items)
-                if len(reply.results) != len(items):
-                    raise BadReply(f"the reply had {len(reply.results)} results for {len(items)} inputs")
-            except BadReply as exc:
-                failure = Failure("transient", f"bad reply: {exc}")
-            except Exception as exc:  # noqa: BLE001 - classify_failure re-raises what it doesn't know
-                failure = classify_failure(exc)
+        try:
+            async with limiter.slot(estimate) as started:
+                if ctx.stop_event.is_set():
+                    return
+                stats.requests += 1
+                stats.items_sent += len(items)
+                stats.estimated_tokens += estimate
+                try:
+                    reply = await job.send(ctx.conn, items)
+                    if len(reply.results) != len(items):
+                        raise BadReply(f"the reply had {len(reply.results)} results for {len(items)} inputs")
+                except BadReply as exc:
+                    failure = Failure("transient", f"bad reply: {exc}")
+                except Exception as exc:  # noqa: BLE001 - classify_failure re-raises what it doesn't know
+                    failure = classify_failure(exc)
+        finally:
+            if ctx.budget is not None:
+                ctx.budget.release(reservation)
+                if failure is None and "reply" in locals():
+                    ctx.budget.charge(reply.prompt_tokens, reply.total_tokens)
         if failure is None:
             stats.prompt_tokens += reply.prompt_tokens
             stats.completion_tokens += reply.completion_tokens
@@ -407,7 +422,7 @@ async def _send(ctx: RunContext, items: list[Item], outcomes: dict[str, Outcome 
         return
 
 
-def _prepare_all(job: Job, payloads: list[dict[str, Any]]) -> list[Prepared | RowInvalid]:
+def prepare_rows(job: Job, payloads: list[dict[str, Any]]) -> list[Prepared | RowInvalid]:
     prepared: list[Prepared | RowInvalid] = []
     for payload in payloads:
         try:

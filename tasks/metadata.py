@@ -51,7 +51,12 @@ def usage(stats: RunStats, model: str) -> tuple[dict[str, int], dict[str, Any]]:
         "prompt": stats.prompt_tokens,
         "completion": stats.completion_tokens,
         "total": stats.total_tokens,
+        # What the limiter charged before each request (retries included) against what came back:
+        # the estimator's error, visible per run.
         "estimated_before_sending": stats.estimated_tokens,
+        "estimate_error_pct": round(100 * (stats.estimated_tokens / stats.prompt_tokens - 1), 1)
+        if stats.prompt_tokens
+        else None,
     }
     cost = estimate_cost_usd(model, prompt_tokens=stats.prompt_tokens, total_tokens=stats.total_tokens)
     return tokens, {"estimated_usd": None if cost is None else round(cost, 6), "priced_model": model}

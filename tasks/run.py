@@ -6,6 +6,7 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
+from tasks.budget import Budget
 from tasks.client import ProviderSettings, check_model, open_connection, require_key
 from tasks.engine import ChunkRunner, Job, RetryPolicy, RunContext, process_chunk
 from tasks.errors import GembatchError, RunStopped
@@ -36,6 +37,8 @@ class RunOptions:
     limit: int | None = None
     retry_errors: bool = False
     progress: bool = False
+    max_cost_usd: float | None = None
+    force: bool = False
 
     def __post_init__(self) -> None:
         if self.chunk_size < 1:
@@ -71,8 +74,10 @@ async def run_job(
     conn = open_connection(options.provider)
     try:
         await check_model(conn, job.model, key_env=options.provider.key_env)
+        budget = Budget(options.max_cost_usd, job.model) if options.max_cost_usd is not None else None
         store = OutputStore(options.output)
         await asyncio.to_thread(store.prepare)
+        await asyncio.to_thread(store.claim, job=job.name, model=job.model, run_id=run_id, force=options.force)
         index = await asyncio.to_thread(store.scan, options.id_col)
         total_rows = await asyncio.to_thread(check_ids, source, options.id_col, limit=options.limit)
         limiter = AdaptiveLimiter(options.limits)
@@ -108,6 +113,7 @@ async def run_job(
             id_col=options.id_col,
             retry_errors=options.retry_errors,
             retry=options.retry,
+            budget=budget,
         )
         progress = ProgressBar(f"{job.name} {job.model}", total_rows, ctx.stats, enabled=options.progress)
         ctx.on_progress = progress.advance

@@ -28,11 +28,14 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pds
 import pyarrow.parquet as pq
 
+from tasks.errors import ConfigError
+
 __all__ = ["OutputStore", "DoneIndex", "pair_key", "hash_key", "ERRORS_DIR", "RUNS_DIR"]
 
 ERRORS_DIR = "_errors"
 RUNS_DIR = "_runs"
 IMAGES_DIR = "images"
+MARKER = "_gembatch.json"  # which job and model own the folder; "_" keeps Arrow's discovery off it
 TMP_PREFIX = ".tmp-"
 META_KEY = b"gembatch"
 
@@ -75,6 +78,24 @@ class OutputStore:
             for path in self.fs.ls(folder, detail=False):
                 if path.rsplit("/", 1)[-1].startswith(TMP_PREFIX):
                     self.fs.rm(path)
+
+    def claim(self, *, job: str, model: str, run_id: str, force: bool) -> None:
+        """Refuse a folder that holds another job's or another model's results, unless forced."""
+        path = self._join(MARKER)
+        if self.fs.exists(path):
+            with self.fs.open(path, "r") as f:
+                owner = json.load(f)
+            if (owner.get("job"), owner.get("model")) != (job, model) and not force:
+                raise ConfigError(
+                    f"output {self.url} holds {owner.get('job')} results of model {owner.get('model')!r} "
+                    f"(first written by run {owner.get('run_id')}); this run is {job} with {model!r}. "
+                    "Pick another --output, or pass --force to write into it anyway "
+                    "(rows of the same id are then superseded by this run's)."
+                )
+            if (owner.get("job"), owner.get("model")) == (job, model):
+                return
+        with self.fs.open(path, "w") as f:
+            json.dump({"job": job, "model": model, "run_id": run_id}, f)
 
     def result_files(self) -> list[str]:
         return self._parts(self.root)

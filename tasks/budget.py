@@ -1,0 +1,58 @@
+"""`--max-cost-usd`: no new request once the running cost estimate would pass the budget."""
+
+from __future__ import annotations
+
+from tasks.errors import ConfigError, RunStopped
+from tasks.prices import PRICES, Price
+
+__all__ = ["Budget"]
+
+
+class Budget:
+    """Spent (from reported usage) plus reserved (requests in flight, by estimate) stays under the cap.
+
+    A request reserves its estimated input tokens at the input price plus the output seen so far per
+    input token, so chat jobs learn their output cost as they go.
+    """
+
+    def __init__(self, max_usd: float, model: str) -> None:
+        price = PRICES.get(model.removeprefix("models/"))
+        if price is None:
+            raise ConfigError(
+                f"--max-cost-usd needs a price for model {model!r}, and tasks/prices.py has none: "
+                "add it there, or run without --max-cost-usd"
+            )
+        if max_usd <= 0:
+            raise ConfigError(f"--max-cost-usd must be positive, got {max_usd}")
+        self.max_usd = max_usd
+        self._price: Price = price
+        self.spent_usd = 0.0
+        self._reserved_usd = 0.0
+        self._prompt_tokens = 0
+        self._output_tokens = 0
+
+    def reserve(self, estimated_tokens: int) -> float | None:
+        """The amount reserved for one request, or None if it would take the run past the budget."""
+        ratio = self._output_tokens / self._prompt_tokens if self._prompt_tokens else 0.0
+        cost = estimated_tokens * (self._price.input + ratio * self._price.output) / 1e6
+        if self.spent_usd + self._reserved_usd + cost > self.max_usd:
+            return None
+        self._reserved_usd += cost
+        return cost
+
+    def release(self, reservation: float) -> None:
+        self._reserved_usd = max(0.0, self._reserved_usd - reservation)
+
+    def charge(self, prompt_tokens: int, total_tokens: int) -> None:
+        output = max(0, total_tokens - prompt_tokens)
+        self._prompt_tokens += prompt_tokens
+        self._output_tokens += output
+        self.spent_usd += (prompt_tokens * self._price.input + output * self._price.output) / 1e6
+
+    def stop(self) -> RunStopped:
+        return RunStopped(
+            "stopped: budget",
+            f"the next request would take the estimated cost past --max-cost-usd {self.max_usd} "
+            f"(spent so far: ${self.spent_usd:.6f}). Everything done so far is written; rerun with a "
+            "larger budget to go on.",
+        )

@@ -1,0 +1,81 @@
+"""`--dry-run`: what a run would send and cost, from the input and the output folder alone."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from typing import Any
+
+from tasks.engine import Job, RowInvalid, prepare_rows, content_hash
+from tasks.io import InputSource, check_ids
+from tasks.prices import estimate_cost_usd
+from tasks.run import RunOptions
+from tasks.store import OutputStore, hash_key, pair_key
+
+__all__ = ["plan_job"]
+
+
+async def plan_job(job: Job, options: RunOptions) -> dict[str, Any]:
+    """Read the input, skip done rows and duplicates as a run would, and estimate — no request, no key."""
+    source = InputSource.open(options.input)
+    source.require_columns([options.id_col, *job.input_columns])
+    store = OutputStore(options.output)
+    index = await asyncio.to_thread(store.scan, options.id_col)
+    total_rows = await asyncio.to_thread(check_ids, source, options.id_col, limit=options.limit)
+    counts = {"input_rows": total_rows, "skipped_done": 0, "deduplicated": 0, "invalid": 0, "failed_before": 0}
+    would_send = tokens = requests = 0
+    planned: set[int] = set()
+    chunks = source.iter_chunks(
+        [options.id_col, *job.input_columns], options.chunk_size, string_columns=job.string_columns
+    )
+    seen = 0
+    for chunk in chunks:
+        chunk = chunk.slice(0, total_rows - seen)
+        seen += chunk.num_rows
+        ids = chunk.column(options.id_col).to_pylist()
+        payloads = chunk.select(list(job.input_columns)).to_pylist()
+        prepared = await asyncio.to_thread(prepare_rows, job, payloads)
+        own_in_chunk = 0
+        for row_id, payload, prep in zip(ids, payloads, prepared):
+            if isinstance(prep, RowInvalid):
+                h = content_hash({"invalid": payload, "job": job.name, "model": job.model})
+                key = "failed_before" if pair_key(row_id, h) in index.errored_pairs else "invalid"
+                counts[key] += 1
+                continue
+            h = content_hash(prep.fields)
+            if pair_key(row_id, h) in index.done_pairs:
+                counts["skipped_done"] += 1
+            elif pair_key(row_id, h) in index.errored_pairs and not options.retry_errors:
+                counts["failed_before"] += 1
+            elif hash_key(h) in planned or hash_key(h) in index.known_hashes:
+                counts["deduplicated"] += 1
+            else:
+                planned.add(hash_key(h))
+                would_send += 1
+                own_in_chunk += 1
+                tokens += prep.tokens
+        requests += math.ceil(own_in_chunk / job.max_items_per_request)
+        if seen >= total_rows:
+            break
+    limits = options.limits
+    minutes = [
+        m
+        for m in (requests / limits.rpm if limits.rpm else None, tokens / limits.tpm if limits.tpm else None)
+        if m is not None
+    ]
+    cost = estimate_cost_usd(job.model, prompt_tokens=tokens, total_tokens=tokens)
+    return {
+        "status": "dry run",
+        "job": job.name,
+        "model": job.model,
+        "input": {"path": source.path, "rows": total_rows},
+        "output": {"path": options.output},
+        "counts": {**counts, "would_send": would_send},
+        "estimate": {
+            "requests": requests,
+            "input_tokens": tokens,
+            "input_cost_usd": None if cost is None else round(cost, 6),
+            "minutes_at_limits": round(max(minutes), 2) if minutes else None,
+            "limits": {"rpm": limits.rpm, "tpm": limits.tpm},
+        },
+    }

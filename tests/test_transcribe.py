@@ -1,0 +1,187 @@
+"""`gembatch transcribe` end to end against the emulator over real HTTP, reading the Parquet back."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import shutil
+import struct
+import wave
+from pathlib import Path
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.csv as pcsv
+import pyarrow.parquet as pq
+import pytest
+from conftest import REPO, TEST_KEY_ENV, assert_balanced, read_errors, read_output
+
+from emulator.fakes import fake_transcript
+from flows.transcribe import transcribe_job
+from tasks.client import ProviderSettings
+from tasks.media import base_dir_of, sniff_audio_format
+from tasks.run import RunOptions, run_job
+from tasks.transcribe import MAX_INLINE_BYTES, TranscribeJob, audio_tokens
+
+MODEL = "gemini-2.5-flash"
+AUDIO = REPO / "data" / "audio"
+SAMPLES = ("tone.wav", "chirp.wav", "speech.wav", "speech.mp3")
+LIMIT = 100_000  # bytes in the request: every sample fits as base64, long.wav doesn't
+
+
+def run_transcribe(emu, input: Path | str, output: Path, *, chunk_size: int = 50, **job_kw) -> dict:
+    job_kw.setdefault("model", MODEL)
+    job = TranscribeJob(base_dir=base_dir_of(str(input)), **job_kw)
+    options = RunOptions(
+        input=str(input),
+        output=str(output),
+        provider=ProviderSettings(provider="local", base_url=emu.base_url, api_key_env=TEST_KEY_ENV, timeout_s=5),
+        chunk_size=chunk_size,
+    )
+    return asyncio.run(run_job(job, options))
+
+
+def write_list(path: Path, rows: list[tuple[int, str]]) -> Path:
+    table = pa.table({"id": pa.array([r[0] for r in rows], pa.int64()), "audio": [r[1] for r in rows]})
+    pcsv.write_csv(table, path)
+    return path
+
+
+def expected(path: Path, model: str = MODEL) -> str:
+    data = path.read_bytes()
+    return fake_transcript(data, sniff_audio_format(data), model)
+
+
+def wav_seconds(path: Path) -> float:
+    with wave.open(str(path)) as w:
+        return w.getnframes() / w.getframerate()
+
+
+@pytest.fixture
+def recordings(tmp_path, monkeypatch) -> Path:
+    """The sample clips, a few bad files and a list that names them relatively."""
+    folder = tmp_path / "recordings"
+    (folder / "clips").mkdir(parents=True)
+    for name in SAMPLES:
+        shutil.copy(AUDIO / name, folder / "clips" / name)
+    with wave.open(str(folder / "clips" / "long.wav"), "wb") as w:  # 5 s at 8 kHz: 80 KB, 107 KB as base64
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(8000)
+        w.writeframes(b"".join(struct.pack("<h", int(9000 * math.sin(i / 5))) for i in range(40_000)))
+    (folder / "clips" / "notes.wav").write_text("meeting notes, not a recording\n" * 10)
+    (folder / "clips" / "clip.mp3").write_bytes(b"GIF89a" + bytes(200))  # a picture with an audio name
+    rows = [(i, f"clips/{name}") for i, name in enumerate(SAMPLES, start=1)]
+    rows += [(5, "clips/missing.wav"), (6, "clips/notes.wav"), (7, "clips/clip.mp3"), (8, "clips/long.wav")]
+    write_list(folder / "list.csv", rows)
+    monkeypatch.chdir(tmp_path)  # relative paths must resolve against the list's folder, not here
+    return folder
+
+
+def test_every_clip_gets_its_transcript_and_bad_files_become_error_rows(emulator, recordings, tmp_path):
+    doc = run_transcribe(emulator, recordings / "list.csv", tmp_path / "out", max_inline_bytes=LIMIT, chunk_size=3)
+
+    out = read_output(tmp_path / "out")
+    files = {i: recordings / "clips" / name for i, name in enumerate(SAMPLES, start=1)}
+    assert sorted(out["id"].to_list()) == sorted(files)
+    for row in out.iter_rows(named=True):
+        path = files[row["id"]]
+        assert row["transcript"] == expected(path), f"id {row['id']}"
+        if path.suffix == ".wav":
+            assert row["duration_s"] == pytest.approx(wav_seconds(path))
+    by_id = {row["id"]: row for row in out.iter_rows(named=True)}
+    assert "(wav, " in by_id[1]["transcript"] and "(mp3, " in by_id[4]["transcript"]
+    assert by_id[1]["duration_s"] == 1.0 and by_id[2]["duration_s"] == 2.0
+    assert by_id[4]["duration_s"] == pytest.approx(3.024)  # lame's Xing header: 84 frames of 576 at 16 kHz
+    assert set(out["model"]) == {MODEL}
+
+    schema = pq.read_schema(next((tmp_path / "out").glob("part-*.parquet")))
+    assert schema.field("id").type == pa.int64()
+    assert schema.field("transcript").type == pa.string()
+    assert schema.field("duration_s").type == pa.float64()
+    assert schema.field("content_hash").type == pa.string()
+    assert schema.field("model").type == pa.string()
+
+    errors = {row["id"]: row for row in read_errors(tmp_path / "out").iter_rows(named=True)}
+    assert sorted(errors) == [5, 6, 7, 8]
+    assert {e["error_type"] for e in errors.values()} == {"invalid_input"}
+    assert "not found" in errors[5]["error_message"]
+    for i, name in ((5, "missing.wav"), (6, "notes.wav"), (7, "clip.mp3"), (8, "long.wav")):
+        assert str(recordings / "clips" / name) in errors[i]["error_message"]
+    assert "is not a wav, mp3, aiff, aac, ogg, flac audio file" in errors[6]["error_message"]
+    assert "is not a wav" in errors[7]["error_message"]
+    too_big = errors[8]["error_message"]
+    assert "over the 0.1 MB inline request limit" in too_big and "80044 bytes; limit 100000 bytes" in too_big
+
+    assert doc["status"] == "completed"
+    assert_balanced(doc)
+    assert doc["counts"]["succeeded"] == 4 and doc["counts"]["failed"] == 4
+    assert emulator.stats["by_route"]["chat/completions"] == 4
+    # The emulator counts 32 tokens per second of audio, as the estimate does.
+    assert doc["tokens"]["prompt"] == emulator.stats["prompt_tokens"] > 32 * 6
+
+
+def test_rerun_sends_nothing(emulator, recordings, tmp_path):
+    run_transcribe(emulator, recordings / "list.csv", tmp_path / "out", max_inline_bytes=LIMIT)
+    emulator.reset_stats()
+
+    doc = run_transcribe(emulator, recordings / "list.csv", tmp_path / "out", max_inline_bytes=LIMIT)
+    assert emulator.stats["by_route"]["chat/completions"] == 0 and doc["requests"]["sent"] == 0
+    assert doc["counts"]["skipped_done"] == 4 and doc["counts"]["failed"] == 4
+    assert_balanced(doc)
+
+    doc = run_transcribe(emulator, recordings / "list.csv", tmp_path / "out")  # the default 20 MB limit
+    assert emulator.stats["by_route"]["chat/completions"] == 1, "only long.wav, now within the limit"
+    out = read_output(tmp_path / "out")
+    row = out.filter(out["id"] == 8).row(0, named=True)
+    assert row["transcript"] == expected(recordings / "clips" / "long.wav") and row["duration_s"] == 5.0
+
+
+def test_the_transcriptions_api_for_openai_style_servers(emulator, recordings, tmp_path):
+    params = {"input": str(recordings / "list.csv"), "provider": "openai", "model": None, "api": "transcriptions"}
+    # A multipart upload carries the raw bytes (no base64): long.wav is 80,044 of them.
+    params |= {"audio_col": "audio", "prompt": None, "max_inline_bytes": 70_000}
+    job = transcribe_job(params)
+    assert job.model == "whisper-1" and job.base_dir == str(recordings)
+    options = RunOptions(
+        input=params["input"],
+        output=str(tmp_path / "out"),
+        provider=ProviderSettings(provider="local", base_url=emulator.base_url, api_key_env=TEST_KEY_ENV, timeout_s=5),
+    )
+
+    doc = asyncio.run(run_job(job, options))
+    assert doc["counts"]["succeeded"] == 4 and doc["counts"]["failed"] == 4
+    assert emulator.stats["by_route"]["audio/transcriptions"] == 4
+    assert emulator.stats["by_route"]["chat/completions"] == 0
+    out = read_output(tmp_path / "out")
+    for row in out.iter_rows(named=True):
+        assert row["transcript"] == expected(recordings / "clips" / SAMPLES[row["id"] - 1], "whisper-1")
+    assert set(out["model"]) == {"whisper-1"}
+    assert (
+        "80044 bytes; limit 70000 bytes" in read_errors(tmp_path / "out").filter(pl.col("id") == 8)["error_message"][0]
+    )
+
+
+def test_the_sample_list_resolves_from_another_working_directory(emulator, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    params = {"input": str(REPO / "data" / "audio.csv"), "provider": "gemini", "model": None, "api": "chat"}
+    params |= {"audio_col": "audio", "prompt": None, "max_inline_bytes": MAX_INLINE_BYTES}
+    job = transcribe_job(params)
+    assert job.model == "gemini-2.5-flash" and job.max_inline_bytes == 20 * 1024 * 1024
+
+    doc = run_transcribe(emulator, REPO / "data" / "audio.csv", tmp_path / "out")
+    assert doc["counts"]["succeeded"] == 4 and doc["counts"]["failed"] == 0
+    for row in read_output(tmp_path / "out").iter_rows(named=True):
+        assert row["transcript"] == expected(AUDIO / SAMPLES[row["id"] - 1])
+
+
+def test_format_sniffing_and_the_token_estimate():
+    assert sniff_audio_format(b"FORM\x00\x00\x00\x10AIFFCOMM") == "aiff"
+    assert sniff_audio_format(b"fLaC\x00\x00") == "flac"
+    assert sniff_audio_format(b"OggS\x00\x02") == "ogg"
+    assert sniff_audio_format(b"\xff\xf1\x50\x80") == "aac"
+    assert sniff_audio_format(b"\xff\xfb\x90\x64") == "mp3"
+    assert sniff_audio_format(b"ID3\x04\x00") == "mp3"
+    assert sniff_audio_format(b"GIF89a") is None
+    assert audio_tokens(16_000, 2.0) == 64
+    assert audio_tokens(16_000, None) == 32, "unknown duration: about 16 KB a second"
