@@ -10,11 +10,15 @@ from prefect import flow
 from flows.common import run_flow_job
 from flows.options import (
     ApiKeyEnv,
+    ApiKeySecret,
     BaseUrl,
     ChunkSize,
+    DryRun,
+    Force,
     IdCol,
     Limit,
     MaxConcurrency,
+    MaxCostUsd,
     NoProgress,
     Output,
     Provider,
@@ -55,6 +59,10 @@ async def caption_flow(
     retry_errors: bool = False,
     timeout: float = DEFAULT_TIMEOUT_S,
     progress: bool = False,
+    dry_run: bool = False,
+    max_cost_usd: float | None = None,
+    force: bool = False,
+    api_key_secret: str | None = None,
 ) -> dict[str, Any]:
     """Caption the image in ``image_col`` of every row of ``input`` into ``output`` (see README: gembatch caption)."""
     parameters = dict(locals())
@@ -100,6 +108,10 @@ def command(
     retry_errors: RetryErrors = False,
     timeout: Timeout = 120.0,
     no_progress: NoProgress = False,
+    dry_run: DryRun = False,
+    max_cost_usd: MaxCostUsd = None,
+    force: Force = False,
+    api_key_secret: ApiKeySecret = None,
 ) -> None:
     """Caption an image column: one short description per image."""
     run_command(caption_flow, caption_job, common_params(**locals()))

@@ -39,6 +39,10 @@ COMMON_DEFAULTS: dict[str, Any] = {
     "retry_errors": False,
     "timeout": DEFAULT_TIMEOUT_S,
     "progress": False,
+    "dry_run": False,
+    "max_cost_usd": None,
+    "force": False,
+    "api_key_secret": None,
 }
 
 
@@ -58,17 +62,30 @@ def run_options(
     retry_errors: bool,
     timeout: float,
     progress: bool,
+    dry_run: bool = False,
+    max_cost_usd: float | None = None,
+    force: bool = False,
+    api_key_secret: str | None = None,
 ) -> RunOptions:
     return RunOptions(
         input=input,
         output=output,
         id_col=id_col,
-        provider=ProviderSettings(provider=provider, base_url=base_url, api_key_env=api_key_env, timeout_s=timeout),
+        provider=ProviderSettings(
+            provider=provider,
+            base_url=base_url,
+            api_key_env=api_key_env,
+            api_key_secret=api_key_secret,
+            timeout_s=timeout,
+        ),
         limits=Limits(rpm=rpm, tpm=tpm, max_concurrency=max_concurrency),
         chunk_size=chunk_size,
         limit=limit,
         retry_errors=retry_errors,
         progress=progress,
+        dry_run=dry_run,
+        max_cost_usd=max_cost_usd,
+        force=force,
     )
 
 
@@ -81,6 +98,12 @@ async def run_flow_job(job: Job, parameters: dict[str, Any]) -> dict[str, Any]:
     from prefect.runtime import flow_run
 
     options = options_from(parameters)
+    if options.dry_run:
+        from tasks.plan import plan_job
+
+        document = await plan_job(job, options)
+        get_run_logger().info("dry run: %s", document["counts"] | document["estimate"])
+        return document
     document = await run_job(
         job,
         options,

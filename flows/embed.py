@@ -10,11 +10,15 @@ from prefect import flow
 from flows.common import run_flow_job
 from flows.options import (
     ApiKeyEnv,
+    ApiKeySecret,
     BaseUrl,
     ChunkSize,
+    DryRun,
+    Force,
     IdCol,
     Limit,
     MaxConcurrency,
+    MaxCostUsd,
     NoProgress,
     Output,
     Provider,
@@ -54,6 +58,10 @@ async def embed_flow(
     retry_errors: bool = False,
     timeout: float = DEFAULT_TIMEOUT_S,
     progress: bool = False,
+    dry_run: bool = False,
+    max_cost_usd: float | None = None,
+    force: bool = False,
+    api_key_secret: str | None = None,
 ) -> dict[str, Any]:
     """Embed ``text_col`` of every row of ``input`` into ``output`` (see README: gembatch embed)."""
     parameters = dict(locals())
@@ -95,6 +103,10 @@ def command(
     retry_errors: RetryErrors = False,
     timeout: Timeout = 120.0,
     no_progress: NoProgress = False,
+    dry_run: DryRun = False,
+    max_cost_usd: MaxCostUsd = None,
+    force: Force = False,
+    api_key_secret: ApiKeySecret = None,
 ) -> None:
     """Embed a text column: one fixed-size float32 vector per row."""
     run_command(embed_flow, embed_job, common_params(**locals()))

@@ -11,11 +11,15 @@ from prefect import flow
 from flows.common import run_flow_job
 from flows.options import (
     ApiKeyEnv,
+    ApiKeySecret,
     BaseUrl,
     ChunkSize,
+    DryRun,
+    Force,
     IdCol,
     Limit,
     MaxConcurrency,
+    MaxCostUsd,
     NoProgress,
     Output,
     Provider,
@@ -58,6 +62,10 @@ async def extract_flow(
     retry_errors: bool = False,
     timeout: float = DEFAULT_TIMEOUT_S,
     progress: bool = False,
+    dry_run: bool = False,
+    max_cost_usd: float | None = None,
+    force: bool = False,
+    api_key_secret: str | None = None,
 ) -> dict[str, Any]:
     """Extract the --schema model (MODULE:Model) from ``text_col`` of every row of ``input`` into ``output``."""
     parameters = dict(locals())
@@ -130,6 +138,10 @@ def command(
     retry_errors: RetryErrors = False,
     timeout: Timeout = 120.0,
     no_progress: NoProgress = False,
+    dry_run: DryRun = False,
+    max_cost_usd: MaxCostUsd = None,
+    force: Force = False,
+    api_key_secret: ApiKeySecret = None,
 ) -> None:
     """Extract a pydantic model from a text column: one typed column per field."""
     run_command(extract_flow, extract_job, common_params(**locals()))

@@ -35,6 +35,18 @@ ChunkSize = Annotated[
 Limit = Annotated[int | None, typer.Option("--limit", help="Only the first N rows of the input.")]
 RetryErrors = Annotated[bool, typer.Option("--retry-errors", help="Resend the rows recorded in _errors/.")]
 Timeout = Annotated[float, typer.Option("--timeout", help="Seconds before one request is abandoned and retried.")]
+DryRun = Annotated[
+    bool, typer.Option("--dry-run", help="Count, estimate tokens, cost and time; send nothing, write nothing.")
+]
+MaxCostUsd = Annotated[
+    float | None, typer.Option("--max-cost-usd", help="Stop before the estimated cost passes this many USD.")
+]
+Force = Annotated[
+    bool, typer.Option("--force", help="Write into a folder that holds another job's or model's results.")
+]
+ApiKeySecret = Annotated[
+    str | None, typer.Option("--api-key-secret", help="Name of a Prefect Secret block holding the key.")
+]
 NoProgress = Annotated[bool, typer.Option("--no-progress", help="No progress bar.")]
 
 
@@ -43,7 +55,36 @@ def common_params(**values: Any) -> dict[str, Any]:
     return values
 
 
+def print_plan(document: dict[str, Any]) -> None:
+    c, e = document["counts"], document["estimate"]
+    cost = e["input_cost_usd"]
+    table = Table(title=f"gembatch {document['job']} --dry-run (nothing sent)", show_header=False)
+    table.add_column("metric", style="bold")
+    table.add_column("value")
+    for key, value in (
+        ("model", document["model"]),
+        ("input rows", c["input_rows"]),
+        ("already done (skipped)", c["skipped_done"]),
+        ("duplicates (no request)", c["deduplicated"]),
+        ("invalid rows (would fail)", c["invalid"]),
+        ("failed before (not retried)", c["failed_before"]),
+        ("rows to send", c["would_send"]),
+        ("requests", e["requests"]),
+        ("input tokens (estimate)", e["input_tokens"]),
+        ("input cost USD (estimate)", "n/a (model not in price table)" if cost is None else f"{cost:.6f}"),
+        (
+            "minutes at --rpm/--tpm",
+            "no --rpm/--tpm given" if e["minutes_at_limits"] is None else e["minutes_at_limits"],
+        ),
+    ):
+        table.add_row(key, str(value))
+    console.print(table)
+
+
 def print_summary(document: dict[str, Any]) -> None:
+    if document["status"] == "dry run":
+        print_plan(document)
+        return
     from tasks.metadata import summary_rows
 
     table = Table(title=f"gembatch {document['job']}", show_header=False)
@@ -66,6 +107,6 @@ def run_command(flow, build_job, params: dict[str, Any]) -> None:
 
 def finish(document: dict[str, Any]) -> None:
     print_summary(document)
-    if document["status"] != "completed":
+    if document["status"] not in ("completed", "dry run"):
         err_console.print(f"[bold red]{document['status']}[/]: {document['message']}")
         raise typer.Exit(3)

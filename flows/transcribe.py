@@ -10,11 +10,15 @@ from prefect import flow
 from flows.common import run_flow_job
 from flows.options import (
     ApiKeyEnv,
+    ApiKeySecret,
     BaseUrl,
     ChunkSize,
+    DryRun,
+    Force,
     IdCol,
     Limit,
     MaxConcurrency,
+    MaxCostUsd,
     NoProgress,
     Output,
     Provider,
@@ -56,6 +60,10 @@ async def transcribe_flow(
     retry_errors: bool = False,
     timeout: float = DEFAULT_TIMEOUT_S,
     progress: bool = False,
+    dry_run: bool = False,
+    max_cost_usd: float | None = None,
+    force: bool = False,
+    api_key_secret: str | None = None,
 ) -> dict[str, Any]:
     """Transcribe the audio in ``audio_col`` of every row of ``input`` into ``output`` (see README)."""
     parameters = dict(locals())
@@ -126,6 +134,10 @@ def command(
     retry_errors: RetryErrors = False,
     timeout: Timeout = 120.0,
     no_progress: NoProgress = False,
+    dry_run: DryRun = False,
+    max_cost_usd: MaxCostUsd = None,
+    force: Force = False,
+    api_key_secret: ApiKeySecret = None,
 ) -> None:
     """Transcribe an audio column: one transcript (and duration where known) per file."""
     run_command(transcribe_flow, transcribe_job, common_params(**locals()))

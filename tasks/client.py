@@ -55,6 +55,7 @@ class ProviderSettings:
     provider: str = "gemini"
     base_url: str | None = None
     api_key_env: str | None = None
+    api_key_secret: str | None = None
     timeout_s: float = DEFAULT_TIMEOUT_S
 
     def __post_init__(self) -> None:
@@ -63,6 +64,13 @@ class ProviderSettings:
                 f"unknown provider {self.provider!r}: use one of {', '.join(PROVIDERS)}, "
                 "or --base-url URL --api-key-env NAME for another OpenAI-compatible server"
             )
+
+    @property
+    def key_source(self) -> str:
+        """Where the key comes from, for messages (never the key)."""
+        if self.api_key_secret:
+            return f"the Prefect Secret block {self.api_key_secret!r}"
+        return self.key_env or "the environment"
 
     @property
     def key_env(self) -> str | None:
@@ -102,6 +110,8 @@ def require_key(settings: ProviderSettings) -> str:
     env = settings.key_env
     if settings.provider == "local" and not settings.base_url:
         return ""
+    if settings.api_key_secret:
+        return _secret_key(settings.api_key_secret)
     if not env:
         return "none"
     api_key = os.environ.get(env, "")
@@ -112,6 +122,21 @@ def require_key(settings: ProviderSettings) -> str:
             "To try gembatch without a key, use --provider local (the built-in emulator)."
         )
     return api_key
+
+
+def _secret_key(name: str) -> str:
+    from prefect.blocks.system import Secret
+
+    try:
+        value = Secret.load(name, _sync=True).get()
+    except ValueError as exc:
+        raise ConfigError(
+            f"no Prefect Secret block named {name!r} ({exc}): create it in the Prefect UI or with "
+            f"`Secret(value=...).save({name!r})`, or use --api-key-env"
+        ) from None
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"the Prefect Secret block {name!r} holds no key (an empty or non-text value)")
+    return value
 
 
 def open_connection(settings: ProviderSettings) -> Connection:
@@ -136,7 +161,7 @@ def open_connection(settings: ProviderSettings) -> Connection:
     return Connection(client=client, base_url=base_url, provider=settings.provider, api_key=api_key, emulator=emulator)
 
 
-async def check_model(conn: Connection, model: str, *, key_env: str | None) -> None:
+async def check_model(conn: Connection, model: str, *, key_source: str) -> None:
     """Fail fast on a wrong key, an unknown model or an unreachable server."""
     try:
         await conn.client.models.retrieve(model)
@@ -145,7 +170,7 @@ async def check_model(conn: Connection, model: str, *, key_env: str | None) -> N
         where = f"{conn.host} ({conn.base_url})"
         if failure.kind == "auth":
             raise ConfigError(
-                f"the API key in {key_env or 'the environment'} was rejected by {where}: "
+                f"the API key in {key_source} was rejected by {where}: "
                 f"{conn.redact(failure.message)}. Check the key, or set the right variable with --api-key-env."
             ) from None
         if failure.kind == "not_found":

@@ -6,7 +6,7 @@ import asyncio
 import math
 from typing import Any
 
-from tasks.engine import Job, RowInvalid, prepare_rows, content_hash
+from tasks.engine import Job, RowInvalid, content_hash, prepare_rows
 from tasks.io import InputSource, check_ids
 from tasks.prices import estimate_cost_usd
 from tasks.run import RunOptions

@@ -39,6 +39,7 @@ class RunOptions:
     progress: bool = False
     max_cost_usd: float | None = None
     force: bool = False
+    dry_run: bool = False
 
     def __post_init__(self) -> None:
         if self.chunk_size < 1:
@@ -49,7 +50,8 @@ class RunOptions:
 
 def preflight(job: Job, options: RunOptions) -> InputSource:
     """The checks that need no server: the key is set, the input opens and has the columns."""
-    require_key(options.provider)
+    if not options.dry_run:
+        require_key(options.provider)
     source = InputSource.open(options.input)
     source.require_columns([options.id_col, *job.input_columns])
     return source
@@ -73,7 +75,7 @@ async def run_job(
     source = preflight(job, options)
     conn = open_connection(options.provider)
     try:
-        await check_model(conn, job.model, key_env=options.provider.key_env)
+        await check_model(conn, job.model, key_source=options.provider.key_source)
         budget = Budget(options.max_cost_usd, job.model) if options.max_cost_usd is not None else None
         store = OutputStore(options.output)
         await asyncio.to_thread(store.prepare)
