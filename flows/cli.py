@@ -28,10 +28,12 @@ app.command("transcribe")(transcribe.command)
 
 @app.command()
 def demo(
-    output: Annotated[str, typer.Option("--output", "-o", help="Where the demo writes.")] = "data/out/demo",
+    output: Annotated[
+        str, typer.Option("--output", "-o", help="Where the demo writes (one folder per job).")
+    ] = "data/out/demo",
     fresh: Annotated[bool, typer.Option("--fresh", help="Delete the demo output first.")] = False,
 ) -> None:
-    """Embed the sample corpus in data/ with the built-in emulator and show the result."""
+    """Run the five jobs on the samples in data/ with the built-in emulator and show the results."""
     from flows.demo import run_demo
 
     run_demo(output=output, fresh=fresh, console=console)

@@ -1,37 +1,70 @@
-"""`gembatch demo`: the main job on the sample corpus, against the built-in emulator."""
+"""`gembatch demo`: every job on the committed samples in data/, against the built-in emulator."""
 
 from __future__ import annotations
 
 import asyncio
 import shutil
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 from rich.console import Console
+from rich.table import Table
 
+from flows.caption import caption_flow
 from flows.embed import embed_flow
+from flows.extract import extract_flow
+from flows.images import images_flow
+from flows.transcribe import transcribe_flow
 
-__all__ = ["run_demo", "DATA_DIR"]
+__all__ = ["DATA_DIR", "run_demo"]
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 
 
-def run_demo(*, output: str, fresh: bool, console: Console) -> dict:
-    from flows.options import print_summary
+async def _run_all(output: Path) -> list[dict[str, Any]]:
+    local = {"provider": "local"}
+    return [
+        await embed_flow(input=str(DATA_DIR / "corpus.parquet"), output=str(output / "embed"), chunk_size=100, **local),
+        await extract_flow(
+            input=str(DATA_DIR / "extract" / "invoices.csv"),
+            output=str(output / "extract"),
+            schema_ref="schemas.examples:Invoice",
+            **local,
+        ),
+        await caption_flow(input=str(DATA_DIR / "images.csv"), output=str(output / "caption"), **local),
+        await transcribe_flow(input=str(DATA_DIR / "audio.csv"), output=str(output / "transcribe"), **local),
+        await images_flow(input=str(DATA_DIR / "prompts.csv"), output=str(output / "images"), size="256x256", **local),
+    ]
 
-    corpus = DATA_DIR / "corpus.parquet"
+
+def run_demo(*, output: str, fresh: bool, console: Console) -> list[dict[str, Any]]:
+    root = Path(output)
     if fresh:
-        shutil.rmtree(output, ignore_errors=True)
-    console.print(f"[bold]gembatch demo[/]: embedding {corpus} with the built-in emulator (--provider local)")
-    document = asyncio.run(embed_flow(input=str(corpus), output=output, provider="local", chunk_size=100))
-    print_summary(document)
-    frame = pl.read_parquet(f"{output}/*.parquet").sort("id")
-    console.print(f"\nThe output is in [bold]{output}/[/] ({frame.height} rows). Read it with polars:\n")
+        shutil.rmtree(root, ignore_errors=True)
     console.print(
-        f'    import polars as pl\n    df = pl.read_parquet("{output}/*.parquet")\n    print(df.head())\n',
-        highlight=False,
+        "[bold]gembatch demo[/]: the five jobs on the samples in data/, against the built-in emulator "
+        "(--provider local)"
     )
-    preview = frame.select(
+    documents = asyncio.run(_run_all(root))
+
+    table = Table(title="gembatch demo")
+    for column in ("job", "rows", "skipped", "dedup", "ok", "failed", "requests"):
+        table.add_column(column)
+    for doc in documents:
+        c = doc["counts"]
+        table.add_row(
+            doc["job"], str(c["input_rows"]), str(c["skipped_done"]),
+            str(c["deduplicated"]), str(c["succeeded"]), str(c["failed"]), str(doc["requests"]["sent"]),
+        )  # fmt: skip
+    console.print(table)
+    console.print(f"Outputs: {root}/<job>/", highlight=False)
+    console.print("Models: " + ", ".join(f"{d['job']} {d['provider']['model']}" for d in documents), highlight=False)
+    console.print("Each output folder has _runs/<run-id>.json (the run metadata). Read a result with polars:\n")
+    console.print(f'    import polars as pl\n    pl.read_parquet("{root}/embed/*.parquet")\n', highlight=False)
+
+    embed = pl.read_parquet(f"{root}/embed/*.parquet").sort("id")
+    preview = embed.select(
         "id",
         pl.col("embedding")
         .arr.head(3)
@@ -40,7 +73,13 @@ def run_demo(*, output: str, fresh: bool, console: Console) -> dict:
         .alias("embedding[:3]"),
         "model",
     )
-    with pl.Config(tbl_width_chars=80, fmt_table_cell_list_len=3):
-        console.print(str(preview.head(5)), highlight=False, markup=False)
-    console.print("\nRun `uv run gembatch demo` again: every row is already done, so it sends no request.")
-    return document
+    invoices = pl.read_parquet(f"{root}/extract/*.parquet").sort("id")
+    with pl.Config(tbl_width_chars=100, fmt_table_cell_list_len=3, fmt_str_lengths=40):
+        console.print(str(preview.head(3)), highlight=False, markup=False)
+        console.print(
+            str(invoices.select("id", "vendor", "invoice_date", "currency", "total").head(3)),
+            highlight=False,
+            markup=False,
+        )
+    console.print("\nRun `uv run gembatch demo` again: every row is already done, so nothing is sent.")
+    return documents

@@ -136,3 +136,23 @@ def test_a_run_killed_mid_way_resumes_to_the_same_table_without_paying_twice(api
     last = next(r for r in runs if r["status"] == "completed")
     assert last["counts"]["skipped_done"] == done_before and last["counts"]["succeeded"] == n - done_before
     assert "Run metadata:" in result.stdout
+
+
+def test_the_demo_runs_all_five_jobs_and_a_second_run_sends_nothing(prefect_server, tmp_path):
+    from io import StringIO
+
+    from rich.console import Console
+
+    from flows.demo import run_demo
+
+    console = Console(file=StringIO(), width=100)
+    first = run_demo(output=str(tmp_path / "demo"), fresh=False, console=console)
+    assert [d["job"] for d in first] == ["embed", "extract", "caption", "transcribe", "images"]
+    for doc in first:
+        assert doc["status"] == "completed" and doc["counts"]["failed"] == 0, doc["job"]
+        assert doc["counts"]["succeeded"] + doc["counts"]["deduplicated"] == doc["counts"]["input_rows"] > 0
+        assert_balanced(doc)
+    second = run_demo(output=str(tmp_path / "demo"), fresh=False, console=console)
+    assert [d["requests"]["sent"] for d in second] == [0, 0, 0, 0, 0]
+    assert [d["counts"]["skipped_done"] for d in second] == [d["counts"]["input_rows"] for d in first]
+    assert "gembatch demo" in console.file.getvalue()
