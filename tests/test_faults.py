@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 import pytest
-from conftest import TEST_KEY_ENV, assert_balanced, read_errors
+from conftest import TEST_KEY_ENV, assert_balanced, read_errors, read_output
 from PIL import Image
 from test_caption import expected_caption
 from test_embed import expected_vector
@@ -93,7 +93,7 @@ def embed_input(folder: Path, n: int) -> tuple[Path, dict[int, str]]:
 
 
 def embed_check(_job, _out: Path, out: pl.DataFrame, texts: dict[int, str]) -> None:
-    got = np.asarray(out["embedding"].to_list(), np.float32)
+    got = out["embedding"].to_numpy()  # pl.Array(Float32, 3072): one row per output row
     want = np.stack([expected_vector(texts[i]) for i in out["id"].to_list()])
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
 
@@ -173,6 +173,9 @@ def images_input(folder: Path, n: int) -> tuple[Path, dict[int, str]]:
 
 
 def images_check(_job, out_dir: Path, out: pl.DataFrame, prompts: dict[int, str]) -> None:
+    # One PNG per output row, and no temporary file left by a request that broke off.
+    files = sorted(p.name for p in (out_dir / IMAGES_DIR).iterdir())
+    assert files == sorted(p.rsplit("/", 1)[1] for p in out["image_path"].to_list())
     for row in out.iter_rows(named=True):
         prompt = prompts[row["id"]]
         want = fake_png(prompt, IMAGE_W, IMAGE_H)
@@ -239,16 +242,10 @@ def run(emulator, job, source: Path, out_dir: Path, **kw) -> dict:
             provider="local", base_url=emulator.base_url, api_key_env=TEST_KEY_ENV, timeout_s=TIMEOUT_S
         ),
         limits=LIMITS,
-        retry=FAST_RETRY,
         chunk_size=CHUNK_SIZE,
-        **kw,
+        **{"retry": FAST_RETRY, **kw},
     )
     return asyncio.run(run_job(job, options))
-
-
-def read_parts(out_dir: Path) -> pl.DataFrame:
-    files = sorted(out_dir.glob("part-*.parquet"))
-    return pl.from_arrow(pa.concat_tables(pq.read_table(f) for f in files)) if files else pl.DataFrame()
 
 
 def ids_of(frame: pl.DataFrame) -> list[int]:
@@ -301,7 +298,7 @@ def test_a_faulty_server_loses_no_row_and_a_retry_errors_run_finishes_the_rest(e
     assert c["succeeded"] + c["failed"] == case.rows, c
 
     # Every input id is in the output or in _errors: never both, never twice, nothing else.
-    out, errors = read_parts(out_dir), read_errors(out_dir)
+    out, errors = read_output(out_dir), read_errors(out_dir)
     out_ids, error_ids = ids_of(out), ids_of(errors)
     assert len(out_ids) == len(set(out_ids)) == c["succeeded"], "an id appears twice in the output"
     assert len(error_ids) == len(set(error_ids)) == c["failed"], "an id appears twice in _errors"
@@ -341,10 +338,81 @@ def test_a_faulty_server_loses_no_row_and_a_retry_errors_run_finishes_the_rest(e
     assert rc["skipped_done"] == c["succeeded"] and rc["succeeded"] == c["failed"], rc
     assert rc["failed"] == rc["not_attempted"] == rc["deduplicated"] == 0, rc
     assert emulator.stats["faults"] == {}
-    final, final_errors = read_parts(out_dir), read_errors(out_dir)
+    final, final_errors = read_output(out_dir), read_errors(out_dir)
     final_ids = ids_of(final)
     assert len(final_ids) == len(set(final_ids)) and set(final_ids) == all_ids
     assert final_errors.height == 0, "a row that succeeded on retry leaves _errors"
     case.check_rows(job, out_dir, final, expected_by_id)
 
     report(case, doc, retry_doc, faults, time.monotonic() - began)
+
+
+# With the default retries the run above leaves (almost surely) no error row, so its --retry-errors
+# run has nothing to do. Here no retry is allowed (max_attempts=1): every fault becomes an error row
+# in _errors/, and a --retry-errors run, against the same faulty server and with the default
+# attempts, must finish exactly those rows.
+NO_RETRY = RetryPolicy(max_attempts=1, base_delay_s=0.01, max_delay_s=0.05)
+SMALL_ROWS = {"embed": 1000, "extract": 400, "caption": 300, "transcribe": 300, "images": 400}
+# What the engine stores for each fault: 500, 503, a hang (read timeout), a truncated body or a
+# dropped connection (both "connection failed: …" from the SDK, "the connection broke" from httpx).
+FAULT_MESSAGES = ("HTTP 500", "HTTP 503", "the request timed out", "connection failed", "the connection broke")
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_rows_that_ran_out_of_retries_are_finished_by_a_retry_errors_run(emulator, tmp_path, case: Case):
+    rows = SMALL_ROWS[case.name]
+    source, expected_by_id = case.make_input(tmp_path, rows)
+    out_dir = tmp_path / "out"
+    job = case.make_job(source, out_dir)
+    all_ids = set(range(rows))
+    emulator.configure(**FAULTS, seed=SEED, hang_seconds=HANG_S)
+
+    doc = run(emulator, job, source, out_dir, retry=NO_RETRY)
+    assert doc["status"] == "completed", doc["message"]
+    assert_balanced(doc)
+    c = doc["counts"]
+    faults = sum(emulator.stats["faults"].values())
+    assert doc["requests"]["retries"] == 0 and doc["requests"]["sent"] == math.ceil(rows / case.per_request)
+    out, errors = read_output(out_dir), read_errors(out_dir)
+    out_ids, error_ids = ids_of(out), ids_of(errors)
+    assert c["failed"] > 0, "no fault at all: the test proves nothing"
+    assert len(error_ids) == len(set(error_ids)) == c["failed"]
+    assert len(out_ids) == len(set(out_ids)) == c["succeeded"]
+    assert set(out_ids).isdisjoint(error_ids) and set(out_ids) | set(error_ids) == all_ids
+    # One failed request fails every row it carried (10 for embed, 1 for the others).
+    assert c["failed"] == faults * case.per_request, (c, faults)
+    assert set(errors["error_type"]) == {"transient"} and set(errors["attempts"]) == {1}
+    for message in errors["error_message"]:
+        assert message.startswith(FAULT_MESSAGES), message
+    # 500, 503, a hang (timed out) and a truncated or dropped connection each left an error row.
+    seen = {prefix for prefix in FAULT_MESSAGES for m in errors["error_message"] if m.startswith(prefix)}
+    assert seen >= {"HTTP 500", "HTTP 503", "the request timed out", "connection failed"}, seen
+    case.check_rows(job, out_dir, out, expected_by_id)
+
+    # A plain rerun doesn't pay again for rows that failed for good...
+    emulator.reset_stats()
+    again = run(emulator, job, source, out_dir, retry=NO_RETRY)
+    assert again["requests"]["sent"] == 0 and emulator.stats["by_route"][case.route] == 0
+    assert again["counts"]["skipped_done"] == c["succeeded"] and again["counts"]["failed"] == c["failed"]
+    assert_balanced(again)
+
+    # ...a --retry-errors run does, with the default attempts, against the same faulty server.
+    emulator.reset_stats()
+    retry_doc = run(emulator, job, source, out_dir, retry_errors=True)
+    assert retry_doc["status"] == "completed", retry_doc["message"]
+    assert_balanced(retry_doc)
+    rc = retry_doc["counts"]
+    assert rc["skipped_done"] == c["succeeded"] and rc["succeeded"] == c["failed"] and rc["failed"] == 0, rc
+    assert retry_doc["requests"]["items_sent"] >= c["failed"]
+    final, final_errors = read_output(out_dir), read_errors(out_dir)
+    final_ids = ids_of(final)
+    assert len(final_ids) == len(set(final_ids)) and set(final_ids) == all_ids
+    assert final_errors.height == 0, "rows that succeeded on retry must leave _errors"
+    case.check_rows(job, out_dir, final, expected_by_id)
+    print(
+        f"\nno retries: {case.name:<10} {rows:>5} rows, {doc['requests']['sent']:>4} requests, {faults:>2} faults"
+        f" -> {c['failed']:>3} error rows; --retry-errors run (faults on, default attempts):"
+        f" {retry_doc['requests']['sent']} requests, {retry_doc['requests']['retries']} retries"
+        f" (faults {emulator.stats['faults']}), {rc['succeeded']} ok, {rc['failed']} errors",
+        flush=True,
+    )
