@@ -255,25 +255,24 @@ def ids_of(frame: pl.DataFrame) -> list[int]:
 _header_printed = False
 
 
-def report(case: Case, doc: dict, retry_doc: dict, faults: dict, wall_s: float) -> None:
+def report(case: Case, doc: dict, faults: dict, retry_doc: dict, final_ok: int, final_err: int, wall_s: float) -> None:
+    """One line of figures per job (shown with ``pytest -s``)."""
     global _header_printed
     if not _header_printed:
         print(
-            "\n\njob         rows  requests  retries  transient    ok  error |"
-            "  500  503 hang trunc drop | run s | retry-errors run: sent ok error"
+            "\n\n                              faults injected (by kind)    first run         --retry-errors run"
+            "\njob         rows requests retries  500  503 hang trunc drop    ok error    s  sent"
+            "   final ok error  test s"
         )
         _header_printed = True
     c, r = doc["counts"], doc["requests"]
-    line = (
-        f"{case.name:<10} {case.rows:>5} {r['sent']:>9} {r['retries']:>8} {r['transient_errors']:>10}"
-        f" {c['succeeded']:>5} {c['failed']:>6} |"
-        f" {faults.get('500', 0):>4} {faults.get('503', 0):>4} {faults.get('hang', 0):>4}"
-        f" {faults.get('truncate', 0):>5} {faults.get('drop', 0):>4} |"
-        f" {doc['duration_s']:>5.1f} |"
-        f" {retry_doc['requests']['sent']:>22} {retry_doc['counts']['succeeded']:>2} {retry_doc['counts']['failed']:>5}"
-        f"   (test wall {wall_s:.1f} s)"
+    kinds = " ".join(f"{faults.get(k, 0):>{w}}" for k, w in zip(FAULT_KINDS, (4, 4, 4, 5, 4), strict=True))
+    print(
+        f"{case.name:<10} {case.rows:>5} {r['sent']:>8} {r['retries']:>7} {kinds}"
+        f" {c['succeeded']:>5} {c['failed']:>5} {doc['duration_s']:>4.1f}"
+        f" {retry_doc['requests']['sent']:>5} {final_ok:>10} {final_err:>5} {wall_s:>7.1f}",
+        flush=True,
     )
-    print(line, flush=True)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
@@ -344,7 +343,7 @@ def test_a_faulty_server_loses_no_row_and_a_retry_errors_run_finishes_the_rest(e
     assert final_errors.height == 0, "a row that succeeded on retry leaves _errors"
     case.check_rows(job, out_dir, final, expected_by_id)
 
-    report(case, doc, retry_doc, faults, time.monotonic() - began)
+    report(case, doc, faults, retry_doc, len(final_ids), final_errors.height, time.monotonic() - began)
 
 
 # With the default retries the run above leaves (almost surely) no error row, so its --retry-errors
