@@ -8,7 +8,6 @@ import tempfile
 # Before Prefect is imported anywhere: its settings (and database) live in a throwaway folder.
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="gembatch-prefect-")
 os.environ.pop("PREFECT_API_URL", None)
-os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 
 from pathlib import Path  # noqa: E402

@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import TEST_KEY, TEST_KEY_ENV, assert_balanced, read_output, write_corpus
+from conftest import REPO, TEST_KEY, TEST_KEY_ENV, assert_balanced, read_output, write_corpus
 
 from emulator.fakes import fake_embedding
 
@@ -197,3 +197,88 @@ def test_ctrl_c_stops_cleanly_with_interrupted_metadata_and_resumes(api_url, emu
     assert result.returncode == 0, result.stdout + result.stderr
     assert emulator.stats["embedding_inputs"] == n - written
     assert read_output(out).height == n
+
+
+def test_the_key_leaks_nowhere_outputs_metadata_artifacts_or_logs(prefect_server, emulator, tmp_path, capfd):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
+
+    from flows.caption import caption_flow
+    from flows.embed import embed_flow
+    from flows.extract import extract_flow
+    from flows.images import images_flow
+    from flows.transcribe import transcribe_flow
+    from tasks.errors import ConfigError
+
+    data = REPO / "data"
+    common = {"base_url": emulator.base_url, "api_key_env": TEST_KEY_ENV, "provider": "local"}
+    texts = ["fine", "refused by the server [[emulator:400]]", "also fine"]
+    src = write_corpus(tmp_path / "in.parquet", [1, 2, 3], texts)
+    out = tmp_path / "out"
+
+    async def run_all():
+        return [
+            await embed_flow(input=str(src), output=str(out / "embed"), **common),
+            await extract_flow(
+                input=str(data / "extract" / "events.csv"), output=str(out / "extract"),
+                schema_ref="schemas.examples:CalendarEvent", **common,
+            ),
+            await caption_flow(input=str(data / "images.csv"), output=str(out / "caption"), **common),
+            await transcribe_flow(input=str(data / "audio.csv"), output=str(out / "transcribe"), **common),
+            await images_flow(input=str(data / "prompts.csv"), output=str(out / "images"), size="32x32", **common),
+        ]  # fmt: skip
+
+    docs = asyncio.run(run_all())
+    assert all(d["status"] == "completed" for d in docs)
+    assert docs[0]["counts"]["failed"] == 1  # the refused row's error message is stored too
+
+    async def prefect_records():
+        async with get_client() as client:
+            ids = [d["flow_run_id"] for d in docs]
+            logs = await client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=ids)))
+            artifacts = await client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)))
+            return [log.message for log in logs], [str(a.data) for a in artifacts]
+
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=10)
+    logs, artifacts = asyncio.run(prefect_records())
+    assert len(artifacts) == 5 and len(logs) >= 5
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert any("_runs" in str(p) for p in files) and any("_errors" in str(p) for p in files)
+    captured = capfd.readouterr()
+    key = TEST_KEY.encode()
+    leaks = [str(p) for p in files if key in p.read_bytes()]
+    leaks += [m for m in logs + artifacts if TEST_KEY in m]
+    leaks += [stream for stream in (captured.out, captured.err) if TEST_KEY in stream]
+    assert leaks == []
+
+    with pytest.raises(ConfigError) as excinfo:
+        os.environ[TEST_KEY_ENV] = "a-wrong-key-that-must-not-be-echoed"
+        asyncio.run(embed_flow(input=str(src), output=str(out / "embed"), **common))
+    assert "a-wrong-key-that-must-not-be-echoed" not in str(excinfo.value)
+    assert "rejected" in str(excinfo.value)
+
+
+def test_the_key_can_come_from_a_prefect_secret_block(prefect_server, emulator, tmp_path, monkeypatch):
+    from prefect.blocks.system import Secret
+
+    from flows.embed import embed_flow
+    from tasks.errors import ConfigError
+
+    Secret(value=TEST_KEY).save("gembatch-test-key", overwrite=True)
+    monkeypatch.delenv(TEST_KEY_ENV)
+    src = write_corpus(tmp_path / "in.parquet", [1, 2], ["secret one", "secret two"])
+    doc = asyncio.run(
+        embed_flow(
+            input=str(src), output=str(tmp_path / "out"), base_url=emulator.base_url,
+            api_key_secret="gembatch-test-key", provider="local",
+        )
+    )  # fmt: skip
+    assert doc["status"] == "completed" and doc["counts"]["succeeded"] == 2
+    assert doc["parameters"]["api_key_secret"] == "gembatch-test-key"
+    with pytest.raises(ConfigError, match="no Prefect Secret block named 'nope'"):
+        asyncio.run(
+            embed_flow(input=str(src), output=str(tmp_path / "o2"), base_url=emulator.base_url,
+                       api_key_secret="nope", provider="local")
+        )  # fmt: skip
