@@ -515,7 +515,10 @@ def test_null_or_empty_media_cells_become_error_rows_naming_the_column(
 ):
     table = pa.table({"id": pa.array([1, 2, 3, 4], pa.int64()), col: [good, None, "", "  "]})
     path = media / f"list.{fmt}"
-    pcsv.write_csv(table, path) if fmt == "csv" else pq.write_table(table, path)
+    if fmt == "csv":
+        pcsv.write_csv(table, path)
+    else:
+        pq.write_table(table, path)
     out = tmp_path / "out"
     doc = run(job_cls(model=CHAT_MODEL, base_dir=base_dir_of(str(path))), path, out, emulator.base_url)
 
