@@ -118,6 +118,7 @@ def test_a_run_killed_mid_way_resumes_to_the_same_table_without_paying_twice(api
         assert parts_before < len(list(out.glob("part-*.parquet"))), f"trial {trial} wrote nothing before the kill"
         assert done_before < n, f"trial {trial}: the run finished before the kill"
 
+    time.sleep(0.5)  # requests the killed run left in flight finish at the emulator (latency 0.1 s)
     sent_by_killed_runs = emulator.stats["embedding_inputs"]
     emulator.reset_stats()
     result = subprocess.run(
@@ -199,7 +200,9 @@ def test_ctrl_c_stops_cleanly_with_interrupted_metadata_and_resumes(api_url, emu
     assert read_output(out).height == n
 
 
-def test_the_key_leaks_nowhere_outputs_metadata_artifacts_or_logs(prefect_server, emulator, tmp_path, capfd):
+def test_the_key_leaks_nowhere_outputs_metadata_artifacts_or_logs(
+    prefect_server, emulator, tmp_path, capfd, monkeypatch
+):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
 
@@ -254,7 +257,7 @@ def test_the_key_leaks_nowhere_outputs_metadata_artifacts_or_logs(prefect_server
     assert leaks == []
 
     with pytest.raises(ConfigError) as excinfo:
-        os.environ[TEST_KEY_ENV] = "a-wrong-key-that-must-not-be-echoed"
+        monkeypatch.setenv(TEST_KEY_ENV, "a-wrong-key-that-must-not-be-echoed")
         asyncio.run(embed_flow(input=str(src), output=str(out / "embed"), **common))
     assert "a-wrong-key-that-must-not-be-echoed" not in str(excinfo.value)
     assert "rejected" in str(excinfo.value)
