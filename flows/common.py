@@ -7,9 +7,11 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.artifacts import acreate_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.states import Failed
 
 from tasks.client import DEFAULT_TIMEOUT_S, ProviderSettings
 from tasks.engine import Job, process_chunk
+from tasks.errors import GembatchError
 from tasks.limits import DEFAULT_MAX_CONCURRENCY, Limits
 from tasks.metadata import summary_rows
 from tasks.run import DEFAULT_CHUNK_SIZE, RunOptions, run_job
@@ -94,7 +96,20 @@ def options_from(parameters: dict[str, Any]) -> RunOptions:
 
 
 async def run_flow_job(job: Job, parameters: dict[str, Any]) -> dict[str, Any]:
-    """Run ``job`` inside the current flow: chunks as Prefect tasks, summary as a table artifact."""
+    """Run ``job`` inside the current flow: chunks as Prefect tasks, summary as a table artifact.
+
+    A :class:`GembatchError` (wrong key, unknown model, bad input…) fails the flow run with its message
+    and is raised to the caller as it is.
+    """
+    try:
+        return await _run(job, parameters)
+    except GembatchError as exc:
+        # The message says what to do; Prefect's traceback would only bury it.
+        get_run_logger().error("%s", exc)
+        return Failed(message=str(exc), data=exc)
+
+
+async def _run(job: Job, parameters: dict[str, Any]) -> dict[str, Any]:
     from prefect.runtime import flow_run
 
     options = options_from(parameters)

@@ -226,7 +226,8 @@ def classify_failure(exc: BaseException) -> Failure:
     if isinstance(exc, openai.APIStatusError):
         status = exc.status_code
         error = _error_object(exc.body)
-        message = f"HTTP {status}: {error.get('message') or _short(exc.body) or exc.message}"
+        text = str(error.get("message") or _short(exc.body) or exc.message).strip().rstrip(".")
+        message = f"HTTP {status}: {text}"
         retry_after = _retry_after(exc.response.headers, error)
         if status == 429:
             if _is_daily_quota(error):

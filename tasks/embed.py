@@ -85,9 +85,9 @@ class EmbedJob:
     def prepare(self, payload: dict[str, Any]) -> Prepared:
         text = payload[self.text_col]
         if text is None:
-            raise RowInvalid(f"column {self.text_col!r} is null: nothing to embed")
+            raise RowInvalid(f"column {self.text_col!r} is null: nothing to embed; fill it or drop the row")
         if not text.strip():
-            raise RowInvalid(f"column {self.text_col!r} is empty: nothing to embed")
+            raise RowInvalid(f"column {self.text_col!r} is empty: nothing to embed; fill it or drop the row")
         limit = self.spec.max_input_tokens if self.spec else UNKNOWN_MODEL_MAX_TOKENS
         tokens = estimate_text_tokens(text)
         if tokens > limit:

@@ -426,10 +426,25 @@ def prepare_rows(job: Job, payloads: list[dict[str, Any]]) -> list[Prepared | Ro
     prepared: list[Prepared | RowInvalid] = []
     for payload in payloads:
         try:
-            prepared.append(job.prepare(payload))
+            prepared.append(job.prepare(_as_text(payload, job.string_columns)))
         except RowInvalid as exc:
             prepared.append(exc)
     return prepared
+
+
+def _as_text(payload: dict[str, Any], columns: tuple[str, ...]) -> dict[str, Any]:
+    """Text columns may arrive as bytes (CSV is read so; Parquet may store binary): decode per row."""
+    for column in columns:
+        value = payload.get(column)
+        if isinstance(value, bytes):
+            try:
+                payload[column] = value.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise RowInvalid(
+                    f"column {column!r} is not valid UTF-8 text (byte {value[exc.start]:#04x} at offset "
+                    f"{exc.start}): save the input as UTF-8, e.g. iconv -f latin1 -t utf-8"
+                ) from None
+    return payload
 
 
 class BadReply(Exception):

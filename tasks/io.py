@@ -38,7 +38,15 @@ class InputSource:
             raise InputError(f"input {path} can't be opened: {exc}") from None
         if info.get("type") == "directory":
             raise InputError(f"input {path} is a folder: give one Parquet or CSV file")
-        return cls(path=path, format=_detect_format(path, fs, fs_path), size_bytes=int(info.get("size") or 0))
+        try:
+            with fs.open(fs_path, "rb") as f:
+                head = f.read(4)
+        except OSError as exc:
+            raise InputError(f"input {path} can't be read: {exc}. Check its permissions.") from None
+        size = int(info.get("size") or 0)
+        if size == 0:
+            raise InputError(f"input {path} is empty (0 bytes): give a Parquet or CSV file with a header and rows")
+        return cls(path=path, format=_detect_format(path, head), size_bytes=size)
 
     def columns(self) -> list[str]:
         return list(self.schema().names)
@@ -46,9 +54,21 @@ class InputSource:
     def schema(self) -> pa.Schema:
         with self._open() as f:
             if self.format == "parquet":
-                return pq.ParquetFile(f).schema_arrow
-            reader = pcsv.open_csv(f, read_options=pcsv.ReadOptions(block_size=CSV_BLOCK_BYTES))
-            return reader.schema
+                try:
+                    return pq.ParquetFile(f).schema_arrow
+                except pa.ArrowException as exc:
+                    raise InputError(
+                        f"input {self.path} is not a valid Parquet file ({exc}): check that it was written "
+                        "completely, or name a CSV file .csv"
+                    ) from None
+            head = f.read(4)
+            f.seek(0)
+            if head == b"PAR1":
+                raise InputError(f"input {self.path} looks like Parquet, not CSV: rename it to .parquet")
+            try:
+                return pcsv.open_csv(f, read_options=pcsv.ReadOptions(block_size=CSV_BLOCK_BYTES)).schema
+            except pa.ArrowInvalid as exc:
+                raise self._csv_error(exc, rows_before=0) from None
 
     def num_rows(self) -> int | None:
         """Known without a pass over the data for Parquet only."""
@@ -63,7 +83,8 @@ class InputSource:
         if missing:
             raise InputError(
                 f"input {self.path} has no column {', '.join(repr(c) for c in missing)}; "
-                f"its columns are: {', '.join(have)}. Name the right ones with --id-col / --text-col."
+                f"its columns are: {', '.join(have)}. Name the right one with the option that chose it "
+                "(--id-col, --text-col, --image-col, --audio-col or --prompt-col)."
             )
 
     def iter_chunks(
@@ -102,37 +123,62 @@ class InputSource:
             if self.format == "parquet":
                 yield from pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=columns)
                 return
+            # Text columns are read as bytes: a cell that is not UTF-8 then fails its own row (the
+            # engine decodes it), instead of the whole block.
             convert = pcsv.ConvertOptions(
                 include_columns=columns,
-                column_types={c: pa.string() for c in string_columns},
+                column_types={c: pa.binary() for c in string_columns},
                 strings_can_be_null=True,
             )
-            reader = pcsv.open_csv(
-                f, read_options=pcsv.ReadOptions(block_size=CSV_BLOCK_BYTES), convert_options=convert
-            )
             rows_before = 0
-            while True:
-                try:
-                    batch = reader.read_next_batch()
-                except StopIteration:
-                    return
-                except pa.ArrowInvalid as exc:
-                    raise InputError(
-                        f"input {self.path}: CSV can't be parsed after data row {rows_before}: {exc}. "
-                        "Fix the line (quote fields that hold commas or newlines) and rerun; "
-                        "rows already written are kept and skipped."
-                    ) from None
-                rows_before += batch.num_rows
-                yield batch
+            try:
+                reader = pcsv.open_csv(
+                    f, read_options=pcsv.ReadOptions(block_size=CSV_BLOCK_BYTES), convert_options=convert
+                )
+                while True:
+                    try:
+                        batch = reader.read_next_batch()
+                    except StopIteration:
+                        return
+                    rows_before += batch.num_rows
+                    yield batch
+            except pa.ArrowInvalid as exc:
+                raise self._csv_error(exc, rows_before=rows_before) from None
+
+    def _csv_error(self, exc: pa.ArrowInvalid, *, rows_before: int) -> InputError:
+        """Name the line pyarrow choked on: it quotes the line's text but not its number."""
+        message = str(exc)
+        where = f"after data row {rows_before}"
+        marker = "got "
+        if "CSV parse error" in message and ": " in message.split(marker, 1)[-1]:
+            bad_text = message.split(marker, 1)[-1].split(": ", 1)[1]
+            line = self._find_line(bad_text)
+            if line is not None:
+                where = f"at line {line} (data row {line - 1})"
+        hint = (
+            "save the file as UTF-8"
+            if "UTF8" in message
+            else "fix the line (quote fields that hold commas, quotes or newlines)"
+        )
+        return InputError(
+            f"input {self.path}: the CSV can't be parsed {where}: {message}. Then {hint} and rerun; rows "
+            "already written are kept and skipped."
+        )
+
+    def _find_line(self, text: str) -> int | None:
+        wanted = text.encode(errors="replace").rstrip(b"\r\n")
+        with self._open() as f:
+            for number, line in enumerate(f, start=1):
+                if line.rstrip(b"\r\n") == wanted:
+                    return number
+        return None
 
 
-def _detect_format(path: str, fs: fsspec.AbstractFileSystem, fs_path: str) -> str:
+def _detect_format(path: str, head: bytes) -> str:
     lowered = path.lower()
     for suffix, fmt in ((".parquet", "parquet"), (".pq", "parquet"), (".csv", "csv"), (".csv.gz", "csv")):
         if lowered.endswith(suffix):
             return fmt
-    with fs.open(fs_path, "rb") as f:
-        head = f.read(4)
     if head == b"PAR1":
         return "parquet"
     raise InputError(

@@ -77,11 +77,11 @@ async def run_job(
     try:
         await check_model(conn, job.model, key_source=options.provider.key_source)
         budget = Budget(options.max_cost_usd, job.model) if options.max_cost_usd is not None else None
+        total_rows = await asyncio.to_thread(check_ids, source, options.id_col, limit=options.limit)
         store = OutputStore(options.output)
         await asyncio.to_thread(store.prepare)
         await asyncio.to_thread(store.claim, job=job.name, model=job.model, run_id=run_id, force=options.force)
         index = await asyncio.to_thread(store.scan, options.id_col)
-        total_rows = await asyncio.to_thread(check_ids, source, options.id_col, limit=options.limit)
         limiter = AdaptiveLimiter(options.limits)
         document: dict[str, Any] = {
             "run_id": run_id,

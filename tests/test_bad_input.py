@@ -1,15 +1,12 @@
 """Bad input: each case gives a clear message naming the file, row or column and saying what to do,
 and nothing that already succeeded is lost.
 
-Jobs run in-process against the emulator (``run_job`` called directly), as in test_embed.py. A case
-the product does not yet handle well is ``xfail(strict=True)`` with the reason; the assertion states
-what the user should see.
+Jobs run in-process against the emulator (``run_job`` called directly), as in test_embed.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import re
 import shutil
@@ -108,12 +105,6 @@ class _RefusingFileSystem(LocalFileSystem):
         "unknown_url_protocol",
         pytest.param(
             "permission_denied",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="a file that exists but can't be opened raises a bare PermissionError from "
-                "InputSource.schema() (InputSource.open only stats it): not an InputError, so the CLI "
-                "prints a Python traceback",
-            ),
         ),
     ],
 )
@@ -170,27 +161,14 @@ def _empty_csv(tmp: Path) -> Path:
         pytest.param(
             _csv_named_parquet,
             id="csv_text_named_parquet",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="bare pyarrow ArrowInvalid 'Parquet magic bytes not found in footer. Either the file is "
-                "corrupted or this is not a parquet file.' from InputSource.schema(): names no file, no fix",
-            ),
         ),
         pytest.param(
             _parquet_named_csv,
             id="parquet_bytes_named_csv",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="bare ArrowInvalid 'CSV parse error: Expected 2 columns, got 6: <binary garbage>' "
-                "from InputSource.schema(): names no file, no fix",
-            ),
         ),
         pytest.param(
             _empty_csv,
             id="empty_csv",
-            marks=pytest.mark.xfail(
-                strict=True, reason="bare ArrowInvalid 'Empty CSV file' from InputSource.schema(): names no file"
-            ),
         ),
     ],
 )
@@ -211,19 +189,9 @@ def test_input_that_is_not_parquet_or_csv_names_the_file_and_the_formats(emulato
     [
         pytest.param(
             "one_read_block",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="bare pyarrow ArrowInvalid 'CSV parse error: Expected 2 columns, got 4: 200,bad,extra,fields' "
-                "from pcsv.open_csv in InputSource.schema() (not wrapped): no file, no row number, no fix",
-            ),
         ),
         pytest.param(
             "past_first_read_block",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="InputError says 'CSV can't be parsed after data row 598' (the end of the previous 4 MiB "
-                "read block) while the bad line is data row 651 (file line 652)",
-            ),
         ),
     ],
 )
@@ -259,7 +227,7 @@ def test_malformed_csv_line_loses_nothing_and_the_fixed_rerun_sends_each_row_onc
     emulator.reset_stats()
     with pytest.raises(InputError) as error:
         run_embed(emulator, path, out, dimensions=16)
-    assert str(path) in str(error.value) and "Fix the line" in str(error.value)
+    assert str(path) in str(error.value) and "fix the line" in str(error.value)
     sent_by_failed_run = emulator.stats["embedding_inputs"]
     kept = read_output(out)
     assert kept.height == 300 + sent_by_failed_run, "every row paid for is in the output"
@@ -284,36 +252,14 @@ def _latin1_csv(path: Path, spec: dict) -> Path:
     return path
 
 
-_UTF8_REASON = (
-    "the bad row is not named and the fix is wrong: {what}; the user should see an InputError naming the "
-    "file, the data row (or id), column 'text', and 'not valid UTF-8: save the file as UTF-8' — or an error "
-    "row for that id alone"
-)
-
-
 @pytest.mark.parametrize(
     "size",
     [
         pytest.param(
             "one_read_block",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason=_UTF8_REASON.format(
-                    what="bare pyarrow ArrowInvalid 'In CSV column #1: CSV conversion error to string: invalid "
-                    "UTF8 data' from open_csv in InputSource._iter_batches (outside its try), raised mid-run"
-                ),
-            ),
         ),
         pytest.param(
             "past_first_read_block",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason=_UTF8_REASON.format(
-                    what="InputError 'CSV can't be parsed after data row 598: In CSV column #1: CSV conversion "
-                    "error to string: invalid UTF8 data. Fix the line (quote fields that hold commas or "
-                    "newlines)…' — the bad row is 651, and quoting does not fix an encoding"
-                ),
-            ),
         ),
     ],
 )
@@ -335,43 +281,35 @@ def test_non_utf8_csv_message_names_file_row_column_and_encoding(emulator, tmp_p
         assert doc["counts"]["succeeded"] == spec["rows"] - 1
 
 
-def test_non_utf8_csv_row_past_the_first_block_keeps_earlier_chunks_and_the_rerun_resumes(emulator, tmp_path):
-    """The bad bytes sit after the reader's first 4 MiB block, so earlier chunks (50 rows each) are sent
-    before the bad row is read: their rows must be in the output and not be sent again."""
+def test_non_utf8_csv_row_fails_alone_and_the_fixed_rerun_sends_only_it(emulator, tmp_path):
+    """Text columns are read as bytes and decoded per row: the one row that is not UTF-8 becomes an error
+    row naming the column and the fix; every other row completes, and the fixed rerun sends only it."""
     n, bad = LARGE["rows"], LARGE["bad"]
     path = _latin1_csv(tmp_path / "in.csv", LARGE)
     assert path.stat().st_size > CSV_BLOCK_BYTES
     out = tmp_path / "out"
-    with pytest.raises(InputError) as error:
-        run_embed(emulator, path, out, dimensions=16, chunk_size=50)
-    assert str(path) in str(error.value)
+    doc = run_embed(emulator, path, out, dimensions=16, chunk_size=50)
 
-    sent = emulator.stats["embedding_inputs"]
-    kept = read_output(out)
-    assert sent >= 50, "the chunks before the bad block were sent"
-    assert kept.height == sent, "every row paid for is in the output"
-    assert sorted(kept["id"].to_list()) == list(range(sent)) and sent % 50 == 0 and sent <= bad
-    (run_file,) = (out / "_runs").glob("*.json")
-    doc = json.loads(run_file.read_text())
-    assert doc["status"] == "failed: InputError" and doc["counts"]["succeeded"] == sent
+    assert doc["status"] == "completed" and doc["counts"]["failed"] == 1
     assert_balanced(doc)
+    (error,) = read_errors(out).iter_rows(named=True)
+    assert error["id"] == bad and error["input_row"] == bad
+    assert (
+        "column 'text' is not valid UTF-8" in error["error_message"]
+        and "save the input as UTF-8" in error["error_message"]
+    )
+    assert read_output(out).height == n - 1 and emulator.stats["embedding_inputs"] == n - 1
 
     write_lines(path, csv_lines(n, long_text))
     emulator.reset_stats()
-    doc = run_embed(emulator, path, out, dimensions=16, chunk_size=50)
-    assert doc["status"] == "completed"
-    assert emulator.stats["embedding_inputs"] == n - sent, "no row is sent twice"
-    assert doc["counts"]["skipped_done"] == sent
+    doc = run_embed(emulator, path, out, dimensions=16, chunk_size=50, retry_errors=True)
+    assert doc["status"] == "completed" and doc["counts"]["skipped_done"] == n - 1
+    assert emulator.stats["embedding_inputs"] == 1, "no row is sent twice"
     final = read_output(out)
     assert final.height == n and final["id"].n_unique() == n
+    assert read_errors(out).height == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a Parquet binary (bytes) text column is sent as-is: every row, even valid UTF-8 ones, comes back "
-    "as error row 'HTTP 400: input: token arrays are not supported; send strings.' after a paid-for request; "
-    "no word of the column's type or of UTF-8",
-)
 def test_non_utf8_text_in_a_parquet_binary_column_is_named_before_sending(emulator, tmp_path):
     path = tmp_path / "in.parquet"
     pq.write_table(pa.table({"id": [1, 2], "text": pa.array([b"caf\xe9", b"fine"], pa.binary())}), path)
@@ -388,14 +326,6 @@ def test_non_utf8_text_in_a_parquet_binary_column_is_named_before_sending(emulat
 
 
 # -- named column missing ---------------------------------------------------------------------------
-def _option_hint_xfail(option: str):
-    return pytest.mark.xfail(
-        strict=True,
-        reason=f"tasks/io.py require_columns always says 'Name the right ones with --id-col / --text-col'; "
-        f"this job's option is {option}",
-    )
-
-
 @pytest.mark.parametrize(
     ("make_job", "kw", "missing", "option"),
     [
@@ -403,11 +333,11 @@ def _option_hint_xfail(option: str):
         pytest.param(lambda: EmbedJob(model=MODEL), {"id_col": "key"}, "key", "--id-col", id="embed_id_col"),
         pytest.param(
             lambda: CaptionJob(model=CHAT_MODEL), {}, "image", "--image-col", id="caption_image_col",
-            marks=_option_hint_xfail("--image-col"),
+            
         ),
         pytest.param(
             lambda: TranscribeJob(model=CHAT_MODEL), {}, "audio", "--audio-col", id="transcribe_audio_col",
-            marks=_option_hint_xfail("--audio-col"),
+            
         ),
     ],
 )  # fmt: skip
@@ -484,8 +414,12 @@ def test_null_or_empty_text_cells_become_error_rows_naming_the_column(emulator, 
     assert sorted(read_output(out)["id"].to_list()) == [10, 14]
     errors = {r["id"]: r for r in read_errors(out).iter_rows(named=True)}
     assert sorted(errors) == [11, 12, 13]
-    assert errors[11]["error_message"] == "column 'text' is null: nothing to embed"
-    assert errors[12]["error_message"] == errors[13]["error_message"] == "column 'text' is empty: nothing to embed"
+    assert errors[11]["error_message"] == "column 'text' is null: nothing to embed; fill it or drop the row"
+    assert (
+        errors[12]["error_message"]
+        == errors[13]["error_message"]
+        == "column 'text' is empty: nothing to embed; fill it or drop the row"
+    )
     assert {r["error_type"] for r in errors.values()} == {"invalid_input"}
     assert {r["attempts"] for r in errors.values()} == {0}, "nothing was sent for them"
     assert [errors[i]["input_row"] for i in (11, 12, 13)] == [1, 2, 3]
@@ -672,13 +606,6 @@ def test_unreachable_base_url_fails_fast_before_any_work(tmp_path):
 
 
 # -- the command line: the same messages without a traceback ------------------------------------------
-@pytest.mark.xfail(
-    strict=True,
-    reason="errors raised inside the Prefect flow (model check, key, unreachable server, output owner, id "
-    "check, mid-run CSV errors) are logged by Prefect as 'ERROR | Flow run … - Encountered exception during "
-    "execution' with a full Python traceback and a 'Finished in state Failed(…)' line before the clean "
-    "'error: …' line; only preflight errors (key unset, input path/format/columns) print cleanly",
-)
 def test_cli_prints_an_error_found_inside_the_flow_without_a_traceback(prefect_server, tmp_path):
     from prefect.settings import PREFECT_API_URL
 
