@@ -8,27 +8,7 @@ import typer
 from prefect import flow
 
 from flows.common import run_flow_job
-from flows.options import (
-    ApiKeyEnv,
-    ApiKeySecret,
-    BaseUrl,
-    ChunkSize,
-    DryRun,
-    Force,
-    IdCol,
-    Limit,
-    MaxConcurrency,
-    MaxCostUsd,
-    NoProgress,
-    Output,
-    Provider,
-    RetryErrors,
-    Rpm,
-    Timeout,
-    Tpm,
-    common_params,
-    run_command,
-)
+from flows.options import Output, job_command
 from tasks.caption import DEFAULT_CAPTION_PROMPT, DEFAULT_MAX_SIDE, CaptionJob
 from tasks.client import DEFAULT_TIMEOUT_S
 from tasks.limits import DEFAULT_MAX_CONCURRENCY
@@ -81,6 +61,7 @@ def caption_job(parameters: dict[str, Any]) -> CaptionJob:
     )
 
 
+@job_command(caption_flow, caption_job)
 def command(
     input: Annotated[str, typer.Argument(help="Parquet or CSV file (local path or fsspec URL).")],
     output: Output,
@@ -96,22 +77,5 @@ def command(
     max_side: Annotated[
         int, typer.Option("--max-side", help="Downscale images whose longer side exceeds this many pixels.")
     ] = DEFAULT_MAX_SIDE,
-    id_col: IdCol = "id",
-    provider: Provider = "gemini",
-    base_url: BaseUrl = None,
-    api_key_env: ApiKeyEnv = None,
-    rpm: Rpm = None,
-    tpm: Tpm = None,
-    max_concurrency: MaxConcurrency = 16,
-    chunk_size: ChunkSize = 2000,
-    limit: Limit = None,
-    retry_errors: RetryErrors = False,
-    timeout: Timeout = 120.0,
-    no_progress: NoProgress = False,
-    dry_run: DryRun = False,
-    max_cost_usd: MaxCostUsd = None,
-    force: Force = False,
-    api_key_secret: ApiKeySecret = None,
 ) -> None:
     """Caption an image column: one short description per image."""
-    run_command(caption_flow, caption_job, common_params(**locals()))

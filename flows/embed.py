@@ -8,27 +8,7 @@ import typer
 from prefect import flow
 
 from flows.common import run_flow_job
-from flows.options import (
-    ApiKeyEnv,
-    ApiKeySecret,
-    BaseUrl,
-    ChunkSize,
-    DryRun,
-    Force,
-    IdCol,
-    Limit,
-    MaxConcurrency,
-    MaxCostUsd,
-    NoProgress,
-    Output,
-    Provider,
-    RetryErrors,
-    Rpm,
-    Timeout,
-    Tpm,
-    common_params,
-    run_command,
-)
+from flows.options import Output, job_command
 from tasks.client import DEFAULT_TIMEOUT_S
 from tasks.embed import MAX_INPUTS_PER_REQUEST, EmbedJob
 from tasks.limits import DEFAULT_MAX_CONCURRENCY
@@ -79,6 +59,7 @@ def embed_job(parameters: dict[str, Any]) -> EmbedJob:
     )
 
 
+@job_command(embed_flow, embed_job)
 def command(
     input: Annotated[str, typer.Argument(help="Parquet or CSV file (local path or fsspec URL).")],
     output: Output,
@@ -91,22 +72,5 @@ def command(
     ] = None,  # noqa: E501
     dimensions: Annotated[int | None, typer.Option("--dimensions", help="Shorter vectors (normalised here).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Texts per request (Gemini allows 100).")] = 100,
-    id_col: IdCol = "id",
-    provider: Provider = "gemini",
-    base_url: BaseUrl = None,
-    api_key_env: ApiKeyEnv = None,
-    rpm: Rpm = None,
-    tpm: Tpm = None,
-    max_concurrency: MaxConcurrency = 16,
-    chunk_size: ChunkSize = 2000,
-    limit: Limit = None,
-    retry_errors: RetryErrors = False,
-    timeout: Timeout = 120.0,
-    no_progress: NoProgress = False,
-    dry_run: DryRun = False,
-    max_cost_usd: MaxCostUsd = None,
-    force: Force = False,
-    api_key_secret: ApiKeySecret = None,
 ) -> None:
     """Embed a text column: one fixed-size float32 vector per row."""
-    run_command(embed_flow, embed_job, common_params(**locals()))

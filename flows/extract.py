@@ -9,27 +9,7 @@ import typer
 from prefect import flow
 
 from flows.common import run_flow_job
-from flows.options import (
-    ApiKeyEnv,
-    ApiKeySecret,
-    BaseUrl,
-    ChunkSize,
-    DryRun,
-    Force,
-    IdCol,
-    Limit,
-    MaxConcurrency,
-    MaxCostUsd,
-    NoProgress,
-    Output,
-    Provider,
-    RetryErrors,
-    Rpm,
-    Timeout,
-    Tpm,
-    common_params,
-    run_command,
-)
+from flows.options import Output, job_command
 from tasks.client import DEFAULT_TIMEOUT_S
 from tasks.errors import ConfigError
 from tasks.extract import ExtractJob, import_model
@@ -107,6 +87,7 @@ def _read_prompt(path: str) -> str:
     return text
 
 
+@job_command(extract_flow, extract_job)
 def command(
     input: Annotated[str, typer.Argument(help="Parquet or CSV file (local path or fsspec URL).")],
     output: Output,
@@ -126,22 +107,5 @@ def command(
         str | None,
         typer.Option("--reasoning-effort", help="none, minimal, low, medium or high (default: the model's own)."),
     ] = None,
-    id_col: IdCol = "id",
-    provider: Provider = "gemini",
-    base_url: BaseUrl = None,
-    api_key_env: ApiKeyEnv = None,
-    rpm: Rpm = None,
-    tpm: Tpm = None,
-    max_concurrency: MaxConcurrency = 16,
-    chunk_size: ChunkSize = 2000,
-    limit: Limit = None,
-    retry_errors: RetryErrors = False,
-    timeout: Timeout = 120.0,
-    no_progress: NoProgress = False,
-    dry_run: DryRun = False,
-    max_cost_usd: MaxCostUsd = None,
-    force: Force = False,
-    api_key_secret: ApiKeySecret = None,
 ) -> None:
     """Extract a pydantic model from a text column: one typed column per field."""
-    run_command(extract_flow, extract_job, common_params(**locals()))

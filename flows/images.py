@@ -8,27 +8,7 @@ import typer
 from prefect import flow
 
 from flows.common import run_flow_job
-from flows.options import (
-    ApiKeyEnv,
-    ApiKeySecret,
-    BaseUrl,
-    ChunkSize,
-    DryRun,
-    Force,
-    IdCol,
-    Limit,
-    MaxConcurrency,
-    MaxCostUsd,
-    NoProgress,
-    Output,
-    Provider,
-    RetryErrors,
-    Rpm,
-    Timeout,
-    Tpm,
-    common_params,
-    run_command,
-)
+from flows.options import Output, job_command
 from tasks.client import DEFAULT_TIMEOUT_S
 from tasks.images import DEFAULT_SIZE, ImagesJob
 from tasks.limits import DEFAULT_MAX_CONCURRENCY
@@ -80,6 +60,7 @@ def images_job(parameters: dict[str, Any]) -> ImagesJob:
     )
 
 
+@job_command(images_flow, images_job)
 def command(
     input: Annotated[str, typer.Argument(help="Parquet or CSV file (local path or fsspec URL).")],
     output: Output,
@@ -90,22 +71,5 @@ def command(
     ] = None,
     size: Annotated[str, typer.Option("--size", help="Image size as WIDTHxHEIGHT.")] = DEFAULT_SIZE,
     n: Annotated[int, typer.Option("--n", help="Images per prompt (one output row each).")] = 1,
-    id_col: IdCol = "id",
-    provider: Provider = "gemini",
-    base_url: BaseUrl = None,
-    api_key_env: ApiKeyEnv = None,
-    rpm: Rpm = None,
-    tpm: Tpm = None,
-    max_concurrency: MaxConcurrency = 16,
-    chunk_size: ChunkSize = 2000,
-    limit: Limit = None,
-    retry_errors: RetryErrors = False,
-    timeout: Timeout = 120.0,
-    no_progress: NoProgress = False,
-    dry_run: DryRun = False,
-    max_cost_usd: MaxCostUsd = None,
-    force: Force = False,
-    api_key_secret: ApiKeySecret = None,
 ) -> None:
     """Generate images from a prompt column: PNGs in OUTPUT/images/, one row per image."""
-    run_command(images_flow, images_job, common_params(**locals()))

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import sys
+from collections.abc import Callable
 from typing import Annotated, Any
 
 import typer
@@ -48,6 +50,46 @@ ApiKeySecret = Annotated[
     str | None, typer.Option("--api-key-secret", help="Name of a Prefect Secret block holding the key.")
 ]
 NoProgress = Annotated[bool, typer.Option("--no-progress", help="No progress bar.")]
+
+
+def _common_options(
+    id_col: IdCol = "id",
+    provider: Provider = "gemini",
+    base_url: BaseUrl = None,
+    api_key_env: ApiKeyEnv = None,
+    api_key_secret: ApiKeySecret = None,
+    rpm: Rpm = None,
+    tpm: Tpm = None,
+    max_concurrency: MaxConcurrency = 16,
+    chunk_size: ChunkSize = 2000,
+    limit: Limit = None,
+    retry_errors: RetryErrors = False,
+    timeout: Timeout = 120.0,
+    dry_run: DryRun = False,
+    max_cost_usd: MaxCostUsd = None,
+    force: Force = False,
+    no_progress: NoProgress = False,
+) -> None:
+    """The options every job command takes after its own (a signature template, never called)."""
+
+
+def job_command(flow: Callable[..., Any], build_job: Callable[[dict[str, Any]], Any]):
+    """Make a job's command from a function declaring only its own arguments and options: the common
+    options are appended to its signature (typer reads that), and calling it runs ``flow``."""
+
+    def decorate(func: Callable[..., None]) -> Callable[..., None]:
+        own = list(inspect.signature(func, eval_str=True).parameters.values())
+        common = list(inspect.signature(_common_options, eval_str=True).parameters.values())
+
+        def command(**values: Any) -> None:
+            run_command(flow, build_job, common_params(**values))
+
+        command.__name__, command.__doc__ = func.__name__, func.__doc__
+        command.__signature__ = inspect.Signature([*own, *common], return_annotation=None)
+        command.__annotations__ = {p.name: p.annotation for p in (*own, *common)}
+        return command
+
+    return decorate
 
 
 def common_params(**values: Any) -> dict[str, Any]:

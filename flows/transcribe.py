@@ -8,27 +8,7 @@ import typer
 from prefect import flow
 
 from flows.common import run_flow_job
-from flows.options import (
-    ApiKeyEnv,
-    ApiKeySecret,
-    BaseUrl,
-    ChunkSize,
-    DryRun,
-    Force,
-    IdCol,
-    Limit,
-    MaxConcurrency,
-    MaxCostUsd,
-    NoProgress,
-    Output,
-    Provider,
-    RetryErrors,
-    Rpm,
-    Timeout,
-    Tpm,
-    common_params,
-    run_command,
-)
+from flows.options import Output, job_command
 from tasks.client import DEFAULT_TIMEOUT_S
 from tasks.limits import DEFAULT_MAX_CONCURRENCY
 from tasks.media import base_dir_of
@@ -93,6 +73,7 @@ def _check_api(value: str) -> str:
     return value
 
 
+@job_command(transcribe_flow, transcribe_job)
 def command(
     input: Annotated[str, typer.Argument(help="Parquet or CSV file (local path or fsspec URL).")],
     output: Output,
@@ -122,22 +103,5 @@ def command(
     max_inline_bytes: Annotated[
         int, typer.Option("--max-inline-bytes", help="Largest request payload per file (Gemini: 20 MB inline).")
     ] = MAX_INLINE_BYTES,
-    id_col: IdCol = "id",
-    provider: Provider = "gemini",
-    base_url: BaseUrl = None,
-    api_key_env: ApiKeyEnv = None,
-    rpm: Rpm = None,
-    tpm: Tpm = None,
-    max_concurrency: MaxConcurrency = 16,
-    chunk_size: ChunkSize = 2000,
-    limit: Limit = None,
-    retry_errors: RetryErrors = False,
-    timeout: Timeout = 120.0,
-    no_progress: NoProgress = False,
-    dry_run: DryRun = False,
-    max_cost_usd: MaxCostUsd = None,
-    force: Force = False,
-    api_key_secret: ApiKeySecret = None,
 ) -> None:
     """Transcribe an audio column: one transcript (and duration where known) per file."""
-    run_command(transcribe_flow, transcribe_job, common_params(**locals()))
