@@ -84,7 +84,21 @@ def models(
         console.print(name)
 
 
+def _limit_malloc_arenas() -> None:
+    # Chunks are read and written on worker threads; glibc gives each thread its own malloc arena, and
+    # the arenas keep freed vector buffers, so peak RSS crept up with the input's length. Two arenas
+    # keep it flat (measured in benchmarks/bench_embed.py).
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL("libc.so.6").mallopt(-8, 2)  # M_ARENA_MAX
+        except (OSError, AttributeError):
+            pass
+
+
 def main() -> None:
+    _limit_malloc_arenas()
     # Prefect's temporary server would try to send telemetry; many batch hosts have no way out.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     try:
