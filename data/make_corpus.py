@@ -366,9 +366,7 @@ def build_table() -> pa.Table:
         assert s == s.strip() and "\n" not in s, s
     texts = SENTENCES + [SENTENCES[i] for i in DUPLICATE_OF]
     ids = list(range(1, len(texts) + 1))
-    return pa.table(
-        {"id": pa.array(ids, type=pa.int64()), "text": pa.array(texts, type=pa.string())}
-    )
+    return pa.table({"id": pa.array(ids, type=pa.int64()), "text": pa.array(texts, type=pa.string())})
 
 
 def main() -> None:

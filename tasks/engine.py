@@ -343,6 +343,7 @@ async def _send(ctx: RunContext, items: list[Item], outcomes: dict[str, Outcome 
             return
         attempts += 1
         failure: Failure | None = None
+        reply: Reply | None = None
         reservation = 0.0
         if ctx.budget is not None:
             reservation = ctx.budget.reserve(estimate)
@@ -367,7 +368,7 @@ async def _send(ctx: RunContext, items: list[Item], outcomes: dict[str, Outcome 
         finally:
             if ctx.budget is not None:
                 ctx.budget.release(reservation)
-                if failure is None and "reply" in locals():
+                if failure is None and reply is not None:
                     ctx.budget.charge(reply.prompt_tokens, reply.total_tokens)
         if failure is None:
             stats.prompt_tokens += reply.prompt_tokens

@@ -70,13 +70,6 @@ class InputSource:
             except pa.ArrowInvalid as exc:
                 raise self._csv_error(exc, rows_before=0) from None
 
-    def num_rows(self) -> int | None:
-        """Known without a pass over the data for Parquet only."""
-        if self.format != "parquet":
-            return None
-        with self._open() as f:
-            return pq.ParquetFile(f).metadata.num_rows
-
     def require_columns(self, needed: list[str]) -> None:
         have = self.columns()
         missing = [c for c in needed if c not in have]

@@ -9,7 +9,7 @@ from typing import Any
 from tasks.budget import Budget
 from tasks.client import ProviderSettings, check_model, open_connection, require_key
 from tasks.engine import ChunkRunner, Job, RetryPolicy, RunContext, process_chunk
-from tasks.errors import GembatchError, RunStopped
+from tasks.errors import GembatchError
 from tasks.io import InputSource, check_ids
 from tasks.limits import AdaptiveLimiter, Limits
 from tasks.metadata import counts, new_run_id, package_versions, usage, utc_now
@@ -216,9 +216,3 @@ def _status(ctx: RunContext, error: BaseException | None) -> tuple[str, str]:
     if ctx.stopped is not None:
         return ctx.stopped.status, str(ctx.stopped)
     return "completed", ""
-
-
-def raise_if_stopped(document: dict[str, Any]) -> None:
-    """For callers that want an exception when a run ended early (daily quota, key rejected)."""
-    if document["status"] != "completed":
-        raise RunStopped(document["status"], document["message"])

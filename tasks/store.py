@@ -103,9 +103,6 @@ class OutputStore:
     def error_files(self) -> list[str]:
         return self._parts(self._join(ERRORS_DIR))
 
-    def join(self, *parts: str) -> str:
-        return self._join(*parts)
-
     # -- reading ----------------------------------------------------------------------------------
     def scan(self, id_col: str) -> DoneIndex:
         index = DoneIndex()
@@ -133,10 +130,6 @@ class OutputStore:
         first_id = keys.group_by("content_hash").agg(pl.col(id_col).first().alias("_first"))
         rows = keys.join(first_id, on="content_hash").filter(pl.col(id_col) == pl.col("_first"))["index"]
         return table.take(pa.array(rows.sort().to_list(), pa.int64()))
-
-    def existing_schema(self) -> pa.Schema | None:
-        files = self.result_files()
-        return pq.read_schema(files[0], filesystem=self.fs) if files else None
 
     # -- writing ----------------------------------------------------------------------------------
     def write_part(self, table: pa.Table, *, errors: bool, run_id: str, id_col: str) -> str:
