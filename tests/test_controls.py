@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from conftest import TEST_KEY_ENV, assert_balanced, read_output, write_corpus
+from conftest import REPO, TEST_KEY_ENV, assert_balanced, read_output, write_corpus
 from test_embed import assert_vectors_match, run_embed
 
 from tasks.client import ProviderSettings
@@ -88,3 +88,48 @@ def test_an_output_folder_belongs_to_one_job_and_model_unless_forced(emulator, t
     assert doc["status"] == "completed" and doc["counts"]["succeeded"] == 3
     out = read_output(tmp_path / "out")
     assert out.height == 3 and set(out["model"]) == {"text-embedding-3-small"}  # the newer rows superseded
+
+
+def test_dry_run_prices_images_by_tile_and_audio_by_the_second(tmp_path):
+    """Gemini's rules, written out here: 258 tokens for an image up to 384 px both sides, else 258 per
+    768×768 tile of what is sent (after --max-side); 32 tokens per second of audio; prompt at 4 chars."""
+    import math
+    import wave
+
+    from PIL import Image
+
+    from tasks.caption import DEFAULT_CAPTION_PROMPT, CaptionJob
+    from tasks.media import base_dir_of
+    from tasks.transcribe import TranscribeJob
+
+    data = REPO / "data"
+
+    def tiles(width: int, height: int, max_side: int = 1536) -> int:
+        scale = min(1.0, max_side / max(width, height))
+        w, h = round(width * scale), round(height * scale)
+        return 1 if w <= 384 and h <= 384 else math.ceil(w / 768) * math.ceil(h / 768)
+
+    def plan(job, csv):
+        options = RunOptions(input=str(csv), output=str(tmp_path / job.name), dry_run=True)
+        return asyncio.run(plan_job(job, options))
+
+    images = [line.split(",")[1] for line in (data / "images.csv").read_text().splitlines()[1:]]
+    sizes = [Image.open(data / path).size for path in images]
+    prompt_tokens = (len(DEFAULT_CAPTION_PROMPT) + 3) // 4
+    caption = plan(CaptionJob(model="gemini-2.5-flash", base_dir=base_dir_of(str(data / "images.csv"))),
+                   data / "images.csv")  # fmt: skip
+    assert caption["estimate"]["input_tokens"] == sum(258 * tiles(w, h) + prompt_tokens for w, h in sizes)
+    assert (2000, 400) in sizes  # the banner is sent at 1536x307: two tiles, not three
+
+    clips = [line.split(",")[1] for line in (data / "audio.csv").read_text().splitlines()[1:]]
+    wavs = [c for c in clips if c.endswith(".wav")]
+    transcribe = TranscribeJob(model="gemini-2.5-flash", base_dir=base_dir_of(str(data / "audio.csv")))
+    wav_csv = tmp_path / "wavs.csv"
+    wav_csv.write_text("id,audio\n" + "".join(f"{i},{(data / c).as_posix()}\n" for i, c in enumerate(wavs)))
+    seconds = []
+    for clip in wavs:
+        with wave.open(str(data / clip)) as w:
+            seconds.append(w.getnframes() / w.getframerate())
+    prompt_tokens = (len(transcribe.effective_prompt) + 3) // 4
+    expected = sum(math.ceil(s * 32) + prompt_tokens for s in seconds)
+    assert plan(transcribe, wav_csv)["estimate"]["input_tokens"] == expected
