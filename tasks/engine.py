@@ -38,6 +38,7 @@ __all__ = [
     "ChunkReport",
     "content_hash",
     "process_chunk",
+    "row_status",
 ]
 
 # After a stop (daily quota, fatal error) requests already in flight get this long to finish: their
@@ -238,8 +239,27 @@ def content_hash(fields: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-# Where a row's result comes from.
-DONE, PREV_ERROR, INVALID, OWN, SAME, PEER, STORED = range(7)
+# Where a row's result comes from. NEW: nothing in the output yet; the chunk decides among the rest.
+DONE, PREV_ERROR, INVALID, OWN, SAME, PEER, STORED, NEW = range(8)
+
+
+def row_status(
+    index: DoneIndex, job: Job, row_id: Any, payload: dict[str, Any], prep: Prepared | RowInvalid, *, retry_errors: bool
+) -> tuple[str, int]:
+    """A row's content hash and what the output already says of it: INVALID, PREV_ERROR, DONE or NEW.
+
+    Shared by a run and a dry run, so both skip and count the same rows.
+    """
+    if isinstance(prep, RowInvalid):
+        h = content_hash({"invalid": payload, "job": job.name, "model": job.model})
+    else:
+        h = content_hash(prep.fields)
+    key = pair_key(row_id, h)
+    if key in index.done_pairs:
+        return h, DONE
+    if key in index.errored_pairs and not retry_errors:
+        return h, PREV_ERROR
+    return h, INVALID if isinstance(prep, RowInvalid) else NEW
 
 
 async def process_chunk(ctx: RunContext, chunk: pa.Table, index: int, first_row: int) -> ChunkReport:
@@ -261,19 +281,12 @@ async def process_chunk(ctx: RunContext, chunk: pa.Table, index: int, first_row:
     # Deciding who owns which content is synchronous: no other chunk runs in between.
     for pos in range(n):
         prep = prepared[pos]
-        if isinstance(prep, RowInvalid):
-            h = hashes[pos] = content_hash({"invalid": payloads[pos], "job": job.name, "model": job.model})
-        else:
-            h = hashes[pos] = content_hash(prep.fields)
-        key = pair_key(ids[pos], h)
-        if isinstance(prep, RowInvalid):
-            invalid_before = key in ctx.index.errored_pairs and not ctx.retry_errors
-            source[pos] = PREV_ERROR if invalid_before else INVALID
-            invalid[pos] = str(prep)
-        elif key in ctx.index.done_pairs:
-            source[pos] = DONE
-        elif key in ctx.index.errored_pairs and not ctx.retry_errors:
-            source[pos] = PREV_ERROR
+        h, status = row_status(ctx.index, job, ids[pos], payloads[pos], prep, retry_errors=ctx.retry_errors)
+        hashes[pos] = h
+        if status != NEW:
+            source[pos] = status
+            if isinstance(prep, RowInvalid):
+                invalid[pos] = str(prep)
         elif h in own:
             source[pos] = SAME
         elif h in ctx.inflight:

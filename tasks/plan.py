@@ -6,13 +6,15 @@ import asyncio
 import math
 from typing import Any
 
-from tasks.engine import Job, RowInvalid, content_hash, prepare_rows
+from tasks.engine import DONE, INVALID, NEW, PREV_ERROR, Job, prepare_rows, row_status
 from tasks.io import InputSource, check_ids
 from tasks.prices import estimate_cost_usd
 from tasks.run import RunOptions
-from tasks.store import OutputStore, hash_key, pair_key
+from tasks.store import OutputStore, hash_key
 
 __all__ = ["plan_job"]
+
+COUNT_OF = {DONE: "skipped_done", PREV_ERROR: "failed_before", INVALID: "invalid"}
 
 
 async def plan_job(job: Job, options: RunOptions) -> dict[str, Any]:
@@ -37,16 +39,9 @@ async def plan_job(job: Job, options: RunOptions) -> dict[str, Any]:
         prepared = await asyncio.to_thread(prepare_rows, job, payloads)
         own_in_chunk = 0
         for row_id, payload, prep in zip(ids, payloads, prepared):
-            if isinstance(prep, RowInvalid):
-                h = content_hash({"invalid": payload, "job": job.name, "model": job.model})
-                key = "failed_before" if pair_key(row_id, h) in index.errored_pairs else "invalid"
-                counts[key] += 1
-                continue
-            h = content_hash(prep.fields)
-            if pair_key(row_id, h) in index.done_pairs:
-                counts["skipped_done"] += 1
-            elif pair_key(row_id, h) in index.errored_pairs and not options.retry_errors:
-                counts["failed_before"] += 1
+            h, status = row_status(index, job, row_id, payload, prep, retry_errors=options.retry_errors)
+            if status != NEW:
+                counts[COUNT_OF[status]] += 1
             elif hash_key(h) in planned or hash_key(h) in index.known_hashes:
                 counts["deduplicated"] += 1
             else:
