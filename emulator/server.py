@@ -75,6 +75,7 @@ _QUOTAS: dict[str, tuple[str, str]] = {
     ),
 }
 _MARKER_PREFIX = "[[emulator:"
+STATS_PATH = "/_emulator/stats"
 
 
 @dataclass(kw_only=True)
@@ -85,6 +86,9 @@ class EmulatorConfig:
     rpd: int | None = None
     window_seconds: float = 60.0
     latency_seconds: float = 0.0
+    # Lognormal spread of the latency (sigma of the log; 0 = every answer takes latency_seconds).
+    # The mean stays latency_seconds, like a real model whose answers take 0.3x-3x the typical time.
+    latency_jitter: float = 0.0
     fault_rate_500: float = 0.0
     fault_rate_503: float = 0.0
     fault_rate_hang: float = 0.0
@@ -207,6 +211,8 @@ class _Limiter:
         self.token_sums: dict[str, int] = {}
         self.day_counts: dict[str, int] = {}
         self.day: dt.date | None = None
+        # When each admitted request arrived (all models): benchmarks check every window against the limit.
+        self.admitted: deque[float] = deque(maxlen=1_000_000)
 
     def check(self, model: str, tokens: int, cfg: EmulatorConfig) -> None:
         now = time.monotonic()
@@ -243,6 +249,7 @@ class _Limiter:
             raise _rate_limited("tpm", cfg.tpm, model, delay)
 
         reqs.append(now)
+        self.admitted.append(now)
         toks.append((now, tokens))
         self.token_sums[model] = total + tokens
         self.day_counts[model] = self.day_counts.get(model, 0) + 1
@@ -657,6 +664,17 @@ class Emulator:
 
         self._loop.call_soon_threadsafe(reset)
 
+    def busiest_window(self, seconds: float | None = None) -> int:
+        """The most requests admitted within any window of ``seconds`` (default: the rate window)."""
+        window = seconds or self._config.window_seconds
+        times = list(self._limiter.admitted)
+        best, lo = 0, 0
+        for hi, t in enumerate(times):
+            while times[lo] <= t - window:
+                lo += 1
+            best = max(best, hi - lo + 1)
+        return best
+
     def _bump(self, key: str, n: int = 1, sub: str | int | None = None) -> None:
         with self._stats_lock:
             if sub is None:
@@ -739,6 +757,11 @@ class Emulator:
         """Answer one request; False when the connection must close."""
         cfg = self._config
         keep_alive = req.keep_alive()
+        if req.method == "GET" and req.path.split("?")[0] == STATS_PATH:
+            # For benchmarks that drive an emulator in another process (no key: it holds no data).
+            stats = {**self.stats, "busiest_window": self.busiest_window(), "window_seconds": cfg.window_seconds}
+            await self._write(writer, _json_response(stats), keep_alive=keep_alive)
+            return keep_alive
         self._bump("requests")
         with self._stats_lock:
             self._stats["in_flight"] += 1
@@ -750,14 +773,13 @@ class Emulator:
                 self._bump("by_route", sub=route)
                 if req.method == "POST":
                     fault = self._pick_fault(cfg)
-            if cfg.latency_seconds > 0:
-                await asyncio.sleep(cfg.latency_seconds)
             if route is None:
                 resp = ApiError(404, "NOT_FOUND", f"Unknown route: {req.method} {req.path}").response()
             elif not self._authorised(req, cfg):
                 resp = _bad_key().response()
             elif fault is not None:
                 self._bump("faults", sub=fault)
+                await self._delay(cfg)
                 return await self._transport_fault(fault, writer, keep_alive, cfg)
             else:
                 try:
@@ -766,16 +788,30 @@ class Emulator:
                     resp = e.response()
                 except _TransportFault as tf:
                     self._bump("faults", sub=f"marker:{tf.kind}")
+                    await self._delay(cfg)
                     kind = "garbage-json" if tf.kind == "garbage" else tf.kind
                     return await self._transport_fault(kind, writer, keep_alive, cfg)
                 except Exception:
                     log.exception("emulator handler failed for %s %s", req.method, req.path)
                     resp = _internal().response()
+                # Limits are counted when a request arrives (as a real server does); a 429 answers at
+                # once, work that was done takes the model's time.
+                if resp.status != 429:
+                    await self._delay(cfg)
         finally:
             with self._stats_lock:
                 self._stats["in_flight"] -= 1
         await self._write(writer, resp, keep_alive=keep_alive)
         return keep_alive
+
+    async def _delay(self, cfg: EmulatorConfig) -> None:
+        if cfg.latency_seconds <= 0:
+            return
+        seconds = cfg.latency_seconds
+        if cfg.latency_jitter > 0:
+            sigma = cfg.latency_jitter
+            seconds *= math.exp(self._rng.gauss(0.0, sigma) - sigma * sigma / 2)
+        await asyncio.sleep(seconds)
 
     def _authorised(self, req: Request, cfg: EmulatorConfig) -> bool:
         auth = req.headers.get("authorization", "")

@@ -49,7 +49,10 @@ def emulator(
     tpm: Annotated[int | None, typer.Option("--tpm", help="Input tokens per window before 429s.")] = None,
     rpd: Annotated[int | None, typer.Option("--rpd", help="Requests per day before a PerDay 429.")] = None,
     window: Annotated[float, typer.Option("--window", help="Rate window in seconds.")] = 60.0,
-    latency: Annotated[float, typer.Option("--latency", help="Seconds added to every answer.")] = 0.0,
+    latency: Annotated[float, typer.Option("--latency", help="Seconds added to every answer (the mean).")] = 0.0,
+    latency_jitter: Annotated[
+        float, typer.Option("--latency-jitter", help="Lognormal spread of the latency (sigma; 0 = fixed).")
+    ] = 0.0,
     fault_rate: Annotated[float, typer.Option("--fault-rate", help="Share of POSTs answered 503.")] = 0.0,
 ) -> None:
     """Serve the local OpenAI-compatible emulator (Gemini's quirks included) until Ctrl-C."""
@@ -63,6 +66,7 @@ def emulator(
         rpd=rpd,
         window_seconds=window,
         latency_seconds=latency,
+        latency_jitter=latency_jitter,
         fault_rate_503=fault_rate,
     )
     if api_key_env not in os.environ:
