@@ -12,7 +12,7 @@ from prefect.states import Failed
 from tasks.client import DEFAULT_TIMEOUT_S, ProviderSettings
 from tasks.engine import Job, process_chunk
 from tasks.errors import GembatchError
-from tasks.limits import DEFAULT_MAX_CONCURRENCY, Limits
+from tasks.limits import Limits
 from tasks.metadata import summary_rows
 from tasks.run import DEFAULT_CHUNK_SIZE, RunOptions, run_job
 
@@ -35,7 +35,7 @@ COMMON_DEFAULTS: dict[str, Any] = {
     "api_key_env": None,
     "rpm": None,
     "tpm": None,
-    "max_concurrency": DEFAULT_MAX_CONCURRENCY,
+    "max_concurrency": None,
     "chunk_size": DEFAULT_CHUNK_SIZE,
     "limit": None,
     "retry_errors": False,
@@ -58,7 +58,7 @@ def run_options(
     api_key_env: str | None,
     rpm: float | None,
     tpm: float | None,
-    max_concurrency: int,
+    max_concurrency: int | None,
     chunk_size: int,
     limit: int | None,
     retry_errors: bool,

@@ -11,7 +11,6 @@ from flows.common import run_flow_job
 from flows.options import Output, job_command
 from tasks.client import DEFAULT_TIMEOUT_S
 from tasks.embed import MAX_INPUTS_PER_REQUEST, EmbedJob
-from tasks.limits import DEFAULT_MAX_CONCURRENCY
 from tasks.prices import default_model
 from tasks.run import DEFAULT_CHUNK_SIZE
 
@@ -32,7 +31,7 @@ async def embed_flow(
     api_key_env: str | None = None,
     rpm: float | None = None,
     tpm: float | None = None,
-    max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
+    max_concurrency: int | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     limit: int | None = None,
     retry_errors: bool = False,

@@ -13,7 +13,6 @@ from flows.options import Output, job_command
 from tasks.client import DEFAULT_TIMEOUT_S
 from tasks.errors import ConfigError
 from tasks.extract import ExtractJob, import_model
-from tasks.limits import DEFAULT_MAX_CONCURRENCY
 from tasks.prices import default_model
 from tasks.run import DEFAULT_CHUNK_SIZE
 
@@ -36,7 +35,7 @@ async def extract_flow(
     api_key_env: str | None = None,
     rpm: float | None = None,
     tpm: float | None = None,
-    max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
+    max_concurrency: int | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     limit: int | None = None,
     retry_errors: bool = False,

@@ -30,7 +30,13 @@ BaseUrl = Annotated[
 ApiKeyEnv = Annotated[str | None, typer.Option("--api-key-env", help="Environment variable that holds the key.")]
 Rpm = Annotated[float | None, typer.Option("--rpm", help="Requests per minute allowed (your quota).")]
 Tpm = Annotated[float | None, typer.Option("--tpm", help="Input tokens per minute allowed (your quota).")]
-MaxConcurrency = Annotated[int, typer.Option("--max-concurrency", help="Requests in flight at most.")]
+MaxConcurrency = Annotated[
+    int | None,
+    typer.Option(
+        "--max-concurrency",
+        help="Your own cap on requests in flight (default: as many as --rpm and the latency need, at most 1024).",
+    ),
+]
 ChunkSize = Annotated[
     int, typer.Option("--chunk-size", help="Rows per chunk (one Prefect task and one part file each).")
 ]  # noqa: E501
@@ -60,7 +66,7 @@ def _common_options(
     api_key_secret: ApiKeySecret = None,
     rpm: Rpm = None,
     tpm: Tpm = None,
-    max_concurrency: MaxConcurrency = 16,
+    max_concurrency: MaxConcurrency = None,
     chunk_size: ChunkSize = 2000,
     limit: Limit = None,
     retry_errors: RetryErrors = False,

@@ -15,6 +15,7 @@ import openai
 from openai import AsyncOpenAI
 
 from tasks.errors import ConfigError, RunStopped
+from tasks.limits import MAX_IN_FLIGHT
 
 __all__ = [
     "PROVIDERS",
@@ -105,6 +106,21 @@ class Connection:
             self.emulator.stop()
 
 
+def _allow_sockets(needed: int) -> None:
+    """Raise the soft open-files limit when it is below what the in-flight ceiling may use."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            pass
+
+
 def require_key(settings: ProviderSettings) -> str:
     """The key from its environment variable; a clear error naming the variable if it is missing."""
     env = settings.key_env
@@ -151,13 +167,21 @@ def open_connection(settings: ProviderSettings) -> Connection:
     else:
         base_url = settings.base_url or PROVIDERS[settings.provider].base_url
         api_key = require_key(settings)
+    timeout = httpx2.Timeout(settings.timeout_s, connect=DEFAULT_CONNECT_TIMEOUT_S)
     client = AsyncOpenAI(
         base_url=base_url,
         api_key=api_key,
         # The SDK's own retries ignore Gemini's retryDelay; the engine retries instead.
         max_retries=0,
-        timeout=httpx2.Timeout(settings.timeout_s, connect=DEFAULT_CONNECT_TIMEOUT_S),
+        timeout=timeout,
+        # One kept-alive connection per request the limiter lets fly (the SDK keeps only 100 alive,
+        # so a run at high rate × latency would reconnect for most requests).
+        http_client=openai.DefaultAsyncHttpxClient(
+            timeout=timeout,
+            limits=httpx2.Limits(max_connections=MAX_IN_FLIGHT, max_keepalive_connections=MAX_IN_FLIGHT),
+        ),
     )
+    _allow_sockets(MAX_IN_FLIGHT + 256)
     return Connection(client=client, base_url=base_url, provider=settings.provider, api_key=api_key, emulator=emulator)
 
 

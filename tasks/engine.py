@@ -214,6 +214,9 @@ class RunContext:
         self.on_progress = on_progress or (lambda rows: None)
         self.inflight: dict[str, asyncio.Future[Outcome | None]] = {}
         self.stop_event = asyncio.Event()
+        # Chunks between starting and queueing their requests (the driver waits for them before
+        # deciding the limiter is starved of work).
+        self.preparing = 0
         self.stopped: RunStopped | None = None
         self.budget: Budget | None = budget
 
@@ -276,7 +279,11 @@ async def process_chunk(ctx: RunContext, chunk: pa.Table, index: int, first_row:
     stored: set[str] = set()
 
     payloads = [{c: columns[c][pos] for c in job.input_columns} for pos in range(n)]
-    prepared = await asyncio.to_thread(prepare_rows, job, payloads)
+    ctx.preparing += 1
+    try:
+        prepared = await asyncio.to_thread(prepare_rows, job, payloads)
+    finally:
+        ctx.preparing -= 1
 
     # Deciding who owns which content is synchronous: no other chunk runs in between.
     for pos in range(n):

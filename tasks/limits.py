@@ -1,16 +1,32 @@
-"""Client-side rate limiting: requests/minute, tokens/minute and requests in flight.
+"""Client-side rate limiting: requests/minute, tokens/minute, and how many requests are in flight.
 
-The rule after a 429 (also in the README): the request rate is halved at once (never below
-``MIN_RPM``), at most once per burst of 429s — a 429 for a request sent before the last cut does not
-cut again. After ``RECOVERY_INTERVAL_S`` seconds without a 429 the rate grows by ``RECOVERY_STEP`` of
-the configured rate (or of the current rate when no ``--rpm`` was given), until it is back at
-``--rpm``. Without ``--rpm`` there is no request limit until the first 429; the limiter then starts
-from half the rate it observed over the last minute.
+A user's quota is a rate (RPM, TPM), never a number of requests in flight: that number follows from
+the rate and the latency (Little's law: in flight = rate × latency). So:
+
+- With ``--rpm`` (or ``--tpm``) requests start evenly spaced at the declared rate and as many run at
+  once as the latency needs, up to a safety ceiling (``MAX_IN_FLIGHT``: sockets and memory).
+- Without any rate, requests in flight start at ``START_IN_FLIGHT`` and double while each doubling
+  still raises the completion rate (slow start); once it stops helping, the limit holds, and it
+  probes again a minute later.
+- ``--max-concurrency`` is only a user's own lower cap.
+
+A declared ``--rpm`` is never exceeded in any 60-second window as the server counts it: starts are
+spaced ``60 / rpm`` apart, and no start is allowed while ``rpm`` others fall within the last
+``60 + WINDOW_GUARD_S`` seconds (room for arrival-time jitter at the server), which costs 0.8%.
+
+The rule after a 429 (also in the README): with a declared ``--rpm``, a lone 429 only delays its own
+request (by the server's retry delay); a second 429 within a minute means the real limit is lower,
+and the rate is halved. Without ``--rpm`` the first 429 sets the rate to half of what was observed
+over the last minute. A cut happens at most once per burst of 429s (a 429 for a request sent before
+the last cut does not cut again) and pauses new requests for one interval at the new rate, or the
+server's retry delay if longer. After ``RECOVERY_INTERVAL_S`` seconds without a 429 the rate grows by
+``RECOVERY_STEP`` of the declared rate (or of the current one), until it is back at ``--rpm``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import deque
 from collections.abc import AsyncIterator
@@ -19,12 +35,22 @@ from dataclasses import dataclass
 
 from aiolimiter import AsyncLimiter
 
-__all__ = ["Limits", "AdaptiveLimiter"]
+__all__ = ["Limits", "AdaptiveLimiter", "MAX_IN_FLIGHT"]
 
-DEFAULT_MAX_CONCURRENCY = 16
+# The safety ceiling on requests in flight: one socket each, and each holds its request body and, for
+# a while, its reply. 1,024 carries 2,000 requests a minute at 30 s latency.
+MAX_IN_FLIGHT = 1024
+START_IN_FLIGHT = 16
+# A doubling of requests in flight must raise the completion rate by this much to count as needed.
+PROBE_GAIN = 1.10
+PROBE_AGAIN_S = 60.0
 MIN_RPM = 1.0
+WINDOW_S = 60.0
+WINDOW_GUARD_S = 0.5
 RECOVERY_INTERVAL_S = 10.0
 RECOVERY_STEP = 0.10
+# With a declared --rpm, this many 429s within a minute are taken as jitter at the window's edge.
+TOLERATED_429_PER_MINUTE = 1
 # Tokens may arrive in bursts of at most this many seconds' worth of the TPM budget, so no
 # 60-second window ever sees much more than the budget.
 TPM_BURST_SECONDS = 6.0
@@ -32,46 +58,114 @@ TPM_BURST_SECONDS = 6.0
 
 @dataclass(frozen=True, kw_only=True)
 class Limits:
-    """What the provider allows this run: None means no client-side limit."""
+    """What the provider allows this run: None means no client-side limit (or automatic)."""
 
     rpm: float | None = None
     tpm: float | None = None
-    max_concurrency: int = DEFAULT_MAX_CONCURRENCY
+    max_concurrency: int | None = None
+    # The provider's rate window: "per minute" quotas are counted over a sliding 60 s. Tests shorten it
+    # (with the emulator's window) so that a window's worth of requests takes a second.
+    window_s: float = WINDOW_S
 
     def __post_init__(self) -> None:
         for name in ("rpm", "tpm"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"--{name} must be a positive number, got {value}")
-        if self.max_concurrency < 1:
+        if self.window_s <= 0:
+            raise ValueError(f"the rate window must be positive, got {self.window_s}")
+        if self.max_concurrency is not None and self.max_concurrency < 1:
             raise ValueError(f"--max-concurrency must be at least 1, got {self.max_concurrency}")
+
+    @property
+    def ceiling(self) -> int:
+        return min(self.max_concurrency or MAX_IN_FLIGHT, MAX_IN_FLIGHT)
+
+
+class _Gate:
+    """A semaphore whose size can change while tasks wait on it."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.active = 0
+        self.waiting = 0
+        self.saturated = False
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    async def acquire(self) -> None:
+        while self.active >= self.limit:
+            self.saturated = True
+            future = asyncio.get_running_loop().create_future()
+            self._waiters.append(future)
+            self.waiting += 1
+            try:
+                await future
+            finally:
+                self.waiting -= 1
+        self.active += 1
+
+    def release(self) -> None:
+        self.active -= 1
+        self._wake()
+
+    def resize(self, limit: int) -> None:
+        self.limit = limit
+        self._wake()
+
+    def _wake(self) -> None:
+        free = self.limit - self.active
+        while free > 0 and self._waiters:
+            future = self._waiters.popleft()
+            if not future.done():
+                future.set_result(None)
+                free -= 1
 
 
 class AdaptiveLimiter:
-    """Paces requests evenly under RPM and TPM and backs off on 429s.
-
-    Requests are spaced ``60 / rpm`` seconds apart (a bucket of one request), so no 60-second window
-    ever holds more than ``rpm`` requests: a larger burst would trip a sliding-window limit.
-    """
+    """Paces requests under RPM and TPM, sizes the requests in flight, and backs off on 429s."""
 
     def __init__(self, limits: Limits, *, clock=time.monotonic) -> None:
         self.limits = limits
         self._clock = clock
-        self._in_flight = asyncio.Semaphore(limits.max_concurrency)
         self._rpm: float | None = limits.rpm
-        self._rpm_bucket = _pacer(limits.rpm)
-        self._tpm_bucket = AsyncLimiter(limits.tpm * TPM_BURST_SECONDS / 60, TPM_BURST_SECONDS) if limits.tpm else None
+        self._next_start = 0.0
+        self._turn = asyncio.Lock()
+        self._queued = 0
+        self._sending = 0
+        self.peak_sending = 0
+        burst = TPM_BURST_SECONDS * limits.window_s / WINDOW_S
+        self._tpm_bucket = AsyncLimiter(limits.tpm * burst / limits.window_s, burst) if limits.tpm else None
+        self._window = limits.window_s
+        # Arrival jitter is absolute (the network, a busy event loop), not a share of the window.
+        self._guard = min(WINDOW_GUARD_S, limits.window_s * 0.05)
+        self._probing = limits.rpm is None and limits.tpm is None and limits.ceiling > START_IN_FLIGHT
+        self._gate = _Gate(START_IN_FLIGHT if self._probing else limits.ceiling)
+        self._probe = _Probe(self._gate.limit, clock())
         self._last_change = clock()
         self._resume_at = 0.0
         self._recent_starts: deque[float] = deque()
+        self._recent_429s: deque[float] = deque()
         self.rate_cuts = 0
+        self.tolerated_429s = 0
         self.min_rpm_seen: float | None = limits.rpm
         self._reported_tokens = 0
         self._estimated_tokens = 0
+        self._latency_sum = 0.0
+        self._latency_count = 0
 
     @property
     def current_rpm(self) -> float | None:
         return self._rpm
+
+    @property
+    def in_flight_limit(self) -> int:
+        return self._gate.limit
+
+    @property
+    def starved(self) -> bool:
+        """True when no request is waiting for its turn and the in-flight limit has room: the run
+        needs more rows on hand (more chunks) to reach the rate."""
+        return self._queued == 0 and self._gate.active < self._gate.limit
 
     @property
     def token_correction(self) -> float:
@@ -83,26 +177,95 @@ class AdaptiveLimiter:
     @asynccontextmanager
     async def slot(self, estimated_tokens: int) -> AsyncIterator[float]:
         """Wait for a free slot under every limit; yields the time the request started."""
-        async with self._in_flight:
-            self._maybe_recover()
-            while True:
-                pause = self._resume_at - self._clock()
-                if pause > 0:
-                    await asyncio.sleep(pause)
-                    continue
-                bucket = self._rpm_bucket
-                if bucket is not None:
-                    await bucket.acquire()
-                    # The rate may have been cut while this request waited: wait again under the new one.
-                    if bucket is not self._rpm_bucket or self._resume_at > self._clock():
-                        continue
-                break
-            await self._take_tokens(round(estimated_tokens * self.token_correction))
+        self._queued += 1
+        try:
+            await self._gate.acquire()
+        except BaseException:
+            self._queued -= 1
+            raise
+        try:
+            try:
+                await self._wait_turn()
+                await self._take_tokens(round(estimated_tokens * self.token_correction))
+            finally:
+                self._queued -= 1
             started = self._clock()
+            self._sending += 1
+            self.peak_sending = max(self.peak_sending, self._sending)
             self._recent_starts.append(started)
-            while self._recent_starts and self._recent_starts[0] < started - 60:
+            while self._recent_starts and self._recent_starts[0] < started - self._window - self._guard:
                 self._recent_starts.popleft()
-            yield started
+            try:
+                yield started
+            finally:
+                self._sending -= 1
+        finally:
+            self._gate.release()
+        self._completed(started)
+
+    async def _wait_turn(self) -> None:
+        """Wait until the pause after a 429, the even spacing and the sliding window all allow a start.
+
+        One request at a time waits here (the lock is first come, first served) and re-reads the
+        rate after every sleep, so a change of rate applies to the very next start.
+        """
+        async with self._turn:
+            while True:
+                self._maybe_recover()
+                now = self._clock()
+                wait = self._resume_at - now
+                if self._rpm is not None:
+                    wait = max(wait, self._next_start - now, self._window_wait(now))
+                if wait <= 0:
+                    break
+                await asyncio.sleep(wait)
+            if self._rpm is not None:
+                # Spaced from the planned start, not from when the sleep ended: the event loop wakes a
+                # little late each time, and those delays would add up to a slower rate.
+                interval = self._window / self._rpm
+                self._next_start = max(self._next_start, now - interval / 2) + interval
+
+    def _window_wait(self, now: float) -> float:
+        """Seconds until one more start keeps the declared RPM within every guarded window."""
+        declared = self.limits.rpm
+        if declared is None or len(self._recent_starts) < declared:
+            return 0.0
+        oldest_that_counts = self._recent_starts[-math.floor(declared)]
+        return oldest_that_counts + self._window + self._guard - now
+
+    def _completed(self, started: float) -> None:
+        now = self._clock()
+        self._latency_sum += now - started
+        self._latency_count += 1
+        if not self._probing and not self._probe.holding:
+            return
+        probe = self._probe
+        probe.completions += 1
+        if probe.completions < 2 * self._gate.limit:
+            return
+        rate = probe.completions / max(now - probe.since, 1e-6)
+        saturated, self._gate.saturated = self._gate.saturated, False
+        if probe.holding:
+            if now - probe.held_at >= PROBE_AGAIN_S * self._window / WINDOW_S and saturated:
+                probe.holding = False
+                self._probing = True
+                probe.best_rate, probe.best_limit = rate, self._gate.limit
+                self._gate.resize(min(self.limits.ceiling, self._gate.limit * 2))
+            probe.restart(now)
+            return
+        if not saturated:
+            # The work on hand did not fill the limit: the measure says nothing about a larger one.
+            probe.restart(now)
+            return
+        if rate >= probe.best_rate * PROBE_GAIN and self._gate.limit < self.limits.ceiling:
+            probe.best_rate, probe.best_limit = rate, self._gate.limit
+            self._gate.resize(min(self.limits.ceiling, self._gate.limit * 2))
+        else:
+            if rate < probe.best_rate:
+                self._gate.resize(probe.best_limit)
+            self._probing = False
+            probe.holding, probe.held_at = True, now
+        probe.restart(now)
 
     async def settle_tokens(self, estimated: int, reported: int | None) -> None:
         """Charge the TPM budget for tokens the response reports beyond the estimate."""
@@ -115,23 +278,29 @@ class AdaptiveLimiter:
             await self._take_tokens(extra)
 
     def on_rate_limited(self, request_started: float, retry_after_s: float | None = None) -> bool:
-        """Slow down after a 429. Returns True if this 429 cut the rate.
-
-        A cut also pauses every new request for one interval at the new rate, or for the server's
-        retry delay if that is longer: a fresh bucket would otherwise let the next request straight
-        through into the same exhausted window.
-        """
+        """Slow down after a 429. Returns True if this 429 cut the rate."""
+        now = self._clock()
+        if self.limits.rpm is not None:
+            self._recent_429s.append(now)
+            while self._recent_429s[0] < now - self._window:
+                self._recent_429s.popleft()
+            if len(self._recent_429s) <= TOLERATED_429_PER_MINUTE:
+                self.tolerated_429s += 1
+                return False
         if request_started < self._last_change and self.rate_cuts:
             return False
-        now = self._clock()
         if self._rpm is None:
-            window = max(1.0, min(60.0, now - self._recent_starts[0])) if self._recent_starts else 60.0
-            observed = len(self._recent_starts) * 60.0 / window
+            full = self._window
+            window = max(full / 60, min(full, now - self._recent_starts[0])) if self._recent_starts else full
+            observed = sum(1 for t in self._recent_starts if t >= now - window) * full / window
             new_rpm = max(MIN_RPM, observed / 2)
         else:
             new_rpm = max(MIN_RPM, self._rpm / 2)
+        # From here on the pacer sets the rate; requests in flight follow it up to the ceiling.
+        self._probing = self._probe.holding = False
+        self._gate.resize(self.limits.ceiling)
         self._set_rpm(new_rpm, now)
-        self._resume_at = max(self._resume_at, now + max(60.0 / new_rpm, retry_after_s or 0.0))
+        self._resume_at = max(self._resume_at, now + max(self._window / new_rpm, retry_after_s or 0.0))
         self.rate_cuts += 1
         self.min_rpm_seen = new_rpm if self.min_rpm_seen is None else min(self.min_rpm_seen, new_rpm)
         return True
@@ -141,6 +310,11 @@ class AdaptiveLimiter:
             "rpm": self.limits.rpm,
             "tpm": self.limits.tpm,
             "max_concurrency": self.limits.max_concurrency,
+            "in_flight_ceiling": self.limits.ceiling,
+            "in_flight_limit": self._gate.limit,
+            "max_in_flight_seen": self.peak_sending,
+            "mean_latency_s": round(self._latency_sum / self._latency_count, 3) if self._latency_count else None,
+            "tolerated_429s": self.tolerated_429s,
             "rate_cuts_after_429": self.rate_cuts,
             "lowest_rpm_after_429": self.min_rpm_seen if self.rate_cuts else None,
             "final_rpm": self._rpm,
@@ -154,7 +328,7 @@ class AdaptiveLimiter:
         if target is not None and self._rpm >= target:
             return
         now = self._clock()
-        if now - self._last_change < RECOVERY_INTERVAL_S:
+        if now - self._last_change < RECOVERY_INTERVAL_S * self._window / WINDOW_S:
             return
         step = RECOVERY_STEP * (target if target is not None else self._rpm)
         new_rpm = self._rpm + step
@@ -162,7 +336,7 @@ class AdaptiveLimiter:
 
     def _set_rpm(self, rpm: float, now: float) -> None:
         self._rpm = rpm
-        self._rpm_bucket = _pacer(rpm)
+        self._next_start = now
         self._last_change = now
 
     async def _take_tokens(self, amount: int) -> None:
@@ -176,5 +350,16 @@ class AdaptiveLimiter:
             amount -= piece
 
 
-def _pacer(rpm: float | None) -> AsyncLimiter | None:
-    return AsyncLimiter(1, 60.0 / rpm) if rpm else None
+@dataclass
+class _Probe:
+    """The slow start's measurements: completions since the last change of the in-flight limit."""
+
+    best_limit: int
+    since: float
+    best_rate: float = 0.0
+    completions: int = 0
+    holding: bool = False
+    held_at: float = 0.0
+
+    def restart(self, now: float) -> None:
+        self.completions, self.since = 0, now

@@ -20,6 +20,8 @@ __all__ = ["DEFAULT_CHUNK_SIZE", "RunOptions", "preflight", "run_job"]
 
 DEFAULT_CHUNK_SIZE = 2000
 DEFAULT_CHUNKS_IN_FLIGHT = 4
+MAX_CHUNKS_IN_FLIGHT = 32
+STARVED_POLL_S = 0.1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -177,24 +179,30 @@ async def run_job(
 async def _drive(
     ctx: RunContext, source: InputSource, options: RunOptions, total_rows: int, runner: ChunkRunner
 ) -> None:
-    """Read chunks and run up to ``chunks_in_flight`` of them at once; memory stays bounded by that."""
-    slots = asyncio.Semaphore(options.chunks_in_flight)
+    """Read chunks and run ``chunks_in_flight`` of them at once, more while the limiter is starved.
+
+    Memory is bounded by the chunks in flight. ``chunks_in_flight`` is the usual number; when the rate
+    and the latency need more rows in flight than those chunks hold (embeddings: 100 rows a request,
+    at 5 s latency), more chunks start, up to ``MAX_CHUNKS_IN_FLIGHT``.
+    """
     chunks = source.iter_chunks(
         [options.id_col, *ctx.job.input_columns], options.chunk_size, string_columns=ctx.job.string_columns
     )
     tasks: list[asyncio.Task] = []
+    active: set[asyncio.Task] = set()
     first_row = 0
     try:
         while first_row < total_rows and not ctx.stop_event.is_set():
-            await slots.acquire()
+            while not _room_for_chunk(ctx, len(active), options.chunks_in_flight):
+                await asyncio.wait(active, timeout=STARVED_POLL_S, return_when=asyncio.FIRST_COMPLETED)
+                active = {t for t in active if not t.done()}
             chunk = await asyncio.to_thread(next, chunks, None)
             if chunk is None or ctx.stop_event.is_set():
-                slots.release()
                 break
             chunk = chunk.slice(0, total_rows - first_row)
             task = asyncio.create_task(runner(ctx, chunk, len(tasks), first_row))
-            task.add_done_callback(lambda _t: slots.release())
             tasks.append(task)
+            active.add(task)
             first_row += chunk.num_rows
             if any(t.done() and not t.cancelled() and t.exception() for t in tasks):
                 break
@@ -204,6 +212,13 @@ async def _drive(
     for result in results:
         if isinstance(result, BaseException):
             raise result
+
+
+def _room_for_chunk(ctx: RunContext, active: int, usual: int) -> bool:
+    if active < usual:
+        return True
+    # A chunk still preparing its rows will soon queue requests: wait for it before judging.
+    return active < MAX_CHUNKS_IN_FLIGHT and ctx.preparing == 0 and ctx.limiter.starved
 
 
 def _status(ctx: RunContext, error: BaseException | None) -> tuple[str, str]:
