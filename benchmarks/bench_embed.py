@@ -45,7 +45,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_up(url: str, key: str, timeout: float = 30) -> None:
+def wait_up(url: str, key: str, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -65,7 +65,7 @@ def main() -> None:
     parser.add_argument("--latency", type=float, default=0.0, help="emulator latency per request (s)")
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--chunk-size", type=int, default=2000)
-    parser.add_argument("--max-concurrency", type=int, default=16)
+    parser.add_argument("--max-concurrency", type=int, default=None, help="default: automatic")
     parser.add_argument("--dimensions", type=int, default=None)
     args = parser.parse_args()
 
@@ -109,12 +109,12 @@ def main() -> None:
             str(args.batch_size),
             "--chunk-size",
             str(args.chunk_size),
-            "--max-concurrency",
-            str(args.max_concurrency),
             "--no-progress",
         ]
         if args.rpm:
             cmd += ["--rpm", str(args.rpm)]
+        if args.max_concurrency:
+            cmd += ["--max-concurrency", str(args.max_concurrency)]
         if args.dimensions:
             cmd += ["--dimensions", str(args.dimensions)]
         started = time.monotonic()
