@@ -50,7 +50,7 @@ def wait_up(url: str, key: str, timeout: float = 120) -> None:
     while time.monotonic() < deadline:
         try:
             req = urllib.request.Request(url + "models", headers={"Authorization": f"Bearer {key}"})
-            urllib.request.urlopen(req, timeout=1).read()
+            urllib.request.urlopen(req, timeout=60).read()
             return
         except OSError:
             time.sleep(0.2)

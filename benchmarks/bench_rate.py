@@ -103,11 +103,11 @@ def main() -> None:
     args = parser.parse_args()
     rows = args.rows or (3000 if args.job == "extract" else 20000)
     rpm = args.rpm or (3000 if args.job == "extract" else 120)
-    results = [run_once(args.job, rows, rpm, lat, args.jitter, args.extra) for lat in args.latency or [1.0]]
-    keys = list(results[0])
-    print(" | ".join(keys))
-    for r in results:
-        print(" | ".join(str(r[k]) for k in keys))
+    for n, latency in enumerate(args.latency or [1.0]):
+        result = run_once(args.job, rows, rpm, latency, args.jitter, args.extra)
+        if n == 0:
+            print(" | ".join(result), flush=True)
+        print(" | ".join(str(v) for v in result.values()), flush=True)
 
 
 if __name__ == "__main__":
