@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import struct
 import zlib
 from collections.abc import Sequence
@@ -311,6 +312,10 @@ class _Gen:
     def gen_string(self, s: dict[str, Any], path: str) -> str:
         h = self.h(path)
         fmt = s.get("format")
+        if fmt is None:
+            # A dialect that can't send a format says it in the description; a model reads it there.
+            hint = _FORMAT_HINT.search(str(s.get("description") or ""))
+            fmt = hint.group(1) if hint else None
         if fmt in ("date", "date-time", "time"):
             year, month, day = 2020 + h % 10, 1 + (h >> 8) % 12, 1 + (h >> 16) % 28
             hh, mm, ss = (h >> 24) % 24, (h >> 32) % 60, (h >> 40) % 60
@@ -383,6 +388,9 @@ class _Gen:
         value = lo + (hi - lo) * (0.05 + 0.9 * frac)
         rounded = round(value, 2)
         return rounded if lo < rounded < hi else value
+
+
+_FORMAT_HINT = re.compile(r"\bformat (date-time|date|time|email|uri|uuid)\b")
 
 
 def fake_json_for_schema(schema: dict[str, Any], seed: str) -> object:
