@@ -101,6 +101,8 @@ class EmulatorConfig:
     garbage_content_type: str = "text/html"
     seed: int = 0
     models: tuple[str, ...] = DEFAULT_MODELS
+    # Share of nullable values in a json_schema reply answered as null (a model leaving a field unstated).
+    null_rate: float = 0.0
 
     def __post_init__(self) -> None:
         self.models = tuple(self.models)
@@ -990,7 +992,7 @@ class Emulator:
             data, fmt = audios[-1]
             reply = fakes.fake_transcript(data, fmt, model)
         elif schema is not None:
-            reply = json.dumps(fakes.fake_json_for_schema(schema, seed=prompt_text))
+            reply = json.dumps(fakes.fake_json_for_schema(schema, seed=prompt_text, null_rate=cfg.null_rate))
         elif json_object:
             reply = json.dumps({"text": fakes.fake_chat_text(model, prompt_text)})
         else:
