@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import struct
 import zlib
 from collections.abc import Sequence
@@ -192,9 +193,10 @@ def audio_seconds(audio_bytes: bytes, fmt: str | None = None) -> float | None:
 
 
 class _Gen:
-    def __init__(self, root: dict[str, Any], seed: str) -> None:
+    def __init__(self, root: dict[str, Any], seed: str, null_rate: float = 0.0) -> None:
         self.root = root
         self.seed = seed
+        self.null_rate = null_rate
 
     def h(self, path: str) -> int:
         return int.from_bytes(hashlib.sha256(f"{self.seed}\x00{path}".encode()).digest()[:8], "big")
@@ -240,6 +242,10 @@ class _Gen:
         for key in ("anyOf", "oneOf"):
             if key in s:
                 branches = [self.resolve(b) for b in s[key]]
+                # A nullable value is sometimes null, as a model answers for what the text doesn't say.
+                nullable = any(b.get("type") == "null" for b in branches)
+                if nullable and self.null_rate and (self.h(path + "#null") % 10_000) / 10_000 < self.null_rate:
+                    return None
                 for b in branches:
                     if b.get("type") != "null":
                         return self.gen(b, path, depth + 1)
@@ -311,6 +317,10 @@ class _Gen:
     def gen_string(self, s: dict[str, Any], path: str) -> str:
         h = self.h(path)
         fmt = s.get("format")
+        if fmt is None:
+            # A dialect that can't send a format says it in the description; a model reads it there.
+            hint = _FORMAT_HINT.search(str(s.get("description") or ""))
+            fmt = hint.group(1) if hint else None
         if fmt in ("date", "date-time", "time"):
             year, month, day = 2020 + h % 10, 1 + (h >> 8) % 12, 1 + (h >> 16) % 28
             hh, mm, ss = (h >> 24) % 24, (h >> 32) % 60, (h >> 40) % 60
@@ -385,9 +395,13 @@ class _Gen:
         return rounded if lo < rounded < hi else value
 
 
-def fake_json_for_schema(schema: dict[str, Any], seed: str) -> object:
-    """A value valid against `schema` (as pydantic's model_json_schema() emits it)."""
-    return _Gen(schema, seed).gen(schema, "$")
+_FORMAT_HINT = re.compile(r"\bformat (date-time|date|time|email|uri|uuid)\b")
+
+
+def fake_json_for_schema(schema: dict[str, Any], seed: str, null_rate: float = 0.0) -> object:
+    """A value valid against `schema` (as pydantic's model_json_schema() emits it). ``null_rate``: the
+    share of nullable values (``anyOf`` with a null branch) answered as null."""
+    return _Gen(schema, seed, null_rate).gen(schema, "$")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from http import HTTPStatus
 from typing import Any
 from urllib.parse import unquote
 
-from emulator import fakes
+from emulator import fakes, schema_rules
 
 log = logging.getLogger("gembatch.emulator")
 
@@ -101,6 +101,8 @@ class EmulatorConfig:
     garbage_content_type: str = "text/html"
     seed: int = 0
     models: tuple[str, ...] = DEFAULT_MODELS
+    # Share of nullable values in a json_schema reply answered as null (a model leaving a field unstated).
+    null_rate: float = 0.0
 
     def __post_init__(self) -> None:
         self.models = tuple(self.models)
@@ -940,6 +942,9 @@ class Emulator:
                 json_object = True
             elif rtype != "text":
                 raise _invalid(f"response_format.type: unsupported value {rtype!r}.")
+        refused = self._refuse_schemas(req, body)
+        if refused is not None:
+            return refused
 
         texts: list[str] = []
         last_user: list[str] = []
@@ -987,7 +992,7 @@ class Emulator:
             data, fmt = audios[-1]
             reply = fakes.fake_transcript(data, fmt, model)
         elif schema is not None:
-            reply = json.dumps(fakes.fake_json_for_schema(schema, seed=prompt_text))
+            reply = json.dumps(fakes.fake_json_for_schema(schema, seed=prompt_text, null_rate=cfg.null_rate))
         elif json_object:
             reply = json.dumps({"text": fakes.fake_chat_text(model, prompt_text)})
         else:
@@ -1021,6 +1026,50 @@ class Emulator:
                 "usage": usage,
             }
         )
+
+    def _refuse_schemas(self, req: Request, body: dict[str, Any]) -> Response | None:
+        """Each provider's JSON-schema rules on its own path (emulator/schema_rules.py), for
+        ``response_format`` and function parameters: OpenAI's strict rules under /v1/, Gemini's under
+        /v1beta/openai/."""
+        openai_path = unquote(req.path).startswith("/v1/")
+        response_format = body.get("response_format")
+        spec = response_format.get("json_schema") if isinstance(response_format, dict) else None
+        tools = body.get("tools") if isinstance(body.get("tools"), list) else []
+        if openai_path:
+            try:
+                if isinstance(spec, dict) and spec.get("strict") is True:
+                    what = f"response_format '{spec.get('name', 'response')}'"
+                    schema_rules.check_openai_strict(
+                        spec.get("schema"), what=what, param="response_format", code="invalid_json_schema"
+                    )
+                for i, tool in enumerate(tools):
+                    fn = tool.get("function") if isinstance(tool, dict) else None
+                    if isinstance(fn, dict) and fn.get("strict") is True:
+                        schema_rules.check_openai_strict(
+                            fn.get("parameters"),
+                            what=f"function '{fn.get('name', '')}'",
+                            param=f"tools[{i}].function.parameters",
+                            code="invalid_function_parameters",
+                        )
+            except schema_rules.OpenAIError as e:
+                self._bump("faults", sub="schema:openai")
+                return Response(e.code, e.body())
+            return None
+        problems = []
+        if isinstance(spec, dict):
+            problems.append(
+                schema_rules.check_gemini(spec.get("schema"), where="generation_config.response_schema", tool=False)
+            )
+        for i, tool in enumerate(tools):
+            fn = tool.get("function") if isinstance(tool, dict) else None
+            if isinstance(fn, dict):
+                where = f"tools[0].function_declarations[{i}].parameters"
+                problems.append(schema_rules.check_gemini(fn.get("parameters"), where=where, tool=True))
+        message = "\n".join(p for p in problems if p)
+        if message:
+            self._bump("faults", sub="schema:gemini")
+            return _invalid(message).response()
+        return None
 
     def _stream_chat(
         self, chat_id: str, created: int, model: str, reply: str, usage: dict[str, int], body: dict[str, Any]

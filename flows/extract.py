@@ -10,6 +10,7 @@ from prefect import flow
 
 from flows.common import run_flow_job
 from flows.options import Output, job_command
+from schemas.dialects import auto_dialect
 from tasks.client import DEFAULT_TIMEOUT_S
 from tasks.errors import ConfigError
 from tasks.extract import ExtractJob, import_model
@@ -29,6 +30,7 @@ async def extract_flow(
     prompt_file: str | None = None,
     model: str | None = None,
     reasoning_effort: str | None = None,
+    schema_dialect: str | None = None,
     id_col: str = "id",
     provider: str = "gemini",
     base_url: str | None = None,
@@ -65,6 +67,8 @@ def extract_job(parameters: dict[str, Any]) -> ExtractJob:
         text_col=parameters["text_col"],
         prompt=prompt,
         reasoning_effort=parameters.get("reasoning_effort"),
+        schema_dialect=parameters.get("schema_dialect")
+        or auto_dialect(parameters.get("provider", "gemini"), parameters.get("base_url")),
     )
     id_col = parameters.get("id_col", "id")
     if any(f.name == id_col for f in job.mapping.fields):
@@ -105,6 +109,14 @@ def command(
     reasoning_effort: Annotated[
         str | None,
         typer.Option("--reasoning-effort", help="none, minimal, low, medium or high (default: the model's own)."),
+    ] = None,
+    schema_dialect: Annotated[
+        str | None,
+        typer.Option(
+            "--schema-dialect",
+            help="JSON schema form sent: openai (strict), gemini or plain (default: by provider; plain for "
+            "another --base-url).",
+        ),
     ] = None,
 ) -> None:
     """Extract a pydantic model from a text column: one typed column per field."""

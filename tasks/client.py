@@ -212,7 +212,7 @@ class Failure:
     """What a failed call means for the engine.
 
     kind: ``rate_limited`` | ``daily_quota`` | ``transient`` | ``invalid_request`` | ``auth`` |
-    ``not_found`` | ``permission``.
+    ``not_found`` | ``permission`` | ``schema_refused`` (a 400 refusing the request's JSON schema).
     """
 
     kind: str
@@ -227,16 +227,21 @@ class Failure:
     @property
     def fatal(self) -> bool:
         """Fatal for the whole run: every other request would fail the same way."""
-        return self.kind in ("auth", "not_found", "permission", "daily_quota")
+        return self.kind in ("auth", "not_found", "permission", "daily_quota", "schema_refused")
 
     def stop(self) -> RunStopped:
-        status = {"daily_quota": "stopped: daily quota"}.get(self.kind, f"failed: {self.kind}")
+        status = {"daily_quota": "stopped: daily quota", "schema_refused": "failed: schema refused"}.get(
+            self.kind, f"failed: {self.kind}"
+        )
         hint = {
             "daily_quota": "The provider's per-day quota is used up; rerun after it resets "
             "(midnight Pacific for Gemini): finished rows are kept and skipped.",
             "auth": "The key was rejected; check it and rerun.",
             "not_found": "The model or route was not found; check --model and --base-url.",
             "permission": "The key may not use this model; check the project's permissions.",
+            "schema_refused": "The provider refused the JSON schema sent for every row, so nothing more was "
+            "sent. Pick the schema dialect this server accepts with --schema-dialect openai|gemini|plain, or "
+            "change the field it names.",
         }.get(self.kind, "")
         return RunStopped(status, f"{self.message} {hint}".strip())
 
@@ -263,6 +268,8 @@ def classify_failure(exc: BaseException) -> Failure:
             return Failure("auth", message, status)
         if status == 403:
             return Failure("permission", message, status)
+        if status == 400 and _is_schema_refusal(error, text):
+            return Failure("schema_refused", _with_field_path(message), status)
         if status == 404:
             return Failure("not_found", message, status)
         return Failure("invalid_request", message, status)
@@ -289,6 +296,42 @@ def _error_object(body: object) -> dict[str, Any]:
         if isinstance(inner, dict):
             return inner
     return {}
+
+
+# A 400 that refuses the request's JSON schema (response_format or function parameters), in the
+# words OpenAI and Gemini use; every request of the run carries the same schema.
+_SCHEMA_CODES = ("invalid_json_schema", "invalid_function_parameters")
+_SCHEMA_WORDS = re.compile(
+    r"invalid schema for|response_schema|response_json_schema|function_declarations\[|schema\.ref\b|"
+    r"\$ref\b.*alongside|too many states",
+    re.IGNORECASE,
+)
+_CONTEXT = re.compile(r"In context=\(([^)]*)\)")
+
+
+def _is_schema_refusal(error: dict[str, Any], text: str) -> bool:
+    return str(error.get("code") or "") in _SCHEMA_CODES or bool(_SCHEMA_WORDS.search(text))
+
+
+def _with_field_path(message: str) -> str:
+    """OpenAI names the schema node as a key path (``context=('properties', 'items', 'items')``): add
+    the field path it means (``items[]``)."""
+    match = _CONTEXT.search(message)
+    if match is None:
+        return message
+    keys = [k.strip().strip("'\"") for k in match.group(1).split(",") if k.strip()]
+    path, i = "", 0
+    while i < len(keys):
+        key = keys[i]
+        if key in ("properties", "$defs", "definitions") and i + 1 < len(keys):
+            path += ("." if key == "properties" else "#") + keys[i + 1] if path or key == "properties" else keys[i + 1]
+            i += 2
+            continue
+        if key == "items":
+            path += "[]"
+        i += 1
+    path = path.lstrip(".") or "(the root object)"
+    return f"{message} [field: {path}]"
 
 
 def _is_daily_quota(error: dict[str, Any]) -> bool:

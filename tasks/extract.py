@@ -10,7 +10,6 @@ import importlib
 import inspect
 import json
 import os
-import re
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +19,7 @@ from openai.types.chat import ChatCompletion
 from pydantic import BaseModel, ValidationError
 
 from schemas.arrow import ModelMapping, model_mapping
+from schemas.dialects import DialectSchema, build_schema, needs_restore, response_format_name, restore_defaults
 from tasks.client import Connection
 from tasks.embed import estimate_text_tokens
 from tasks.engine import BadReply, Item, Prepared, Reply, RowFailure, RowInvalid
@@ -85,12 +85,18 @@ class ExtractJob:
     text_col: str = "text"
     prompt: str | None = None
     reasoning_effort: str | None = None
+    # The JSON-schema dialect sent (schemas.dialects): "gemini" fits the default provider and the emulator.
+    schema_dialect: str = "gemini"
 
     name = "extract"
     max_items_per_request = 1
+    # A run's first request goes alone (tasks.run): a schema the provider refuses costs one request.
+    first_request_alone = True
 
     mapping: ModelMapping = field(init=False, repr=False, compare=False)
     json_schema: dict[str, Any] = field(init=False, repr=False, compare=False)
+    dialect: DialectSchema = field(init=False, repr=False, compare=False)
+    restores_defaults: bool = field(init=False, repr=False, compare=False)
     schema_sha256: str = field(init=False, repr=False, compare=False)
     system_prompt: str = field(init=False, repr=False, compare=False)
 
@@ -106,10 +112,14 @@ class ExtractJob:
                 f"{self.schema.__name__}.{clash[0]}: the output already has a {clash[0]!r} column; rename the "
                 "field (an alias keeps the JSON key)"
             )
-        json_schema = self.schema.model_json_schema()
-        blob = json.dumps(json_schema, sort_keys=True, separators=(",", ":"))
+        dialect = build_schema(self.schema, self.schema_dialect)
+        # What is sent decides the answer: the dialect's schema (and its strictness) is hashed, so
+        # switching dialect re-extracts.
+        blob = json.dumps({"schema": dialect.schema, "strict": dialect.strict}, sort_keys=True, separators=(",", ":"))
         object.__setattr__(self, "mapping", mapping)
-        object.__setattr__(self, "json_schema", json_schema)
+        object.__setattr__(self, "dialect", dialect)
+        object.__setattr__(self, "json_schema", dialect.schema)
+        object.__setattr__(self, "restores_defaults", needs_restore(self.schema))
         object.__setattr__(self, "schema_sha256", hashlib.sha256(blob.encode()).hexdigest())
         object.__setattr__(self, "system_prompt", self.prompt or default_prompt(self.schema))
 
@@ -127,15 +137,16 @@ class ExtractJob:
 
     @property
     def response_format(self) -> dict[str, Any]:
-        # OpenAI allows [a-zA-Z0-9_-]{1,64} as the name.
-        name = re.sub(r"[^a-zA-Z0-9_-]", "_", self.schema.__name__)[:64]
-        return {"type": "json_schema", "json_schema": {"name": name, "schema": self.json_schema, "strict": True}}
+        spec = {"name": response_format_name(self.schema), "schema": self.json_schema, "strict": self.dialect.strict}
+        return {"type": "json_schema", "json_schema": spec}
 
     def parameters(self) -> dict[str, Any]:
         return {
             "text_col": self.text_col,
             "schema": self.schema_ref,
             "schema_sha256": self.schema_sha256,
+            "schema_dialect": self.schema_dialect,
+            "schema_notes": list(self.dialect.notes),
             "prompt": self.system_prompt,
             "reasoning_effort": self.reasoning_effort,
         }
@@ -188,12 +199,22 @@ class ExtractJob:
             why = f"refused: {refusal}" if refusal else f"finish_reason {choice.finish_reason!r}"
             return RowFailure("invalid_reply", f"the reply had no content ({why})", raw_reply=refusal)
         try:
-            instance = self.schema.model_validate_json(content)
+            instance = self.schema.model_validate_json(self._restored(content))
             return self.mapping.row(instance)
         except ValidationError as exc:
             return RowFailure("invalid_reply", self._describe(exc), raw_reply=content)
         except ValueError as exc:  # a value that validates but doesn't fit its column
             return RowFailure("invalid_reply", str(exc), raw_reply=content)
+
+    def _restored(self, content: str) -> str:
+        """A null the dialect allowed for a field with a default becomes that default (schemas.dialects)."""
+        if not self.restores_defaults:
+            return content
+        try:
+            data = json.loads(content)
+        except ValueError:
+            return content  # validation reports the broken JSON
+        return json.dumps(restore_defaults(self.schema, data))
 
     def _describe(self, exc: ValidationError) -> str:
         errors = exc.errors(include_url=False)
