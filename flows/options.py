@@ -159,10 +159,6 @@ def run_command(flow: str, build_job: str, params: dict[str, Any]) -> None:
     """Check what needs no server first (key, input, columns), so a mistake costs no Prefect import. A
     dry run never needs Prefect. A run is a flow run when a Prefect API is configured, else the same
     engine runs untracked (one note on stderr says so): no temporary Prefect server to start and stop."""
-    finish(asyncio.run(run_job_command(flow, build_job, params)))
-
-
-async def run_job_command(flow: str, build_job: str, params: dict[str, Any], *, note: bool = True) -> dict[str, Any]:
     from flows.common import options_from, run_untracked
     from flows.tracking import UNTRACKED_NOTE, configured_api_url
     from tasks.run import preflight
@@ -172,10 +168,11 @@ async def run_job_command(flow: str, build_job: str, params: dict[str, Any], *, 
     options = options_from(parameters)
     preflight(job, options)
     if not options.dry_run and configured_api_url():
-        return await resolve(flow)(**params)
-    if not options.dry_run and note:
+        finish(asyncio.run(resolve(flow)(**params)))
+        return
+    if not options.dry_run:
         err_console.print(UNTRACKED_NOTE, markup=False, highlight=False, soft_wrap=True)
-    return await run_untracked(job, parameters)
+    finish(asyncio.run(run_untracked(job, parameters)))
 
 
 def finish(document: dict[str, Any]) -> None:
