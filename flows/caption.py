@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
-import typer
 from prefect import flow
 
 from flows.common import run_flow_job
-from flows.options import Output, job_command
-from tasks.caption import DEFAULT_CAPTION_PROMPT, DEFAULT_MAX_SIDE, CaptionJob
+from flows.jobs import caption_job
+from tasks.caption import DEFAULT_CAPTION_PROMPT, DEFAULT_MAX_SIDE
 from tasks.client import DEFAULT_TIMEOUT_S
-from tasks.media import base_dir_of
-from tasks.prices import default_model
 from tasks.run import DEFAULT_CHUNK_SIZE
 
-__all__ = ["caption_flow", "caption_job", "command"]
+__all__ = ["caption_flow", "caption_job"]
 
 
 @flow(name="gembatch-caption")
@@ -46,35 +43,3 @@ async def caption_flow(
     """Caption the image in ``image_col`` of every row of ``input`` into ``output`` (see README: gembatch caption)."""
     parameters = dict(locals())
     return await run_flow_job(caption_job(parameters), parameters)
-
-
-def caption_job(parameters: dict[str, Any]) -> CaptionJob:
-    """The job for these flow parameters (fills in the provider's default chat model)."""
-    parameters["model"] = parameters.get("model") or default_model(parameters["provider"], "chat")
-    return CaptionJob(
-        model=parameters["model"],
-        image_col=parameters["image_col"],
-        prompt=parameters["prompt"],
-        max_side=parameters["max_side"],
-        base_dir=base_dir_of(parameters["input"]),
-    )
-
-
-@job_command(caption_flow, caption_job)
-def command(
-    input: Annotated[str, typer.Argument(help="Parquet or CSV file (local path or fsspec URL).")],
-    output: Output,
-    image_col: Annotated[
-        str,
-        typer.Option("--image-col", help="Column with image paths or URLs (relative to the input's folder)."),
-    ] = "image",
-    prompt: Annotated[str, typer.Option("--prompt", help="What to ask about each image.")] = DEFAULT_CAPTION_PROMPT,
-    model: Annotated[
-        str | None,
-        typer.Option("--model", help="Chat model (default: gemini-2.5-flash; gpt-4o-mini for openai)."),
-    ] = None,
-    max_side: Annotated[
-        int, typer.Option("--max-side", help="Downscale images whose longer side exceeds this many pixels.")
-    ] = DEFAULT_MAX_SIDE,
-) -> None:
-    """Caption an image column: one short description per image."""

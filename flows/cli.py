@@ -1,4 +1,8 @@
-"""The `gembatch` command: a thin typer layer over the flows."""
+"""The `gembatch` command: a thin typer layer over the flows.
+
+Imports stay light here: typer, rich and the commands' signatures. Prefect, polars, pyarrow and the job
+modules are imported only by the command that needs them (tests/test_cli.py checks `--help`).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from flows import caption, embed, extract, images, transcribe
+from flows import commands
 from flows.options import ApiKeyEnv, BaseUrl, Provider, console, err_console
 from tasks.errors import GembatchError
 
@@ -19,11 +23,11 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-app.command("embed")(embed.command)
-app.command("extract")(extract.command)
-app.command("images")(images.command)
-app.command("caption")(caption.command)
-app.command("transcribe")(transcribe.command)
+app.command("embed")(commands.embed)
+app.command("extract")(commands.extract)
+app.command("images")(commands.images)
+app.command("caption")(commands.caption)
+app.command("transcribe")(commands.transcribe)
 
 
 @app.command()
@@ -35,8 +39,12 @@ def demo(
 ) -> None:
     """Run the five jobs on the samples in data/ with the built-in emulator and show the results."""
     from flows.demo import run_demo
+    from flows.tracking import UNTRACKED_NOTE, configured_api_url
 
-    run_demo(output=output, fresh=fresh, console=console)
+    tracked = configured_api_url() is not None
+    if not tracked:
+        err_console.print(UNTRACKED_NOTE, markup=False, highlight=False, soft_wrap=True)
+    run_demo(output=output, fresh=fresh, console=console, tracked=tracked)
 
 
 @app.command()

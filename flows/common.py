@@ -1,13 +1,14 @@
-"""What every flow shares: the Prefect task per chunk, the options, and the run summary artifact."""
+"""What every flow shares: the Prefect task per chunk, the options, and the run summary artifact.
+
+Prefect is imported only inside the flow's functions: the command line imports this module for the
+options and for runs without a Prefect API (``run_untracked``), where importing Prefect would cost
+seconds for nothing.
+"""
 
 from __future__ import annotations
 
+from functools import cache
 from typing import Any
-
-from prefect import get_run_logger, task
-from prefect.artifacts import acreate_table_artifact
-from prefect.cache_policies import NO_CACHE
-from prefect.states import Failed
 
 from tasks.client import DEFAULT_TIMEOUT_S, ProviderSettings
 from tasks.engine import Job, process_chunk
@@ -16,17 +17,30 @@ from tasks.limits import Limits
 from tasks.metadata import summary_rows
 from tasks.run import DEFAULT_CHUNK_SIZE, RunOptions, run_job
 
-__all__ = ["COMMON_DEFAULTS", "chunk_task", "options_from", "run_flow_job"]
+__all__ = ["COMMON_DEFAULTS", "options_from", "run_flow_job", "run_untracked"]
 
-# One Prefect task per chunk, never per row. Called directly (not .submit()) so every chunk shares
-# the flow's event loop, its AsyncOpenAI client and its limiter.
-chunk_task = task(
-    process_chunk,
-    name="chunk",
-    task_run_name="chunk-{index}",
-    cache_policy=NO_CACHE,
-    persist_result=False,
-)
+
+@cache
+def _chunk_task():
+    """One Prefect task per chunk, never per row. Called directly (not .submit()) so every chunk shares
+    the flow's event loop, its AsyncOpenAI client and its limiter. Made on first use (``chunk_task``)."""
+    from prefect import task
+    from prefect.cache_policies import NO_CACHE
+
+    return task(
+        process_chunk,
+        name="chunk",
+        task_run_name="chunk-{index}",
+        cache_policy=NO_CACHE,
+        persist_result=False,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    if name == "chunk_task":
+        return _chunk_task()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 COMMON_DEFAULTS: dict[str, Any] = {
     "id_col": "id",
@@ -101,6 +115,9 @@ async def run_flow_job(job: Job, parameters: dict[str, Any]) -> dict[str, Any]:
     A :class:`GembatchError` (wrong key, unknown model, bad input…) fails the flow run with its message
     and is raised to the caller as it is.
     """
+    from prefect import get_run_logger
+    from prefect.states import Failed
+
     try:
         return await _run(job, parameters)
     except GembatchError as exc:
@@ -109,7 +126,25 @@ async def run_flow_job(job: Job, parameters: dict[str, Any]) -> dict[str, Any]:
         return Failed(message=str(exc), data=exc)
 
 
+async def run_untracked(job: Job, parameters: dict[str, Any]) -> dict[str, Any]:
+    """The same run (or dry run) as the job's flow, without Prefect: no flow run, no task runs, no
+    artifact, ``flow_run_id`` null in the metadata. What `gembatch` does when no Prefect API is set."""
+    options = options_from(parameters)
+    if options.dry_run:
+        from tasks.plan import plan_job
+
+        return await plan_job(job, options)
+    return await run_job(job, options, parameters=_recorded(parameters))
+
+
+def _recorded(parameters: dict[str, Any]) -> dict[str, Any]:
+    """The parameters the run metadata keeps (``progress`` only says where the run was started)."""
+    return {k: v for k, v in parameters.items() if k != "progress"}
+
+
 async def _run(job: Job, parameters: dict[str, Any]) -> dict[str, Any]:
+    from prefect import get_run_logger
+    from prefect.artifacts import acreate_table_artifact
     from prefect.runtime import flow_run
 
     options = options_from(parameters)
@@ -122,8 +157,8 @@ async def _run(job: Job, parameters: dict[str, Any]) -> dict[str, Any]:
     document = await run_job(
         job,
         options,
-        parameters={k: v for k, v in parameters.items() if k != "progress"},
-        chunk_runner=chunk_task,
+        parameters=_recorded(parameters),
+        chunk_runner=_chunk_task(),
         flow_run_id=str(flow_run.id) if flow_run.id else None,
     )
     await acreate_table_artifact(

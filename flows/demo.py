@@ -1,4 +1,8 @@
-"""`gembatch demo`: every job on the committed samples in data/, against the built-in emulator."""
+"""`gembatch demo`: every job on the committed samples in data/, against the built-in emulator.
+
+Tracked, the jobs are the five Prefect flows; untracked (no Prefect API configured), the same jobs run
+without Prefect, as `gembatch JOB` does then.
+"""
 
 from __future__ import annotations
 
@@ -11,34 +15,44 @@ import polars as pl
 from rich.console import Console
 from rich.table import Table
 
-from flows.caption import caption_flow
-from flows.embed import embed_flow
-from flows.extract import extract_flow
-from flows.images import images_flow
-from flows.transcribe import transcribe_flow
+from flows import commands
+from flows.options import command_params, resolve
 
 __all__ = ["DATA_DIR", "run_demo"]
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 
 
-async def _run_all(output: Path) -> list[dict[str, Any]]:
+def _jobs(output: Path) -> list[tuple[Any, dict[str, Any]]]:
     local = {"provider": "local"}
     return [
-        await embed_flow(input=str(DATA_DIR / "corpus.parquet"), output=str(output / "embed"), chunk_size=100, **local),
-        await extract_flow(
-            input=str(DATA_DIR / "extract" / "invoices.csv"),
-            output=str(output / "extract"),
-            schema_ref="schemas.examples:Invoice",
-            **local,
-        ),
-        await caption_flow(input=str(DATA_DIR / "images.csv"), output=str(output / "caption"), **local),
-        await transcribe_flow(input=str(DATA_DIR / "audio.csv"), output=str(output / "transcribe"), **local),
-        await images_flow(input=str(DATA_DIR / "prompts.csv"), output=str(output / "images"), size="256x256", **local),
-    ]
+        (commands.embed, {"input": str(DATA_DIR / "corpus.parquet"), "output": str(output / "embed"),
+                          "chunk_size": 100, **local}),
+        (commands.extract, {"input": str(DATA_DIR / "extract" / "invoices.csv"), "output": str(output / "extract"),
+                            "schema_ref": "schemas.examples:Invoice", **local}),
+        (commands.caption, {"input": str(DATA_DIR / "images.csv"), "output": str(output / "caption"), **local}),
+        (commands.transcribe, {"input": str(DATA_DIR / "audio.csv"), "output": str(output / "transcribe"), **local}),
+        (commands.images, {"input": str(DATA_DIR / "prompts.csv"), "output": str(output / "images"),
+                           "size": "256x256", **local}),
+    ]  # fmt: skip
 
 
-def run_demo(*, output: str, fresh: bool, console: Console) -> list[dict[str, Any]]:
+async def _run_all(output: Path, tracked: bool) -> list[dict[str, Any]]:
+    from flows.common import run_untracked
+
+    documents = []
+    for command, values in _jobs(output):
+        if tracked:
+            documents.append(await resolve(command.flow)(**values))
+        else:
+            parameters = command_params(command, **values)
+            documents.append(await run_untracked(resolve(command.build_job)(parameters), parameters))
+    return documents
+
+
+def run_demo(*, output: str, fresh: bool, console: Console, tracked: bool = True) -> list[dict[str, Any]]:
+    """Run the five jobs into ``output``/<job>/ and print what they did: as Prefect flow runs when
+    ``tracked``, else without Prefect (what the command does when no Prefect API is configured)."""
     root = Path(output)
     if fresh:
         shutil.rmtree(root, ignore_errors=True)
@@ -46,7 +60,7 @@ def run_demo(*, output: str, fresh: bool, console: Console) -> list[dict[str, An
         "[bold]gembatch demo[/]: the five jobs on the samples in data/, against the built-in emulator "
         "(--provider local)"
     )
-    documents = asyncio.run(_run_all(root))
+    documents = asyncio.run(_run_all(root, tracked))
 
     table = Table(title="gembatch demo")
     for column in ("job", "rows", "skipped", "dedup", "ok", "failed", "requests"):

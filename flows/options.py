@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
 import inspect
 import sys
 from collections.abc import Callable
@@ -79,9 +80,12 @@ def _common_options(
     """The options every job command takes after its own (a signature template, never called)."""
 
 
-def job_command(flow: Callable[..., Any], build_job: Callable[[dict[str, Any]], Any]):
+def job_command(flow: str, build_job: str):
     """Make a job's command from a function declaring only its own arguments and options: the common
-    options are appended to its signature (typer reads that), and calling it runs ``flow``."""
+    options are appended to its signature (typer reads that), and calling it runs the job.
+
+    ``flow`` and ``build_job`` are "module:attribute" names, imported only when the command runs: the
+    command's --help needs neither (nor Prefect, which the flow modules import)."""
 
     def decorate(func: Callable[..., None]) -> Callable[..., None]:
         own = list(inspect.signature(func, eval_str=True).parameters.values())
@@ -91,6 +95,7 @@ def job_command(flow: Callable[..., Any], build_job: Callable[[dict[str, Any]], 
             run_command(flow, build_job, common_params(**values))
 
         command.__name__, command.__doc__ = func.__name__, func.__doc__
+        command.flow, command.build_job = flow, build_job
         command.__signature__ = inspect.Signature([*own, *common], return_annotation=None)
         command.__annotations__ = {p.name: p.annotation for p in (*own, *common)}
         return command
@@ -101,6 +106,18 @@ def job_command(flow: Callable[..., Any], build_job: Callable[[dict[str, Any]], 
 def common_params(**values: Any) -> dict[str, Any]:
     values["progress"] = not values.pop("no_progress") and sys.stderr.isatty()
     return values
+
+
+def command_params(command: Callable[..., None], **values: Any) -> dict[str, Any]:
+    """The flow parameters ``command`` runs its job with: its defaults, updated with ``values``."""
+    defaults = {p.name: p.default for p in inspect.signature(command).parameters.values() if p.default is not p.empty}
+    return common_params(**(defaults | {"no_progress": True} | values))
+
+
+def resolve(ref: str) -> Any:
+    """The object a "module:attribute" name refers to (imported now)."""
+    module, _, name = ref.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def print_plan(document: dict[str, Any]) -> None:
@@ -144,13 +161,24 @@ def print_summary(document: dict[str, Any]) -> None:
     console.print(f"Run metadata: {document['output']['path']}/_runs/{document['run_id']}.json")
 
 
-def run_command(flow, build_job, params: dict[str, Any]) -> None:
-    """Check what needs no server first (key, input, columns), so a mistake costs no Prefect start-up."""
-    from flows.common import options_from
+def run_command(flow: str, build_job: str, params: dict[str, Any]) -> None:
+    """Check what needs no server first (key, input, columns), so a mistake costs no Prefect import. A
+    dry run never needs Prefect. A run is a flow run when a Prefect API is configured, else the same
+    engine runs untracked (one note on stderr says so): no temporary Prefect server to start and stop."""
+    from flows.common import options_from, run_untracked
+    from flows.tracking import UNTRACKED_NOTE, configured_api_url
     from tasks.run import preflight
 
-    preflight(build_job(dict(params)), options_from(params))
-    finish(asyncio.run(flow(**params)))
+    parameters = dict(params)
+    job = resolve(build_job)(parameters)
+    options = options_from(parameters)
+    preflight(job, options)
+    if not options.dry_run and configured_api_url():
+        finish(asyncio.run(resolve(flow)(**params)))
+        return
+    if not options.dry_run:
+        err_console.print(UNTRACKED_NOTE, markup=False, highlight=False, soft_wrap=True)
+    finish(asyncio.run(run_untracked(job, parameters)))
 
 
 def finish(document: dict[str, Any]) -> None:

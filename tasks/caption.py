@@ -15,6 +15,7 @@ from openai.types.chat import ChatCompletion
 from PIL import Image
 
 from tasks.client import Connection
+from tasks.defaults import DEFAULT_CAPTION_PROMPT, DEFAULT_MAX_SIDE
 from tasks.embed import estimate_text_tokens
 from tasks.engine import BadReply, Item, Prepared, Reply, RowFailure, RowInvalid
 from tasks.media import read_media, resolve_path, sniff_image_mime
@@ -28,8 +29,6 @@ __all__ = [
     "image_tokens",
 ]
 
-DEFAULT_CAPTION_PROMPT = "Describe this image in one or two sentences."
-DEFAULT_MAX_SIDE = 1536
 JPEG_QUALITY = 90
 # Gemini: 258 tokens for an image up to 384 px on both sides, else 258 per 768×768 tile.
 TOKENS_PER_TILE = 258

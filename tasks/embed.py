@@ -11,11 +11,10 @@ import pyarrow as pa
 from openai.types import CreateEmbeddingResponse
 
 from tasks.client import Connection
+from tasks.defaults import MAX_INPUTS_PER_REQUEST
 from tasks.engine import BadReply, Item, Prepared, Reply, RowInvalid
 
 __all__ = ["EmbedJob", "EMBEDDING_MODELS", "MAX_INPUTS_PER_REQUEST"]
-
-MAX_INPUTS_PER_REQUEST = 100  # Gemini: "at most 100 requests can be in one batch"
 
 
 @dataclass(frozen=True)

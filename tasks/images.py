@@ -21,6 +21,7 @@ import pyarrow as pa
 from openai.types import ImagesResponse
 
 from tasks.client import Connection
+from tasks.defaults import DEFAULT_SIZE
 from tasks.embed import estimate_text_tokens
 from tasks.engine import BadReply, Item, Prepared, Reply, RowInvalid
 from tasks.store import TMP_PREFIX
@@ -28,7 +29,6 @@ from tasks.store import TMP_PREFIX
 __all__ = ["ImagesJob", "GeneratedImage", "IMAGES_DIR", "DEFAULT_SIZE", "MAX_IMAGES_PER_PROMPT", "image_name"]
 
 IMAGES_DIR = "images"
-DEFAULT_SIZE = "1024x1024"
 MAX_IMAGES_PER_PROMPT = 10  # the OpenAI images API's limit for n
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _SIZE = re.compile(r"([1-9][0-9]*)x([1-9][0-9]*)")

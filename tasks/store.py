@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
-import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pds
@@ -124,6 +123,8 @@ class OutputStore:
         files = self.result_files()
         if not wanted or not files:
             return pa.table({})
+        import polars as pl  # here, not at the top: a refused command should not pay for it
+
         dataset = pds.dataset(files, format="parquet", filesystem=self.fs)
         table = dataset.to_table(filter=pc.field("content_hash").isin(wanted))
         keys = pl.from_arrow(table.select(["content_hash", id_col])).with_row_index()
@@ -150,6 +151,8 @@ class OutputStore:
 
     def compact(self, id_col: str) -> int:
         """Keep only the newest record of each id across results and errors; return rows removed."""
+        import polars as pl
+
         frames = []
         for _kind, paths in (("result", self.result_files()), ("error", self.error_files())):
             for path in paths:

@@ -16,6 +16,7 @@ from openai.types.audio import Transcription
 
 from tasks.caption import reply_text
 from tasks.client import Connection
+from tasks.defaults import APIS, MAX_INLINE_BYTES
 from tasks.embed import estimate_text_tokens
 from tasks.engine import BadReply, Item, Prepared, Reply, RowFailure, RowInvalid
 from tasks.media import AUDIO_FORMATS, audio_duration_s, file_size, read_media, resolve_path, sniff_audio_format
@@ -30,12 +31,8 @@ __all__ = [
     "audio_tokens",
 ]
 
-APIS = ("chat", "transcriptions")
 DEFAULT_TRANSCRIBE_PROMPT = "Transcribe this audio verbatim."
 DEFAULT_TRANSCRIPTIONS_MODEL = "whisper-1"
-# GEMINI.md, "Limits and errors": inline data is 20 MB per request historically; raised to 100 MB
-# natively in January 2026, unconfirmed for the OpenAI-compatible endpoint. Stay at the safe value.
-MAX_INLINE_BYTES = 20 * 1024 * 1024
 AUDIO_TOKENS_PER_SECOND = 32  # GEMINI.md
 UNKNOWN_DURATION_BYTES_PER_S = 16_000  # a rough bitrate for formats whose duration isn't read here
 

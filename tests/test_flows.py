@@ -146,6 +146,7 @@ def test_a_run_killed_mid_way_resumes_to_the_same_table_without_paying_twice(api
 
 
 def test_the_demo_runs_all_five_jobs_and_a_second_run_sends_nothing(prefect_server, tmp_path):
+    """The first run as Prefect flows, the second untracked (no Prefect API): both see the same folders."""
     from io import StringIO
 
     from rich.console import Console
@@ -159,19 +160,24 @@ def test_the_demo_runs_all_five_jobs_and_a_second_run_sends_nothing(prefect_serv
         assert doc["status"] == "completed" and doc["counts"]["failed"] == 0, doc["job"]
         assert doc["counts"]["succeeded"] + doc["counts"]["deduplicated"] == doc["counts"]["input_rows"] > 0
         assert_balanced(doc)
-    second = run_demo(output=str(tmp_path / "demo"), fresh=False, console=console)
+    assert all(d["flow_run_id"] for d in first)
+    second = run_demo(output=str(tmp_path / "demo"), fresh=False, console=console, tracked=False)
+    assert [d["flow_run_id"] for d in second] == [None] * 5
     assert [d["requests"]["sent"] for d in second] == [0, 0, 0, 0, 0]
     assert [d["counts"]["skipped_done"] for d in second] == [d["counts"]["input_rows"] for d in first]
     assert "gembatch demo" in console.file.getvalue()
 
 
-def test_ctrl_c_stops_cleanly_with_interrupted_metadata_and_resumes(api_url, emulator, tmp_path):
+@pytest.mark.parametrize("tracked", [True, False], ids=["tracked", "untracked"])
+def test_ctrl_c_stops_cleanly_with_interrupted_metadata_and_resumes(tracked, request, emulator, tmp_path):
     emulator.configure(latency_seconds=0.2)
     n = 1000
     texts = [f"interrupt me {i}" for i in range(n)]
     src = write_corpus(tmp_path / "in.parquet", list(range(n)), texts)
     out = tmp_path / "out"
-    env = {**os.environ, "PREFECT_API_URL": api_url, TEST_KEY_ENV: TEST_KEY}
+    env = {**os.environ, TEST_KEY_ENV: TEST_KEY}
+    if tracked:
+        env["PREFECT_API_URL"] = request.getfixturevalue("api_url")
     proc = subprocess.Popen(
         _embed_cmd(src, out, emulator.base_url), env=env, cwd=tmp_path, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
@@ -182,7 +188,7 @@ def test_ctrl_c_stops_cleanly_with_interrupted_metadata_and_resumes(api_url, emu
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     proc.communicate(timeout=60)
-    assert proc.returncode != 0
+    assert proc.returncode == 130
 
     (run,) = [json.loads(p.read_text()) for p in (out / "_runs").glob("*.json")]
     assert run["status"] == "interrupted"

@@ -1,0 +1,144 @@
+"""The job commands (`gembatch embed`, `extract`, …): their own arguments and options, typed.
+
+Typer builds each command's `--help` from these signatures (plus the common options of
+flows/options.py), so this module imports only typer and the defaults in tasks/defaults.py: help costs no
+Prefect, pyarrow or openai import. The flow and the job builder behind a command are named as
+"module:attribute" and imported when the command runs.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from flows.options import Output, job_command
+from tasks.defaults import APIS, DEFAULT_CAPTION_PROMPT, DEFAULT_MAX_SIDE, DEFAULT_SIZE, MAX_INLINE_BYTES
+
+__all__ = ["caption", "embed", "extract", "images", "transcribe"]
+
+Input = Annotated[str, typer.Argument(help="Parquet or CSV file (local path or fsspec URL).")]
+
+
+@job_command("flows.embed:embed_flow", "flows.jobs:embed_job")
+def embed(
+    input: Input,
+    output: Output,
+    text_col: Annotated[str, typer.Option("--text-col", help="Column with the text to embed.")] = "text",
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model", help="Embedding model (default: gemini-embedding-001; text-embedding-3-small for openai)."
+        ),
+    ] = None,  # noqa: E501
+    dimensions: Annotated[int | None, typer.Option("--dimensions", help="Shorter vectors (normalised here).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Texts per request (Gemini allows 100).")] = 100,
+) -> None:
+    """Embed a text column: one fixed-size float32 vector per row."""
+
+
+@job_command("flows.extract:extract_flow", "flows.jobs:extract_job")
+def extract(
+    input: Input,
+    output: Output,
+    schema_ref: Annotated[
+        str,
+        typer.Option("--schema", help="Pydantic model to extract, as MODULE:Model (e.g. schemas.examples:Invoice)."),
+    ],
+    text_col: Annotated[str, typer.Option("--text-col", help="Column with the text to read.")] = "text",
+    prompt: Annotated[str | None, typer.Option("--prompt", help="System instruction (default: a short one).")] = None,
+    prompt_file: Annotated[
+        str | None, typer.Option("--prompt-file", help="File holding the system instruction.")
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option("--model", help="Chat model (default: gemini-2.5-flash; gpt-4o-mini for openai).")
+    ] = None,
+    reasoning_effort: Annotated[
+        str | None,
+        typer.Option("--reasoning-effort", help="none, minimal, low, medium or high (default: the model's own)."),
+    ] = None,
+    schema_dialect: Annotated[
+        str | None,
+        typer.Option(
+            "--schema-dialect",
+            help="JSON schema form sent: openai (strict), gemini or plain (default: by provider; plain for "
+            "another --base-url).",
+        ),
+    ] = None,
+) -> None:
+    """Extract a pydantic model from a text column: one typed column per field."""
+
+
+@job_command("flows.caption:caption_flow", "flows.jobs:caption_job")
+def caption(
+    input: Input,
+    output: Output,
+    image_col: Annotated[
+        str,
+        typer.Option("--image-col", help="Column with image paths or URLs (relative to the input's folder)."),
+    ] = "image",
+    prompt: Annotated[str, typer.Option("--prompt", help="What to ask about each image.")] = DEFAULT_CAPTION_PROMPT,
+    model: Annotated[
+        str | None,
+        typer.Option("--model", help="Chat model (default: gemini-2.5-flash; gpt-4o-mini for openai)."),
+    ] = None,
+    max_side: Annotated[
+        int, typer.Option("--max-side", help="Downscale images whose longer side exceeds this many pixels.")
+    ] = DEFAULT_MAX_SIDE,
+) -> None:
+    """Caption an image column: one short description per image."""
+
+
+def _check_api(value: str) -> str:
+    if value not in APIS:
+        raise typer.BadParameter(f"use one of {', '.join(APIS)}")
+    return value
+
+
+@job_command("flows.transcribe:transcribe_flow", "flows.jobs:transcribe_job")
+def transcribe(
+    input: Input,
+    output: Output,
+    audio_col: Annotated[
+        str,
+        typer.Option("--audio-col", help="Column with audio paths or URLs (relative to the input's folder)."),
+    ] = "audio",
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            help="Model (default: gemini-2.5-flash; gpt-4o-mini for openai; whisper-1 for transcriptions).",
+        ),
+    ] = None,
+    prompt: Annotated[
+        str | None,
+        typer.Option("--prompt", help="Instruction (chat; default: verbatim) or style hint (transcriptions)."),
+    ] = None,
+    api: Annotated[
+        str,
+        typer.Option(
+            "--api",
+            callback=_check_api,
+            help="chat (input_audio; Gemini) or transcriptions (OpenAI-style servers).",
+        ),
+    ] = "chat",
+    max_inline_bytes: Annotated[
+        int, typer.Option("--max-inline-bytes", help="Largest request payload per file (Gemini: 20 MB inline).")
+    ] = MAX_INLINE_BYTES,
+) -> None:
+    """Transcribe an audio column: one transcript (and duration where known) per file."""
+
+
+@job_command("flows.images:images_flow", "flows.jobs:images_job")
+def images(
+    input: Input,
+    output: Output,
+    prompt_col: Annotated[str, typer.Option("--prompt-col", help="Column with the image prompt.")] = "prompt",
+    model: Annotated[
+        str | None,
+        typer.Option("--model", help="Image model (default: gemini-2.5-flash-image; gpt-image-1 for openai)."),
+    ] = None,
+    size: Annotated[str, typer.Option("--size", help="Image size as WIDTHxHEIGHT.")] = DEFAULT_SIZE,
+    n: Annotated[int, typer.Option("--n", help="Images per prompt (one output row each).")] = 1,
+) -> None:
+    """Generate images from a prompt column: PNGs in OUTPUT/images/, one row per image."""

@@ -1,0 +1,20 @@
+"""Job defaults the command line shows in `--help`, in a module that imports nothing.
+
+The job modules (tasks/embed.py, caption.py, …) import pyarrow, openai and Pillow; `gembatch JOB --help`
+must not pay for those just to print a default. Each value is declared here once and re-exported by
+its job module.
+"""
+
+from __future__ import annotations
+
+MAX_INPUTS_PER_REQUEST = 100  # Gemini: "at most 100 requests can be in one batch"
+
+DEFAULT_CAPTION_PROMPT = "Describe this image in one or two sentences."
+DEFAULT_MAX_SIDE = 1536
+
+APIS = ("chat", "transcriptions")
+# GEMINI.md, "Limits and errors": inline data is 20 MB per request historically; raised to 100 MB
+# natively in January 2026, unconfirmed for the OpenAI-compatible endpoint. Stay at the safe value.
+MAX_INLINE_BYTES = 20 * 1024 * 1024
+
+DEFAULT_SIZE = "1024x1024"
