@@ -11,7 +11,7 @@ import pyarrow as pa
 from openai.types import CreateEmbeddingResponse
 
 from tasks.client import Connection
-from tasks.engine import BadReply, Item, Prepared, Reply, RowInvalid
+from tasks.engine import BadReply, Item, Prepared, Reply, RowInvalid, unexpected_reply
 
 __all__ = ["EmbedJob", "EMBEDDING_MODELS", "MAX_INPUTS_PER_REQUEST"]
 
@@ -107,7 +107,7 @@ class EmbedJob:
             **extra,
         )
         if not isinstance(response, CreateEmbeddingResponse):
-            raise BadReply(f"the reply was not an embeddings object: {str(response)[:200]!r}")
+            raise unexpected_reply(response, "an embeddings object")
         vectors: list[np.ndarray | None] = [None] * len(items)
         for entry in response.data:
             vectors[entry.index] = self._vector(entry.embedding)
