@@ -1,4 +1,4 @@
-"""`gembatch images`: generate PNG images from a column of prompts."""
+"""`gembatch images`: generate images (PNG, JPEG or WebP, as the provider answers) from a column of prompts."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ async def images_flow(
     force: bool = False,
     api_key_secret: str | None = None,
 ) -> dict[str, Any]:
-    """Generate ``n`` images for ``prompt_col`` of every row of ``input`` into ``output``/images."""
+    """Generate ``n`` images for ``prompt_col`` of every row of ``input`` into ``output``/_images."""
     parameters = dict(locals())
     return await run_flow_job(images_job(parameters), parameters)
 
@@ -72,4 +72,4 @@ def command(
     size: Annotated[str, typer.Option("--size", help="Image size as WIDTHxHEIGHT.")] = DEFAULT_SIZE,
     n: Annotated[int, typer.Option("--n", help="Images per prompt (one output row each).")] = 1,
 ) -> None:
-    """Generate images from a prompt column: PNGs in OUTPUT/images/, one row per image."""
+    """Generate images from a prompt column: files in OUTPUT/_images/, one row per image."""
