@@ -211,7 +211,7 @@ async def check_model(conn: Connection, model: str, *, key_source: str) -> None:
     if list_failure.status in _NO_RETRIEVE:
         log.warning(
             "%s answers neither GET models/%s (%s) nor GET models (%s): model %r is not checked before the run",
-            conn.host, model, failure.message, list_failure.message, model,
+            conn.host, model, conn.redact(failure.message), conn.redact(list_failure.message), model,
         )  # fmt: skip
         return
     raise _model_check_error(conn, model, list_failure, key_source=key_source)
