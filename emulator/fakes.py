@@ -429,3 +429,27 @@ def fake_png(prompt: str, width: int, height: int) -> bytes:
         + _png_chunk(b"IDAT", zlib.compress(raw, 6))
         + _png_chunk(b"IEND", b"")
     )
+
+
+def fake_image(prompt: str, width: int, height: int, fmt: str = "png") -> bytes:
+    """The image for ``prompt`` in ``fmt``: png (:func:`fake_png`), jpeg or webp (the same gradient,
+    encoded by Pillow), or svg (an XML drawing no raster decoder reads)."""
+    if fmt == "png":
+        return fake_png(prompt, width, height)
+    if fmt == "svg":
+        colour = hashlib.sha256(prompt.encode()).hexdigest()[:6]
+        text = prompt.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+        return (
+            f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}">'
+            f'<rect width="100%" height="100%" fill="#{colour}"/><text x="4" y="16">{text}</text></svg>'
+        ).encode()
+    if fmt not in ("jpeg", "webp"):
+        raise ValueError(f"unknown image format {fmt!r}: use png, jpeg, webp or svg")
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    with Image.open(io.BytesIO(fake_png(prompt, width, height))) as image:
+        image.save(buf, format=fmt.upper(), quality=90)
+    return buf.getvalue()

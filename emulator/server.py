@@ -52,6 +52,7 @@ AUDIO_TOKENS_PER_SECOND = 32
 MAX_EMBEDDING_INPUTS = 100
 MAX_BODY_BYTES = 128 * 1024 * 1024
 IMAGE_MIMES = ("image/png", "image/jpeg", "image/webp", "image/heic", "image/heif", "image/gif")
+IMAGE_FORMATS: dict[str, str] = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp", "svg": "image/svg+xml"}
 AUDIO_FORMATS = ("wav", "mp3", "aiff", "aac", "ogg", "flac", "m4a", "webm", "mpeg", "mpga", "opus")
 
 _RATE_LIMIT_MESSAGE = (
@@ -103,12 +104,35 @@ class EmulatorConfig:
     models: tuple[str, ...] = DEFAULT_MODELS
     # Share of nullable values in a json_schema reply answered as null (a model leaving a field unstated).
     null_rate: float = 0.0
+    # -- behaving like other OpenAI-compatible servers (issue 7) --
+    # False: GET models/{id} is a route this server doesn't have (404 {"detail": "Not Found"}, like a
+    # FastAPI app); only the list answers.
+    retrieve_route: bool = True
+    list_route: bool = True  # False: GET models is missing too (404 {"detail": "Not Found"})
+    # How GET models names them: Gemini says "models/<name>", OpenAI and most servers the bare name.
+    model_id_prefix: str = "models/"
+    # The first N requests to the models routes (list or retrieve) answer 503 UNAVAILABLE.
+    models_503_first: int = 0
+    # The random faults (fault_rate_*, retry_after_429_rate) also hit GET models routes, not only POSTs.
+    faults_on_models: bool = False
+    # Share of POSTs (every route) answered 429 OpenAI-style: {"error": {...}} with a Retry-After
+    # header of retry_after_seconds (fractions allowed, so tests stay quick), no Gemini RetryInfo.
+    retry_after_429_rate: float = 0.0
+    retry_after_seconds: float = 1.0
+    # What images/generations returns in b64_json: png, jpeg, webp, or svg (which no raster decoder reads).
+    image_format: str = "png"
 
     def __post_init__(self) -> None:
         self.models = tuple(self.models)
         for kind in FAULT_KINDS:
             if not 0.0 <= getattr(self, f"fault_rate_{kind}") <= 1.0:
                 raise ValueError(f"fault_rate_{kind} must be within [0, 1]")
+        if not 0.0 <= self.retry_after_429_rate <= 1.0:
+            raise ValueError("retry_after_429_rate must be within [0, 1]")
+        if self.retry_after_seconds < 0:
+            raise ValueError("retry_after_seconds must be 0 or more")
+        if self.image_format not in IMAGE_FORMATS:
+            raise ValueError(f"image_format must be one of {', '.join(IMAGE_FORMATS)}, got {self.image_format!r}")
         if self.window_seconds <= 0:
             raise ValueError("window_seconds must be positive")
 
@@ -194,6 +218,19 @@ def _overloaded() -> ApiError:
 
 def _deadline() -> ApiError:
     return ApiError(504, "DEADLINE_EXCEEDED", "Deadline expired before operation could complete.")
+
+
+def _openai_rate_limited(seconds: float) -> Response:
+    """OpenAI's 429: an object body (not Gemini's array), the delay in a Retry-After header."""
+    body = {
+        "error": {
+            "message": f"Rate limit reached for requests. Please try again in {seconds:g}s.",
+            "type": "requests",
+            "param": None,
+            "code": "rate_limit_exceeded",
+        }
+    }
+    return Response(429, json.dumps(body).encode(), headers={"Retry-After": f"{seconds:g}"})
 
 
 def _json_response(obj: Any) -> Response:
@@ -531,6 +568,7 @@ class Emulator:
         self._requested_port = port
         self.port: int | None = None
         self._rng = random.Random(self._config.seed)
+        self._models_503_left = self._config.models_503_first
         self._limiter = _Limiter()
         self._stats_lock = threading.Lock()
         self._stats = _empty_stats()
@@ -638,6 +676,8 @@ class Emulator:
         new = dataclasses.replace(self._config, **changes)
         if "seed" in changes:
             self._rng = random.Random(new.seed)
+        if "models_503_first" in changes:
+            self._models_503_left = new.models_503_first
         self._config = new
         return new
 
@@ -730,7 +770,7 @@ class Emulator:
         writer.write(body)
         await writer.drain()
 
-    def _route(self, method: str, path: str) -> tuple[str | None, str]:
+    def _route(self, method: str, path: str, cfg: EmulatorConfig) -> tuple[str | None, str]:
         path = unquote(path)
         for prefix in PREFIXES:
             if path.startswith(prefix):
@@ -739,8 +779,12 @@ class Emulator:
         else:
             return None, ""
         if rest == "models":
+            if not cfg.list_route:
+                return None, ""
             return ("models" if method == "GET" else None), ""
         if rest.startswith("models/"):
+            if not cfg.retrieve_route:
+                return None, ""
             return ("models" if method == "GET" else None), rest[len("models/") :]
         if rest in ROUTES and method == "POST":
             return rest, ""
@@ -753,6 +797,8 @@ class Emulator:
             acc += getattr(cfg, f"fault_rate_{kind}")
             if r < acc:
                 return kind
+        if r < acc + cfg.retry_after_429_rate:  # drawn from the same number: seeded runs stay the same
+            return "429"
         return None
 
     async def _serve(self, req: Request, writer: asyncio.StreamWriter) -> bool:
@@ -769,16 +815,24 @@ class Emulator:
             self._stats["in_flight"] += 1
             self._stats["max_in_flight"] = max(self._stats["max_in_flight"], self._stats["in_flight"])
         try:
-            route, arg = self._route(req.method, req.path)
+            route, arg = self._route(req.method, req.path, cfg)
             fault: str | None = None
             if route is not None:
                 self._bump("by_route", sub=route)
-                if req.method == "POST":
+                if route == "models" and self._models_503_left > 0:
+                    self._models_503_left -= 1
+                    fault = "503"
+                elif req.method == "POST" or (route == "models" and cfg.faults_on_models):
                     fault = self._pick_fault(cfg)
-            if route is None:
+            if route is None and self._is_switched_off(req.path, cfg):
+                resp = Response(404, b'{"detail":"Not Found"}')
+            elif route is None:
                 resp = ApiError(404, "NOT_FOUND", f"Unknown route: {req.method} {req.path}").response()
             elif not self._authorised(req, cfg):
                 resp = _bad_key().response()
+            elif fault == "429":
+                self._bump("faults", sub=fault)
+                resp = _openai_rate_limited(cfg.retry_after_seconds)  # answered at once, like a limit
             elif fault is not None:
                 self._bump("faults", sub=fault)
                 await self._delay(cfg)
@@ -805,6 +859,19 @@ class Emulator:
                 self._stats["in_flight"] -= 1
         await self._write(writer, resp, keep_alive=keep_alive)
         return keep_alive
+
+    @staticmethod
+    def _is_switched_off(path: str, cfg: EmulatorConfig) -> bool:
+        """A models route this configuration doesn't serve: answered like a FastAPI app's 404."""
+        path = unquote(path)
+        for prefix in PREFIXES:
+            if path.startswith(prefix):
+                rest = path[len(prefix) :].strip("/")
+                if rest == "models":
+                    return not cfg.list_route
+                if rest.startswith("models/"):
+                    return not cfg.retrieve_route
+        return False
 
     async def _delay(self, cfg: EmulatorConfig) -> None:
         if cfg.latency_seconds <= 0:
@@ -1141,11 +1208,11 @@ class Emulator:
         for k in range(n):
             seed = prompt if k == 0 else f"{prompt}#{k}"
             # zlib releases the GIL, so big images don't stall other connections.
-            png = await loop.run_in_executor(None, fakes.fake_png, seed, width, height)
-            b64 = base64.b64encode(png).decode()
+            image = await loop.run_in_executor(None, fakes.fake_image, seed, width, height, cfg.image_format)
+            b64 = base64.b64encode(image).decode()
             item = {"revised_prompt": f"[emulator] {prompt}"}
             if response_format == "url":
-                item["url"] = f"data:image/png;base64,{b64}"
+                item["url"] = f"data:{IMAGE_FORMATS[cfg.image_format]};base64,{b64}"
             else:
                 item["b64_json"] = b64
             data.append(item)
@@ -1185,7 +1252,7 @@ class Emulator:
     async def _models(self, _req: Request, arg: str, cfg: EmulatorConfig) -> Response:
         if not arg:
             data = [
-                {"id": f"models/{m}", "object": "model", "created": 0, "owned_by": "gembatch-emulator"}
+                {"id": f"{cfg.model_id_prefix}{m}", "object": "model", "created": 0, "owned_by": "gembatch-emulator"}
                 for m in cfg.models
             ]
             return _json_response({"object": "list", "data": data})

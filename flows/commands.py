@@ -141,4 +141,4 @@ def images(
     size: Annotated[str, typer.Option("--size", help="Image size as WIDTHxHEIGHT.")] = DEFAULT_SIZE,
     n: Annotated[int, typer.Option("--n", help="Images per prompt (one output row each).")] = 1,
 ) -> None:
-    """Generate images from a prompt column: PNGs in OUTPUT/images/, one row per image."""
+    """Generate images from a prompt column: files in OUTPUT/_images/, one row per image."""

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
+import pyarrow.parquet as pq
 from rich.console import Console
 from rich.table import Table
 
@@ -95,5 +96,11 @@ def run_demo(*, output: str, fresh: bool, console: Console, tracked: bool = True
             highlight=False,
             markup=False,
         )
+    images = pq.read_table(root / "images")  # the folder is the table: the image files sit in _images/
+    console.print(
+        f"\n{images.num_rows} generated images in {root}/images/_images/; "
+        f'pq.read_table("{root}/images") reads their table ({", ".join(images.column_names[:4])}, …).',
+        highlight=False,
+    )
     console.print("\nRun `uv run gembatch demo` again: every row is already done, so nothing is sent.")
     return documents

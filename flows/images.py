@@ -1,4 +1,4 @@
-"""`gembatch images`: generate PNG images from a column of prompts."""
+"""`gembatch images`: generate images (PNG, JPEG or WebP, as the provider answers) from a column of prompts."""
 
 from __future__ import annotations
 
@@ -40,6 +40,6 @@ async def images_flow(
     force: bool = False,
     api_key_secret: str | None = None,
 ) -> dict[str, Any]:
-    """Generate ``n`` images for ``prompt_col`` of every row of ``input`` into ``output``/images."""
+    """Generate ``n`` images for ``prompt_col`` of every row of ``input`` into ``output``/_images."""
     parameters = dict(locals())
     return await run_flow_job(images_job(parameters), parameters)

@@ -17,7 +17,7 @@ from PIL import Image
 from tasks.client import Connection
 from tasks.defaults import DEFAULT_CAPTION_PROMPT, DEFAULT_MAX_SIDE
 from tasks.embed import estimate_text_tokens
-from tasks.engine import BadReply, Item, Prepared, Reply, RowFailure, RowInvalid
+from tasks.engine import BadReply, Item, Prepared, Reply, RowFailure, RowInvalid, unexpected_reply
 from tasks.media import read_media, resolve_path, sniff_image_mime
 
 __all__ = [
@@ -226,7 +226,7 @@ class CaptionJob:
 def reply_text(response: Any) -> str | None:
     """The first choice's text; :class:`BadReply` when the SDK handed back something else."""
     if not isinstance(response, ChatCompletion):
-        raise BadReply(f"the reply was not a chat completion: {str(response)[:200]!r}")
+        raise unexpected_reply(response, "a chat completion")
     if not response.choices:
         raise BadReply("the chat completion had no choices")
     content = response.choices[0].message.content

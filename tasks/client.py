@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import os
+import random
 import re
 import secrets
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -185,26 +189,98 @@ def open_connection(settings: ProviderSettings) -> Connection:
     return Connection(client=client, base_url=base_url, provider=settings.provider, api_key=api_key, emulator=emulator)
 
 
+# Model check: a few quick tries for transient failures (429/5xx/timeouts/connection errors). Without
+# delays from the server this waits at most about 0.5 + 1 + 2 s; a Retry-After is honoured up to the cap.
+MODEL_CHECK_ATTEMPTS = 4
+MODEL_CHECK_BASE_DELAY_S = 0.5
+MODEL_CHECK_MAX_DELAY_S = 30.0
+# Answers to GET models/{id} that mean "this server has no such route" (or no such model): then the
+# model list decides.
+_NO_RETRIEVE = (404, 405, 501)
+
+log = logging.getLogger("gembatch.client")
+
+
 async def check_model(conn: Connection, model: str, *, key_source: str) -> None:
-    """Fail fast on a wrong key, an unknown model or an unreachable server."""
-    try:
-        await conn.client.models.retrieve(model)
-    except Exception as exc:  # noqa: BLE001 - every failure here becomes a ConfigError
-        failure = classify_failure(exc)
-        where = f"{conn.host} ({conn.base_url})"
-        if failure.kind == "auth":
-            raise ConfigError(
-                f"the API key in {key_source} was rejected by {where}: "
-                f"{conn.redact(failure.message)}. Check the key, or set the right variable with --api-key-env."
-            ) from None
-        if failure.kind == "not_found":
-            raise ConfigError(
-                f"model {model!r} was not found at {where}: {conn.redact(failure.message)}. "
-                "List the available models with `gembatch models`, then pass one with --model."
-            ) from None
-        if failure.kind == "transient" and failure.status is None:
-            raise ConfigError(f"cannot reach {where}: {failure.message}. Check --base-url and your network.") from None
-        raise ConfigError(f"checking model {model!r} at {where} failed: {conn.redact(failure.message)}") from None
+    """Fail fast on a wrong key, an unknown model or an unreachable server.
+
+    Asks ``models.retrieve``; a server without that route (404/405/501) is asked for its model list
+    instead, and the model is refused only when neither knows it (Gemini lists ``models/<name>``: both
+    forms match). A server that has neither route is trusted: the first request will say.
+    """
+    where = f"{conn.host} ({conn.base_url})"
+    failure = await _with_retries(lambda: conn.client.models.retrieve(model))
+    if failure is None:
+        return
+    if failure.status not in _NO_RETRIEVE:
+        raise _model_check_error(conn, model, failure, key_source=key_source)
+    listed: list[str] = []
+
+    async def list_all() -> None:
+        listed.clear()
+        async for entry in conn.client.models.list():
+            listed.append(str(entry.id))
+
+    list_failure = await _with_retries(list_all)
+    if list_failure is None:
+        if _same_model(model) & {name for entry in listed for name in _same_model(entry)}:
+            return
+        shown = ", ".join(sorted(listed)[:20]) + (", …" if len(listed) > 20 else "")
+        raise ConfigError(
+            f"model {model!r} was not found at {where}: GET models/{model} answered "
+            f"{conn.redact(failure.message)}, and the server's model list does not name it either "
+            f"(it lists {len(listed)}: {shown or 'none'}). "
+            "List the available models with `gembatch models`, then pass one with --model."
+        )
+    if list_failure.status in _NO_RETRIEVE:
+        log.warning(
+            "%s answers neither GET models/%s (%s) nor GET models (%s): model %r is not checked before the run",
+            conn.host, model, conn.redact(failure.message), conn.redact(list_failure.message), model,
+        )  # fmt: skip
+        return
+    raise _model_check_error(conn, model, list_failure, key_source=key_source)
+
+
+def _same_model(name: str) -> set[str]:
+    bare = name.removeprefix("models/")
+    return {bare, f"models/{bare}"}
+
+
+async def _with_retries(call: Callable[[], Awaitable[object]]) -> Failure | None:
+    """None when ``call`` succeeds; the last failure when it fails for good or isn't worth retrying."""
+    for attempt in range(1, MODEL_CHECK_ATTEMPTS + 1):
+        try:
+            await call()
+            return None
+        except Exception as exc:  # noqa: BLE001 - classify_failure re-raises what it doesn't know
+            failure = classify_failure(exc)
+        if not failure.retryable or failure.status in _NO_RETRIEVE or attempt == MODEL_CHECK_ATTEMPTS:
+            return failure
+        if failure.retry_after_s is not None:
+            delay = min(failure.retry_after_s, MODEL_CHECK_MAX_DELAY_S)
+        else:
+            backoff = MODEL_CHECK_BASE_DELAY_S * 2 ** (attempt - 1)
+            delay = random.uniform(backoff / 2, backoff)
+        await asyncio.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def _model_check_error(conn: Connection, model: str, failure: Failure, *, key_source: str) -> ConfigError:
+    where = f"{conn.host} ({conn.base_url})"
+    message = conn.redact(failure.message)
+    if failure.kind == "auth":
+        return ConfigError(
+            f"the API key in {key_source} was rejected by {where}: "
+            f"{message}. Check the key, or set the right variable with --api-key-env."
+        )
+    if failure.kind == "not_found":
+        return ConfigError(
+            f"model {model!r} was not found at {where}: {message}. "
+            "List the available models with `gembatch models`, then pass one with --model."
+        )
+    if failure.kind == "transient" and failure.status is None:
+        return ConfigError(f"cannot reach {where}: {message}. Check --base-url and your network.")
+    return ConfigError(f"checking model {model!r} at {where} failed: {message}")
 
 
 @dataclass(frozen=True)
@@ -255,7 +331,9 @@ def classify_failure(exc: BaseException) -> Failure:
     if isinstance(exc, openai.APIStatusError):
         status = exc.status_code
         error = _error_object(exc.body)
-        text = str(error.get("message") or _short(exc.body) or exc.message).strip().rstrip(".")
+        # "detail": FastAPI-style servers (a proxy, a route the server doesn't have).
+        text = str(error.get("message") or error.get("detail") or _short(exc.body) or exc.message)
+        text = text.strip().rstrip(".")
         message = f"HTTP {status}: {text}"
         retry_after = _retry_after(exc.response.headers, error)
         if status == 429:

@@ -12,7 +12,7 @@ from openai.types import CreateEmbeddingResponse
 
 from tasks.client import Connection
 from tasks.defaults import MAX_INPUTS_PER_REQUEST
-from tasks.engine import BadReply, Item, Prepared, Reply, RowInvalid
+from tasks.engine import BadReply, Item, Prepared, Reply, RowInvalid, unexpected_reply
 
 __all__ = ["EmbedJob", "EMBEDDING_MODELS", "MAX_INPUTS_PER_REQUEST"]
 
@@ -106,7 +106,7 @@ class EmbedJob:
             **extra,
         )
         if not isinstance(response, CreateEmbeddingResponse):
-            raise BadReply(f"the reply was not an embeddings object: {str(response)[:200]!r}")
+            raise unexpected_reply(response, "an embeddings object")
         vectors: list[np.ndarray | None] = [None] * len(items)
         for entry in response.data:
             vectors[entry.index] = self._vector(entry.embedding)

@@ -27,6 +27,7 @@ __all__ = [
     "Job",
     "Item",
     "BadReply",
+    "unexpected_reply",
     "Reply",
     "Outcome",
     "Prepared",
@@ -44,6 +45,9 @@ __all__ = [
 # After a stop (daily quota, fatal error) requests already in flight get this long to finish: their
 # answers are paid for, so keep them if they come soon; then they are cancelled.
 STOP_GRACE_S = 5.0
+# What an error row keeps of a reply that could not be used: enough to see what came back, never
+# megabytes (a base64 image, a runaway completion).
+MAX_RAW_REPLY_CHARS = 4000
 
 
 class Job(Protocol):
@@ -382,7 +386,11 @@ async def _send(ctx: RunContext, items: list[Item], outcomes: dict[str, Outcome 
                     if len(reply.results) != len(items):
                         raise BadReply(f"the reply had {len(reply.results)} results for {len(items)} inputs")
                 except BadReply as exc:
-                    failure = Failure("transient", f"bad reply: {exc}")
+                    if exc.transport:
+                        failure = Failure("transient", f"bad reply: {exc}")
+                    else:  # it arrived but can't be used: each row of it goes the RowFailure way
+                        unusable = RowFailure("bad_reply", f"bad reply: {exc}", exc.raw_reply)
+                        reply = Reply([unusable] * len(items), *_usage(reply))
                 except Exception as exc:  # noqa: BLE001 - classify_failure re-raises what it doesn't know
                     failure = classify_failure(exc)
         finally:
@@ -405,7 +413,7 @@ async def _send(ctx: RunContext, items: list[Item], outcomes: dict[str, Outcome 
                         error_type=result.kind,
                         error_message=ctx.conn.redact(result.message),
                         attempts=attempts,
-                        raw_reply=result.raw_reply,
+                        raw_reply=_raw_kept(ctx.conn, result.raw_reply),
                     )
             await limiter.settle_tokens(estimate, reply.prompt_tokens)
             if again:
@@ -469,7 +477,38 @@ def _as_text(payload: dict[str, Any], columns: tuple[str, ...]) -> dict[str, Any
 
 
 class BadReply(Exception):
-    """A reply that arrived but can't be used (wrong shape, missing items): retried like a 5xx."""
+    """A reply that arrived (HTTP 200) but can't be used: wrong shape, missing items, an image that
+    isn't one. Like a :class:`RowFailure` for every row of the request, it is asked once more
+    (``RetryPolicy.max_row_failure_attempts``), then kept in ``_errors/`` with ``raw_reply`` (cut to
+    ``MAX_RAW_REPLY_CHARS``): a second request is cheap, eight paid generations are not.
+
+    ``transport=True``: the body wasn't JSON at all (an HTML page from a proxy, which the SDK hands
+    back as a str): a transport fault, retried like a 5xx.
+    """
+
+    def __init__(self, message: str, *, raw_reply: str | None = None, transport: bool = False) -> None:
+        super().__init__(message)
+        self.raw_reply = raw_reply
+        self.transport = transport
+
+
+def unexpected_reply(response: object, what: str) -> BadReply:
+    """The SDK handed back something other than ``what``: a str is a body that was not JSON."""
+    text = str(response)
+    return BadReply(f"the reply was not {what}: {text[:200]!r}", raw_reply=text, transport=isinstance(response, str))
+
+
+def _usage(reply: Reply | None) -> tuple[int, int, int]:
+    return (reply.prompt_tokens, reply.completion_tokens, reply.total_tokens) if reply is not None else (0, 0, 0)
+
+
+def _raw_kept(conn: Connection, raw: str | None) -> str | None:
+    if raw is None:
+        return None
+    raw = conn.redact(raw)  # before cutting, so no part of the key survives at the cut
+    if len(raw) > MAX_RAW_REPLY_CHARS:
+        raw = f"{raw[:MAX_RAW_REPLY_CHARS]}… [cut: {len(raw)} characters in all]"
+    return raw
 
 
 def _write_chunk(

@@ -22,7 +22,7 @@ from schemas.arrow import ModelMapping, model_mapping
 from schemas.dialects import DialectSchema, build_schema, needs_restore, response_format_name, restore_defaults
 from tasks.client import Connection
 from tasks.embed import estimate_text_tokens
-from tasks.engine import BadReply, Item, Prepared, Reply, RowFailure, RowInvalid
+from tasks.engine import BadReply, Item, Prepared, Reply, RowFailure, RowInvalid, unexpected_reply
 from tasks.errors import ConfigError
 
 __all__ = ["ExtractJob", "REASONING_EFFORTS", "RESERVED_COLUMNS", "default_prompt", "import_model"]
@@ -180,7 +180,7 @@ class ExtractJob:
             **extra,
         )
         if not isinstance(response, ChatCompletion):
-            raise BadReply(f"the reply was not a chat completion: {str(response)[:200]!r}")
+            raise unexpected_reply(response, "a chat completion")
         if not response.choices:
             raise BadReply("the reply had no choices")
         usage = response.usage

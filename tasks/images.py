@@ -1,8 +1,17 @@
-"""The image generation job: one `images.generate` request per prompt, PNGs written beside the table.
+"""The image generation job: one `images.generate` request per prompt, images written beside the table.
 
-Images land in ``OUTPUT/images/<content_hash>.png`` (``<content_hash>-<k>.png`` when n > 1), each
-written under a ``.tmp-`` name and then renamed, so a file with a final name is always complete. One
+Images land in ``OUTPUT/_images/<content_hash>.<ext>`` (``<content_hash>-<k>.<ext>`` when n > 1), each
+written under a ``.tmp-`` name and then renamed, so a file with a final name is always complete. The
+``_`` keeps Arrow's dataset discovery off them: ``pq.read_table(OUTPUT)`` reads just the table. One
 output row per image.
+
+Providers answer PNG, JPEG or WebP (some by default, some when asked): each is kept as it came, under
+its own extension, with an ``image_format`` column. A reply whose image Pillow can't read as one of
+those three (an SVG, a truncated file, no data) is unusable: the engine asks once more, then keeps it
+in ``_errors/`` with what came back (base64 cut short).
+
+Outputs of versions before ``_images/`` keep their ``images/`` folder: its files are still found (a
+rerun pays for nothing again) and rows keep pointing at them; new images go to ``_images/``.
 """
 
 from __future__ import annotations
@@ -10,6 +19,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import io
+import json
 import re
 import uuid
 from dataclasses import dataclass
@@ -19,18 +30,32 @@ from typing import Any
 import fsspec
 import pyarrow as pa
 from openai.types import ImagesResponse
+from PIL import Image
 
 from tasks.client import Connection
 from tasks.defaults import DEFAULT_SIZE
 from tasks.embed import estimate_text_tokens
-from tasks.engine import BadReply, Item, Prepared, Reply, RowInvalid
-from tasks.store import TMP_PREFIX
+from tasks.engine import BadReply, Item, Prepared, Reply, RowInvalid, unexpected_reply
+from tasks.store import IMAGES_DIR, LEGACY_IMAGES_DIR, TMP_PREFIX
 
-__all__ = ["ImagesJob", "GeneratedImage", "IMAGES_DIR", "DEFAULT_SIZE", "MAX_IMAGES_PER_PROMPT", "image_name"]
+__all__ = [
+    "ImagesJob",
+    "GeneratedImage",
+    "IMAGES_DIR",
+    "LEGACY_IMAGES_DIR",
+    "IMAGE_FORMATS",
+    "DEFAULT_SIZE",
+    "MAX_IMAGES_PER_PROMPT",
+    "image_name",
+]
 
-IMAGES_DIR = "images"
 MAX_IMAGES_PER_PROMPT = 10  # the OpenAI images API's limit for n
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# Pillow's name of a format we keep -> (the image_format value, the file extension).
+IMAGE_FORMATS: dict[str, tuple[str, str]] = {"PNG": ("png", "png"), "JPEG": ("jpeg", "jpg"), "WEBP": ("webp", "webp")}
+_EXTENSIONS = {fmt: ext for fmt, ext in IMAGE_FORMATS.values()}
+_FORMAT_OF_EXTENSION = {ext: fmt for fmt, ext in IMAGE_FORMATS.values()}
+# How much of each base64 string an error row keeps of an unusable reply.
+RAW_B64_CHARS = 120
 _SIZE = re.compile(r"([1-9][0-9]*)x([1-9][0-9]*)")
 
 
@@ -42,11 +67,17 @@ class GeneratedImage:
     revised_prompt: str | None
     size_bytes: int
     index: int
+    format: str = "png"
 
 
-def image_name(content_hash: str, k: int, n: int) -> str:
-    """The image's path relative to the output folder."""
-    return f"{IMAGES_DIR}/{content_hash}.png" if n == 1 else f"{IMAGES_DIR}/{content_hash}-{k}.png"
+def image_name(content_hash: str, k: int, n: int, fmt: str = "png", folder: str = IMAGES_DIR) -> str:
+    """The image's path relative to the output folder (``fmt``: png, jpeg or webp)."""
+    stem = content_hash if n == 1 else f"{content_hash}-{k}"
+    return f"{folder}/{stem}.{_EXTENSIONS[fmt]}"
+
+
+def _format_of(path: str) -> str:
+    return _FORMAT_OF_EXTENSION.get(path.rsplit(".", 1)[-1].lower(), "png")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -101,15 +132,17 @@ class ImagesJob:
             model=self.model, prompt=item.prepared.data, n=self.n, size=self.size, response_format="b64_json"
         )
         if not isinstance(response, ImagesResponse):
-            raise BadReply(f"the reply was not an images object: {str(response)[:200]!r}")
+            raise unexpected_reply(response, "an images object")
         data = response.data or []
-        if len(data) != self.n:
-            raise BadReply(f"asked for {self.n} images, the reply had {len(data)}")
-        pngs = [_decode_png(entry.b64_json, k) for k, entry in enumerate(data)]
-        sizes = await asyncio.to_thread(self._write_images, item.content_hash, pngs)
+        try:
+            if len(data) != self.n:
+                raise BadReply(f"asked for {self.n} images, the reply had {len(data)}")
+            images = await asyncio.to_thread(self._decode_and_write, item.content_hash, data)
+        except BadReply as exc:
+            raise BadReply(str(exc), raw_reply=_raw_reply(response)) from None
         result = tuple(
-            GeneratedImage(image_name(item.content_hash, k, self.n), entry.revised_prompt, size, k)
-            for k, (entry, size) in enumerate(zip(data, sizes))
+            GeneratedImage(path, entry.revised_prompt, size, k, fmt)
+            for k, (entry, (path, size, fmt)) in enumerate(zip(data, images))
         )
         usage = response.usage
         if usage is None:
@@ -121,26 +154,46 @@ class ImagesJob:
             total_tokens=usage.total_tokens or 0,
         )
 
-    def _write_images(self, content_hash: str, pngs: list[bytes]) -> list[int]:
+    def _decode_and_write(self, content_hash: str, data: list[Any]) -> list[tuple[str, int, str]]:
+        """(path, size, format) of each image, written only once every image of the reply is usable."""
+        decoded = [_decode_image(entry.b64_json, k) for k, entry in enumerate(data)]
         fs, root = self._fs_root
         fs.makedirs(f"{root}/{IMAGES_DIR}", exist_ok=True)
-        for k, png in enumerate(pngs):
+        written = []
+        for k, (blob, fmt) in enumerate(decoded):
             tmp = f"{root}/{IMAGES_DIR}/{TMP_PREFIX}{uuid.uuid4().hex}.inprogress"
             with fs.open(tmp, "wb") as f:
-                f.write(png)
-            fs.mv(tmp, f"{root}/{image_name(content_hash, k, self.n)}")
-        return [len(png) for png in pngs]
+                f.write(blob)
+            path = image_name(content_hash, k, self.n, fmt)
+            fs.mv(tmp, f"{root}/{path}")
+            written.append((path, len(blob), fmt))
+        return written
+
+    @cached_property
+    def _legacy_folder(self) -> bool:
+        """Whether this output has an ``images/`` folder from a version before ``_images/``."""
+        fs, root = self._fs_root
+        return fs.isdir(f"{root}/{LEGACY_IMAGES_DIR}")
 
     def _read_existing(self, content_hash: str) -> tuple[GeneratedImage, ...] | None:
+        """The images of ``content_hash`` already on disk (a run that died before writing its part),
+        in any format we keep; ``images/`` of older versions too."""
         fs, root = self._fs_root
+        candidates = [(IMAGES_DIR, fmt) for fmt in _EXTENSIONS]
+        if self._legacy_folder:
+            candidates.append((LEGACY_IMAGES_DIR, "png"))
         images = []
         for k in range(self.n):
-            path = image_name(content_hash, k, self.n)
-            try:
-                size = fs.size(f"{root}/{path}")
-            except FileNotFoundError:
+            for folder, fmt in candidates:
+                path = image_name(content_hash, k, self.n, fmt, folder)
+                try:
+                    size = fs.size(f"{root}/{path}")
+                except FileNotFoundError:
+                    continue
+                images.append(GeneratedImage(path, None, int(size), k, fmt))
+                break
+            else:
                 return None
-            images.append(GeneratedImage(path, None, int(size), k))
         return tuple(images)
 
     def rows_per_result(self, result: tuple[GeneratedImage, ...]) -> int:
@@ -151,6 +204,7 @@ class ImagesJob:
             [
                 pa.field(id_col, id_type),
                 pa.field("image_path", pa.string()),
+                pa.field("image_format", pa.string()),
                 pa.field("revised_prompt", pa.string()),
                 pa.field("image_bytes", pa.int64()),
                 pa.field("image_index", pa.int32()),
@@ -163,6 +217,7 @@ class ImagesJob:
         images = [image for result in results for image in result]
         return {
             "image_path": pa.array([i.path for i in images], pa.string()),
+            "image_format": pa.array([i.format for i in images], pa.string()),
             "revised_prompt": pa.array([i.revised_prompt for i in images], pa.string()),
             "image_bytes": pa.array([i.size_bytes for i in images], pa.int64()),
             "image_index": pa.array([i.index for i in images], pa.int32()),
@@ -175,8 +230,14 @@ class ImagesJob:
         columns = [table.column(c).to_pylist() for c in ("content_hash", "image_path", "revised_prompt")]
         sizes = table.column("image_bytes").to_pylist()
         indexes = table.column("image_index").to_pylist()
-        for h, path, revised, size, k in zip(*columns, sizes, indexes):
-            grouped.setdefault(h, {}).setdefault(k, GeneratedImage(path, revised, size, k))
+        # Parts written before the image_format column: the extension says (they are all PNGs).
+        if "image_format" in table.column_names:
+            formats = table.column("image_format").to_pylist()
+        else:
+            formats = [None] * table.num_rows
+        for h, path, revised, size, k, fmt in zip(*columns, sizes, indexes, formats):
+            image = GeneratedImage(path, revised, size, k, fmt or _format_of(path))
+            grouped.setdefault(h, {}).setdefault(k, image)
         results: dict[str, Any] = {}
         for h, images in grouped.items():
             if len(images) < self.n:
@@ -190,13 +251,36 @@ class ImagesJob:
         return results
 
 
-def _decode_png(b64: str | None, k: int) -> bytes:
+def _decode_image(b64: str | None, k: int) -> tuple[bytes, str]:
+    """The image's bytes and format (png, jpeg or webp); :class:`BadReply` for anything else."""
     if not b64:
         raise BadReply(f"image {k} of the reply had no b64_json data")
     try:
-        png = base64.b64decode(b64, validate=True)
+        blob = base64.b64decode(b64, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise BadReply(f"image {k} of the reply was not valid base64: {exc}") from None
-    if not png.startswith(PNG_SIGNATURE):
-        raise BadReply(f"image {k} of the reply is not a PNG (starts with {png[:8]!r})")
-    return png
+    try:
+        with Image.open(io.BytesIO(blob)) as image:
+            found = image.format or "unknown"
+            image.load()  # a truncated or corrupt file fails here, not in the user's viewer
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise BadReply(
+            f"image {k} of the reply is not a PNG, JPEG or WebP image Pillow can read ({exc}); "
+            f"it starts with {blob[:40]!r}"
+        ) from None
+    if found not in IMAGE_FORMATS:
+        raise BadReply(f"image {k} of the reply is {found}, not PNG, JPEG or WebP")
+    return blob, IMAGE_FORMATS[found][0]
+
+
+def _raw_reply(response: ImagesResponse) -> str:
+    """What came back, for the error row: the reply's JSON with each base64 string cut short."""
+    try:
+        body = response.model_dump(mode="json", exclude_none=True)
+    except Exception:  # noqa: BLE001 - a reply too odd to dump is still described
+        return str(response)[:2000]
+    for entry in body.get("data") or []:
+        b64 = entry.get("b64_json") if isinstance(entry, dict) else None
+        if isinstance(b64, str) and len(b64) > RAW_B64_CHARS:
+            entry["b64_json"] = f"{b64[:RAW_B64_CHARS]}… [{len(b64)} base64 characters in all]"
+    return json.dumps(body, ensure_ascii=False)

@@ -5,6 +5,7 @@ Layout (see ARCHITECTURE.md)::
     OUTPUT/part-<chunk-hash>.parquet   results
     OUTPUT/_errors/part-<…>.parquet     rows that failed for good
     OUTPUT/_runs/<run-id>.json          one per run
+    OUTPUT/_images/<content_hash>.<ext> generated images (image generation only; images/ before)
 
 Every part file carries its write time in its schema metadata. When one id has several records
 (its text changed, or it failed and later succeeded), the newest record wins and the older ones are
@@ -29,11 +30,12 @@ import pyarrow.parquet as pq
 
 from tasks.errors import ConfigError
 
-__all__ = ["OutputStore", "DoneIndex", "pair_key", "hash_key", "ERRORS_DIR", "RUNS_DIR"]
+__all__ = ["OutputStore", "DoneIndex", "pair_key", "hash_key", "ERRORS_DIR", "RUNS_DIR", "IMAGES_DIR"]
 
 ERRORS_DIR = "_errors"
 RUNS_DIR = "_runs"
-IMAGES_DIR = "images"
+IMAGES_DIR = "_images"  # generated images ("_": Arrow's discovery skips it)
+LEGACY_IMAGES_DIR = "images"  # where versions before _images/ put them
 MARKER = "_gembatch.json"  # which job and model own the folder; "_" keeps Arrow's discovery off it
 TMP_PREFIX = ".tmp-"
 META_KEY = b"gembatch"
@@ -71,7 +73,13 @@ class OutputStore:
         for sub in ("", ERRORS_DIR, RUNS_DIR):
             self.fs.makedirs(self._join(sub) if sub else self.root, exist_ok=True)
         # A killed run may leave temporary files; they were never renamed, so nothing refers to them.
-        for folder in (self.root, self._join(ERRORS_DIR), self._join(RUNS_DIR), self._join(IMAGES_DIR)):
+        for folder in (
+            self.root,
+            self._join(ERRORS_DIR),
+            self._join(RUNS_DIR),
+            self._join(IMAGES_DIR),
+            self._join(LEGACY_IMAGES_DIR),
+        ):
             if not self.fs.exists(folder):
                 continue
             for path in self.fs.ls(folder, detail=False):

@@ -18,7 +18,7 @@ from tasks.caption import reply_text
 from tasks.client import Connection
 from tasks.defaults import APIS, MAX_INLINE_BYTES
 from tasks.embed import estimate_text_tokens
-from tasks.engine import BadReply, Item, Prepared, Reply, RowFailure, RowInvalid
+from tasks.engine import Item, Prepared, Reply, RowFailure, RowInvalid, unexpected_reply
 from tasks.media import AUDIO_FORMATS, audio_duration_s, file_size, read_media, resolve_path, sniff_audio_format
 
 __all__ = [
@@ -191,7 +191,7 @@ class TranscribeJob:
             model=self.model, file=(f"{stem}.{ref.format}", data), **extra
         )
         if not isinstance(response, Transcription):
-            raise BadReply(f"the reply was not a transcription: {str(response)[:200]!r}")
+            raise unexpected_reply(response, "a transcription")
         text = response.text.strip() if response.text else ""
         result: Any = TranscriptResult(transcript=text, duration_s=ref.duration_s)
         if not text:

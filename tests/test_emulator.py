@@ -600,3 +600,84 @@ def test_config_repr_hides_key_and_configure(make_emu: Any) -> None:
             c.embeddings.create(model=EMB, input="x")
     with pytest.raises(TypeError):
         EmulatorConfig("positional")  # type: ignore[misc]
+
+
+# ---------------------------------------------------------------------------------------------
+# switches for other OpenAI-compatible servers (issue 7)
+
+
+def test_without_the_retrieve_route_only_the_list_answers(make_emu: Any) -> None:
+    emu = make_emu(retrieve_route=False, model_id_prefix="")
+    status, _, body = raw_request(emu, "GET", f"/v1/models/{CHAT}")
+    assert (status, json.loads(body)) == (404, {"detail": "Not Found"})
+    assert f"{CHAT}" in [m.id for m in client(emu).models.list()]
+    emu.configure(list_route=False)
+    status, _, body = raw_request(emu, "GET", "/v1beta/openai/models")
+    assert (status, json.loads(body)) == (404, {"detail": "Not Found"})
+    assert emu.stats["by_route"]["models"] == 1 and emu.stats["by_status"] == {404: 2, 200: 1}
+
+
+def test_the_first_model_requests_can_be_503(make_emu: Any) -> None:
+    emu = make_emu(models_503_first=2)
+    for _ in range(2):
+        with pytest.raises(openai.InternalServerError) as exc:
+            client(emu).models.retrieve(CHAT)
+        assert exc.value.status_code == 503
+    assert client(emu).models.retrieve(CHAT).id == CHAT
+    emu.configure(models_503_first=1)
+    with pytest.raises(openai.InternalServerError):
+        client(emu).models.list()
+    assert client(emu).models.list().data
+    assert emu.stats["faults"] == {"503": 3}
+
+
+def test_openai_style_429_with_retry_after_on_posts_and_optionally_on_models(make_emu: Any) -> None:
+    emu = make_emu(retry_after_429_rate=1.0, retry_after_seconds=0.25)
+    request = json.dumps({"model": EMB, "input": "x"}).encode()
+    status, headers, body = raw_request(emu, "POST", "/v1/embeddings", request)
+    assert status == 429 and headers["retry-after"] == "0.25"
+    error = json.loads(body)["error"]  # an object, not Gemini's array
+    assert error["code"] == "rate_limit_exceeded" and "try again in 0.25s" in error["message"]
+    assert client(emu).models.retrieve(CHAT).id == CHAT  # GETs only with faults_on_models
+    emu.configure(faults_on_models=True)
+    with pytest.raises(openai.RateLimitError):
+        client(emu).models.retrieve(CHAT)
+    assert emu.stats["faults"] == {"429": 2}
+    with pytest.raises(ValueError, match="retry_after_429_rate"):
+        EmulatorConfig(retry_after_429_rate=1.5)
+
+
+def test_a_zero_429_rate_leaves_seeded_faults_unchanged(make_emu: Any) -> None:
+    def pattern(emu: Emulator) -> list[int]:
+        body = json.dumps({"model": EMB, "input": "x"}).encode()
+        return [raw_request(emu, "POST", "/v1/embeddings", body)[0] for _ in range(30)]
+
+    plain = pattern(make_emu(fault_rate_500=0.3, seed=3))
+    assert plain == pattern(make_emu(fault_rate_500=0.3, seed=3, retry_after_429_rate=0.0))
+    with_429 = pattern(make_emu(fault_rate_500=0.3, seed=3, retry_after_429_rate=0.3))
+    # The 429s take numbers that answered 200 before; every 500 stays where it was.
+    assert [s for s in with_429 if s == 500] == [s for s in plain if s == 500]
+    assert [i for i, s in enumerate(with_429) if s == 500] == [i for i, s in enumerate(plain) if s == 500]
+    assert 429 in with_429
+
+
+@pytest.mark.parametrize("fmt", ["png", "jpeg", "webp", "svg"])
+def test_images_in_the_configured_format(make_emu: Any, fmt: str) -> None:
+    from emulator.fakes import fake_image
+
+    emu = make_emu(image_format=fmt)
+    resp = client(emu).images.generate(model="gemini-2.5-flash-image", prompt="a fox", size="32x16")
+    data = base64.b64decode(resp.data[0].b64_json or "")
+    assert data == fake_image("a fox", 32, 16, fmt)
+    if fmt == "svg":
+        assert data.startswith(b'<svg xmlns="http://www.w3.org/2000/svg" width="32" height="16">')
+    else:
+        from PIL import Image
+
+        with Image.open(io.BytesIO(data)) as image:
+            assert (image.format, image.size) == ({"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}[fmt], (32, 16))
+    url = client(emu).images.generate(model="gemini-2.5-flash-image", prompt="a fox", response_format="url")
+    mime = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp", "svg": "image/svg+xml"}[fmt]
+    assert (url.data[0].url or "").startswith(f"data:{mime};base64,")
+    with pytest.raises(ValueError, match="image_format must be one of png, jpeg, webp, svg"):
+        EmulatorConfig(image_format="gif")

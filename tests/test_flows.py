@@ -12,6 +12,7 @@ import sys
 import time
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from conftest import REPO, TEST_KEY, TEST_KEY_ENV, assert_balanced, read_output, write_corpus
 
@@ -166,6 +167,11 @@ def test_the_demo_runs_all_five_jobs_and_a_second_run_sends_nothing(prefect_serv
     assert [d["requests"]["sent"] for d in second] == [0, 0, 0, 0, 0]
     assert [d["counts"]["skipped_done"] for d in second] == [d["counts"]["input_rows"] for d in first]
     assert "gembatch demo" in console.file.getvalue()
+    images = tmp_path / "demo" / "images"
+    table = pq.read_table(images)  # the images sit in _images/, out of Arrow's way
+    assert table.num_rows == 12 and set(table.column("image_format").to_pylist()) == {"png"}
+    for path in table.column("image_path").to_pylist():
+        assert path.startswith("_images/") and (images / path).is_file()
 
 
 @pytest.mark.parametrize("tracked", [True, False], ids=["tracked", "untracked"])
