@@ -14,12 +14,14 @@ A declared ``--rpm`` is never exceeded in any 60-second window as the server cou
 spaced ``60 / rpm`` apart, and no start is allowed while ``rpm`` others fall within the last
 ``60 + WINDOW_GUARD_S`` seconds (room for arrival-time jitter at the server), which costs 0.8%.
 
-The rule after a 429 (also in the README): with a declared ``--rpm``, a lone 429 only delays its own
-request (by the server's retry delay); a second 429 within a minute means the real limit is lower,
-and the rate is halved. Without ``--rpm`` the first 429 sets the rate to half of what was observed
-over the last minute. A cut happens at most once per burst of 429s (a 429 for a request sent before
-the last cut does not cut again) and pauses new requests for one interval at the new rate, or the
-server's retry delay if longer. After ``RECOVERY_INTERVAL_S`` seconds without a 429 the rate grows by
+The rule after a 429 (also in the README): once requests are paced (``--rpm``, or a rate learned from
+an earlier 429), a 429 only delays its own request (by the server's retry delay) unless 429s are more
+than noise — more than one in a minute and more than ``NOISE_SHARE`` of the requests sent in it —
+which means the real limit is lower: then the rate is halved. Without ``--rpm`` the first 429 sets the
+rate to half of what was observed over the last minute. A cut happens at most once per burst of
+429s (a 429 for a request sent before the last cut does not cut again) and pauses new requests for
+one interval at the new rate, or the server's retry delay if longer.
+After ``RECOVERY_INTERVAL_S`` seconds without a 429 the rate grows by
 ``RECOVERY_STEP`` of the declared rate (or of the current one), until it is back at ``--rpm``.
 """
 
@@ -51,6 +53,9 @@ RECOVERY_INTERVAL_S = 10.0
 RECOVERY_STEP = 0.10
 # With a declared --rpm, this many 429s within a minute are taken as jitter at the window's edge.
 TOLERATED_429_PER_MINUTE = 1
+# Paced requests: 429s up to this share of the requests sent in a window are noise (a busy server),
+# not a sign that the rate is above the limit.
+NOISE_SHARE = 0.2
 # Tokens may arrive in bursts of at most this many seconds' worth of the TPM budget, so no
 # 60-second window ever sees much more than the budget.
 TPM_BURST_SECONDS = 6.0
@@ -278,17 +283,25 @@ class AdaptiveLimiter:
             await self._take_tokens(extra)
 
     def on_rate_limited(self, request_started: float, retry_after_s: float | None = None) -> bool:
-        """Slow down after a 429. Returns True if this 429 cut the rate."""
+        """Slow down after a 429. Returns True if this 429 cut the rate.
+
+        Once requests are paced (a declared or a learned rate), 429s cut only when they are more than
+        noise: more than ``TOLERATED_429_PER_MINUTE`` in a window and more than ``NOISE_SHARE`` of the
+        requests sent in it. Servers also answer 429 when they are busy, whatever the client's rate; a
+        cut for each of those would halve the rate again and again.
+        """
         now = self._clock()
-        if self.limits.rpm is not None:
-            self._recent_429s.append(now)
-            while self._recent_429s[0] < now - self._window:
-                self._recent_429s.popleft()
-            if len(self._recent_429s) <= TOLERATED_429_PER_MINUTE:
-                self.tolerated_429s += 1
-                return False
+        self._recent_429s.append(now)
+        while self._recent_429s[0] < now - self._window:
+            self._recent_429s.popleft()
         if request_started < self._last_change and self.rate_cuts:
             return False
+        if self._rpm is not None:
+            sent = sum(1 for t in self._recent_starts if t >= now - self._window)
+            count = len(self._recent_429s)
+            if count <= TOLERATED_429_PER_MINUTE or count <= NOISE_SHARE * sent:
+                self.tolerated_429s += 1
+                return False
         if self._rpm is None:
             full = self._window
             window = max(full / 60, min(full, now - self._recent_starts[0])) if self._recent_starts else full
@@ -302,6 +315,7 @@ class AdaptiveLimiter:
         self._set_rpm(new_rpm, now)
         self._resume_at = max(self._resume_at, now + max(self._window / new_rpm, retry_after_s or 0.0))
         self.rate_cuts += 1
+        self._recent_429s.clear()
         self.min_rpm_seen = new_rpm if self.min_rpm_seen is None else min(self.min_rpm_seen, new_rpm)
         return True
 
