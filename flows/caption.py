@@ -12,6 +12,7 @@ from flows.options import Output, job_command
 from tasks.caption import DEFAULT_CAPTION_PROMPT, DEFAULT_MAX_SIDE, CaptionJob
 from tasks.client import DEFAULT_TIMEOUT_S
 from tasks.media import base_dir_of
+from tasks.outage import DEFAULT_MAX_OUTAGE_S
 from tasks.prices import default_model
 from tasks.run import DEFAULT_CHUNK_SIZE
 
@@ -42,6 +43,8 @@ async def caption_flow(
     max_cost_usd: float | None = None,
     force: bool = False,
     api_key_secret: str | None = None,
+    max_outage: float = DEFAULT_MAX_OUTAGE_S,
+    max_failed_pct: float = 0.0,
 ) -> dict[str, Any]:
     """Caption the image in ``image_col`` of every row of ``input`` into ``output`` (see README: gembatch caption)."""
     parameters = dict(locals())

@@ -13,6 +13,7 @@ from flows.options import Output, job_command
 from tasks.client import DEFAULT_TIMEOUT_S
 from tasks.errors import ConfigError
 from tasks.extract import ExtractJob, import_model
+from tasks.outage import DEFAULT_MAX_OUTAGE_S
 from tasks.prices import default_model
 from tasks.run import DEFAULT_CHUNK_SIZE
 
@@ -45,6 +46,8 @@ async def extract_flow(
     max_cost_usd: float | None = None,
     force: bool = False,
     api_key_secret: str | None = None,
+    max_outage: float = DEFAULT_MAX_OUTAGE_S,
+    max_failed_pct: float = 0.0,
 ) -> dict[str, Any]:
     """Extract the --schema model (MODULE:Model) from ``text_col`` of every row of ``input`` into ``output``."""
     parameters = dict(locals())
