@@ -92,7 +92,6 @@ def main() -> None:
             time.sleep(0.05)
         if stop.wait(args.outage_at):
             return
-        outage["rows_done_at_start"] = rows_in(out)
         outage["requests_at_start"] = embeddings_seen(root)
         configure(root, key, DOWN)
         outage["began"] = time.monotonic()
@@ -130,7 +129,7 @@ def main() -> None:
     )
     print(f"status                {run['status']}  (exit code {first.returncode})")
     print(f"counts                {run['counts']}")
-    print(f"rows done when the outage began  {outage.get('rows_done_at_start')}")
+    print(f"requests before the outage       {outage.get('requests_at_start')}")
     print(f"rows in _errors/      {errors}")
     print(f"requests while down   {down}  (the server saw {embeddings_seen_total(runs)} requests in all)")
     print(f"outage facts          {run['outage']}")

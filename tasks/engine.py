@@ -390,6 +390,7 @@ async def _send(ctx: RunContext, items: list[Item], outcomes: dict[str, Outcome 
                 if ctx.stop_event.is_set():
                     return
                 if ctx.outage.holding(probe):  # the provider went down while this waited for its turn
+                    limiter.give_back(started)
                     attempts -= 1
                     continue
                 stats.requests += 1
