@@ -112,7 +112,10 @@ def main() -> None:
             timer.join()
         stop.set()
         timer.join(timeout=10)
-        (run,) = runs = read_runs(out)
+        runs = read_runs(out) if (out / "_runs").exists() else []
+        if len(runs) != 1:
+            raise SystemExit(f"gembatch embed wrote no run (exit {first.returncode}):\n{first.stdout}\n{first.stderr}")
+        (run,) = runs
         errors = sum(pq.read_metadata(p).num_rows for p in (out / "_errors").glob("*.parquet"))
         rerun = None
         if run["status"] != "completed":

@@ -214,7 +214,7 @@ def test_a_bad_row_and_an_outage_only_the_bad_row_stays_in_errors(emulator, tmp_
     # A plain rerun sends exactly the rows that failed on transient errors; the bad row stays out.
     emulator.reset_stats()
     again = run_embed(emulator, src, out)
-    assert emulator.stats["embedding_inputs"] == len(auto)
+    assert emulator.stats["embedding_inputs"] == len(auto - {bad})  # a refused input is not counted
     assert again["counts"]["succeeded"] == len(auto - {bad}) and again["counts"]["failed"] == 1, again["counts"]
     assert again["status"] == "completed with errors" and "1 failed for their own input" in again["message"]
     errors = read_errors(out)
