@@ -77,6 +77,9 @@ _QUOTAS: dict[str, tuple[str, str]] = {
 }
 _MARKER_PREFIX = "[[emulator:"
 STATS_PATH = "/_emulator/stats"
+# POST a JSON object of EmulatorConfig fields (fault rates, latency…) to change an emulator running in
+# another process, e.g. to start and end an outage during a benchmark. Needs the key.
+CONFIG_PATH = "/_emulator/config"
 
 
 @dataclass(kw_only=True)
@@ -717,6 +720,21 @@ class Emulator:
             best = max(best, hi - lo + 1)
         return best
 
+    def _reconfigure(self, req: Request, cfg: EmulatorConfig) -> Response:
+        """The admin route: apply the posted changes, answer the new configuration (without the key)."""
+        if not self._authorised(req, cfg):
+            return _bad_key().response()
+        try:
+            changes = _parse_json(req)
+            if "api_key" in changes:
+                raise _invalid("the key can't be changed through the admin route")
+            new = self.configure(**changes)
+        except ApiError as e:
+            return e.response()
+        except (TypeError, ValueError) as e:
+            return _invalid(f"bad configuration: {e}").response()
+        return _json_response({k: v for k, v in dataclasses.asdict(new).items() if k != "api_key"})
+
     def _bump(self, key: str, n: int = 1, sub: str | int | None = None) -> None:
         with self._stats_lock:
             if sub is None:
@@ -809,6 +827,9 @@ class Emulator:
             # For benchmarks that drive an emulator in another process (no key: it holds no data).
             stats = {**self.stats, "busiest_window": self.busiest_window(), "window_seconds": cfg.window_seconds}
             await self._write(writer, _json_response(stats), keep_alive=keep_alive)
+            return keep_alive
+        if req.method == "POST" and req.path == CONFIG_PATH:
+            await self._write(writer, self._reconfigure(req, cfg), keep_alive=keep_alive)
             return keep_alive
         self._bump("requests")
         with self._stats_lock:

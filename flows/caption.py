@@ -10,6 +10,7 @@ from flows.common import run_flow_job
 from flows.jobs import caption_job
 from tasks.caption import DEFAULT_CAPTION_PROMPT, DEFAULT_MAX_SIDE
 from tasks.client import DEFAULT_TIMEOUT_S
+from tasks.outage import DEFAULT_MAX_OUTAGE_S
 from tasks.run import DEFAULT_CHUNK_SIZE
 
 __all__ = ["caption_flow", "caption_job"]
@@ -39,6 +40,8 @@ async def caption_flow(
     max_cost_usd: float | None = None,
     force: bool = False,
     api_key_secret: str | None = None,
+    max_outage: float = DEFAULT_MAX_OUTAGE_S,
+    max_failed_pct: float = 0.0,
 ) -> dict[str, Any]:
     """Caption the image in ``image_col`` of every row of ``input`` into ``output`` (see README: gembatch caption)."""
     parameters = dict(locals())

@@ -12,10 +12,11 @@ from typing import Any
 
 from tasks.client import DEFAULT_TIMEOUT_S, ProviderSettings
 from tasks.engine import Job, process_chunk
-from tasks.errors import GembatchError
+from tasks.errors import GembatchError, RunNotCompleted
 from tasks.limits import Limits
 from tasks.metadata import summary_rows
-from tasks.run import DEFAULT_CHUNK_SIZE, RunOptions, run_job
+from tasks.outage import DEFAULT_MAX_OUTAGE_S, OutagePolicy
+from tasks.run import COMPLETED, DEFAULT_CHUNK_SIZE, RunOptions, run_job
 
 __all__ = ["COMMON_DEFAULTS", "options_from", "run_flow_job", "run_untracked"]
 
@@ -59,6 +60,8 @@ COMMON_DEFAULTS: dict[str, Any] = {
     "max_cost_usd": None,
     "force": False,
     "api_key_secret": None,
+    "max_outage": DEFAULT_MAX_OUTAGE_S,
+    "max_failed_pct": 0.0,
 }
 
 
@@ -82,6 +85,8 @@ def run_options(
     max_cost_usd: float | None = None,
     force: bool = False,
     api_key_secret: str | None = None,
+    max_outage: float = DEFAULT_MAX_OUTAGE_S,
+    max_failed_pct: float = 0.0,
 ) -> RunOptions:
     return RunOptions(
         input=input,
@@ -102,6 +107,8 @@ def run_options(
         dry_run=dry_run,
         max_cost_usd=max_cost_usd,
         force=force,
+        outage=OutagePolicy(max_outage_s=max_outage),
+        max_failed_pct=max_failed_pct,
     )
 
 
@@ -113,17 +120,23 @@ async def run_flow_job(job: Job, parameters: dict[str, Any]) -> dict[str, Any]:
     """Run ``job`` inside the current flow: chunks as Prefect tasks, summary as a table artifact.
 
     A :class:`GembatchError` (wrong key, unknown model, bad input…) fails the flow run with its message
-    and is raised to the caller as it is.
+    and is raised to the caller as it is. A run that ends other than ``completed`` (rows failed past
+    --max-failed-pct, or stopped early) fails the flow run too, so schedules and alerts notice: the
+    caller gets :class:`RunNotCompleted`, whose ``document`` is the run metadata.
     """
     from prefect import get_run_logger
     from prefect.states import Failed
 
     try:
-        return await _run(job, parameters)
+        document = await _run(job, parameters)
     except GembatchError as exc:
         # The message says what to do; Prefect's traceback would only bury it.
         get_run_logger().error("%s", exc)
         return Failed(message=str(exc), data=exc)
+    if document["status"] not in (COMPLETED, "dry run"):
+        problem = RunNotCompleted(document)
+        return Failed(message=str(problem), data=problem)
+    return document
 
 
 async def run_untracked(job: Job, parameters: dict[str, Any]) -> dict[str, Any]:
@@ -183,6 +196,8 @@ async def _run(job: Job, parameters: dict[str, Any]) -> dict[str, Any]:
         document["output"]["path"],
         document["run_id"],
     )
-    if document["status"] != "completed":
-        logger.warning("run ended early: %s — %s", document["status"], document["message"])
+    if document["status"] != COMPLETED:
+        logger.error("%s — %s", document["status"], document["message"])
+    elif document["message"]:
+        logger.warning("%s", document["message"])
     return document

@@ -9,6 +9,7 @@ from prefect import flow
 from flows.common import run_flow_job
 from flows.jobs import extract_job
 from tasks.client import DEFAULT_TIMEOUT_S
+from tasks.outage import DEFAULT_MAX_OUTAGE_S
 from tasks.run import DEFAULT_CHUNK_SIZE
 
 __all__ = ["extract_flow", "extract_job"]
@@ -41,6 +42,8 @@ async def extract_flow(
     max_cost_usd: float | None = None,
     force: bool = False,
     api_key_secret: str | None = None,
+    max_outage: float = DEFAULT_MAX_OUTAGE_S,
+    max_failed_pct: float = 0.0,
 ) -> dict[str, Any]:
     """Extract the --schema model (MODULE:Model) from ``text_col`` of every row of ``input`` into ``output``."""
     parameters = dict(locals())

@@ -10,6 +10,7 @@ from flows.common import run_flow_job
 from flows.jobs import images_job
 from tasks.client import DEFAULT_TIMEOUT_S
 from tasks.images import DEFAULT_SIZE
+from tasks.outage import DEFAULT_MAX_OUTAGE_S
 from tasks.run import DEFAULT_CHUNK_SIZE
 
 __all__ = ["images_flow", "images_job"]
@@ -39,6 +40,8 @@ async def images_flow(
     max_cost_usd: float | None = None,
     force: bool = False,
     api_key_secret: str | None = None,
+    max_outage: float = DEFAULT_MAX_OUTAGE_S,
+    max_failed_pct: float = 0.0,
 ) -> dict[str, Any]:
     """Generate ``n`` images for ``prompt_col`` of every row of ``input`` into ``output``/_images."""
     parameters = dict(locals())

@@ -57,6 +57,20 @@ ApiKeySecret = Annotated[
     str | None, typer.Option("--api-key-secret", help="Name of a Prefect Secret block holding the key.")
 ]
 NoProgress = Annotated[bool, typer.Option("--no-progress", help="No progress bar.")]
+MaxOutage = Annotated[
+    float,
+    typer.Option(
+        "--max-outage",
+        help="Seconds the run waits (probing) while the provider answers only 5xx/timeouts before it stops, resumable.",
+    ),
+]
+MaxFailedPct = Annotated[
+    float,
+    typer.Option(
+        "--max-failed-pct",
+        help="Share of failed rows (%) above which the run is 'completed with errors' (exit 4).",
+    ),
+]
 
 
 def _common_options(
@@ -75,6 +89,8 @@ def _common_options(
     dry_run: DryRun = False,
     max_cost_usd: MaxCostUsd = None,
     force: Force = False,
+    max_outage: MaxOutage = 1800.0,
+    max_failed_pct: MaxFailedPct = 0.0,
     no_progress: NoProgress = False,
 ) -> None:
     """The options every job command takes after its own (a signature template, never called)."""
@@ -174,15 +190,31 @@ def run_command(flow: str, build_job: str, params: dict[str, Any]) -> None:
     options = options_from(parameters)
     preflight(job, options)
     if not options.dry_run and configured_api_url():
-        finish(asyncio.run(resolve(flow)(**params)))
+        from tasks.errors import RunNotCompleted
+
+        try:
+            document = asyncio.run(resolve(flow)(**params))
+        except RunNotCompleted as exc:
+            document = exc.document
+        finish(document)
         return
     if not options.dry_run:
         err_console.print(UNTRACKED_NOTE, markup=False, highlight=False, soft_wrap=True)
     finish(asyncio.run(run_untracked(job, parameters)))
 
 
+# Exit codes: 0 completed (or a dry run), 2 a problem found before any work, 3 the run stopped early
+# (resumable), 4 every row was tried but more than --max-failed-pct failed, 130 Ctrl-C.
+EXIT_STOPPED = 3
+EXIT_FAILED_ROWS = 4
+
+
 def finish(document: dict[str, Any]) -> None:
+    from tasks.run import COMPLETED_WITH_ERRORS
+
     print_summary(document)
     if document["status"] not in ("completed", "dry run"):
-        err_console.print(f"[bold red]{document['status']}[/]: {document['message']}")
-        raise typer.Exit(3)
+        err_console.print(f"[bold red]{document['status']}[/]: {document['message']}", highlight=False)
+        raise typer.Exit(EXIT_FAILED_ROWS if document["status"] == COMPLETED_WITH_ERRORS else EXIT_STOPPED)
+    if document.get("message"):
+        err_console.print(document["message"], highlight=False)

@@ -9,6 +9,7 @@ from prefect import flow
 from flows.common import run_flow_job
 from flows.jobs import transcribe_job
 from tasks.client import DEFAULT_TIMEOUT_S
+from tasks.outage import DEFAULT_MAX_OUTAGE_S
 from tasks.run import DEFAULT_CHUNK_SIZE
 from tasks.transcribe import MAX_INLINE_BYTES
 
@@ -40,6 +41,8 @@ async def transcribe_flow(
     max_cost_usd: float | None = None,
     force: bool = False,
     api_key_secret: str | None = None,
+    max_outage: float = DEFAULT_MAX_OUTAGE_S,
+    max_failed_pct: float = 0.0,
 ) -> dict[str, Any]:
     """Transcribe the audio in ``audio_col`` of every row of ``input`` into ``output`` (see README)."""
     parameters = dict(locals())

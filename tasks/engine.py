@@ -21,7 +21,8 @@ from tasks.budget import Budget
 from tasks.client import Connection, Failure, classify_failure
 from tasks.errors import RunStopped
 from tasks.limits import AdaptiveLimiter
-from tasks.store import DoneIndex, OutputStore, hash_key, pair_key
+from tasks.outage import OutageBreaker
+from tasks.store import RETRY_AUTO, RETRY_ON_REQUEST, DoneIndex, OutputStore, hash_key, pair_key
 
 __all__ = [
     "Job",
@@ -134,6 +135,9 @@ class Outcome:
     error_message: str | None = None
     attempts: int = 0
     raw_reply: str | None = None
+    # True: the row failed only because transient errors used up its attempts; the next plain run
+    # sends it again. False: it failed for itself (kept out until --retry-errors).
+    retry_auto: bool = False
 
     @property
     def ok(self) -> bool:
@@ -170,6 +174,8 @@ class RunStats:
     succeeded: int = 0
     failed: int = 0
     not_attempted: int = 0
+    # Rows of ``failed`` recorded in _errors/ with retry "auto" (transient errors only).
+    failed_retry_auto: int = 0
     requests: int = 0
     items_sent: int = 0
     retries: int = 0
@@ -204,6 +210,7 @@ class RunContext:
         retry: RetryPolicy | None = None,
         on_progress: Callable[[int], None] | None = None,
         budget: Budget | None = None,
+        outage: OutageBreaker | None = None,
     ) -> None:
         self.job = job
         self.conn = conn
@@ -223,11 +230,13 @@ class RunContext:
         self.preparing = 0
         self.stopped: RunStopped | None = None
         self.budget: Budget | None = budget
+        self.outage = outage or OutageBreaker()
 
     def request_stop(self, reason: RunStopped) -> None:
         if self.stopped is None:
             self.stopped = reason
         self.stop_event.set()
+        self.outage.wake()
 
     def __repr__(self) -> str:
         return f"RunContext(run_id={self.run_id!r}, job={self.job.name!r})"
@@ -264,7 +273,7 @@ def row_status(
     key = pair_key(row_id, h)
     if key in index.done_pairs:
         return h, DONE
-    if key in index.errored_pairs and not retry_errors:
+    if key in index.errored_pairs and not retry_errors and key not in index.auto_retry_pairs:
         return h, PREV_ERROR
     return h, INVALID if isinstance(prep, RowInvalid) else NEW
 
@@ -365,6 +374,12 @@ async def _send(ctx: RunContext, items: list[Item], outcomes: dict[str, Outcome 
     while True:
         if ctx.stop_event.is_set():
             return
+        # While the provider is down, wait here (one request at a time probes): see tasks/outage.py.
+        probe = await ctx.outage.admit(ctx.stop_event)
+        if ctx.outage.gave_up:
+            ctx.request_stop(ctx.outage.stop())
+        if ctx.stop_event.is_set():
+            return
         attempts += 1
         failure: Failure | None = None
         reply: Reply | None = None
@@ -378,6 +393,10 @@ async def _send(ctx: RunContext, items: list[Item], outcomes: dict[str, Outcome 
             async with limiter.slot(estimate) as started:
                 if ctx.stop_event.is_set():
                     return
+                if ctx.outage.holding(probe):  # the provider went down while this waited for its turn
+                    limiter.give_back(started)
+                    attempts -= 1
+                    continue
                 stats.requests += 1
                 stats.items_sent += len(items)
                 stats.estimated_tokens += estimate
@@ -399,6 +418,7 @@ async def _send(ctx: RunContext, items: list[Item], outcomes: dict[str, Outcome 
                 if failure is None and reply is not None:
                     ctx.budget.charge(reply.prompt_tokens, reply.total_tokens)
         if failure is None:
+            ctx.outage.record_success(started, probe, items[0].content_hash)
             stats.prompt_tokens += reply.prompt_tokens
             stats.completion_tokens += reply.completion_tokens
             stats.total_tokens += reply.total_tokens
@@ -425,6 +445,12 @@ async def _send(ctx: RunContext, items: list[Item], outcomes: dict[str, Outcome 
             limiter.on_rate_limited(started, failure.retry_after_s)
         elif failure.kind == "transient":
             stats.transient_errors += 1
+        if ctx.outage.record_failure(failure.kind, started, probe, items[0].content_hash):
+            # The provider is down: not the rows' fault, so no attempt used and no back-off (the
+            # breaker decides when to send again).
+            attempts -= 1
+            stats.retries += 1
+            continue
         if failure.fatal:
             if failure.kind == "daily_quota":
                 stats.rate_limited += 1
@@ -446,7 +472,10 @@ async def _send(ctx: RunContext, items: list[Item], outcomes: dict[str, Outcome 
             return
         for item in items:
             outcomes[item.content_hash] = Outcome(
-                error_type=failure.kind, error_message=ctx.conn.redact(failure.message), attempts=attempts
+                error_type=failure.kind,
+                error_message=ctx.conn.redact(failure.message),
+                attempts=attempts,
+                retry_auto=failure.retryable,
             )
         return
 
@@ -526,6 +555,7 @@ def _write_chunk(
     ok_rows: list[int] = []
     ok_results: list[Any] = []
     err_rows: list[tuple[int, str, str, int, str | None]] = []
+    auto: set[int] = set()  # positions of error rows the next plain run sends again
     for pos, src in enumerate(source):
         if src == DONE:
             stats.skipped_done += 1
@@ -538,6 +568,8 @@ def _write_chunk(
             if outcome is None:
                 stats.not_attempted += 1
             elif not outcome.ok:
+                if outcome.retry_auto:
+                    auto.add(pos)
                 err_rows.append(
                     (
                         pos,
@@ -555,6 +587,7 @@ def _write_chunk(
                 else:
                     stats.deduplicated += 1
     stats.failed += len(err_rows)
+    stats.failed_retry_auto += len(auto)
     written = 0
     if ok_rows:
         rows_per_result = getattr(job, "rows_per_result", None)
@@ -579,6 +612,9 @@ def _write_chunk(
                 "error_message": pa.array([e[2] for e in err_rows], pa.string()),
                 "attempts": pa.array([e[3] for e in err_rows], pa.int32()),
                 "raw_reply": pa.array([e[4] for e in err_rows], pa.string()),
+                # "auto": transient errors used up the attempts, the next plain run sends the row
+                # again; "on_request": it failed for itself, resent only with --retry-errors.
+                "retry": pa.array([RETRY_AUTO if p in auto else RETRY_ON_REQUEST for p, *_ in err_rows], pa.string()),
                 "input_row": pa.array([first_row + p for p, *_ in err_rows], pa.int64()),
                 "model": pa.array([job.model] * len(err_rows), pa.string()),
                 "run_id": pa.array([ctx.run_id] * len(err_rows), pa.string()),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["GembatchError", "ConfigError", "InputError", "RunStopped"]
+__all__ = ["GembatchError", "ConfigError", "InputError", "RunStopped", "RunNotCompleted"]
 
 
 class GembatchError(Exception):
@@ -26,3 +26,15 @@ class RunStopped(GembatchError):
     def __init__(self, status: str, message: str) -> None:
         super().__init__(message)
         self.status = status
+
+
+class RunNotCompleted(GembatchError):
+    """A run that ended without finishing cleanly: failed rows past --max-failed-pct, or stopped early.
+
+    The Prefect flow run ends Failed with this as its data, so calling a flow raises it; ``document``
+    is the run metadata (also written to ``_runs/<run-id>.json``).
+    """
+
+    def __init__(self, document: dict) -> None:
+        super().__init__(f"{document['status']}: {document['message']}")
+        self.document = document

@@ -272,6 +272,17 @@ class AdaptiveLimiter:
             probe.holding, probe.held_at = True, now
         probe.restart(now)
 
+    def give_back(self, started: float) -> None:
+        """Free the place in the pacing of a start that sent nothing (the run paused for a provider
+        outage while it waited its turn), so the requests queued behind it don't wait for nothing.
+        Tokens it took from the TPM bucket are not returned (a few seconds' worth at most)."""
+        if self._rpm is not None:
+            self._next_start -= self._window / self._rpm
+        try:
+            self._recent_starts.remove(started)
+        except ValueError:
+            pass
+
     async def settle_tokens(self, estimated: int, reported: int | None) -> None:
         """Charge the TPM budget for tokens the response reports beyond the estimate."""
         if not reported:

@@ -79,6 +79,11 @@ def summary_rows(document: dict[str, Any]) -> list[dict[str, str]]:
         ("not attempted", c["not_attempted"]),
         ("requests / retries / 429s", f"{r['sent']} / {r['retries']} / {r['rate_limited_429']}"),
         ("tokens prompt / total", f"{t['prompt']} / {t['total']}"),
+        *(
+            [("provider outages / paused s / probes", f"{o['outages']} / {o['paused_s']} / {o['probes']}")]
+            if (o := document.get("outage")) and o["outages"]
+            else []
+        ),
         ("estimated cost (USD)", "n/a (model not in price table)" if cost is None else f"{cost:.6f}"),
         ("duration (s)", document["duration_s"]),
         ("rows/s", document["throughput"]["rows_per_s"]),

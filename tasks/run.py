@@ -15,15 +15,20 @@ from tasks.errors import GembatchError
 from tasks.io import InputSource, check_ids
 from tasks.limits import AdaptiveLimiter, Limits
 from tasks.metadata import counts, new_run_id, package_versions, usage, utc_now
+from tasks.outage import OutageBreaker, OutagePolicy
 from tasks.progress import ProgressBar
 from tasks.store import OutputStore
 
-__all__ = ["DEFAULT_CHUNK_SIZE", "RunOptions", "preflight", "run_job"]
+__all__ = ["DEFAULT_CHUNK_SIZE", "COMPLETED", "COMPLETED_WITH_ERRORS", "RunOptions", "preflight", "run_job"]
 
 DEFAULT_CHUNK_SIZE = 2000
 DEFAULT_CHUNKS_IN_FLIGHT = 4
 MAX_CHUNKS_IN_FLIGHT = 32
 STARVED_POLL_S = 0.1
+COMPLETED = "completed"
+# Every row was tried, but more than --max-failed-pct of them are in _errors/ (the CLI exits 4, the
+# Prefect flow run is Failed).
+COMPLETED_WITH_ERRORS = "completed with errors"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -36,6 +41,8 @@ class RunOptions:
     provider: ProviderSettings = field(default_factory=ProviderSettings)
     limits: Limits = field(default_factory=Limits)
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    # When the provider is down (its max_outage_s is --max-outage): see tasks/outage.py.
+    outage: OutagePolicy = field(default_factory=OutagePolicy)
     chunk_size: int = DEFAULT_CHUNK_SIZE
     chunks_in_flight: int = DEFAULT_CHUNKS_IN_FLIGHT
     limit: int | None = None
@@ -44,12 +51,16 @@ class RunOptions:
     max_cost_usd: float | None = None
     force: bool = False
     dry_run: bool = False
+    # A run whose failed rows are more than this share of its input (in %) is "completed with errors".
+    max_failed_pct: float = 0.0
 
     def __post_init__(self) -> None:
         if self.chunk_size < 1:
             raise ValueError(f"--chunk-size must be at least 1, got {self.chunk_size}")
         if self.limit is not None and self.limit < 0:
             raise ValueError(f"--limit must be 0 or more, got {self.limit}")
+        if not 0 <= self.max_failed_pct <= 100:
+            raise ValueError(f"--max-failed-pct must be within 0-100, got {self.max_failed_pct}")
 
 
 def preflight(job: Job, options: RunOptions) -> InputSource:
@@ -120,6 +131,7 @@ async def run_job(
             retry_errors=options.retry_errors,
             retry=options.retry,
             budget=budget,
+            outage=OutageBreaker(options.outage),
         )
         progress = ProgressBar(f"{job.name} {job.model}", total_rows, ctx.stats, enabled=options.progress)
         ctx.on_progress = progress.advance
@@ -131,7 +143,7 @@ async def run_job(
             error = exc
         finally:
             progress.close()
-        status, message = _status(ctx, error)
+        status, message = _status(ctx, error, options)
         stats = ctx.stats
         stats.not_attempted += max(0, total_rows - stats.rows_accounted())
         removed = 0
@@ -153,6 +165,13 @@ async def run_job(
                     "retries": stats.retries,
                     "rate_limited_429": stats.rate_limited,
                     "transient_errors": stats.transient_errors,
+                },
+                # Provider outages: how often the run paused, for how long, and the probes it sent.
+                "outage": ctx.outage.describe(),
+                # Failed rows by what a rerun does with them (retry column of _errors/).
+                "failed_rows": {
+                    "retry_auto": stats.failed_retry_auto,
+                    "retry_on_request": stats.failed - stats.failed_retry_auto,
                 },
                 "tokens": tokens,
                 "cost": cost,
@@ -256,10 +275,11 @@ def _room_for_chunk(ctx: RunContext, active: int, usual: int) -> bool:
     if active < usual:
         return True
     # A chunk still preparing its rows will soon queue requests: wait for it before judging.
-    return active < MAX_CHUNKS_IN_FLIGHT and ctx.preparing == 0 and ctx.limiter.starved
+    # No more rows on hand while the provider is down: nothing is being sent anyway.
+    return active < MAX_CHUNKS_IN_FLIGHT and ctx.preparing == 0 and ctx.limiter.starved and not ctx.outage.is_open
 
 
-def _status(ctx: RunContext, error: BaseException | None) -> tuple[str, str]:
+def _status(ctx: RunContext, error: BaseException | None, options: RunOptions) -> tuple[str, str]:
     if isinstance(error, (KeyboardInterrupt, asyncio.CancelledError)):
         return "interrupted", "the run was interrupted; rerun the same command to resume"
     if isinstance(error, GembatchError):
@@ -268,4 +288,17 @@ def _status(ctx: RunContext, error: BaseException | None) -> tuple[str, str]:
         return "failed: " + type(error).__name__, f"{type(error).__name__}: {error}"
     if ctx.stopped is not None:
         return ctx.stopped.status, str(ctx.stopped)
-    return "completed", ""
+    stats = ctx.stats
+    if not stats.failed:
+        return COMPLETED, ""
+    pct = 100 * stats.failed / max(stats.input_rows, 1)
+    auto, on_request = stats.failed_retry_auto, stats.failed - stats.failed_retry_auto
+    parts = [f"{stats.failed} of {stats.input_rows} rows failed ({pct:.2f}%), see {options.output}/_errors/"]
+    if auto:
+        parts.append(f"{auto} failed on transient errors only (the next plain run sends them again)")
+    if on_request:
+        parts.append(f"{on_request} failed for their own input (resent only with --retry-errors)")
+    detail = "; ".join(parts)
+    if pct > options.max_failed_pct:
+        return COMPLETED_WITH_ERRORS, f"{detail} (more than --max-failed-pct {options.max_failed_pct:g})"
+    return COMPLETED, f"{detail} (within --max-failed-pct {options.max_failed_pct:g})"

@@ -30,7 +30,17 @@ import pyarrow.parquet as pq
 
 from tasks.errors import ConfigError
 
-__all__ = ["OutputStore", "DoneIndex", "pair_key", "hash_key", "ERRORS_DIR", "RUNS_DIR", "IMAGES_DIR"]
+__all__ = [
+    "OutputStore",
+    "DoneIndex",
+    "pair_key",
+    "hash_key",
+    "ERRORS_DIR",
+    "RUNS_DIR",
+    "IMAGES_DIR",
+    "RETRY_AUTO",
+    "RETRY_ON_REQUEST",
+]
 
 ERRORS_DIR = "_errors"
 RUNS_DIR = "_runs"
@@ -39,6 +49,11 @@ LEGACY_IMAGES_DIR = "images"  # where versions before _images/ put them
 MARKER = "_gembatch.json"  # which job and model own the folder; "_" keeps Arrow's discovery off it
 TMP_PREFIX = ".tmp-"
 META_KEY = b"gembatch"
+# The `retry` column of _errors/: which failed rows the next plain run sends again.
+RETRY_AUTO = "auto"  # transient errors (5xx, timeouts, broken connections, 429s) used up the attempts
+RETRY_ON_REQUEST = "on_request"  # the row failed for itself (a 400 for it, an unusable reply): --retry-errors
+# Error files written before the `retry` column: these error types were transient.
+LEGACY_AUTO_ERROR_TYPES = ("transient", "rate_limited")
 
 
 def pair_key(row_id: object, content_hash: str) -> int:
@@ -58,6 +73,8 @@ class DoneIndex:
     done_pairs: set[int] = field(default_factory=set)
     known_hashes: set[int] = field(default_factory=set)
     errored_pairs: set[int] = field(default_factory=set)
+    # Of errored_pairs, those that failed on transient errors only: a plain rerun sends them again.
+    auto_retry_pairs: set[int] = field(default_factory=set)
     result_rows: int = 0
     error_rows: int = 0
 
@@ -119,8 +136,10 @@ class OutputStore:
                 index.known_hashes.update(hash_key(h) for h in hashes)
                 index.result_rows += len(hashes)
         for path in self.error_files():
-            for ids, hashes in self._id_hash_batches(path, id_col):
-                index.errored_pairs.update(pair_key(i, h) for i, h in zip(ids, hashes))
+            for ids, hashes, auto in self._error_batches(path, id_col):
+                keys = [pair_key(i, h) for i, h in zip(ids, hashes)]
+                index.errored_pairs.update(keys)
+                index.auto_retry_pairs.update(k for k, a in zip(keys, auto) if a)
                 index.error_rows += len(hashes)
         return index
 
@@ -212,6 +231,24 @@ class OutputStore:
         parquet = pq.ParquetFile(path, filesystem=self.fs)
         for batch in parquet.iter_batches(columns=[id_col, "content_hash"], batch_size=65536):
             yield batch.column(0).to_pylist(), batch.column(1).to_pylist()
+
+    def _error_batches(self, path: str, id_col: str):
+        """(ids, hashes, retried automatically?) of an errors part; files older than the `retry`
+        column say it through their error_type."""
+        parquet = pq.ParquetFile(path, filesystem=self.fs)
+        names = parquet.schema_arrow.names
+        column = "retry" if "retry" in names else "error_type" if "error_type" in names else None
+        for batch in parquet.iter_batches(
+            columns=[id_col, "content_hash", *([column] if column else [])], batch_size=65536
+        ):
+            ids, hashes = batch.column(0).to_pylist(), batch.column(1).to_pylist()
+            if column == "retry":
+                auto = [v == RETRY_AUTO for v in batch.column(2).to_pylist()]
+            elif column == "error_type":
+                auto = [v in LEGACY_AUTO_ERROR_TYPES for v in batch.column(2).to_pylist()]
+            else:
+                auto = [False] * len(ids)
+            yield ids, hashes, auto
 
     def _parts(self, folder: str) -> list[str]:
         if not self.fs.exists(folder):

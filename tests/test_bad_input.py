@@ -290,7 +290,7 @@ def test_non_utf8_csv_row_fails_alone_and_the_fixed_rerun_sends_only_it(emulator
     out = tmp_path / "out"
     doc = run_embed(emulator, path, out, dimensions=16, chunk_size=50)
 
-    assert doc["status"] == "completed" and doc["counts"]["failed"] == 1
+    assert doc["status"] == "completed with errors" and doc["counts"]["failed"] == 1
     assert_balanced(doc)
     (error,) = read_errors(out).iter_rows(named=True)
     assert error["id"] == bad and error["input_row"] == bad
@@ -409,7 +409,7 @@ def test_null_or_empty_text_cells_become_error_rows_naming_the_column(emulator, 
     out = tmp_path / "out"
     doc = run_embed(emulator, path, out)
 
-    assert doc["status"] == "completed" and doc["counts"]["succeeded"] == 2 and doc["counts"]["failed"] == 3
+    assert doc["status"] == "completed with errors" and doc["counts"]["succeeded"] == 2 and doc["counts"]["failed"] == 3
     assert_balanced(doc)
     assert sorted(read_output(out)["id"].to_list()) == [10, 14]
     errors = {r["id"]: r for r in read_errors(out).iter_rows(named=True)}
@@ -456,7 +456,7 @@ def test_null_or_empty_media_cells_become_error_rows_naming_the_column(
     out = tmp_path / "out"
     doc = run(job_cls(model=CHAT_MODEL, base_dir=base_dir_of(str(path))), path, out, emulator.base_url)
 
-    assert doc["status"] == "completed" and doc["counts"]["succeeded"] == 1 and doc["counts"]["failed"] == 3
+    assert doc["status"] == "completed with errors" and doc["counts"]["succeeded"] == 1 and doc["counts"]["failed"] == 3
     assert_balanced(doc)
     assert read_output(out)["id"].to_list() == [1]
     errors = read_errors(out).sort("id")
@@ -472,7 +472,7 @@ def test_text_over_the_input_limit_is_an_error_row_saying_split_it(emulator, tmp
     path = write_corpus(tmp_path / "in.parquet", [1, 2, 3], texts)
     doc = run_embed(emulator, path, tmp_path / "out")
 
-    assert doc["status"] == "completed" and doc["counts"]["succeeded"] == 2
+    assert doc["status"] == "completed with errors" and doc["counts"]["succeeded"] == 2
     assert sorted(read_output(tmp_path / "out")["id"].to_list()) == [1, 3]
     (error,) = read_errors(tmp_path / "out").iter_rows(named=True)
     assert error["id"] == 2 and error["input_row"] == 1 and error["attempts"] == 0

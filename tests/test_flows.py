@@ -223,7 +223,7 @@ def test_the_key_leaks_nowhere_outputs_metadata_artifacts_or_logs(
     from flows.extract import extract_flow
     from flows.images import images_flow
     from flows.transcribe import transcribe_flow
-    from tasks.errors import ConfigError
+    from tasks.errors import ConfigError, RunNotCompleted
 
     data = REPO / "data"
     common = {"base_url": emulator.base_url, "api_key_env": TEST_KEY_ENV, "provider": "local"}
@@ -231,9 +231,17 @@ def test_the_key_leaks_nowhere_outputs_metadata_artifacts_or_logs(
     src = write_corpus(tmp_path / "in.parquet", [1, 2, 3], texts)
     out = tmp_path / "out"
 
+    async def embed_with_a_refused_row():
+        # The refused row makes the run "completed with errors": the flow run fails with the document.
+        try:
+            await embed_flow(input=str(src), output=str(out / "embed"), **common)
+        except RunNotCompleted as exc:
+            return exc.document
+        raise AssertionError("a run with a failed row must not end as a clean success")
+
     async def run_all():
         return [
-            await embed_flow(input=str(src), output=str(out / "embed"), **common),
+            await embed_with_a_refused_row(),
             await extract_flow(
                 input=str(data / "extract" / "events.csv"), output=str(out / "extract"),
                 schema_ref="schemas.examples:CalendarEvent", **common,
@@ -244,7 +252,7 @@ def test_the_key_leaks_nowhere_outputs_metadata_artifacts_or_logs(
         ]  # fmt: skip
 
     docs = asyncio.run(run_all())
-    assert all(d["status"] == "completed" for d in docs)
+    assert docs[0]["status"] == "completed with errors" and all(d["status"] == "completed" for d in docs[1:])
     assert docs[0]["counts"]["failed"] == 1  # the refused row's error message is stored too
 
     async def prefect_records():
