@@ -142,7 +142,7 @@ def print_plan(document: dict[str, Any]) -> None:
                 ("images (n × rows)", e["images"]),
                 (
                     "image cost USD (estimate)",
-                    e["image_cost_usd"] if e["image_cost_usd"] is not None else "n/a (no price per image)",
+                    f"{e['image_cost_usd']:.6f}" if e["image_cost_usd"] is not None else "n/a (no price per image)",
                 ),
             ]
             if "images" in e
