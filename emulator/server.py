@@ -37,10 +37,27 @@ DEFAULT_MODELS: tuple[str, ...] = (
     "gemini-2.5-flash",
     "gemini-2.5-flash-lite",
     "gemini-2.5-flash-image",
+    "imagen-4.0-generate-001",
+    "imagen-4.0-fast-generate-001",
+    "imagen-4.0-ultra-generate-001",
     "gpt-4o-mini",
     "whisper-1",
     "gpt-image-1",
+    "dall-e-3",
 )
+# Which image models images/generations serves on each path, and their largest n: under /v1beta/openai/
+# Imagen 4 and Gemini 2.5 Flash Image (Gemini's compatibility layer), under /v1/ OpenAI's image models
+# with their documented sizes. Anything else is refused there like the real endpoint refuses it.
+GEMINI_IMAGE_MODELS: dict[str, int] = {
+    "imagen-4.0-generate-001": 4,
+    "imagen-4.0-fast-generate-001": 4,
+    "imagen-4.0-ultra-generate-001": 4,
+    "gemini-2.5-flash-image": 4,
+}
+OPENAI_IMAGE_MODELS: dict[str, tuple[int, tuple[str, ...]]] = {
+    "gpt-image-1": (10, ("1024x1024", "1536x1024", "1024x1536", "auto")),
+    "dall-e-3": (1, ("1024x1024", "1792x1024", "1024x1792")),
+}
 PREFIXES: tuple[str, ...] = ("/v1beta/openai/", "/v1/")
 ROUTES: tuple[str, ...] = ("embeddings", "chat/completions", "images/generations", "audio/transcriptions", "models")
 FAULT_KINDS: tuple[str, ...] = ("500", "503", "hang", "truncate", "drop", "garbage")
@@ -234,6 +251,12 @@ def _openai_rate_limited(seconds: float) -> Response:
         }
     }
     return Response(429, json.dumps(body).encode(), headers={"Retry-After": f"{seconds:g}"})
+
+
+def _openai_error(status: int, message: str, code: str | None, param: str | None = None) -> Response:
+    """OpenAI's error shape: an {"error": {...}} object."""
+    body = {"error": {"message": message, "type": "invalid_request_error", "param": param, "code": code}}
+    return Response(status, json.dumps(body).encode())
 
 
 def _json_response(obj: Any) -> Response:
@@ -1200,14 +1223,33 @@ class Emulator:
     async def _images(self, req: Request, _arg: str, cfg: EmulatorConfig) -> Response:
         body = _parse_json(req)
         model = _model_of(body)
-        if model not in cfg.models or model in fakes.EMBEDDING_MODELS:
-            raise _model_not_found(model, "generateContent")
+        openai_path = unquote(req.path).startswith("/v1/")
+        if openai_path:
+            if model not in cfg.models or model not in OPENAI_IMAGE_MODELS:
+                return _openai_error(
+                    404, f"The model `{model}` does not exist or you do not have access to it.", "model_not_found"
+                )
+            max_n, sizes = OPENAI_IMAGE_MODELS[model]
+            if body.get("size") is not None and body["size"] not in sizes:
+                return _openai_error(
+                    400,
+                    f"Invalid value: '{body['size']}'. Supported values are: {', '.join(repr(s) for s in sizes)}.",
+                    "invalid_value",
+                    "size",
+                )
+        else:
+            if model not in cfg.models or model not in GEMINI_IMAGE_MODELS:
+                raise _model_not_found(model, "predict")
+            max_n = GEMINI_IMAGE_MODELS[model]
         prompt = body.get("prompt")
         if not isinstance(prompt, str) or not prompt:
             raise _invalid("prompt: a non-empty string is required.")
         n = body.get("n") or 1
-        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 10:
-            raise _invalid(f"n: must be an integer between 1 and 10, got {n!r}.")
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= max_n:
+            message = f"n: must be an integer between 1 and {max_n} for {model}, got {n!r}."
+            if openai_path:
+                return _openai_error(400, message, "invalid_value", "n")
+            raise _invalid(message)
         size = body.get("size") or "1024x1024"
         if size == "auto":
             size = "1024x1024"

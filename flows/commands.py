@@ -136,9 +136,26 @@ def images(
     prompt_col: Annotated[str, typer.Option("--prompt-col", help="Column with the image prompt.")] = "prompt",
     model: Annotated[
         str | None,
-        typer.Option("--model", help="Image model (default: gemini-2.5-flash-image; gpt-image-1 for openai)."),
+        typer.Option(
+            "--model",
+            help="Image model (default: imagen-4.0-generate-001; gpt-image-1 for openai). Also "
+            "imagen-4.0-fast-generate-001, imagen-4.0-ultra-generate-001, gemini-2.5-flash-image, dall-e-3.",
+        ),
     ] = None,
-    size: Annotated[str, typer.Option("--size", help="Image size as WIDTHxHEIGHT.")] = DEFAULT_SIZE,
-    n: Annotated[int, typer.Option("--n", help="Images per prompt (one output row each).")] = 1,
+    size: Annotated[
+        str,
+        typer.Option(
+            "--size",
+            help="WIDTHxHEIGHT: Imagen takes 1:1, 3:4, 4:3, 9:16, 16:9; gpt-image-1 1024x1024, 1536x1024, "
+            "1024x1536, auto; dall-e-3 1024x1024, 1792x1024, 1024x1792.",
+        ),
+    ] = DEFAULT_SIZE,
+    n: Annotated[
+        int, typer.Option("--n", help="Images per prompt, one output row each (Imagen: 1-4; dall-e-3: 1).")
+    ] = 1,
+    quality: Annotated[
+        str | None,
+        typer.Option("--quality", help="gpt-image-1: low, medium, high, auto; dall-e-3: standard, hd (priced so)."),
+    ] = None,
 ) -> None:
     """Generate images from a prompt column: files in OUTPUT/_images/, one row per image."""

@@ -24,6 +24,7 @@ async def images_flow(
     model: str | None = None,
     size: str = DEFAULT_SIZE,
     n: int = 1,
+    quality: str | None = None,
     id_col: str = "id",
     provider: str = "gemini",
     base_url: str | None = None,

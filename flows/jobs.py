@@ -115,14 +115,22 @@ def transcribe_job(parameters: dict[str, Any]) -> TranscribeJob:
 
 
 def images_job(parameters: dict[str, Any]) -> ImagesJob:
-    """The job for these flow parameters (fills in the provider's default model)."""
+    """The job for these flow parameters (fills in the provider's default model; refuses a size, n,
+    quality or model the provider's images route doesn't take, before any request)."""
+    from tasks.image_models import GEMINI_ROUTE, OPENAI_ROUTE
     from tasks.images import ImagesJob
 
-    parameters["model"] = parameters.get("model") or default_model(parameters["provider"], "images")
+    provider = parameters["provider"]
+    parameters["model"] = parameters.get("model") or default_model(provider, "images")
+    route = None  # another server (--base-url): any model name goes
+    if not parameters.get("base_url"):
+        route = OPENAI_ROUTE if provider == "openai" else GEMINI_ROUTE  # local emulates Gemini's
     return ImagesJob(
         model=parameters["model"],
         output=parameters["output"],
         prompt_col=parameters["prompt_col"],
         size=parameters["size"],
         n=parameters["n"],
+        quality=parameters.get("quality"),
+        route=route,
     )

@@ -153,6 +153,17 @@ def print_plan(document: dict[str, Any]) -> None:
         ("requests", e["requests"]),
         ("input tokens (estimate)", e["input_tokens"]),
         ("input cost USD (estimate)", "n/a (model not in price table)" if cost is None else f"{cost:.6f}"),
+        *(
+            [
+                ("images (n × rows)", e["images"]),
+                (
+                    "image cost USD (estimate)",
+                    f"{e['image_cost_usd']:.6f}" if e["image_cost_usd"] is not None else "n/a (no price per image)",
+                ),
+            ]
+            if "images" in e
+            else []
+        ),
         (
             "minutes at --rpm/--tpm",
             "no --rpm/--tpm given" if e["minutes_at_limits"] is None else e["minutes_at_limits"],

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from tasks.errors import ConfigError, RunStopped
 from tasks.prices import PRICES, Price
 
@@ -12,10 +14,14 @@ class Budget:
     """Spent (from reported usage) plus reserved (requests in flight, by estimate) stays under the cap.
 
     A request reserves its estimated input tokens at the input price plus the output seen so far per
-    input token, so chat jobs learn their output cost as they go.
+    input token, so chat jobs learn their output cost as they go. An image job (``per_image_usd``)
+    reserves the images it asks for (``images_per_request``) at their price before sending, and is
+    charged for the images that came back.
     """
 
-    def __init__(self, max_usd: float, model: str) -> None:
+    def __init__(
+        self, max_usd: float, model: str, *, per_image_usd: float | None = None, images_per_request: int = 0
+    ) -> None:
         price = PRICES.get(model.removeprefix("models/"))
         if price is None:
             raise ConfigError(
@@ -26,15 +32,33 @@ class Budget:
             raise ConfigError(f"--max-cost-usd must be positive, got {max_usd}")
         self.max_usd = max_usd
         self._price: Price = price
+        self._per_image = per_image_usd
+        self._images_per_request = images_per_request
         self.spent_usd = 0.0
         self._reserved_usd = 0.0
         self._prompt_tokens = 0
         self._output_tokens = 0
 
+    @classmethod
+    def for_job(cls, max_usd: float, job: Any) -> Budget:
+        """The budget of ``job``: per image when the job prices its requests so (image generation)."""
+        per_image = getattr(job, "per_image_usd", None)
+        if per_image is None and getattr(job, "name", None) == "images":
+            raise ConfigError(
+                f"--max-cost-usd needs a price per image for model {job.model!r}, and tasks/prices.py has none: "
+                "add it there, or run without --max-cost-usd"
+            )
+        if per_image is None:
+            return cls(max_usd, job.model)
+        return cls(max_usd, job.model, per_image_usd=per_image, images_per_request=job.n)
+
     def reserve(self, estimated_tokens: int) -> float | None:
         """The amount reserved for one request, or None if it would take the run past the budget."""
-        ratio = self._output_tokens / self._prompt_tokens if self._prompt_tokens else 0.0
-        cost = estimated_tokens * (self._price.input + ratio * self._price.output) / 1e6
+        if self._per_image is not None:
+            cost = self._images_per_request * self._per_image + estimated_tokens * self._price.input / 1e6
+        else:
+            ratio = self._output_tokens / self._prompt_tokens if self._prompt_tokens else 0.0
+            cost = estimated_tokens * (self._price.input + ratio * self._price.output) / 1e6
         if self.spent_usd + self._reserved_usd + cost > self.max_usd:
             return None
         self._reserved_usd += cost
@@ -43,7 +67,11 @@ class Budget:
     def release(self, reservation: float) -> None:
         self._reserved_usd = max(0.0, self._reserved_usd - reservation)
 
-    def charge(self, prompt_tokens: int, total_tokens: int) -> None:
+    def charge(self, prompt_tokens: int, total_tokens: int, images: int = 0) -> None:
+        if self._per_image is not None:
+            self._prompt_tokens += prompt_tokens
+            self.spent_usd += images * self._per_image + prompt_tokens * self._price.input / 1e6
+            return
         output = max(0, total_tokens - prompt_tokens)
         self._prompt_tokens += prompt_tokens
         self._output_tokens += output

@@ -124,6 +124,7 @@ class Reply:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    images: int = 0  # images generated (and billed) by this request
 
 
 @dataclass(slots=True)
@@ -185,6 +186,7 @@ class RunStats:
     completion_tokens: int = 0
     total_tokens: int = 0
     estimated_tokens: int = 0
+    images: int = 0
     parts_written: list[str] = field(default_factory=list)
     error_parts_written: list[str] = field(default_factory=list)
 
@@ -416,12 +418,13 @@ async def _send(ctx: RunContext, items: list[Item], outcomes: dict[str, Outcome 
             if ctx.budget is not None:
                 ctx.budget.release(reservation)
                 if failure is None and reply is not None:
-                    ctx.budget.charge(reply.prompt_tokens, reply.total_tokens)
+                    ctx.budget.charge(reply.prompt_tokens, reply.total_tokens, reply.images)
         if failure is None:
             ctx.outage.record_success(started, probe, items[0].content_hash)
             stats.prompt_tokens += reply.prompt_tokens
             stats.completion_tokens += reply.completion_tokens
             stats.total_tokens += reply.total_tokens
+            stats.images += reply.images
             again: list[Item] = []
             for item, result in zip(items, reply.results):
                 if not isinstance(result, RowFailure):

@@ -21,7 +21,6 @@ import base64
 import binascii
 import io
 import json
-import re
 import uuid
 from dataclasses import dataclass
 from functools import cached_property
@@ -36,6 +35,9 @@ from tasks.client import Connection
 from tasks.defaults import DEFAULT_SIZE
 from tasks.embed import estimate_text_tokens
 from tasks.engine import BadReply, Item, Prepared, Reply, RowInvalid, unexpected_reply
+from tasks.errors import ConfigError
+from tasks.image_models import MAX_IMAGES_PER_PROMPT, check_image_request
+from tasks.prices import image_price_usd
 from tasks.store import IMAGES_DIR, LEGACY_IMAGES_DIR, TMP_PREFIX
 
 __all__ = [
@@ -49,14 +51,12 @@ __all__ = [
     "image_name",
 ]
 
-MAX_IMAGES_PER_PROMPT = 10  # the OpenAI images API's limit for n
 # Pillow's name of a format we keep -> (the image_format value, the file extension).
 IMAGE_FORMATS: dict[str, tuple[str, str]] = {"PNG": ("png", "png"), "JPEG": ("jpeg", "jpg"), "WEBP": ("webp", "webp")}
 _EXTENSIONS = {fmt: ext for fmt, ext in IMAGE_FORMATS.values()}
 _FORMAT_OF_EXTENSION = {ext: fmt for fmt, ext in IMAGE_FORMATS.values()}
 # How much of each base64 string an error row keeps of an unusable reply.
 RAW_B64_CHARS = 120
-_SIZE = re.compile(r"([1-9][0-9]*)x([1-9][0-9]*)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,15 +87,24 @@ class ImagesJob:
     prompt_col: str = "prompt"
     size: str = DEFAULT_SIZE
     n: int = 1
+    # Sent only when given (gpt-image-1: low, medium, high, auto; dall-e-3: standard, hd).
+    quality: str | None = None
+    # The provider's images route (tasks.image_models.GEMINI_ROUTE or OPENAI_ROUTE) when known: a model
+    # that route doesn't serve is refused before any request. None: another server, any model.
+    route: str | None = None
 
     name = "images"
     max_items_per_request = 1
 
     def __post_init__(self) -> None:
-        if not isinstance(self.size, str) or not _SIZE.fullmatch(self.size):
-            raise ValueError(f"--size must look like WIDTHxHEIGHT in pixels, e.g. 1024x1024; got {self.size!r}")
-        if not 1 <= self.n <= MAX_IMAGES_PER_PROMPT:
-            raise ValueError(f"--n must be between 1 and {MAX_IMAGES_PER_PROMPT}, got {self.n}")
+        problem = check_image_request(self.model, self.size, self.n, self.quality, self.route)
+        if problem is not None:
+            raise ConfigError(problem)
+
+    @property
+    def per_image_usd(self) -> float | None:
+        """What one image costs (tasks/prices.py), None if the table doesn't price this model."""
+        return image_price_usd(self.model, self.size, self.quality)
 
     @property
     def input_columns(self) -> tuple[str, ...]:
@@ -111,7 +120,10 @@ class ImagesJob:
         return fs, root.rstrip("/")
 
     def parameters(self) -> dict[str, Any]:
-        return {"prompt_col": self.prompt_col, "size": self.size, "n": self.n, "images_dir": IMAGES_DIR}
+        params = {"prompt_col": self.prompt_col, "size": self.size, "n": self.n, "images_dir": IMAGES_DIR}
+        if self.quality is not None:
+            params["quality"] = self.quality
+        return params
 
     def prepare(self, payload: dict[str, Any]) -> Prepared:
         prompt = payload[self.prompt_col]
@@ -120,6 +132,8 @@ class ImagesJob:
         if not prompt.strip():
             raise RowInvalid(f"column {self.prompt_col!r} is empty: no prompt to draw from")
         fields = {"job": "images", "model": self.model, "prompt": prompt, "size": self.size, "n": self.n}
+        if self.quality is not None:  # only when asked: hashes of earlier outputs stay the same
+            fields["quality"] = self.quality
         return Prepared(fields=fields, tokens=estimate_text_tokens(prompt), data=prompt)
 
     async def send(self, conn: Connection, items: list[Item]) -> Reply:
@@ -128,8 +142,14 @@ class ImagesJob:
         existing = await asyncio.to_thread(self._read_existing, item.content_hash)
         if existing is not None:
             return Reply(results=[existing])
+        extra: dict[str, Any] = {}
+        if self.quality is not None:
+            extra["quality"] = self.quality
+        if not self.model.removeprefix("models/").startswith("gpt-image"):
+            # GPT image models always answer base64 and take no response_format.
+            extra["response_format"] = "b64_json"
         response = await conn.client.images.generate(
-            model=self.model, prompt=item.prepared.data, n=self.n, size=self.size, response_format="b64_json"
+            model=self.model, prompt=item.prepared.data, n=self.n, size=self.size, **extra
         )
         if not isinstance(response, ImagesResponse):
             raise unexpected_reply(response, "an images object")
@@ -146,12 +166,13 @@ class ImagesJob:
         )
         usage = response.usage
         if usage is None:
-            return Reply(results=[result])
+            return Reply(results=[result], images=len(result))
         return Reply(
             results=[result],
             prompt_tokens=usage.input_tokens or 0,
             completion_tokens=usage.output_tokens or 0,
             total_tokens=usage.total_tokens or 0,
+            images=len(result),
         )
 
     def _decode_and_write(self, content_hash: str, data: list[Any]) -> list[tuple[str, int, str]]:

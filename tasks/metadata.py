@@ -46,7 +46,8 @@ def counts(stats: RunStats) -> dict[str, int]:
     }
 
 
-def usage(stats: RunStats, model: str) -> tuple[dict[str, int], dict[str, Any]]:
+def usage(stats: RunStats, model: str, per_image_usd: float | None = None) -> tuple[dict[str, int], dict[str, Any]]:
+    """Tokens and cost; an image model (``per_image_usd``) is billed per image generated."""
     tokens = {
         "prompt": stats.prompt_tokens,
         "completion": stats.completion_tokens,
@@ -58,8 +59,17 @@ def usage(stats: RunStats, model: str) -> tuple[dict[str, int], dict[str, Any]]:
         if stats.prompt_tokens
         else None,
     }
-    cost = estimate_cost_usd(model, prompt_tokens=stats.prompt_tokens, total_tokens=stats.total_tokens)
-    return tokens, {"estimated_usd": None if cost is None else round(cost, 6), "priced_model": model}
+    cost = estimate_cost_usd(
+        model,
+        prompt_tokens=stats.prompt_tokens,
+        total_tokens=stats.total_tokens,
+        images=stats.images,
+        per_image_usd=per_image_usd,
+    )
+    priced: dict[str, Any] = {"estimated_usd": None if cost is None else round(cost, 6), "priced_model": model}
+    if per_image_usd is not None or stats.images:
+        priced.update({"images_generated": stats.images, "usd_per_image": per_image_usd})
+    return tokens, priced
 
 
 def summary_rows(document: dict[str, Any]) -> list[dict[str, str]]:
@@ -82,6 +92,16 @@ def summary_rows(document: dict[str, Any]) -> list[dict[str, str]]:
         *(
             [("provider outages / paused s / probes", f"{o['outages']} / {o['paused_s']} / {o['probes']}")]
             if (o := document.get("outage")) and o["outages"]
+            else []
+        ),
+        *(
+            [
+                (
+                    "images generated / USD each",
+                    f"{document['cost']['images_generated']} / {document['cost']['usd_per_image']}",
+                )
+            ]
+            if "images_generated" in document["cost"]
             else []
         ),
         ("estimated cost (USD)", "n/a (model not in price table)" if cost is None else f"{cost:.6f}"),

@@ -59,6 +59,18 @@ async def plan_job(job: Job, options: RunOptions) -> dict[str, Any]:
         if m is not None
     ]
     cost = estimate_cost_usd(job.model, prompt_tokens=tokens, total_tokens=tokens)
+    per_image = getattr(job, "per_image_usd", None)
+    images: dict[str, Any] = {}
+    if job.name == "images":
+        # Each request asks for n images, each billed at the table's price for the size and quality.
+        count = would_send * job.n
+        image_cost = None if per_image is None else count * per_image
+        images = {
+            "images": count,
+            "usd_per_image": per_image,
+            "image_cost_usd": None if image_cost is None else round(image_cost, 6),
+            "cost_usd": None if image_cost is None or cost is None else round(image_cost + cost, 6),
+        }
     return {
         "status": "dry run",
         "job": job.name,
@@ -70,6 +82,7 @@ async def plan_job(job: Job, options: RunOptions) -> dict[str, Any]:
             "requests": requests,
             "input_tokens": tokens,
             "input_cost_usd": None if cost is None else round(cost, 6),
+            **images,
             "minutes_at_limits": round(max(minutes), 2) if minutes else None,
             "limits": {"rpm": limits.rpm, "tpm": limits.tpm},
         },

@@ -91,7 +91,7 @@ async def run_job(
     conn = open_connection(options.provider)
     try:
         await check_model(conn, job.model, key_source=options.provider.key_source)
-        budget = Budget(options.max_cost_usd, job.model) if options.max_cost_usd is not None else None
+        budget = Budget.for_job(options.max_cost_usd, job) if options.max_cost_usd is not None else None
         total_rows = await asyncio.to_thread(check_ids, source, options.id_col, limit=options.limit)
         store = OutputStore(options.output)
         await asyncio.to_thread(store.prepare)
@@ -151,7 +151,7 @@ async def run_job(
             removed = await asyncio.to_thread(store.compact, options.id_col)
         finished = utc_now()
         duration = (finished - started).total_seconds()
-        tokens, cost = usage(stats, job.model)
+        tokens, cost = usage(stats, job.model, per_image_usd=getattr(job, "per_image_usd", None))
         document.update(
             {
                 "status": status,

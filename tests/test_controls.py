@@ -74,8 +74,8 @@ def test_max_cost_stops_before_the_budget_and_a_rerun_goes_on(emulator, tmp_path
 
 def test_a_budget_needs_a_priced_model(emulator, tmp_path):
     src = write_corpus(tmp_path / "in.parquet", [1], ["a"])
-    with pytest.raises(ConfigError, match="needs a price for model 'gpt-image-1'.*tasks/prices.py"):
-        run_embed(emulator, src, tmp_path / "out", model="gpt-image-1", max_cost_usd=1.0)
+    with pytest.raises(ConfigError, match="needs a price for model 'whisper-1'.*tasks/prices.py"):
+        run_embed(emulator, src, tmp_path / "out", model="whisper-1", max_cost_usd=1.0)
     assert emulator.stats["by_route"]["embeddings"] == 0
 
 

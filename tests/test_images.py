@@ -24,22 +24,37 @@ from emulator.fakes import fake_image, fake_png
 from flows.images import images_job
 from tasks.client import Connection, ProviderSettings
 from tasks.engine import BadReply, Item, Prepared
+from tasks.errors import ConfigError
 from tasks.images import IMAGES_DIR, LEGACY_IMAGES_DIR, ImagesJob
 from tasks.run import RunOptions, run_job
 
-MODEL = "gemini-2.5-flash-image"
+MODEL = "imagen-4.0-generate-001"  # the default for --provider gemini and local (pinned below)
 SIZE = "64x48"
 W, H = 64, 48
 PROMPTS = REPO / "data" / "prompts.csv"
 ROUTE = "images/generations"
 
 
-def run_images(emu, input: Path, output: Path, *, n: int = 1, size: str = SIZE, chunk_size: int = 5, **kw) -> dict:
-    job = ImagesJob(model=MODEL, output=str(output), size=size, n=n)
+def run_images(
+    emu,
+    input: Path,
+    output: Path,
+    *,
+    n: int = 1,
+    size: str = SIZE,
+    chunk_size: int = 5,
+    model: str = MODEL,
+    quality: str | None = None,
+    base_url: str | None = None,
+    **kw,
+) -> dict:
+    job = ImagesJob(model=model, output=str(output), size=size, n=n, quality=quality)
     options = RunOptions(
         input=str(input),
         output=str(output),
-        provider=ProviderSettings(provider="local", base_url=emu.base_url, api_key_env=TEST_KEY_ENV, timeout_s=5),
+        provider=ProviderSettings(
+            provider="local", base_url=base_url or emu.base_url, api_key_env=TEST_KEY_ENV, timeout_s=5
+        ),
         chunk_size=chunk_size,
         **kw,
     )
@@ -216,15 +231,16 @@ def test_pq_read_table_reads_an_images_output_as_one_clean_table(emulator, tmp_p
 
 
 @pytest.mark.parametrize("size", ["1024", "64x", "x64", "0x64", "64*64", "big"])
-def test_size_must_be_width_x_height(size):
-    with pytest.raises(ValueError, match="--size must look like WIDTHxHEIGHT"):
-        images_job({"provider": "local", "output": "out", "prompt_col": "prompt", "size": size, "n": 1})
+def test_size_must_be_width_x_height_for_a_model_of_another_server(size):
+    params = {"provider": "local", "base_url": "http://127.0.0.1:1/v1/", "model": "my-diffusion-model"}
+    with pytest.raises(ConfigError, match="--size must look like WIDTHxHEIGHT"):
+        images_job({**params, "output": "out", "prompt_col": "prompt", "size": size, "n": 1})
 
 
 def test_the_builder_fills_the_provider_default_model():
-    params = {"provider": "openai", "output": "out", "prompt_col": "prompt", "size": "64x64", "n": 2}
+    params = {"provider": "openai", "output": "out", "prompt_col": "prompt", "size": "1024x1024", "n": 2}
     assert images_job(params).model == "gpt-image-1" == params["model"]
-    with pytest.raises(ValueError, match="--n must be between 1 and 10"):
+    with pytest.raises(ConfigError, match="--n must be between 1 and 10 for gpt-image-1, got 0"):
         images_job({**params, "n": 0})
 
 
