@@ -27,14 +27,15 @@ __all__ = ["CommonOptions", "cli_flag", "flat_parameters", "flow_arguments", "op
 
 def _cli(flag: str, metavar: str | None = None, *, help: str | None = None) -> dict[str, Any]:
     """A field's command-line flag, the placeholder the README shows after it, and the flag's own help
-    where the field's description doesn't fit it (a ``--no-…`` flag)."""
-    return {"cli": flag, "metavar": metavar, "help": help}
+    where the field's description doesn't fit it (a ``--no-…`` flag). Kept in the JSON schema too."""
+    return {"cli": flag} | ({"metavar": metavar} if metavar else {}) | ({"cli_help": help} if help else {})
 
 
 class CommonOptions(BaseModel):
     """Options every gembatch job takes: where requests go, how fast, and how the run is controlled."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # Titles are the field names, as deployments.yaml spells them (Prefect's form shows the titles).
+    model_config = ConfigDict(frozen=True, extra="forbid", field_title_generator=lambda name, _: name)
 
     id_col: str = Field("id", description="Column with each row's unique id.", json_schema_extra=_cli("--id-col"))
     # Where requests go and where the key comes from (README: "Providers and keys").
@@ -142,7 +143,7 @@ def flat_parameters(arguments: dict[str, Any]) -> dict[str, Any]:
 def cli_flag(name: str) -> tuple[str, str]:
     """The command-line flag of field ``name`` (a ``--no-…`` flag turns the boolean off) and its help."""
     field = CommonOptions.model_fields[name]
-    return field.json_schema_extra["cli"], field.json_schema_extra["help"] or field.description
+    return field.json_schema_extra["cli"], field.json_schema_extra.get("cli_help", field.description)
 
 
 def options_table() -> str:
@@ -150,7 +151,7 @@ def options_table() -> str:
     rows = ["| option | default | what it does |", "|---|---|---|"]
     for name, field in CommonOptions.model_fields.items():
         flag, help = cli_flag(name)
-        metavar = field.json_schema_extra["metavar"]
+        metavar = field.json_schema_extra.get("metavar")
         shown_flag = flag if metavar is None else f"{flag} {metavar}"
         shown = "off" if isinstance(field.default, bool) else "–" if field.default is None else f"`{field.default}`"
         rows.append(f"| `{shown_flag}` | {shown} | {help.replace('|', chr(92) + '|')} |")
