@@ -1,4 +1,4 @@
-"""Command-line options every job shares, and running a job's flow from the command line."""
+"""The command line form of the common options (declared in flows/params.py), and running a job's flow."""
 
 from __future__ import annotations
 
