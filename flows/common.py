@@ -7,18 +7,20 @@ seconds for nothing.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import cache
 from typing import Any
 
-from tasks.client import DEFAULT_TIMEOUT_S, ProviderSettings
+from flows.params import CommonOptions, flat_parameters
+from tasks.client import ProviderSettings
 from tasks.engine import Job, process_chunk
 from tasks.errors import GembatchError, RunNotCompleted
 from tasks.limits import Limits
 from tasks.metadata import summary_rows
-from tasks.outage import DEFAULT_MAX_OUTAGE_S, OutagePolicy
-from tasks.run import COMPLETED, DEFAULT_CHUNK_SIZE, RunOptions, run_job
+from tasks.outage import OutagePolicy
+from tasks.run import COMPLETED, RunOptions, run_job
 
-__all__ = ["COMMON_DEFAULTS", "options_from", "run_flow_job", "run_untracked"]
+__all__ = ["options_from", "run_flow", "run_flow_job", "run_options", "run_untracked"]
 
 
 @cache
@@ -43,77 +45,42 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-COMMON_DEFAULTS: dict[str, Any] = {
-    "id_col": "id",
-    "provider": "gemini",
-    "base_url": None,
-    "api_key_env": None,
-    "rpm": None,
-    "tpm": None,
-    "max_concurrency": None,
-    "chunk_size": DEFAULT_CHUNK_SIZE,
-    "limit": None,
-    "retry_errors": False,
-    "timeout": DEFAULT_TIMEOUT_S,
-    "progress": False,
-    "dry_run": False,
-    "max_cost_usd": None,
-    "force": False,
-    "api_key_secret": None,
-    "max_outage": DEFAULT_MAX_OUTAGE_S,
-    "max_failed_pct": 0.0,
-}
-
-
-def run_options(
-    *,
-    input: str,
-    output: str,
-    id_col: str,
-    provider: str,
-    base_url: str | None,
-    api_key_env: str | None,
-    rpm: float | None,
-    tpm: float | None,
-    max_concurrency: int | None,
-    chunk_size: int,
-    limit: int | None,
-    retry_errors: bool,
-    timeout: float,
-    progress: bool,
-    dry_run: bool = False,
-    max_cost_usd: float | None = None,
-    force: bool = False,
-    api_key_secret: str | None = None,
-    max_outage: float = DEFAULT_MAX_OUTAGE_S,
-    max_failed_pct: float = 0.0,
-) -> RunOptions:
+def run_options(input: str, output: str, options: CommonOptions) -> RunOptions:
+    """What the engine runs with, from a flow's ``input``, ``output`` and common ``options``."""
     return RunOptions(
         input=input,
         output=output,
-        id_col=id_col,
+        id_col=options.id_col,
         provider=ProviderSettings(
-            provider=provider,
-            base_url=base_url,
-            api_key_env=api_key_env,
-            api_key_secret=api_key_secret,
-            timeout_s=timeout,
+            provider=options.provider,
+            base_url=options.base_url,
+            api_key_env=options.api_key_env,
+            api_key_secret=options.api_key_secret,
+            timeout_s=options.timeout,
         ),
-        limits=Limits(rpm=rpm, tpm=tpm, max_concurrency=max_concurrency),
-        chunk_size=chunk_size,
-        limit=limit,
-        retry_errors=retry_errors,
-        progress=progress,
-        dry_run=dry_run,
-        max_cost_usd=max_cost_usd,
-        force=force,
-        outage=OutagePolicy(max_outage_s=max_outage),
-        max_failed_pct=max_failed_pct,
+        limits=Limits(rpm=options.rpm, tpm=options.tpm, max_concurrency=options.max_concurrency),
+        chunk_size=options.chunk_size,
+        limit=options.limit,
+        retry_errors=options.retry_errors,
+        progress=options.progress,
+        dry_run=options.dry_run,
+        max_cost_usd=options.max_cost_usd,
+        force=options.force,
+        outage=OutagePolicy(max_outage_s=options.max_outage),
+        max_failed_pct=options.max_failed_pct,
     )
 
 
 def options_from(parameters: dict[str, Any]) -> RunOptions:
-    return run_options(**{k: parameters[k] for k in ("input", "output", *COMMON_DEFAULTS)})
+    """The engine's options from flat parameters (the common fields picked out and validated)."""
+    common = CommonOptions.model_validate({k: parameters[k] for k in CommonOptions.model_fields if k in parameters})
+    return run_options(parameters["input"], parameters["output"], common)
+
+
+async def run_flow(build_job: Callable[[dict[str, Any]], Job], values: dict[str, Any]) -> dict[str, Any]:
+    """The body of every job's flow: ``values`` are the flow's arguments (its ``locals()``)."""
+    parameters = flat_parameters(values)
+    return await run_flow_job(build_job(parameters), parameters)
 
 
 async def run_flow_job(job: Job, parameters: dict[str, Any]) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from rich.table import Table
 
 from flows import commands
 from flows.options import command_params, resolve
+from flows.params import flow_arguments
 
 __all__ = ["DATA_DIR", "run_demo"]
 
@@ -44,7 +45,7 @@ async def _run_all(output: Path, tracked: bool) -> list[dict[str, Any]]:
     documents = []
     for command, values in _jobs(output):
         if tracked:
-            documents.append(await resolve(command.flow)(**values))
+            documents.append(await resolve(command.flow)(**flow_arguments(values)))
         else:
             parameters = command_params(command, **values)
             documents.append(await run_untracked(resolve(command.build_job)(parameters), parameters))

@@ -1,4 +1,4 @@
-"""Command-line options every job shares, and running a job's flow from the command line."""
+"""The command line form of the common options (declared in flows/params.py), and running a job's flow."""
 
 from __future__ import annotations
 
@@ -13,87 +13,35 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from flows.params import CommonOptions, cli_flag, flow_arguments
+
 console = Console()
 err_console = Console(stderr=True)
 
-# Common options, declared once and shared by every job command.
 Output = Annotated[str, typer.Option("--output", "-o", help="Output folder (local path or fsspec URL).")]
-IdCol = Annotated[str, typer.Option("--id-col", help="Column with each row's unique id.")]
-Provider = Annotated[
-    str,
-    typer.Option(
-        "--provider", help="gemini (GEMINI_API_KEY), openai (OPENAI_API_KEY) or local (the built-in emulator)."
-    ),
-]  # noqa: E501
-BaseUrl = Annotated[
-    str | None, typer.Option("--base-url", help="Any OpenAI-compatible server (vLLM, Ollama, LiteLLM).")
-]  # noqa: E501
-ApiKeyEnv = Annotated[str | None, typer.Option("--api-key-env", help="Environment variable that holds the key.")]
-Rpm = Annotated[float | None, typer.Option("--rpm", help="Requests per minute allowed (your quota).")]
-Tpm = Annotated[float | None, typer.Option("--tpm", help="Input tokens per minute allowed (your quota).")]
-MaxConcurrency = Annotated[
-    int | None,
-    typer.Option(
-        "--max-concurrency",
-        help="Your own cap on requests in flight (default: as many as --rpm and the latency need, at most 1024).",
-    ),
-]
-ChunkSize = Annotated[
-    int, typer.Option("--chunk-size", help="Rows per chunk (one Prefect task and one part file each).")
-]  # noqa: E501
-Limit = Annotated[int | None, typer.Option("--limit", help="Only the first N rows of the input.")]
-RetryErrors = Annotated[bool, typer.Option("--retry-errors", help="Resend the rows recorded in _errors/.")]
-Timeout = Annotated[float, typer.Option("--timeout", help="Seconds before one request is abandoned and retried.")]
-DryRun = Annotated[
-    bool, typer.Option("--dry-run", help="Count, estimate tokens, cost and time; send nothing, write nothing.")
-]
-MaxCostUsd = Annotated[
-    float | None, typer.Option("--max-cost-usd", help="Stop before the estimated cost passes this many USD.")
-]
-Force = Annotated[
-    bool, typer.Option("--force", help="Write into a folder that holds another job's or model's results.")
-]
-ApiKeySecret = Annotated[
-    str | None, typer.Option("--api-key-secret", help="Name of a Prefect Secret block holding the key.")
-]
-NoProgress = Annotated[bool, typer.Option("--no-progress", help="No progress bar.")]
-MaxOutage = Annotated[
-    float,
-    typer.Option(
-        "--max-outage",
-        help="Seconds the run waits (probing) while the provider answers only 5xx/timeouts before it stops, resumable.",
-    ),
-]
-MaxFailedPct = Annotated[
-    float,
-    typer.Option(
-        "--max-failed-pct",
-        help="Share of failed rows (%) above which the run is 'completed with errors' (exit 4).",
-    ),
-]
 
 
-def _common_options(
-    id_col: IdCol = "id",
-    provider: Provider = "gemini",
-    base_url: BaseUrl = None,
-    api_key_env: ApiKeyEnv = None,
-    api_key_secret: ApiKeySecret = None,
-    rpm: Rpm = None,
-    tpm: Tpm = None,
-    max_concurrency: MaxConcurrency = None,
-    chunk_size: ChunkSize = 2000,
-    limit: Limit = None,
-    retry_errors: RetryErrors = False,
-    timeout: Timeout = 120.0,
-    dry_run: DryRun = False,
-    max_cost_usd: MaxCostUsd = None,
-    force: Force = False,
-    max_outage: MaxOutage = 1800.0,
-    max_failed_pct: MaxFailedPct = 0.0,
-    no_progress: NoProgress = False,
-) -> None:
-    """The options every job command takes after its own (a signature template, never called)."""
+def common_option(name: str) -> Any:
+    """The typer annotation of the common option ``name``: type, flag and help from flows/params.py."""
+    flag, help = cli_flag(name)
+    annotation = bool if flag.startswith("--no-") else CommonOptions.model_fields[name].annotation
+    return Annotated[annotation, typer.Option(flag, help=help)]
+
+
+def _common_parameters() -> list[inspect.Parameter]:
+    """The options every job command takes after its own, one per field of :class:`CommonOptions`."""
+    parameters = []
+    for name, field in CommonOptions.model_fields.items():
+        flag, _ = cli_flag(name)
+        # A --no-… flag (--no-progress) is its own parameter (no_progress), off by default.
+        own_name, default = (flag[2:].replace("-", "_"), False) if flag.startswith("--no-") else (name, field.default)
+        parameters.append(
+            inspect.Parameter(own_name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=common_option(name))
+        )
+    return parameters
+
+
+Provider, BaseUrl, ApiKeyEnv = (common_option(name) for name in ("provider", "base_url", "api_key_env"))
 
 
 def job_command(flow: str, build_job: str):
@@ -105,7 +53,7 @@ def job_command(flow: str, build_job: str):
 
     def decorate(func: Callable[..., None]) -> Callable[..., None]:
         own = list(inspect.signature(func, eval_str=True).parameters.values())
-        common = list(inspect.signature(_common_options, eval_str=True).parameters.values())
+        common = _common_parameters()
 
         def command(**values: Any) -> None:
             run_command(flow, build_job, common_params(**values))
@@ -204,7 +152,7 @@ def run_command(flow: str, build_job: str, params: dict[str, Any]) -> None:
         from tasks.errors import RunNotCompleted
 
         try:
-            document = asyncio.run(resolve(flow)(**params))
+            document = asyncio.run(resolve(flow)(**flow_arguments(params)))
         except RunNotCompleted as exc:
             document = exc.document
         finish(document)

@@ -18,6 +18,7 @@ import httpx2
 import openai
 from openai import AsyncOpenAI
 
+from tasks.defaults import DEFAULT_TIMEOUT_S
 from tasks.errors import ConfigError, RunStopped
 from tasks.limits import MAX_IN_FLIGHT
 
@@ -32,7 +33,6 @@ __all__ = [
     "check_model",
 ]
 
-DEFAULT_TIMEOUT_S = 120.0
 DEFAULT_CONNECT_TIMEOUT_S = 10.0
 LOCAL_KEY_ENV = "GEMBATCH_LOCAL_KEY"
 

@@ -7,6 +7,11 @@ its job module.
 
 from __future__ import annotations
 
+# The common options' defaults (flows/params.py declares the options).
+DEFAULT_CHUNK_SIZE = 2000  # rows per chunk: one Prefect task and one part file
+DEFAULT_TIMEOUT_S = 120.0  # seconds before one request is abandoned and retried
+DEFAULT_MAX_OUTAGE_S = 1800.0  # seconds a run waits out a provider that looks down
+
 MAX_INPUTS_PER_REQUEST = 100  # Gemini: "at most 100 requests can be in one batch"
 
 DEFAULT_CAPTION_PROMPT = "Describe this image in one or two sentences."

@@ -27,11 +27,11 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
+from tasks.defaults import DEFAULT_MAX_OUTAGE_S
 from tasks.errors import RunStopped
 
 __all__ = ["DEFAULT_MAX_OUTAGE_S", "OutagePolicy", "OutageBreaker", "PROVIDER_UNAVAILABLE"]
 
-DEFAULT_MAX_OUTAGE_S = 1800.0
 PROVIDER_UNAVAILABLE = "stopped: provider unavailable"
 
 log = logging.getLogger("gembatch.outage")

@@ -10,6 +10,7 @@ from typing import Any
 
 from tasks.budget import Budget
 from tasks.client import ProviderSettings, check_model, open_connection, require_key
+from tasks.defaults import DEFAULT_CHUNK_SIZE
 from tasks.engine import ChunkRunner, Job, RetryPolicy, RunContext, process_chunk
 from tasks.errors import GembatchError
 from tasks.io import InputSource, check_ids
@@ -21,7 +22,6 @@ from tasks.store import OutputStore
 
 __all__ = ["DEFAULT_CHUNK_SIZE", "COMPLETED", "COMPLETED_WITH_ERRORS", "RunOptions", "preflight", "run_job"]
 
-DEFAULT_CHUNK_SIZE = 2000
 DEFAULT_CHUNKS_IN_FLIGHT = 4
 MAX_CHUNKS_IN_FLIGHT = 32
 STARVED_POLL_S = 0.1

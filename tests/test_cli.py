@@ -79,7 +79,7 @@ def test_help_imports_no_prefect_and_no_job_module_yet_lists_every_option(tmp_pa
     imported = sorted(m for m in modules if m.split(".")[0] in HEAVY)
     assert imported == [], f"--help imported {imported[:10]}…"
     assert {m for m in modules if m.startswith(("flows.", "tasks."))} == {
-        "flows.cli", "flows.commands", "flows.options", "tasks.defaults", "tasks.errors",
+        "flows.cli", "flows.commands", "flows.options", "flows.params", "tasks.defaults", "tasks.errors",
     }  # fmt: skip
 
 
@@ -88,13 +88,15 @@ def test_every_flow_parameter_is_an_option_of_its_command_with_the_same_default(
     from flows.embed import embed_flow
     from flows.extract import extract_flow
     from flows.images import images_flow
+    from flows.params import CommonOptions
     from flows.transcribe import transcribe_flow
 
     flows = dict(zip(JOBS, (embed_flow, extract_flow, caption_flow, transcribe_flow, images_flow), strict=True))
     for job, flow in flows.items():
         command = getattr(commands, job)
         assert command.flow == f"{flow.fn.__module__}:{flow.fn.__name__}"
-        of_flow = {p.name: p.default for p in inspect.signature(flow.fn).parameters.values()}
+        of_flow = {p.name: p.default for p in inspect.signature(flow.fn).parameters.values() if p.name != "options"}
+        of_flow |= {name: field.default for name, field in CommonOptions.model_fields.items()}  # the flow's options
         of_command = {p.name: p.default for p in inspect.signature(command).parameters.values()}
         of_command["progress"] = of_command.pop("no_progress")
         assert sorted(of_flow) == sorted(of_command), job

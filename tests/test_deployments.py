@@ -16,6 +16,8 @@ def test_deployments_yaml_deploys_every_flow_with_its_schedule(prefect_server, t
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL
 
+    from flows.params import CommonOptions
+
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "GEMBATCH_HOME": str(REPO)}
     prefect = [sys.executable, "-m", "prefect", "--no-prompt"]
     subprocess.run(
@@ -47,3 +49,9 @@ def test_deployments_yaml_deploys_every_flow_with_its_schedule(prefect_server, t
         assert deployment.parameters == item["parameters"]
         assert [s.schedule.cron for s in deployment.schedules] == [s["cron"] for s in item["schedules"]]
         assert deployment.entrypoint == item["entrypoint"]
+        # The common options are one nested parameter, described field by field in the run form.
+        schema = deployment.parameter_openapi_schema
+        assert schema["properties"]["options"]["$ref"] == "#/definitions/CommonOptions"
+        fields = schema["definitions"]["CommonOptions"]["properties"]
+        assert sorted(fields) == sorted(CommonOptions.model_fields)
+        assert all(fields[name]["description"] == f.description for name, f in CommonOptions.model_fields.items())

@@ -31,6 +31,7 @@ def test_embed_flow_runs_one_task_per_chunk_and_publishes_the_summary(prefect_se
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId
 
     from flows.embed import embed_flow
+    from flows.params import CommonOptions
 
     texts = [f"flow text {i}" for i in range(250)]
     src = write_corpus(tmp_path / "in.csv", list(range(250)), texts)
@@ -38,11 +39,10 @@ def test_embed_flow_runs_one_task_per_chunk_and_publishes_the_summary(prefect_se
         embed_flow(
             input=str(src),
             output=str(tmp_path / "out"),
-            base_url=emulator.base_url,
-            api_key_env=TEST_KEY_ENV,
-            provider="local",
-            chunk_size=100,
             batch_size=50,
+            options=CommonOptions(
+                base_url=emulator.base_url, api_key_env=TEST_KEY_ENV, provider="local", chunk_size=100
+            ),
         )
     )
     assert doc["status"] == "completed" and doc["counts"]["succeeded"] == 250
@@ -234,7 +234,7 @@ def test_the_key_leaks_nowhere_outputs_metadata_artifacts_or_logs(
     async def embed_with_a_refused_row():
         # The refused row makes the run "completed with errors": the flow run fails with the document.
         try:
-            await embed_flow(input=str(src), output=str(out / "embed"), **common)
+            await embed_flow(input=str(src), output=str(out / "embed"), options=common)
         except RunNotCompleted as exc:
             return exc.document
         raise AssertionError("a run with a failed row must not end as a clean success")
@@ -244,11 +244,13 @@ def test_the_key_leaks_nowhere_outputs_metadata_artifacts_or_logs(
             await embed_with_a_refused_row(),
             await extract_flow(
                 input=str(data / "extract" / "events.csv"), output=str(out / "extract"),
-                schema_ref="schemas.examples:CalendarEvent", **common,
+                schema_ref="schemas.examples:CalendarEvent", options=common,
             ),
-            await caption_flow(input=str(data / "images.csv"), output=str(out / "caption"), **common),
-            await transcribe_flow(input=str(data / "audio.csv"), output=str(out / "transcribe"), **common),
-            await images_flow(input=str(data / "prompts.csv"), output=str(out / "images"), size="32x32", **common),
+            await caption_flow(input=str(data / "images.csv"), output=str(out / "caption"), options=common),
+            await transcribe_flow(input=str(data / "audio.csv"), output=str(out / "transcribe"), options=common),
+            await images_flow(
+                input=str(data / "prompts.csv"), output=str(out / "images"), size="32x32", options=common
+            ),
         ]  # fmt: skip
 
     docs = asyncio.run(run_all())
@@ -278,7 +280,7 @@ def test_the_key_leaks_nowhere_outputs_metadata_artifacts_or_logs(
 
     with pytest.raises(ConfigError) as excinfo:
         monkeypatch.setenv(TEST_KEY_ENV, "a-wrong-key-that-must-not-be-echoed")
-        asyncio.run(embed_flow(input=str(src), output=str(out / "embed"), **common))
+        asyncio.run(embed_flow(input=str(src), output=str(out / "embed"), options=common))
     assert "a-wrong-key-that-must-not-be-echoed" not in str(excinfo.value)
     assert "rejected" in str(excinfo.value)
 
@@ -294,14 +296,14 @@ def test_the_key_can_come_from_a_prefect_secret_block(prefect_server, emulator, 
     src = write_corpus(tmp_path / "in.parquet", [1, 2], ["secret one", "secret two"])
     doc = asyncio.run(
         embed_flow(
-            input=str(src), output=str(tmp_path / "out"), base_url=emulator.base_url,
-            api_key_secret="gembatch-test-key", provider="local",
+            input=str(src), output=str(tmp_path / "out"),
+            options={"base_url": emulator.base_url, "api_key_secret": "gembatch-test-key", "provider": "local"},
         )
     )  # fmt: skip
     assert doc["status"] == "completed" and doc["counts"]["succeeded"] == 2
     assert doc["parameters"]["api_key_secret"] == "gembatch-test-key"
     with pytest.raises(ConfigError, match="no Prefect Secret block named 'nope'"):
         asyncio.run(
-            embed_flow(input=str(src), output=str(tmp_path / "o2"), base_url=emulator.base_url,
-                       api_key_secret="nope", provider="local")
+            embed_flow(input=str(src), output=str(tmp_path / "o2"),
+                       options={"base_url": emulator.base_url, "api_key_secret": "nope", "provider": "local"})
         )  # fmt: skip

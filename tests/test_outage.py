@@ -300,7 +300,7 @@ def test_failed_rows_fail_the_flow_run_and_the_command_exits_4(api_url, emulator
     src = write_corpus(tmp_path / "in.parquet", [1, 2, 3], texts)
     common = {"base_url": emulator.base_url, "api_key_env": TEST_KEY_ENV, "provider": "local"}
     with pytest.raises(RunNotCompleted) as excinfo:
-        asyncio.run(embed_flow(input=str(src), output=str(tmp_path / "out"), **common))
+        asyncio.run(embed_flow(input=str(src), output=str(tmp_path / "out"), options=common))
     doc = excinfo.value.document  # the run metadata is still handed back (and written to _runs/)
     assert doc["status"] == "completed with errors" and doc["counts"]["succeeded"] == 2
     assert (tmp_path / "out" / "_runs" / f"{doc['run_id']}.json").exists()
@@ -313,7 +313,9 @@ def test_failed_rows_fail_the_flow_run_and_the_command_exits_4(api_url, emulator
     assert flow_state.is_failed() and "completed with errors" in flow_state.message
 
     # Within the threshold the flow run completes and returns the document.
-    ok = asyncio.run(embed_flow(input=str(src), output=str(tmp_path / "out2"), max_failed_pct=50, **common))
+    ok = asyncio.run(
+        embed_flow(input=str(src), output=str(tmp_path / "out2"), options={**common, "max_failed_pct": 50})
+    )
     assert ok["status"] == "completed" and ok["counts"]["failed"] == 1
 
     env = {**os.environ, "PREFECT_API_URL": api_url, TEST_KEY_ENV: TEST_KEY}

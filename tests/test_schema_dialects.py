@@ -213,8 +213,8 @@ def test_the_cli_option_reaches_the_flow(tmp_path, prefect_server):
             input=str(src),
             output=str(tmp_path / "out"),
             schema_ref="schemas.examples:Invoice",
-            provider="local",
             schema_dialect="openai",
+            options={"provider": "local"},
         )
     )
     assert doc["status"] == "completed" and doc["parameters"]["schema_dialect"] == "openai"

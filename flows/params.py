@@ -1,0 +1,182 @@
+"""The options every job shares, declared once: type, default, description and command-line flag.
+
+Every flow takes them as one parameter, ``options: CommonOptions``; Prefect validates it (a dict from a
+deployment, or the model from Python), shows it in a deployment's run form with these descriptions,
+and stores it as a nested mapping (``deployments.yaml``: ``parameters: {options: {rpm: 1500}}``). The
+`gembatch` commands make one typer option a field from the same declarations (flows/options.py), and
+the README's "Common options" table is generated from them (``uv run python -m flows.params``; a test
+fails when it drifts). A new common option is one field here.
+
+This module imports only pydantic and the plain constants of tasks/defaults.py: `gembatch --help`
+reads it, and must not pay for Prefect, pyarrow or openai.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tasks.defaults import DEFAULT_CHUNK_SIZE, DEFAULT_MAX_OUTAGE_S, DEFAULT_TIMEOUT_S
+
+__all__ = ["CommonOptions", "cli_flag", "flat_parameters", "flow_arguments", "options_table"]
+
+
+def _cli(flag: str, metavar: str | None = None, *, help: str | None = None) -> dict[str, Any]:
+    """A field's command-line flag, the placeholder the README shows after it, and the flag's own help
+    where the field's description doesn't fit it (a ``--no-…`` flag). Kept in the JSON schema too."""
+    return {"cli": flag} | ({"metavar": metavar} if metavar else {}) | ({"cli_help": help} if help else {})
+
+
+class CommonOptions(BaseModel):
+    """Options every gembatch job takes: where requests go, how fast, and how the run is controlled."""
+
+    # Titles are the field names, as deployments.yaml spells them (Prefect's form shows the titles).
+    model_config = ConfigDict(frozen=True, extra="forbid", field_title_generator=lambda name, _: name)
+
+    id_col: str = Field("id", description="Column with each row's unique id.", json_schema_extra=_cli("--id-col"))
+    # Where requests go and where the key comes from (README: "Providers and keys").
+    provider: str = Field(
+        "gemini",
+        description="gemini (GEMINI_API_KEY), openai (OPENAI_API_KEY) or local (the built-in emulator).",
+        json_schema_extra=_cli("--provider"),
+    )
+    base_url: str | None = Field(
+        None,
+        description="Any OpenAI-compatible server (vLLM, Ollama, LiteLLM).",
+        json_schema_extra=_cli("--base-url", "URL"),
+    )
+    api_key_env: str | None = Field(
+        None, description="Environment variable that holds the key.", json_schema_extra=_cli("--api-key-env", "NAME")
+    )
+    api_key_secret: str | None = Field(
+        None,
+        description="Name of a Prefect Secret block holding the key (instead of an environment variable).",
+        json_schema_extra=_cli("--api-key-secret", "BLOCK"),
+    )
+    # Your quota (README: "Rate limits: the rule").
+    rpm: float | None = Field(
+        None, description="Requests per minute allowed (your quota).", json_schema_extra=_cli("--rpm", "N")
+    )
+    tpm: float | None = Field(
+        None, description="Input tokens per minute allowed (your quota).", json_schema_extra=_cli("--tpm", "N")
+    )
+    max_concurrency: int | None = Field(
+        None,
+        description="Your own cap on requests in flight (default: as many as --rpm and the latency need, "
+        "at most 1024).",
+        json_schema_extra=_cli("--max-concurrency", "N"),
+    )
+    timeout: float = Field(
+        DEFAULT_TIMEOUT_S,
+        description="Seconds before one request is abandoned (and retried).",
+        json_schema_extra=_cli("--timeout"),
+    )
+    max_outage: float = Field(
+        DEFAULT_MAX_OUTAGE_S,
+        description="Seconds the run waits, probing, while the provider answers only 5xx/timeouts, before it "
+        "ends 'stopped: provider unavailable' (resumable).",
+        json_schema_extra=_cli("--max-outage"),
+    )
+    # What the run does.
+    chunk_size: int = Field(
+        DEFAULT_CHUNK_SIZE,
+        description="Rows per chunk (one Prefect task and one part file each).",
+        json_schema_extra=_cli("--chunk-size"),
+    )
+    limit: int | None = Field(
+        None, description="Only the first N rows of the input.", json_schema_extra=_cli("--limit", "N")
+    )
+    retry_errors: bool = Field(
+        False,
+        description="Also resend the rows in _errors/ that failed for their own input (retry = on_request); "
+        "rows that failed on transient errors only are resent by every plain rerun.",
+        json_schema_extra=_cli("--retry-errors"),
+    )
+    dry_run: bool = Field(
+        False,
+        description="Count what would be sent, estimate tokens, cost and minutes at --rpm/--tpm; send nothing, "
+        "write nothing, need no key.",
+        json_schema_extra=_cli("--dry-run"),
+    )
+    max_cost_usd: float | None = Field(
+        None,
+        description="No new request once the estimated cost (spent + in flight) would pass this many USD: the "
+        "run ends 'stopped: budget', resumable.",
+        json_schema_extra=_cli("--max-cost-usd", "X"),
+    )
+    force: bool = Field(
+        False,
+        description="Write into a folder that holds another job's or model's results (otherwise refused).",
+        json_schema_extra=_cli("--force"),
+    )
+    max_failed_pct: float = Field(
+        0.0,
+        description="Share of failed rows (%) above which the run ends 'completed with errors' "
+        "(exit 4, Prefect flow run Failed).",
+        json_schema_extra=_cli("--max-failed-pct"),
+    )
+    # The command shows a bar on a terminal unless --no-progress; a flow run shows none unless asked.
+    progress: bool = Field(
+        False,
+        description="Show a progress bar on stderr.",
+        json_schema_extra=_cli("--no-progress", help="No progress bar (the command shows one on a terminal)."),
+    )
+
+
+def flow_arguments(parameters: dict[str, Any]) -> dict[str, Any]:
+    """Flat parameters (the command line's) as a flow's arguments: the common fields become ``options``."""
+    own = {k: v for k, v in parameters.items() if k not in CommonOptions.model_fields}
+    return own | {"options": CommonOptions.model_validate({k: v for k, v in parameters.items() if k not in own})}
+
+
+def flat_parameters(arguments: dict[str, Any]) -> dict[str, Any]:
+    """A flow's arguments as one flat mapping, the common options' fields beside the job's own: what the
+    job builders read and the run metadata records (``parameters``), as the command line gathers them."""
+    options = CommonOptions.model_validate(arguments.get("options") or {})
+    return {k: v for k, v in arguments.items() if k != "options"} | options.model_dump()
+
+
+def cli_flag(name: str) -> tuple[str, str]:
+    """The command-line flag of field ``name`` (a ``--no-…`` flag turns the boolean off) and its help."""
+    field = CommonOptions.model_fields[name]
+    return field.json_schema_extra["cli"], field.json_schema_extra.get("cli_help", field.description)
+
+
+def options_table() -> str:
+    """The README's "Common options" table, made from the declarations above."""
+    rows = ["| option | default | what it does |", "|---|---|---|"]
+    for name, field in CommonOptions.model_fields.items():
+        flag, help = cli_flag(name)
+        metavar = field.json_schema_extra.get("metavar")
+        shown_flag = flag if metavar is None else f"{flag} {metavar}"
+        shown = "off" if isinstance(field.default, bool) else "–" if field.default is None else f"`{field.default}`"
+        rows.append(f"| `{shown_flag}` | {shown} | {help.replace('|', chr(92) + '|')} |")
+    return "\n".join(rows) + "\n"
+
+
+_BLOCK = re.compile(r"(<!-- common-options:begin.*?-->\n)(.*?)(<!-- common-options:end -->)", re.S)
+
+
+def readme_block(readme: str) -> str:
+    """The generated table as it stands in ``readme`` (between its two markers)."""
+    match = _BLOCK.search(readme)
+    if match is None:
+        raise ValueError("README.md has no <!-- common-options:begin --> … <!-- common-options:end --> block")
+    return match.group(2)
+
+
+def main(path: str = "README.md") -> None:
+    """Rewrite the table in README.md from the declarations (`uv run python -m flows.params`)."""
+    readme = Path(path).read_text(encoding="utf-8")
+    readme_block(readme)
+    updated = _BLOCK.sub(lambda m: m.group(1) + options_table() + m.group(3), readme)
+    Path(path).write_text(updated, encoding="utf-8")
+    print(f"{path}: common options table {'updated' if updated != readme else 'already up to date'}")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
