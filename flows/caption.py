@@ -9,7 +9,7 @@ from prefect import flow
 from flows.common import run_flow
 from flows.jobs import caption_job
 from flows.params import CommonOptions
-from tasks.caption import DEFAULT_CAPTION_PROMPT, DEFAULT_MAX_SIDE
+from tasks.jobs.caption import DEFAULT_CAPTION_PROMPT, DEFAULT_MAX_SIDE
 
 __all__ = ["caption_flow", "caption_job"]
 

@@ -89,7 +89,7 @@ def models(
     api_key_env: ApiKeyEnv = None,
 ) -> None:
     """List the models the provider serves."""
-    from tasks.client import ProviderSettings, list_models
+    from tasks.provider.client import ProviderSettings, list_models
 
     names = asyncio.run(list_models(ProviderSettings(provider=provider, base_url=base_url, api_key_env=api_key_env)))
     for name in names:

@@ -12,13 +12,13 @@ from functools import cache
 from typing import Any
 
 from flows.params import CommonOptions, flat_parameters
-from tasks.client import ProviderSettings
-from tasks.engine import Job, process_chunk
+from tasks.engine.chunk import Job, process_chunk
+from tasks.engine.limits import Limits
+from tasks.engine.metadata import summary_rows
+from tasks.engine.outage import OutagePolicy
+from tasks.engine.run import COMPLETED, RunOptions, run_job
 from tasks.errors import GembatchError, RunNotCompleted
-from tasks.limits import Limits
-from tasks.metadata import summary_rows
-from tasks.outage import OutagePolicy
-from tasks.run import COMPLETED, RunOptions, run_job
+from tasks.provider.client import ProviderSettings
 
 __all__ = ["options_from", "run_flow", "run_flow_job", "run_options", "run_untracked"]
 
@@ -111,7 +111,7 @@ async def run_untracked(job: Job, parameters: dict[str, Any]) -> dict[str, Any]:
     artifact, ``flow_run_id`` null in the metadata. What `gembatch` does when no Prefect API is set."""
     options = options_from(parameters)
     if options.dry_run:
-        from tasks.plan import plan_job
+        from tasks.engine.plan import plan_job
 
         return await plan_job(job, options)
     return await run_job(job, options, parameters=_recorded(parameters))
@@ -129,7 +129,7 @@ async def _run(job: Job, parameters: dict[str, Any]) -> dict[str, Any]:
 
     options = options_from(parameters)
     if options.dry_run:
-        from tasks.plan import plan_job
+        from tasks.engine.plan import plan_job
 
         document = await plan_job(job, options)
         get_run_logger().info("dry run: %s", document["counts"] | document["estimate"])

@@ -9,7 +9,7 @@ from prefect import flow
 from flows.common import run_flow
 from flows.jobs import embed_job
 from flows.params import CommonOptions
-from tasks.embed import MAX_INPUTS_PER_REQUEST
+from tasks.jobs.embed import MAX_INPUTS_PER_REQUEST
 
 __all__ = ["embed_flow", "embed_job"]
 

@@ -9,7 +9,7 @@ from prefect import flow
 from flows.common import run_flow
 from flows.jobs import images_job
 from flows.params import CommonOptions
-from tasks.images import DEFAULT_SIZE
+from tasks.jobs.images import DEFAULT_SIZE
 
 __all__ = ["images_flow", "images_job"]
 

@@ -10,14 +10,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from tasks.errors import ConfigError
-from tasks.prices import default_model
+from tasks.provider.prices import default_model
 
 if TYPE_CHECKING:
-    from tasks.caption import CaptionJob
-    from tasks.embed import EmbedJob
-    from tasks.extract import ExtractJob
-    from tasks.images import ImagesJob
-    from tasks.transcribe import TranscribeJob
+    from tasks.jobs.caption import CaptionJob
+    from tasks.jobs.embed import EmbedJob
+    from tasks.jobs.extract import ExtractJob
+    from tasks.jobs.images import ImagesJob
+    from tasks.jobs.transcribe import TranscribeJob
 
 # Each builder imports only its own job's module (Pillow for caption, pydantic models for extract…).
 
@@ -26,7 +26,7 @@ __all__ = ["caption_job", "embed_job", "extract_job", "images_job", "transcribe_
 
 def embed_job(parameters: dict[str, Any]) -> EmbedJob:
     """The job for these flow parameters (fills in the provider's default model)."""
-    from tasks.embed import EmbedJob
+    from tasks.jobs.embed import EmbedJob
 
     parameters["model"] = parameters.get("model") or default_model(parameters["provider"], "embed")
     return EmbedJob(
@@ -40,7 +40,7 @@ def embed_job(parameters: dict[str, Any]) -> EmbedJob:
 def extract_job(parameters: dict[str, Any]) -> ExtractJob:
     """The job for these flow parameters (imports the schema, reads the prompt file, fills the model)."""
     from schemas.dialects import auto_dialect
-    from tasks.extract import ExtractJob, import_model
+    from tasks.jobs.extract import ExtractJob, import_model
 
     parameters["model"] = parameters.get("model") or default_model(parameters["provider"], "chat")
     prompt, prompt_file = parameters.get("prompt"), parameters.get("prompt_file")
@@ -81,8 +81,8 @@ def _read_prompt(path: str) -> str:
 
 def caption_job(parameters: dict[str, Any]) -> CaptionJob:
     """The job for these flow parameters (fills in the provider's default chat model)."""
-    from tasks.caption import CaptionJob
-    from tasks.media import base_dir_of
+    from tasks.jobs.caption import CaptionJob
+    from tasks.jobs.media import base_dir_of
 
     parameters["model"] = parameters.get("model") or default_model(parameters["provider"], "chat")
     return CaptionJob(
@@ -96,8 +96,8 @@ def caption_job(parameters: dict[str, Any]) -> CaptionJob:
 
 def transcribe_job(parameters: dict[str, Any]) -> TranscribeJob:
     """The job for these flow parameters (fills in the default model for the chosen API)."""
-    from tasks.media import base_dir_of
-    from tasks.transcribe import DEFAULT_TRANSCRIPTIONS_MODEL, TranscribeJob
+    from tasks.jobs.media import base_dir_of
+    from tasks.jobs.transcribe import DEFAULT_TRANSCRIPTIONS_MODEL, TranscribeJob
 
     if not parameters.get("model"):
         api = parameters.get("api", "chat")
@@ -117,8 +117,8 @@ def transcribe_job(parameters: dict[str, Any]) -> TranscribeJob:
 def images_job(parameters: dict[str, Any]) -> ImagesJob:
     """The job for these flow parameters (fills in the provider's default model; refuses a size, n,
     quality or model the provider's images route doesn't take, before any request)."""
-    from tasks.image_models import GEMINI_ROUTE, OPENAI_ROUTE
-    from tasks.images import ImagesJob
+    from tasks.jobs.image_models import GEMINI_ROUTE, OPENAI_ROUTE
+    from tasks.jobs.images import ImagesJob
 
     provider = parameters["provider"]
     parameters["model"] = parameters.get("model") or default_model(provider, "images")

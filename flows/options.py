@@ -125,7 +125,7 @@ def print_summary(document: dict[str, Any]) -> None:
     if document["status"] == "dry run":
         print_plan(document)
         return
-    from tasks.metadata import summary_rows
+    from tasks.engine.metadata import summary_rows
 
     table = Table(title=f"gembatch {document['job']}", show_header=False)
     table.add_column("metric", style="bold")
@@ -142,7 +142,7 @@ def run_command(flow: str, build_job: str, params: dict[str, Any]) -> None:
     engine runs untracked (one note on stderr says so): no temporary Prefect server to start and stop."""
     from flows.common import options_from, run_untracked
     from flows.tracking import UNTRACKED_NOTE, configured_api_url
-    from tasks.run import preflight
+    from tasks.engine.run import preflight
 
     parameters = dict(params)
     job = resolve(build_job)(parameters)
@@ -169,7 +169,7 @@ EXIT_FAILED_ROWS = 4
 
 
 def finish(document: dict[str, Any]) -> None:
-    from tasks.run import COMPLETED_WITH_ERRORS
+    from tasks.engine.run import COMPLETED_WITH_ERRORS
 
     print_summary(document)
     if document["status"] not in ("completed", "dry run"):

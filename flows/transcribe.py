@@ -9,7 +9,7 @@ from prefect import flow
 from flows.common import run_flow
 from flows.jobs import transcribe_job
 from flows.params import CommonOptions
-from tasks.transcribe import MAX_INLINE_BYTES
+from tasks.jobs.transcribe import MAX_INLINE_BYTES
 
 __all__ = ["transcribe_flow", "transcribe_job"]
 

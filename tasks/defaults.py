@@ -1,6 +1,6 @@
 """Job defaults the command line shows in `--help`, in a module that imports nothing.
 
-The job modules (tasks/embed.py, caption.py, …) import pyarrow, openai and Pillow; `gembatch JOB --help`
+The job modules (tasks/jobs/embed.py, caption.py, …) import pyarrow, openai and Pillow; `gembatch JOB --help`
 must not pay for those just to print a default. Each value is declared here once and re-exported by
 its job module.
 """

@@ -25,14 +25,14 @@ from conftest import REPO, TEST_KEY, TEST_KEY_ENV, assert_balanced, read_errors,
 from fsspec.implementations.local import LocalFileSystem
 
 from flows.extract import extract_job
-from tasks.caption import CaptionJob
-from tasks.client import ProviderSettings
-from tasks.embed import EmbedJob
+from tasks.engine.io import CSV_BLOCK_BYTES
+from tasks.engine.run import RunOptions, run_job
 from tasks.errors import ConfigError, InputError
-from tasks.io import CSV_BLOCK_BYTES
-from tasks.media import base_dir_of
-from tasks.run import RunOptions, run_job
-from tasks.transcribe import TranscribeJob
+from tasks.jobs.caption import CaptionJob
+from tasks.jobs.embed import EmbedJob
+from tasks.jobs.media import base_dir_of
+from tasks.jobs.transcribe import TranscribeJob
+from tasks.provider.client import ProviderSettings
 
 MODEL = "gemini-embedding-001"
 CHAT_MODEL = "gemini-2.5-flash"

@@ -17,10 +17,10 @@ from PIL import Image
 
 from emulator.fakes import fake_caption
 from flows.caption import caption_job
-from tasks.caption import DEFAULT_CAPTION_PROMPT, CaptionJob, downscale, image_tokens
-from tasks.client import ProviderSettings
-from tasks.media import base_dir_of, sniff_image_mime
-from tasks.run import RunOptions, run_job
+from tasks.engine.run import RunOptions, run_job
+from tasks.jobs.caption import DEFAULT_CAPTION_PROMPT, CaptionJob, downscale, image_tokens
+from tasks.jobs.media import base_dir_of, sniff_image_mime
+from tasks.provider.client import ProviderSettings
 
 MODEL = "gemini-2.5-flash"
 IMAGES = REPO / "data" / "images"

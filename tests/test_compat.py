@@ -21,12 +21,12 @@ from conftest import TEST_KEY, TEST_KEY_ENV, assert_balanced, read_errors, read_
 from test_embed import expected_vector
 from test_faults import CASES, Case
 
-from tasks.client import ProviderSettings, check_model, open_connection
-from tasks.embed import EmbedJob
-from tasks.engine import RetryPolicy
+from tasks.engine.chunk import RetryPolicy
+from tasks.engine.limits import Limits
+from tasks.engine.run import RunOptions, run_job
 from tasks.errors import ConfigError
-from tasks.limits import Limits
-from tasks.run import RunOptions, run_job
+from tasks.jobs.embed import EmbedJob
+from tasks.provider.client import ProviderSettings, check_model, open_connection
 
 MODEL = "gemini-embedding-001"
 FAST_RETRY = RetryPolicy(base_delay_s=0.01, max_delay_s=0.05)

@@ -8,12 +8,12 @@ import pytest
 from conftest import REPO, TEST_KEY_ENV, assert_balanced, read_output, write_corpus
 from test_embed import assert_vectors_match, run_embed
 
-from tasks.client import ProviderSettings
-from tasks.embed import EmbedJob
+from tasks.engine.limits import Limits
+from tasks.engine.plan import plan_job
+from tasks.engine.run import RunOptions
 from tasks.errors import ConfigError
-from tasks.limits import Limits
-from tasks.plan import plan_job
-from tasks.run import RunOptions
+from tasks.jobs.embed import EmbedJob
+from tasks.provider.client import ProviderSettings
 
 MODEL = "gemini-embedding-001"
 
@@ -74,7 +74,7 @@ def test_max_cost_stops_before_the_budget_and_a_rerun_goes_on(emulator, tmp_path
 
 def test_a_budget_needs_a_priced_model(emulator, tmp_path):
     src = write_corpus(tmp_path / "in.parquet", [1], ["a"])
-    with pytest.raises(ConfigError, match="needs a price for model 'whisper-1'.*tasks/prices.py"):
+    with pytest.raises(ConfigError, match="needs a price for model 'whisper-1'.*tasks/provider/prices.py"):
         run_embed(emulator, src, tmp_path / "out", model="whisper-1", max_cost_usd=1.0)
     assert emulator.stats["by_route"]["embeddings"] == 0
 
@@ -98,9 +98,9 @@ def test_dry_run_prices_images_by_tile_and_audio_by_the_second(tmp_path):
 
     from PIL import Image
 
-    from tasks.caption import DEFAULT_CAPTION_PROMPT, CaptionJob
-    from tasks.media import base_dir_of
-    from tasks.transcribe import TranscribeJob
+    from tasks.jobs.caption import DEFAULT_CAPTION_PROMPT, CaptionJob
+    from tasks.jobs.media import base_dir_of
+    from tasks.jobs.transcribe import TranscribeJob
 
     data = REPO / "data"
 

@@ -22,11 +22,11 @@ from emulator.server import BAD_JSON_REPLY
 from flows.extract import extract_job
 from schemas.arrow import model_mapping
 from schemas.examples import CalendarEvent, Invoice
-from tasks.client import ProviderSettings
-from tasks.engine import RowFailure
+from tasks.engine.chunk import RowFailure
+from tasks.engine.run import RunOptions, run_job
 from tasks.errors import ConfigError
-from tasks.extract import ExtractJob, import_model
-from tasks.run import RunOptions, run_job
+from tasks.jobs.extract import ExtractJob, import_model
+from tasks.provider.client import ProviderSettings
 
 MODEL = "gemini-2.5-flash"
 INVOICES = REPO / "data" / "extract" / "invoices.csv"

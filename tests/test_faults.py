@@ -38,16 +38,16 @@ from test_transcribe import expected as expected_transcript
 
 from emulator.fakes import fake_png
 from schemas.examples import Invoice
-from tasks.caption import CaptionJob
-from tasks.client import ProviderSettings
-from tasks.embed import EmbedJob
-from tasks.engine import RetryPolicy
-from tasks.extract import ExtractJob
-from tasks.images import IMAGES_DIR, ImagesJob
-from tasks.limits import Limits
-from tasks.media import base_dir_of
-from tasks.run import RunOptions, run_job
-from tasks.transcribe import TranscribeJob
+from tasks.engine.chunk import RetryPolicy
+from tasks.engine.limits import Limits
+from tasks.engine.run import RunOptions, run_job
+from tasks.jobs.caption import CaptionJob
+from tasks.jobs.embed import EmbedJob
+from tasks.jobs.extract import ExtractJob
+from tasks.jobs.images import IMAGES_DIR, ImagesJob
+from tasks.jobs.media import base_dir_of
+from tasks.jobs.transcribe import TranscribeJob
+from tasks.provider.client import ProviderSettings
 
 # 5% 5xx (half 500, half 503), 1% hangs, 1% truncated bodies, 1% dropped connections: 8% of all
 # POSTs fail (the model check is a GET and is never faulted).

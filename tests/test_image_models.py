@@ -21,14 +21,14 @@ from conftest import REPO, TEST_KEY, TEST_KEY_ENV, assert_balanced, read_errors,
 from test_images import SIZE, assert_images_match, run_images, sample_prompts, write_prompts
 
 from flows.images import images_job
-from tasks.budget import Budget
-from tasks.client import ProviderSettings
+from tasks.engine.budget import Budget
+from tasks.engine.plan import plan_job
+from tasks.engine.run import RunOptions
 from tasks.errors import ConfigError
-from tasks.image_models import IMAGE_MODELS, check_image_request
-from tasks.images import ImagesJob
-from tasks.plan import plan_job
-from tasks.prices import PRICES, default_model, image_price_usd
-from tasks.run import RunOptions
+from tasks.jobs.image_models import IMAGE_MODELS, check_image_request
+from tasks.jobs.images import ImagesJob
+from tasks.provider.client import ProviderSettings
+from tasks.provider.prices import PRICES, default_model, image_price_usd
 
 ROUTE = "images/generations"
 IMAGEN = "imagen-4.0-generate-001"
@@ -294,5 +294,6 @@ def test_max_cost_stops_an_images_run_before_the_budget_and_a_bigger_budget_fini
 
 def test_an_images_budget_needs_a_price_per_image(tmp_path):
     job = ImagesJob(model="my-diffusion-model", output=str(tmp_path / "out"), size="64x64")
-    with pytest.raises(ConfigError, match="needs a price per image for model 'my-diffusion-model'.*tasks/prices.py"):
+    expected = "needs a price per image for model 'my-diffusion-model'.*tasks/provider/prices.py"
+    with pytest.raises(ConfigError, match=expected):
         Budget.for_job(1.0, job)

@@ -22,11 +22,11 @@ from PIL import Image
 
 from emulator.fakes import fake_image, fake_png
 from flows.images import images_job
-from tasks.client import Connection, ProviderSettings
-from tasks.engine import BadReply, Item, Prepared
+from tasks.engine.chunk import BadReply, Item, Prepared
+from tasks.engine.run import RunOptions, run_job
 from tasks.errors import ConfigError
-from tasks.images import IMAGES_DIR, LEGACY_IMAGES_DIR, ImagesJob
-from tasks.run import RunOptions, run_job
+from tasks.jobs.images import IMAGES_DIR, LEGACY_IMAGES_DIR, ImagesJob
+from tasks.provider.client import Connection, ProviderSettings
 
 MODEL = "imagen-4.0-generate-001"  # the default for --provider gemini and local (pinned below)
 SIZE = "64x48"

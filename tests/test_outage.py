@@ -23,12 +23,12 @@ import pytest
 from conftest import TEST_KEY, TEST_KEY_ENV, assert_balanced, read_errors, read_output, write_corpus
 from test_embed import expected_vector
 
-from tasks.client import ProviderSettings
-from tasks.embed import EmbedJob
-from tasks.engine import RetryPolicy
-from tasks.limits import Limits
-from tasks.outage import OutagePolicy
-from tasks.run import RunOptions, run_job
+from tasks.engine.chunk import RetryPolicy
+from tasks.engine.limits import Limits
+from tasks.engine.outage import OutagePolicy
+from tasks.engine.run import RunOptions, run_job
+from tasks.jobs.embed import EmbedJob
+from tasks.provider.client import ProviderSettings
 
 MODEL = "gemini-embedding-001"
 DOWN = {"fault_rate_500": 0.5, "fault_rate_503": 0.5}

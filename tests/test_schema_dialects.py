@@ -24,10 +24,10 @@ from emulator.fakes import fake_json_for_schema
 from flows.extract import extract_flow, extract_job
 from schemas.dialects import auto_dialect, build_schema, restore_defaults
 from schemas.examples import CalendarEvent, Invoice
-from tasks.client import ProviderSettings, classify_failure
+from tasks.engine.run import RunOptions, run_job
 from tasks.errors import ConfigError
-from tasks.extract import ExtractJob
-from tasks.run import RunOptions, run_job
+from tasks.jobs.extract import ExtractJob
+from tasks.provider.client import ProviderSettings, classify_failure
 
 MODEL = "gemini-2.5-flash"
 

@@ -18,10 +18,10 @@ from conftest import REPO, TEST_KEY_ENV, assert_balanced, read_errors, read_outp
 
 from emulator.fakes import fake_transcript
 from flows.transcribe import transcribe_job
-from tasks.client import ProviderSettings
-from tasks.media import base_dir_of, sniff_audio_format
-from tasks.run import RunOptions, run_job
-from tasks.transcribe import MAX_INLINE_BYTES, TranscribeJob, audio_tokens
+from tasks.engine.run import RunOptions, run_job
+from tasks.jobs.media import base_dir_of, sniff_audio_format
+from tasks.jobs.transcribe import MAX_INLINE_BYTES, TranscribeJob, audio_tokens
+from tasks.provider.client import ProviderSettings
 
 MODEL = "gemini-2.5-flash"
 AUDIO = REPO / "data" / "audio"

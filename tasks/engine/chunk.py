@@ -17,12 +17,12 @@ from typing import Any, Protocol
 
 import pyarrow as pa
 
-from tasks.budget import Budget
-from tasks.client import Connection, Failure, classify_failure
+from tasks.engine.budget import Budget
+from tasks.engine.limits import AdaptiveLimiter
+from tasks.engine.outage import OutageBreaker
+from tasks.engine.store import RETRY_AUTO, RETRY_ON_REQUEST, DoneIndex, OutputStore, hash_key, pair_key
 from tasks.errors import RunStopped
-from tasks.limits import AdaptiveLimiter
-from tasks.outage import OutageBreaker
-from tasks.store import RETRY_AUTO, RETRY_ON_REQUEST, DoneIndex, OutputStore, hash_key, pair_key
+from tasks.provider.client import Connection, Failure, classify_failure
 
 __all__ = [
     "Job",
@@ -376,7 +376,7 @@ async def _send(ctx: RunContext, items: list[Item], outcomes: dict[str, Outcome 
     while True:
         if ctx.stop_event.is_set():
             return
-        # While the provider is down, wait here (one request at a time probes): see tasks/outage.py.
+        # While the provider is down, wait here (one request at a time probes): see tasks/engine/outage.py.
         probe = await ctx.outage.admit(ctx.stop_event)
         if ctx.outage.gave_up:
             ctx.request_stop(ctx.outage.stop())

@@ -7,8 +7,8 @@ from datetime import UTC, datetime
 from importlib import metadata as importlib_metadata
 from typing import Any
 
-from tasks.engine import RunStats
-from tasks.prices import estimate_cost_usd
+from tasks.engine.chunk import RunStats
+from tasks.provider.prices import estimate_cost_usd
 
 __all__ = ["new_run_id", "package_versions", "counts", "summary_rows", "utc_now"]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from tasks.errors import ConfigError, RunStopped
-from tasks.prices import PRICES, Price
+from tasks.provider.prices import PRICES, Price
 
 __all__ = ["Budget"]
 
@@ -25,7 +25,7 @@ class Budget:
         price = PRICES.get(model.removeprefix("models/"))
         if price is None:
             raise ConfigError(
-                f"--max-cost-usd needs a price for model {model!r}, and tasks/prices.py has none: "
+                f"--max-cost-usd needs a price for model {model!r}, and tasks/provider/prices.py has none: "
                 "add it there, or run without --max-cost-usd"
             )
         if max_usd <= 0:
@@ -45,8 +45,8 @@ class Budget:
         per_image = getattr(job, "per_image_usd", None)
         if per_image is None and getattr(job, "name", None) == "images":
             raise ConfigError(
-                f"--max-cost-usd needs a price per image for model {job.model!r}, and tasks/prices.py has none: "
-                "add it there, or run without --max-cost-usd"
+                f"--max-cost-usd needs a price per image for model {job.model!r}, and tasks/provider/prices.py "
+                "has none: add it there, or run without --max-cost-usd"
             )
         if per_image is None:
             return cls(max_usd, job.model)

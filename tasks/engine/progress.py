@@ -14,7 +14,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from tasks.engine import RunStats
+from tasks.engine.chunk import RunStats
 
 __all__ = ["ProgressBar"]
 

@@ -14,11 +14,11 @@ import pyarrow as pa
 from openai.types.chat import ChatCompletion
 from PIL import Image
 
-from tasks.client import Connection
 from tasks.defaults import DEFAULT_CAPTION_PROMPT, DEFAULT_MAX_SIDE
-from tasks.embed import estimate_text_tokens
-from tasks.engine import BadReply, Item, Prepared, Reply, RowFailure, RowInvalid, unexpected_reply
-from tasks.media import read_media, resolve_path, sniff_image_mime
+from tasks.engine.chunk import BadReply, Item, Prepared, Reply, RowFailure, RowInvalid, unexpected_reply
+from tasks.jobs.embed import estimate_text_tokens
+from tasks.jobs.media import read_media, resolve_path, sniff_image_mime
+from tasks.provider.client import Connection
 
 __all__ = [
     "CaptionJob",

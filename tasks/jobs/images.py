@@ -31,14 +31,14 @@ import pyarrow as pa
 from openai.types import ImagesResponse
 from PIL import Image
 
-from tasks.client import Connection
 from tasks.defaults import DEFAULT_SIZE
-from tasks.embed import estimate_text_tokens
-from tasks.engine import BadReply, Item, Prepared, Reply, RowInvalid, unexpected_reply
+from tasks.engine.chunk import BadReply, Item, Prepared, Reply, RowInvalid, unexpected_reply
+from tasks.engine.store import IMAGES_DIR, LEGACY_IMAGES_DIR, TMP_PREFIX
 from tasks.errors import ConfigError
-from tasks.image_models import MAX_IMAGES_PER_PROMPT, check_image_request
-from tasks.prices import image_price_usd
-from tasks.store import IMAGES_DIR, LEGACY_IMAGES_DIR, TMP_PREFIX
+from tasks.jobs.embed import estimate_text_tokens
+from tasks.jobs.image_models import MAX_IMAGES_PER_PROMPT, check_image_request
+from tasks.provider.client import Connection
+from tasks.provider.prices import image_price_usd
 
 __all__ = [
     "ImagesJob",
@@ -89,7 +89,7 @@ class ImagesJob:
     n: int = 1
     # Sent only when given (gpt-image-1: low, medium, high, auto; dall-e-3: standard, hd).
     quality: str | None = None
-    # The provider's images route (tasks.image_models.GEMINI_ROUTE or OPENAI_ROUTE) when known: a model
+    # The provider's images route (tasks.jobs.image_models.GEMINI_ROUTE or OPENAI_ROUTE) when known: a model
     # that route doesn't serve is refused before any request. None: another server, any model.
     route: str | None = None
 
@@ -103,7 +103,7 @@ class ImagesJob:
 
     @property
     def per_image_usd(self) -> float | None:
-        """What one image costs (tasks/prices.py), None if the table doesn't price this model."""
+        """What one image costs (tasks/provider/prices.py), None if the table doesn't price this model."""
         return image_price_usd(self.model, self.size, self.quality)
 
     @property

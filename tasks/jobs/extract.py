@@ -20,10 +20,10 @@ from pydantic import BaseModel, ValidationError
 
 from schemas.arrow import ModelMapping, model_mapping
 from schemas.dialects import DialectSchema, build_schema, needs_restore, response_format_name, restore_defaults
-from tasks.client import Connection
-from tasks.embed import estimate_text_tokens
-from tasks.engine import BadReply, Item, Prepared, Reply, RowFailure, RowInvalid, unexpected_reply
+from tasks.engine.chunk import BadReply, Item, Prepared, Reply, RowFailure, RowInvalid, unexpected_reply
 from tasks.errors import ConfigError
+from tasks.jobs.embed import estimate_text_tokens
+from tasks.provider.client import Connection
 
 __all__ = ["ExtractJob", "REASONING_EFFORTS", "RESERVED_COLUMNS", "default_prompt", "import_model"]
 
@@ -90,7 +90,7 @@ class ExtractJob:
 
     name = "extract"
     max_items_per_request = 1
-    # A run's first request goes alone (tasks.run): a schema the provider refuses costs one request.
+    # A run's first request goes alone (tasks.engine.run): a schema the provider refuses costs one request.
     first_request_alone = True
 
     mapping: ModelMapping = field(init=False, repr=False, compare=False)

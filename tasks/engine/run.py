@@ -8,17 +8,17 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from tasks.budget import Budget
-from tasks.client import ProviderSettings, check_model, open_connection, require_key
 from tasks.defaults import DEFAULT_CHUNK_SIZE
-from tasks.engine import ChunkRunner, Job, RetryPolicy, RunContext, process_chunk
+from tasks.engine.budget import Budget
+from tasks.engine.chunk import ChunkRunner, Job, RetryPolicy, RunContext, process_chunk
+from tasks.engine.io import InputSource, check_ids
+from tasks.engine.limits import AdaptiveLimiter, Limits
+from tasks.engine.metadata import counts, new_run_id, package_versions, usage, utc_now
+from tasks.engine.outage import OutageBreaker, OutagePolicy
+from tasks.engine.progress import ProgressBar
+from tasks.engine.store import OutputStore
 from tasks.errors import GembatchError
-from tasks.io import InputSource, check_ids
-from tasks.limits import AdaptiveLimiter, Limits
-from tasks.metadata import counts, new_run_id, package_versions, usage, utc_now
-from tasks.outage import OutageBreaker, OutagePolicy
-from tasks.progress import ProgressBar
-from tasks.store import OutputStore
+from tasks.provider.client import ProviderSettings, check_model, open_connection, require_key
 
 __all__ = ["DEFAULT_CHUNK_SIZE", "COMPLETED", "COMPLETED_WITH_ERRORS", "RunOptions", "preflight", "run_job"]
 
@@ -41,7 +41,7 @@ class RunOptions:
     provider: ProviderSettings = field(default_factory=ProviderSettings)
     limits: Limits = field(default_factory=Limits)
     retry: RetryPolicy = field(default_factory=RetryPolicy)
-    # When the provider is down (its max_outage_s is --max-outage): see tasks/outage.py.
+    # When the provider is down (its max_outage_s is --max-outage): see tasks/engine/outage.py.
     outage: OutagePolicy = field(default_factory=OutagePolicy)
     chunk_size: int = DEFAULT_CHUNK_SIZE
     chunks_in_flight: int = DEFAULT_CHUNKS_IN_FLIGHT

@@ -14,12 +14,12 @@ from typing import Any
 import pyarrow as pa
 from openai.types.audio import Transcription
 
-from tasks.caption import reply_text
-from tasks.client import Connection
 from tasks.defaults import APIS, MAX_INLINE_BYTES
-from tasks.embed import estimate_text_tokens
-from tasks.engine import Item, Prepared, Reply, RowFailure, RowInvalid, unexpected_reply
-from tasks.media import AUDIO_FORMATS, audio_duration_s, file_size, read_media, resolve_path, sniff_audio_format
+from tasks.engine.chunk import Item, Prepared, Reply, RowFailure, RowInvalid, unexpected_reply
+from tasks.jobs.caption import reply_text
+from tasks.jobs.embed import estimate_text_tokens
+from tasks.jobs.media import AUDIO_FORMATS, audio_duration_s, file_size, read_media, resolve_path, sniff_audio_format
+from tasks.provider.client import Connection
 
 __all__ = [
     "APIS",

@@ -6,11 +6,11 @@ import asyncio
 import math
 from typing import Any
 
-from tasks.engine import DONE, INVALID, NEW, PREV_ERROR, Job, prepare_rows, row_status
-from tasks.io import InputSource, check_ids
-from tasks.prices import estimate_cost_usd
-from tasks.run import RunOptions
-from tasks.store import OutputStore, hash_key
+from tasks.engine.chunk import DONE, INVALID, NEW, PREV_ERROR, Job, prepare_rows, row_status
+from tasks.engine.io import InputSource, check_ids
+from tasks.engine.run import RunOptions
+from tasks.engine.store import OutputStore, hash_key
+from tasks.provider.prices import estimate_cost_usd
 
 __all__ = ["plan_job"]
 

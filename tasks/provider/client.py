@@ -19,8 +19,8 @@ import openai
 from openai import AsyncOpenAI
 
 from tasks.defaults import DEFAULT_TIMEOUT_S
+from tasks.engine.limits import MAX_IN_FLIGHT
 from tasks.errors import ConfigError, RunStopped
-from tasks.limits import MAX_IN_FLIGHT
 
 __all__ = [
     "PROVIDERS",

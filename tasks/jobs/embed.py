@@ -10,9 +10,9 @@ import numpy as np
 import pyarrow as pa
 from openai.types import CreateEmbeddingResponse
 
-from tasks.client import Connection
 from tasks.defaults import MAX_INPUTS_PER_REQUEST
-from tasks.engine import BadReply, Item, Prepared, Reply, RowInvalid, unexpected_reply
+from tasks.engine.chunk import BadReply, Item, Prepared, Reply, RowInvalid, unexpected_reply
+from tasks.provider.client import Connection
 
 __all__ = ["EmbedJob", "EMBEDDING_MODELS", "MAX_INPUTS_PER_REQUEST"]
 
