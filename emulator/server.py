@@ -20,7 +20,7 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
@@ -318,6 +318,17 @@ class _Limiter:
         toks.append((now, tokens))
         self.token_sums[model] = total + tokens
         self.day_counts[model] = self.day_counts.get(model, 0) + 1
+
+
+def busiest_window(times: Iterable[float], window: float) -> int:
+    """The most of ``times`` that fall within any one window of ``window`` seconds."""
+    times = sorted(times)
+    best, lo = 0, 0
+    for hi, t in enumerate(times):
+        while times[lo] <= t - window:
+            lo += 1
+        best = max(best, hi - lo + 1)
+    return best
 
 
 def _pacific_day() -> tuple[dt.date, float]:
@@ -734,14 +745,7 @@ class Emulator:
 
     def busiest_window(self, seconds: float | None = None) -> int:
         """The most requests admitted within any window of ``seconds`` (default: the rate window)."""
-        window = seconds or self._config.window_seconds
-        times = list(self._limiter.admitted)
-        best, lo = 0, 0
-        for hi, t in enumerate(times):
-            while times[lo] <= t - window:
-                lo += 1
-            best = max(best, hi - lo + 1)
-        return best
+        return busiest_window(self._limiter.admitted, seconds or self._config.window_seconds)
 
     def _reconfigure(self, req: Request, cfg: EmulatorConfig) -> Response:
         """The admin route: apply the posted changes, answer the new configuration (without the key)."""
