@@ -89,6 +89,8 @@ def run_once(job: str, rows: int, rpm: float, latency: float, jitter: float, ext
         "429s": stats["by_status"].get("429", 0),
         "busiest_60s": stats["busiest_window"],
         "max_in_flight": run["limits"]["max_in_flight_seen"],
+        "sending_s": round(run["limits"]["last_request_at_s"] - run["limits"]["first_request_at_s"], 2),
+        "first_request_at_s": run["limits"]["first_request_at_s"],
     }
 
 

@@ -49,6 +49,8 @@ PROBE_AGAIN_S = 60.0
 MIN_RPM = 1.0
 WINDOW_S = 60.0
 WINDOW_GUARD_S = 0.5
+# How much lateness of the event loop the pacer makes up with earlier starts.
+CATCH_UP_S = 1.0
 RECOVERY_INTERVAL_S = 10.0
 RECOVERY_STEP = 0.10
 # With a declared --rpm, this many 429s within a minute are taken as jitter at the window's edge.
@@ -143,6 +145,7 @@ class AdaptiveLimiter:
         self._window = limits.window_s
         # Arrival jitter is absolute (the network, a busy event loop), not a share of the window.
         self._guard = min(WINDOW_GUARD_S, limits.window_s * 0.05)
+        self._catch_up = CATCH_UP_S * limits.window_s / WINDOW_S
         self._probing = limits.rpm is None and limits.tpm is None and limits.ceiling > START_IN_FLIGHT
         self._gate = _Gate(START_IN_FLIGHT if self._probing else limits.ceiling)
         self._probe = _Probe(self._gate.limit, clock())
@@ -157,6 +160,9 @@ class AdaptiveLimiter:
         self._estimated_tokens = 0
         self._latency_sum = 0.0
         self._latency_count = 0
+        self._created = clock()
+        self._first_start: float | None = None
+        self._last_start: float | None = None
 
     @property
     def current_rpm(self) -> float | None:
@@ -195,6 +201,9 @@ class AdaptiveLimiter:
             finally:
                 self._queued -= 1
             started = self._clock()
+            if self._first_start is None:
+                self._first_start = started
+            self._last_start = started
             self._sending += 1
             self.peak_sending = max(self.peak_sending, self._sending)
             self._recent_starts.append(started)
@@ -225,10 +234,11 @@ class AdaptiveLimiter:
                     break
                 await asyncio.sleep(wait)
             if self._rpm is not None:
-                # Spaced from the planned start, not from when the sleep ended: the event loop wakes a
-                # little late each time, and those delays would add up to a slower rate.
+                # Spaced from the planned start, not from when the sleep ended: a busy event loop wakes
+                # late, and the delays would add up to a slower rate. Up to CATCH_UP_S of lateness is
+                # made up (the window check above still holds every window to the limit).
                 interval = self._window / self._rpm
-                self._next_start = max(self._next_start, now - interval / 2) + interval
+                self._next_start = max(self._next_start, now - self._catch_up) + interval
 
     def _window_wait(self, now: float) -> float:
         """Seconds until one more start keeps the declared RPM within every guarded window."""
@@ -339,6 +349,9 @@ class AdaptiveLimiter:
             "in_flight_limit": self._gate.limit,
             "max_in_flight_seen": self.peak_sending,
             "mean_latency_s": round(self._latency_sum / self._latency_count, 3) if self._latency_count else None,
+            # When the first and the last request started, in seconds after the limiter was made.
+            "first_request_at_s": _since(self._first_start, self._created),
+            "last_request_at_s": _since(self._last_start, self._created),
             "tolerated_429s": self.tolerated_429s,
             "rate_cuts_after_429": self.rate_cuts,
             "lowest_rpm_after_429": self.min_rpm_seen if self.rate_cuts else None,
@@ -373,6 +386,10 @@ class AdaptiveLimiter:
             piece = min(amount, bucket.max_rate)
             await bucket.acquire(piece)
             amount -= piece
+
+
+def _since(moment: float | None, origin: float) -> float | None:
+    return None if moment is None else round(moment - origin, 3)
 
 
 @dataclass
