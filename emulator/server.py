@@ -899,8 +899,8 @@ class Emulator:
                     log.exception("emulator handler failed for %s %s", req.method, req.path)
                     resp = _internal().response()
                 # Limits are counted when a request arrives (as a real server does); a 429 answers at
-                # once, work that was done takes the model's time.
-                if resp.status != 429:
+                # once, and so does a model lookup: only work for a model takes the model's time.
+                if resp.status != 429 and req.method == "POST":
                     await self._delay(cfg)
         finally:
             with self._stats_lock:
