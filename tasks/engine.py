@@ -15,13 +15,16 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from tasks.budget import Budget
 from tasks.client import Connection, Failure, classify_failure
 from tasks.errors import RunStopped
+from tasks.index import hash_keys, id_tags
 from tasks.limits import AdaptiveLimiter
-from tasks.store import DoneIndex, OutputStore, hash_key, pair_key
+from tasks.store import DoneIndex, OutputStore
 
 __all__ = [
     "Job",
@@ -36,7 +39,11 @@ __all__ = [
     "RunStats",
     "RunContext",
     "ChunkReport",
+    "chunk_payloads",
+    "chunk_statuses",
     "content_hash",
+    "content_hashes",
+    "prepare_and_hash",
     "process_chunk",
     "row_status",
 ]
@@ -235,75 +242,205 @@ class ChunkReport:
     rows: int
     written: int
     errors: int
+    part: str | None = None  # the results part written, if any
+
+
+_ENCODER = json.JSONEncoder(sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
+_encode_str = json.encoder.encode_basestring  # what the encoder above uses for a str (C when available)
+_MISSING = object()
 
 
 def content_hash(fields: dict[str, Any]) -> str:
-    blob = json.dumps(fields, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()
+    """sha256 of the fields as sorted compact JSON (the same bytes as ``json.dumps(fields,
+    sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)``)."""
+    return hashlib.sha256(_ENCODER.encode(fields).encode()).hexdigest()
+
+
+def content_hashes(rows: list[dict[str, Any]]) -> list[str]:
+    """:func:`content_hash` of many rows, byte for byte the same, about three times faster.
+
+    The rows of a chunk share their keys and most values (job, model, parameters): those are encoded
+    once into a template, and only the values that vary are encoded per row. Rows of another shape,
+    and values that are not strings, take the general encoder.
+    """
+    if len(rows) < 4:
+        return [content_hash(f) for f in rows]
+    first = rows[0]
+    names = sorted(first)
+    if not all(type(k) is str for k in names):
+        return [content_hash(f) for f in rows]
+    width = len(names)
+    same_shape = [len(f) == width for f in rows]
+    constant: dict[str, bool] = {}
+    for name in names:
+        v0, t0 = first[name], type(first[name])
+        constant[name] = all(
+            (v := f.get(name, _MISSING)) is v0 or (type(v) is t0 and v == v0) for f, ok in zip(rows, same_shape) if ok
+        )
+    varying = [n for n in names if not constant[n]]
+    # The template: text between the varying values; constant values encoded once.
+    pieces: list[str] = []
+    text = "{"
+    for i, name in enumerate(names):
+        text += ("," if i else "") + _encode_str(name) + ":"
+        if constant[name]:
+            text += _ENCODER.encode(first[name])
+        else:
+            pieces.append(text)
+            text = ""
+    pieces.append(text + "}")
+    sha256 = hashlib.sha256
+    out: list[str] = []
+    if len(varying) == 1:
+        (name,) = varying
+        head, tail = pieces
+        for f, ok in zip(rows, same_shape):
+            v = f.get(name, _MISSING) if ok else _MISSING
+            if type(v) is str:
+                out.append(sha256((head + _encode_str(v) + tail).encode()).hexdigest())
+            elif ok and v is not _MISSING:
+                out.append(sha256((head + _ENCODER.encode(v) + tail).encode()).hexdigest())
+            else:
+                out.append(content_hash(f))
+        return out
+    for f, ok in zip(rows, same_shape):
+        if not ok or any(n not in f for n in varying):
+            out.append(content_hash(f))
+            continue
+        parts = [pieces[0]]
+        for name, after in zip(varying, pieces[1:]):
+            v = f[name]
+            parts.append(_encode_str(v) if type(v) is str else _ENCODER.encode(v))
+            parts.append(after)
+        out.append(sha256("".join(parts).encode()).hexdigest())
+    return out
 
 
 # Where a row's result comes from. NEW: nothing in the output yet; the chunk decides among the rest.
 DONE, PREV_ERROR, INVALID, OWN, SAME, PEER, STORED, NEW = range(8)
 
 
+def row_hashes(job: Job, payloads: list[dict[str, Any]], prepared: list[Prepared | RowInvalid]) -> list[str]:
+    """Every row's content hash (an invalid row hashes its payload). Pure: runs on a worker thread."""
+    fields = [
+        {"invalid": payload, "job": job.name, "model": job.model} if isinstance(prep, RowInvalid) else prep.fields
+        for payload, prep in zip(payloads, prepared)
+    ]
+    return content_hashes(fields)
+
+
+@dataclass(slots=True)
+class ChunkKeys:
+    """A chunk's rows as the index sees them: content hashes, their keys, id tags, and statuses."""
+
+    hashes: list[str]
+    keys: np.ndarray  # uint64 hash keys
+    tags: np.ndarray  # uint32 id tags
+    status: np.ndarray  # int8: DONE, PREV_ERROR, INVALID or NEW
+
+
+def chunk_statuses(
+    index: DoneIndex,
+    ids: pa.Array | pa.ChunkedArray | list[Any],
+    hashes: list[str],
+    invalid: np.ndarray,
+    *,
+    retry_errors: bool,
+) -> ChunkKeys:
+    """What the output already says of each row of a chunk: DONE, PREV_ERROR, INVALID or NEW.
+
+    Vectorised: the chunk's keys are looked up in the index at once. Shared by a run and a dry run,
+    so both skip and count the same rows.
+    """
+    keys = hash_keys(hashes)
+    tags = id_tags(ids)
+    status = np.where(invalid, INVALID, NEW).astype(np.int8)
+    if len(index.errors) and not retry_errors:
+        status[index.errors.has_pairs(keys, tags)] = PREV_ERROR
+    if len(index.results):
+        status[index.results.has_pairs(keys, tags)] = DONE
+    return ChunkKeys(hashes, keys, tags, status)
+
+
 def row_status(
     index: DoneIndex, job: Job, row_id: Any, payload: dict[str, Any], prep: Prepared | RowInvalid, *, retry_errors: bool
 ) -> tuple[str, int]:
-    """A row's content hash and what the output already says of it: INVALID, PREV_ERROR, DONE or NEW.
+    """One row's content hash and status (see :func:`chunk_statuses`, which does a chunk at once)."""
+    (h,) = row_hashes(job, [payload], [prep])
+    keys = chunk_statuses(index, [row_id], [h], np.array([isinstance(prep, RowInvalid)]), retry_errors=retry_errors)
+    return h, int(keys.status[0])
 
-    Shared by a run and a dry run, so both skip and count the same rows.
-    """
-    if isinstance(prep, RowInvalid):
-        h = content_hash({"invalid": payload, "job": job.name, "model": job.model})
-    else:
-        h = content_hash(prep.fields)
-    key = pair_key(row_id, h)
-    if key in index.done_pairs:
-        return h, DONE
-    if key in index.errored_pairs and not retry_errors:
-        return h, PREV_ERROR
-    return h, INVALID if isinstance(prep, RowInvalid) else NEW
+
+def chunk_payloads(chunk: pa.Table, job: Job) -> list[dict[str, Any]]:
+    """One dict per row of the job's input columns. Text columns read as bytes (CSV) are decoded
+    here at once when they are valid UTF-8; otherwise each row decodes its own (and may fail alone)."""
+    names = list(job.input_columns)
+    columns = []
+    for name in names:
+        column = chunk.column(name)
+        if name in job.string_columns and (pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type)):
+            try:
+                column = pc.cast(column, pa.string())
+            except pa.ArrowInvalid:
+                pass
+        columns.append(column.to_pylist())
+    if len(names) == 1:
+        (name,) = names
+        return [{name: value} for value in columns[0]]
+    return [dict(zip(names, values)) for values in zip(*columns)]
+
+
+def prepare_and_hash(job: Job, payloads: list[dict[str, Any]]) -> tuple[list[Prepared | RowInvalid], list[str]]:
+    prepared = prepare_rows(job, payloads)
+    return prepared, row_hashes(job, payloads, prepared)
 
 
 async def process_chunk(ctx: RunContext, chunk: pa.Table, index: int, first_row: int) -> ChunkReport:
     """Send what this chunk still needs, then write one results part and at most one errors part."""
     job = ctx.job
-    ids = chunk.column(ctx.id_col).to_pylist()
-    columns = {c: chunk.column(c).to_pylist() for c in job.input_columns}
-    n = len(ids)
-    hashes: list[str] = [""] * n
-    source = [DONE] * n
-    invalid: dict[int, str] = {}
-    own: dict[str, Item] = {}
-    peers: dict[str, asyncio.Future[Outcome | None]] = {}
-    stored: set[str] = set()
-
-    payloads = [{c: columns[c][pos] for c in job.input_columns} for pos in range(n)]
+    id_array = chunk.column(ctx.id_col)
+    n = chunk.num_rows
+    payloads = chunk_payloads(chunk, job)
     ctx.preparing += 1
     try:
-        prepared = await asyncio.to_thread(prepare_rows, job, payloads)
+        prepared, hashes = await asyncio.to_thread(prepare_and_hash, job, payloads)
     finally:
         ctx.preparing -= 1
 
     # Deciding who owns which content is synchronous: no other chunk runs in between.
-    for pos in range(n):
-        prep = prepared[pos]
-        h, status = row_status(ctx.index, job, ids[pos], payloads[pos], prep, retry_errors=ctx.retry_errors)
-        hashes[pos] = h
-        if status != NEW:
-            source[pos] = status
-            if isinstance(prep, RowInvalid):
-                invalid[pos] = str(prep)
-        elif h in own:
+    invalid_mask = np.fromiter((isinstance(p, RowInvalid) for p in prepared), bool, n)
+    keys = chunk_statuses(ctx.index, id_array, hashes, invalid_mask, retry_errors=ctx.retry_errors)
+    source = keys.status
+    todo = np.flatnonzero(source == NEW)
+    if len(todo) == 0 and not (source == INVALID).any():
+        # Nothing to send or write (a rerun's chunk): count and go.
+        stats = ctx.stats
+        stats.skipped_done += int(np.count_nonzero(source == DONE))
+        stats.failed += int(np.count_nonzero(source == PREV_ERROR))
+        ctx.on_progress(n)
+        return ChunkReport(index=index, rows=n, written=0, errors=0)
+    source = source.astype(np.int64)
+    invalid = {int(pos): str(prepared[pos]) for pos in np.flatnonzero(source == INVALID)}
+    stored_before = ctx.index.results.has_keys(keys.keys[todo])
+    ids = id_array.to_pylist()
+    own: dict[str, Item] = {}
+    peers: dict[str, asyncio.Future[Outcome | None]] = {}
+    stored: set[str] = set()
+    stored_pos: list[int] = []
+    for pos, known in zip(todo.tolist(), stored_before.tolist()):
+        h = hashes[pos]
+        if h in own:
             source[pos] = SAME
         elif h in ctx.inflight:
             source[pos], peers[h] = PEER, ctx.inflight[h]
-        elif hash_key(h) in ctx.index.known_hashes:
+        elif known:
             source[pos] = STORED
-            stored.add(h)
+            if h not in stored:
+                stored.add(h)
+                stored_pos.append(pos)
         else:
             source[pos] = OWN
-            own[h] = Item(pos, ids[pos], h, prep)
+            own[h] = Item(pos, ids[pos], h, prepared[pos])
             ctx.inflight[h] = asyncio.get_running_loop().create_future()
 
     outcomes: dict[str, Outcome | None] = {}
@@ -312,15 +449,18 @@ async def process_chunk(ctx: RunContext, chunk: pa.Table, index: int, first_row:
         for h, future in peers.items():
             outcomes[h] = await future
         if stored:
-            found = job.results_from_table(await asyncio.to_thread(ctx.store.read_results_for, stored, ctx.id_col))
+            files = ctx.index.parts_holding(keys.keys[stored_pos])
+            table = await asyncio.to_thread(ctx.store.read_results_for, stored, ctx.id_col, files=files)
+            found = job.results_from_table(table)
             outcomes.update({h: Outcome(result=found[h]) for h in stored if h in found})
         id_type = chunk.schema.field(ctx.id_col).type
         report = await asyncio.to_thread(
-            _write_chunk, ctx, index, first_row, ids, id_type, hashes, source, invalid, outcomes
+            _write_chunk, ctx, index, first_row, ids, id_type, hashes, source.tolist(), invalid, outcomes
         )
-        for h, outcome in outcomes.items():
-            if h in own and outcome is not None and outcome.ok:
-                ctx.index.known_hashes.add(hash_key(h))
+        added = [item.position for h, item in own.items() if (o := outcomes.get(h)) is not None and o.ok]
+        if added and report.part is not None:
+            rows = np.array(added, np.intp)
+            ctx.index.results.add(keys.keys[rows], keys.tags[rows], ctx.index.part_ordinal(report.part))
     finally:
         for h in own:
             future = ctx.inflight.pop(h)
@@ -517,6 +657,7 @@ def _write_chunk(
                     stats.deduplicated += 1
     stats.failed += len(err_rows)
     written = 0
+    part = None
     if ok_rows:
         rows_per_result = getattr(job, "rows_per_result", None)
         if rows_per_result is not None:
@@ -529,7 +670,8 @@ def _write_chunk(
                 "model": pa.array([job.model] * len(ok_rows), pa.string()),
             }
         )
-        stats.parts_written.append(ctx.store.write_part(table, errors=False, run_id=ctx.run_id, id_col=ctx.id_col))
+        part = ctx.store.write_part(table, errors=False, run_id=ctx.run_id, id_col=ctx.id_col)
+        stats.parts_written.append(part)
         written = len(ok_results)
     if err_rows:
         table = pa.table(
@@ -547,7 +689,7 @@ def _write_chunk(
         )
         path = ctx.store.write_part(table, errors=True, run_id=ctx.run_id, id_col=ctx.id_col)
         stats.error_parts_written.append(path)
-    return ChunkReport(index=index, rows=len(ids), written=written, errors=len(err_rows))
+    return ChunkReport(index=index, rows=len(ids), written=written, errors=len(err_rows), part=part)
 
 
 ChunkRunner = Callable[[RunContext, pa.Table, int, int], Awaitable[ChunkReport]]

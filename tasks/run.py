@@ -135,7 +135,11 @@ async def run_job(
         stats = ctx.stats
         stats.not_attempted += max(0, total_rows - stats.rows_accounted())
         removed = 0
-        if stats.parts_written or stats.error_parts_written:
+        # Superseding: only an output that held rows before this run can hold two records of one id
+        # (the input's ids are unique). The index is freed first: compaction needs its own memory.
+        had_rows = index.result_rows + index.error_rows > 0
+        index.clear()
+        if had_rows and (stats.parts_written or stats.error_parts_written):
             removed = await asyncio.to_thread(store.compact, options.id_col)
         finished = utc_now()
         duration = (finished - started).total_seconds()
@@ -190,28 +194,41 @@ async def _drive(
     chunks = source.iter_chunks(
         [options.id_col, *ctx.job.input_columns], options.chunk_size, string_columns=ctx.job.string_columns
     )
-    tasks: list[asyncio.Task] = []
+    # Finished chunks are let go (a 10-million-row run has 5,000 of them); only their first error is kept.
     active: set[asyncio.Task] = set()
+    failures: list[BaseException] = []
+    started = 0
     first_row = 0
+
+    def settle() -> None:
+        nonlocal active
+        for task in [t for t in active if t.done()]:
+            active.discard(task)
+            if task.cancelled():
+                failures.append(asyncio.CancelledError())
+            elif task.exception() is not None:
+                failures.append(task.exception())
+
     try:
         while first_row < total_rows and not ctx.stop_event.is_set():
             while not _room_for_chunk(ctx, len(active), options.chunks_in_flight):
                 await asyncio.wait(active, timeout=STARVED_POLL_S, return_when=asyncio.FIRST_COMPLETED)
-                active = {t for t in active if not t.done()}
+                settle()
             chunk = await asyncio.to_thread(next, chunks, None)
             if chunk is None or ctx.stop_event.is_set():
                 break
             chunk = chunk.slice(0, total_rows - first_row)
-            task = asyncio.create_task(runner(ctx, chunk, len(tasks), first_row))
-            tasks.append(task)
+            task = asyncio.create_task(runner(ctx, chunk, started, first_row))
+            started += 1
             active.add(task)
             first_row += chunk.num_rows
-            if any(t.done() and not t.cancelled() and t.exception() for t in tasks):
+            settle()
+            if failures:
                 break
     finally:
-        results = await asyncio.gather(*tasks, return_exceptions=True)
+        results = await asyncio.gather(*active, return_exceptions=True)
         chunks.close()
-    for result in results:
+    for result in [*failures, *results]:
         if isinstance(result, BaseException):
             raise result
 
