@@ -43,7 +43,8 @@ __all__ = [
     "chunk_statuses",
     "content_hash",
     "content_hashes",
-    "prepare_and_hash",
+    "prepare_chunk",
+    "precheck_chunk",
     "process_chunk",
     "row_status",
 ]
@@ -220,6 +221,8 @@ class RunContext:
         self.stats = RunStats()
         self.on_progress = on_progress or (lambda rows: None)
         self.inflight: dict[str, asyncio.Future[Outcome | None]] = {}
+        # Chunks prepared by the driver (precheck_chunk), by chunk number, until their task runs.
+        self.prechecked: dict[int, PreparedChunk] = {}
         self.stop_event = asyncio.Event()
         # Chunks between starting and queueing their requests (the driver waits for them before
         # deciding the limiter is starved of work).
@@ -371,28 +374,76 @@ def row_status(
     return h, int(keys.status[0])
 
 
-def chunk_payloads(chunk: pa.Table, job: Job) -> list[dict[str, Any]]:
-    """One dict per row of the job's input columns. Text columns read as bytes (CSV) are decoded
-    here at once when they are valid UTF-8; otherwise each row decodes its own (and may fail alone)."""
+def chunk_payloads(chunk: pa.Table, job: Job) -> tuple[list[dict[str, Any]], bool]:
+    """One dict per row of the job's input columns, and whether the text columns hold only text.
+
+    Text columns read as bytes (CSV) are decoded here at once when they are valid UTF-8; otherwise
+    each row decodes its own in :func:`prepare_rows` (and may fail alone)."""
     names = list(job.input_columns)
     columns = []
+    decoded = True
     for name in names:
         column = chunk.column(name)
         if name in job.string_columns and (pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type)):
             try:
                 column = pc.cast(column, pa.string())
             except pa.ArrowInvalid:
-                pass
+                decoded = False
         columns.append(column.to_pylist())
     if len(names) == 1:
         (name,) = names
-        return [{name: value} for value in columns[0]]
-    return [dict(zip(names, values)) for values in zip(*columns)]
+        return [{name: value} for value in columns[0]], decoded
+    return [dict(zip(names, values)) for values in zip(*columns)], decoded
 
 
-def prepare_and_hash(job: Job, payloads: list[dict[str, Any]]) -> tuple[list[Prepared | RowInvalid], list[str]]:
-    prepared = prepare_rows(job, payloads)
-    return prepared, row_hashes(job, payloads, prepared)
+@dataclass(slots=True)
+class PreparedChunk:
+    """A chunk's rows prepared and hashed (on a worker thread), before the index is asked."""
+
+    prepared: list[Prepared | RowInvalid]
+    hashes: list[str]
+    invalid: np.ndarray  # bool: the row can't be sent
+
+    @property
+    def rows(self) -> int:
+        return len(self.hashes)
+
+
+def prepare_chunk(job: Job, chunk: pa.Table) -> PreparedChunk:
+    """Prepare and hash every row of a chunk. Pure: runs on a worker thread."""
+    payloads, decoded = chunk_payloads(chunk, job)
+    prepared = prepare_rows(job, payloads, decoded=decoded)
+    hashes = row_hashes(job, payloads, prepared)
+    invalid = np.fromiter((isinstance(p, RowInvalid) for p in prepared), bool, len(prepared))
+    return PreparedChunk(prepared, hashes, invalid)
+
+
+def _nothing_to_do(status: np.ndarray) -> bool:
+    return not bool(np.any((status == NEW) | (status == INVALID)))
+
+
+def _count_skipped(ctx: RunContext, status: np.ndarray) -> None:
+    ctx.stats.skipped_done += int(np.count_nonzero(status == DONE))
+    ctx.stats.failed += int(np.count_nonzero(status == PREV_ERROR))
+    ctx.on_progress(len(status))
+
+
+async def precheck_chunk(ctx: RunContext, chunk: pa.Table, index: int) -> bool:
+    """Prepare a chunk ahead of its task: False if none of its rows needs a request or a write.
+
+    Such a chunk (every row done, or failed before) is counted here and needs no Prefect task: a
+    rerun of 10 million rows would otherwise create 5,000 empty task runs, which costs more than the
+    check itself. Otherwise the prepared rows wait in ``ctx`` for :func:`process_chunk`.
+    """
+    ready = await asyncio.to_thread(prepare_chunk, ctx.job, chunk)
+    keys = chunk_statuses(
+        ctx.index, chunk.column(ctx.id_col), ready.hashes, ready.invalid, retry_errors=ctx.retry_errors
+    )
+    if _nothing_to_do(keys.status):
+        _count_skipped(ctx, keys.status)
+        return False
+    ctx.prechecked[index] = ready
+    return True
 
 
 async def process_chunk(ctx: RunContext, chunk: pa.Table, index: int, first_row: int) -> ChunkReport:
@@ -400,25 +451,23 @@ async def process_chunk(ctx: RunContext, chunk: pa.Table, index: int, first_row:
     job = ctx.job
     id_array = chunk.column(ctx.id_col)
     n = chunk.num_rows
-    payloads = chunk_payloads(chunk, job)
-    ctx.preparing += 1
-    try:
-        prepared, hashes = await asyncio.to_thread(prepare_and_hash, job, payloads)
-    finally:
-        ctx.preparing -= 1
+    ready = ctx.prechecked.pop(index, None)
+    if ready is None or ready.rows != n:
+        ctx.preparing += 1
+        try:
+            ready = await asyncio.to_thread(prepare_chunk, job, chunk)
+        finally:
+            ctx.preparing -= 1
+    prepared, hashes = ready.prepared, ready.hashes
 
     # Deciding who owns which content is synchronous: no other chunk runs in between.
-    invalid_mask = np.fromiter((isinstance(p, RowInvalid) for p in prepared), bool, n)
-    keys = chunk_statuses(ctx.index, id_array, hashes, invalid_mask, retry_errors=ctx.retry_errors)
+    keys = chunk_statuses(ctx.index, id_array, hashes, ready.invalid, retry_errors=ctx.retry_errors)
     source = keys.status
-    todo = np.flatnonzero(source == NEW)
-    if len(todo) == 0 and not (source == INVALID).any():
+    if _nothing_to_do(source):
         # Nothing to send or write (a rerun's chunk): count and go.
-        stats = ctx.stats
-        stats.skipped_done += int(np.count_nonzero(source == DONE))
-        stats.failed += int(np.count_nonzero(source == PREV_ERROR))
-        ctx.on_progress(n)
+        _count_skipped(ctx, source)
         return ChunkReport(index=index, rows=n, written=0, errors=0)
+    todo = np.flatnonzero(source == NEW)
     source = source.astype(np.int64)
     invalid = {int(pos): str(prepared[pos]) for pos in np.flatnonzero(source == INVALID)}
     stored_before = ctx.index.results.has_keys(keys.keys[todo])
@@ -583,13 +632,15 @@ async def _send(ctx: RunContext, items: list[Item], outcomes: dict[str, Outcome 
         return
 
 
-def prepare_rows(job: Job, payloads: list[dict[str, Any]]) -> list[Prepared | RowInvalid]:
+def prepare_rows(job: Job, payloads: list[dict[str, Any]], *, decoded: bool = False) -> list[Prepared | RowInvalid]:
+    """``decoded``: the text columns hold no bytes (see :func:`chunk_payloads`), skip decoding."""
     prepared: list[Prepared | RowInvalid] = []
+    append, prepare, columns = prepared.append, job.prepare, job.string_columns
     for payload in payloads:
         try:
-            prepared.append(job.prepare(_as_text(payload, job.string_columns)))
+            append(prepare(payload if decoded else _as_text(payload, columns)))
         except RowInvalid as exc:
-            prepared.append(exc)
+            append(exc)
     return prepared
 
 

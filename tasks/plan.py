@@ -14,10 +14,8 @@ from tasks.engine import (
     NEW,
     PREV_ERROR,
     Job,
-    RowInvalid,
-    chunk_payloads,
     chunk_statuses,
-    prepare_and_hash,
+    prepare_chunk,
 )
 from tasks.index import KeyTable
 from tasks.io import InputSource, check_ids
@@ -48,10 +46,11 @@ async def plan_job(job: Job, options: RunOptions) -> dict[str, Any]:
     for chunk in chunks:
         chunk = chunk.slice(0, total_rows - seen)
         seen += chunk.num_rows
-        payloads = chunk_payloads(chunk, job)
-        prepared, hashes = await asyncio.to_thread(prepare_and_hash, job, payloads)
-        invalid = np.fromiter((isinstance(p, RowInvalid) for p in prepared), bool, len(prepared))
-        keys = chunk_statuses(index, chunk.column(options.id_col), hashes, invalid, retry_errors=options.retry_errors)
+        ready = await asyncio.to_thread(prepare_chunk, job, chunk)
+        prepared = ready.prepared
+        keys = chunk_statuses(
+            index, chunk.column(options.id_col), ready.hashes, ready.invalid, retry_errors=options.retry_errors
+        )
         for status, name in COUNT_OF.items():
             counts[name] += int(np.count_nonzero(keys.status == status))
         new = np.flatnonzero(keys.status == NEW)

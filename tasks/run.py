@@ -10,7 +10,7 @@ from typing import Any
 
 from tasks.budget import Budget
 from tasks.client import ProviderSettings, check_model, open_connection, require_key
-from tasks.engine import ChunkRunner, Job, RetryPolicy, RunContext, process_chunk
+from tasks.engine import ChunkRunner, Job, RetryPolicy, RunContext, precheck_chunk, process_chunk
 from tasks.errors import GembatchError
 from tasks.io import InputSource, check_ids
 from tasks.limits import AdaptiveLimiter, Limits
@@ -197,15 +197,15 @@ async def _drive(
     # Finished chunks are let go (a 10-million-row run has 5,000 of them); only their first error is kept.
     active: set[asyncio.Task] = set()
     failures: list[BaseException] = []
+    cancelled: list[BaseException] = []
     started = 0
     first_row = 0
 
     def settle() -> None:
-        nonlocal active
         for task in [t for t in active if t.done()]:
             active.discard(task)
             if task.cancelled():
-                failures.append(asyncio.CancelledError())
+                cancelled.append(asyncio.CancelledError())
             elif task.exception() is not None:
                 failures.append(task.exception())
 
@@ -218,17 +218,20 @@ async def _drive(
             if chunk is None or ctx.stop_event.is_set():
                 break
             chunk = chunk.slice(0, total_rows - first_row)
-            task = asyncio.create_task(runner(ctx, chunk, started, first_row))
+            number, first = started, first_row
             started += 1
-            active.add(task)
             first_row += chunk.num_rows
+            if not await precheck_chunk(ctx, chunk, number):
+                continue  # nothing to send or write: counted, no task
+            task = asyncio.create_task(runner(ctx, chunk, number, first))
+            active.add(task)
             settle()
             if failures:
                 break
     finally:
         results = await asyncio.gather(*active, return_exceptions=True)
         chunks.close()
-    for result in [*failures, *results]:
+    for result in [*failures, *results, *cancelled]:
         if isinstance(result, BaseException):
             raise result
 
