@@ -15,12 +15,15 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from tasks.engine.budget import Budget
+from tasks.engine.index import hash_keys, id_tags
 from tasks.engine.limits import AdaptiveLimiter
 from tasks.engine.outage import OutageBreaker
-from tasks.engine.store import RETRY_AUTO, RETRY_ON_REQUEST, DoneIndex, OutputStore, hash_key, pair_key
+from tasks.engine.store import RETRY_AUTO, RETRY_ON_REQUEST, DoneIndex, OutputStore
 from tasks.errors import RunStopped
 from tasks.provider.client import Connection, Failure, classify_failure
 
@@ -38,7 +41,12 @@ __all__ = [
     "RunStats",
     "RunContext",
     "ChunkReport",
+    "chunk_payloads",
+    "chunk_statuses",
     "content_hash",
+    "content_hashes",
+    "prepare_chunk",
+    "precheck_chunk",
     "process_chunk",
     "row_status",
 ]
@@ -226,6 +234,8 @@ class RunContext:
         self.stats = RunStats()
         self.on_progress = on_progress or (lambda rows: None)
         self.inflight: dict[str, asyncio.Future[Outcome | None]] = {}
+        # Chunks prepared by the driver (precheck_chunk), by chunk number, until their task runs.
+        self.prechecked: dict[int, PreparedChunk] = {}
         self.stop_event = asyncio.Event()
         # Chunks between starting and queueing their requests (the driver waits for them before
         # deciding the limiter is starved of work).
@@ -250,75 +260,255 @@ class ChunkReport:
     rows: int
     written: int
     errors: int
+    part: str | None = None  # the results part written, if any
+
+
+_ENCODER = json.JSONEncoder(sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
+_encode_str = json.encoder.encode_basestring  # what the encoder above uses for a str (C when available)
+_MISSING = object()
 
 
 def content_hash(fields: dict[str, Any]) -> str:
-    blob = json.dumps(fields, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()
+    """sha256 of the fields as sorted compact JSON (the same bytes as ``json.dumps(fields,
+    sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)``)."""
+    return hashlib.sha256(_ENCODER.encode(fields).encode()).hexdigest()
+
+
+def content_hashes(rows: list[dict[str, Any]]) -> list[str]:
+    """:func:`content_hash` of many rows, byte for byte the same, about three times faster.
+
+    The rows of a chunk share their keys and most values (job, model, parameters): those are encoded
+    once into a template, and only the values that vary are encoded per row. Rows of another shape,
+    and values that are not strings, take the general encoder.
+    """
+    if len(rows) < 4:
+        return [content_hash(f) for f in rows]
+    first = rows[0]
+    names = sorted(first)
+    if not all(type(k) is str for k in names):
+        return [content_hash(f) for f in rows]
+    width = len(names)
+    same_shape = [len(f) == width for f in rows]
+    constant: dict[str, bool] = {}
+    for name in names:
+        v0, t0 = first[name], type(first[name])
+        constant[name] = all(
+            (v := f.get(name, _MISSING)) is v0 or (type(v) is t0 and v == v0) for f, ok in zip(rows, same_shape) if ok
+        )
+    varying = [n for n in names if not constant[n]]
+    # The template: text between the varying values; constant values encoded once.
+    pieces: list[str] = []
+    text = "{"
+    for i, name in enumerate(names):
+        text += ("," if i else "") + _encode_str(name) + ":"
+        if constant[name]:
+            text += _ENCODER.encode(first[name])
+        else:
+            pieces.append(text)
+            text = ""
+    pieces.append(text + "}")
+    sha256 = hashlib.sha256
+    out: list[str] = []
+    if len(varying) == 1:
+        (name,) = varying
+        head, tail = pieces
+        for f, ok in zip(rows, same_shape):
+            v = f.get(name, _MISSING) if ok else _MISSING
+            if type(v) is str:
+                out.append(sha256((head + _encode_str(v) + tail).encode()).hexdigest())
+            elif ok and v is not _MISSING:
+                out.append(sha256((head + _ENCODER.encode(v) + tail).encode()).hexdigest())
+            else:
+                out.append(content_hash(f))
+        return out
+    for f, ok in zip(rows, same_shape):
+        if not ok or any(n not in f for n in varying):
+            out.append(content_hash(f))
+            continue
+        parts = [pieces[0]]
+        for name, after in zip(varying, pieces[1:]):
+            v = f[name]
+            parts.append(_encode_str(v) if type(v) is str else _ENCODER.encode(v))
+            parts.append(after)
+        out.append(sha256("".join(parts).encode()).hexdigest())
+    return out
 
 
 # Where a row's result comes from. NEW: nothing in the output yet; the chunk decides among the rest.
 DONE, PREV_ERROR, INVALID, OWN, SAME, PEER, STORED, NEW = range(8)
 
 
+def row_hashes(job: Job, payloads: list[dict[str, Any]], prepared: list[Prepared | RowInvalid]) -> list[str]:
+    """Every row's content hash (an invalid row hashes its payload). Pure: runs on a worker thread."""
+    fields = [
+        {"invalid": payload, "job": job.name, "model": job.model} if isinstance(prep, RowInvalid) else prep.fields
+        for payload, prep in zip(payloads, prepared)
+    ]
+    return content_hashes(fields)
+
+
+@dataclass(slots=True)
+class ChunkKeys:
+    """A chunk's rows as the index sees them: content hashes, their keys, id tags, and statuses."""
+
+    hashes: list[str]
+    keys: np.ndarray  # uint64 hash keys
+    tags: np.ndarray  # uint32 id tags
+    status: np.ndarray  # int8: DONE, PREV_ERROR, INVALID or NEW
+
+
+def chunk_statuses(
+    index: DoneIndex,
+    ids: pa.Array | pa.ChunkedArray | list[Any],
+    hashes: list[str],
+    invalid: np.ndarray,
+    *,
+    retry_errors: bool,
+) -> ChunkKeys:
+    """What the output already says of each row of a chunk: DONE, PREV_ERROR, INVALID or NEW.
+
+    Vectorised: the chunk's keys are looked up in the index at once. Shared by a run and a dry run,
+    so both skip and count the same rows.
+    """
+    keys = hash_keys(hashes)
+    tags = id_tags(ids)
+    status = np.where(invalid, INVALID, NEW).astype(np.int8)
+    if len(index.errors) and not retry_errors:
+        failed_before = index.errors.has_pairs(keys, tags)
+        if len(index.auto_errors):
+            # Rows that failed on transient errors only are sent again by every plain run.
+            failed_before &= ~index.auto_errors.has_pairs(keys, tags)
+        status[failed_before] = PREV_ERROR
+    if len(index.results):
+        status[index.results.has_pairs(keys, tags)] = DONE
+    return ChunkKeys(hashes, keys, tags, status)
+
+
 def row_status(
     index: DoneIndex, job: Job, row_id: Any, payload: dict[str, Any], prep: Prepared | RowInvalid, *, retry_errors: bool
 ) -> tuple[str, int]:
-    """A row's content hash and what the output already says of it: INVALID, PREV_ERROR, DONE or NEW.
+    """One row's content hash and status (see :func:`chunk_statuses`, which does a chunk at once)."""
+    (h,) = row_hashes(job, [payload], [prep])
+    keys = chunk_statuses(index, [row_id], [h], np.array([isinstance(prep, RowInvalid)]), retry_errors=retry_errors)
+    return h, int(keys.status[0])
 
-    Shared by a run and a dry run, so both skip and count the same rows.
+
+def chunk_payloads(chunk: pa.Table, job: Job) -> tuple[list[dict[str, Any]], bool]:
+    """One dict per row of the job's input columns, and whether the text columns hold only text.
+
+    Text columns read as bytes (CSV) are decoded here at once when they are valid UTF-8; otherwise
+    each row decodes its own in :func:`prepare_rows` (and may fail alone)."""
+    names = list(job.input_columns)
+    columns = []
+    decoded = True
+    for name in names:
+        column = chunk.column(name)
+        if name in job.string_columns and (pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type)):
+            try:
+                column = pc.cast(column, pa.string())
+            except pa.ArrowInvalid:
+                decoded = False
+        columns.append(column.to_pylist())
+    if len(names) == 1:
+        (name,) = names
+        return [{name: value} for value in columns[0]], decoded
+    return [dict(zip(names, values)) for values in zip(*columns)], decoded
+
+
+@dataclass(slots=True)
+class PreparedChunk:
+    """A chunk's rows prepared and hashed (on a worker thread), before the index is asked."""
+
+    prepared: list[Prepared | RowInvalid]
+    hashes: list[str]
+    invalid: np.ndarray  # bool: the row can't be sent
+
+    @property
+    def rows(self) -> int:
+        return len(self.hashes)
+
+
+def prepare_chunk(job: Job, chunk: pa.Table) -> PreparedChunk:
+    """Prepare and hash every row of a chunk. Pure: runs on a worker thread."""
+    payloads, decoded = chunk_payloads(chunk, job)
+    prepared = prepare_rows(job, payloads, decoded=decoded)
+    hashes = row_hashes(job, payloads, prepared)
+    invalid = np.fromiter((isinstance(p, RowInvalid) for p in prepared), bool, len(prepared))
+    return PreparedChunk(prepared, hashes, invalid)
+
+
+def _nothing_to_do(status: np.ndarray) -> bool:
+    return not bool(np.any((status == NEW) | (status == INVALID)))
+
+
+def _count_skipped(ctx: RunContext, status: np.ndarray) -> None:
+    ctx.stats.skipped_done += int(np.count_nonzero(status == DONE))
+    ctx.stats.failed += int(np.count_nonzero(status == PREV_ERROR))
+    ctx.on_progress(len(status))
+
+
+async def precheck_chunk(ctx: RunContext, chunk: pa.Table, index: int) -> bool:
+    """Prepare a chunk ahead of its task: False if none of its rows needs a request or a write.
+
+    Such a chunk (every row done, or failed before) is counted here and needs no Prefect task: a
+    rerun of 10 million rows would otherwise create 5,000 empty task runs, which costs more than the
+    check itself. Otherwise the prepared rows wait in ``ctx`` for :func:`process_chunk`.
     """
-    if isinstance(prep, RowInvalid):
-        h = content_hash({"invalid": payload, "job": job.name, "model": job.model})
-    else:
-        h = content_hash(prep.fields)
-    key = pair_key(row_id, h)
-    if key in index.done_pairs:
-        return h, DONE
-    if key in index.errored_pairs and not retry_errors and key not in index.auto_retry_pairs:
-        return h, PREV_ERROR
-    return h, INVALID if isinstance(prep, RowInvalid) else NEW
+    ready = await asyncio.to_thread(prepare_chunk, ctx.job, chunk)
+    keys = chunk_statuses(
+        ctx.index, chunk.column(ctx.id_col), ready.hashes, ready.invalid, retry_errors=ctx.retry_errors
+    )
+    if _nothing_to_do(keys.status):
+        _count_skipped(ctx, keys.status)
+        return False
+    ctx.prechecked[index] = ready
+    return True
 
 
 async def process_chunk(ctx: RunContext, chunk: pa.Table, index: int, first_row: int) -> ChunkReport:
     """Send what this chunk still needs, then write one results part and at most one errors part."""
     job = ctx.job
-    ids = chunk.column(ctx.id_col).to_pylist()
-    columns = {c: chunk.column(c).to_pylist() for c in job.input_columns}
-    n = len(ids)
-    hashes: list[str] = [""] * n
-    source = [DONE] * n
-    invalid: dict[int, str] = {}
+    id_array = chunk.column(ctx.id_col)
+    n = chunk.num_rows
+    ready = ctx.prechecked.pop(index, None)
+    if ready is None or ready.rows != n:
+        ctx.preparing += 1
+        try:
+            ready = await asyncio.to_thread(prepare_chunk, job, chunk)
+        finally:
+            ctx.preparing -= 1
+    prepared, hashes = ready.prepared, ready.hashes
+
+    # Deciding who owns which content is synchronous: no other chunk runs in between.
+    keys = chunk_statuses(ctx.index, id_array, hashes, ready.invalid, retry_errors=ctx.retry_errors)
+    source = keys.status
+    if _nothing_to_do(source):
+        # Nothing to send or write (a rerun's chunk): count and go.
+        _count_skipped(ctx, source)
+        return ChunkReport(index=index, rows=n, written=0, errors=0)
+    todo = np.flatnonzero(source == NEW)
+    source = source.astype(np.int64)
+    invalid = {int(pos): str(prepared[pos]) for pos in np.flatnonzero(source == INVALID)}
+    stored_before = ctx.index.results.has_keys(keys.keys[todo])
+    ids = id_array.to_pylist()
     own: dict[str, Item] = {}
     peers: dict[str, asyncio.Future[Outcome | None]] = {}
     stored: set[str] = set()
-
-    payloads = [{c: columns[c][pos] for c in job.input_columns} for pos in range(n)]
-    ctx.preparing += 1
-    try:
-        prepared = await asyncio.to_thread(prepare_rows, job, payloads)
-    finally:
-        ctx.preparing -= 1
-
-    # Deciding who owns which content is synchronous: no other chunk runs in between.
-    for pos in range(n):
-        prep = prepared[pos]
-        h, status = row_status(ctx.index, job, ids[pos], payloads[pos], prep, retry_errors=ctx.retry_errors)
-        hashes[pos] = h
-        if status != NEW:
-            source[pos] = status
-            if isinstance(prep, RowInvalid):
-                invalid[pos] = str(prep)
-        elif h in own:
+    stored_pos: list[int] = []
+    for pos, known in zip(todo.tolist(), stored_before.tolist()):
+        h = hashes[pos]
+        if h in own:
             source[pos] = SAME
         elif h in ctx.inflight:
             source[pos], peers[h] = PEER, ctx.inflight[h]
-        elif hash_key(h) in ctx.index.known_hashes:
+        elif known:
             source[pos] = STORED
-            stored.add(h)
+            if h not in stored:
+                stored.add(h)
+                stored_pos.append(pos)
         else:
             source[pos] = OWN
-            own[h] = Item(pos, ids[pos], h, prep)
+            own[h] = Item(pos, ids[pos], h, prepared[pos])
             ctx.inflight[h] = asyncio.get_running_loop().create_future()
 
     outcomes: dict[str, Outcome | None] = {}
@@ -327,15 +517,18 @@ async def process_chunk(ctx: RunContext, chunk: pa.Table, index: int, first_row:
         for h, future in peers.items():
             outcomes[h] = await future
         if stored:
-            found = job.results_from_table(await asyncio.to_thread(ctx.store.read_results_for, stored, ctx.id_col))
+            files = ctx.index.parts_holding(keys.keys[stored_pos])
+            table = await asyncio.to_thread(ctx.store.read_results_for, stored, ctx.id_col, files=files)
+            found = job.results_from_table(table)
             outcomes.update({h: Outcome(result=found[h]) for h in stored if h in found})
         id_type = chunk.schema.field(ctx.id_col).type
         report = await asyncio.to_thread(
-            _write_chunk, ctx, index, first_row, ids, id_type, hashes, source, invalid, outcomes
+            _write_chunk, ctx, index, first_row, ids, id_type, hashes, source.tolist(), invalid, outcomes
         )
-        for h, outcome in outcomes.items():
-            if h in own and outcome is not None and outcome.ok:
-                ctx.index.known_hashes.add(hash_key(h))
+        added = [item.position for h, item in own.items() if (o := outcomes.get(h)) is not None and o.ok]
+        if added and report.part is not None:
+            rows = np.array(added, np.intp)
+            ctx.index.results.add(keys.keys[rows], keys.tags[rows], ctx.index.part_ordinal(report.part))
     finally:
         for h in own:
             future = ctx.inflight.pop(h)
@@ -483,13 +676,15 @@ async def _send(ctx: RunContext, items: list[Item], outcomes: dict[str, Outcome 
         return
 
 
-def prepare_rows(job: Job, payloads: list[dict[str, Any]]) -> list[Prepared | RowInvalid]:
+def prepare_rows(job: Job, payloads: list[dict[str, Any]], *, decoded: bool = False) -> list[Prepared | RowInvalid]:
+    """``decoded``: the text columns hold no bytes (see :func:`chunk_payloads`), skip decoding."""
     prepared: list[Prepared | RowInvalid] = []
+    append, prepare, columns = prepared.append, job.prepare, job.string_columns
     for payload in payloads:
         try:
-            prepared.append(job.prepare(_as_text(payload, job.string_columns)))
+            append(prepare(payload if decoded else _as_text(payload, columns)))
         except RowInvalid as exc:
-            prepared.append(exc)
+            append(exc)
     return prepared
 
 
@@ -592,6 +787,7 @@ def _write_chunk(
     stats.failed += len(err_rows)
     stats.failed_retry_auto += len(auto)
     written = 0
+    part = None
     if ok_rows:
         rows_per_result = getattr(job, "rows_per_result", None)
         if rows_per_result is not None:
@@ -604,7 +800,8 @@ def _write_chunk(
                 "model": pa.array([job.model] * len(ok_rows), pa.string()),
             }
         )
-        stats.parts_written.append(ctx.store.write_part(table, errors=False, run_id=ctx.run_id, id_col=ctx.id_col))
+        part = ctx.store.write_part(table, errors=False, run_id=ctx.run_id, id_col=ctx.id_col)
+        stats.parts_written.append(part)
         written = len(ok_results)
     if err_rows:
         table = pa.table(
@@ -625,7 +822,7 @@ def _write_chunk(
         )
         path = ctx.store.write_part(table, errors=True, run_id=ctx.run_id, id_col=ctx.id_col)
         stats.error_parts_written.append(path)
-    return ChunkReport(index=index, rows=len(ids), written=written, errors=len(err_rows))
+    return ChunkReport(index=index, rows=len(ids), written=written, errors=len(err_rows), part=part)
 
 
 ChunkRunner = Callable[[RunContext, pa.Table, int, int], Awaitable[ChunkReport]]

@@ -6,10 +6,13 @@ import asyncio
 import math
 from typing import Any
 
-from tasks.engine.chunk import DONE, INVALID, NEW, PREV_ERROR, Job, prepare_rows, row_status
+import numpy as np
+
+from tasks.engine.chunk import DONE, INVALID, NEW, PREV_ERROR, Job, chunk_statuses, prepare_chunk
+from tasks.engine.index import KeyTable
 from tasks.engine.io import InputSource, check_ids
 from tasks.engine.run import RunOptions
-from tasks.engine.store import OutputStore, hash_key
+from tasks.engine.store import OutputStore
 from tasks.provider.prices import estimate_cost_usd
 
 __all__ = ["plan_job"]
@@ -22,11 +25,12 @@ async def plan_job(job: Job, options: RunOptions) -> dict[str, Any]:
     source = InputSource.open(options.input)
     source.require_columns([options.id_col, *job.input_columns])
     store = OutputStore(options.output)
-    index = await asyncio.to_thread(store.scan, options.id_col)
+    # The id check first: its key table is freed before the index is built.
     total_rows = await asyncio.to_thread(check_ids, source, options.id_col, limit=options.limit)
+    index = await asyncio.to_thread(store.scan, options.id_col)
     counts = {"input_rows": total_rows, "skipped_done": 0, "deduplicated": 0, "invalid": 0, "failed_before": 0}
     would_send = tokens = requests = 0
-    planned: set[int] = set()
+    planned = KeyTable(payload=False)  # contents this dry run would send: 8 bytes each
     chunks = source.iter_chunks(
         [options.id_col, *job.input_columns], options.chunk_size, string_columns=job.string_columns
     )
@@ -34,22 +38,26 @@ async def plan_job(job: Job, options: RunOptions) -> dict[str, Any]:
     for chunk in chunks:
         chunk = chunk.slice(0, total_rows - seen)
         seen += chunk.num_rows
-        ids = chunk.column(options.id_col).to_pylist()
-        payloads = chunk.select(list(job.input_columns)).to_pylist()
-        prepared = await asyncio.to_thread(prepare_rows, job, payloads)
-        own_in_chunk = 0
-        for row_id, payload, prep in zip(ids, payloads, prepared):
-            h, status = row_status(index, job, row_id, payload, prep, retry_errors=options.retry_errors)
-            if status != NEW:
-                counts[COUNT_OF[status]] += 1
-            elif hash_key(h) in planned or hash_key(h) in index.known_hashes:
-                counts["deduplicated"] += 1
-            else:
-                planned.add(hash_key(h))
-                would_send += 1
-                own_in_chunk += 1
-                tokens += prep.tokens
-        requests += math.ceil(own_in_chunk / job.max_items_per_request)
+        ready = await asyncio.to_thread(prepare_chunk, job, chunk)
+        prepared = ready.prepared
+        keys = chunk_statuses(
+            index, chunk.column(options.id_col), ready.hashes, ready.invalid, retry_errors=options.retry_errors
+        )
+        for status, name in COUNT_OF.items():
+            counts[name] += int(np.count_nonzero(keys.status == status))
+        new = np.flatnonzero(keys.status == NEW)
+        new_keys = keys.keys[new]
+        # The first row of each content in this chunk, if neither planned before nor in the output.
+        _, first = np.unique(new_keys, return_index=True)
+        fresh = np.zeros(len(new), bool)
+        fresh[first] = True
+        fresh &= ~planned.has_keys(new_keys) & ~index.results.has_keys(new_keys)
+        counts["deduplicated"] += int(len(new) - np.count_nonzero(fresh))
+        own = new[fresh]
+        planned.add(keys.keys[own])
+        would_send += len(own)
+        tokens += sum(prepared[pos].tokens for pos in own.tolist())
+        requests += math.ceil(len(own) / job.max_items_per_request)
         if seen >= total_rows:
             break
     limits = options.limits

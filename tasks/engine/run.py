@@ -10,7 +10,7 @@ from typing import Any
 
 from tasks.defaults import DEFAULT_CHUNK_SIZE
 from tasks.engine.budget import Budget
-from tasks.engine.chunk import ChunkRunner, Job, RetryPolicy, RunContext, process_chunk
+from tasks.engine.chunk import ChunkRunner, Job, RetryPolicy, RunContext, precheck_chunk, process_chunk
 from tasks.engine.io import InputSource, check_ids
 from tasks.engine.limits import AdaptiveLimiter, Limits
 from tasks.engine.metadata import counts, new_run_id, package_versions, usage, utc_now
@@ -147,7 +147,11 @@ async def run_job(
         stats = ctx.stats
         stats.not_attempted += max(0, total_rows - stats.rows_accounted())
         removed = 0
-        if stats.parts_written or stats.error_parts_written:
+        # Superseding: only an output that held rows before this run can hold two records of one id
+        # (the input's ids are unique). The index is freed first: compaction needs its own memory.
+        had_rows = index.result_rows + index.error_rows > 0
+        index.clear()
+        if had_rows and (stats.parts_written or stats.error_parts_written):
             removed = await asyncio.to_thread(store.compact, options.id_col)
         finished = utc_now()
         duration = (finished - started).total_seconds()
@@ -209,28 +213,44 @@ async def _drive(
     chunks = source.iter_chunks(
         [options.id_col, *ctx.job.input_columns], options.chunk_size, string_columns=ctx.job.string_columns
     )
-    tasks: list[asyncio.Task] = []
+    # Finished chunks are let go (a 10-million-row run has 5,000 of them); only their first error is kept.
     active: set[asyncio.Task] = set()
+    failures: list[BaseException] = []
+    cancelled: list[BaseException] = []
+    started = 0
     first_row = 0
+
+    def settle() -> None:
+        for task in [t for t in active if t.done()]:
+            active.discard(task)
+            if task.cancelled():
+                cancelled.append(asyncio.CancelledError())
+            elif task.exception() is not None:
+                failures.append(task.exception())
+
     try:
         while first_row < total_rows and not ctx.stop_event.is_set():
             while not _room_for_chunk(ctx, len(active), options.chunks_in_flight):
                 await asyncio.wait(active, timeout=STARVED_POLL_S, return_when=asyncio.FIRST_COMPLETED)
-                active = {t for t in active if not t.done()}
+                settle()
             chunk = await asyncio.to_thread(next, chunks, None)
             if chunk is None or ctx.stop_event.is_set():
                 break
             chunk = chunk.slice(0, total_rows - first_row)
-            task = asyncio.create_task(runner(ctx, chunk, len(tasks), first_row))
-            tasks.append(task)
-            active.add(task)
+            number, first = started, first_row
+            started += 1
             first_row += chunk.num_rows
-            if any(t.done() and not t.cancelled() and t.exception() for t in tasks):
+            if not await precheck_chunk(ctx, chunk, number):
+                continue  # nothing to send or write: counted, no task
+            task = asyncio.create_task(runner(ctx, chunk, number, first))
+            active.add(task)
+            settle()
+            if failures:
                 break
     finally:
-        results = await asyncio.gather(*tasks, return_exceptions=True)
+        results = await asyncio.gather(*active, return_exceptions=True)
         chunks.close()
-    for result in results:
+    for result in [*failures, *results, *cancelled]:
         if isinstance(result, BaseException):
             raise result
 

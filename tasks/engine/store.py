@@ -15,6 +15,7 @@ removed by :meth:`OutputStore.compact` at the end of every run that wrote someth
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import time
 import uuid
@@ -23,11 +24,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
+import numpy as np
+import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pds
 import pyarrow.parquet as pq
 
+from tasks.engine.index import LOCATIONS, KeyTable, exact_id_keys, hash_key, hash_keys, id_tags, pair_key
 from tasks.errors import ConfigError
 
 __all__ = [
@@ -41,6 +45,8 @@ __all__ = [
     "RETRY_AUTO",
     "RETRY_ON_REQUEST",
 ]
+
+SCAN_BATCH_ROWS = 65536
 
 ERRORS_DIR = "_errors"
 RUNS_DIR = "_runs"
@@ -56,27 +62,55 @@ RETRY_ON_REQUEST = "on_request"  # the row failed for itself (a 400 for it, an u
 LEGACY_AUTO_ERROR_TYPES = ("transient", "rate_limited")
 
 
-def pair_key(row_id: object, content_hash: str) -> int:
-    """In-memory key of an (id, content_hash) pair: a 64-bit hash keeps the index small."""
-    return hash((row_id, content_hash))
-
-
-def hash_key(content_hash: str) -> int:
-    # content hashes are hex sha256: their first 16 digits are already uniformly random
-    return int(content_hash[:16], 16)
-
-
 @dataclass
 class DoneIndex:
-    """What the output already holds, as compact keys."""
+    """What the output already holds, as fixed-width keys (see :mod:`tasks.engine.index`): ~14 bytes a row.
 
-    done_pairs: set[int] = field(default_factory=set)
-    known_hashes: set[int] = field(default_factory=set)
-    errored_pairs: set[int] = field(default_factory=set)
-    # Of errored_pairs, those that failed on transient errors only: a plain rerun sends them again.
-    auto_retry_pairs: set[int] = field(default_factory=set)
+    ``results`` has one entry per result row: (hash key, id tag, part ordinal). It answers both "is
+    this (id, content) done?" and "is this content stored under some id?"; ``done_pairs`` and
+    ``known_hashes`` are the same table under the names the engine used to test with ``in``.
+    ``errors`` has the rows of ``_errors/``. Another kind of key set is one more :class:`KeyTable`
+    field, filled in :meth:`OutputStore.scan` and tested in ``engine.chunk_statuses``.
+    """
+
+    results: KeyTable = field(default_factory=KeyTable)
+    errors: KeyTable = field(default_factory=KeyTable)
+    parts: list[str] = field(default_factory=list)  # result part paths by ordinal (location mod 2**16)
+    # Of ``errors``, the rows that failed on transient errors only: a plain rerun sends them again.
+    auto_errors: KeyTable = field(default_factory=KeyTable)
     result_rows: int = 0
     error_rows: int = 0
+
+    @property
+    def done_pairs(self) -> KeyTable:
+        return self.results
+
+    @property
+    def known_hashes(self) -> KeyTable:
+        return self.results
+
+    @property
+    def errored_pairs(self) -> KeyTable:
+        return self.errors
+
+    def part_ordinal(self, path: str) -> int:
+        """The location number of a result part (a new part gets the next one)."""
+        self.parts.append(path)
+        return len(self.parts) - 1
+
+    def parts_holding(self, keys: np.ndarray) -> list[str]:
+        """The result parts that may hold these hash keys (every part with a matching location)."""
+        locations = self.results.locate(keys)
+        wanted = {int(loc) for loc in locations if loc >= 0}
+        return sorted({p for ordinal, p in enumerate(self.parts) if ordinal % LOCATIONS in wanted})
+
+    def nbytes(self) -> int:
+        return self.results.nbytes + self.errors.nbytes
+
+    def clear(self) -> None:
+        """Free the tables (the run is over; compaction wants the memory)."""
+        self.results.clear()
+        self.errors.clear()
 
 
 class OutputStore:
@@ -129,28 +163,36 @@ class OutputStore:
 
     # -- reading ----------------------------------------------------------------------------------
     def scan(self, id_col: str) -> DoneIndex:
+        """Read the (id, content_hash) columns of every part, batch by batch, into a :class:`DoneIndex`."""
         index = DoneIndex()
         for path in self.result_files():
+            loc = index.part_ordinal(path)
             for ids, hashes in self._id_hash_batches(path, id_col):
-                index.done_pairs.update(pair_key(i, h) for i, h in zip(ids, hashes))
-                index.known_hashes.update(hash_key(h) for h in hashes)
+                index.results.add(hash_keys(hashes), id_tags(ids), loc)
                 index.result_rows += len(hashes)
         for path in self.error_files():
             for ids, hashes, auto in self._error_batches(path, id_col):
-                keys = [pair_key(i, h) for i, h in zip(ids, hashes)]
-                index.errored_pairs.update(keys)
-                index.auto_retry_pairs.update(k for k, a in zip(keys, auto) if a)
+                keys, tags = hash_keys(hashes), id_tags(ids)
+                index.errors.add(keys, tags)
+                if auto.any():
+                    index.auto_errors.add(keys[auto], tags[auto])
                 index.error_rows += len(hashes)
+        index.results.compact()
+        index.errors.compact()
         return index
 
-    def read_results_for(self, content_hashes: Iterable[str], id_col: str) -> pa.Table:
+    def read_results_for(
+        self, content_hashes: Iterable[str], id_col: str, *, files: list[str] | None = None
+    ) -> pa.Table:
         """Result rows already in the output for these hashes: all rows of one id per hash (a
-        result may span several rows, e.g. n generated images), for rows that share their content."""
+        result may span several rows, e.g. n generated images), for rows that share their content.
+
+        ``files``: only these parts (``DoneIndex.parts_holding``); the default reads every part's
+        content_hash column, which at corpus scale is the whole output's worth of hashes."""
         wanted = sorted(set(content_hashes))
-        files = self.result_files()
+        files = self.result_files() if files is None else [f for f in files if self.fs.exists(f)]
         if not wanted or not files:
             return pa.table({})
-        import polars as pl  # here, not at the top: a refused command should not pay for it
 
         dataset = pds.dataset(files, format="parquet", filesystem=self.fs)
         table = dataset.to_table(filter=pc.field("content_hash").isin(wanted))
@@ -177,37 +219,48 @@ class OutputStore:
         return path
 
     def compact(self, id_col: str) -> int:
-        """Keep only the newest record of each id across results and errors; return rows removed."""
-        import polars as pl
+        """Keep only the newest record of each id across results and errors; return rows removed.
 
-        frames = []
-        for _kind, paths in (("result", self.result_files()), ("error", self.error_files())):
-            for path in paths:
-                written = self._written_at(path)
-                ids = pq.read_table(path, columns=[id_col], filesystem=self.fs).column(id_col)
-                frames.append(
-                    pl.DataFrame({"id": pl.from_arrow(ids)})
-                    .with_row_index("row")
-                    .with_columns(pl.lit(path).alias("path"), pl.lit(written, dtype=pl.Int64).alias("written"))
-                )
-        if not frames:
-            return 0
-        records = pl.concat(frames, how="vertical_relaxed")
-        # Rows of one id written in the same part (image generation with n > 1) stand or fall together.
-        ranked = records.with_columns(pl.col("written").rank("dense", descending=True).over("id").alias("rank"))
-        stale = ranked.filter(pl.col("rank") > 1)
-        if stale.is_empty():
-            return 0
-        for (path,), rows in stale.group_by(["path"]):
-            drop = pa.array(rows["row"].to_list(), pa.int64())
-            table = pq.read_table(path, filesystem=self.fs)
-            keep = pc.invert(pc.is_in(pa.array(range(table.num_rows), pa.int64()), value_set=drop))
-            remaining = table.filter(keep)
-            if remaining.num_rows == 0:
-                self.fs.rm(path)
-            else:
-                self._write_atomic(remaining, path, self._metadata(path))
-        return stale.height
+        Never loads the output: parts are visited newest first, reading only their id column, while
+        a key table of the ids seen in newer parts (8 bytes an id) names the stale rows; a part with
+        stale rows is rewritten right away. Integer ids are keyed exactly; other ids by a 64-bit hash.
+        Rows of one id written in the same part (image generation with n > 1) stand or fall together.
+        """
+        dated = sorted(
+            ((self._written_at(path), path) for path in (*self.result_files(), *self.error_files())),
+            key=lambda wp: -wp[0],
+        )
+        newer = KeyTable(payload=False)
+        removed = 0
+        for _written, group in itertools.groupby(dated, key=lambda wp: wp[0]):
+            # Parts written at the same instant don't supersede each other: their ids join ``newer``
+            # together, after all of them were checked.
+            seen = []
+            for _, path in group:
+                stale_rows = []
+                first = 0
+                for ids in self._id_batches(path, id_col):
+                    keys = exact_id_keys(ids)
+                    stale = newer.has_keys(keys)
+                    if stale.any():
+                        stale_rows.append(np.flatnonzero(stale) + first)
+                    first += len(keys)
+                    seen.append(keys)
+                if stale_rows:
+                    removed += self._drop_rows(path, np.concatenate(stale_rows))
+            for keys in seen:
+                newer.add(keys)
+        return removed
+
+    def _drop_rows(self, path: str, rows: np.ndarray) -> int:
+        table = pq.read_table(path, filesystem=self.fs)
+        keep = np.ones(table.num_rows, bool)
+        keep[rows] = False
+        if not keep.any():
+            self.fs.rm(path)
+        else:
+            self._write_atomic(table.filter(pa.array(keep)), path, self._metadata(path))
+        return len(rows)
 
     # -- helpers ----------------------------------------------------------------------------------
     def _write_atomic(self, table: pa.Table, final: str, meta: dict[str, Any]) -> None:
@@ -229,8 +282,13 @@ class OutputStore:
 
     def _id_hash_batches(self, path: str, id_col: str):
         parquet = pq.ParquetFile(path, filesystem=self.fs)
-        for batch in parquet.iter_batches(columns=[id_col, "content_hash"], batch_size=65536):
-            yield batch.column(0).to_pylist(), batch.column(1).to_pylist()
+        for batch in parquet.iter_batches(columns=[id_col, "content_hash"], batch_size=SCAN_BATCH_ROWS):
+            yield batch.column(0), batch.column(1)
+
+    def _id_batches(self, path: str, id_col: str):
+        parquet = pq.ParquetFile(path, filesystem=self.fs)
+        for batch in parquet.iter_batches(columns=[id_col], batch_size=SCAN_BATCH_ROWS):
+            yield batch.column(0)
 
     def _error_batches(self, path: str, id_col: str):
         """(ids, hashes, retried automatically?) of an errors part; files older than the `retry`
@@ -241,14 +299,14 @@ class OutputStore:
         for batch in parquet.iter_batches(
             columns=[id_col, "content_hash", *([column] if column else [])], batch_size=65536
         ):
-            ids, hashes = batch.column(0).to_pylist(), batch.column(1).to_pylist()
+            ids, hashes = batch.column(0), batch.column(1)
             if column == "retry":
                 auto = [v == RETRY_AUTO for v in batch.column(2).to_pylist()]
             elif column == "error_type":
                 auto = [v in LEGACY_AUTO_ERROR_TYPES for v in batch.column(2).to_pylist()]
             else:
                 auto = [False] * len(ids)
-            yield ids, hashes, auto
+            yield ids, hashes, np.array(auto, dtype=bool)
 
     def _parts(self, folder: str) -> list[str]:
         if not self.fs.exists(folder):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -67,6 +68,10 @@ class EmbedJob:
     def spec(self) -> EmbeddingModel | None:
         return EMBEDDING_MODELS.get(self.model.removeprefix("models/"))
 
+    @cached_property
+    def max_input_tokens(self) -> int:
+        return self.spec.max_input_tokens if self.spec else UNKNOWN_MODEL_MAX_TOKENS
+
     @property
     def normalise(self) -> bool:
         """Gemini only normalises its full-size output: shortened vectors are normalised here."""
@@ -85,17 +90,17 @@ class EmbedJob:
         text = payload[self.text_col]
         if text is None:
             raise RowInvalid(f"column {self.text_col!r} is null: nothing to embed; fill it or drop the row")
-        if not text.strip():
+        if not text or text.isspace():
             raise RowInvalid(f"column {self.text_col!r} is empty: nothing to embed; fill it or drop the row")
-        limit = self.spec.max_input_tokens if self.spec else UNKNOWN_MODEL_MAX_TOKENS
-        tokens = estimate_text_tokens(text)
+        limit = self.max_input_tokens
+        tokens = max(1, (len(text) + 3) // 4)  # estimate_text_tokens, inlined: this runs for every row
         if tokens > limit:
             raise RowInvalid(
                 f"text is about {tokens} tokens ({len(text)} characters), over {self.model}'s "
                 f"{limit}-token input limit: split it into smaller passages"
             )
         fields = {"job": "embed", "model": self.model, "dimensions": self.dimensions, "input": text}
-        return Prepared(fields=fields, tokens=tokens, data=text)
+        return Prepared(fields, tokens, text)
 
     async def send(self, conn: Connection, items: list[Item]) -> Reply:
         extra = {"dimensions": self.dimensions} if self.dimensions is not None else {}

@@ -1,0 +1,198 @@
+"""Memory and speed of `gembatch embed` at corpus scale: a first run and its rerun.
+
+    uv run python benchmarks/bench_scale.py --rows 3                 # the baseline
+    uv run python benchmarks/bench_scale.py --rows 1000000
+    uv run python benchmarks/bench_scale.py --rows 10000000 --keep   # ~20+ minutes on 2 cores
+
+The corpus (unique ~200-character texts, int64 ids) is generated on the fly into a temporary folder
+in blocks of 500,000 rows, never committed. The emulator runs in its own process without limits or
+latency; `--dimensions 64` by default so that the vectors don't dominate. For each run it prints the
+flow run's time, rows/s (first run: rows embedded per second; rerun: rows checked per second, i.e.
+input rows / run time — the rerun hashes every row and sends nothing) and the peak RSS
+(ru_maxrss) of the `gembatch embed` process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_embed import KEY_ENV, WORDS, free_port, wait_up  # noqa: E402
+
+BLOCK_ROWS = 500_000
+
+
+def make_corpus(path: Path, rows: int, *, revise: int = 0) -> None:
+    """Unique ~200-character texts, written block by block (10M rows never sit in memory).
+    ``revise``: that many rows, spread evenly, get a changed text (for a superseding run)."""
+    step = max(1, rows // revise) if revise else 0
+    schema = pa.schema([("id", pa.int64()), ("text", pa.string())])
+    with pq.ParquetWriter(path, schema) as writer:
+        for lo in range(0, max(rows, 1), BLOCK_ROWS):
+            hi = min(rows, lo + BLOCK_ROWS)
+            texts = [
+                f"Passage {i}: the {WORDS[i % 20]} near the {WORDS[(i // 20) % 20]} tells of the "
+                f"{WORDS[(i * 7) % 20]} and the {WORDS[(i // 400) % 20]}, {i * 31 % 997} times over; a "
+                f"{WORDS[(i * 3) % 20]} keeps the {WORDS[(i * 11) % 20]} of the {WORDS[(i * 13) % 20]} "
+                f"until the {WORDS[(i // 8000) % 20]} comes back. {i:012d}"
+                + (" (revised)" if step and i % step == 0 and i // step < revise else "")
+                for i in range(lo, hi)
+            ]
+            writer.write_table(pa.table({"id": pa.array(range(lo, hi), pa.int64()), "text": texts}, schema=schema))
+
+
+def make_output(corpus: Path, out: Path, dimensions: int, chunk_size: int) -> None:
+    """What a finished first run leaves (one part per chunk, the same content hashes, zero vectors),
+    written directly: a rerun of 10M rows can then be measured without the ~30-minute first run."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from tasks.engine.chunk import prepare_chunk
+    from tasks.engine.store import OutputStore
+    from tasks.jobs.embed import EmbedJob
+
+    job = EmbedJob(model="gemini-embedding-001", dimensions=dimensions)
+    store = OutputStore(str(out))
+    store.prepare()
+    store.claim(job=job.name, model=job.model, run_id="synthetic", force=False)
+    zeros = pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(chunk_size * dimensions, np.float32)), dimensions)
+    for batch in pq.ParquetFile(corpus).iter_batches(batch_size=chunk_size, columns=["id", "text"]):
+        chunk = pa.Table.from_batches([batch])
+        ready = prepare_chunk(job, chunk)
+        table = pa.table(
+            {
+                "id": chunk.column("id"),
+                "embedding": zeros.slice(0, chunk.num_rows),
+                "content_hash": pa.array(ready.hashes, pa.string()),
+                "model": pa.array([job.model] * chunk.num_rows, pa.string()),
+            }
+        )
+        store.write_part(table, errors=False, run_id="synthetic", id_col="id")
+
+
+def make_output_elsewhere(corpus: Path, out: Path, dimensions: int, chunk_size: int) -> None:
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); from pathlib import Path; import bench_scale as b; "
+        "b.make_output(Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))"
+    )
+    here = str(Path(__file__).resolve().parent)
+    args = [here, str(corpus), str(out), str(dimensions), str(chunk_size)]
+    subprocess.run([sys.executable, "-c", code, *args], check=True)
+
+
+def make_corpus_elsewhere(path: Path, rows: int, *, revise: int = 0) -> None:
+    """make_corpus in a child process. The peak RSS a parent reads from wait4() includes the parent's
+    own peak at the time it spawned the child (Linux carries the old address space's high-water mark
+    across exec): a parent that had built the corpus itself would inflate every figure."""
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); from pathlib import Path; import bench_scale as b; "
+        "b.make_corpus(Path(sys.argv[2]), int(sys.argv[3]), revise=int(sys.argv[4]))"
+    )
+    here = str(Path(__file__).resolve().parent)
+    subprocess.run([sys.executable, "-c", code, here, str(path), str(rows), str(revise)], check=True)
+
+
+def run_embed(corpus: Path, out: Path, base_url: str, env: dict, args: argparse.Namespace) -> dict:
+    cmd = [
+        sys.executable, "-m", "flows.cli", "embed", str(corpus), "--output", str(out),
+        "--base-url", base_url, "--api-key-env", KEY_ENV, "--no-progress",
+        "--dimensions", str(args.dimensions), "--chunk-size", str(args.chunk_size),
+    ]  # fmt: skip
+    before = {p.name for p in (out / "_runs").glob("*.json")} if (out / "_runs").exists() else set()
+    started = time.monotonic()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    output = proc.stdout.read().decode()
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.monotonic() - started
+    if status != 0:
+        raise SystemExit(f"gembatch embed failed:\n{output}")
+    (new,) = [p for p in (out / "_runs").glob("*.json") if p.name not in before]
+    run = json.loads(new.read_text())
+    return {"run": run, "wall_s": wall, "peak_rss_mib": usage.ru_maxrss / 1024}
+
+
+def report(label: str, rows: int, result: dict) -> None:
+    run = result["run"]
+    c = run["counts"]
+    print(
+        f"{label:<10} {run['status']:<10} run {run['duration_s']:8.1f} s  (command {result['wall_s']:7.1f} s)  "
+        f"{rows / run['duration_s']:>10,.0f} rows/s  peak RSS {result['peak_rss_mib']:6,.0f} MiB  "
+        f"sent {run['requests']['sent']:,}  succeeded {c['succeeded']:,}  skipped {c['skipped_done']:,}",
+        flush=True,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--dimensions", type=int, default=64)
+    parser.add_argument("--chunk-size", type=int, default=2000)
+    parser.add_argument("--no-rerun", action="store_true")
+    parser.add_argument(
+        "--synthetic-first-run",
+        action="store_true",
+        help="write the first run's parts directly (same hashes, zero vectors) and measure the rerun",
+    )
+    parser.add_argument("--supersede", type=int, default=0, help="then change N texts and run again")
+    parser.add_argument("--work", default=None, help="folder for corpus and output (default: a temp dir)")
+    parser.add_argument("--keep", action="store_true", help="keep the corpus and output")
+    args = parser.parse_args()
+
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="gembatch-scale-"))
+    work.mkdir(parents=True, exist_ok=True)
+    corpus, out = work / "corpus.parquet", work / "out"
+    t = time.monotonic()
+    make_corpus_elsewhere(corpus, args.rows)
+    size_mib = corpus.stat().st_size / 2**20
+    print(f"corpus    {args.rows:,} rows, {size_mib:,.0f} MiB, made in {time.monotonic() - t:.1f} s", flush=True)
+    port, key = free_port(), "bench-key"
+    # Prefect's temporary server gets its own home (no lock shared with other runs) and time to start
+    # on a busy machine.
+    env = {
+        **os.environ,
+        KEY_ENV: key,
+        "PREFECT_HOME": str(work / "prefect-home"),
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+    }
+    emulator = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "emulator", "--port", str(port), "--api-key-env", KEY_ENV],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    base_url = f"http://127.0.0.1:{port}/v1beta/openai/"
+    try:
+        wait_up(base_url, key)
+        if args.synthetic_first_run:
+            t = time.monotonic()
+            make_output_elsewhere(corpus, out, args.dimensions, args.chunk_size)
+            print(f"first run  synthetic: parts written directly in {time.monotonic() - t:.1f} s", flush=True)
+        else:
+            report("first run", args.rows, run_embed(corpus, out, base_url, env, args))
+        if not args.no_rerun:
+            report("rerun", args.rows, run_embed(corpus, out, base_url, env, args))
+        if args.supersede:
+            make_corpus_elsewhere(corpus, args.rows, revise=args.supersede)
+            result = run_embed(corpus, out, base_url, env, args)
+            report("supersede", args.rows, result)
+            print(f"           superseded rows removed: {result['run']['output']['superseded_rows_removed']:,}")
+        own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(f"(this script's own peak RSS: {own:,.0f} MiB; a child's figure can't be below it)")
+    finally:
+        emulator.terminate()
+        emulator.wait()
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

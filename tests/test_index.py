@@ -1,0 +1,286 @@
+"""The done-key index in flat memory (issue 13): fixed-width keys, stable across processes, vectorised
+lookups, streaming id check and superseding, and a rerun that starts no task for a finished chunk."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import REPO, TEST_KEY_ENV, assert_balanced, read_errors, read_output, write_corpus
+
+from tasks.engine.chunk import content_hash, content_hashes, process_chunk
+from tasks.engine.index import KeyTable, exact_id_keys, hash_key, hash_keys, id_tags, pair_key
+from tasks.engine.io import InputSource, check_ids
+from tasks.engine.run import RunOptions, run_job
+from tasks.engine.store import DoneIndex, OutputStore
+from tasks.errors import InputError
+from tasks.jobs.embed import EmbedJob
+from tasks.provider.client import ProviderSettings
+
+MODEL = "gemini-embedding-001"
+
+
+def sha(i: object) -> str:
+    return hashlib.sha256(repr(i).encode()).hexdigest()
+
+
+def run_embed(emu, src, out, **kw):
+    job = EmbedJob(model=MODEL, dimensions=8, batch_size=kw.pop("batch_size", 100))
+    runner = kw.pop("chunk_runner", process_chunk)
+    options = RunOptions(
+        input=str(src),
+        output=str(out),
+        provider=ProviderSettings(provider="local", base_url=emu.base_url, api_key_env=TEST_KEY_ENV, timeout_s=5),
+        chunk_size=kw.pop("chunk_size", 50),
+        **kw,
+    )
+    return asyncio.run(run_job(job, options, chunk_runner=runner))
+
+
+# -- keys and tables ------------------------------------------------------------------------------
+
+
+def test_hash_keys_are_the_first_64_bits_of_the_content_hash_from_lists_and_arrow():
+    hashes = [sha(i) for i in range(5000)]
+    keys = hash_keys(hashes)
+    assert keys.dtype == np.uint64
+    assert keys.tolist() == [int(h[:16], 16) for h in hashes] == [hash_key(h) for h in hashes]
+    array = pa.array(hashes)
+    assert (hash_keys(array) == keys).all()
+    assert (hash_keys(array.slice(17, 100)) == keys[17:117]).all()
+    assert (hash_keys(pa.chunked_array([array.slice(0, 10), array.slice(10)])) == keys).all()
+    assert (hash_keys(array.cast(pa.large_string())) == keys).all()
+
+
+def test_key_table_answers_like_python_sets_with_duplicated_contents_and_many_runs():
+    rng = np.random.default_rng(7)
+    keys = rng.integers(0, 2**64, 30_000, dtype=np.uint64)
+    keys[1000:1100] = keys[:100]  # the same content under other ids (a deduplicated row)
+    tags = rng.integers(0, 2**32, 30_000, dtype=np.uint32)
+    table = KeyTable()
+    for lo in range(0, 20_000, 500):  # many small adds: runs merge as they grow
+        table.add(keys[lo : lo + 500], tags[lo : lo + 500], lo // 500)
+    assert len(table) == 20_000 and table.runs <= 16 * 16
+    pairs = set(zip(keys[:20_000].tolist(), tags[:20_000].tolist()))
+    known = set(keys[:20_000].tolist())
+    q_keys = np.concatenate([keys, keys[:500]])
+    q_tags = np.concatenate([tags, rng.integers(0, 2**32, 500, dtype=np.uint32)])
+    expected = [(k, t) in pairs for k, t in zip(q_keys.tolist(), q_tags.tolist())]
+    assert table.has_pairs(q_keys, q_tags).tolist() == expected
+    assert table.has_keys(q_keys).tolist() == [k in known for k in q_keys.tolist()]
+    where = table.locate(keys[[0, 499, 500, 19_999, 25_000]])
+    assert where.tolist() == [0, 0, 1, 39, -1]
+    table.compact()
+    assert table.runs <= 16
+    assert table.has_pairs(q_keys, q_tags).tolist() == expected
+    assert (int(keys[5]), int(tags[5])) in table and int(keys[5]) in table
+    assert (int(keys[5]), int(tags[5]) ^ 1) not in table and int(keys[25_000]) not in table
+
+
+def test_index_memory_per_row_is_fixed_width():
+    rows = 100_000
+    table = KeyTable()
+    for lo in range(0, rows, 2000):
+        table.add(hash_keys([sha(i) for i in range(lo, lo + 2000)]), id_tags(list(range(lo, lo + 2000))), lo)
+    # 8 (hash key) + 4 (id tag) + 2 (part) bytes; Python sets of ints held ~100+ bytes a row.
+    assert table.nbytes / rows <= 14.5
+    seen = KeyTable(payload=False)
+    seen.add(exact_id_keys(pa.array(range(rows))))
+    assert seen.nbytes / rows <= 8.5
+
+
+def test_index_of_a_scanned_output_stays_under_16_bytes_a_row(tmp_path):
+    store = OutputStore(str(tmp_path / "out"))
+    store.prepare()
+    for lo in range(0, 60_000, 20_000):
+        ids = [f"doc-{i}" for i in range(lo, lo + 20_000)]
+        table = pa.table({"id": ids, "content_hash": [sha(i) for i in ids], "model": ["m"] * len(ids)})
+        store.write_part(table, errors=False, run_id="r", id_col="id")
+    index = store.scan("id")
+    assert index.result_rows == 60_000
+    assert index.nbytes() / index.result_rows <= 16
+    ids = [f"doc-{i}" for i in range(59_990, 60_010)]
+    found = index.results.has_pairs(hash_keys([sha(i) for i in ids]), id_tags(ids))
+    assert found.tolist() == [True] * 10 + [False] * 10
+
+
+SCAN_IN_CHILD = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from tasks.engine.store import OutputStore
+from tasks.engine.index import pair_key
+index = OutputStore(sys.argv[2]).scan("id")
+keys = [[int(k), int(t)] for runs in index.results._parts for run in runs for k, t in zip(run.keys, run.tags)]
+print(json.dumps({"keys": sorted(keys), "pair": list(pair_key("doc-7", "ab" * 32))}))
+"""
+
+
+def test_keys_are_stable_across_processes_with_other_hash_seeds(tmp_path):
+    """Python's hash() of a str changes with every process: the index's keys must not."""
+    out = tmp_path / "out"
+    store = OutputStore(str(out))
+    store.prepare()
+    ids = [f"doc-{i}" for i in range(300)]
+    store.write_part(
+        pa.table({"id": ids, "content_hash": [sha(i) for i in ids]}), errors=False, run_id="r", id_col="id"
+    )
+    answers = []
+    for seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        child = subprocess.run(
+            [sys.executable, "-c", SCAN_IN_CHILD, str(REPO), str(out)], env=env, capture_output=True, text=True
+        )
+        assert child.returncode == 0, child.stderr
+        answers.append(json.loads(child.stdout))
+    index = store.scan("id")
+    here = sorted([int(k), int(t)] for runs in index.results._parts for run in runs for k, t in zip(run.keys, run.tags))
+    assert answers[0]["keys"] == answers[1]["keys"] == here
+    assert answers[0]["pair"] == answers[1]["pair"] == list(pair_key("doc-7", "ab" * 32))
+    # Integer ids hash alike whatever their width; strings alike as string or large_string.
+    assert (id_tags(pa.array([1, 2, 3], pa.int32())) == id_tags(pa.array([1, 2, 3], pa.int64()))).all()
+    assert (id_tags(pa.array(["a", "b"])) == id_tags(pa.array(["a", "b"], pa.large_string()))).all()
+
+
+def test_content_hashes_match_content_hash_byte_for_byte():
+    rows = [{"job": "embed", "model": "m", "dimensions": 64, "input": f'text "{i}" é\n\u2028 \\'} for i in range(300)]
+    rows[3] = {"invalid": {"text": None}, "job": "embed", "model": "m"}
+    rows[4]["dimensions"] = True  # True == 1 but encodes otherwise
+    rows[5]["dimensions"] = 64.0
+    rows[6]["input"] = None
+    rows[7]["extra"] = [1, {"b": 2, "a": 1}]
+    rows[8]["input"] = b"bytes"  # default=str
+    several = [
+        {"job": "x", "n": i % 3, "opts": {"b": [1, 2], "a": float("nan")}, "prompt": f"p{i}", "size": "1x1"}
+        for i in range(50)
+    ]
+    for batch in (rows, several, rows[:3], [{"b": 1, "a": "z"}, {"a": 1}] * 3):
+        assert content_hashes(batch) == [content_hash(f) for f in batch]
+    reference = json.dumps(rows[0], sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
+    assert content_hashes(rows)[0] == hashlib.sha256(reference.encode()).hexdigest()
+
+
+# -- the id check ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["int", "str"])
+def test_id_check_streams_and_still_names_duplicates(tmp_path, kind):
+    n = 30_000
+    ids = list(range(n)) if kind == "int" else [f"id-{i}" for i in range(n)]
+    ids[20_000], ids[29_999] = ids[5], ids[7]
+    path = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"id": ids, "text": ["t"] * n}), path)
+    source = InputSource.open(str(path))
+    with pytest.raises(
+        InputError, match=r"2 duplicated id\(s\), e.g. .*5'? at data rows 6, 20001; .*7'? at data rows 8, 30000"
+    ):
+        check_ids(source, "id", limit=None, chunk_size=4096)
+    assert check_ids(source, "id", limit=20_000, chunk_size=4096) == 20_000  # the duplicates lie past the limit
+
+
+# -- superseding ----------------------------------------------------------------------------------
+
+
+def test_superseding_across_parts_keeps_the_newest_record_and_rewrites_only_stale_parts(tmp_path):
+    store = OutputStore(str(tmp_path / "out"))
+    store.prepare()
+
+    def part(ids, tag, errors=False):
+        table = {
+            "id": pa.array(ids, pa.int64()),
+            "content_hash": [sha((i, tag)) for i in ids],
+            "value": [tag] * len(ids),
+        }
+        path = store.write_part(pa.table(table), errors=errors, run_id=tag, id_col="id")
+        time.sleep(0.002)
+        return path
+
+    old = part(list(range(0, 100)), "old")
+    untouched = part(list(range(100, 200)), "untouched")
+    part([5, 300, 1000], "failed", errors=True)
+    newer = part([5, 6, 7, 7], "newer")  # id 7 twice in one part (n images): they stand together
+    fixed = part([300], "fixed")
+    before = os.path.getmtime(untouched)
+
+    assert store.compact("id") == 2 + 1 + 1 + 1  # 5, 6, 7 from old; 5 and 300 from failed
+    out, errors = read_output(tmp_path / "out"), read_errors(tmp_path / "out")
+    latest = dict(zip(out["id"].to_list(), out["value"].to_list()))
+    assert latest[5] == latest[6] == latest[7] == "newer" and latest[300] == "fixed" and latest[0] == "old"
+    assert out.height == 201 + 1 and sorted(out["id"].to_list()).count(7) == 2
+    assert errors["id"].to_list() == [1000]  # an error stands while no result came after it
+    assert os.path.getmtime(untouched) == before  # a part without stale rows is not rewritten
+    assert {old, newer, fixed} <= {str(p) for p in (tmp_path / "out").glob("part-*")}
+    assert store.compact("id") == 0
+
+
+def test_superseding_and_reuse_at_the_engine_read_only_the_parts_they_need(emulator, tmp_path, monkeypatch):
+    ids = list(range(400))
+    texts = [f"passage {i} of the corpus" for i in ids]
+    src = write_corpus(tmp_path / "in.parquet", ids, texts)
+    out = tmp_path / "out"
+    run_embed(emulator, src, out)
+    parts = len(list(out.glob("part-*")))
+    assert parts == 8
+
+    files_read = []
+    original = OutputStore.read_results_for
+
+    def spy(self, hashes, id_col, *, files=None):
+        files_read.append(files)
+        return original(self, hashes, id_col, files=files)
+
+    monkeypatch.setattr(OutputStore, "read_results_for", spy)
+    texts[17] = "passage 17, rewritten"
+    write_corpus(src, [*ids, 400], [*texts, texts[123]])  # id 400 shares its text with id 123
+    emulator.reset_stats()
+    doc = run_embed(emulator, src, out)
+    assert emulator.stats["embedding_inputs"] == 1
+    assert doc["counts"]["deduplicated"] == 1 and doc["output"]["superseded_rows_removed"] == 1
+    assert_balanced(doc)
+    assert len(files_read) == 1 and len(files_read[0]) == 1  # the one part that holds id 123's vector
+    result = read_output(out)
+    assert result.height == 401 and result["id"].n_unique() == 401
+    by_id = dict(zip(result["id"].to_list(), result["embedding"].to_list()))
+    assert by_id[400] == by_id[123]
+
+
+def test_a_rerun_starts_no_chunk_task_and_a_first_run_skips_compaction(emulator, tmp_path, monkeypatch):
+    src = write_corpus(tmp_path / "in.parquet", list(range(300)), [f"row {i}" for i in range(300)])
+    calls = []
+
+    async def counting(ctx, chunk, index, first_row):
+        calls.append(index)
+        return await process_chunk(ctx, chunk, index, first_row)
+
+    compactions = []
+    original = OutputStore.compact
+    monkeypatch.setattr(OutputStore, "compact", lambda self, id_col: compactions.append(1) or original(self, id_col))
+    doc = run_embed(emulator, src, tmp_path / "out", chunk_runner=counting)
+    assert sorted(calls) == list(range(6)) and compactions == []  # ids are unique: nothing to supersede
+    calls.clear()
+    doc = run_embed(emulator, src, tmp_path / "out", chunk_runner=counting)
+    assert calls == [] and doc["counts"]["skipped_done"] == 300 and doc["requests"]["sent"] == 0
+    assert_balanced(doc)
+    # One changed row: one chunk runs (numbered by its place in the input), and compaction runs.
+    write_corpus(src, list(range(300)), [f"row {i}" if i != 160 else "changed" for i in range(300)])
+    doc = run_embed(emulator, src, tmp_path / "out", chunk_runner=counting)
+    assert calls == [3] and compactions == [1] and doc["output"]["superseded_rows_removed"] == 1
+
+
+def test_done_index_keeps_the_names_the_engine_tests_with_in():
+    index = DoneIndex()
+    index.results.add(hash_keys(["ab" * 32]), id_tags(["x"]), 0)
+    index.errors.add(hash_keys(["cd" * 32]), id_tags(["y"]))
+    assert pair_key("x", "ab" * 32) in index.done_pairs and hash_key("ab" * 32) in index.known_hashes
+    assert pair_key("y", "ab" * 32) not in index.done_pairs
+    assert pair_key("y", "cd" * 32) in index.errored_pairs
+    index.clear()
+    assert pair_key("x", "ab" * 32) not in index.done_pairs and index.nbytes() == 0
