@@ -236,9 +236,12 @@ class AdaptiveLimiter:
             if self._rpm is not None:
                 # Spaced from the planned start, not from when the sleep ended: a busy event loop wakes
                 # late, and the delays would add up to a slower rate. Up to CATCH_UP_S of lateness is
-                # made up (the window check above still holds every window to the limit).
+                # made up; later than that the run was idle (its start, a gap between chunks), and the
+                # plan starts again from now rather than with a burst.
                 interval = self._window / self._rpm
-                self._next_start = max(self._next_start, now - self._catch_up) + interval
+                late = now - self._next_start
+                base = self._next_start if late <= self._catch_up else now
+                self._next_start = base + interval
 
     def _window_wait(self, now: float) -> float:
         """Seconds until one more start keeps the declared RPM within every guarded window."""
