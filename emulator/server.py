@@ -26,7 +26,7 @@ from http import HTTPStatus
 from typing import Any
 from urllib.parse import unquote
 
-from emulator import fakes, schema_rules
+from emulator import chat, fakes, schema_rules
 
 log = logging.getLogger("gembatch.emulator")
 
@@ -141,6 +141,15 @@ class EmulatorConfig:
     retry_after_seconds: float = 1.0
     # What images/generations returns in b64_json: png, jpeg, webp, or svg (which no raster decoder reads).
     image_format: str = "png"
+    # -- streamed chat replies (emulator/chat.py) --
+    # Share of streamed replies that break: closed mid-body, ended without a finish reason, stalled
+    # (for hang_seconds), or carrying a chunk that is not JSON.
+    stream_fault_rate_disconnect: float = 0.0
+    stream_fault_rate_early_end: float = 0.0
+    stream_fault_rate_stall: float = 0.0
+    stream_fault_rate_malformed: float = 0.0
+    # Seconds between the chunks of a streamed reply (the first one comes after latency_seconds).
+    stream_chunk_delay_seconds: float = 0.0
 
     def __post_init__(self) -> None:
         self.models = tuple(self.models)
@@ -167,6 +176,8 @@ class Response:
     body: bytes | list[bytes]
     content_type: str = "application/json"
     headers: dict[str, str] = field(default_factory=dict)
+    # A streamed body: writes the whole answer itself; returns whether the connection stays open.
+    stream: Callable[[asyncio.StreamWriter, bool], Awaitable[bool]] | None = None
 
 
 class ApiError(Exception):
@@ -905,6 +916,9 @@ class Emulator:
         finally:
             with self._stats_lock:
                 self._stats["in_flight"] -= 1
+        if resp.stream is not None:
+            self._bump("by_status", sub=resp.status)
+            return await resp.stream(writer, keep_alive)
         await self._write(writer, resp, keep_alive=keep_alive)
         return keep_alive
 
@@ -1057,6 +1071,9 @@ class Emulator:
                 json_object = True
             elif rtype != "text":
                 raise _invalid(f"response_format.type: unsupported value {rtype!r}.")
+        problem = chat.check_request(body)
+        if problem is not None:
+            raise _invalid(problem)
         refused = self._refuse_schemas(req, body)
         if refused is not None:
             return refused
@@ -1115,32 +1132,27 @@ class Emulator:
         if _marker(texts) == "badjson":
             self._bump("faults", sub="marker:badjson")
             reply = BAD_JSON_REPLY
-        completion_tokens = fakes.count_tokens(reply)
         thinking = REASONING_EFFORT_TOKENS.get(effort or "", 0)
-        usage = {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens + thinking,
-        }
-        self._bump("prompt_tokens", prompt_tokens)
-        self._bump("completion_tokens", completion_tokens)
-        self._bump("thinking_tokens", thinking)
-
         seq = next(self._ids)
         chat_id = "chatcmpl-emu-" + hashlib.sha256(f"{seq}\x00{prompt_text}".encode()).hexdigest()[:24]
-        created = int(time.time())
-        if body.get("stream"):
-            return self._stream_chat(chat_id, created, model, reply, usage, body)
-        return _json_response(
-            {
-                "id": chat_id,
-                "object": "chat.completion",
-                "created": created,
-                "model": model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": reply}, "finish_reason": "stop"}],
-                "usage": usage,
-            }
+        answer = chat.completion(
+            body,
+            model=model,
+            reply=reply,
+            prompt_text=prompt_text,
+            texts=texts,
+            prompt_tokens=prompt_tokens,
+            thinking=thinking,
+            chat_id=chat_id,
+            created=int(time.time()),
+            null_rate=cfg.null_rate,
         )
+        self._bump("prompt_tokens", prompt_tokens)
+        self._bump("completion_tokens", answer["usage"]["completion_tokens"])
+        self._bump("thinking_tokens", thinking)
+        if body.get("stream"):
+            return self._stream_chat(answer, body, texts, cfg)
+        return _json_response(answer)
 
     def _refuse_schemas(self, req: Request, body: dict[str, Any]) -> Response | None:
         """Each provider's JSON-schema rules on its own path (emulator/schema_rules.py), for
@@ -1187,19 +1199,26 @@ class Emulator:
         return None
 
     def _stream_chat(
-        self, chat_id: str, created: int, model: str, reply: str, usage: dict[str, int], body: dict[str, Any]
+        self, answer: dict[str, Any], body: dict[str, Any], texts: list[str], cfg: EmulatorConfig
     ) -> Response:
-        base = {"id": chat_id, "object": "chat.completion.chunk", "created": created, "model": model}
-        first = {
-            **base,
-            "choices": [{"index": 0, "delta": {"role": "assistant", "content": reply}, "finish_reason": None}],
-        }
-        last: dict[str, Any] = {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
         options = body.get("stream_options")
-        if isinstance(options, dict) and options.get("include_usage"):
-            last["usage"] = usage
-        events = [f"data: {json.dumps(first)}\n\n", f"data: {json.dumps(last)}\n\n", "data: [DONE]\n\n"]
-        return Response(200, "".join(events).encode(), "text/event-stream")
+        events = chat.stream_events(answer, isinstance(options, dict) and bool(options.get("include_usage")))
+        rates = {kind: getattr(cfg, f"stream_fault_rate_{kind}") for kind in chat.STREAM_FAULTS}
+        fault = chat.pick_stream_fault(rates, texts, self._rng)
+        if fault is not None:
+            self._bump("faults", sub=f"stream:{fault}")
+
+        def write(writer: asyncio.StreamWriter, keep_alive: bool) -> Awaitable[bool]:
+            return chat.write_stream(
+                writer,
+                events,
+                fault=fault,
+                keep_alive=keep_alive,
+                chunk_delay_s=cfg.stream_chunk_delay_seconds,
+                stall_s=cfg.hang_seconds,
+            )
+
+        return Response(200, b"", "text/event-stream", stream=write)
 
     def _image_part(self, part: dict[str, Any], where: str) -> tuple[bytes, str]:
         spec = part.get("image_url")

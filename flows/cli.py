@@ -25,6 +25,7 @@ app = typer.Typer(
 )
 app.command("embed")(commands.embed)
 app.command("extract")(commands.extract)
+app.command("generate")(commands.generate)
 app.command("images")(commands.images)
 app.command("caption")(commands.caption)
 app.command("transcribe")(commands.transcribe)

@@ -15,7 +15,7 @@ import typer
 from flows.options import Output, job_command
 from tasks.defaults import APIS, DEFAULT_CAPTION_PROMPT, DEFAULT_MAX_SIDE, DEFAULT_SIZE, MAX_INLINE_BYTES
 
-__all__ = ["caption", "embed", "extract", "images", "transcribe"]
+__all__ = ["caption", "embed", "extract", "generate", "images", "transcribe"]
 
 Input = Annotated[str, typer.Argument(help="Parquet or CSV file (local path or fsspec URL).")]
 
@@ -67,6 +67,39 @@ def extract(
     ] = None,
 ) -> None:
     """Extract a pydantic model from a text column: one typed column per field."""
+
+
+@job_command("flows.generate:generate_flow", "flows.jobs:generate_job")
+def generate(
+    input: Input,
+    output: Output,
+    prompt: Annotated[
+        str | None,
+        typer.Option(
+            "--prompt",
+            help="Template of the user message; {column} is filled from each row, e.g. 'Summarise in one line: "
+            "{text}' (sent as it is: no hidden instructions).",
+        ),
+    ] = None,
+    prompt_file: Annotated[
+        str | None, typer.Option("--prompt-file", help="File holding the template (instead of --prompt).")
+    ] = None,
+    system: Annotated[str | None, typer.Option("--system", help="System instruction sent before each row.")] = None,
+    model: Annotated[
+        str | None, typer.Option("--model", help="Chat model (default: gemini-2.5-flash; gpt-4o-mini for openai).")
+    ] = None,
+    temperature: Annotated[float | None, typer.Option("--temperature", help="0-2 (default: the model's own).")] = None,
+    max_tokens: Annotated[
+        int | None,
+        typer.Option("--max-tokens", help="Most tokens per answer; a cut answer is kept with truncated = true."),
+    ] = None,
+    reasoning_effort: Annotated[
+        str | None,
+        typer.Option("--reasoning-effort", help="none, minimal, low, medium or high (default: the model's own)."),
+    ] = None,
+    n: Annotated[int, typer.Option("--n", help="Completions per row (1-8), one output row each.")] = 1,
+) -> None:
+    """Generate text from a prompt template over each row: text, finish_reason, truncated, usage."""
 
 
 @job_command("flows.caption:caption_flow", "flows.jobs:caption_job")

@@ -57,6 +57,8 @@ def run_options(input: str, output: str, options: CommonOptions) -> RunOptions:
             api_key_env=options.api_key_env,
             api_key_secret=options.api_key_secret,
             timeout_s=options.timeout,
+            stream=options.stream,
+            idle_timeout_s=options.idle_timeout,
         ),
         limits=Limits(rpm=options.rpm, tpm=options.tpm, max_concurrency=options.max_concurrency),
         chunk_size=options.chunk_size,

@@ -16,12 +16,13 @@ if TYPE_CHECKING:
     from tasks.jobs.caption import CaptionJob
     from tasks.jobs.embed import EmbedJob
     from tasks.jobs.extract import ExtractJob
+    from tasks.jobs.generate import GenerateJob
     from tasks.jobs.images import ImagesJob
     from tasks.jobs.transcribe import TranscribeJob
 
 # Each builder imports only its own job's module (Pillow for caption, pydantic models for extract…).
 
-__all__ = ["caption_job", "embed_job", "extract_job", "images_job", "transcribe_job"]
+__all__ = ["caption_job", "embed_job", "extract_job", "generate_job", "images_job", "transcribe_job"]
 
 
 def embed_job(parameters: dict[str, Any]) -> EmbedJob:
@@ -64,6 +65,32 @@ def extract_job(parameters: dict[str, Any]) -> ExtractJob:
             "or pass another --id-col"
         )
     return job
+
+
+def generate_job(parameters: dict[str, Any]) -> GenerateJob:
+    """The job for these flow parameters (reads the template file, fills in the default chat model)."""
+    from tasks.jobs.generate import GenerateJob
+
+    parameters["model"] = parameters.get("model") or default_model(parameters["provider"], "chat")
+    prompt, prompt_file = parameters.get("prompt"), parameters.get("prompt_file")
+    if prompt is not None and prompt_file is not None:
+        raise ConfigError("--prompt and --prompt-file both given: pass only one")
+    if prompt_file is not None:
+        prompt = _read_prompt(prompt_file)
+    if prompt is None:
+        raise ConfigError(
+            "generate needs a prompt template: --prompt 'Summarise in one line: {text}' or --prompt-file FILE "
+            "(column names in braces are filled from each row)"
+        )
+    return GenerateJob(
+        model=parameters["model"],
+        prompt=prompt,
+        system=parameters.get("system"),
+        temperature=parameters.get("temperature"),
+        max_tokens=parameters.get("max_tokens"),
+        reasoning_effort=parameters.get("reasoning_effort"),
+        n=parameters.get("n", 1),
+    )
 
 
 def _read_prompt(path: str) -> str:

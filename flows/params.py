@@ -20,7 +20,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.defaults import DEFAULT_CHUNK_SIZE, DEFAULT_MAX_OUTAGE_S, DEFAULT_TIMEOUT_S
+from tasks.defaults import DEFAULT_CHUNK_SIZE, DEFAULT_IDLE_TIMEOUT_S, DEFAULT_MAX_OUTAGE_S, DEFAULT_TIMEOUT_S
 
 __all__ = ["CommonOptions", "cli_flag", "flat_parameters", "flow_arguments", "options_table"]
 
@@ -124,6 +124,20 @@ class CommonOptions(BaseModel):
         False,
         description="Show a progress bar on stderr.",
         json_schema_extra=_cli("--no-progress", help="No progress bar (the command shows one on a terminal)."),
+    )
+    # Streamed chat replies (tasks/jobs/chat.py).
+    stream: bool = Field(
+        False,
+        description="Chat jobs (generate, extract, caption, transcribe --api chat): receive each reply as a "
+        "stream; a stream that stalls, breaks off or ends without a finish reason is retried, and time to "
+        "first token goes into _runs/.",
+        json_schema_extra=_cli("--stream"),
+    )
+    idle_timeout: float = Field(
+        DEFAULT_IDLE_TIMEOUT_S,
+        description="With --stream: seconds allowed between two chunks of a reply before the attempt is "
+        "abandoned (and retried).",
+        json_schema_extra=_cli("--idle-timeout"),
     )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 DEFAULT_CHUNK_SIZE = 2000  # rows per chunk: one Prefect task and one part file
 DEFAULT_TIMEOUT_S = 120.0  # seconds before one request is abandoned and retried
 DEFAULT_MAX_OUTAGE_S = 1800.0  # seconds a run waits out a provider that looks down
+DEFAULT_IDLE_TIMEOUT_S = 30.0  # --stream: seconds allowed between two chunks of a reply
 
 MAX_INPUTS_PER_REQUEST = 100  # Gemini: "at most 100 requests can be in one batch"
 

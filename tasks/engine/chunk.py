@@ -24,6 +24,7 @@ from tasks.engine.index import hash_keys, id_tags
 from tasks.engine.limits import AdaptiveLimiter
 from tasks.engine.outage import OutageBreaker
 from tasks.engine.store import RETRY_AUTO, RETRY_ON_REQUEST, DoneIndex, OutputStore
+from tasks.engine.timings import Timings
 from tasks.errors import RunStopped
 from tasks.provider.client import Connection, Failure, classify_failure
 
@@ -133,6 +134,7 @@ class Reply:
     completion_tokens: int = 0
     total_tokens: int = 0
     images: int = 0  # images generated (and billed) by this request
+    first_token_s: float | None = None  # a streamed reply: seconds from sending to its first token
 
 
 @dataclass(slots=True)
@@ -197,6 +199,8 @@ class RunStats:
     images: int = 0
     parts_written: list[str] = field(default_factory=list)
     error_parts_written: list[str] = field(default_factory=list)
+    # Streamed replies: time to first token (tasks/jobs/chat.py).
+    first_token: Timings = field(default_factory=Timings)
 
     def rows_accounted(self) -> int:
         return self.skipped_done + self.deduplicated + self.succeeded + self.failed + self.not_attempted
@@ -618,6 +622,8 @@ async def _send(ctx: RunContext, items: list[Item], outcomes: dict[str, Outcome 
             stats.completion_tokens += reply.completion_tokens
             stats.total_tokens += reply.total_tokens
             stats.images += reply.images
+            if reply.first_token_s is not None:
+                stats.first_token.add(reply.first_token_s)
             again: list[Item] = []
             for item, result in zip(items, reply.results):
                 if not isinstance(result, RowFailure):

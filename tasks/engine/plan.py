@@ -11,7 +11,7 @@ import numpy as np
 from tasks.engine.chunk import DONE, INVALID, NEW, PREV_ERROR, Job, chunk_statuses, prepare_chunk
 from tasks.engine.index import KeyTable
 from tasks.engine.io import InputSource, check_ids
-from tasks.engine.run import RunOptions
+from tasks.engine.run import RunOptions, check_input_columns
 from tasks.engine.store import OutputStore
 from tasks.provider.prices import estimate_cost_usd
 
@@ -23,6 +23,7 @@ COUNT_OF = {DONE: "skipped_done", PREV_ERROR: "failed_before", INVALID: "invalid
 async def plan_job(job: Job, options: RunOptions) -> dict[str, Any]:
     """Read the input, skip done rows and duplicates as a run would, and estimate — no request, no key."""
     source = InputSource.open(options.input)
+    check_input_columns(job, source)
     source.require_columns([options.id_col, *job.input_columns])
     store = OutputStore(options.output)
     # The id check first: its key table is freed before the index is built.

@@ -17,7 +17,7 @@ from tasks.engine.metadata import counts, new_run_id, package_versions, usage, u
 from tasks.engine.outage import OutageBreaker, OutagePolicy
 from tasks.engine.progress import ProgressBar
 from tasks.engine.store import OutputStore
-from tasks.errors import GembatchError
+from tasks.errors import ConfigError, GembatchError
 from tasks.provider.client import ProviderSettings, check_model, open_connection, require_key
 
 __all__ = ["DEFAULT_CHUNK_SIZE", "COMPLETED", "COMPLETED_WITH_ERRORS", "RunOptions", "preflight", "run_job"]
@@ -65,11 +65,24 @@ class RunOptions:
 
 def preflight(job: Job, options: RunOptions) -> InputSource:
     """The checks that need no server: the key is set, the input opens and has the columns."""
+    if options.provider.stream and not getattr(job, "streams", False):
+        raise ConfigError(
+            f"--stream: {job.name} replies don't come as streams; --stream is for the chat jobs (generate, "
+            "extract, caption, transcribe --api chat)"
+        )
     if not options.dry_run:
         require_key(options.provider)
     source = InputSource.open(options.input)
+    check_input_columns(job, source)
     source.require_columns([options.id_col, *job.input_columns])
     return source
+
+
+def check_input_columns(job: Job, source: InputSource) -> None:
+    """A job whose columns come from a template says itself which are missing (and from where)."""
+    check = getattr(job, "check_input_columns", None)
+    if check is not None:
+        check(source.path, source.columns())
 
 
 async def run_job(
@@ -186,6 +199,11 @@ async def run_job(
                 "limits": limiter.describe(),
             }
         )
+        if options.provider.stream:
+            document["streaming"] = {
+                "idle_timeout_s": options.provider.idle_timeout_s,
+                "first_token": stats.first_token.describe(),
+            }
         document["output"].update(
             {
                 "parts_written": [p.rsplit("/", 1)[-1] for p in stats.parts_written],

@@ -18,7 +18,7 @@ import httpx2
 import openai
 from openai import AsyncOpenAI
 
-from tasks.defaults import DEFAULT_TIMEOUT_S
+from tasks.defaults import DEFAULT_IDLE_TIMEOUT_S, DEFAULT_TIMEOUT_S
 from tasks.engine.limits import MAX_IN_FLIGHT
 from tasks.errors import ConfigError, RunStopped
 
@@ -62,8 +62,14 @@ class ProviderSettings:
     api_key_env: str | None = None
     api_key_secret: str | None = None
     timeout_s: float = DEFAULT_TIMEOUT_S
+    # Chat replies as streams (tasks/jobs/chat.py): a gap longer than idle_timeout_s between two
+    # chunks fails the attempt.
+    stream: bool = False
+    idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S
 
     def __post_init__(self) -> None:
+        if self.idle_timeout_s <= 0:
+            raise ConfigError(f"--idle-timeout must be positive, got {self.idle_timeout_s}")
         if self.provider not in PROVIDERS:
             raise ConfigError(
                 f"unknown provider {self.provider!r}: use one of {', '.join(PROVIDERS)}, "
@@ -95,6 +101,8 @@ class Connection:
     provider: str
     api_key: str = field(repr=False)
     emulator: Any = None
+    stream: bool = False
+    idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S
 
     @property
     def host(self) -> str:
@@ -186,7 +194,15 @@ def open_connection(settings: ProviderSettings) -> Connection:
         ),
     )
     _allow_sockets(MAX_IN_FLIGHT + 256)
-    return Connection(client=client, base_url=base_url, provider=settings.provider, api_key=api_key, emulator=emulator)
+    return Connection(
+        client=client,
+        base_url=base_url,
+        provider=settings.provider,
+        api_key=api_key,
+        emulator=emulator,
+        stream=settings.stream,
+        idle_timeout_s=settings.idle_timeout_s,
+    )
 
 
 # Model check: a few quick tries for transient failures (429/5xx/timeouts/connection errors). Without
