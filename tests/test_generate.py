@@ -98,7 +98,9 @@ def test_every_row_gets_its_answer_with_usage_and_a_system_prompt(emulator, tmp_
     # Completion tokens are the answer's; the request's usage adds up to the run's.
     assert all(g["completion_tokens"] == count_tokens(g["text"]) for g in got)
     assert doc["tokens"]["prompt"] == sum(g["prompt_tokens"] for g in got)
-    assert doc["tokens"]["total"] == sum(g["prompt_tokens"] + g["completion_tokens"] + g["thinking_tokens"] for g in got)
+    assert doc["tokens"]["total"] == sum(
+        g["prompt_tokens"] + g["completion_tokens"] + g["thinking_tokens"] for g in got
+    )
     assert [(f.name, f.type) for f in pq.read_schema(sorted((tmp_path / "out").glob("part-*"))[0])] == [
         (f.name, f.type) for f in job.output_schema("id", pa.int64())
     ]
