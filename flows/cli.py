@@ -38,7 +38,7 @@ def demo(
     ] = "data/out/demo",
     fresh: Annotated[bool, typer.Option("--fresh", help="Delete the demo output first.")] = False,
 ) -> None:
-    """Run the five jobs on the samples in data/ with the built-in emulator and show the results."""
+    """Run every job on the samples in data/ with the built-in emulator and show the results."""
     from flows.demo import run_demo
     from flows.tracking import UNTRACKED_NOTE, configured_api_url
 

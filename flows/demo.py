@@ -1,6 +1,6 @@
 """`gembatch demo`: every job on the committed samples in data/, against the built-in emulator.
 
-Tracked, the jobs are the five Prefect flows; untracked (no Prefect API configured), the same jobs run
+Tracked, the jobs are their Prefect flows; untracked (no Prefect API configured), the same jobs run
 without Prefect, as `gembatch JOB` does then.
 """
 
@@ -36,6 +36,10 @@ def _jobs(output: Path) -> list[tuple[Any, dict[str, Any]]]:
         (commands.transcribe, {"input": str(DATA_DIR / "audio.csv"), "output": str(output / "transcribe"), **local}),
         (commands.images, {"input": str(DATA_DIR / "prompts.csv"), "output": str(output / "images"),
                            "size": "256x256", **local}),
+        (commands.generate, {"input": str(DATA_DIR / "generate" / "reviews.csv"), "output": str(output / "generate"),
+                             "prompt_file": str(DATA_DIR / "generate" / "prompt.txt"),
+                             "system": "You are a concise product analyst.", "max_tokens": 64, "stream": True,
+                             **local}),
     ]  # fmt: skip
 
 
@@ -53,13 +57,13 @@ async def _run_all(output: Path, tracked: bool) -> list[dict[str, Any]]:
 
 
 def run_demo(*, output: str, fresh: bool, console: Console, tracked: bool = True) -> list[dict[str, Any]]:
-    """Run the five jobs into ``output``/<job>/ and print what they did: as Prefect flow runs when
+    """Run every job into ``output``/<job>/ and print what they did: as Prefect flow runs when
     ``tracked``, else without Prefect (what the command does when no Prefect API is configured)."""
     root = Path(output)
     if fresh:
         shutil.rmtree(root, ignore_errors=True)
     console.print(
-        "[bold]gembatch demo[/]: the five jobs on the samples in data/, against the built-in emulator "
+        "[bold]gembatch demo[/]: every job on the samples in data/, against the built-in emulator "
         "(--provider local)"
     )
     documents = asyncio.run(_run_all(root, tracked))
@@ -94,6 +98,13 @@ def run_demo(*, output: str, fresh: bool, console: Console, tracked: bool = True
         console.print(str(preview.head(3)), highlight=False, markup=False)
         console.print(
             str(invoices.select("id", "vendor", "invoice_date", "currency", "total").head(3)),
+            highlight=False,
+            markup=False,
+        )
+    generated = pl.read_parquet(f"{root}/generate/*.parquet").sort("id")
+    with pl.Config(tbl_width_chars=100, fmt_str_lengths=52):
+        console.print(
+            str(generated.select("id", "text", "finish_reason", "truncated").head(3)),
             highlight=False,
             markup=False,
         )

@@ -17,7 +17,7 @@ from test_embed import assert_vectors_match
 
 from flows import commands
 
-JOBS = ("embed", "extract", "caption", "transcribe", "images")
+JOBS = ("embed", "extract", "caption", "transcribe", "images", "generate")
 HEAVY = ("prefect", "polars", "pyarrow", "openai", "numpy", "PIL", "fsspec", "emulator")
 NOTE = "note: no Prefect API is configured"
 
@@ -87,11 +87,14 @@ def test_every_flow_parameter_is_an_option_of_its_command_with_the_same_default(
     from flows.caption import caption_flow
     from flows.embed import embed_flow
     from flows.extract import extract_flow
+    from flows.generate import generate_flow
     from flows.images import images_flow
     from flows.params import CommonOptions
     from flows.transcribe import transcribe_flow
 
-    flows = dict(zip(JOBS, (embed_flow, extract_flow, caption_flow, transcribe_flow, images_flow), strict=True))
+    flows = dict(
+        zip(JOBS, (embed_flow, extract_flow, caption_flow, transcribe_flow, images_flow, generate_flow), strict=True)
+    )
     for job, flow in flows.items():
         command = getattr(commands, job)
         assert command.flow == f"{flow.fn.__module__}:{flow.fn.__name__}"

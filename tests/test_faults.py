@@ -18,7 +18,7 @@ import struct
 import time
 import wave
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ from test_extract import expected as expected_invoice
 from test_extract import invoice_row
 from test_transcribe import expected as expected_transcript
 
-from emulator.fakes import fake_png
+from emulator.fakes import fake_chat_text, fake_png
 from schemas.examples import Invoice
 from tasks.engine.chunk import RetryPolicy
 from tasks.engine.limits import Limits
@@ -44,6 +44,7 @@ from tasks.engine.run import RunOptions, run_job
 from tasks.jobs.caption import CaptionJob
 from tasks.jobs.embed import EmbedJob
 from tasks.jobs.extract import ExtractJob
+from tasks.jobs.generate import GenerateJob
 from tasks.jobs.images import IMAGES_DIR, ImagesJob
 from tasks.jobs.media import base_dir_of
 from tasks.jobs.transcribe import TranscribeJob
@@ -79,6 +80,16 @@ class Case:
     make_input: Callable[[Path, int], tuple[Path, dict[int, Any]]]
     make_job: Callable[[Path, Path], Any]
     check_rows: Callable[[Any, Path, pl.DataFrame, dict[int, Any]], None]
+    # Replies as streams (--stream), with these stream faults on top of the transport faults.
+    stream_faults: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def stream(self) -> bool:
+        return bool(self.stream_faults)
+
+    @property
+    def fault_kinds(self) -> tuple[str, ...]:
+        return FAULT_KINDS + tuple(f"stream:{k}" for k in self.stream_faults)
 
 
 # -- embed ---------------------------------------------------------------------------------------
@@ -185,6 +196,37 @@ def images_check(_job, out_dir: Path, out: pl.DataFrame, prompts: dict[int, str]
         assert row["revised_prompt"] == f"[emulator] {prompt}"
 
 
+# -- generate (plain and streamed) ---------------------------------------------------------------
+GENERATE_TEMPLATE = "Rewrite for a child: {text}"
+
+
+def generate_input(folder: Path, n: int) -> tuple[Path, dict[int, str]]:
+    texts = {i: f"row {i}: the tide comes in twice a day near pier {i * 7919 % 10007}" for i in range(n)}
+    path = folder / "texts.parquet"
+    pq.write_table(pa.table({"id": pa.array(list(texts), pa.int64()), "text": list(texts.values())}), path)
+    return path, texts
+
+
+def generate_check(job: GenerateJob, _out: Path, out: pl.DataFrame, texts: dict[int, str]) -> None:
+    for row in out.iter_rows(named=True):
+        user = job.prompt.format(text=texts[row["id"]])
+        assert (row["text"], row["finish_reason"], row["truncated"]) == (
+            fake_chat_text(job.model, user),
+            "stop",
+            False,
+        ), f"id {row['id']}"
+
+
+# Each stream fault on 1% of streamed replies: closed mid-body, ended without a finish reason, stalled
+# past --idle-timeout, a chunk that is not JSON.
+STREAM_FAULTS = {
+    "stream_fault_rate_disconnect": 0.01,
+    "stream_fault_rate_early_end": 0.01,
+    "stream_fault_rate_stall": 0.01,
+    "stream_fault_rate_malformed": 0.01,
+}
+IDLE_TIMEOUT_S = 0.5
+
 CASES = [
     Case(
         "embed",
@@ -231,15 +273,43 @@ CASES = [
         lambda _inp, out: ImagesJob(model="gemini-2.5-flash-image", output=str(out), size=f"{IMAGE_W}x{IMAGE_H}"),
         images_check,
     ),
+    Case(
+        "generate",
+        1000,
+        "chat/completions",
+        1,
+        generate_input,
+        lambda _inp, _out: GenerateJob(model="gemini-2.5-flash", prompt=GENERATE_TEMPLATE),
+        generate_check,
+    ),
+    Case(
+        "gen-stream",
+        1000,
+        "chat/completions",
+        1,
+        generate_input,
+        lambda _inp, _out: GenerateJob(model="gemini-2.5-flash", prompt=GENERATE_TEMPLATE),
+        generate_check,
+        stream_faults={k.removeprefix("stream_fault_rate_"): v for k, v in STREAM_FAULTS.items()},
+    ),
 ]
 
 
-def run(emulator, job, source: Path, out_dir: Path, **kw) -> dict:
+def stream_faults(case: Case) -> dict[str, float]:
+    return {f"stream_fault_rate_{kind}": rate for kind, rate in case.stream_faults.items()}
+
+
+def run(emulator, job, source: Path, out_dir: Path, stream: bool = False, **kw) -> dict:
     options = RunOptions(
         input=str(source),
         output=str(out_dir),
         provider=ProviderSettings(
-            provider="local", base_url=emulator.base_url, api_key_env=TEST_KEY_ENV, timeout_s=TIMEOUT_S
+            provider="local",
+            base_url=emulator.base_url,
+            api_key_env=TEST_KEY_ENV,
+            timeout_s=TIMEOUT_S,
+            stream=stream,
+            idle_timeout_s=IDLE_TIMEOUT_S,
         ),
         limits=LIMITS,
         chunk_size=CHUNK_SIZE,
@@ -282,9 +352,9 @@ def test_a_faulty_server_loses_no_row_and_a_retry_errors_run_finishes_the_rest(e
     out_dir = tmp_path / "out"
     job = case.make_job(source, out_dir)
     all_ids = set(range(case.rows))
-    emulator.configure(**FAULTS, seed=SEED, hang_seconds=HANG_S)
+    emulator.configure(**FAULTS, **stream_faults(case), seed=SEED, hang_seconds=HANG_S)
 
-    doc = run(emulator, job, source, out_dir)
+    doc = run(emulator, job, source, out_dir, stream=case.stream)
     faults = emulator.stats["faults"]
     by_route = emulator.stats["by_route"]
 
@@ -321,8 +391,8 @@ def test_a_faulty_server_loses_no_row_and_a_retry_errors_run_finishes_the_rest(e
 
     # Every fault kind happened, the engine saw each one as a transient failure, and every request
     # the engine counts reached the server.
-    assert all(faults.get(kind, 0) > 0 for kind in FAULT_KINDS), faults
-    assert set(faults) <= set(FAULT_KINDS), faults
+    assert all(faults.get(kind, 0) > 0 for kind in case.fault_kinds), faults
+    assert set(faults) <= set(case.fault_kinds), faults
     requests = doc["requests"]
     assert requests["sent"] == by_route[case.route], (requests, by_route)
     assert requests["transient_errors"] == sum(faults.values()), (requests, faults)
@@ -331,9 +401,9 @@ def test_a_faulty_server_loses_no_row_and_a_retry_errors_run_finishes_the_rest(e
     assert requests["rate_limited_429"] == 0
 
     # A second run with --retry-errors and a healthy server finishes the rest.
-    emulator.configure(**dict.fromkeys(FAULTS, 0.0))
+    emulator.configure(**dict.fromkeys(FAULTS, 0.0), **dict.fromkeys(stream_faults(case), 0.0))
     emulator.reset_stats()
-    retry_doc = run(emulator, job, source, out_dir, retry_errors=True)
+    retry_doc = run(emulator, job, source, out_dir, stream=case.stream, retry_errors=True)
     assert retry_doc["status"] == "completed", retry_doc["message"]
     assert_balanced(retry_doc)
     rc = retry_doc["counts"]
@@ -354,10 +424,16 @@ def test_a_faulty_server_loses_no_row_and_a_retry_errors_run_finishes_the_rest(e
 # in _errors/ marked retry "auto" (issue 18), and the next plain run, against the same faulty server
 # and with the default attempts, must finish exactly those rows without --retry-errors.
 NO_RETRY = RetryPolicy(max_attempts=1, base_delay_s=0.01, max_delay_s=0.05)
-SMALL_ROWS = {"embed": 1000, "extract": 400, "caption": 300, "transcribe": 300, "images": 400}
+SMALL_ROWS = {
+    "embed": 1000, "extract": 400, "caption": 300, "transcribe": 300, "images": 400, "generate": 300, "gen-stream": 400,
+}  # fmt: skip
 # What the engine stores for each fault: 500, 503, a hang (read timeout), a truncated body or a
 # dropped connection (both "connection failed: …" from the SDK, "the connection broke" from httpx).
-FAULT_MESSAGES = ("HTTP 500", "HTTP 503", "the request timed out", "connection failed", "the connection broke")
+FAULT_MESSAGES = (
+    "HTTP 500", "HTTP 503", "the request timed out", "connection failed", "the connection broke",
+    # --stream: a stream that broke off, ended early, stalled or carried a malformed chunk (tasks/jobs/chat.py).
+    "bad reply: the stream",
+)  # fmt: skip
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
@@ -367,9 +443,9 @@ def test_rows_that_ran_out_of_retries_are_finished_by_the_next_plain_run(emulato
     out_dir = tmp_path / "out"
     job = case.make_job(source, out_dir)
     all_ids = set(range(rows))
-    emulator.configure(**FAULTS, seed=SEED, hang_seconds=HANG_S)
+    emulator.configure(**FAULTS, **stream_faults(case), seed=SEED, hang_seconds=HANG_S)
 
-    doc = run(emulator, job, source, out_dir, retry=NO_RETRY)
+    doc = run(emulator, job, source, out_dir, stream=case.stream, retry=NO_RETRY)
     assert doc["status"] == "completed with errors", doc["message"]
     assert_balanced(doc)
     c = doc["counts"]
@@ -392,12 +468,22 @@ def test_rows_that_ran_out_of_retries_are_finished_by_the_next_plain_run(emulato
     # 500, 503, a hang (timed out) and a truncated or dropped connection each left an error row.
     seen = {prefix for prefix in FAULT_MESSAGES for m in errors["error_message"] if m.startswith(prefix)}
     assert seen >= {"HTTP 500", "HTTP 503", "the request timed out", "connection failed"}, seen
+    if case.stream:
+        # Each stream fault left an error row saying what happened to the stream, never a result.
+        said = {
+            "disconnect": "bad reply: the stream broke off after",
+            "early_end": "bad reply: the stream ended early (choice 0 has no finish reason) after",
+            "stall": f"bad reply: the stream stalled: no chunk for {IDLE_TIMEOUT_S:g}s (--idle-timeout) after",
+            "malformed": "bad reply: the stream carried a malformed chunk after",
+        }
+        for kind, start in said.items():
+            assert any(m.startswith(start) for m in errors["error_message"]), (kind, errors["error_message"].to_list())
     case.check_rows(job, out_dir, out, expected_by_id)
 
     # The next plain run (no --retry-errors) sends them again, with the default attempts, against
     # the same faulty server.
     emulator.reset_stats()
-    retry_doc = run(emulator, job, source, out_dir)
+    retry_doc = run(emulator, job, source, out_dir, stream=case.stream)
     assert retry_doc["status"] == "completed", retry_doc["message"]
     assert_balanced(retry_doc)
     rc = retry_doc["counts"]
