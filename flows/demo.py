@@ -63,8 +63,7 @@ def run_demo(*, output: str, fresh: bool, console: Console, tracked: bool = True
     if fresh:
         shutil.rmtree(root, ignore_errors=True)
     console.print(
-        "[bold]gembatch demo[/]: every job on the samples in data/, against the built-in emulator "
-        "(--provider local)"
+        "[bold]gembatch demo[/]: every job on the samples in data/, against the built-in emulator (--provider local)"
     )
     documents = asyncio.run(_run_all(root, tracked))
 
