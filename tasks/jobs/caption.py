@@ -16,6 +16,7 @@ from PIL import Image
 
 from tasks.defaults import DEFAULT_CAPTION_PROMPT, DEFAULT_MAX_SIDE
 from tasks.engine.chunk import BadReply, Item, Prepared, Reply, RowFailure, RowInvalid, unexpected_reply
+from tasks.jobs.chat import create_chat
 from tasks.jobs.embed import estimate_text_tokens
 from tasks.jobs.media import read_media, resolve_path, sniff_image_mime
 from tasks.provider.client import Connection
@@ -105,6 +106,7 @@ class CaptionJob:
 
     name = "caption"
     max_items_per_request = 1
+    streams = True  # --stream (tasks/jobs/chat.py)
 
     def __post_init__(self) -> None:
         if self.max_side < 1:
@@ -163,7 +165,8 @@ class CaptionJob:
         except RowInvalid as exc:
             return Reply(results=[RowFailure("invalid_input", str(exc))])
         url = f"data:{ref.mime};base64,{base64.b64encode(data).decode()}"
-        response = await conn.client.chat.completions.create(
+        answer = await create_chat(
+            conn,
             model=self.model,
             messages=[
                 {
@@ -175,6 +178,7 @@ class CaptionJob:
                 }
             ],
         )
+        response = answer.completion
         caption = reply_text(response)
         usage = response.usage
         result: Any
@@ -188,6 +192,7 @@ class CaptionJob:
             prompt_tokens=usage.prompt_tokens if usage else 0,
             completion_tokens=usage.completion_tokens if usage else 0,
             total_tokens=usage.total_tokens if usage else 0,
+            first_token_s=answer.first_token_s,
         )
 
     def _image_as_sent(self, ref: ImageRef) -> bytes:

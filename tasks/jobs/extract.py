@@ -20,8 +20,9 @@ from pydantic import BaseModel, ValidationError
 
 from schemas.arrow import ModelMapping, model_mapping
 from schemas.dialects import DialectSchema, build_schema, needs_restore, response_format_name, restore_defaults
-from tasks.engine.chunk import BadReply, Item, Prepared, Reply, RowFailure, RowInvalid, unexpected_reply
+from tasks.engine.chunk import Item, Prepared, Reply, RowFailure, RowInvalid
 from tasks.errors import ConfigError
+from tasks.jobs.chat import create_chat
 from tasks.jobs.embed import estimate_text_tokens
 from tasks.provider.client import Connection
 
@@ -90,6 +91,7 @@ class ExtractJob:
 
     name = "extract"
     max_items_per_request = 1
+    streams = True  # --stream (tasks/jobs/chat.py)
     # A run's first request goes alone (tasks.engine.run): a schema the provider refuses costs one request.
     first_request_alone = True
 
@@ -170,7 +172,8 @@ class ExtractJob:
     async def send(self, conn: Connection, items: list[Item]) -> Reply:
         (item,) = items
         extra = {"reasoning_effort": self.reasoning_effort} if self.reasoning_effort is not None else {}
-        response = await conn.client.chat.completions.create(
+        answer = await create_chat(
+            conn,
             model=self.model,
             messages=[
                 {"role": "system", "content": self.system_prompt},
@@ -179,16 +182,13 @@ class ExtractJob:
             response_format=self.response_format,
             **extra,
         )
-        if not isinstance(response, ChatCompletion):
-            raise unexpected_reply(response, "a chat completion")
-        if not response.choices:
-            raise BadReply("the reply had no choices")
-        usage = response.usage
+        prompt, completion, total = answer.usage
         return Reply(
-            results=[self._parse(response)],
-            prompt_tokens=usage.prompt_tokens if usage else 0,
-            completion_tokens=usage.completion_tokens if usage else 0,
-            total_tokens=usage.total_tokens if usage else 0,
+            results=[self._parse(answer.completion)],
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            total_tokens=total,
+            first_token_s=answer.first_token_s,
         )
 
     def _parse(self, response: ChatCompletion) -> dict[str, Any] | RowFailure:

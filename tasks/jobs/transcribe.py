@@ -17,6 +17,7 @@ from openai.types.audio import Transcription
 from tasks.defaults import APIS, MAX_INLINE_BYTES
 from tasks.engine.chunk import Item, Prepared, Reply, RowFailure, RowInvalid, unexpected_reply
 from tasks.jobs.caption import reply_text
+from tasks.jobs.chat import create_chat
 from tasks.jobs.embed import estimate_text_tokens
 from tasks.jobs.media import AUDIO_FORMATS, audio_duration_s, file_size, read_media, resolve_path, sniff_audio_format
 from tasks.provider.client import Connection
@@ -94,6 +95,11 @@ class TranscribeJob:
         return (self.audio_col,)
 
     @property
+    def streams(self) -> bool:
+        """--stream: the chat route's replies may come as streams; the transcriptions route's don't."""
+        return self.api == "chat"
+
+    @property
     def effective_prompt(self) -> str | None:
         """Chat needs an instruction; for Whisper-style servers a prompt is only a style hint, so none by default."""
         if self.api == "chat":
@@ -155,7 +161,8 @@ class TranscribeJob:
 
     async def _send_chat(self, conn: Connection, ref: AudioRef, data: bytes) -> Reply:
         audio = {"data": base64.b64encode(data).decode(), "format": ref.format}
-        response = await conn.client.chat.completions.create(
+        answer = await create_chat(
+            conn,
             model=self.model,
             messages=[
                 {
@@ -167,6 +174,7 @@ class TranscribeJob:
                 }
             ],
         )
+        response = answer.completion
         text = reply_text(response)
         usage = response.usage
         result: Any
@@ -181,6 +189,7 @@ class TranscribeJob:
             prompt_tokens=usage.prompt_tokens if usage else 0,
             completion_tokens=usage.completion_tokens if usage else 0,
             total_tokens=usage.total_tokens if usage else 0,
+            first_token_s=answer.first_token_s,
         )
 
     async def _send_transcriptions(self, conn: Connection, ref: AudioRef, data: bytes) -> Reply:
