@@ -42,8 +42,12 @@ def extract(
     input: Input,
     output: Output,
     schema_ref: Annotated[
-        str,
-        typer.Option("--schema", help="Pydantic model to extract, as MODULE:Model (e.g. schemas.examples:Invoice)."),
+        list[str],
+        typer.Option(
+            "--schema",
+            help="Pydantic model to extract, as MODULE:Model (e.g. schemas.examples:Invoice). Repeat it with --via "
+            "tools to let the model pick one per row (a kind column plus one struct column per schema).",
+        ),
     ],
     text_col: Annotated[str, typer.Option("--text-col", help="Column with the text to read.")] = "text",
     prompt: Annotated[str | None, typer.Option("--prompt", help="System instruction (default: a short one).")] = None,
@@ -65,6 +69,13 @@ def extract(
             "another --base-url).",
         ),
     ] = None,
+    via: Annotated[
+        str,
+        typer.Option(
+            "--via",
+            help="json_schema (response_format) or tools (the schema sent as a function, forced by tool_choice).",
+        ),
+    ] = "json_schema",
 ) -> None:
     """Extract a pydantic model from a text column: one typed column per field."""
 

@@ -17,14 +17,17 @@ __all__ = ["extract_flow", "extract_job"]
 async def extract_flow(
     input: str,
     output: str,
-    schema_ref: str,
+    schema_ref: str | list[str],
     text_col: str = "text",
     prompt: str | None = None,
     prompt_file: str | None = None,
     model: str | None = None,
     reasoning_effort: str | None = None,
     schema_dialect: str | None = None,
+    via: str = "json_schema",
     options: CommonOptions = CommonOptions(),
 ) -> dict[str, Any]:
-    """Extract the --schema model (MODULE:Model) from ``text_col`` of every row of ``input`` into ``output``."""
+    """Extract the --schema model (MODULE:Model) from ``text_col`` of every row of ``input`` into ``output``.
+
+    ``via="tools"`` sends the schema as a function; several schemas (a list) let the model pick one per row."""
     return await run_flow(extract_job, locals())

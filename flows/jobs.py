@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from tasks.jobs.extract import ExtractJob
     from tasks.jobs.generate import GenerateJob
     from tasks.jobs.images import ImagesJob
+    from tasks.jobs.tools import ToolsExtractJob
     from tasks.jobs.transcribe import TranscribeJob
 
 # Each builder imports only its own job's module (Pillow for caption, pydantic models for extract…).
@@ -38,10 +39,13 @@ def embed_job(parameters: dict[str, Any]) -> EmbedJob:
     )
 
 
-def extract_job(parameters: dict[str, Any]) -> ExtractJob:
-    """The job for these flow parameters (imports the schema, reads the prompt file, fills the model)."""
+def extract_job(parameters: dict[str, Any]) -> ExtractJob | ToolsExtractJob:
+    """The job for these flow parameters (imports the schema(s), reads the prompt file, fills the model).
+
+    ``--via tools`` (or several --schema) is function calling: :mod:`tasks.jobs.tools`."""
     from schemas.dialects import auto_dialect
     from tasks.jobs.extract import ExtractJob, import_model
+    from tasks.jobs.tools import VIAS, ToolsExtractJob
 
     parameters["model"] = parameters.get("model") or default_model(parameters["provider"], "chat")
     prompt, prompt_file = parameters.get("prompt"), parameters.get("prompt_file")
@@ -49,17 +53,38 @@ def extract_job(parameters: dict[str, Any]) -> ExtractJob:
         raise ConfigError("--prompt and --prompt-file both given: pass only one")
     if prompt_file is not None:
         prompt = _read_prompt(prompt_file)
-    job = ExtractJob(
-        model=parameters["model"],
-        schema=import_model(parameters["schema_ref"]),
-        text_col=parameters["text_col"],
-        prompt=prompt,
-        reasoning_effort=parameters.get("reasoning_effort"),
-        schema_dialect=parameters.get("schema_dialect")
+    refs = parameters["schema_ref"]
+    refs = [refs] if isinstance(refs, str) else list(refs)
+    via = parameters.get("via") or "json_schema"
+    if via not in VIAS:
+        raise ConfigError(f"--via {via!r}: use json_schema (response_format) or tools (function calling)")
+    if not refs:
+        raise ConfigError("extract needs --schema MODULE:Model (e.g. schemas.examples:Invoice)")
+    if len(refs) > 1 and via != "tools":
+        raise ConfigError(
+            f"{len(refs)} --schema given: choosing among several schemas (triage) works through function calling; "
+            "add --via tools, or pass one --schema"
+        )
+    common = {
+        "model": parameters["model"],
+        "text_col": parameters["text_col"],
+        "prompt": prompt,
+        "reasoning_effort": parameters.get("reasoning_effort"),
+        "schema_dialect": parameters.get("schema_dialect")
         or auto_dialect(parameters.get("provider", "gemini"), parameters.get("base_url")),
-    )
+    }
+    if via == "tools":
+        job: ExtractJob | ToolsExtractJob = ToolsExtractJob(schemas=tuple(import_model(r) for r in refs), **common)
+    else:
+        job = ExtractJob(schema=import_model(refs[0]), **common)
     id_col = parameters.get("id_col", "id")
-    if any(f.name == id_col for f in job.mapping.fields):
+    if isinstance(job, ToolsExtractJob) and job.triage:
+        if id_col in job.branches:
+            raise ConfigError(
+                f"--schema {job.branches[id_col].schema_ref}: its column would be {id_col!r}, the output's id "
+                "column; rename the class or pass another --id-col"
+            )
+    elif any(f.name == id_col for f in job.mapping.fields):
         raise ConfigError(
             f"{job.schema.__name__}.{id_col}: the output's id column is also called {id_col!r}; rename the field "
             "or pass another --id-col"

@@ -198,13 +198,18 @@ class ExtractJob:
             refusal = getattr(choice.message, "refusal", None)
             why = f"refused: {refusal}" if refusal else f"finish_reason {choice.finish_reason!r}"
             return RowFailure("invalid_reply", f"the reply had no content ({why})", raw_reply=refusal)
+        return self.parse_json(content)
+
+    def parse_json(self, content: str, raw_reply: str | None = None) -> dict[str, Any] | RowFailure:
+        """A JSON reply (or function arguments) validated with the model: its typed row, or why not."""
+        raw = content if raw_reply is None else raw_reply
         try:
             instance = self.schema.model_validate_json(self._restored(content))
             return self.mapping.row(instance)
         except ValidationError as exc:
-            return RowFailure("invalid_reply", self._describe(exc), raw_reply=content)
+            return RowFailure("invalid_reply", self._describe(exc), raw_reply=raw)
         except ValueError as exc:  # a value that validates but doesn't fit its column
-            return RowFailure("invalid_reply", str(exc), raw_reply=content)
+            return RowFailure("invalid_reply", str(exc), raw_reply=raw)
 
     def _restored(self, content: str) -> str:
         """A null the dialect allowed for a field with a default becomes that default (schemas.dialects)."""
