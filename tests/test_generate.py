@@ -255,3 +255,49 @@ def test_the_key_appears_in_no_output_file(emulator, tmp_path):
         assert len(files) >= 3
         for path in files:
             assert TEST_KEY.encode() not in path.read_bytes(), path
+
+
+def test_the_command_runs_generate_untracked_and_a_typo_in_the_template_costs_nothing(emulator, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | {TEST_KEY_ENV: TEST_KEY, "COLUMNS": "200"}
+    base = [sys.executable, "-c", "from flows.cli import main; main()", "generate", str(REVIEWS)]
+    where = ["--base-url", emulator.base_url, "--api-key-env", TEST_KEY_ENV, "--no-progress"]
+    out = tmp_path / "out"
+    ok = subprocess.run(
+        [*base, "-o", str(out), "--prompt", TEMPLATE, "--stream", "--n", "2", "--max-tokens", "30", *where],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    assert "completed" in ok.stdout
+    job = GenerateJob(model=MODEL, prompt=TEMPLATE, n=2, max_tokens=30)
+    check_output(job, out, reviews())
+    emulator.reset_stats()
+    typo = subprocess.run(
+        [*base, "-o", str(tmp_path / "typo"), "--prompt", "{prodcut}: {review}", *where],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert typo.returncode == 2
+    assert "uses column 'prodcut', which input" in typo.stderr and "its columns are: id, product, review" in typo.stderr
+    assert emulator.stats["requests"] == 0
+
+
+def test_generate_as_a_prefect_flow(prefect_server, emulator, tmp_path):
+    from flows.generate import generate_flow
+    from flows.params import CommonOptions
+
+    doc = asyncio.run(
+        generate_flow(
+            input=str(REVIEWS),
+            output=str(tmp_path / "out"),
+            prompt_file=str(PROMPT_FILE),
+            system="Be brief.",
+            max_tokens=40,
+            options=CommonOptions(provider="local", base_url=emulator.base_url, api_key_env=TEST_KEY_ENV),
+        )
+    )
+    assert doc["status"] == "completed" and doc["flow_run_id"]
+    job = GenerateJob(model=MODEL, prompt=PROMPT_FILE.read_text().strip(), system="Be brief.", max_tokens=40)
+    check_output(job, tmp_path / "out", reviews())
