@@ -340,7 +340,8 @@ def report(case: Case, doc: dict, faults: dict, retry_doc: dict, final_ok: int, 
     print(
         f"{case.name:<10} {case.rows:>5} {r['sent']:>8} {r['retries']:>7} {kinds}"
         f" {c['succeeded']:>5} {c['failed']:>5} {doc['duration_s']:>4.1f}"
-        f" {retry_doc['requests']['sent']:>5} {final_ok:>10} {final_err:>5} {wall_s:>7.1f}",
+        f" {retry_doc['requests']['sent']:>5} {final_ok:>10} {final_err:>5} {wall_s:>7.1f}"
+        + "".join(f"  {k}: {v}" for k, v in sorted(faults.items()) if k.startswith("stream:")),
         flush=True,
     )
 
