@@ -115,6 +115,7 @@ def generate_job(parameters: dict[str, Any]) -> GenerateJob:
         max_tokens=parameters.get("max_tokens"),
         reasoning_effort=parameters.get("reasoning_effort"),
         n=parameters.get("n", 1),
+        id_col=parameters.get("id_col", "id"),
     )
 
 

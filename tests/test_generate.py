@@ -6,6 +6,7 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -301,3 +302,19 @@ def test_generate_as_a_prefect_flow(prefect_server, emulator, tmp_path):
     assert doc["status"] == "completed" and doc["flow_run_id"]
     job = GenerateJob(model=MODEL, prompt=PROMPT_FILE.read_text().strip(), system="Be brief.", max_tokens=40)
     check_output(job, tmp_path / "out", reviews())
+
+
+def test_a_template_may_name_the_id_and_numeric_columns_of_a_csv(emulator, tmp_path):
+    src = tmp_path / "in.csv"
+    src.write_text("id,item,price\n1,kettle,19.5\n2,stove,120\n")
+    job = generate_job(
+        {"provider": "local", "input": str(src), "output": "", "prompt": "#{id}: {item} costs {price}", "id_col": "id"}
+    )
+    doc = run_generate(emulator, src, tmp_path / "out", job)
+    assert doc["status"] == "completed", doc["message"]
+    out = read_output(tmp_path / "out").sort("id")
+    assert out.schema["id"] == pl.Int64  # read with its own type, not as text
+    assert out["text"].to_list() == [
+        fake_chat_text(MODEL, "#1: kettle costs 19.5"),
+        fake_chat_text(MODEL, "#2: stove costs 120"),
+    ]

@@ -33,7 +33,10 @@ async def plan_job(job: Job, options: RunOptions) -> dict[str, Any]:
     would_send = tokens = requests = 0
     planned = KeyTable(payload=False)  # contents this dry run would send: 8 bytes each
     chunks = source.iter_chunks(
-        [options.id_col, *job.input_columns], options.chunk_size, string_columns=job.string_columns
+        # A job may read the id too (generate's template can name it): each column once.
+        list(dict.fromkeys([options.id_col, *job.input_columns])),
+        options.chunk_size,
+        string_columns=job.string_columns,
     )
     seen = 0
     for chunk in chunks:

@@ -229,7 +229,10 @@ async def _drive(
     at 5 s latency), more chunks start, up to ``MAX_CHUNKS_IN_FLIGHT``.
     """
     chunks = source.iter_chunks(
-        [options.id_col, *ctx.job.input_columns], options.chunk_size, string_columns=ctx.job.string_columns
+        # A job may read the id too (generate's template can name it): each column once.
+        list(dict.fromkeys([options.id_col, *ctx.job.input_columns])),
+        options.chunk_size,
+        string_columns=ctx.job.string_columns,
     )
     # Finished chunks are let go (a 10-million-row run has 5,000 of them); only their first error is kept.
     active: set[asyncio.Task] = set()

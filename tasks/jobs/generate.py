@@ -97,6 +97,8 @@ class GenerateJob:
     max_tokens: int | None = None
     reasoning_effort: str | None = None
     n: int = 1
+    # The input's id column: a template may name it, but it is read with its own type, not as text.
+    id_col: str = "id"
 
     name = "generate"
     max_items_per_request = 1
@@ -125,7 +127,7 @@ class GenerateJob:
 
     @property
     def string_columns(self) -> tuple[str, ...]:
-        return self.columns
+        return tuple(c for c in self.columns if c != self.id_col)
 
     def check_input_columns(self, path: str, have: list[str]) -> None:
         """The template's columns are all in the input: else one error naming them and what there is."""
