@@ -527,7 +527,7 @@ def test_output_of_another_job_or_model_is_refused_unless_forced(emulator, tmp_p
         ("import not_installed_dep_xyz\n", "needs_dep_schema_mod:Thing",
          "(No module named 'not_installed_dep_xyz'); check the spelling and run from the folder that holds it, or "
          "install the package that provides it"),
-        (None, "schemas.examples:Receipt", "has no attribute 'Receipt' (models there: CalendarEvent, Invoice"),
+        (None, "schemas.examples:Reciept", "has no attribute 'Reciept' (models there: CalendarEvent, Contract"),
         (None, "schemas.examples:Currency", "Currency is a EnumType, not a pydantic model; point --schema at"),
         (None, "schemas/examples.py", "expected MODULE:Model, e.g. --schema schemas.examples:Invoice"),
     ],

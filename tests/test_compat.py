@@ -32,12 +32,15 @@ MODEL = "gemini-embedding-001"
 FAST_RETRY = RetryPolicy(base_delay_s=0.01, max_delay_s=0.05)
 
 
-def settings(emu) -> ProviderSettings:
-    return ProviderSettings(provider="local", base_url=emu.base_url, api_key_env=TEST_KEY_ENV, timeout_s=5)
+def settings(emu, stream: bool = False) -> ProviderSettings:
+    return ProviderSettings(
+        provider="local", base_url=emu.base_url, api_key_env=TEST_KEY_ENV, timeout_s=5, stream=stream
+    )
 
 
-def run(emu, job, source: Path, out_dir: Path, **kw) -> dict:
-    options = RunOptions(input=str(source), output=str(out_dir), provider=settings(emu), **{"retry": FAST_RETRY, **kw})
+def run(emu, job, source: Path, out_dir: Path, stream: bool = False, **kw) -> dict:
+    provider = settings(emu, stream)
+    options = RunOptions(input=str(source), output=str(out_dir), provider=provider, **{"retry": FAST_RETRY, **kw})
     return asyncio.run(run_job(job, options))
 
 
@@ -190,7 +193,9 @@ COMPAT_FAULTS = {
 # Small on purpose: the adaptive limiter halves its rate on every 429 that follows its last cut, so
 # random 429s (not caused by our rate) slow a run down request after request; ~30 requests a job
 # already take about 10 s (the figures are printed with -s).
-COMPAT_ROWS = {"embed": 300, "extract": 30, "caption": 30, "transcribe": 30, "images": 30}
+COMPAT_ROWS = {
+    "embed": 300, "extract": 30, "caption": 30, "transcribe": 30, "images": 30, "generate": 30, "gen-stream": 30,
+}  # fmt: skip
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
@@ -201,7 +206,7 @@ def test_retry_after_429s_and_5xx_on_every_route_lose_no_row(emulator, tmp_path,
     job = case.make_job(source, out_dir)
     emulator.configure(**COMPAT_FAULTS, seed=77)
 
-    doc = run(emulator, job, source, out_dir, limits=Limits(max_concurrency=16), chunk_size=100)
+    doc = run(emulator, job, source, out_dir, case.stream, limits=Limits(max_concurrency=16), chunk_size=100)
 
     assert doc["status"] == "completed", doc["message"]
     assert_balanced(doc)

@@ -191,3 +191,20 @@ def test_the_emulator_streams_usage_last_and_marks_faults_on_the_wire(emulator):
         )
     )
     assert early and all(c.choices[0].finish_reason is None for c in early if c.choices)
+
+
+def test_first_token_figures_stay_bounded_and_exact_while_small():
+    from tasks.engine.timings import Timings
+
+    small = Timings()
+    for s in (0.3, 0.1, 0.2, 0.4, 1.0):
+        small.add(s)
+    assert small.describe() == {"count": 5, "mean_s": 0.4, "p50_s": 0.3, "p95_s": 1.0, "max_s": 1.0}
+    big = Timings(max_samples=1000)
+    for i in range(100_000):
+        big.add(i / 100_000)
+    figures = big.describe()
+    assert figures["count"] == 100_000 and figures["max_s"] == round(0.99999, 4)
+    assert len(big._samples) == 1000  # bounded memory
+    assert abs(figures["p50_s"] - 0.5) < 0.05 and abs(figures["p95_s"] - 0.95) < 0.02
+    assert Timings().describe() == {"count": 0, "mean_s": None, "p50_s": None, "p95_s": None, "max_s": None}

@@ -25,11 +25,13 @@ from typing import Any
 import pyarrow as pa
 from pydantic import BaseModel
 
+from schemas.arrow import ModelMapping
 from tasks.engine.chunk import Item, Prepared, Reply, RowFailure, RowInvalid
 from tasks.errors import ConfigError
 from tasks.jobs.chat import create_chat
 from tasks.jobs.embed import estimate_text_tokens
 from tasks.jobs.extract import RESERVED_COLUMNS, ExtractJob
+from tasks.provider.client import Connection
 
 __all__ = ["KIND_COLUMN", "ToolsExtractJob", "Triaged", "function_name"]
 
@@ -135,7 +137,8 @@ class ToolsExtractJob:
         return (self.text_col,)
 
     @property
-    def mapping(self):  # the single schema's columns (flows.jobs checks them against --id-col)
+    def mapping(self) -> ModelMapping:
+        """The single schema's columns (flows.jobs checks them against --id-col)."""
         return next(iter(self.branches.values())).mapping
 
     @property
@@ -173,7 +176,7 @@ class ToolsExtractJob:
         }
         return Prepared(fields=fields, tokens=estimate_text_tokens(self.system_prompt + text), data=text)
 
-    async def send(self, conn, items: list[Item]) -> Reply:
+    async def send(self, conn: Connection, items: list[Item]) -> Reply:
         (item,) = items
         extra = {"reasoning_effort": self.reasoning_effort} if self.reasoning_effort is not None else {}
         answer = await create_chat(
