@@ -36,6 +36,9 @@ def _jobs(output: Path) -> list[tuple[Any, dict[str, Any]]]:
         (commands.transcribe, {"input": str(DATA_DIR / "audio.csv"), "output": str(output / "transcribe"), **local}),
         (commands.images, {"input": str(DATA_DIR / "prompts.csv"), "output": str(output / "images"),
                            "size": "256x256", **local}),
+        (commands.extract, {"input": str(DATA_DIR / "extract" / "documents.csv"), "output": str(output / "triage"),
+                            "schema_ref": [f"schemas.examples:{m}" for m in ("Invoice", "Receipt", "Contract")],
+                            "via": "tools", **local}),
         (commands.generate, {"input": str(DATA_DIR / "generate" / "reviews.csv"), "output": str(output / "generate"),
                              "prompt_file": str(DATA_DIR / "generate" / "prompt.txt"),
                              "system": "You are a concise product analyst.", "max_tokens": 64, "stream": True,
@@ -72,8 +75,9 @@ def run_demo(*, output: str, fresh: bool, console: Console, tracked: bool = True
         table.add_column(column)
     for doc in documents:
         c = doc["counts"]
+        via = " --via tools" if doc.get("job_parameters", {}).get("via") == "tools" else ""
         table.add_row(
-            doc["job"], str(c["input_rows"]), str(c["skipped_done"]),
+            doc["job"] + via, str(c["input_rows"]), str(c["skipped_done"]),
             str(c["deduplicated"]), str(c["succeeded"]), str(c["failed"]), str(doc["requests"]["sent"]),
         )  # fmt: skip
     console.print(table)

@@ -194,7 +194,8 @@ COMPAT_FAULTS = {
 # random 429s (not caused by our rate) slow a run down request after request; ~30 requests a job
 # already take about 10 s (the figures are printed with -s).
 COMPAT_ROWS = {
-    "embed": 300, "extract": 30, "caption": 30, "transcribe": 30, "images": 30, "generate": 30, "gen-stream": 30,
+    "embed": 300, "extract": 30, "caption": 30, "transcribe": 30, "images": 30,
+    "generate": 30, "gen-stream": 30, "triage": 30,
 }  # fmt: skip
 
 

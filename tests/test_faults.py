@@ -13,6 +13,7 @@ two minutes. Run with ``-s`` to see one line of figures per job.
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import struct
 import time
@@ -36,8 +37,8 @@ from test_extract import expected as expected_invoice
 from test_extract import invoice_row
 from test_transcribe import expected as expected_transcript
 
-from emulator.fakes import fake_chat_text, fake_png
-from schemas.examples import Invoice
+from emulator.fakes import fake_chat_text, fake_json_for_schema, fake_png
+from schemas.examples import Contract, Invoice, Receipt
 from tasks.engine.chunk import RetryPolicy
 from tasks.engine.limits import Limits
 from tasks.engine.run import RunOptions, run_job
@@ -47,6 +48,7 @@ from tasks.jobs.extract import ExtractJob
 from tasks.jobs.generate import GenerateJob
 from tasks.jobs.images import IMAGES_DIR, ImagesJob
 from tasks.jobs.media import base_dir_of
+from tasks.jobs.tools import ToolsExtractJob
 from tasks.jobs.transcribe import TranscribeJob
 from tasks.provider.client import ProviderSettings
 
@@ -217,6 +219,27 @@ def generate_check(job: GenerateJob, _out: Path, out: pl.DataFrame, texts: dict[
         ), f"id {row['id']}"
 
 
+# -- extract --via tools, three schemas (triage) -------------------------------------------------
+TRIAGE_KINDS = ("invoice", "receipt", "contract")
+
+
+def triage_input(folder: Path, n: int) -> tuple[Path, dict[int, str]]:
+    # The emulator calls the function whose name is in the text: each row's kind is known.
+    texts = {i: f"{TRIAGE_KINDS[i % 3].upper()} no. {i}: Harbour Supplies, item {i * 7919 % 10007}" for i in range(n)}
+    path = folder / "texts.parquet"
+    pq.write_table(pa.table({"id": pa.array(list(texts), pa.int64()), "text": list(texts.values())}), path)
+    return path, texts
+
+
+def triage_check(job: ToolsExtractJob, _out: Path, out: pl.DataFrame, texts: dict[int, str]) -> None:
+    for row in out.to_arrow().to_pylist():
+        kind = TRIAGE_KINDS[row["id"] % 3]
+        branch = job.branches[kind]
+        args = fake_json_for_schema(json.loads(json.dumps(branch.json_schema)), seed=texts[row["id"]])
+        assert row["kind"] == kind and row[kind] == branch.mapping.row(branch.schema.model_validate(args)), row["id"]
+        assert all(row[other] is None for other in TRIAGE_KINDS if other != kind)
+
+
 # Each stream fault on 1% of streamed replies: closed mid-body, ended without a finish reason, stalled
 # past --idle-timeout, a chunk that is not JSON.
 STREAM_FAULTS = {
@@ -281,6 +304,15 @@ CASES = [
         generate_input,
         lambda _inp, _out: GenerateJob(model="gemini-2.5-flash", prompt=GENERATE_TEMPLATE),
         generate_check,
+    ),
+    Case(
+        "triage",
+        1000,
+        "chat/completions",
+        1,
+        triage_input,
+        lambda _inp, _out: ToolsExtractJob(model="gemini-2.5-flash", schemas=(Invoice, Receipt, Contract)),
+        triage_check,
     ),
     Case(
         "gen-stream",
@@ -427,6 +459,7 @@ def test_a_faulty_server_loses_no_row_and_a_retry_errors_run_finishes_the_rest(e
 NO_RETRY = RetryPolicy(max_attempts=1, base_delay_s=0.01, max_delay_s=0.05)
 SMALL_ROWS = {
     "embed": 1000, "extract": 400, "caption": 300, "transcribe": 300, "images": 400, "generate": 300, "gen-stream": 400,
+    "triage": 300,
 }  # fmt: skip
 # What the engine stores for each fault: 500, 503, a hang (read timeout), a truncated body or a
 # dropped connection (both "connection failed: …" from the SDK, "the connection broke" from httpx).
