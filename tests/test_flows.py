@@ -146,7 +146,7 @@ def test_a_run_killed_mid_way_resumes_to_the_same_table_without_paying_twice(api
     assert "Run metadata:" in result.stdout
 
 
-def test_the_demo_runs_all_five_jobs_and_a_second_run_sends_nothing(prefect_server, tmp_path):
+def test_the_demo_runs_every_job_and_a_second_run_sends_nothing(prefect_server, tmp_path):
     """The first run as Prefect flows, the second untracked (no Prefect API): both see the same folders."""
     from io import StringIO
 
@@ -156,15 +156,16 @@ def test_the_demo_runs_all_five_jobs_and_a_second_run_sends_nothing(prefect_serv
 
     console = Console(file=StringIO(), width=100)
     first = run_demo(output=str(tmp_path / "demo"), fresh=False, console=console)
-    assert [d["job"] for d in first] == ["embed", "extract", "caption", "transcribe", "images"]
+    assert [d["job"] for d in first] == ["embed", "extract", "caption", "transcribe", "images", "extract", "generate"]
+    assert first[5]["job_parameters"]["via"] == "tools" and first[6]["streaming"]["first_token"]["count"] == 8
     for doc in first:
         assert doc["status"] == "completed" and doc["counts"]["failed"] == 0, doc["job"]
         assert doc["counts"]["succeeded"] + doc["counts"]["deduplicated"] == doc["counts"]["input_rows"] > 0
         assert_balanced(doc)
     assert all(d["flow_run_id"] for d in first)
     second = run_demo(output=str(tmp_path / "demo"), fresh=False, console=console, tracked=False)
-    assert [d["flow_run_id"] for d in second] == [None] * 5
-    assert [d["requests"]["sent"] for d in second] == [0, 0, 0, 0, 0]
+    assert [d["flow_run_id"] for d in second] == [None] * 7
+    assert [d["requests"]["sent"] for d in second] == [0] * 7
     assert [d["counts"]["skipped_done"] for d in second] == [d["counts"]["input_rows"] for d in first]
     assert "gembatch demo" in console.file.getvalue()
     images = tmp_path / "demo" / "images"
