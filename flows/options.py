@@ -103,6 +103,17 @@ def print_plan(document: dict[str, Any]) -> None:
         ("input cost USD (estimate)", "n/a (model not in price table)" if cost is None else f"{cost:.6f}"),
         *(
             [
+                ("output tokens at most (--max-tokens)", e["max_output_tokens"]),
+                (
+                    "output cost USD at most",
+                    "n/a" if e["max_output_cost_usd"] is None else f"{e['max_output_cost_usd']:.6f}",
+                ),
+            ]
+            if "max_output_tokens" in e
+            else []
+        ),
+        *(
+            [
                 ("images (n × rows)", e["images"]),
                 (
                     "image cost USD (estimate)",

@@ -244,6 +244,12 @@ def test_dry_run_estimates_the_rendered_prompts_without_a_request(emulator, tmp_
     assert plan["counts"]["would_send"] == 8 and plan["estimate"]["requests"] == 8
     rendered = [job.prepare(r) for r in reviews()]
     assert plan["estimate"]["input_tokens"] == sum(p.tokens for p in rendered)
+    assert "max_output_tokens" not in plan["estimate"]  # no --max-tokens: no bound on the output
+    # With --max-tokens the output is bounded: 8 requests x 2 answers x 100 tokens at $2.50/1M.
+    capped = GenerateJob(model=MODEL, prompt=TEMPLATE, system="Be brief.", max_tokens=100, n=2)
+    plan = asyncio.run(plan_job(capped, options(emulator, REVIEWS, tmp_path / "out", dry_run=True)))
+    assert plan["estimate"]["max_output_tokens"] == 1600
+    assert plan["estimate"]["max_output_cost_usd"] == pytest.approx(1600 * 2.50 / 1e6)
 
 
 def test_the_key_appears_in_no_output_file(emulator, tmp_path):

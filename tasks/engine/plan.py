@@ -71,6 +71,15 @@ async def plan_job(job: Job, options: RunOptions) -> dict[str, Any]:
         if m is not None
     ]
     cost = estimate_cost_usd(job.model, prompt_tokens=tokens, total_tokens=tokens)
+    # A job that caps its answers (generate --max-tokens) bounds the output too.
+    output: dict[str, Any] = {}
+    max_output = getattr(job, "max_output_tokens", None)
+    if max_output is not None:
+        out_cost = estimate_cost_usd(job.model, prompt_tokens=0, total_tokens=requests * max_output)
+        output = {
+            "max_output_tokens": requests * max_output,
+            "max_output_cost_usd": None if out_cost is None else round(out_cost, 6),
+        }
     per_image = getattr(job, "per_image_usd", None)
     images: dict[str, Any] = {}
     if job.name == "images":
@@ -94,6 +103,7 @@ async def plan_job(job: Job, options: RunOptions) -> dict[str, Any]:
             "requests": requests,
             "input_tokens": tokens,
             "input_cost_usd": None if cost is None else round(cost, 6),
+            **output,
             **images,
             "minutes_at_limits": round(max(minutes), 2) if minutes else None,
             "limits": {"rpm": limits.rpm, "tpm": limits.tpm},

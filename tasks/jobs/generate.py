@@ -126,6 +126,11 @@ class GenerateJob:
         return self.columns
 
     @property
+    def max_output_tokens(self) -> int | None:
+        """The most output one request can cost (--max-tokens for each of --n answers): for --dry-run."""
+        return None if self.max_tokens is None else self.max_tokens * self.n
+
+    @property
     def string_columns(self) -> tuple[str, ...]:
         return tuple(c for c in self.columns if c != self.id_col)
 
