@@ -269,7 +269,7 @@ def test_an_unmappable_field_is_a_config_error_naming_its_path(model, path):
     ("spec", "named"),
     [
         ("no_such_module_xyz:Invoice", "module 'no_such_module_xyz' can't be imported"),
-        ("schemas.examples:Receipt", "has no attribute 'Receipt' (models there: CalendarEvent, Invoice"),
+        ("schemas.examples:Reciept", "has no attribute 'Reciept' (models there: CalendarEvent, Contract, Invoice"),
         ("schemas.examples:Currency", "Currency is a EnumType, not a pydantic model"),
         ("schemas.examples", "expected MODULE:Model"),
     ],
