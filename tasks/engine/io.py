@@ -62,6 +62,12 @@ class InputSource:
         except OSError as exc:
             raise InputError(f"input {path} can't be read: {exc}. Check its permissions.") from None
         size = int(info.get("size") or 0)
+        if media_extensions is not None and fs_path.rsplit(".", 1)[-1].lower() in media_extensions:
+            # One recording or picture: a folder input of that one file (id = its name).
+            name = fs_path.rsplit("/", 1)[-1]
+            local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+            url = fs_path if local else fs.unstrip_protocol(fs_path)
+            return cls(path=path, format="file", size_bytes=size, files=(url,), file_ids=(name,), file_sizes=(size,))
         if size == 0:
             raise InputError(f"input {path} is empty (0 bytes): give a Parquet or CSV file with a header and rows")
         return cls(path=path, format=_detect_format(path, head), size_bytes=size)

@@ -1,8 +1,8 @@
 """The transcription job: a recording of any length and common format becomes one row.
 
-A file the provider takes as it is (wav, mp3, aiff, aac, ogg, flac; no longer than ``segment_s``;
-within the inline limit) is sent as it is, one request, as before. Any other recording (m4a, opus,
-webm/mp4 audio tracks, anything longer) is decoded as a stream and cut into segments (see
+A WAV or MP3 file no longer than ``segment_s`` and within the inline limit is sent as it is, one
+request, as before. Any other recording (flac, ogg/opus, m4a/aac, the audio track of webm/mp4, anything
+longer) is decoded as a stream and cut into segments (see
 tasks/jobs/audio.py), each sent as its own request through the engine's limiter, retries and outage
 breaker (:func:`tasks.engine.chunk.send_part`). The row's transcript is the segments' texts in order,
 and ``segments`` lists each one's times and text.
@@ -72,6 +72,10 @@ DEFAULT_TRANSCRIPTIONS_MODEL = "whisper-1"
 AUDIO_TOKENS_PER_SECOND = 32  # GEMINI.md
 UNKNOWN_DURATION_BYTES_PER_S = 16_000  # a rough bitrate for formats whose duration isn't read here
 SEGMENTS_DIR = "_segments"
+# Sent as they are when short enough: the formats both Gemini and OpenAI take inline. Anything else
+# (aac, ogg/opus, flac, aiff, m4a, webm…) is decoded and sent as segments of --segment-format, since
+# GEMINI.md marks the others unconfirmed through the OpenAI-compatible endpoint and OpenAI refuses them.
+WHOLE_FORMATS = ("wav", "mp3")
 # Encoded segments decoded ahead of their answer, across the run: bounds memory (64 five-minute MP3
 # segments are ~80 MB) whatever the number of recordings in flight.
 MAX_SEGMENTS_ON_HAND = 64
@@ -220,7 +224,7 @@ class TranscribeJob:
         fmt = sniff_audio_format(head)
         duration = info.duration_s
         whole = (
-            fmt is not None
+            fmt in WHOLE_FORMATS
             and size is not None
             and request_bytes(size, self.api) <= self.max_inline_bytes
             and duration is not None
