@@ -221,7 +221,7 @@ def test_a_folder_of_200_mixed_files_accounts_for_every_file(emulator, tmp_path)
         "day2/empty.ogg": "is empty (0 bytes)",
         "day2/empty.flac": "is empty (0 bytes)",
         "day2/cut.m4a": "is not a recording FFmpeg can read",
-        "day2/picture.webm": "is not a recording FFmpeg can read",
+        "day2/picture.webm": "has no audio track (it holds only video)",
         "quiet.wav": "is silent: no sound above -60 dBFS in its 2.0 s",
         "quiet.m4a": "is silent: no sound above -60 dBFS",
     }
@@ -267,8 +267,8 @@ def test_a_folder_of_200_mixed_files_accounts_for_every_file(emulator, tmp_path)
 
 def test_a_glob_over_an_fsspec_url_and_a_folder_of_pictures_for_caption(emulator, tmp_path):
     fs = fsspec.filesystem("memory")
-    local = make_recording(tmp_path / "src.wav", 1.0)
-    for name in ("2025/01/a.wav", "2025/02/b.wav", "2025/02/c.flac", "other/d.wav"):
+    for i, name in enumerate(("2025/01/a.wav", "2025/02/b.wav", "2025/02/c.flac", "other/d.wav")):
+        local = make_recording(tmp_path / f"src{i}.wav", 1.0, tone_hz=300 + 100 * i)
         with fs.open(f"/audio-in/{name}", "wb") as f:
             f.write(local.read_bytes() if name.endswith(".wav") else b"fLaC")
     try:
@@ -299,7 +299,7 @@ def test_a_glob_over_an_fsspec_url_and_a_folder_of_pictures_for_caption(emulator
 
 
 def test_a_segment_too_big_for_the_inline_limit_is_refused_before_any_work():
-    with pytest.raises(ValueError, match=r"--segment-s 600 makes wav segments .* use --segment-s 480 or less"):
+    with pytest.raises(ValueError, match=r"--segment-s 600 makes wav segments .* use --segment-s 481 or less"):
         TranscribeJob(model=MODEL, segment_s=600, segment_format="wav")
     assert math.isclose(SAMPLE_RATE, 16_000)
     assert pa.types.is_list(SEGMENT_TYPE)

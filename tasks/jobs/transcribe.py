@@ -165,13 +165,19 @@ class TranscribeJob:
         if not 1 <= self.segment_s <= 9 * 3600:
             raise ValueError(f"--segment-s must be within 1-32400 seconds, got {self.segment_s:g}")
         codec = SEGMENT_CODECS[self.segment_format]
+
         # Cuts fall before each boundary, so a segment is at most segment_s (the last one a 20 ms
         # window more): allow 2 % and a container header.
-        largest = request_bytes(math.ceil(self.segment_s * 1.02 * codec.bytes_per_s) + 4096, self.api)
-        if largest > self.max_inline_bytes:
-            fits = int(self.max_inline_bytes / (codec.bytes_per_s * 1.02 * (4 / 3 if self.api == "chat" else 1)))
+        def largest(seconds: float) -> int:
+            return request_bytes(math.ceil(seconds * 1.02 * codec.bytes_per_s) + 4096, self.api)
+
+        if largest(self.segment_s) > self.max_inline_bytes:
+            fits = int(self.segment_s)
+            while fits > 1 and largest(fits) > self.max_inline_bytes:
+                fits -= 1
             raise ValueError(
-                f"--segment-s {self.segment_s:g} makes {self.segment_format} segments of up to {_mb(largest)} in the "
+                f"--segment-s {self.segment_s:g} makes {self.segment_format} segments of up to "
+                f"{_mb(largest(self.segment_s))} in the "
                 f"request, over --max-inline-bytes ({_mb(self.max_inline_bytes)}): use --segment-s {fits} or less"
             )
 
@@ -242,7 +248,7 @@ class TranscribeJob:
             segments = 1
             tokens = audio_tokens(size or 0, duration) + prompt_tokens
         else:
-            fields |= {"segment_s": self.segment_s, "segment_format": self.segment_format}
+            fields |= {"segment_s": float(self.segment_s), "segment_format": self.segment_format}
             fields["segmenter"] = SEGMENTER_VERSION
             seconds = duration if duration is not None else (size or 0) / UNKNOWN_DURATION_BYTES_PER_S
             segments = max(1, math.ceil(seconds / self.segment_s))
