@@ -78,8 +78,8 @@ def wait_up(url: str, key: str, timeout: float = 120) -> None:
     raise SystemExit("the emulator did not come up")
 
 
-def transcribe(input: Path, out: Path, base_url: str, env: dict, extra: list[str]) -> tuple[str, float, int]:
-    """Run `gembatch transcribe`; its output, wall time and peak RSS (KiB)."""
+def transcribe(input: Path, out: Path, base_url: str, env: dict, extra: list[str]) -> tuple[str, float, int, float]:
+    """Run `gembatch transcribe`; its output, wall time, peak RSS (KiB) and CPU seconds."""
     cmd = [sys.executable, "-m", "flows.cli", "transcribe", str(input), "--output", str(out)]
     cmd += ["--base-url", base_url, "--api-key-env", KEY_ENV, "--no-progress", *extra]
     started = time.monotonic()
@@ -89,7 +89,7 @@ def transcribe(input: Path, out: Path, base_url: str, env: dict, extra: list[str
     wall = time.monotonic() - started
     if status != 0:
         raise SystemExit(f"gembatch transcribe failed:\n{output}")
-    return output, wall, usage.ru_maxrss
+    return output, wall, usage.ru_maxrss, usage.ru_utime + usage.ru_stime
 
 
 def dry_run(folder: Path, out: Path, args: argparse.Namespace) -> dict:
@@ -144,7 +144,7 @@ def main() -> None:
         wait_up(base_url, key)
         out = work / "out"
         plan = dry_run(folder, out, args)
-        _, wall, rss = transcribe(folder, out, base_url, env, common)
+        _, wall, rss, cpu = transcribe(folder, out, base_url, env, common)
         run = last_run(out)
         long = None
         if not args.skip_long:
@@ -152,8 +152,8 @@ def main() -> None:
             long_file.parent.mkdir()
             make_mp3(long_file, args.long_hours * 3600, 300)
             long_out = work / "long-out"
-            _, long_wall, long_rss = transcribe(long_file, long_out, base_url, env, common)
-            long = (long_file, long_wall, long_rss, last_run(long_out))
+            _, long_wall, long_rss, long_cpu = transcribe(long_file, long_out, base_url, env, common)
+            long = (long_file, long_wall, long_rss, long_cpu, last_run(long_out))
     finally:
         emulator.terminate()
         emulator.wait()
@@ -161,6 +161,8 @@ def main() -> None:
     est = plan["estimate"]
     audio_h = est["audio_seconds"] / 3600
     run_s = run["duration_s"]
+    load = os.getloadavg()
+    print(f"machine load          {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} (1/5/15 min) on {os.cpu_count()} CPUs")
     print(f"folder                {args.files} files, {audio_h:.2f} h of audio, {est['requests']} requests planned")
     print(f"run                   {run['status']}  counts {run['counts']}  requests {run['requests']['sent']}")
     print(f"wall time             {run_s:.1f} s (flow run)  {wall:.1f} s (whole command)")
@@ -176,9 +178,10 @@ def main() -> None:
         f"({100 * (est['input_tokens'] / reported - 1):+.2f}%)"
     )
     print(f"cost: dry run         {est['input_cost_usd']}  reported {run['cost']}")
+    print(f"CPU                   {cpu:.1f} s  = {cpu / audio_h:,.0f} CPU s per audio hour (decode, resample, encode)")
     print(f"peak RSS              {rss / 1024:,.0f} MiB  (the gembatch transcribe process)")
     if long is not None:
-        path, long_wall, long_rss, long_run = long
+        path, long_wall, long_rss, long_cpu, long_run = long
         size_mb = path.stat().st_size / 1e6
         print(
             f"{args.long_hours:g}-hour file          {size_mb:.0f} MB mp3, {long_run['requests']['sent']} segments, "

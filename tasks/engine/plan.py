@@ -82,7 +82,8 @@ async def plan_job(job: Job, options: RunOptions) -> dict[str, Any]:
         for m in (requests / limits.rpm if limits.rpm else None, tokens / limits.tpm if limits.tpm else None)
         if m is not None
     ]
-    cost = estimate_cost_usd(job.model, prompt_tokens=tokens, total_tokens=tokens)
+    audio_input = getattr(job, "audio_input", False)
+    cost = estimate_cost_usd(job.model, prompt_tokens=tokens, total_tokens=tokens, audio_input=audio_input)
     per_image = getattr(job, "per_image_usd", None)
     images: dict[str, Any] = {}
     if job.name == "images":

@@ -168,7 +168,12 @@ async def run_job(
             removed = await asyncio.to_thread(store.compact, options.id_col)
         finished = utc_now()
         duration = (finished - started).total_seconds()
-        tokens, cost = usage(stats, job.model, per_image_usd=getattr(job, "per_image_usd", None))
+        tokens, cost = usage(
+            stats,
+            job.model,
+            per_image_usd=getattr(job, "per_image_usd", None),
+            audio_input=getattr(job, "audio_input", False),
+        )
         document.update(
             {
                 "status": status,

@@ -153,6 +153,7 @@ class TranscribeJob:
     name = "transcribe"
     max_items_per_request = 1
     progress_unit = "audio min"
+    audio_input = True  # prompt tokens are billed at the model's audio price (GEMINI.md)
 
     def __post_init__(self) -> None:
         if self.api not in APIS:
