@@ -374,7 +374,7 @@ class TranscribeJob:
                 except OSError as exc:
                     broken = f"can't read audio {ref.path}: {exc}"
                 finally:
-                    await asyncio.to_thread(segments.close)
+                    await asyncio.to_thread(_close, segments)
             if tasks:
                 await asyncio.gather(*list(tasks))
         finally:
@@ -421,9 +421,9 @@ class TranscribeJob:
             where = ref.path
         if self.api == "transcriptions":
             return await self._send_transcriptions(conn, where, f"{stem}.{fmt}", data)
-        return await self._send_chat(conn, where, data, fmt)
+        return await self._send_chat(conn, where, data, fmt, segment=isinstance(ref, SegmentRef))
 
-    async def _send_chat(self, conn: Connection, where: str, data: bytes, fmt: str) -> Reply:
+    async def _send_chat(self, conn: Connection, where: str, data: bytes, fmt: str, *, segment: bool) -> Reply:
         audio = {"data": base64.b64encode(data).decode(), "format": fmt}
         response = await conn.client.chat.completions.create(
             model=self.model,
@@ -440,10 +440,12 @@ class TranscribeJob:
         text = reply_text(response)
         usage = response.usage
         result: Any
-        if text:
-            result = TranscriptResult(transcript=text, duration_s=None)
+        reason = response.choices[0].finish_reason
+        if text or (segment and reason == "stop"):
+            # A segment of a recording may hold no speech (music, a pause above the silence level):
+            # an empty answer that ended normally is its transcript.
+            result = TranscriptResult(transcript=text or "", duration_s=None)
         else:
-            reason = response.choices[0].finish_reason
             message = f"the model returned no transcript for {where} (finish_reason={reason})"
             result = RowFailure("empty_reply", message)
         return Reply(
@@ -585,6 +587,14 @@ def _measure(path: str, segment_s: float) -> _Measured:
 def _segments_of(path: str, segment_s: float, codec: Any, recorded: dict[int, SegmentText]) -> Iterator[Segment]:
     """The recording's segments, encoded except those already recorded (their times are checked)."""
     return iter_segments(path, segment_s, codec, skip=set(recorded))
+
+
+def _close(segments: Iterator[Segment]) -> None:
+    """Close the decoder (and its file); a cancelled run may leave a decode step still running."""
+    try:
+        segments.close()
+    except ValueError:  # "generator already executing": it ends with the thread, the file with it
+        pass
 
 
 def _silent_message(path: str, seconds: float) -> str:
