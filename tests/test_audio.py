@@ -303,3 +303,16 @@ def test_a_segment_too_big_for_the_inline_limit_is_refused_before_any_work():
         TranscribeJob(model=MODEL, segment_s=600, segment_format="wav")
     assert math.isclose(SAMPLE_RATE, 16_000)
     assert pa.types.is_list(SEGMENT_TYPE)
+
+
+def test_the_progress_bar_counts_audio_minutes_done():
+    from tasks.engine.chunk import RunStats
+    from tasks.engine.progress import ProgressBar
+
+    bar = ProgressBar("transcribe", 3, RunStats(), enabled=True, unit=TranscribeJob.progress_unit)
+    try:
+        bar.add_units(300.0)
+        bar.add_units(45.5)
+        assert bar._progress.tasks[0].fields["units"] == "5.8 audio min done"
+    finally:
+        bar.close()
