@@ -14,7 +14,7 @@ for five minutes — an eighth of WAV, and more than the 16 kbps Gemini keeps) o
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from io import BytesIO
 from typing import BinaryIO
@@ -212,18 +212,20 @@ def encode(samples: np.ndarray, codec: SegmentCodec, *, rate: int = SAMPLE_RATE)
 
 
 def iter_segments(
-    path: str, segment_s: float, codec: SegmentCodec | None, *, skip: Collection[int] = ()
+    path: str, segment_s: float, codec: SegmentCodec | None, *, skip: Mapping[int, tuple[float, float]] | None = None
 ) -> Iterator[Segment]:
-    """The recording at ``path`` as encoded segments; silent ones, those in ``skip`` and all of them
-    when ``codec`` is None are measured only (``audio`` None).
+    """The recording at ``path`` as encoded segments; silent ones, those in ``skip`` (index → the
+    (start_s, end_s) they must have: segments already answered) and all of them when ``codec`` is None
+    are measured only (``audio`` None).
 
     Raises :class:`AudioError` for a file that can't be decoded or holds no samples.
     """
     index = -1
     for index, (first, samples) in enumerate(cut_points(iter_pcm(path), segment_s)):
         peak = int(np.max(np.abs(samples.astype(np.int32)))) if len(samples) else 0
-        wanted = codec is not None and peak >= SILENCE_PEAK and index not in skip
-        audio = encode(samples, codec) if wanted else None
-        yield Segment(index, first / SAMPLE_RATE, (first + len(samples)) / SAMPLE_RATE, audio, peak)
+        start_s, end_s = first / SAMPLE_RATE, (first + len(samples)) / SAMPLE_RATE
+        done = skip is not None and skip.get(index) == (start_s, end_s)
+        audio = encode(samples, codec) if codec is not None and peak >= SILENCE_PEAK and not done else None
+        yield Segment(index, start_s, end_s, audio, peak)
     if index < 0:
         raise AudioError("holds no audio samples (an empty recording)")

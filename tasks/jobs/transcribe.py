@@ -586,7 +586,7 @@ def _measure(path: str, segment_s: float) -> _Measured:
 
 def _segments_of(path: str, segment_s: float, codec: Any, recorded: dict[int, SegmentText]) -> Iterator[Segment]:
     """The recording's segments, encoded except those already recorded (their times are checked)."""
-    return iter_segments(path, segment_s, codec, skip=set(recorded))
+    return iter_segments(path, segment_s, codec, skip={i: (s.start_s, s.end_s) for i, s in recorded.items()})
 
 
 def _close(segments: Iterator[Segment]) -> None:
