@@ -143,26 +143,44 @@ def main() -> None:
     try:
         wait_up(base_url, key)
         out = work / "out"
-        plan = dry_run(folder, out, args)
-        _, wall, rss, cpu = transcribe(folder, out, base_url, env, common)
-        run = last_run(out)
-        long = None
+        folder_run = None
+        if not args.skip_folder:
+            plan = dry_run(folder, out, args)
+            _, wall, rss, cpu = transcribe(folder, out, base_url, env, common)
+            folder_run = (plan, last_run(out), wall, rss, cpu)
+        long = []
         if not args.skip_long:
-            long_file = work / "long" / "two-hours.mp3"
-            long_file.parent.mkdir()
-            make_mp3(long_file, args.long_hours * 3600, 300)
-            long_out = work / "long-out"
-            _, long_wall, long_rss, long_cpu = transcribe(long_file, long_out, base_url, env, common)
-            long = (long_file, long_wall, long_rss, long_cpu, last_run(long_out))
+            # The same command on a 6-minute file first: the process's own size, to compare with.
+            for hours in (0.1, args.long_hours):
+                long_file = work / f"long-{hours:g}" / "recording.mp3"
+                long_file.parent.mkdir()
+                make_mp3(long_file, hours * 3600, 300)
+                long_out = work / f"long-out-{hours:g}"
+                _, long_wall, long_rss, long_cpu = transcribe(long_file, long_out, base_url, env, common)
+                long.append((hours, long_file, long_rss, long_cpu, last_run(long_out)))
     finally:
         emulator.terminate()
         emulator.wait()
 
+    load = os.getloadavg()
+    print(f"machine load          {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} (1/5/15 min) on {os.cpu_count()} CPUs")
+    if folder_run is not None:
+        print_folder(args, *folder_run)
+    for hours, path, long_rss, long_cpu, long_run in long:
+        print(
+            f"{hours:g} h file: {path.stat().st_size / 1e6:.0f} MB mp3, {long_run['requests']['sent']} segments, "
+            f"{long_run['duration_s']:.1f} s, {long_cpu:.0f} CPU s, {long_run['status']}, "
+            f"peak RSS {long_rss / 1024:,.0f} MiB"
+        )
+    if long:
+        print(f"(2 h of 16 kHz mono PCM alone would be {args.long_hours * 3600 * 32_000 / 2**20:,.0f} MiB)")
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def print_folder(args: argparse.Namespace, plan: dict, run: dict, wall: float, rss: int, cpu: float) -> None:
     est = plan["estimate"]
     audio_h = est["audio_seconds"] / 3600
     run_s = run["duration_s"]
-    load = os.getloadavg()
-    print(f"machine load          {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} (1/5/15 min) on {os.cpu_count()} CPUs")
     print(f"folder                {args.files} files, {audio_h:.2f} h of audio, {est['requests']} requests planned")
     print(f"run                   {run['status']}  counts {run['counts']}  requests {run['requests']['sent']}")
     print(f"wall time             {run_s:.1f} s (flow run)  {wall:.1f} s (whole command)")
@@ -170,28 +188,15 @@ def main() -> None:
         f"throughput            {audio_h / (run_s / 3600):,.0f} audio hours per wall hour at --rpm {args.rpm:g}, "
         f"latency {args.latency:g} s"
     )
-    floor_s = est["requests"] / args.rpm * 60
-    print(f"rpm floor             {floor_s:.1f} s  (requests / rpm)")
+    print(f"rpm floor             {est['requests'] / args.rpm * 60:.1f} s  (requests / rpm)")
     reported = run["tokens"]["prompt"]
     print(
         f"tokens: dry run       {est['input_tokens']:,}  reported {reported:,}  "
         f"({100 * (est['input_tokens'] / reported - 1):+.2f}%)"
     )
-    print(f"cost: dry run         {est['input_cost_usd']}  reported {run['cost']}")
+    print(f"cost: dry run         {est['input_cost_usd']}  reported {run['cost']['estimated_usd']}")
     print(f"CPU                   {cpu:.1f} s  = {cpu / audio_h:,.0f} CPU s per audio hour (decode, resample, encode)")
     print(f"peak RSS              {rss / 1024:,.0f} MiB  (the gembatch transcribe process)")
-    if long is not None:
-        path, long_wall, long_rss, long_cpu, long_run = long
-        size_mb = path.stat().st_size / 1e6
-        print(
-            f"{args.long_hours:g}-hour file          {size_mb:.0f} MB mp3, {long_run['requests']['sent']} segments, "
-            f"{long_run['duration_s']:.1f} s, status {long_run['status']}"
-        )
-        print(
-            f"peak RSS (long file)  {long_rss / 1024:,.0f} MiB  (2 h of 16 kHz PCM alone would be "
-            f"{args.long_hours * 3600 * 32_000 / 2**20:,.0f} MiB)"
-        )
-    shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
