@@ -3,6 +3,7 @@
     uv run python benchmarks/bench_audio.py                      # 4 x 30 min folder, then one 2-hour file
     uv run python benchmarks/bench_audio.py --files 8 --minutes 45 --rpm 120 --latency 5
     uv run python benchmarks/bench_audio.py --skip-long          # only the folder
+    uv run python benchmarks/bench_audio.py --skip-folder        # only the 6-minute and 2-hour files
 
 Recordings are podcast-like MP3s (44.1 kHz stereo, 128 kbps: tone bursts with a quiet gap each
 minute), made here in seconds (one minute encoded once, its frames muxed again with later times).
@@ -121,13 +122,14 @@ def main() -> None:
     parser.add_argument("--segment-format", default="mp3")
     parser.add_argument("--long-hours", type=float, default=2.0)
     parser.add_argument("--skip-long", action="store_true")
+    parser.add_argument("--skip-folder", action="store_true")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="gembatch-bench-audio-"))
     folder = work / "recordings"
     folder.mkdir()
     made = time.monotonic()
-    for i in range(args.files):
+    for i in range(0 if args.skip_folder else args.files):
         make_mp3(folder / f"episode{i:02d}.mp3", args.minutes * 60, 220 + 55 * i)
     print(
         f"made {args.files} x {args.minutes:g} min MP3s (44.1 kHz stereo 128 kbps) in {time.monotonic() - made:.1f} s"
