@@ -145,7 +145,7 @@ def transcribe(
         ),
     ] = "chat",
     max_inline_bytes: Annotated[
-        int, typer.Option("--max-inline-bytes", help="Largest request payload per file (Gemini: 20 MB inline).")
+        int, typer.Option("--max-inline-bytes", help="Largest audio payload per request (Gemini: 20 MB inline).")
     ] = MAX_INLINE_BYTES,
     segment_s: Annotated[
         float,
