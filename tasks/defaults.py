@@ -23,3 +23,9 @@ APIS = ("chat", "transcriptions")
 MAX_INLINE_BYTES = 20 * 1024 * 1024
 
 DEFAULT_SIZE = "1024x1024"
+
+# Batch mode (tasks/engine/batch.py): polls, requests per batch (OpenAI's cap per input file), and the
+# smallest request file --mode auto sends as a batch.
+DEFAULT_BATCH_POLL_S = 30.0
+MAX_BATCH_REQUESTS = 50_000
+DEFAULT_AUTO_MIN_REQUESTS = 100

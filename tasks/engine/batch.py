@@ -1,0 +1,952 @@
+"""`--mode batch|auto`: the same rows through the provider's batch API, at its price, into the same output.
+
+A batch run (README, "Batch mode"):
+
+1. Re-attach: every batch recorded in ``OUTPUT/_batches/`` and not yet written is polled again, and its
+   rows are not put into any new batch. A record that never reached the provider (no batch id) is
+   matched against the provider's batch list by its input file, or dropped (nothing was paid).
+2. Submit: the input is read chunk by chunk with the live run's checks (done rows, earlier errors,
+   invalid rows, contents already in the output or already in a batch), and each content still to do
+   becomes part of a request line, built by the job's own ``send`` (the SDK's request body, recorded by
+   :class:`CapturingTransport`). Lines stream into a JSONL file on disk, cut at the provider's limits
+   (lines, embedding inputs, bytes); which rows each line holds streams into a rows file beside it.
+   Both are written, and the record ``<name>.json`` saved, before the file is uploaded; the batch id is
+   recorded as soon as the provider gives it.
+3. Poll every ``poll_s`` seconds; a batch that ends is downloaded (streamed to disk) and its lines are
+   parsed by the job's own ``send`` (:class:`ReplayTransport`), then written as part files and
+   ``_errors/`` rows exactly as live results are.
+4. Lines that never ran (the batch expired or was cancelled) are sent again: in a new batch (``batch``)
+   or live, right after (``auto``, which also sends live what failed in a batch and a remainder too
+   small to be worth a batch).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import pickle
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from tasks.defaults import DEFAULT_AUTO_MIN_REQUESTS, DEFAULT_BATCH_POLL_S, MAX_BATCH_REQUESTS
+from tasks.engine.chunk import (
+    DONE,
+    INVALID,
+    NEW,
+    PREV_ERROR,
+    BadReply,
+    Item,
+    Outcome,
+    RowFailure,
+    RunContext,
+    chunk_statuses,
+    prepare_chunk,
+)
+from tasks.engine.index import KeyTable, hash_keys, id_tags
+from tasks.engine.store import RETRY_AUTO, RETRY_ON_REQUEST
+from tasks.errors import ConfigError, RunStopped
+from tasks.provider.batches import (
+    BatchApi,
+    BatchInfo,
+    CapturingTransport,
+    ReplayTransport,
+    RequestCaptured,
+    endpoint_of,
+    normalise_body,
+    offline_client,
+)
+from tasks.provider.client import Connection, classify_failure
+
+__all__ = ["BatchPolicy", "BatchRun", "BATCHES_DIR", "MODES", "check_batch_capable", "read_records"]
+
+MODES = ("live", "batch", "auto")
+BATCHES_DIR = "_batches"
+# OpenAI's documented caps per input file; Gemini's (2 GB a file) are larger. Bytes are kept lower on
+# purpose: the OpenAI SDK sends a file in one request body.
+MAX_LINES_PER_FILE = MAX_BATCH_REQUESTS
+MAX_EMBEDDING_INPUTS_PER_FILE = 50_000
+MAX_BYTES_PER_FILE = 100 * 1024 * 1024
+DEFAULT_POLL_S = DEFAULT_BATCH_POLL_S
+# Result lines parsed and written together: one part file per this many rows (at least).
+WRITE_ROWS = 2000
+
+# Record states (ours; the provider's status is kept beside them).
+PREPARED, UPLOADED, SUBMITTED, WRITTEN = "prepared", "uploaded", "submitted", "written"
+
+
+@dataclass(frozen=True, kw_only=True)
+class BatchPolicy:
+    """How a run uses the provider's batch API (the ``--mode`` and ``--batch-*`` options)."""
+
+    mode: str = "live"
+    poll_s: float = DEFAULT_POLL_S
+    max_lines: int = MAX_LINES_PER_FILE
+    max_inputs: int = MAX_EMBEDDING_INPUTS_PER_FILE
+    max_bytes: int = MAX_BYTES_PER_FILE
+    auto_min_requests: int = DEFAULT_AUTO_MIN_REQUESTS
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.poll_s <= 0:
+            raise ValueError(f"--batch-poll must be positive, got {self.poll_s}")
+        if self.max_lines < 1:
+            raise ValueError(f"--batch-max-requests must be at least 1, got {self.max_lines}")
+        if self.auto_min_requests < 1:
+            raise ValueError(f"--auto-min-requests must be at least 1, got {self.auto_min_requests}")
+
+
+def check_batch_capable(job: Any, provider: str, base_url: str | None) -> None:
+    """Refuse, before any work, a job whose route has no batch form at this provider."""
+    if job.name == "images":
+        raise ConfigError(
+            "--mode batch/auto: image generation has no batch form here (Gemini's OpenAI-compatible batches "
+            "take only /v1/chat/completions and /v1/embeddings); run images with --mode live"
+        )
+    if getattr(job, "api", "chat") == "transcriptions":
+        raise ConfigError(
+            "--mode batch/auto: audio/transcriptions has no batch form (batches take /v1/chat/completions and "
+            "/v1/embeddings); use --api chat, or --mode live"
+        )
+
+
+# -- records ----------------------------------------------------------------------------------------------
+
+
+def read_records(store: Any) -> list[dict[str, Any]]:
+    """Every batch record of an output folder, oldest first."""
+    folder = f"{store.root}/{BATCHES_DIR}"
+    if not store.fs.exists(folder):
+        return []
+    records = []
+    for path in sorted(store.fs.ls(folder, detail=False)):
+        if path.endswith(".json") and not path.rsplit("/", 1)[-1].startswith("."):
+            with store.fs.open(path, "r") as f:
+                records.append(json.load(f))
+    return records
+
+
+class Book:
+    """The records in OUTPUT/_batches/: one ``<name>.json`` per request file, its rows beside it."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+        self.fs = store.fs
+        self.folder = f"{store.root}/{BATCHES_DIR}"
+        self.fs.makedirs(self.folder, exist_ok=True)
+        local = type(self.fs).__name__ == "LocalFileSystem"
+        # Request files and downloads: beside the records on a local disk, else in a local scratch folder.
+        self.scratch = Path(self.folder) if local else Path(tempfile.mkdtemp(prefix="gembatch-batches-"))
+
+    def save(self, record: dict[str, Any]) -> None:
+        path = f"{self.folder}/{record['name']}.json"
+        tmp = f"{self.folder}/.tmp-{record['name']}.json"
+        with self.fs.open(tmp, "w") as f:
+            json.dump(record, f, indent=2)
+        self.fs.mv(tmp, path)
+
+    def rows_path(self, name: str) -> str:
+        return f"{self.folder}/{name}.rows.parquet"
+
+    def remove(self, record: dict[str, Any], *, keep_record: bool = False) -> None:
+        for path in (
+            self.rows_path(record["name"]),
+            *([] if keep_record else [f"{self.folder}/{record['name']}.json"]),
+        ):
+            if self.fs.exists(path):
+                self.fs.rm(path)
+        for suffix in (".requests.jsonl", ".output.jsonl", ".errors.jsonl"):
+            (self.scratch / f"{record['name']}{suffix}").unlink(missing_ok=True)
+
+    def records(self) -> list[dict[str, Any]]:
+        return read_records(self.store)
+
+
+# -- one request file being built ---------------------------------------------------------------------
+
+
+class RequestFile:
+    """A JSONL request file and its rows file, written as lines are added (never held in memory)."""
+
+    def __init__(self, book: Book, name: str, id_type: pa.DataType) -> None:
+        self.name = name
+        self.path = book.scratch / f"{name}.requests.jsonl"
+        self.rows_path = book.rows_path(name)
+        self._fh = self.path.open("wb")
+        self._rows_fh = book.fs.open(self.rows_path, "wb")
+        self._schema = pa.schema(
+            [
+                ("custom_id", pa.string()),
+                ("item", pa.int32()),
+                ("content_hash", pa.string()),
+                ("id", id_type),
+                ("input_row", pa.int64()),
+                ("prepared", pa.binary()),
+            ]
+        )
+        self._writer = pq.ParquetWriter(self._rows_fh, self._schema, compression="zstd")
+        self._buffer: dict[str, list[Any]] = {n: [] for n in self._schema.names}
+        self.lines = self.inputs = self.bytes = self.rows = 0
+        self.tokens = 0
+        self.hashes: list[str] = []  # content hashes of the items (for the in-flight key table)
+        # content hash -> (custom_id, item index): a later row of the same content joins that item.
+        self.where: dict[str, tuple[str, int]] = {}
+
+    def fits(self, inputs: int, size: int, policy: BatchPolicy, endpoint: str) -> bool:
+        if self.lines == 0:
+            return True
+        if self.lines + 1 > policy.max_lines or self.bytes + size > policy.max_bytes:
+            return False
+        return not (endpoint.endswith("embeddings") and self.inputs + inputs > policy.max_inputs)
+
+    def add_line(self, line: bytes, items: list[Item], rows: list[tuple[int, Any, int]], custom_id: str) -> None:
+        """``rows``: (item index, row id, input row) of every row the line answers."""
+        self._fh.write(line)
+        self.lines += 1
+        self.inputs += len(items)
+        self.bytes += len(line)
+        self.tokens += sum(item.tokens for item in items)
+        firsts: set[int] = set()
+        b = self._buffer
+        for item_index, row_id, input_row in rows:
+            item = items[item_index]
+            b["custom_id"].append(custom_id)
+            b["item"].append(item_index)
+            b["content_hash"].append(item.content_hash)
+            b["id"].append(row_id)
+            b["input_row"].append(input_row)
+            first = item_index not in firsts
+            firsts.add(item_index)
+            b["prepared"].append(pickle.dumps(item.prepared, protocol=5) if first else None)
+        for index, item in enumerate(items):
+            self.where[item.content_hash] = (custom_id, index)
+        self.hashes.extend(item.content_hash for item in items)
+        self.rows += len(rows)
+        if len(b["custom_id"]) >= WRITE_ROWS:
+            self._flush()
+
+    def join(self, content_hash: str, members: list[tuple[Any, int]]) -> bool:
+        """Rows whose content an earlier line of this file already asks for: recorded under that line."""
+        if content_hash not in self.where:
+            return False
+        custom_id, index = self.where[content_hash]
+        b = self._buffer
+        for row_id, input_row in members:
+            b["custom_id"].append(custom_id)
+            b["item"].append(index)
+            b["content_hash"].append(content_hash)
+            b["id"].append(row_id)
+            b["input_row"].append(input_row)
+            b["prepared"].append(None)
+        self.rows += len(members)
+        return True
+
+    def _flush(self) -> None:
+        if self._buffer["custom_id"]:
+            self._writer.write_table(pa.table(self._buffer, schema=self._schema))
+            self._buffer = {n: [] for n in self._schema.names}
+
+    def close(self) -> None:
+        self._flush()
+        self._writer.close()
+        self._rows_fh.close()
+        self._fh.close()
+
+    def discard(self, book: Book) -> None:
+        self.close()
+        self.path.unlink(missing_ok=True)
+        if book.fs.exists(self.rows_path):
+            book.fs.rm(self.rows_path)
+
+
+# -- the run --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BatchTotals:
+    created: int = 0
+    reattached: int = 0
+    lines_submitted: int = 0
+    lines_answered: int = 0
+    lines_failed: int = 0
+    lines_unfinished: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    live_rows: int = 0
+
+
+class BatchRun:
+    """One run's batch side (see the module docstring). ``drive_live`` is the live engine's driver."""
+
+    def __init__(
+        self,
+        ctx: RunContext,
+        source: Any,
+        options: Any,
+        total_rows: int,
+        conn: Connection,
+        drive_live: Callable[..., Awaitable[None]],
+        chunk_runner: Any,
+    ) -> None:
+        self.ctx = ctx
+        self.source = source
+        self.options = options
+        self.policy: BatchPolicy = options.batch
+        self.total_rows = total_rows
+        self.conn = conn
+        self.api = BatchApi(conn.client, conn.base_url, conn.api_key, timeout_s=max(300.0, options.provider.timeout_s))
+        self.book = Book(ctx.store)
+        self.drive_live = drive_live
+        self.chunk_runner = chunk_runner
+        self.totals = BatchTotals()
+        self.pending_keys = KeyTable(payload=False)
+        self.written: list[str] = []
+        self._capture = CapturingTransport()
+        self._capture_conn = Connection(
+            client=offline_client(conn.base_url, self._capture),
+            base_url=conn.base_url,
+            provider=conn.provider,
+            api_key="",
+        )
+        self._replay = ReplayTransport()
+        self._replay_conn = Connection(
+            client=offline_client(conn.base_url, self._replay),
+            base_url=conn.base_url,
+            provider=conn.provider,
+            api_key="",
+        )
+        self._files = 0
+        self._id_type: pa.DataType | None = None
+
+    @property
+    def auto(self) -> bool:
+        return self.policy.mode == "auto"
+
+    # -- the whole run ------------------------------------------------------------------------------
+
+    async def drive(self) -> None:
+        try:
+            await self._reattach()
+            first = True
+            while not self.ctx.stop_event.is_set():
+                answered_before = self.totals.lines_answered + self.totals.lines_failed
+                submitted = await self._submit_pass(first)
+                first = False
+                pending = [r for r in self.book.records() if r["state"] == SUBMITTED]
+                if not pending and not submitted:
+                    break
+                await self._poll_until_written(pending)
+                if self.auto or self.ctx.stop_event.is_set():
+                    break
+                if self.totals.lines_answered + self.totals.lines_failed == answered_before:
+                    problems = "; ".join(sorted({r.get("errors") or r.get("status", "") for r in pending}))
+                    self.ctx.request_stop(
+                        RunStopped(
+                            "failed: batch",
+                            f"the provider answered none of the lines of {len(pending)} batch(es) ({problems}); "
+                            f"see {self.options.output}/{BATCHES_DIR}/ and rerun, or use --mode live",
+                        )
+                    )
+                    break
+            if self.auto and not self.ctx.stop_event.is_set():
+                await self._live_remainder()
+        finally:
+            await self._capture_conn.client.close()
+            await self._replay_conn.client.close()
+
+    # -- 1. re-attach ---------------------------------------------------------------------------------
+
+    async def _reattach(self) -> None:
+        records = [r for r in self.book.records() if r["state"] != WRITTEN]
+        listed: list[BatchInfo] | None = None
+        for record in records:
+            if record["state"] == PREPARED:
+                self.book.remove(record)  # never uploaded: nothing was paid, its rows are sent again
+                continue
+            if record["state"] == UPLOADED:
+                # Created but the id not recorded (killed in between)? The provider's list knows.
+                if listed is None:
+                    try:
+                        listed = await self.api.list()
+                    except Exception:  # noqa: BLE001 - no list route: the file is sent again
+                        listed = []
+                match = [b for b in listed if b.input_file_id == record["file_id"]]
+                if not match:
+                    self.book.remove(record)
+                    continue
+                record.update(state=SUBMITTED, batch_id=match[0].id, status=match[0].status)
+                self.book.save(record)
+            self.totals.reattached += 1
+
+    def _add_pending(self, record: dict[str, Any]) -> None:
+        rows = self.book.rows_path(record["name"])
+        if not self.book.fs.exists(rows):
+            return
+        with self.book.fs.open(rows, "rb") as f:
+            parquet = pq.ParquetFile(f)
+            for batch in parquet.iter_batches(columns=["content_hash"], batch_size=65536):
+                self.pending_keys.add(hash_keys(batch.column(0)))
+
+    # -- 2. submit --------------------------------------------------------------------------------------
+
+    async def _submit_pass(self, first_round: bool) -> int:
+        ctx, job, options = self.ctx, self.ctx.job, self.options
+        chunks = self.source.iter_chunks(
+            [options.id_col, *job.input_columns], options.chunk_size, string_columns=job.string_columns
+        )
+        # Contents in a batch not written yet (re-attached, or submitted earlier in this run): not sent again.
+        self.pending_keys = KeyTable(payload=False)
+        for record in self.book.records():
+            if record["state"] == SUBMITTED:
+                self._add_pending(record)
+        current: RequestFile | None = None
+        submitted = 0
+        seen = 0
+        try:
+            for chunk in chunks:
+                if ctx.stop_event.is_set() or seen >= self.total_rows:
+                    break
+                chunk = chunk.slice(0, self.total_rows - seen)
+                first_row = seen
+                seen += chunk.num_rows
+                if self._id_type is None:
+                    self._id_type = chunk.schema.field(options.id_col).type
+                ready = await asyncio.to_thread(prepare_chunk, job, chunk)
+                id_array = chunk.column(options.id_col)
+                keys = chunk_statuses(ctx.index, id_array, ready.hashes, ready.invalid, retry_errors=ctx.retry_errors)
+                status = keys.status
+                ids = id_array.to_pylist()
+                if first_round:
+                    skipped = int(np.count_nonzero(status == DONE))
+                    ctx.stats.skipped_done += skipped
+                    ctx.stats.failed += int(np.count_nonzero(status == PREV_ERROR))
+                    ctx.on_progress(skipped + int(np.count_nonzero(status == PREV_ERROR)))
+                    invalid = np.flatnonzero(status == INVALID)
+                    if len(invalid) and not self.auto:  # auto: the live pass writes them
+                        outcomes = [
+                            Outcome(error_type="invalid_input", error_message=str(ready.prepared[p])) for p in invalid
+                        ]
+                        rows = [(ids[p], ready.hashes[p], first_row + p) for p in invalid]
+                        await asyncio.to_thread(self._write_rows, rows, outcomes, [True] * len(rows))
+                new = np.flatnonzero(status == NEW)
+                if not len(new):
+                    continue
+                new = new[~self.pending_keys.has_keys(keys.keys[new])]
+                stored = ctx.index.results.has_keys(keys.keys[new])
+                if stored.any():
+                    await self._copy_stored(new[stored], ids, ready.hashes, keys.keys, first_row)
+                new = new[~stored]
+                # One item per content; every row of that content rides on it.
+                owners: dict[str, tuple[Item, list[tuple[Any, int]]]] = {}
+                for pos in new.tolist():
+                    h = ready.hashes[pos]
+                    if h in owners:
+                        owners[h][1].append((ids[pos], first_row + pos))
+                    else:
+                        owners[h] = (Item(pos, ids[pos], h, ready.prepared[pos]), [(ids[pos], first_row + pos)])
+                groups = [
+                    (item, members)
+                    for item, members in owners.values()
+                    if current is None or not current.join(item.content_hash, members)
+                ]
+                size = job.max_items_per_request
+                for start in range(0, len(groups), size):
+                    part = groups[start : start + size]
+                    items = [item for item, _ in part]
+                    endpoint, body = await self._request_of(items)
+                    if current is None:
+                        current = self._new_file()
+                    custom_id = f"{current.name}-{current.lines:05d}"
+                    line = _line(custom_id, endpoint, body)
+                    if not current.fits(len(items), len(line), self.policy, endpoint):
+                        submitted += await self._submit(current, endpoint)
+                        if ctx.stop_event.is_set():
+                            current = None
+                            break
+                        current = self._new_file()
+                        custom_id = f"{current.name}-{current.lines:05d}"
+                        line = _line(custom_id, endpoint, body)
+                    rows = [
+                        (i, row_id, input_row) for i, (_, members) in enumerate(part) for row_id, input_row in members
+                    ]
+                    current.add_line(line, items, rows, custom_id)
+                    self._endpoint = endpoint
+            if current is not None and current.lines:
+                if self.auto and current.lines < self.policy.auto_min_requests and not ctx.stop_event.is_set():
+                    current.discard(self.book)  # too small to be worth a batch: sent live after
+                elif not ctx.stop_event.is_set():
+                    submitted += await self._submit(current, self._endpoint)
+                else:
+                    current.discard(self.book)
+                current = None
+        finally:
+            chunks.close()
+            if current is not None:
+                current.discard(self.book)
+        return submitted
+
+    def _new_file(self) -> RequestFile:
+        self._files += 1
+        return RequestFile(self.book, f"{self.ctx.run_id}-{self._files:04d}", self._id_type or pa.int64())
+
+    async def _request_of(self, items: list[Item]) -> tuple[str, dict[str, Any]]:
+        """The body the job's ``send`` would POST for these items, and the batch endpoint of its route."""
+        try:
+            await self.ctx.job.send(self._capture_conn, items)
+        except RequestCaptured:
+            pass
+        except Exception as exc:  # noqa: BLE001 - the SDK wraps the transport's exception
+            if not isinstance(exc.__cause__, RequestCaptured):
+                raise
+        else:
+            raise ConfigError(f"{self.ctx.job.name}: building a batch request sent nothing")
+        endpoint = endpoint_of(self._capture.path)
+        if endpoint is None or self._capture.body is None:
+            raise ConfigError(
+                f"--mode batch: the {self.ctx.job.name} job's route {self._capture.path} has no batch form "
+                "(batches take /v1/chat/completions and /v1/embeddings); use --mode live"
+            )
+        return endpoint, self._capture.body
+
+    async def _submit(self, request_file: RequestFile, endpoint: str) -> int:
+        """Record, upload and create one batch; the record is saved before each step that may cost."""
+        ctx = self.ctx
+        request_file.close()
+        reservation = None
+        if ctx.budget is not None:
+            reservation = ctx.budget.reserve(request_file.tokens)
+            if reservation is None:
+                request_file.discard(self.book)
+                ctx.request_stop(ctx.budget.stop())
+                return 0
+        record = {
+            "name": request_file.name,
+            "run_id": ctx.run_id,
+            "job": ctx.job.name,
+            "model": ctx.job.model,
+            "provider": self.conn.provider,
+            "base_url": self.conn.base_url,
+            "flavor": self.api.flavor,
+            "endpoint": endpoint,
+            "state": PREPARED,
+            "requests": request_file.lines,
+            "items": request_file.inputs,
+            "rows": request_file.rows,
+            "estimated_tokens": request_file.tokens,
+            "reserved_usd": reservation,
+            "file_id": None,
+            "batch_id": None,
+            "status": None,
+            "request_counts": None,
+            "created_at": _now(),
+        }
+        self.book.save(record)
+        record["file_id"] = await self.api.upload(request_file.path, request_file.name)
+        record["state"] = UPLOADED
+        self.book.save(record)
+        info = await self.api.create(record["file_id"], endpoint, {"gembatch": request_file.name})
+        record.update(state=SUBMITTED, batch_id=info.id, status=info.status)
+        self.book.save(record)
+        request_file.path.unlink(missing_ok=True)
+        self.pending_keys.add(hash_keys(request_file.hashes))
+        self.totals.created += 1
+        self.totals.lines_submitted += request_file.lines
+        return request_file.lines
+
+    async def _copy_stored(
+        self, positions: np.ndarray, ids: list[Any], hashes: list[str], keys: np.ndarray, first_row: int
+    ) -> None:
+        """Rows whose content the output already holds under another id: copied, as a live run does."""
+        ctx = self.ctx
+        wanted = {hashes[p] for p in positions.tolist()}
+        files = ctx.index.parts_holding(keys[positions])
+        table = await asyncio.to_thread(ctx.store.read_results_for, wanted, ctx.id_col, files=files)
+        found = ctx.job.results_from_table(table)
+        rows, outcomes = [], []
+        for p in positions.tolist():
+            if hashes[p] in found:
+                rows.append((ids[p], hashes[p], first_row + p))
+                outcomes.append(Outcome(result=found[hashes[p]]))
+        if rows:
+            await asyncio.to_thread(self._write_rows, rows, outcomes, [False] * len(rows))
+
+    # -- 3. poll and write -----------------------------------------------------------------------------
+
+    async def _poll_until_written(self, pending: list[dict[str, Any]]) -> None:
+        ctx = self.ctx
+        bar = _PollBar(enabled=self.options.progress)
+        try:
+            while pending and not ctx.stop_event.is_set():
+                still = []
+                for record in pending:
+                    try:
+                        info = await self.api.retrieve(record["batch_id"])
+                    except Exception as exc:  # noqa: BLE001 - a failed poll is tried again next time
+                        failure = classify_failure(exc)
+                        if failure.fatal:
+                            ctx.request_stop(failure.stop())
+                            return
+                        still.append(record)
+                        continue
+                    counts = {"total": info.total, "completed": info.completed, "failed": info.failed}
+                    changed = (info.status, counts) != (record.get("status"), record.get("request_counts"))
+                    record.update(status=info.status, request_counts=counts, errors=info.errors)
+                    if info.final:
+                        await self._write_batch(record, info)
+                    else:
+                        if changed:
+                            self.book.save(record)
+                        still.append(record)
+                    bar.show(record)
+                pending = still
+                if pending:
+                    try:
+                        await asyncio.wait_for(ctx.stop_event.wait(), timeout=self.policy.poll_s)
+                    except TimeoutError:
+                        pass
+        finally:
+            bar.close()
+
+    async def _write_batch(self, record: dict[str, Any], info: BatchInfo) -> None:
+        """Download a finished batch's results and write them like live ones; then mark it written."""
+        ctx, book = self.ctx, self.book
+        name = record["name"]
+        downloads = []
+        for file_id, suffix in ((info.output_file_id, ".output.jsonl"), (info.error_file_id, ".errors.jsonl")):
+            if file_id:
+                dest = book.scratch / f"{name}{suffix}"
+                await self.api.download(file_id, dest)
+                downloads.append(dest)
+        rows_table = await asyncio.to_thread(_read_rows, book, name)
+        lines = _LineRows(rows_table)
+        seen: set[str] = set()
+        answered = failed = 0
+        buffer_rows: list[tuple[Any, str, int]] = []
+        buffer_out: list[Outcome] = []
+        buffer_first: list[bool] = []
+        prompt = completion = total = 0
+        for path in downloads:
+            with path.open("rb") as f:
+                for raw in f:
+                    if not raw.strip():
+                        continue
+                    line = json.loads(raw)
+                    custom_id = line.get("custom_id")
+                    members = lines.get(custom_id)
+                    if members is None or custom_id in seen:
+                        continue
+                    response = line.get("response")
+                    if not isinstance(response, dict) or response.get("status_code") is None:
+                        continue  # never ran (expired, cancelled): sent again
+                    seen.add(custom_id)
+                    items, rows = members
+                    outcomes, reply = await self._parse_line(custom_id, response, items)
+                    if reply is not None:
+                        prompt += reply[0]
+                        completion += reply[1]
+                        total += reply[2]
+                    line_failed = all(not o.ok for o in outcomes)
+                    if line_failed:
+                        failed += 1
+                    else:
+                        answered += 1
+                    if self.auto and any(not o.ok for o in outcomes):
+                        # auto: what failed in the batch is sent live after; nothing of it is written now.
+                        outcomes = [o if o.ok else None for o in outcomes]
+                    firsts: set[int] = set()
+                    for item_index, row_id, input_row in rows:
+                        outcome = outcomes[item_index]
+                        if outcome is None:
+                            continue
+                        buffer_rows.append((row_id, items[item_index].content_hash, input_row))
+                        buffer_out.append(outcome)
+                        buffer_first.append(item_index not in firsts)
+                        firsts.add(item_index)
+                    if len(buffer_rows) >= max(WRITE_ROWS, self.options.chunk_size):
+                        await asyncio.to_thread(self._write_rows, buffer_rows, buffer_out, buffer_first)
+                        buffer_rows, buffer_out, buffer_first = [], [], []
+        if buffer_rows:
+            await asyncio.to_thread(self._write_rows, buffer_rows, buffer_out, buffer_first)
+        stats = ctx.stats
+        stats.prompt_tokens += prompt
+        stats.completion_tokens += completion
+        stats.total_tokens += total
+        stats.requests += len(seen)
+        stats.items_sent += sum(len(lines.get(c)[0]) for c in seen)
+        self.totals.prompt_tokens += prompt
+        self.totals.completion_tokens += completion
+        self.totals.total_tokens += total
+        self.totals.lines_answered += answered
+        self.totals.lines_failed += failed
+        unfinished = len(lines) - len(seen)
+        self.totals.lines_unfinished += unfinished
+        if ctx.budget is not None:
+            ctx.budget.release(record.get("reserved_usd") or 0.0)
+            ctx.budget.charge(prompt, total)
+        record.update(
+            state=WRITTEN,
+            status=info.status,
+            written_at=_now(),
+            written_by_run=ctx.run_id,
+            lines_answered=answered,
+            lines_failed=failed,
+            lines_unfinished=unfinished,
+            tokens={"prompt": prompt, "completion": completion, "total": total},
+        )
+        book.save(record)
+        book.remove(record, keep_record=True)
+        self.written.append(name)
+
+    async def _parse_line(
+        self, custom_id: str, response: dict[str, Any], items: list[Item]
+    ) -> tuple[list[Outcome], tuple[int, int, int] | None]:
+        """One result line through the job's own ``send`` (the SDK parses it as a live reply)."""
+        self._replay.status = int(response["status_code"])
+        self._replay.body = normalise_body(response.get("body"), custom_id)
+        redact = self.conn.redact
+        try:
+            reply = await self.ctx.job.send(self._replay_conn, items)
+            if len(reply.results) != len(items):
+                raise BadReply(f"the reply had {len(reply.results)} results for {len(items)} inputs")
+        except BadReply as exc:
+            raw = exc.raw_reply[:4000] if exc.raw_reply else None
+            return [
+                Outcome(error_type="bad_reply", error_message=f"bad reply: {exc}", attempts=1, raw_reply=raw)
+            ] * len(items), None
+        except Exception as exc:  # noqa: BLE001 - classify_failure re-raises what it doesn't know
+            failure = classify_failure(exc)
+            message = redact(failure.message) + " (batch line)"
+            return [
+                Outcome(error_type=failure.kind, error_message=message, attempts=1, retry_auto=failure.retryable)
+            ] * len(items), None
+        outcomes = []
+        for result in reply.results:
+            if isinstance(result, RowFailure):
+                outcomes.append(
+                    Outcome(
+                        error_type=result.kind,
+                        error_message=redact(result.message),
+                        attempts=1,
+                        raw_reply=result.raw_reply,
+                    )
+                )
+            else:
+                outcomes.append(Outcome(result=result, attempts=1))
+        return outcomes, (reply.prompt_tokens, reply.completion_tokens, reply.total_tokens)
+
+    def _write_rows(self, rows: list[tuple[Any, str, int]], outcomes: list[Outcome], firsts: list[bool]) -> None:
+        """Write rows (id, content_hash, input_row) with their outcomes: one results part, one errors part,
+        the same columns as a live chunk's (engine.chunk._write_chunk); the done-key index learns them."""
+        ctx, job, stats = self.ctx, self.ctx.job, self.ctx.stats
+        id_type = self._id_type or pa.int64()
+        # A row already in the output (a run killed after writing, before marking the batch written).
+        keys = hash_keys([h for _, h, _ in rows])
+        tags = id_tags([r for r, _, _ in rows])
+        done = ctx.index.results.has_pairs(keys, tags) if len(ctx.index.results) else np.zeros(len(rows), bool)
+        ok = [i for i, o in enumerate(outcomes) if o.ok and not done[i]]
+        bad = [i for i, o in enumerate(outcomes) if not o.ok and not done[i]]
+        stats.skipped_done += int(done.sum())
+        if ok:
+            results = [outcomes[i].result for i in ok]
+            table = pa.table(
+                {
+                    ctx.id_col: pa.array([rows[i][0] for i in ok], id_type),
+                    **job.result_arrays(results),
+                    "content_hash": pa.array([rows[i][1] for i in ok], pa.string()),
+                    "model": pa.array([job.model] * len(ok), pa.string()),
+                }
+            )
+            part = ctx.store.write_part(table, errors=False, run_id=ctx.run_id, id_col=ctx.id_col)
+            stats.parts_written.append(part)
+            ctx.index.results.add(keys[ok], tags[ok], ctx.index.part_ordinal(part))
+            for i in ok:
+                if firsts[i]:
+                    stats.succeeded += 1
+                else:
+                    stats.deduplicated += 1
+        if bad:
+            table = pa.table(
+                {
+                    ctx.id_col: pa.array([rows[i][0] for i in bad], id_type),
+                    "content_hash": pa.array([rows[i][1] for i in bad], pa.string()),
+                    "error_type": pa.array([outcomes[i].error_type for i in bad], pa.string()),
+                    "error_message": pa.array([outcomes[i].error_message or "" for i in bad], pa.string()),
+                    "attempts": pa.array([outcomes[i].attempts for i in bad], pa.int32()),
+                    "raw_reply": pa.array([outcomes[i].raw_reply for i in bad], pa.string()),
+                    "retry": pa.array(
+                        [RETRY_AUTO if outcomes[i].retry_auto else RETRY_ON_REQUEST for i in bad], pa.string()
+                    ),
+                    "input_row": pa.array([rows[i][2] for i in bad], pa.int64()),
+                    "model": pa.array([job.model] * len(bad), pa.string()),
+                    "run_id": pa.array([ctx.run_id] * len(bad), pa.string()),
+                }
+            )
+            path = ctx.store.write_part(table, errors=True, run_id=ctx.run_id, id_col=ctx.id_col)
+            stats.error_parts_written.append(path)
+            # Not sent again in this run (a plain rerun resends the transient ones, as after a live run).
+            ctx.index.errors.add(keys[bad], tags[bad])
+            stats.failed += len(bad)
+            stats.failed_retry_auto += sum(1 for i in bad if outcomes[i].retry_auto)
+        ctx.on_progress(len(ok) + len(bad))
+
+    # -- 4. auto: the rest live ------------------------------------------------------------------------
+
+    async def _live_remainder(self) -> None:
+        """Send live what no batch answered: a small remainder, failed and unfinished lines, invalid rows.
+
+        A second pass over the input with the live engine and its own counts; only what it sends or
+        writes is added to the run's counts (rows it finds done were counted already)."""
+        ctx = self.ctx
+        if ctx.budget is not None:
+            ctx.budget.price_factor = 1.0
+        live = RunContext(
+            job=ctx.job,
+            conn=ctx.conn,
+            limiter=ctx.limiter,
+            store=ctx.store,
+            index=ctx.index,
+            run_id=ctx.run_id,
+            id_col=ctx.id_col,
+            retry_errors=ctx.retry_errors,
+            retry=ctx.retry,
+            budget=ctx.budget,
+            outage=ctx.outage,
+        )
+        try:
+            await self.drive_live(live, self.source, self.options, self.total_rows, self.chunk_runner)
+        finally:
+            s, t = live.stats, ctx.stats
+            new_errors = sum(pq.read_metadata(p, filesystem=ctx.store.fs).num_rows for p in s.error_parts_written)
+            t.succeeded += s.succeeded
+            t.deduplicated += s.deduplicated
+            t.failed += new_errors
+            t.failed_retry_auto += s.failed_retry_auto
+            for name in ("requests", "items_sent", "retries", "rate_limited", "transient_errors", "prompt_tokens",
+                         "completion_tokens", "total_tokens", "estimated_tokens", "images"):  # fmt: skip
+                setattr(t, name, getattr(t, name) + getattr(s, name))
+            t.parts_written += s.parts_written
+            t.error_parts_written += s.error_parts_written
+            self.totals.live_rows = s.succeeded + s.deduplicated + new_errors
+            ctx.on_progress(self.totals.live_rows)
+            if live.stopped is not None:
+                ctx.request_stop(live.stopped)
+
+    # -- metadata ---------------------------------------------------------------------------------------
+
+    def describe(self) -> dict[str, Any]:
+        t = self.totals
+        return {
+            "mode": self.policy.mode,
+            "flavor": self.api.flavor,
+            "batches_created": t.created,
+            "batches_reattached": t.reattached,
+            "batches_written": self.written,
+            "requests_submitted": t.lines_submitted,
+            "requests_answered": t.lines_answered,
+            "requests_failed": t.lines_failed,
+            "requests_unfinished": t.lines_unfinished,
+            "rows_live": t.live_rows,
+            "tokens": {"prompt": t.prompt_tokens, "completion": t.completion_tokens, "total": t.total_tokens},
+            "records": f"{self.options.output}/{BATCHES_DIR}/",
+        }
+
+
+class _LineRows:
+    """custom_id → (items, rows) of a rows file: the line's items in request order, and every row it answers."""
+
+    def __init__(self, table: pa.Table) -> None:
+        self._lines: dict[str, tuple[list[Item], list[tuple[int, Any, int]]]] = {}
+        cols = {n: table.column(n).to_pylist() for n in ("custom_id", "item", "content_hash", "id", "input_row")}
+        prepared = table.column("prepared")
+        for i, custom_id in enumerate(cols["custom_id"]):
+            entry = self._lines.setdefault(custom_id, ([], []))
+            item_index = cols["item"][i]
+            if item_index == len(entry[0]):
+                raw = prepared[i].as_py()
+                entry[0].append(Item(i, cols["id"][i], cols["content_hash"][i], pickle.loads(raw)))
+            entry[1].append((item_index, cols["id"][i], cols["input_row"][i]))
+
+    def get(self, custom_id: str) -> tuple[list[Item], list[tuple[int, Any, int]]] | None:
+        return self._lines.get(custom_id)
+
+    def __len__(self) -> int:
+        return len(self._lines)
+
+
+def _read_rows(book: Book, name: str) -> pa.Table:
+    with book.fs.open(book.rows_path(name), "rb") as f:
+        return pq.read_table(f)
+
+
+def _line(custom_id: str, endpoint: str, body: dict[str, Any]) -> bytes:
+    line = {"custom_id": custom_id, "method": "POST", "url": endpoint, "body": body}
+    return json.dumps(line, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+class _PollBar:
+    """While batches run: their states and request counts, on stderr."""
+
+    def __init__(self, *, enabled: bool) -> None:
+        self._progress = None
+        self._tasks: dict[str, Any] = {}
+        if enabled:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._progress = Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("requests · {task.fields[state]} · failed {task.fields[failed]}"),
+                TimeElapsedColumn(),
+                console=Console(file=sys.stderr),
+            )
+            self._progress.start()
+
+    def show(self, record: dict[str, Any]) -> None:
+        if self._progress is None:
+            return
+        counts = record.get("request_counts") or {}
+        done = (counts.get("completed") or 0) + (counts.get("failed") or 0)
+        name = record["batch_id"]
+        if name not in self._tasks:
+            self._tasks[name] = self._progress.add_task(
+                f"batch {name}", total=record.get("requests") or counts.get("total"), state="", failed=0
+            )
+        self._progress.update(
+            self._tasks[name], completed=done, state=record.get("status"), failed=counts.get("failed") or 0
+        )
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+
+def remove_scratch(book: Book) -> None:
+    if book.scratch != Path(book.folder):
+        shutil.rmtree(book.scratch, ignore_errors=True)
+
+
+def files_needed(requests: int, inputs: int, policy: BatchPolicy, embeddings: bool) -> int:
+    """How many request files (batches) ``requests`` lines of ``inputs`` items make under the limits."""
+    if requests == 0:
+        return 0
+    by_lines = math.ceil(requests / policy.max_lines)
+    by_inputs = math.ceil(inputs / policy.max_inputs) if embeddings else 1
+    return max(by_lines, by_inputs)
