@@ -80,7 +80,8 @@ class Batch:
     output_file_id: str | None = None
     error_file_id: str | None = None
     final_at: float | None = None
-    failed_custom_ids: list[str] = field(default_factory=list)
+    # Lines answered with an error: (custom_id, the line's request body), for tests to check against.
+    failed_lines: list[tuple[str, Any]] = field(default_factory=list)
 
     def progress(self, now: float) -> float:
         if self.seconds <= 0:
@@ -397,7 +398,7 @@ class BatchService:
                         b.completed += ok
                         b.failed += not ok
                         if not ok:
-                            b.failed_custom_ids.append(custom_id)
+                            b.failed_lines.append((custom_id, line.get("body")))
                         record = self._result_line(b, custom_id, status_code, body)
                         target = out_f if ok or err_f is None else err_f
                         target.write(json.dumps(record, separators=(",", ":")).encode() + b"\n")

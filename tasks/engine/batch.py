@@ -329,6 +329,7 @@ class BatchRun:
         )
         self._files = 0
         self._id_type: pa.DataType | None = None
+        self._fatal: Any = None  # a Failure every line would meet (see _parse_line)
 
     @property
     def auto(self) -> bool:
@@ -657,6 +658,9 @@ class BatchRun:
                         prompt += reply[0]
                         completion += reply[1]
                         total += reply[2]
+                    if outcomes[0] is None:
+                        seen.discard(custom_id)
+                        continue
                     line_failed = all(not o.ok for o in outcomes)
                     if line_failed:
                         failed += 1
@@ -708,10 +712,12 @@ class BatchRun:
         book.save(record)
         book.remove(record, keep_record=True)
         self.written.append(name)
+        if self._fatal is not None:
+            ctx.request_stop(self._fatal.stop())
 
     async def _parse_line(
         self, custom_id: str, response: dict[str, Any], items: list[Item]
-    ) -> tuple[list[Outcome], tuple[int, int, int] | None]:
+    ) -> tuple[list[Outcome | None], tuple[int, int, int] | None]:
         """One result line through the job's own ``send`` (the SDK parses it as a live reply)."""
         self._replay.status = int(response["status_code"])
         self._replay.body = normalise_body(response.get("body"), custom_id)
@@ -727,6 +733,11 @@ class BatchRun:
             ] * len(items), None
         except Exception as exc:  # noqa: BLE001 - classify_failure re-raises what it doesn't know
             failure = classify_failure(exc)
+            if failure.fatal:
+                # Every line would fail so (a refused schema, a key without access): stop as live does,
+                # and leave the rows unwritten.
+                self._fatal = failure
+                return [None] * len(items), None
             message = redact(failure.message) + " (batch line)"
             return [
                 Outcome(error_type=failure.kind, error_message=message, attempts=1, retry_auto=failure.retryable)
@@ -950,3 +961,48 @@ def files_needed(requests: int, inputs: int, policy: BatchPolicy, embeddings: bo
     by_lines = math.ceil(requests / policy.max_lines)
     by_inputs = math.ceil(inputs / policy.max_inputs) if embeddings else 1
     return max(by_lines, by_inputs)
+
+
+async def manage_batches(output: str, settings: Any | None, *, refresh: bool, cancel: bool) -> list[dict[str, Any]]:
+    """`gembatch batches OUTPUT`: the recorded batches, their states asked again (``refresh``) or cancelled.
+
+    ``settings`` (a ProviderSettings) says where they were sent; None: as each record says (its provider
+    and base URL, the key from that provider's usual variable)."""
+    from tasks.engine.store import OutputStore
+    from tasks.provider.client import ProviderSettings, open_connection
+
+    store = OutputStore(output)
+    records = read_records(store)
+    if not records:
+        raise ConfigError(f"no batches are recorded in {output}/{BATCHES_DIR}/ (a --mode batch run records them)")
+    if not (refresh or cancel):
+        return records
+    book = Book(store)
+    connections: dict[tuple[str, str], tuple[Connection, BatchApi]] = {}
+    try:
+        for record in records:
+            if record["state"] != SUBMITTED:
+                continue
+            where = settings or ProviderSettings(
+                provider=record["provider"],
+                base_url=record["base_url"] if record["provider"] != "gemini" else None,
+            )
+            key = (where.provider, where.base_url or "")
+            if key not in connections:
+                conn = open_connection(where)
+                connections[key] = (conn, BatchApi(conn.client, conn.base_url, conn.api_key))
+            conn, api = connections[key]
+            try:
+                info = await (api.cancel(record["batch_id"]) if cancel else api.retrieve(record["batch_id"]))
+            except Exception as exc:  # noqa: BLE001 - shown per batch; the others are still asked
+                record["error"] = conn.redact(classify_failure(exc).message)
+                continue
+            record.update(
+                status=info.status,
+                request_counts={"total": info.total, "completed": info.completed, "failed": info.failed},
+            )
+            book.save(record)
+    finally:
+        for conn, _ in connections.values():
+            await conn.close()
+    return records
