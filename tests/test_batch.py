@@ -203,11 +203,12 @@ def test_embed_batch_gives_the_live_table_at_half_price(emulator, tmp_path, flav
 
 @pytest.mark.parametrize("flavor", ["gemini", "openai"])
 def test_extract_caption_transcribe_batch_tables_equal_live(emulator, tmp_path, flavor):
+    images, audio = REPO / "data" / "images.csv", REPO / "data" / "audio.csv"
     jobs = [
         (ExtractJob(model=CHAT, schema=Invoice, schema_dialect=flavor), INVOICES),
-        (CaptionJob(model=CHAT, base_dir=base_dir_of(str(REPO / "data" / "images.csv"))), REPO / "data" / "images.csv"),
-        (TranscribeJob(model=CHAT, base_dir=base_dir_of(str(REPO / "data" / "audio.csv"))), REPO / "data" / "audio.csv"),
-    ]  # fmt: skip
+        (CaptionJob(model=CHAT, base_dir=base_dir_of(str(images))), images),
+        (TranscribeJob(model=CHAT, base_dir=base_dir_of(str(audio))), audio),
+    ]
     for job, src in jobs:
         live = run(emulator, job, src, tmp_path / f"{job.name}-live", mode="live", flavor=flavor)
         doc = run(emulator, job, src, tmp_path / f"{job.name}-batch", flavor=flavor)
@@ -289,7 +290,7 @@ def test_expired_batch_keeps_its_half_and_the_other_half_is_sent_again(emulator,
         assert b["requests_answered"] == 100
     assert doc["counts"]["succeeded"] == n and doc["counts"]["failed"] == 0
     assert_balanced(doc)
-    live = run(emulator, job, src, tmp_path / "live", mode="live", chunk_size=100)
+    run(emulator, job, src, tmp_path / "live", mode="live", chunk_size=100)
     assert table(tmp_path / "out").equals(table(tmp_path / "live"))
     first = json.loads(sorted((tmp_path / "out" / "_batches").glob("*-0001.json"))[0].read_text())
     assert first["status"] == "expired" and first["lines_unfinished"] == 100
@@ -341,7 +342,7 @@ def _wait_for_submitted(folder: Path, count: int, timeout: float = 60) -> list[d
 
 def test_sigkill_while_polling_then_rerun_reattaches_creates_no_batch(emulator, tmp_path):
     out = tmp_path / "out"
-    args = ["embed", str(CORPUS), str(out), "--base-url", emulator.base_url, "--api-key-env", TEST_KEY_ENV,
+    args = ["embed", str(CORPUS), "-o", str(out), "--base-url", emulator.base_url, "--api-key-env", TEST_KEY_ENV,
             "--mode", "batch", "--batch-poll", "0.2", "--batch-max-requests", "2", "--no-progress"]  # fmt: skip
     emulator.configure(batch_seconds=8.0)
     proc = _cli(args, tmp_path, background=True)
@@ -387,7 +388,7 @@ def test_batches_cancel_keeps_finished_lines_and_the_next_run_sends_the_rest(emu
     out = tmp_path / "out"
     n = 200
     src = write_corpus(tmp_path / "in.parquet", list(range(n)), [f"cancel me {i}" for i in range(n)])
-    args = ["embed", str(src), str(out), "--base-url", emulator.base_url, "--api-key-env", TEST_KEY_ENV,
+    args = ["embed", str(src), "-o", str(out), "--base-url", emulator.base_url, "--api-key-env", TEST_KEY_ENV,
             "--mode", "batch", "--batch-poll", "0.2", "--batch-size", "1", "--no-progress"]  # fmt: skip
     emulator.configure(batch_seconds=4.0)
     proc = _cli(args, tmp_path, background=True)

@@ -122,6 +122,16 @@ def summary_rows(document: dict[str, Any]) -> list[dict[str, str]]:
             if "images_generated" in document["cost"]
             else []
         ),
+        *(
+            [
+                (
+                    f"batches ({b['mode']}) created / re-attached / rows live",
+                    f"{b['batches_created']} / {b['batches_reattached']} / {b['rows_live']}",
+                )
+            ]
+            if (b := document.get("batches"))
+            else []
+        ),
         ("estimated cost (USD)", "n/a (model not in price table)" if cost is None else f"{cost:.6f}"),
         ("duration (s)", document["duration_s"]),
         ("rows/s", document["throughput"]["rows_per_s"]),
