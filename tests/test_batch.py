@@ -412,3 +412,29 @@ def test_batches_cancel_keeps_finished_lines_and_the_next_run_sends_the_rest(emu
     assert doc["batches"]["requests_unfinished"] == n - first.completed
     run(emulator, EmbedJob(model=EMBED, batch_size=1), src, tmp_path / "live", mode="live")
     assert table(out).equals(table(tmp_path / "live"))
+
+
+def test_dry_run_counts_batches_and_prices_them_at_half(tmp_path):
+    from tasks.engine.plan import plan_job
+
+    def plan(mode: str, **policy) -> dict:
+        options = RunOptions(
+            input=str(CORPUS),
+            output=str(tmp_path / "out"),
+            dry_run=True,
+            chunk_size=64,
+            batch=BatchPolicy(mode=mode, **policy),
+        )
+        return asyncio.run(plan_job(EmbedJob(model=EMBED, batch_size=20), options))
+
+    live = plan("live")["estimate"]
+    batch = plan("batch", max_lines=3)["estimate"]
+    assert live["requests"] == batch["requests"] == batch["batch_requests"] == 20
+    assert batch["batches"] == 7 and batch["live_requests"] == 0  # 20 requests, 3 a file
+    assert batch["input_cost_usd"] == pytest.approx(live["input_cost_usd"] / 2, rel=1e-3)
+    auto = plan("auto", max_lines=8, auto_min_requests=5)["estimate"]
+    assert (auto["batches"], auto["batch_requests"], auto["live_requests"]) == (2, 16, 4)
+    small = plan("auto", auto_min_requests=100)["estimate"]
+    assert (small["batches"], small["live_requests"]) == (0, 20)
+    assert small["input_cost_usd"] == pytest.approx(live["input_cost_usd"])
+    assert not (tmp_path / "out").exists()
