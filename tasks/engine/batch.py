@@ -546,6 +546,7 @@ class BatchRun:
             "items": request_file.inputs,
             "rows": request_file.rows,
             "estimated_tokens": request_file.tokens,
+            "request_bytes": request_file.bytes,
             "reserved_usd": reservation,
             "file_id": None,
             "batch_id": None,
