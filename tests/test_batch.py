@@ -438,3 +438,43 @@ def test_dry_run_counts_batches_and_prices_them_at_half(tmp_path):
     assert (small["batches"], small["live_requests"]) == (0, 20)
     assert small["input_cost_usd"] == pytest.approx(live["input_cost_usd"])
     assert not (tmp_path / "out").exists()
+
+
+def test_auto_mode_in_a_prefect_flow_batches_the_bulk_and_runs_the_rest_as_chunk_tasks(
+    prefect_server, emulator, tmp_path
+):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId
+
+    from flows.embed import embed_flow
+    from flows.params import CommonOptions
+
+    src = write_corpus(tmp_path / "in.parquet", list(range(250)), [f"flow batch {i}" for i in range(250)])
+    options = CommonOptions(
+        base_url=emulator.base_url, api_key_env=TEST_KEY_ENV, provider="local", chunk_size=100,
+        mode="auto", batch_poll=0.05, batch_max_requests=20, auto_min_requests=15,
+    )  # fmt: skip
+    doc = asyncio.run(embed_flow(input=str(src), output=str(tmp_path / "out"), batch_size=10, options=options))
+    assert doc["status"] == "completed", doc["message"]
+    # 25 requests: the first 20 (rows 0-199) in one batch, the last 5 (fewer than 15) live.
+    assert doc["batches"]["batches_created"] == 1 and doc["batches"]["rows_live"] == 50
+    assert doc["counts"]["succeeded"] == 250
+    assert_balanced(doc)
+
+    async def inspect():
+        async with get_client() as client:
+            flow_filter = FlowRunFilter(id=FlowRunFilterId(any_=[doc["flow_run_id"]]))
+            task_runs = await client.read_task_runs(flow_run_filter=flow_filter)
+            artifacts = await client.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["gembatch-embed-run"])),
+                flow_run_filter=flow_filter,
+            )
+            return task_runs, artifacts
+
+    task_runs, artifacts = asyncio.run(inspect())
+    assert [t.name for t in task_runs] == ["chunk-2"]  # the live rest; chunks 0 and 1 were done by the batch
+    summary = {row["metric"]: row["value"] for row in json.loads(artifacts[0].data)}
+    assert summary["batches (auto) created / re-attached / rows live"] == "1 / 0 / 50"
+    live = tmp_path / "live"
+    run(emulator, EmbedJob(model=EMBED, batch_size=10), src, live, mode="live")
+    assert table(tmp_path / "out").equals(table(live))
