@@ -390,11 +390,12 @@ def test_batches_cancel_keeps_finished_lines_and_the_next_run_sends_the_rest(emu
     src = write_corpus(tmp_path / "in.parquet", list(range(n)), [f"cancel me {i}" for i in range(n)])
     args = ["embed", str(src), "-o", str(out), "--base-url", emulator.base_url, "--api-key-env", TEST_KEY_ENV,
             "--mode", "batch", "--batch-poll", "0.2", "--batch-size", "1", "--no-progress"]  # fmt: skip
-    emulator.configure(batch_seconds=12.0)
+    emulator.configure(batch_seconds=60.0)  # long enough for the cancel command to start on a busy machine
     proc = _cli(args, tmp_path, background=True)
     try:
         _wait_for_submitted(out / "_batches", 1)
-        time.sleep(1.0)  # some lines answered (the cancel's own start-up adds a few seconds)
+        time.sleep(1.0)  # some lines answered (the cancel command's own start-up adds more)
+        emulator.configure(batch_seconds=0.0)  # batches created from now on (the rest) finish at once
         cancel = _cli(["batches", str(out), "--cancel", "--base-url", emulator.base_url, "--api-key-env", TEST_KEY_ENV],
                       tmp_path)  # fmt: skip
         assert cancel.returncode == 0, cancel.stderr
