@@ -18,6 +18,7 @@ import polars as pl
 import pytest
 from conftest import CORPUS, REPO, TEST_KEY, TEST_KEY_ENV, assert_balanced, read_errors, read_output, write_corpus
 
+from emulator import Emulator, EmulatorConfig
 from emulator.batches import _gemini_body
 from schemas.examples import Invoice
 from tasks.engine.batch import BatchPolicy
@@ -54,6 +55,11 @@ def run(emu, job, input, output, *, mode="batch", flavor="gemini", chunk_size=64
         batch=BatchPolicy(mode=mode, poll_s=policy.pop("poll_s", 0.05), **policy),
     )
     return asyncio.run(run_job(job, options))
+
+
+def records_in(folder: Path) -> list[dict]:
+    """The batch records (not a record being written: those are .tmp-… until renamed)."""
+    return [json.loads(p.read_text()) for p in sorted(folder.glob("[!.]*.json"))] if folder.exists() else []
 
 
 def table(out: Path) -> pl.DataFrame:
@@ -333,7 +339,7 @@ def _cli(args: list[str], tmp_path: Path, **kw) -> subprocess.CompletedProcess |
 def _wait_for_submitted(folder: Path, count: int, timeout: float = 60) -> list[dict]:
     deadline = time.time() + timeout
     while time.time() < deadline:
-        records = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.exists() else []
+        records = records_in(folder)
         if sum(r["state"] == "submitted" for r in records) >= count:
             return records
         time.sleep(0.05)
@@ -479,3 +485,36 @@ def test_auto_mode_in_a_prefect_flow_batches_the_bulk_and_runs_the_rest_as_chunk
     live = tmp_path / "live"
     run(emulator, EmbedJob(model=EMBED, batch_size=10), src, live, mode="live")
     assert table(tmp_path / "out").equals(table(live))
+
+
+def test_a_recorded_batch_the_provider_no_longer_knows_is_sent_again(emulator, tmp_path):
+    job = EmbedJob(model=EMBED, batch_size=50)
+    emulator.configure(batch_seconds=3600.0)
+    with Emulator(EmulatorConfig(api_key=TEST_KEY, batch_seconds=3600.0)) as gone:
+        options = RunOptions(
+            input=str(CORPUS),
+            output=str(tmp_path / "out"),
+            provider=ProviderSettings(provider="local", base_url=gone.base_url, api_key_env=TEST_KEY_ENV, timeout_s=10),
+            batch=BatchPolicy(mode="batch", poll_s=0.05),
+        )
+
+        async def submit_then_stop() -> dict:
+            task = asyncio.create_task(run_job(job, options))
+            records = tmp_path / "out" / "_batches"
+            while not any(r["state"] == "submitted" for r in records_in(records)):
+                await asyncio.sleep(0.02)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            return {}
+
+        asyncio.run(submit_then_stop())
+    (record,) = [json.loads(p.read_text()) for p in (tmp_path / "out" / "_batches").glob("*.json")]
+    assert record["state"] == "submitted"
+    emulator.configure(batch_seconds=0.0)
+    doc = run(emulator, job, CORPUS, tmp_path / "out")  # another server: it has never heard of that batch
+    assert doc["status"] == "completed", doc["message"]
+    assert doc["batches"]["batches_lost"] == 1 and doc["batches"]["batches_created"] == 1
+    assert read_output(tmp_path / "out").height == 323
+    states = sorted(json.loads(p.read_text())["state"] for p in (tmp_path / "out" / "_batches").glob("*.json"))
+    assert states == ["lost", "written"]

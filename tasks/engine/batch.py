@@ -83,6 +83,7 @@ WRITE_ROWS = 2000
 
 # Record states (ours; the provider's status is kept beside them).
 PREPARED, UPLOADED, SUBMITTED, WRITTEN = "prepared", "uploaded", "submitted", "written"
+LOST = "lost"  # the provider answered 404 for it: its rows are sent again
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -285,6 +286,7 @@ class BatchTotals:
     completion_tokens: int = 0
     total_tokens: int = 0
     live_rows: int = 0
+    lost: int = 0
 
 
 class BatchRun:
@@ -342,7 +344,7 @@ class BatchRun:
             await self._reattach()
             first = True
             while not self.ctx.stop_event.is_set():
-                answered_before = self.totals.lines_answered + self.totals.lines_failed
+                answered_before = self.totals.lines_answered + self.totals.lines_failed + self.totals.lost
                 submitted = await self._submit_pass(first)
                 first = False
                 pending = [r for r in self.book.records() if r["state"] == SUBMITTED]
@@ -351,7 +353,7 @@ class BatchRun:
                 await self._poll_until_written(pending)
                 if self.auto or self.ctx.stop_event.is_set():
                     break
-                if self.totals.lines_answered + self.totals.lines_failed == answered_before:
+                if self.totals.lines_answered + self.totals.lines_failed + self.totals.lost == answered_before:
                     problems = "; ".join(sorted({r.get("errors") or r.get("status", "") for r in pending}))
                     self.ctx.request_stop(
                         RunStopped(
@@ -370,7 +372,7 @@ class BatchRun:
     # -- 1. re-attach ---------------------------------------------------------------------------------
 
     async def _reattach(self) -> None:
-        records = [r for r in self.book.records() if r["state"] != WRITTEN]
+        records = [r for r in self.book.records() if r["state"] not in (WRITTEN, LOST)]
         listed: list[BatchInfo] | None = None
         for record in records:
             if record["state"] == PREPARED:
@@ -597,6 +599,14 @@ class BatchRun:
                         info = await self.api.retrieve(record["batch_id"])
                     except Exception as exc:  # noqa: BLE001 - a failed poll is tried again next time
                         failure = classify_failure(exc)
+                        if failure.kind == "not_found":
+                            # The provider no longer knows it (deleted, past its retention, or a local
+                            # emulator that is gone): nothing can be fetched, so its rows are sent again.
+                            record.update(state=LOST, status="not found", errors=self.conn.redact(failure.message))
+                            self.book.save(record)
+                            self.book.remove(record, keep_record=True)
+                            self.totals.lost += 1
+                            continue
                         if failure.fatal:
                             ctx.request_stop(failure.stop())
                             return
@@ -864,6 +874,7 @@ class BatchRun:
             "flavor": self.api.flavor,
             "batches_created": t.created,
             "batches_reattached": t.reattached,
+            "batches_lost": t.lost,
             "batches_written": self.written,
             "requests_submitted": t.lines_submitted,
             "requests_answered": t.lines_answered,
