@@ -518,3 +518,44 @@ def test_a_recorded_batch_the_provider_no_longer_knows_is_sent_again(emulator, t
     assert read_output(tmp_path / "out").height == 323
     states = sorted(json.loads(p.read_text())["state"] for p in (tmp_path / "out" / "_batches").glob("*.json"))
     assert states == ["lost", "written"]
+
+
+def test_max_cost_counts_batch_prices_and_awaits_what_it_submitted(emulator, tmp_path):
+    job = EmbedJob(model=EMBED)
+    options = dict(
+        input=str(CORPUS),
+        provider=ProviderSettings(provider="local", base_url=emulator.base_url, api_key_env=TEST_KEY_ENV, timeout_s=10),
+        chunk_size=64,
+    )
+    # The whole corpus costs ~0.00115 USD live, ~0.00058 by batch: 0.0009 is enough only by batch.
+    live = asyncio.run(run_job(job, RunOptions(output=str(tmp_path / "live"), max_cost_usd=0.0009, **options)))
+    assert live["status"] == "stopped: budget"
+    batch = asyncio.run(
+        run_job(
+            job,
+            RunOptions(
+                output=str(tmp_path / "b1"),
+                max_cost_usd=0.0009,
+                batch=BatchPolicy(mode="batch", poll_s=0.05),
+                **options,
+            ),
+        )
+    )
+    assert batch["status"] == "completed" and batch["counts"]["succeeded"] + batch["counts"]["deduplicated"] == 323
+    # Two files of about half the tokens each: the second would pass 0.0004; the first is awaited and written.
+    small = asyncio.run(
+        run_job(
+            job,
+            RunOptions(
+                output=str(tmp_path / "b2"),
+                max_cost_usd=0.0004,
+                batch=BatchPolicy(mode="batch", poll_s=0.05, max_lines=2),
+                **options,
+            ),
+        )
+    )
+    assert small["status"] == "stopped: budget"
+    assert small["batches"]["batches_created"] == 1 and len(small["batches"]["batches_written"]) == 1
+    assert 0 < read_output(tmp_path / "b2").height < 323
+    assert small["cost"]["estimated_usd"] <= 0.0004
+    assert_balanced(small)

@@ -592,7 +592,8 @@ class BatchRun:
         ctx = self.ctx
         bar = _PollBar(enabled=self.options.progress)
         try:
-            while pending and not ctx.stop_event.is_set():
+            # After a budget stop the batches already submitted are paid for: they are still awaited.
+            while pending and (not ctx.stop_event.is_set() or _budget_stop(ctx)):
                 still = []
                 for record in pending:
                     try:
@@ -623,7 +624,9 @@ class BatchRun:
                         still.append(record)
                     bar.show(record)
                 pending = still
-                if pending:
+                if pending and ctx.stop_event.is_set():
+                    await asyncio.sleep(self.policy.poll_s)
+                elif pending:
                     try:
                         await asyncio.wait_for(ctx.stop_event.wait(), timeout=self.policy.poll_s)
                     except TimeoutError:
@@ -906,6 +909,10 @@ class _LineRows:
 
     def __len__(self) -> int:
         return len(self._lines)
+
+
+def _budget_stop(ctx: RunContext) -> bool:
+    return ctx.stopped is not None and ctx.stopped.status == "stopped: budget"
 
 
 def _read_rows(book: Book, name: str) -> pa.Table:
