@@ -330,6 +330,7 @@ class BatchRun:
             api_key="",
         )
         self._files = 0
+        self._endpoint = ""
         self._id_type: pa.DataType | None = None
         self._fatal: Any = None  # a Failure every line would meet (see _parse_line)
 
@@ -368,6 +369,7 @@ class BatchRun:
         finally:
             await self._capture_conn.client.close()
             await self._replay_conn.client.close()
+            remove_scratch(self.book)
 
     # -- 1. re-attach ---------------------------------------------------------------------------------
 

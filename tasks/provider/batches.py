@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -280,7 +279,3 @@ def endpoint_of(path: str) -> str | None:
         if path.rstrip("/").endswith(endpoint.removeprefix("/v1")):
             return endpoint
     return None
-
-
-def ids_in(batches: Iterable[BatchInfo]) -> set[str]:
-    return {b.id for b in batches}
