@@ -559,3 +559,39 @@ def test_max_cost_counts_batch_prices_and_awaits_what_it_submitted(emulator, tmp
     assert 0 < read_output(tmp_path / "b2").height < 323
     assert small["cost"]["estimated_usd"] <= 0.0004
     assert_balanced(small)
+
+
+def test_killed_between_create_and_record_the_batch_is_found_in_the_providers_list(emulator, tmp_path):
+    """The one gap a record can't close: the batch was created, its id not yet saved. The next run finds
+    it by its input file in the provider's list instead of paying for it again."""
+    job = EmbedJob(model=EMBED, batch_size=50)
+    out = tmp_path / "out"
+    emulator.configure(batch_seconds=1.5)
+    options = RunOptions(
+        input=str(CORPUS),
+        output=str(out),
+        provider=ProviderSettings(provider="local", base_url=emulator.base_url, api_key_env=TEST_KEY_ENV, timeout_s=10),
+        batch=BatchPolicy(mode="batch", poll_s=0.05),
+    )
+
+    async def submit_then_stop() -> None:
+        task = asyncio.create_task(run_job(job, options))
+        while not any(r["state"] == "submitted" for r in records_in(out / "_batches")):
+            await asyncio.sleep(0.02)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(submit_then_stop())
+    (path,) = [p for p in (out / "_batches").glob("[!.]*.json")]
+    record = json.loads(path.read_text())
+    created = list(emulator.batches.created)
+    assert created == [record["batch_id"]]
+    path.write_text(json.dumps({**record, "state": "uploaded", "batch_id": None}))  # as if killed before saving
+    emulator.configure(batch_seconds=0.0)
+    doc = run(emulator, job, CORPUS, out)
+    assert doc["status"] == "completed", doc["message"]
+    assert emulator.batches.created == created  # no new batch
+    assert doc["batches"]["batches_reattached"] == 1 and doc["batches"]["batches_created"] == 0
+    assert json.loads(path.read_text())["batch_id"] == created[0]
+    assert read_output(out).height == 323
