@@ -25,14 +25,9 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import pickle
-import shutil
 import sys
-import tempfile
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -40,6 +35,22 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tasks.defaults import DEFAULT_AUTO_MIN_REQUESTS, DEFAULT_BATCH_POLL_S, MAX_BATCH_REQUESTS
+from tasks.engine.batch_records import (
+    BATCHES_DIR,
+    LOST,
+    PREPARED,
+    SUBMITTED,
+    UPLOADED,
+    WRITTEN,
+    Book,
+    LineRows,
+    RequestFile,
+    now,
+    read_records,
+    read_rows,
+    remove_scratch,
+    request_line,
+)
 from tasks.engine.chunk import (
     DONE,
     INVALID,
@@ -71,19 +82,14 @@ from tasks.provider.client import Connection, classify_failure
 __all__ = ["BatchPolicy", "BatchRun", "BATCHES_DIR", "MODES", "check_batch_capable", "read_records"]
 
 MODES = ("live", "batch", "auto")
-BATCHES_DIR = "_batches"
 # OpenAI's documented caps per input file; Gemini's (2 GB a file) are larger. Bytes are kept lower on
 # purpose: the OpenAI SDK sends a file in one request body.
 MAX_LINES_PER_FILE = MAX_BATCH_REQUESTS
 MAX_EMBEDDING_INPUTS_PER_FILE = 50_000
 MAX_BYTES_PER_FILE = 100 * 1024 * 1024
 DEFAULT_POLL_S = DEFAULT_BATCH_POLL_S
-# Result lines parsed and written together: one part file per this many rows (at least).
-WRITE_ROWS = 2000
-
-# Record states (ours; the provider's status is kept beside them).
-PREPARED, UPLOADED, SUBMITTED, WRITTEN = "prepared", "uploaded", "submitted", "written"
-LOST = "lost"  # the provider answered 404 for it: its rows are sent again
+# Result rows written together: one part file per this many rows (at least a chunk's worth).
+WRITE_RESULT_ROWS = 2000
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -120,155 +126,6 @@ def check_batch_capable(job: Any, provider: str, base_url: str | None) -> None:
             "--mode batch/auto: audio/transcriptions has no batch form (batches take /v1/chat/completions and "
             "/v1/embeddings); use --api chat, or --mode live"
         )
-
-
-# -- records ----------------------------------------------------------------------------------------------
-
-
-def read_records(store: Any) -> list[dict[str, Any]]:
-    """Every batch record of an output folder, oldest first."""
-    folder = f"{store.root}/{BATCHES_DIR}"
-    if not store.fs.exists(folder):
-        return []
-    records = []
-    for path in sorted(store.fs.ls(folder, detail=False)):
-        if path.endswith(".json") and not path.rsplit("/", 1)[-1].startswith("."):
-            with store.fs.open(path, "r") as f:
-                records.append(json.load(f))
-    return records
-
-
-class Book:
-    """The records in OUTPUT/_batches/: one ``<name>.json`` per request file, its rows beside it."""
-
-    def __init__(self, store: Any) -> None:
-        self.store = store
-        self.fs = store.fs
-        self.folder = f"{store.root}/{BATCHES_DIR}"
-        self.fs.makedirs(self.folder, exist_ok=True)
-        local = type(self.fs).__name__ == "LocalFileSystem"
-        # Request files and downloads: beside the records on a local disk, else in a local scratch folder.
-        self.scratch = Path(self.folder) if local else Path(tempfile.mkdtemp(prefix="gembatch-batches-"))
-
-    def save(self, record: dict[str, Any]) -> None:
-        path = f"{self.folder}/{record['name']}.json"
-        tmp = f"{self.folder}/.tmp-{record['name']}.json"
-        with self.fs.open(tmp, "w") as f:
-            json.dump(record, f, indent=2)
-        self.fs.mv(tmp, path)
-
-    def rows_path(self, name: str) -> str:
-        return f"{self.folder}/{name}.rows.parquet"
-
-    def remove(self, record: dict[str, Any], *, keep_record: bool = False) -> None:
-        for path in (
-            self.rows_path(record["name"]),
-            *([] if keep_record else [f"{self.folder}/{record['name']}.json"]),
-        ):
-            if self.fs.exists(path):
-                self.fs.rm(path)
-        for suffix in (".requests.jsonl", ".output.jsonl", ".errors.jsonl"):
-            (self.scratch / f"{record['name']}{suffix}").unlink(missing_ok=True)
-
-    def records(self) -> list[dict[str, Any]]:
-        return read_records(self.store)
-
-
-# -- one request file being built ---------------------------------------------------------------------
-
-
-class RequestFile:
-    """A JSONL request file and its rows file, written as lines are added (never held in memory)."""
-
-    def __init__(self, book: Book, name: str, id_type: pa.DataType) -> None:
-        self.name = name
-        self.path = book.scratch / f"{name}.requests.jsonl"
-        self.rows_path = book.rows_path(name)
-        self._fh = self.path.open("wb")
-        self._rows_fh = book.fs.open(self.rows_path, "wb")
-        self._schema = pa.schema(
-            [
-                ("custom_id", pa.string()),
-                ("item", pa.int32()),
-                ("content_hash", pa.string()),
-                ("id", id_type),
-                ("input_row", pa.int64()),
-                ("prepared", pa.binary()),
-            ]
-        )
-        self._writer = pq.ParquetWriter(self._rows_fh, self._schema, compression="zstd")
-        self._buffer: dict[str, list[Any]] = {n: [] for n in self._schema.names}
-        self.lines = self.inputs = self.bytes = self.rows = 0
-        self.tokens = 0
-        self.hashes: list[str] = []  # content hashes of the items (for the in-flight key table)
-        # content hash -> (custom_id, item index): a later row of the same content joins that item.
-        self.where: dict[str, tuple[str, int]] = {}
-
-    def fits(self, inputs: int, size: int, policy: BatchPolicy, endpoint: str) -> bool:
-        if self.lines == 0:
-            return True
-        if self.lines + 1 > policy.max_lines or self.bytes + size > policy.max_bytes:
-            return False
-        return not (endpoint.endswith("embeddings") and self.inputs + inputs > policy.max_inputs)
-
-    def add_line(self, line: bytes, items: list[Item], rows: list[tuple[int, Any, int]], custom_id: str) -> None:
-        """``rows``: (item index, row id, input row) of every row the line answers."""
-        self._fh.write(line)
-        self.lines += 1
-        self.inputs += len(items)
-        self.bytes += len(line)
-        self.tokens += sum(item.tokens for item in items)
-        firsts: set[int] = set()
-        b = self._buffer
-        for item_index, row_id, input_row in rows:
-            item = items[item_index]
-            b["custom_id"].append(custom_id)
-            b["item"].append(item_index)
-            b["content_hash"].append(item.content_hash)
-            b["id"].append(row_id)
-            b["input_row"].append(input_row)
-            first = item_index not in firsts
-            firsts.add(item_index)
-            b["prepared"].append(pickle.dumps(item.prepared, protocol=5) if first else None)
-        for index, item in enumerate(items):
-            self.where[item.content_hash] = (custom_id, index)
-        self.hashes.extend(item.content_hash for item in items)
-        self.rows += len(rows)
-        if len(b["custom_id"]) >= WRITE_ROWS:
-            self._flush()
-
-    def join(self, content_hash: str, members: list[tuple[Any, int]]) -> bool:
-        """Rows whose content an earlier line of this file already asks for: recorded under that line."""
-        if content_hash not in self.where:
-            return False
-        custom_id, index = self.where[content_hash]
-        b = self._buffer
-        for row_id, input_row in members:
-            b["custom_id"].append(custom_id)
-            b["item"].append(index)
-            b["content_hash"].append(content_hash)
-            b["id"].append(row_id)
-            b["input_row"].append(input_row)
-            b["prepared"].append(None)
-        self.rows += len(members)
-        return True
-
-    def _flush(self) -> None:
-        if self._buffer["custom_id"]:
-            self._writer.write_table(pa.table(self._buffer, schema=self._schema))
-            self._buffer = {n: [] for n in self._schema.names}
-
-    def close(self) -> None:
-        self._flush()
-        self._writer.close()
-        self._rows_fh.close()
-        self._fh.close()
-
-    def discard(self, book: Book) -> None:
-        self.close()
-        self.path.unlink(missing_ok=True)
-        if book.fs.exists(self.rows_path):
-            book.fs.rm(self.rows_path)
 
 
 # -- the run --------------------------------------------------------------------------------------------
@@ -474,7 +331,7 @@ class BatchRun:
                     if current is None:
                         current = self._new_file()
                     custom_id = f"{current.name}-{current.lines:05d}"
-                    line = _line(custom_id, endpoint, body)
+                    line = request_line(custom_id, endpoint, body)
                     if not current.fits(len(items), len(line), self.policy, endpoint):
                         submitted += await self._submit(current, endpoint)
                         if ctx.stop_event.is_set():
@@ -482,7 +339,7 @@ class BatchRun:
                             break
                         current = self._new_file()
                         custom_id = f"{current.name}-{current.lines:05d}"
-                        line = _line(custom_id, endpoint, body)
+                        line = request_line(custom_id, endpoint, body)
                     rows = [
                         (i, row_id, input_row) for i, (_, members) in enumerate(part) for row_id, input_row in members
                     ]
@@ -556,7 +413,7 @@ class BatchRun:
             "batch_id": None,
             "status": None,
             "request_counts": None,
-            "created_at": _now(),
+            "created_at": now(),
         }
         self.book.save(record)
         record["file_id"] = await self.api.upload(request_file.path, request_file.name)
@@ -646,8 +503,8 @@ class BatchRun:
                 dest = book.scratch / f"{name}{suffix}"
                 await self.api.download(file_id, dest)
                 downloads.append(dest)
-        rows_table = await asyncio.to_thread(_read_rows, book, name)
-        lines = _LineRows(rows_table)
+        rows_table = await asyncio.to_thread(read_rows, book, name)
+        lines = LineRows(rows_table)
         seen: set[str] = set()
         answered = failed = 0
         buffer_rows: list[tuple[Any, str, int]] = []
@@ -694,7 +551,7 @@ class BatchRun:
                         buffer_out.append(outcome)
                         buffer_first.append(item_index not in firsts)
                         firsts.add(item_index)
-                    if len(buffer_rows) >= max(WRITE_ROWS, self.options.chunk_size):
+                    if len(buffer_rows) >= max(WRITE_RESULT_ROWS, self.options.chunk_size):
                         await asyncio.to_thread(self._write_rows, buffer_rows, buffer_out, buffer_first)
                         buffer_rows, buffer_out, buffer_first = [], [], []
         if buffer_rows:
@@ -718,7 +575,7 @@ class BatchRun:
         record.update(
             state=WRITTEN,
             status=info.status,
-            written_at=_now(),
+            written_at=now(),
             written_by_run=ctx.run_id,
             lines_answered=answered,
             lines_failed=failed,
@@ -891,44 +748,8 @@ class BatchRun:
         }
 
 
-class _LineRows:
-    """custom_id → (items, rows) of a rows file: the line's items in request order, and every row it answers."""
-
-    def __init__(self, table: pa.Table) -> None:
-        self._lines: dict[str, tuple[list[Item], list[tuple[int, Any, int]]]] = {}
-        cols = {n: table.column(n).to_pylist() for n in ("custom_id", "item", "content_hash", "id", "input_row")}
-        prepared = table.column("prepared")
-        for i, custom_id in enumerate(cols["custom_id"]):
-            entry = self._lines.setdefault(custom_id, ([], []))
-            item_index = cols["item"][i]
-            if item_index == len(entry[0]):
-                raw = prepared[i].as_py()
-                entry[0].append(Item(i, cols["id"][i], cols["content_hash"][i], pickle.loads(raw)))
-            entry[1].append((item_index, cols["id"][i], cols["input_row"][i]))
-
-    def get(self, custom_id: str) -> tuple[list[Item], list[tuple[int, Any, int]]] | None:
-        return self._lines.get(custom_id)
-
-    def __len__(self) -> int:
-        return len(self._lines)
-
-
 def _budget_stop(ctx: RunContext) -> bool:
     return ctx.stopped is not None and ctx.stopped.status == "stopped: budget"
-
-
-def _read_rows(book: Book, name: str) -> pa.Table:
-    with book.fs.open(book.rows_path(name), "rb") as f:
-        return pq.read_table(f)
-
-
-def _line(custom_id: str, endpoint: str, body: dict[str, Any]) -> bytes:
-    line = {"custom_id": custom_id, "method": "POST", "url": endpoint, "body": body}
-    return json.dumps(line, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 class _PollBar:
@@ -968,11 +789,6 @@ class _PollBar:
     def close(self) -> None:
         if self._progress is not None:
             self._progress.stop()
-
-
-def remove_scratch(book: Book) -> None:
-    if book.scratch != Path(book.folder):
-        shutil.rmtree(book.scratch, ignore_errors=True)
 
 
 def files_needed(requests: int, inputs: int, policy: BatchPolicy, embeddings: bool) -> int:
