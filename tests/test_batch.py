@@ -598,3 +598,16 @@ def test_killed_between_create_and_record_the_batch_is_found_in_the_providers_li
     assert doc["batches"]["batches_reattached"] == 1 and doc["batches"]["batches_created"] == 0
     assert json.loads(path.read_text())["batch_id"] == created[0]
     assert read_output(out).height == 323
+
+
+def test_retry_errors_resends_once_per_run_even_when_every_line_fails_again(emulator, tmp_path):
+    src = write_corpus(tmp_path / "in.parquet", list(range(30)), [f"always failing {i}" for i in range(30)])
+    job = EmbedJob(model=EMBED, batch_size=5)
+    emulator.configure(batch_line_failure_rate=1.0)
+    first = run(emulator, job, src, tmp_path / "out")
+    assert first["counts"]["failed"] == 30 and len(emulator.batches.created) == 1
+    again = run(emulator, job, src, tmp_path / "out", retry_errors=True)
+    assert again["counts"]["failed"] == 30 and again["status"] == "completed with errors"
+    assert len(emulator.batches.created) == 2  # one new batch, not one per round
+    assert_balanced(again)
+    assert read_errors(tmp_path / "out").height == 30  # the older error rows superseded

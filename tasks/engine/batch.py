@@ -171,6 +171,7 @@ class BatchRun:
         self.chunk_runner = chunk_runner
         self.totals = BatchTotals()
         self.pending_keys = KeyTable(payload=False)
+        self.failed_now = KeyTable()  # (content, id) pairs written to _errors/ by this run
         self.written: list[str] = []
         self._capture = CapturingTransport()
         self._capture_conn = Connection(
@@ -306,6 +307,8 @@ class BatchRun:
                 if not len(new):
                     continue
                 new = new[~self.pending_keys.has_keys(keys.keys[new])]
+                if len(self.failed_now):  # failed in this run's batches: not resent by this run
+                    new = new[~self.failed_now.has_pairs(keys.keys[new], keys.tags[new])]
                 stored = ctx.index.results.has_keys(keys.keys[new])
                 if stored.any():
                     await self._copy_stored(new[stored], ids, ready.hashes, keys.keys, first_row)
@@ -681,6 +684,7 @@ class BatchRun:
             stats.error_parts_written.append(path)
             # Not sent again in this run (a plain rerun resends the transient ones, as after a live run).
             ctx.index.errors.add(keys[bad], tags[bad])
+            self.failed_now.add(keys[bad], tags[bad])
             stats.failed += len(bad)
             stats.failed_retry_auto += sum(1 for i in bad if outcomes[i].retry_auto)
         ctx.on_progress(len(ok) + len(bad))
