@@ -611,3 +611,12 @@ def test_retry_errors_resends_once_per_run_even_when_every_line_fails_again(emul
     assert len(emulator.batches.created) == 2  # one new batch, not one per round
     assert_balanced(again)
     assert read_errors(tmp_path / "out").height == 30  # the older error rows superseded
+
+
+def test_batch_states_in_gemini_native_names_read_as_openai_ones():
+    from tasks.provider.batches import BatchInfo
+
+    for native, meant in [("BATCH_STATE_SUCCEEDED", "completed"), ("JOB_STATE_RUNNING", "in_progress"),
+                          ("BATCH_STATE_EXPIRED", "expired"), ("in_progress", "in_progress")]:  # fmt: skip
+        info = BatchInfo.of({"id": "batches/x", "state": native})
+        assert info.status == meant and info.final == (meant in ("completed", "expired"))

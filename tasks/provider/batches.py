@@ -81,7 +81,7 @@ class BatchInfo:
         errors = (data.get("errors") or {}).get("data") or []
         return cls(
             id=str(data["id"]),
-            status=str(data.get("status")),
+            status=_status(data.get("status") or data.get("state")),
             total=int(counts.get("total") or 0),
             completed=int(counts.get("completed") or 0),
             failed=int(counts.get("failed") or 0),
@@ -190,6 +190,26 @@ class BatchApi:
                         async for block in response.aiter_bytes():
                             out.write(block)
         tmp.replace(dest)
+
+
+# Gemini's native batch states (BATCH_STATE_*, shown as JOB_STATE_* by its SDKs), should the compat
+# endpoint ever pass them through: the OpenAI names they mean.
+_NATIVE_STATES = {
+    "PENDING": "validating",
+    "RUNNING": "in_progress",
+    "SUCCEEDED": "completed",
+    "FAILED": "failed",
+    "CANCELLED": "cancelled",
+    "EXPIRED": "expired",
+}
+
+
+def _status(raw: object) -> str:
+    text = str(raw or "")
+    for prefix in ("BATCH_STATE_", "JOB_STATE_"):
+        if text.startswith(prefix):
+            return _NATIVE_STATES.get(text[len(prefix) :], text.lower())
+    return text
 
 
 def _raise_for(response: httpx2.Response, what: str) -> None:
