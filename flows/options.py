@@ -99,8 +99,19 @@ def print_plan(document: dict[str, Any]) -> None:
         ("failed before (not retried)", c["failed_before"]),
         ("rows to send", c["would_send"]),
         ("requests", e["requests"]),
+        *(
+            [
+                (f"--mode {e['mode']}: batches (request files)", e["batches"]),
+                ("requests by batch / live", f"{e['batch_requests']} / {e['live_requests']}"),
+            ]
+            if "batches" in e
+            else []
+        ),
         ("input tokens (estimate)", e["input_tokens"]),
-        ("input cost USD (estimate)", "n/a (model not in price table)" if cost is None else f"{cost:.6f}"),
+        (
+            "input cost USD (estimate)" + (" at batch price" if e.get("batch_requests") else ""),
+            "n/a (model not in price table)" if cost is None else f"{cost:.6f}",
+        ),
         *(
             [
                 ("images (n × rows)", e["images"]),

@@ -27,3 +27,9 @@ SEGMENT_FORMATS = ("mp3", "wav")  # how each segment is encoded for the request 
 DEFAULT_SEGMENT_FORMAT = "mp3"
 
 DEFAULT_SIZE = "1024x1024"
+
+# Batch mode (tasks/engine/batch.py): polls, requests per batch (OpenAI's cap per input file), and the
+# smallest request file --mode auto sends as a batch.
+DEFAULT_BATCH_POLL_S = 30.0
+MAX_BATCH_REQUESTS = 50_000
+DEFAULT_AUTO_MIN_REQUESTS = 100

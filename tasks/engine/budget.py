@@ -35,6 +35,8 @@ class Budget:
         self._price: Price = price
         self._per_image = per_image_usd
         self._images_per_request = images_per_request
+        # 0.5 while a batch run prices its request files (the batch APIs' half price), 1.0 for live requests.
+        self.price_factor = 1.0
         self.spent_usd = 0.0
         self._reserved_usd = 0.0
         self._prompt_tokens = 0
@@ -64,6 +66,7 @@ class Budget:
         else:
             ratio = self._output_tokens / self._prompt_tokens if self._prompt_tokens else 0.0
             cost = estimated_tokens * (self._price.input + ratio * self._price.output) / 1e6
+        cost *= self.price_factor
         if self.spent_usd + self._reserved_usd + cost > self.max_usd:
             return None
         self._reserved_usd += cost
@@ -80,7 +83,7 @@ class Budget:
         output = max(0, total_tokens - prompt_tokens)
         self._prompt_tokens += prompt_tokens
         self._output_tokens += output
-        self.spent_usd += (prompt_tokens * self._price.input + output * self._price.output) / 1e6
+        self.spent_usd += self.price_factor * (prompt_tokens * self._price.input + output * self._price.output) / 1e6
 
     def stop(self) -> RunStopped:
         return RunStopped(

@@ -10,7 +10,7 @@ from typing import Any
 from tasks.engine.chunk import RunStats
 from tasks.provider.prices import estimate_cost_usd
 
-__all__ = ["new_run_id", "package_versions", "counts", "summary_rows", "utc_now"]
+__all__ = ["batch_cost", "new_run_id", "package_versions", "counts", "summary_rows", "utc_now"]
 
 VERSIONED_PACKAGES = ("gembatch", "prefect", "openai", "pyarrow", "polars", "aiolimiter", "numpy")
 
@@ -76,6 +76,26 @@ def usage(
     return tokens, priced
 
 
+def batch_cost(cost: dict[str, Any], totals: Any, model: str, *, audio_input: bool = False) -> dict[str, Any]:
+    """The cost of a run whose tokens came partly through batches: those at the batch price."""
+    if cost.get("estimated_usd") is None:
+        return cost
+    batch_live = estimate_cost_usd(
+        model, prompt_tokens=totals.prompt_tokens, total_tokens=totals.total_tokens, audio_input=audio_input
+    )
+    batch_priced = estimate_cost_usd(
+        model, prompt_tokens=totals.prompt_tokens, total_tokens=totals.total_tokens, batch=True, audio_input=audio_input
+    )
+    usd = cost["estimated_usd"] - (batch_live or 0.0) + (batch_priced or 0.0)
+    return {
+        **cost,
+        "estimated_usd": round(usd, 6),
+        "batch_usd": None if batch_priced is None else round(batch_priced, 6),
+        "live_usd": max(0.0, round(usd - (batch_priced or 0.0), 6)),
+        "batch_price_factor": 0.5,
+    }
+
+
 def summary_rows(document: dict[str, Any]) -> list[dict[str, str]]:
     """The same summary as a two-column table: for the terminal and the Prefect artifact."""
     c, r, t = document["counts"], document["requests"], document["tokens"]
@@ -106,6 +126,16 @@ def summary_rows(document: dict[str, Any]) -> list[dict[str, str]]:
                 )
             ]
             if "images_generated" in document["cost"]
+            else []
+        ),
+        *(
+            [
+                (
+                    f"batches ({b['mode']}) created / re-attached / rows live",
+                    f"{b['batches_created']} / {b['batches_reattached']} / {b['rows_live']}",
+                )
+            ]
+            if (b := document.get("batches"))
             else []
         ),
         ("estimated cost (USD)", "n/a (model not in price table)" if cost is None else f"{cost:.6f}"),

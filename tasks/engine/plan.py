@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from tasks.engine.batch import check_batch_capable, files_needed
 from tasks.engine.chunk import DONE, INVALID, NEW, PREV_ERROR, Job, chunk_statuses, prepare_chunk
 from tasks.engine.index import KeyTable
 from tasks.engine.io import InputSource, check_ids
@@ -23,6 +24,8 @@ COUNT_OF = {DONE: "skipped_done", PREV_ERROR: "failed_before", INVALID: "invalid
 
 async def plan_job(job: Job, options: RunOptions) -> dict[str, Any]:
     """Read the input, skip done rows and duplicates as a run would, and estimate — no request, no key."""
+    if options.batch.mode != "live":
+        check_batch_capable(job, options.provider.provider, options.provider.base_url)
     source = InputSource.open(options.input, media_extensions=folder_extensions(job))
     source.require_columns([options.id_col, *job.input_columns])
     store = OutputStore(options.output)
@@ -96,6 +99,9 @@ async def plan_job(job: Job, options: RunOptions) -> dict[str, Any]:
             "image_cost_usd": None if image_cost is None else round(image_cost, 6),
             "cost_usd": None if image_cost is None or cost is None else round(image_cost + cost, 6),
         }
+    batches = _batch_plan(job, options, requests, would_send, tokens)
+    if batches:
+        cost = batches.pop("cost_usd")
     return {
         "status": "dry run",
         "job": job.name,
@@ -111,5 +117,37 @@ async def plan_job(job: Job, options: RunOptions) -> dict[str, Any]:
             **{name: round(amount, 3) for name, amount in measured.items()},
             "minutes_at_limits": round(max(minutes), 2) if minutes else None,
             "limits": {"rpm": limits.rpm, "tpm": limits.tpm},
+            **batches,
         },
+    }
+
+
+def _batch_plan(job: Job, options: RunOptions, requests: int, items: int, tokens: int) -> dict[str, Any]:
+    """--mode batch|auto: how many request files (batches) the run would make, and what goes live.
+
+    auto sends a last request file of fewer than --auto-min-requests requests live (a small run: all)."""
+    policy = options.batch
+    if policy.mode == "live":
+        return {}
+    embeddings = job.name == "embed"
+    files = files_needed(requests, items, policy, embeddings)
+    batch_requests, live_requests = requests, 0
+    if policy.mode == "auto" and files:
+        last = requests - (files - 1) * policy.max_lines
+        if last < policy.auto_min_requests:
+            files -= 1
+            batch_requests, live_requests = requests - last, last
+    share = batch_requests / requests if requests else 0.0
+    batch_tokens = round(tokens * share)
+    live_cost = estimate_cost_usd(job.model, prompt_tokens=tokens - batch_tokens, total_tokens=tokens - batch_tokens)
+    batch_cost = estimate_cost_usd(job.model, prompt_tokens=batch_tokens, total_tokens=batch_tokens, batch=True)
+    cost = None if live_cost is None or batch_cost is None else live_cost + batch_cost
+    return {
+        "mode": policy.mode,
+        "batches": files,
+        "request_files": files,
+        "batch_requests": batch_requests,
+        "live_requests": live_requests,
+        "batch_price_factor": 0.5,
+        "cost_usd": cost,
     }

@@ -258,6 +258,10 @@ class TranscribeJob:
         ref = AudioRef(path, sha256, fmt, duration, whole, segments)
         return Prepared(fields=fields, tokens=tokens, data=ref)
 
+    def fits_one_line(self, prepared: Prepared) -> bool:
+        """Batch mode: a recording sent whole is one batch line; a segmented one is sent live."""
+        return self.api == "chat" and isinstance(prepared.data, AudioRef) and prepared.data.whole
+
     def requests_for(self, prepared: Prepared) -> int:
         """Requests a row will take (a dry run's count)."""
         return prepared.data.segments
@@ -287,20 +291,30 @@ class TranscribeJob:
     async def _send_whole(self, ctx: Any, item: Item, send_part: Callable, shared: dict) -> Outcome | None:
         ref: AudioRef = item.prepared.data
         async with shared["decoding"]:
-            try:
-                measured = await asyncio.to_thread(_measure, ref.path, self.segment_s)
-            except (AudioError, OSError) as exc:
-                return _invalid(f"{ref.path} {exc}: it is corrupt; re-encode it (e.g. ffmpeg -i IN OUT.mp3)")
-        if measured.silent:
-            return _invalid(_silent_message(ref.path, measured.end_s))
+            measured = await self._measure_whole(ref)
+        if isinstance(measured, Outcome):
+            return measured
         outcome = await send_part(ctx, item)
         if outcome is None or not outcome.ok:
             return outcome
         ctx.on_units(measured.end_s)
-        text = outcome.result.transcript
-        segment = SegmentText(0.0, measured.end_s, text)
-        result = TranscriptResult(transcript=text, duration_s=ref.duration_s or measured.end_s, segments=[segment])
-        return Outcome(result=result, attempts=outcome.attempts)
+        return _whole_outcome(ref, measured, outcome)
+
+    async def finish_line(self, item: Item, outcome: Outcome) -> Outcome:
+        """Batch mode: a recording answered as one batch line gets what a live whole send gives it (the
+        decoded duration, one segment); a silent or corrupt one is an error row as live."""
+        measured = await self._measure_whole(item.prepared.data)
+        return measured if isinstance(measured, Outcome) else _whole_outcome(item.prepared.data, measured, outcome)
+
+    async def _measure_whole(self, ref: AudioRef) -> Any:
+        """The recording decoded once (not silent, not corrupt), or the error row it makes."""
+        try:
+            measured = await asyncio.to_thread(_measure, ref.path, self.segment_s)
+        except (AudioError, OSError) as exc:
+            return _invalid(f"{ref.path} {exc}: it is corrupt; re-encode it (e.g. ffmpeg -i IN OUT.mp3)")
+        if measured.silent:
+            return _invalid(_silent_message(ref.path, measured.end_s))
+        return measured
 
     async def _send_segments(self, ctx: Any, item: Item, send_part: Callable, shared: dict) -> Outcome | None:
         ref: AudioRef = item.prepared.data
@@ -602,6 +616,13 @@ def _silent_message(path: str, seconds: float) -> str:
         f"{path} is silent: no sound above {SILENCE_DBFS:g} dBFS in its {seconds:.1f} s, nothing to transcribe; "
         "check the recording (muted microphone, wrong track)"
     )
+
+
+def _whole_outcome(ref: AudioRef, measured: Any, outcome: Outcome) -> Outcome:
+    text = outcome.result.transcript
+    segment = SegmentText(0.0, measured.end_s, text)
+    result = TranscriptResult(transcript=text, duration_s=ref.duration_s or measured.end_s, segments=[segment])
+    return Outcome(result=result, attempts=outcome.attempts)
 
 
 def _invalid(message: str, attempts: int = 0) -> Outcome:

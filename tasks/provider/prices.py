@@ -16,7 +16,11 @@ __all__ = [
     "default_model",
     "estimate_cost_usd",
     "image_price_usd",
+    "BATCH_PRICE_FACTOR",
 ]
+
+# The batch APIs (OpenAI's, Gemini's) bill half the live price for the same tokens.
+BATCH_PRICE_FACTOR = 0.5
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -109,6 +113,7 @@ def estimate_cost_usd(
     images: int = 0,
     per_image_usd: float | None = None,
     audio_input: bool = False,
+    batch: bool = False,
 ) -> float | None:
     """Bill ``total - prompt`` as output: Gemini may leave thinking tokens out of completion_tokens.
 
@@ -123,4 +128,5 @@ def estimate_cost_usd(
         return images * per_image_usd + prompt_tokens * price.input / 1e6
     output_tokens = max(0, total_tokens - prompt_tokens)
     input_price = price.audio_input if audio_input and price.audio_input is not None else price.input
-    return (prompt_tokens * input_price + output_tokens * price.output) / 1e6
+    factor = BATCH_PRICE_FACTOR if batch else 1.0
+    return factor * (prompt_tokens * input_price + output_tokens * price.output) / 1e6
