@@ -23,10 +23,12 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from http import HTTPStatus
+from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
 from emulator import chat, fakes, schema_rules
+from emulator.batches import BatchService
 
 log = logging.getLogger("gembatch.emulator")
 
@@ -150,6 +152,13 @@ class EmulatorConfig:
     stream_fault_rate_malformed: float = 0.0
     # Seconds between the chunks of a streamed reply (the first one comes after latency_seconds).
     stream_chunk_delay_seconds: float = 0.0
+    # -- batches (emulator/batches.py), read when a batch is created --
+    # Seconds from a batch's creation until all its lines are answered (0: at the first poll).
+    batch_seconds: float = 0.0
+    # Share of a batch's lines answered 500 INTERNAL (drawn per batch and custom_id, so repeatable).
+    batch_line_failure_rate: float = 0.0
+    # None: batches complete. A share (0-1): the batch expires with only that share of its lines answered.
+    batch_expire_fraction: float | None = None
 
     def __post_init__(self) -> None:
         self.models = tuple(self.models)
@@ -164,6 +173,10 @@ class EmulatorConfig:
             raise ValueError(f"image_format must be one of {', '.join(IMAGE_FORMATS)}, got {self.image_format!r}")
         if self.window_seconds <= 0:
             raise ValueError("window_seconds must be positive")
+        if not 0.0 <= self.batch_line_failure_rate <= 1.0:
+            raise ValueError("batch_line_failure_rate must be within [0, 1]")
+        if self.batch_expire_fraction is not None and not 0.0 <= self.batch_expire_fraction <= 1.0:
+            raise ValueError("batch_expire_fraction must be within [0, 1]")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,7 +186,7 @@ class EmulatorConfig:
 @dataclass
 class Response:
     status: int
-    body: bytes | list[bytes]
+    body: bytes | list[bytes] | Path  # a Path is streamed from disk (batch files)
     content_type: str = "application/json"
     headers: dict[str, str] = field(default_factory=dict)
     # A streamed body: writes the whole answer itself; returns whether the connection stays open.
@@ -634,6 +647,7 @@ class Emulator:
             ("POST", "audio/transcriptions"): self._transcriptions,
             ("GET", "models"): self._models,
         }
+        self.batches = BatchService(self)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -700,6 +714,7 @@ class Emulator:
             self._thread = None
             self._loop = None
             self._server = None
+            self.batches.close()
 
     def __enter__(self) -> Emulator:
         return self.start()
@@ -818,6 +833,15 @@ class Emulator:
                 pass
 
     async def _write(self, writer: asyncio.StreamWriter, resp: Response, *, keep_alive: bool) -> None:
+        if isinstance(resp.body, Path):
+            self._bump("by_status", sub=resp.status)
+            size = resp.body.stat().st_size
+            writer.write(_head(resp.status, resp.content_type, size, keep_alive, resp.headers))
+            with resp.body.open("rb") as f:
+                while block := f.read(1 << 20):
+                    writer.write(block)
+                    await writer.drain()
+            return
         body = b"".join(resp.body) if isinstance(resp.body, list) else resp.body
         # Counted before writing: a client may read stats as soon as it has the answer.
         self._bump("by_status", sub=resp.status)
@@ -870,6 +894,14 @@ class Emulator:
             await self._write(writer, self._reconfigure(req, cfg), keep_alive=keep_alive)
             return keep_alive
         self._bump("requests")
+        if BatchService.handles(req.path):
+            self._bump("by_route", sub="batches")
+            if not (self._authorised(req, cfg) or req.headers.get("x-goog-api-key") == cfg.api_key):
+                resp = _bad_key().response()
+            else:
+                resp = await self.batches.serve(req, cfg)
+            await self._write(writer, resp, keep_alive=keep_alive)
+            return keep_alive
         with self._stats_lock:
             self._stats["in_flight"] += 1
             self._stats["max_in_flight"] = max(self._stats["max_in_flight"], self._stats["in_flight"])

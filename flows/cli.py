@@ -97,6 +97,47 @@ def models(
         console.print(name)
 
 
+@app.command()
+def batches(
+    output: Annotated[str, typer.Argument(help="The output folder of a --mode batch or auto run.")],
+    refresh: Annotated[bool, typer.Option("--refresh", help="Ask the provider for each batch's state now.")] = False,
+    cancel: Annotated[
+        bool,
+        typer.Option(
+            "--cancel",
+            help="Cancel every batch not yet written (finished lines are kept; the next run sends the rest).",
+        ),
+    ] = False,
+    provider: Annotated[
+        str | None, typer.Option("--provider", help="Where the batches were sent (default: as recorded).")
+    ] = None,
+    base_url: BaseUrl = None,
+    api_key_env: ApiKeyEnv = None,
+) -> None:
+    """List the batches recorded in OUTPUT/_batches/ with their states; --cancel cancels them."""
+    from rich.table import Table
+
+    from tasks.engine.batch import manage_batches
+    from tasks.provider.client import ProviderSettings
+
+    settings = None
+    if provider or base_url or api_key_env:
+        settings = ProviderSettings(provider=provider or "gemini", base_url=base_url, api_key_env=api_key_env)
+    records = asyncio.run(manage_batches(output, settings, refresh=refresh or cancel, cancel=cancel))
+    table = Table("record", "batch id", "state", "provider status", "requests", "done / failed", "created", "note")
+    for r in records:
+        counts = r.get("request_counts") or {}
+        done = f"{counts.get('completed', '-')} / {counts.get('failed', '-')}" if counts else "-"
+        note = r.get("error") or (
+            f"{r.get('lines_unfinished')} unfinished, sent again by the next run" if r.get("lines_unfinished") else ""
+        )
+        table.add_row(
+            r["name"], r.get("batch_id") or "-", r["state"], r.get("status") or "-", str(r.get("requests")), done,
+            r.get("created_at", ""), note,
+        )  # fmt: skip
+    console.print(table)
+
+
 def _limit_malloc_arenas() -> None:
     # Chunks are read and written on worker threads; glibc gives each thread its own malloc arena, and
     # the arenas keep freed vector buffers, so peak RSS crept up with the input's length. Two arenas

@@ -12,6 +12,7 @@ from functools import cache
 from typing import Any
 
 from flows.params import CommonOptions, flat_parameters
+from tasks.engine.batch import BatchPolicy
 from tasks.engine.chunk import Job, process_chunk
 from tasks.engine.limits import Limits
 from tasks.engine.metadata import summary_rows
@@ -70,6 +71,12 @@ def run_options(input: str, output: str, options: CommonOptions) -> RunOptions:
         force=options.force,
         outage=OutagePolicy(max_outage_s=options.max_outage),
         max_failed_pct=options.max_failed_pct,
+        batch=BatchPolicy(
+            mode=options.mode,
+            poll_s=options.batch_poll,
+            max_lines=options.batch_max_requests,
+            auto_min_requests=options.auto_min_requests,
+        ),
     )
 
 

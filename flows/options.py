@@ -99,8 +99,19 @@ def print_plan(document: dict[str, Any]) -> None:
         ("failed before (not retried)", c["failed_before"]),
         ("rows to send", c["would_send"]),
         ("requests", e["requests"]),
+        *(
+            [
+                (f"--mode {e['mode']}: batches (request files)", e["batches"]),
+                ("requests by batch / live", f"{e['batch_requests']} / {e['live_requests']}"),
+            ]
+            if "batches" in e
+            else []
+        ),
         ("input tokens (estimate)", e["input_tokens"]),
-        ("input cost USD (estimate)", "n/a (model not in price table)" if cost is None else f"{cost:.6f}"),
+        (
+            "input cost USD (estimate)" + (" at batch price" if e.get("batch_requests") else ""),
+            "n/a (model not in price table)" if cost is None else f"{cost:.6f}",
+        ),
         *(
             [
                 ("output tokens at most (--max-tokens)", e["max_output_tokens"]),
@@ -123,6 +134,14 @@ def print_plan(document: dict[str, Any]) -> None:
             if "images" in e
             else []
         ),
+        *(
+            [
+                ("audio, all files (from headers)", _hours(e["audio_seconds"])),
+                ("audio to send", _hours(e.get("audio_seconds_to_send", 0.0))),
+            ]
+            if "audio_seconds" in e
+            else []
+        ),
         (
             "minutes at --rpm/--tpm",
             "no --rpm/--tpm given" if e["minutes_at_limits"] is None else e["minutes_at_limits"],
@@ -130,6 +149,10 @@ def print_plan(document: dict[str, Any]) -> None:
     ):
         table.add_row(key, str(value))
     console.print(table)
+
+
+def _hours(seconds: float) -> str:
+    return f"{seconds / 3600:.2f} h ({seconds:,.0f} s)"
 
 
 def print_summary(document: dict[str, Any]) -> None:

@@ -20,7 +20,15 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.defaults import DEFAULT_CHUNK_SIZE, DEFAULT_IDLE_TIMEOUT_S, DEFAULT_MAX_OUTAGE_S, DEFAULT_TIMEOUT_S
+from tasks.defaults import (
+    DEFAULT_AUTO_MIN_REQUESTS,
+    DEFAULT_BATCH_POLL_S,
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_IDLE_TIMEOUT_S,
+    DEFAULT_MAX_OUTAGE_S,
+    DEFAULT_TIMEOUT_S,
+    MAX_BATCH_REQUESTS,
+)
 
 __all__ = ["CommonOptions", "cli_flag", "flat_parameters", "flow_arguments", "options_table"]
 
@@ -118,6 +126,29 @@ class CommonOptions(BaseModel):
         description="Share of failed rows (%) above which the run ends 'completed with errors' "
         "(exit 4, Prefect flow run Failed).",
         json_schema_extra=_cli("--max-failed-pct"),
+    )
+    # Batch mode (README: "Batch mode").
+    mode: str = Field(
+        "live",
+        description="live (one request at a time), batch (the provider's batch API: half price, results within "
+        "24 h, re-attached after a crash) or auto (batches for the bulk, live for the rest).",
+        json_schema_extra=_cli("--mode"),
+        pattern="^(live|batch|auto)$",
+    )
+    batch_poll: float = Field(
+        DEFAULT_BATCH_POLL_S,
+        description="Seconds between two polls of the submitted batches.",
+        json_schema_extra=_cli("--batch-poll"),
+    )
+    batch_max_requests: int = Field(
+        MAX_BATCH_REQUESTS,
+        description="Most requests in one batch (one request file); also capped at 50,000 embedding inputs and 100 MB.",
+        json_schema_extra=_cli("--batch-max-requests", "N"),
+    )
+    auto_min_requests: int = Field(
+        DEFAULT_AUTO_MIN_REQUESTS,
+        description="--mode auto: a request file with fewer requests than this is sent live instead.",
+        json_schema_extra=_cli("--auto-min-requests", "N"),
     )
     # The command shows a bar on a terminal unless --no-progress; a flow run shows none unless asked.
     progress: bool = Field(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from tasks.errors import ConfigError, RunStopped
@@ -34,6 +35,8 @@ class Budget:
         self._price: Price = price
         self._per_image = per_image_usd
         self._images_per_request = images_per_request
+        # 0.5 while a batch run prices its request files (the batch APIs' half price), 1.0 for live requests.
+        self.price_factor = 1.0
         self.spent_usd = 0.0
         self._reserved_usd = 0.0
         self._prompt_tokens = 0
@@ -49,7 +52,11 @@ class Budget:
                 "has none: add it there, or run without --max-cost-usd"
             )
         if per_image is None:
-            return cls(max_usd, job.model)
+            budget = cls(max_usd, job.model)
+            if getattr(job, "audio_input", False) and budget._price.audio_input is not None:
+                # Transcription: the input is audio, billed at the model's audio price.
+                budget._price = dataclasses.replace(budget._price, input=budget._price.audio_input)
+            return budget
         return cls(max_usd, job.model, per_image_usd=per_image, images_per_request=job.n)
 
     def reserve(self, estimated_tokens: int) -> float | None:
@@ -59,6 +66,7 @@ class Budget:
         else:
             ratio = self._output_tokens / self._prompt_tokens if self._prompt_tokens else 0.0
             cost = estimated_tokens * (self._price.input + ratio * self._price.output) / 1e6
+        cost *= self.price_factor
         if self.spent_usd + self._reserved_usd + cost > self.max_usd:
             return None
         self._reserved_usd += cost
@@ -75,7 +83,7 @@ class Budget:
         output = max(0, total_tokens - prompt_tokens)
         self._prompt_tokens += prompt_tokens
         self._output_tokens += output
-        self.spent_usd += (prompt_tokens * self._price.input + output * self._price.output) / 1e6
+        self.spent_usd += self.price_factor * (prompt_tokens * self._price.input + output * self._price.output) / 1e6
 
     def stop(self) -> RunStopped:
         return RunStopped(

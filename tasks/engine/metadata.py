@@ -10,7 +10,7 @@ from typing import Any
 from tasks.engine.chunk import RunStats
 from tasks.provider.prices import estimate_cost_usd
 
-__all__ = ["new_run_id", "package_versions", "counts", "summary_rows", "utc_now"]
+__all__ = ["batch_cost", "new_run_id", "package_versions", "counts", "summary_rows", "utc_now"]
 
 VERSIONED_PACKAGES = ("gembatch", "prefect", "openai", "pyarrow", "polars", "aiolimiter", "numpy")
 
@@ -46,8 +46,11 @@ def counts(stats: RunStats) -> dict[str, int]:
     }
 
 
-def usage(stats: RunStats, model: str, per_image_usd: float | None = None) -> tuple[dict[str, int], dict[str, Any]]:
-    """Tokens and cost; an image model (``per_image_usd``) is billed per image generated."""
+def usage(
+    stats: RunStats, model: str, per_image_usd: float | None = None, *, audio_input: bool = False
+) -> tuple[dict[str, int], dict[str, Any]]:
+    """Tokens and cost; an image model (``per_image_usd``) is billed per image generated; ``audio_input``:
+    the prompt tokens are audio (billed at the model's audio price)."""
     tokens = {
         "prompt": stats.prompt_tokens,
         "completion": stats.completion_tokens,
@@ -65,11 +68,32 @@ def usage(stats: RunStats, model: str, per_image_usd: float | None = None) -> tu
         total_tokens=stats.total_tokens,
         images=stats.images,
         per_image_usd=per_image_usd,
+        audio_input=audio_input,
     )
     priced: dict[str, Any] = {"estimated_usd": None if cost is None else round(cost, 6), "priced_model": model}
     if per_image_usd is not None or stats.images:
         priced.update({"images_generated": stats.images, "usd_per_image": per_image_usd})
     return tokens, priced
+
+
+def batch_cost(cost: dict[str, Any], totals: Any, model: str, *, audio_input: bool = False) -> dict[str, Any]:
+    """The cost of a run whose tokens came partly through batches: those at the batch price."""
+    if cost.get("estimated_usd") is None:
+        return cost
+    batch_live = estimate_cost_usd(
+        model, prompt_tokens=totals.prompt_tokens, total_tokens=totals.total_tokens, audio_input=audio_input
+    )
+    batch_priced = estimate_cost_usd(
+        model, prompt_tokens=totals.prompt_tokens, total_tokens=totals.total_tokens, batch=True, audio_input=audio_input
+    )
+    usd = cost["estimated_usd"] - (batch_live or 0.0) + (batch_priced or 0.0)
+    return {
+        **cost,
+        "estimated_usd": round(usd, 6),
+        "batch_usd": None if batch_priced is None else round(batch_priced, 6),
+        "live_usd": max(0.0, round(usd - (batch_priced or 0.0), 6)),
+        "batch_price_factor": 0.5,
+    }
 
 
 def summary_rows(document: dict[str, Any]) -> list[dict[str, str]]:
@@ -102,6 +126,16 @@ def summary_rows(document: dict[str, Any]) -> list[dict[str, str]]:
                 )
             ]
             if "images_generated" in document["cost"]
+            else []
+        ),
+        *(
+            [
+                (
+                    f"batches ({b['mode']}) created / re-attached / rows live",
+                    f"{b['batches_created']} / {b['batches_reattached']} / {b['rows_live']}",
+                )
+            ]
+            if (b := document.get("batches"))
             else []
         ),
         ("estimated cost (USD)", "n/a (model not in price table)" if cost is None else f"{cost:.6f}"),

@@ -8,11 +8,13 @@ from typing import Any
 
 import numpy as np
 
+from tasks.engine.batch import check_batch_capable, files_needed
 from tasks.engine.chunk import DONE, INVALID, NEW, PREV_ERROR, Job, chunk_statuses, prepare_chunk
 from tasks.engine.index import KeyTable
 from tasks.engine.io import InputSource, check_ids
 from tasks.engine.run import RunOptions, check_input_columns
 from tasks.engine.store import OutputStore
+from tasks.jobs.media import folder_extensions
 from tasks.provider.prices import estimate_cost_usd
 
 __all__ = ["plan_job"]
@@ -22,7 +24,9 @@ COUNT_OF = {DONE: "skipped_done", PREV_ERROR: "failed_before", INVALID: "invalid
 
 async def plan_job(job: Job, options: RunOptions) -> dict[str, Any]:
     """Read the input, skip done rows and duplicates as a run would, and estimate — no request, no key."""
-    source = InputSource.open(options.input)
+    if options.batch.mode != "live":
+        check_batch_capable(job, options.provider.provider, options.provider.base_url)
+    source = InputSource.open(options.input, media_extensions=folder_extensions(job))
     check_input_columns(job, source)
     source.require_columns([options.id_col, *job.input_columns])
     store = OutputStore(options.output)
@@ -31,6 +35,11 @@ async def plan_job(job: Job, options: RunOptions) -> dict[str, Any]:
     index = await asyncio.to_thread(store.scan, options.id_col)
     counts = {"input_rows": total_rows, "skipped_done": 0, "deduplicated": 0, "invalid": 0, "failed_before": 0}
     would_send = tokens = requests = 0
+    # A job whose rows take several requests (a recording's segments) says how many, and what else
+    # it measures (audio seconds from the files' headers): for all valid rows and for those to send.
+    requests_for = getattr(job, "requests_for", None)
+    measure = getattr(job, "measure", None)
+    measured: dict[str, float] = {}
     planned = KeyTable(payload=False)  # contents this dry run would send: 8 bytes each
     chunks = source.iter_chunks(
         # A job may read the id too (generate's template can name it): each column once.
@@ -61,7 +70,17 @@ async def plan_job(job: Job, options: RunOptions) -> dict[str, Any]:
         planned.add(keys.keys[own])
         would_send += len(own)
         tokens += sum(prepared[pos].tokens for pos in own.tolist())
-        requests += math.ceil(len(own) / job.max_items_per_request)
+        if requests_for is not None:
+            requests += sum(requests_for(prepared[pos]) for pos in own.tolist())
+        else:
+            requests += math.ceil(len(own) / job.max_items_per_request)
+        if measure is not None:
+            sending = set(own.tolist())
+            for pos in np.flatnonzero(keys.status != INVALID).tolist():
+                name, amount = measure(prepared[pos])
+                measured[name] = measured.get(name, 0.0) + amount
+                if pos in sending:
+                    measured[f"{name}_to_send"] = measured.get(f"{name}_to_send", 0.0) + amount
         if seen >= total_rows:
             break
     limits = options.limits
@@ -70,7 +89,8 @@ async def plan_job(job: Job, options: RunOptions) -> dict[str, Any]:
         for m in (requests / limits.rpm if limits.rpm else None, tokens / limits.tpm if limits.tpm else None)
         if m is not None
     ]
-    cost = estimate_cost_usd(job.model, prompt_tokens=tokens, total_tokens=tokens)
+    audio_input = getattr(job, "audio_input", False)
+    cost = estimate_cost_usd(job.model, prompt_tokens=tokens, total_tokens=tokens, audio_input=audio_input)
     # A job that caps its answers (generate --max-tokens) bounds the output too.
     output: dict[str, Any] = {}
     max_output = getattr(job, "max_output_tokens", None)
@@ -92,6 +112,9 @@ async def plan_job(job: Job, options: RunOptions) -> dict[str, Any]:
             "image_cost_usd": None if image_cost is None else round(image_cost, 6),
             "cost_usd": None if image_cost is None or cost is None else round(image_cost + cost, 6),
         }
+    batches = _batch_plan(job, options, requests, would_send, tokens)
+    if batches:
+        cost = batches.pop("cost_usd")
     return {
         "status": "dry run",
         "job": job.name,
@@ -105,7 +128,40 @@ async def plan_job(job: Job, options: RunOptions) -> dict[str, Any]:
             "input_cost_usd": None if cost is None else round(cost, 6),
             **output,
             **images,
+            **{name: round(amount, 3) for name, amount in measured.items()},
             "minutes_at_limits": round(max(minutes), 2) if minutes else None,
             "limits": {"rpm": limits.rpm, "tpm": limits.tpm},
+            **batches,
         },
+    }
+
+
+def _batch_plan(job: Job, options: RunOptions, requests: int, items: int, tokens: int) -> dict[str, Any]:
+    """--mode batch|auto: how many request files (batches) the run would make, and what goes live.
+
+    auto sends a last request file of fewer than --auto-min-requests requests live (a small run: all)."""
+    policy = options.batch
+    if policy.mode == "live":
+        return {}
+    embeddings = job.name == "embed"
+    files = files_needed(requests, items, policy, embeddings)
+    batch_requests, live_requests = requests, 0
+    if policy.mode == "auto" and files:
+        last = requests - (files - 1) * policy.max_lines
+        if last < policy.auto_min_requests:
+            files -= 1
+            batch_requests, live_requests = requests - last, last
+    share = batch_requests / requests if requests else 0.0
+    batch_tokens = round(tokens * share)
+    live_cost = estimate_cost_usd(job.model, prompt_tokens=tokens - batch_tokens, total_tokens=tokens - batch_tokens)
+    batch_cost = estimate_cost_usd(job.model, prompt_tokens=batch_tokens, total_tokens=batch_tokens, batch=True)
+    cost = None if live_cost is None or batch_cost is None else live_cost + batch_cost
+    return {
+        "mode": policy.mode,
+        "batches": files,
+        "request_files": files,
+        "batch_requests": batch_requests,
+        "live_requests": live_requests,
+        "batch_price_factor": 0.5,
+        "cost_usd": cost,
     }

@@ -9,16 +9,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tasks.defaults import DEFAULT_CHUNK_SIZE
+from tasks.engine.batch import BatchPolicy, BatchRun, check_batch_capable
 from tasks.engine.budget import Budget
 from tasks.engine.chunk import ChunkRunner, Job, RetryPolicy, RunContext, precheck_chunk, process_chunk
 from tasks.engine.io import InputSource, check_ids
 from tasks.engine.limits import AdaptiveLimiter, Limits
-from tasks.engine.metadata import counts, new_run_id, package_versions, usage, utc_now
+from tasks.engine.metadata import batch_cost, counts, new_run_id, package_versions, usage, utc_now
 from tasks.engine.outage import OutageBreaker, OutagePolicy
 from tasks.engine.progress import ProgressBar
 from tasks.engine.store import OutputStore
 from tasks.errors import ConfigError, GembatchError
+from tasks.jobs.media import folder_extensions
 from tasks.provider.client import ProviderSettings, check_model, open_connection, require_key
+from tasks.provider.prices import BATCH_PRICE_FACTOR
 
 __all__ = ["DEFAULT_CHUNK_SIZE", "COMPLETED", "COMPLETED_WITH_ERRORS", "RunOptions", "preflight", "run_job"]
 
@@ -53,6 +56,8 @@ class RunOptions:
     dry_run: bool = False
     # A run whose failed rows are more than this share of its input (in %) is "completed with errors".
     max_failed_pct: float = 0.0
+    # --mode live|batch|auto and the batch settings (tasks/engine/batch.py).
+    batch: BatchPolicy = field(default_factory=BatchPolicy)
 
     def __post_init__(self) -> None:
         if self.chunk_size < 1:
@@ -72,7 +77,9 @@ def preflight(job: Job, options: RunOptions) -> InputSource:
         )
     if not options.dry_run:
         require_key(options.provider)
-    source = InputSource.open(options.input)
+    if options.batch.mode != "live":
+        check_batch_capable(job, options.provider.provider, options.provider.base_url)
+    source = InputSource.open(options.input, media_extensions=folder_extensions(job))
     check_input_columns(job, source)
     source.require_columns([options.id_col, *job.input_columns])
     return source
@@ -146,16 +153,36 @@ async def run_job(
             budget=budget,
             outage=OutageBreaker(options.outage),
         )
-        progress = ProgressBar(f"{job.name} {job.model}", total_rows, ctx.stats, enabled=options.progress)
+        progress = ProgressBar(
+            f"{job.name} {job.model}",
+            total_rows,
+            ctx.stats,
+            enabled=options.progress,
+            unit=getattr(job, "progress_unit", None),
+        )
         ctx.on_progress = progress.advance
+        ctx.on_units = progress.add_units
         ctx.stats.input_rows = total_rows
         error: BaseException | None = None
+        batch_run = None
+        if options.batch.mode != "live":
+            if budget is not None:
+                budget.price_factor = BATCH_PRICE_FACTOR
+            batch_run = BatchRun(ctx, source, options, total_rows, conn, _drive, chunk_runner)
         try:
-            await _drive(ctx, source, options, total_rows, chunk_runner)
+            if batch_run is not None:
+                await batch_run.drive()
+            else:
+                await _drive(ctx, source, options, total_rows, chunk_runner)
         except (Exception, asyncio.CancelledError, KeyboardInterrupt) as exc:
             error = exc
         finally:
             progress.close()
+        tidy = getattr(job, "tidy_output", None)
+        if tidy is not None and error is None:
+            # What a job kept in OUTPUT for unfinished rows (a recording's answered segments) and no
+            # longer needs: the rows are in the output now.
+            await asyncio.to_thread(tidy, store, index)
         status, message = _status(ctx, error, options)
         stats = ctx.stats
         stats.not_attempted += max(0, total_rows - stats.rows_accounted())
@@ -168,7 +195,15 @@ async def run_job(
             removed = await asyncio.to_thread(store.compact, options.id_col)
         finished = utc_now()
         duration = (finished - started).total_seconds()
-        tokens, cost = usage(stats, job.model, per_image_usd=getattr(job, "per_image_usd", None))
+        tokens, cost = usage(
+            stats,
+            job.model,
+            per_image_usd=getattr(job, "per_image_usd", None),
+            audio_input=getattr(job, "audio_input", False),
+        )
+        if batch_run is not None:
+            cost = batch_cost(cost, batch_run.totals, job.model, audio_input=getattr(job, "audio_input", False))
+            document["batches"] = batch_run.describe()
         document.update(
             {
                 "status": status,

@@ -16,7 +16,11 @@ __all__ = [
     "default_model",
     "estimate_cost_usd",
     "image_price_usd",
+    "BATCH_PRICE_FACTOR",
 ]
+
+# The batch APIs (OpenAI's, Gemini's) bill half the live price for the same tokens.
+BATCH_PRICE_FACTOR = 0.5
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -102,12 +106,20 @@ def image_price_usd(model: str, size: str, quality: str | None = None, *, batch:
 
 
 def estimate_cost_usd(
-    model: str, *, prompt_tokens: int, total_tokens: int, images: int = 0, per_image_usd: float | None = None
+    model: str,
+    *,
+    prompt_tokens: int,
+    total_tokens: int,
+    images: int = 0,
+    per_image_usd: float | None = None,
+    audio_input: bool = False,
+    batch: bool = False,
 ) -> float | None:
     """Bill ``total - prompt`` as output: Gemini may leave thinking tokens out of completion_tokens.
 
     An image model (``per_image_usd`` given) is billed per image generated plus its prompt tokens; its
-    output tokens are the images themselves, not billed twice.
+    output tokens are the images themselves, not billed twice. ``audio_input``: the prompt is audio
+    (transcription; its few instruction tokens are billed at the audio price too), which costs more.
     """
     price = _price(model)
     if price is None:
@@ -115,4 +127,6 @@ def estimate_cost_usd(
     if per_image_usd is not None:
         return images * per_image_usd + prompt_tokens * price.input / 1e6
     output_tokens = max(0, total_tokens - prompt_tokens)
-    return (prompt_tokens * price.input + output_tokens * price.output) / 1e6
+    input_price = price.audio_input if audio_input and price.audio_input is not None else price.input
+    factor = BATCH_PRICE_FACTOR if batch else 1.0
+    return factor * (prompt_tokens * input_price + output_tokens * price.output) / 1e6

@@ -1,0 +1,863 @@
+"""`--mode batch|auto`: the same rows through the provider's batch API, at its price, into the same output.
+
+A batch run (README, "Batch mode"):
+
+1. Re-attach: every batch recorded in ``OUTPUT/_batches/`` and not yet written is polled again, and its
+   rows are not put into any new batch. A record that never reached the provider (no batch id) is
+   matched against the provider's batch list by its input file, or dropped (nothing was paid).
+2. Submit: the input is read chunk by chunk with the live run's checks (done rows, earlier errors,
+   invalid rows, contents already in the output or already in a batch), and each content still to do
+   becomes part of a request line, built by the job's own ``send`` (the SDK's request body, recorded by
+   :class:`CapturingTransport`). Lines stream into a JSONL file on disk, cut at the provider's limits
+   (lines, embedding inputs, bytes); which rows each line holds streams into a rows file beside it.
+   Both are written, and the record ``<name>.json`` saved, before the file is uploaded; the batch id is
+   recorded as soon as the provider gives it.
+3. Poll every ``poll_s`` seconds; a batch that ends is downloaded (streamed to disk) and its lines are
+   parsed by the job's own ``send`` (:class:`ReplayTransport`), then written as part files and
+   ``_errors/`` rows exactly as live results are.
+4. Lines that never ran (the batch expired or was cancelled) are sent again: in a new batch (``batch``)
+   or live, right after (``auto``, which also sends live what failed in a batch and a remainder too
+   small to be worth a batch).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from tasks.defaults import DEFAULT_AUTO_MIN_REQUESTS, DEFAULT_BATCH_POLL_S, MAX_BATCH_REQUESTS
+from tasks.engine.batch_records import (
+    BATCHES_DIR,
+    LOST,
+    PREPARED,
+    SUBMITTED,
+    UPLOADED,
+    WRITTEN,
+    Book,
+    LineRows,
+    RequestFile,
+    now,
+    read_records,
+    read_rows,
+    remove_scratch,
+    request_line,
+)
+from tasks.engine.chunk import (
+    DONE,
+    INVALID,
+    NEW,
+    PREV_ERROR,
+    BadReply,
+    Item,
+    Outcome,
+    RowFailure,
+    RunContext,
+    chunk_statuses,
+    prepare_chunk,
+)
+from tasks.engine.index import KeyTable, hash_keys, id_tags
+from tasks.engine.store import RETRY_AUTO, RETRY_ON_REQUEST
+from tasks.errors import ConfigError, RunStopped
+from tasks.provider.batches import (
+    BatchApi,
+    BatchInfo,
+    CapturingTransport,
+    ReplayTransport,
+    RequestCaptured,
+    endpoint_of,
+    normalise_body,
+    offline_client,
+)
+from tasks.provider.client import Connection, classify_failure
+
+__all__ = ["BatchPolicy", "BatchRun", "BATCHES_DIR", "MODES", "check_batch_capable", "read_records"]
+
+MODES = ("live", "batch", "auto")
+# OpenAI's documented caps per input file; Gemini's (2 GB a file) are larger. Bytes are kept lower on
+# purpose: the OpenAI SDK sends a file in one request body.
+MAX_LINES_PER_FILE = MAX_BATCH_REQUESTS
+MAX_EMBEDDING_INPUTS_PER_FILE = 50_000
+MAX_BYTES_PER_FILE = 100 * 1024 * 1024
+DEFAULT_POLL_S = DEFAULT_BATCH_POLL_S
+# Result rows written together: one part file per this many rows (at least a chunk's worth).
+WRITE_RESULT_ROWS = 2000
+
+
+@dataclass(frozen=True, kw_only=True)
+class BatchPolicy:
+    """How a run uses the provider's batch API (the ``--mode`` and ``--batch-*`` options)."""
+
+    mode: str = "live"
+    poll_s: float = DEFAULT_POLL_S
+    max_lines: int = MAX_LINES_PER_FILE
+    max_inputs: int = MAX_EMBEDDING_INPUTS_PER_FILE
+    max_bytes: int = MAX_BYTES_PER_FILE
+    auto_min_requests: int = DEFAULT_AUTO_MIN_REQUESTS
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.poll_s <= 0:
+            raise ValueError(f"--batch-poll must be positive, got {self.poll_s}")
+        if self.max_lines < 1:
+            raise ValueError(f"--batch-max-requests must be at least 1, got {self.max_lines}")
+        if self.auto_min_requests < 1:
+            raise ValueError(f"--auto-min-requests must be at least 1, got {self.auto_min_requests}")
+
+
+def check_batch_capable(job: Any, provider: str, base_url: str | None) -> None:
+    """Refuse, before any work, a job whose route has no batch form at this provider."""
+    if job.name == "images":
+        raise ConfigError(
+            "--mode batch/auto: image generation has no batch form here (Gemini's OpenAI-compatible batches "
+            "take only /v1/chat/completions and /v1/embeddings); run images with --mode live"
+        )
+    if getattr(job, "api", "chat") == "transcriptions":
+        raise ConfigError(
+            "--mode batch/auto: audio/transcriptions has no batch form (batches take /v1/chat/completions and "
+            "/v1/embeddings); use --api chat, or --mode live"
+        )
+
+
+# -- the run --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BatchTotals:
+    created: int = 0
+    reattached: int = 0
+    lines_submitted: int = 0
+    lines_answered: int = 0
+    lines_failed: int = 0
+    lines_unfinished: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    live_rows: int = 0
+    lost: int = 0
+
+
+class BatchRun:
+    """One run's batch side (see the module docstring). ``drive_live`` is the live engine's driver."""
+
+    def __init__(
+        self,
+        ctx: RunContext,
+        source: Any,
+        options: Any,
+        total_rows: int,
+        conn: Connection,
+        drive_live: Callable[..., Awaitable[None]],
+        chunk_runner: Any,
+    ) -> None:
+        self.ctx = ctx
+        self.source = source
+        self.options = options
+        self.policy: BatchPolicy = options.batch
+        self.total_rows = total_rows
+        self.conn = conn
+        self.api = BatchApi(conn.client, conn.base_url, conn.api_key, timeout_s=max(300.0, options.provider.timeout_s))
+        self.book = Book(ctx.store)
+        self.drive_live = drive_live
+        self.chunk_runner = chunk_runner
+        self.totals = BatchTotals()
+        self.pending_keys = KeyTable(payload=False)
+        self.failed_now = KeyTable()  # (content, id) pairs written to _errors/ by this run
+        self.written: list[str] = []
+        self.live_only = 0  # rows with no single batch line (the job splits them), sent live
+        self._capture = CapturingTransport()
+        self._capture_conn = Connection(
+            client=offline_client(conn.base_url, self._capture),
+            base_url=conn.base_url,
+            provider=conn.provider,
+            api_key="",
+        )
+        self._replay = ReplayTransport()
+        self._replay_conn = Connection(
+            client=offline_client(conn.base_url, self._replay),
+            base_url=conn.base_url,
+            provider=conn.provider,
+            api_key="",
+        )
+        self._files = 0
+        self._endpoint = ""
+        self._id_type: pa.DataType | None = None
+        self._fatal: Any = None  # a Failure every line would meet (see _parse_line)
+
+    @property
+    def auto(self) -> bool:
+        return self.policy.mode == "auto"
+
+    # -- the whole run ------------------------------------------------------------------------------
+
+    async def drive(self) -> None:
+        try:
+            await self._reattach()
+            first = True
+            while not self.ctx.stop_event.is_set():
+                answered_before = self.totals.lines_answered + self.totals.lines_failed + self.totals.lost
+                submitted = await self._submit_pass(first)
+                first = False
+                pending = [r for r in self.book.records() if r["state"] == SUBMITTED]
+                if not pending and not submitted:
+                    break
+                await self._poll_until_written(pending)
+                if self.auto or self.ctx.stop_event.is_set():
+                    break
+                if self.totals.lines_answered + self.totals.lines_failed + self.totals.lost == answered_before:
+                    problems = "; ".join(sorted({r.get("errors") or r.get("status", "") for r in pending}))
+                    self.ctx.request_stop(
+                        RunStopped(
+                            "failed: batch",
+                            f"the provider answered none of the lines of {len(pending)} batch(es) ({problems}); "
+                            f"see {self.options.output}/{BATCHES_DIR}/ and rerun, or use --mode live",
+                        )
+                    )
+                    break
+            if (self.auto or self.live_only) and not self.ctx.stop_event.is_set():
+                await self._live_remainder()
+        finally:
+            await self._capture_conn.client.close()
+            await self._replay_conn.client.close()
+            remove_scratch(self.book)
+
+    # -- 1. re-attach ---------------------------------------------------------------------------------
+
+    async def _reattach(self) -> None:
+        records = [r for r in self.book.records() if r["state"] not in (WRITTEN, LOST)]
+        listed: list[BatchInfo] | None = None
+        for record in records:
+            if record["state"] == PREPARED:
+                self.book.remove(record)  # never uploaded: nothing was paid, its rows are sent again
+                continue
+            if record["state"] == UPLOADED:
+                # Created but the id not recorded (killed in between)? The provider's list knows.
+                if listed is None:
+                    try:
+                        listed = await self.api.list()
+                    except Exception:  # noqa: BLE001 - no list route: the file is sent again
+                        listed = []
+                match = [b for b in listed if b.input_file_id == record["file_id"]]
+                if not match:
+                    self.book.remove(record)
+                    continue
+                record.update(state=SUBMITTED, batch_id=match[0].id, status=match[0].status)
+                self.book.save(record)
+            self.totals.reattached += 1
+
+    def _add_pending(self, record: dict[str, Any]) -> None:
+        rows = self.book.rows_path(record["name"])
+        if not self.book.fs.exists(rows):
+            return
+        with self.book.fs.open(rows, "rb") as f:
+            parquet = pq.ParquetFile(f)
+            for batch in parquet.iter_batches(columns=["content_hash"], batch_size=65536):
+                self.pending_keys.add(hash_keys(batch.column(0)))
+
+    # -- 2. submit --------------------------------------------------------------------------------------
+
+    async def _submit_pass(self, first_round: bool) -> int:
+        ctx, job, options = self.ctx, self.ctx.job, self.options
+        chunks = self.source.iter_chunks(
+            [options.id_col, *job.input_columns], options.chunk_size, string_columns=job.string_columns
+        )
+        # Contents in a batch not written yet (re-attached, or submitted earlier in this run): not sent again.
+        self.pending_keys = KeyTable(payload=False)
+        self.live_only = 0  # counted again by each pass: the rows are still to send
+        for record in self.book.records():
+            if record["state"] == SUBMITTED:
+                self._add_pending(record)
+        current: RequestFile | None = None
+        submitted = 0
+        seen = 0
+        try:
+            for chunk in chunks:
+                if ctx.stop_event.is_set() or seen >= self.total_rows:
+                    break
+                chunk = chunk.slice(0, self.total_rows - seen)
+                first_row = seen
+                seen += chunk.num_rows
+                if self._id_type is None:
+                    self._id_type = chunk.schema.field(options.id_col).type
+                ready = await asyncio.to_thread(prepare_chunk, job, chunk)
+                id_array = chunk.column(options.id_col)
+                keys = chunk_statuses(ctx.index, id_array, ready.hashes, ready.invalid, retry_errors=ctx.retry_errors)
+                status = keys.status
+                ids = id_array.to_pylist()
+                if first_round:
+                    skipped = int(np.count_nonzero(status == DONE))
+                    ctx.stats.skipped_done += skipped
+                    ctx.stats.failed += int(np.count_nonzero(status == PREV_ERROR))
+                    ctx.on_progress(skipped + int(np.count_nonzero(status == PREV_ERROR)))
+                    invalid = np.flatnonzero(status == INVALID)
+                    if len(invalid) and not self.auto:  # auto: the live pass writes them
+                        outcomes = [
+                            Outcome(error_type="invalid_input", error_message=str(ready.prepared[p])) for p in invalid
+                        ]
+                        rows = [(ids[p], ready.hashes[p], first_row + p) for p in invalid]
+                        await asyncio.to_thread(self._write_rows, rows, outcomes, [True] * len(rows))
+                new = np.flatnonzero(status == NEW)
+                if not len(new):
+                    continue
+                new = new[~self.pending_keys.has_keys(keys.keys[new])]
+                if len(self.failed_now):  # failed in this run's batches: not resent by this run
+                    new = new[~self.failed_now.has_pairs(keys.keys[new], keys.tags[new])]
+                batchable = getattr(job, "fits_one_line", None)
+                if batchable is not None:
+                    # A row the job sends as several requests (a long recording's segments) has no single
+                    # batch line: it is sent live after the batches, in batch mode too.
+                    one_line = np.array([batchable(ready.prepared[p]) for p in new.tolist()], dtype=bool)
+                    if not one_line.all():
+                        self.live_only += int(np.count_nonzero(~one_line))
+                        new = new[one_line]
+                stored = ctx.index.results.has_keys(keys.keys[new])
+                if stored.any():
+                    await self._copy_stored(new[stored], ids, ready.hashes, keys.keys, first_row)
+                new = new[~stored]
+                # One item per content; every row of that content rides on it.
+                owners: dict[str, tuple[Item, list[tuple[Any, int]]]] = {}
+                for pos in new.tolist():
+                    h = ready.hashes[pos]
+                    if h in owners:
+                        owners[h][1].append((ids[pos], first_row + pos))
+                    else:
+                        owners[h] = (Item(pos, ids[pos], h, ready.prepared[pos]), [(ids[pos], first_row + pos)])
+                groups = [
+                    (item, members)
+                    for item, members in owners.values()
+                    if current is None or not current.join(item.content_hash, members)
+                ]
+                size = job.max_items_per_request
+                for start in range(0, len(groups), size):
+                    part = groups[start : start + size]
+                    items = [item for item, _ in part]
+                    endpoint, body = await self._request_of(items)
+                    if current is None:
+                        current = self._new_file()
+                    custom_id = f"{current.name}-{current.lines:05d}"
+                    line = request_line(custom_id, endpoint, body)
+                    if not current.fits(len(items), len(line), self.policy, endpoint):
+                        submitted += await self._submit(current, endpoint)
+                        if ctx.stop_event.is_set():
+                            current = None
+                            break
+                        current = self._new_file()
+                        custom_id = f"{current.name}-{current.lines:05d}"
+                        line = request_line(custom_id, endpoint, body)
+                    rows = [
+                        (i, row_id, input_row) for i, (_, members) in enumerate(part) for row_id, input_row in members
+                    ]
+                    current.add_line(line, items, rows, custom_id)
+                    self._endpoint = endpoint
+            if current is not None and current.lines:
+                if self.auto and current.lines < self.policy.auto_min_requests and not ctx.stop_event.is_set():
+                    current.discard(self.book)  # too small to be worth a batch: sent live after
+                elif not ctx.stop_event.is_set():
+                    submitted += await self._submit(current, self._endpoint)
+                else:
+                    current.discard(self.book)
+                current = None
+        finally:
+            chunks.close()
+            if current is not None:
+                current.discard(self.book)
+        return submitted
+
+    def _new_file(self) -> RequestFile:
+        self._files += 1
+        return RequestFile(self.book, f"{self.ctx.run_id}-{self._files:04d}", self._id_type or pa.int64())
+
+    async def _request_of(self, items: list[Item]) -> tuple[str, dict[str, Any]]:
+        """The body the job's ``send`` would POST for these items, and the batch endpoint of its route."""
+        try:
+            await self.ctx.job.send(self._capture_conn, items)
+        except RequestCaptured:
+            pass
+        except Exception as exc:  # noqa: BLE001 - the SDK wraps the transport's exception
+            if not isinstance(exc.__cause__, RequestCaptured):
+                raise
+        else:
+            raise ConfigError(f"{self.ctx.job.name}: building a batch request sent nothing")
+        endpoint = endpoint_of(self._capture.path)
+        if endpoint is None or self._capture.body is None:
+            raise ConfigError(
+                f"--mode batch: the {self.ctx.job.name} job's route {self._capture.path} has no batch form "
+                "(batches take /v1/chat/completions and /v1/embeddings); use --mode live"
+            )
+        return endpoint, self._capture.body
+
+    async def _submit(self, request_file: RequestFile, endpoint: str) -> int:
+        """Record, upload and create one batch; the record is saved before each step that may cost."""
+        ctx = self.ctx
+        request_file.close()
+        reservation = None
+        if ctx.budget is not None:
+            reservation = ctx.budget.reserve(request_file.tokens)
+            if reservation is None:
+                request_file.discard(self.book)
+                ctx.request_stop(ctx.budget.stop())
+                return 0
+        record = {
+            "name": request_file.name,
+            "run_id": ctx.run_id,
+            "job": ctx.job.name,
+            "model": ctx.job.model,
+            "provider": self.conn.provider,
+            "base_url": self.conn.base_url,
+            "flavor": self.api.flavor,
+            "endpoint": endpoint,
+            "state": PREPARED,
+            "requests": request_file.lines,
+            "items": request_file.inputs,
+            "rows": request_file.rows,
+            "estimated_tokens": request_file.tokens,
+            "request_bytes": request_file.bytes,
+            "reserved_usd": reservation,
+            "file_id": None,
+            "batch_id": None,
+            "status": None,
+            "request_counts": None,
+            "created_at": now(),
+        }
+        self.book.save(record)
+        record["file_id"] = await self.api.upload(request_file.path, request_file.name)
+        record["state"] = UPLOADED
+        self.book.save(record)
+        info = await self.api.create(record["file_id"], endpoint, {"gembatch": request_file.name})
+        record.update(state=SUBMITTED, batch_id=info.id, status=info.status)
+        self.book.save(record)
+        request_file.path.unlink(missing_ok=True)
+        self.pending_keys.add(hash_keys(request_file.hashes))
+        self.totals.created += 1
+        self.totals.lines_submitted += request_file.lines
+        return request_file.lines
+
+    async def _copy_stored(
+        self, positions: np.ndarray, ids: list[Any], hashes: list[str], keys: np.ndarray, first_row: int
+    ) -> None:
+        """Rows whose content the output already holds under another id: copied, as a live run does."""
+        ctx = self.ctx
+        wanted = {hashes[p] for p in positions.tolist()}
+        files = ctx.index.parts_holding(keys[positions])
+        table = await asyncio.to_thread(ctx.store.read_results_for, wanted, ctx.id_col, files=files)
+        found = ctx.job.results_from_table(table)
+        rows, outcomes = [], []
+        for p in positions.tolist():
+            if hashes[p] in found:
+                rows.append((ids[p], hashes[p], first_row + p))
+                outcomes.append(Outcome(result=found[hashes[p]]))
+        if rows:
+            await asyncio.to_thread(self._write_rows, rows, outcomes, [False] * len(rows))
+
+    # -- 3. poll and write -----------------------------------------------------------------------------
+
+    async def _poll_until_written(self, pending: list[dict[str, Any]]) -> None:
+        ctx = self.ctx
+        bar = _PollBar(enabled=self.options.progress)
+        try:
+            # After a budget stop the batches already submitted are paid for: they are still awaited.
+            while pending and (not ctx.stop_event.is_set() or _budget_stop(ctx)):
+                still = []
+                for record in pending:
+                    try:
+                        info = await self.api.retrieve(record["batch_id"])
+                    except Exception as exc:  # noqa: BLE001 - a failed poll is tried again next time
+                        failure = classify_failure(exc)
+                        if failure.kind == "not_found":
+                            # The provider no longer knows it (deleted, past its retention, or a local
+                            # emulator that is gone): nothing can be fetched, so its rows are sent again.
+                            record.update(state=LOST, status="not found", errors=self.conn.redact(failure.message))
+                            self.book.save(record)
+                            self.book.remove(record, keep_record=True)
+                            self.totals.lost += 1
+                            continue
+                        if failure.fatal:
+                            ctx.request_stop(failure.stop())
+                            return
+                        still.append(record)
+                        continue
+                    counts = {"total": info.total, "completed": info.completed, "failed": info.failed}
+                    changed = (info.status, counts) != (record.get("status"), record.get("request_counts"))
+                    record.update(status=info.status, request_counts=counts, errors=info.errors)
+                    if info.final:
+                        await self._write_batch(record, info)
+                    else:
+                        if changed:
+                            self.book.save(record)
+                        still.append(record)
+                    bar.show(record)
+                pending = still
+                if pending and ctx.stop_event.is_set():
+                    await asyncio.sleep(self.policy.poll_s)
+                elif pending:
+                    try:
+                        await asyncio.wait_for(ctx.stop_event.wait(), timeout=self.policy.poll_s)
+                    except TimeoutError:
+                        pass
+        finally:
+            bar.close()
+
+    async def _write_batch(self, record: dict[str, Any], info: BatchInfo) -> None:
+        """Download a finished batch's results and write them like live ones; then mark it written."""
+        ctx, book = self.ctx, self.book
+        name = record["name"]
+        downloads = []
+        for file_id, suffix in ((info.output_file_id, ".output.jsonl"), (info.error_file_id, ".errors.jsonl")):
+            if file_id:
+                dest = book.scratch / f"{name}{suffix}"
+                await self.api.download(file_id, dest)
+                downloads.append(dest)
+        rows_table = await asyncio.to_thread(read_rows, book, name)
+        lines = LineRows(rows_table)
+        seen: set[str] = set()
+        answered = failed = 0
+        buffer_rows: list[tuple[Any, str, int]] = []
+        buffer_out: list[Outcome] = []
+        buffer_first: list[bool] = []
+        prompt = completion = total = 0
+        for path in downloads:
+            with path.open("rb") as f:
+                for raw in f:
+                    if not raw.strip():
+                        continue
+                    line = json.loads(raw)
+                    custom_id = line.get("custom_id")
+                    members = lines.get(custom_id)
+                    if members is None or custom_id in seen:
+                        continue
+                    response = line.get("response")
+                    if not isinstance(response, dict) or response.get("status_code") is None:
+                        continue  # never ran (expired, cancelled): sent again
+                    seen.add(custom_id)
+                    items, rows = members
+                    outcomes, reply = await self._parse_line(custom_id, response, items)
+                    if reply is not None:
+                        prompt += reply[0]
+                        completion += reply[1]
+                        total += reply[2]
+                    if outcomes[0] is None:
+                        seen.discard(custom_id)
+                        continue
+                    line_failed = all(not o.ok for o in outcomes)
+                    if line_failed:
+                        failed += 1
+                    else:
+                        answered += 1
+                    if self.auto and any(not o.ok for o in outcomes):
+                        # auto: what failed in the batch is sent live after; nothing of it is written now.
+                        outcomes = [o if o.ok else None for o in outcomes]
+                    firsts: set[int] = set()
+                    for item_index, row_id, input_row in rows:
+                        outcome = outcomes[item_index]
+                        if outcome is None:
+                            continue
+                        buffer_rows.append((row_id, items[item_index].content_hash, input_row))
+                        buffer_out.append(outcome)
+                        buffer_first.append(item_index not in firsts)
+                        firsts.add(item_index)
+                    if len(buffer_rows) >= max(WRITE_RESULT_ROWS, self.options.chunk_size):
+                        await asyncio.to_thread(self._write_rows, buffer_rows, buffer_out, buffer_first)
+                        buffer_rows, buffer_out, buffer_first = [], [], []
+        if buffer_rows:
+            await asyncio.to_thread(self._write_rows, buffer_rows, buffer_out, buffer_first)
+        stats = ctx.stats
+        stats.prompt_tokens += prompt
+        stats.completion_tokens += completion
+        stats.total_tokens += total
+        stats.requests += len(seen)
+        stats.items_sent += sum(len(lines.get(c)[0]) for c in seen)
+        self.totals.prompt_tokens += prompt
+        self.totals.completion_tokens += completion
+        self.totals.total_tokens += total
+        self.totals.lines_answered += answered
+        self.totals.lines_failed += failed
+        unfinished = len(lines) - len(seen)
+        self.totals.lines_unfinished += unfinished
+        if ctx.budget is not None:
+            ctx.budget.release(record.get("reserved_usd") or 0.0)
+            ctx.budget.charge(prompt, total)
+        record.update(
+            state=WRITTEN,
+            status=info.status,
+            written_at=now(),
+            written_by_run=ctx.run_id,
+            lines_answered=answered,
+            lines_failed=failed,
+            lines_unfinished=unfinished,
+            tokens={"prompt": prompt, "completion": completion, "total": total},
+        )
+        book.save(record)
+        book.remove(record, keep_record=True)
+        self.written.append(name)
+        if self._fatal is not None:
+            ctx.request_stop(self._fatal.stop())
+
+    async def _parse_line(
+        self, custom_id: str, response: dict[str, Any], items: list[Item]
+    ) -> tuple[list[Outcome | None], tuple[int, int, int] | None]:
+        """One result line through the job's own ``send`` (the SDK parses it as a live reply)."""
+        self._replay.status = int(response["status_code"])
+        self._replay.body = normalise_body(response.get("body"), custom_id)
+        redact = self.conn.redact
+        try:
+            reply = await self.ctx.job.send(self._replay_conn, items)
+            if len(reply.results) != len(items):
+                raise BadReply(f"the reply had {len(reply.results)} results for {len(items)} inputs")
+        except BadReply as exc:
+            raw = exc.raw_reply[:4000] if exc.raw_reply else None
+            return [
+                Outcome(error_type="bad_reply", error_message=f"bad reply: {exc}", attempts=1, raw_reply=raw)
+            ] * len(items), None
+        except Exception as exc:  # noqa: BLE001 - classify_failure re-raises what it doesn't know
+            failure = classify_failure(exc)
+            if failure.fatal:
+                # Every line would fail so (a refused schema, a key without access): stop as live does,
+                # and leave the rows unwritten.
+                self._fatal = failure
+                return [None] * len(items), None
+            message = redact(failure.message) + " (batch line)"
+            return [
+                Outcome(error_type=failure.kind, error_message=message, attempts=1, retry_auto=failure.retryable)
+            ] * len(items), None
+        outcomes = []
+        finish = getattr(self.ctx.job, "finish_line", None)  # a job that completes a row after its reply
+        for item, result in zip(items, reply.results, strict=True):
+            if isinstance(result, RowFailure):
+                outcomes.append(
+                    Outcome(
+                        error_type=result.kind,
+                        error_message=redact(result.message),
+                        attempts=1,
+                        raw_reply=result.raw_reply,
+                    )
+                )
+            elif finish is not None:
+                outcomes.append(await finish(item, Outcome(result=result, attempts=1)))
+            else:
+                outcomes.append(Outcome(result=result, attempts=1))
+        return outcomes, (reply.prompt_tokens, reply.completion_tokens, reply.total_tokens)
+
+    def _write_rows(self, rows: list[tuple[Any, str, int]], outcomes: list[Outcome], firsts: list[bool]) -> None:
+        """Write rows (id, content_hash, input_row) with their outcomes: one results part, one errors part,
+        the same columns as a live chunk's (engine.chunk._write_chunk); the done-key index learns them."""
+        ctx, job, stats = self.ctx, self.ctx.job, self.ctx.stats
+        id_type = self._id_type or pa.int64()
+        # A row already in the output (a run killed after writing, before marking the batch written).
+        keys = hash_keys([h for _, h, _ in rows])
+        tags = id_tags([r for r, _, _ in rows])
+        done = ctx.index.results.has_pairs(keys, tags) if len(ctx.index.results) else np.zeros(len(rows), bool)
+        ok = [i for i, o in enumerate(outcomes) if o.ok and not done[i]]
+        bad = [i for i, o in enumerate(outcomes) if not o.ok and not done[i]]
+        stats.skipped_done += int(done.sum())
+        if ok:
+            results = [outcomes[i].result for i in ok]
+            table = pa.table(
+                {
+                    ctx.id_col: pa.array([rows[i][0] for i in ok], id_type),
+                    **job.result_arrays(results),
+                    "content_hash": pa.array([rows[i][1] for i in ok], pa.string()),
+                    "model": pa.array([job.model] * len(ok), pa.string()),
+                }
+            )
+            part = ctx.store.write_part(table, errors=False, run_id=ctx.run_id, id_col=ctx.id_col)
+            stats.parts_written.append(part)
+            ctx.index.results.add(keys[ok], tags[ok], ctx.index.part_ordinal(part))
+            for i in ok:
+                if firsts[i]:
+                    stats.succeeded += 1
+                else:
+                    stats.deduplicated += 1
+        if bad:
+            table = pa.table(
+                {
+                    ctx.id_col: pa.array([rows[i][0] for i in bad], id_type),
+                    "content_hash": pa.array([rows[i][1] for i in bad], pa.string()),
+                    "error_type": pa.array([outcomes[i].error_type for i in bad], pa.string()),
+                    "error_message": pa.array([outcomes[i].error_message or "" for i in bad], pa.string()),
+                    "attempts": pa.array([outcomes[i].attempts for i in bad], pa.int32()),
+                    "raw_reply": pa.array([outcomes[i].raw_reply for i in bad], pa.string()),
+                    "retry": pa.array(
+                        [RETRY_AUTO if outcomes[i].retry_auto else RETRY_ON_REQUEST for i in bad], pa.string()
+                    ),
+                    "input_row": pa.array([rows[i][2] for i in bad], pa.int64()),
+                    "model": pa.array([job.model] * len(bad), pa.string()),
+                    "run_id": pa.array([ctx.run_id] * len(bad), pa.string()),
+                }
+            )
+            path = ctx.store.write_part(table, errors=True, run_id=ctx.run_id, id_col=ctx.id_col)
+            stats.error_parts_written.append(path)
+            # Not sent again in this run (a plain rerun resends the transient ones, as after a live run).
+            ctx.index.errors.add(keys[bad], tags[bad])
+            self.failed_now.add(keys[bad], tags[bad])
+            stats.failed += len(bad)
+            stats.failed_retry_auto += sum(1 for i in bad if outcomes[i].retry_auto)
+        ctx.on_progress(len(ok) + len(bad))
+
+    # -- 4. auto: the rest live ------------------------------------------------------------------------
+
+    async def _live_remainder(self) -> None:
+        """Send live what no batch answered: a small remainder, failed and unfinished lines, invalid rows.
+
+        A second pass over the input with the live engine and its own counts; only what it sends or
+        writes is added to the run's counts (rows it finds done were counted already)."""
+        ctx = self.ctx
+        if ctx.budget is not None:
+            ctx.budget.price_factor = 1.0
+        live = RunContext(
+            job=ctx.job,
+            conn=ctx.conn,
+            limiter=ctx.limiter,
+            store=ctx.store,
+            index=ctx.index,
+            run_id=ctx.run_id,
+            id_col=ctx.id_col,
+            retry_errors=ctx.retry_errors,
+            retry=ctx.retry,
+            budget=ctx.budget,
+            outage=ctx.outage,
+        )
+        try:
+            await self.drive_live(live, self.source, self.options, self.total_rows, self.chunk_runner)
+        finally:
+            s, t = live.stats, ctx.stats
+            new_errors = sum(pq.read_metadata(p, filesystem=ctx.store.fs).num_rows for p in s.error_parts_written)
+            t.succeeded += s.succeeded
+            t.deduplicated += s.deduplicated
+            t.failed += new_errors
+            t.failed_retry_auto += s.failed_retry_auto
+            for name in ("requests", "items_sent", "retries", "rate_limited", "transient_errors", "prompt_tokens",
+                         "completion_tokens", "total_tokens", "estimated_tokens", "images"):  # fmt: skip
+                setattr(t, name, getattr(t, name) + getattr(s, name))
+            t.parts_written += s.parts_written
+            t.error_parts_written += s.error_parts_written
+            self.totals.live_rows = s.succeeded + s.deduplicated + new_errors
+            ctx.on_progress(self.totals.live_rows)
+            if live.stopped is not None:
+                ctx.request_stop(live.stopped)
+
+    # -- metadata ---------------------------------------------------------------------------------------
+
+    def describe(self) -> dict[str, Any]:
+        t = self.totals
+        return {
+            "mode": self.policy.mode,
+            "flavor": self.api.flavor,
+            "batches_created": t.created,
+            "batches_reattached": t.reattached,
+            "batches_lost": t.lost,
+            "batches_written": self.written,
+            "requests_submitted": t.lines_submitted,
+            "requests_answered": t.lines_answered,
+            "requests_failed": t.lines_failed,
+            "requests_unfinished": t.lines_unfinished,
+            "rows_live": t.live_rows,
+            "rows_live_only": self.live_only,
+            "tokens": {"prompt": t.prompt_tokens, "completion": t.completion_tokens, "total": t.total_tokens},
+            "records": f"{self.options.output}/{BATCHES_DIR}/",
+        }
+
+
+def _budget_stop(ctx: RunContext) -> bool:
+    return ctx.stopped is not None and ctx.stopped.status == "stopped: budget"
+
+
+class _PollBar:
+    """While batches run: their states and request counts, on stderr."""
+
+    def __init__(self, *, enabled: bool) -> None:
+        self._progress = None
+        self._tasks: dict[str, Any] = {}
+        if enabled:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._progress = Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("requests · {task.fields[state]} · failed {task.fields[failed]}"),
+                TimeElapsedColumn(),
+                console=Console(file=sys.stderr),
+            )
+            self._progress.start()
+
+    def show(self, record: dict[str, Any]) -> None:
+        if self._progress is None:
+            return
+        counts = record.get("request_counts") or {}
+        done = (counts.get("completed") or 0) + (counts.get("failed") or 0)
+        name = record["batch_id"]
+        if name not in self._tasks:
+            self._tasks[name] = self._progress.add_task(
+                f"batch {name}", total=record.get("requests") or counts.get("total"), state="", failed=0
+            )
+        self._progress.update(
+            self._tasks[name], completed=done, state=record.get("status"), failed=counts.get("failed") or 0
+        )
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+
+def files_needed(requests: int, inputs: int, policy: BatchPolicy, embeddings: bool) -> int:
+    """How many request files (batches) ``requests`` lines of ``inputs`` items make under the limits."""
+    if requests == 0:
+        return 0
+    by_lines = math.ceil(requests / policy.max_lines)
+    by_inputs = math.ceil(inputs / policy.max_inputs) if embeddings else 1
+    return max(by_lines, by_inputs)
+
+
+async def manage_batches(output: str, settings: Any | None, *, refresh: bool, cancel: bool) -> list[dict[str, Any]]:
+    """`gembatch batches OUTPUT`: the recorded batches, their states asked again (``refresh``) or cancelled.
+
+    ``settings`` (a ProviderSettings) says where they were sent; None: as each record says (its provider
+    and base URL, the key from that provider's usual variable)."""
+    from tasks.engine.store import OutputStore
+    from tasks.provider.client import ProviderSettings, open_connection
+
+    store = OutputStore(output)
+    records = read_records(store)
+    if not records:
+        raise ConfigError(f"no batches are recorded in {output}/{BATCHES_DIR}/ (a --mode batch run records them)")
+    if not (refresh or cancel):
+        return records
+    book = Book(store)
+    connections: dict[tuple[str, str], tuple[Connection, BatchApi]] = {}
+    try:
+        for record in records:
+            if record["state"] != SUBMITTED:
+                continue
+            where = settings or ProviderSettings(
+                provider=record["provider"],
+                base_url=record["base_url"] if record["provider"] != "gemini" else None,
+            )
+            key = (where.provider, where.base_url or "")
+            if key not in connections:
+                conn = open_connection(where)
+                connections[key] = (conn, BatchApi(conn.client, conn.base_url, conn.api_key))
+            conn, api = connections[key]
+            try:
+                info = await (api.cancel(record["batch_id"]) if cancel else api.retrieve(record["batch_id"]))
+            except Exception as exc:  # noqa: BLE001 - shown per batch; the others are still asked
+                record["error"] = conn.redact(classify_failure(exc).message)
+                continue
+            record.update(
+                status=info.status,
+                request_counts={"total": info.total, "completed": info.completed, "failed": info.failed},
+            )
+            book.save(record)
+    finally:
+        for conn, _ in connections.values():
+            await conn.close()
+    return records
