@@ -22,6 +22,7 @@ import argparse
 import io
 import json
 import os
+import resource
 import shutil
 import socket
 import subprocess
@@ -175,10 +176,21 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="gembatch-photos-"))
     cpus = len(os.sched_getaffinity(0))
     try:
-        bases = [make_photo(seed, args.width, args.height, args.grain, args.quality) for seed in range(args.bases)]
+        # In worker processes: the command's peak RSS, as the kernel reports it, starts from this
+        # process's own peak (the child is forked from it), which must stay small.
+        with ProcessPoolExecutor(cpus) as pool:
+            n = args.bases
+            bases = list(
+                pool.map(
+                    make_photo, range(n), [args.width] * n, [args.height] * n, [args.grain] * n, [args.quality] * n
+                )
+            )
         mean_mb = sum(map(len, bases)) / len(bases) / 1e6
         floor = entropy_floor_ms(bases[0])
-        print(f"repo {repo}  ({cpus} CPUs, load average {os.getloadavg()[0]:.2f})")
+        own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(
+            f"repo {repo}  ({cpus} CPUs, load average {os.getloadavg()[0]:.2f}; this script's peak RSS {own:.0f} MiB)"
+        )
         print(f"photos {args.width}x{args.height} JPEG q{args.quality}, {mean_mb:.1f} MB each on average")
         print(
             f"entropy-decoding floor {floor:.0f} ms per photo per core -> at most "

@@ -223,7 +223,7 @@ def _eight_bit(img: Image.Image) -> Image.Image:
         return _cmyk_to_rgb(img)
     if mode in _SIXTEEN_BIT:
         # 0..65535 → 0..255 by scaling: convert("L") would clip everything above 255 to white.
-        return img.convert("I").point(lambda v: v / 257).convert("L")
+        return img.convert("I").point(lambda v: v / 257 + 0.5).convert("L")
     if mode in ("P", "PA"):
         return img.convert("RGBA" if mode == "PA" or "transparency" in img.info else "RGB")
     if mode == "1":
