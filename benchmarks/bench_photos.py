@@ -106,15 +106,26 @@ def run_caption(python: str, repo: Path, listing: Path, out: Path, base_url: str
     (run,) = [json.loads(p.read_text()) for p in (out / "_runs").glob("*.json")]
     if run["counts"]["failed"] or run["counts"]["deduplicated"]:
         raise SystemExit(f"unexpected counts {run['counts']}:\n{output}")
-    return run, wall, usage.ru_maxrss / 1024, (load_before, os.getloadavg()[0])
+    cpu = usage.ru_utime + usage.ru_stime
+    return run, wall, usage.ru_maxrss / 1024, cpu, (load_before, os.getloadavg()[0])
 
 
-def report(label: str, n: int, run: dict, wall: float, rss: float, load: tuple[float, float]) -> None:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a running process (/proc/PID/stat fields 14 and 15)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def report(n: int, run: dict, wall: float, rss: float, cpu: float, emu_cpu: float, load, cpus: int) -> None:
     run_s = run["duration_s"]
+    per_image = (cpu + emu_cpu) / n
     print(
-        f"{label:<14} {n:>5} photos  {n / run_s:6.1f} images/s (flow run {run_s:.1f} s; "
-        f"whole command {n / wall:.1f}/s, {wall:.1f} s)  peak RSS {rss:,.0f} MiB  "
-        f"load {load[0]:.2f} -> {load[1]:.2f}"
+        f"caption {n:>5} photos  {n / run_s:6.1f} images/s (flow run {run_s:.1f} s; whole command "
+        f"{n / wall:.1f}/s, {wall:.1f} s)  peak RSS {rss:,.0f} MiB  load {load[0]:.2f} -> {load[1]:.2f}"
+    )
+    print(
+        f"              CPU per photo: gembatch {1000 * cpu / n:.0f} ms (start-up included) + emulator "
+        f"{1000 * emu_cpu / n:.0f} ms -> {cpus / per_image:.1f} images/s if {cpus} cores were ours alone"
     )
 
 
@@ -216,8 +227,9 @@ def main() -> None:
             for n in sizes:
                 folder = work / f"photos-{n}"
                 listing = write_photos(folder, n, bases)
-                run, wall, rss, load = run_caption(python, repo, listing, work / f"out-{n}", base_url, env, extra)
-                report("caption", n, run, wall, rss, load)
+                emu_before = cpu_seconds(emulator.pid)
+                run, wall, rss, cpu, load = run_caption(python, repo, listing, work / f"out-{n}", base_url, env, extra)
+                report(n, run, wall, rss, cpu, cpu_seconds(emulator.pid) - emu_before, load, cpus)
                 results.append(rss)
                 shutil.rmtree(folder, ignore_errors=True)
             if args.rss_check:
