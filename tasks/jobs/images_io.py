@@ -154,6 +154,8 @@ def probe(data: bytes, name: str) -> ImageInfo:
             if _orientation(img, loaded=False) in (5, 6, 7, 8):
                 width, height = height, width
             img.verify()
+    except Image.DecompressionBombError as exc:
+        raise ImageError(_too_large(name, exc)) from None
     except DECODE_ERRORS as exc:
         raise ImageError(f"{name} looks like {mime} but can't be decoded ({exc}): it is corrupt") from None
     return ImageInfo(mime, width, height)
@@ -170,8 +172,14 @@ def image_for_model(data: bytes, max_side: int, *, name: str) -> SentImage:
             if _sendable_as_is(img, mime, max_side):
                 return SentImage(data, mime, img.width, img.height, changed=False)
             return _reencode(img, mime, max_side)
+    except Image.DecompressionBombError as exc:
+        raise ImageError(_too_large(name, exc)) from None
     except DECODE_ERRORS as exc:
         raise ImageError(f"{name} can't be decoded ({exc}): the file is corrupt or truncated") from None
+
+
+def _too_large(name: str, exc: Exception) -> str:
+    return f"{name} is too large to decode safely ({exc}): downscale it first (or split it)"
 
 
 def _sendable_as_is(img: Image.Image, mime: str, max_side: int) -> bool:
