@@ -204,6 +204,7 @@ def _reencode(img: Image.Image, mime: str, max_side: int) -> SentImage:
     target = scaled_size(img.width, img.height, max_side)
     img = _eight_bit(img)
     if img.size != target:
+        # Bilinear after the DCT scaling: BOX costs 7 ms less at 1.5k px but keeps the grain (+50% bytes).
         # reducing_gap: a cheap integer box reduction first when the image is far larger than the target.
         img = img.resize(target, Image.Resampling.BILINEAR, reducing_gap=3.0)
     img = _flatten(img)
