@@ -220,11 +220,14 @@ def test_heic_and_avif_are_decoded_and_sent_as_jpeg(emulator, tmp_path):
     big = quadrants(size=(400, 300))
     files = {1: save(big, tmp_path / "photo.heic", "HEIF", quality=95)}
     files[2] = save(big, tmp_path / "photo.avif", "AVIF", quality=95)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # pillow-heif stores it as the HEIF rotation (irot), which libheif applies on reading
+    files[3] = save(big.transpose(T.ROTATE_90), tmp_path / "turned.heic", "HEIF", quality=95, exif=exif.tobytes())
     assert probe(files[1].read_bytes(), "photo.heic").mime == "image/heic"
     assert probe(files[2].read_bytes(), "photo.avif").mime == "image/avif"
 
     doc, rows = caption_files(emulator, tmp_path, files, max_side=200)
-    assert doc["counts"]["succeeded"] == 2
+    assert doc["counts"]["succeeded"] == 3
     for i in files:
         found = seen(rows[i]["caption"])
         assert (found["mime"], found["mode"], found["size"]) == ("image/jpeg", "RGB", (200, 150))

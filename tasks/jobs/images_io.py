@@ -151,7 +151,7 @@ def probe(data: bytes, name: str) -> ImageInfo:
     try:
         with Image.open(BytesIO(data)) as img:
             width, height = img.size
-            if _orientation(img, loaded=False) in (5, 6, 7, 8):
+            if _orientation(img) in (5, 6, 7, 8):
                 width, height = height, width
             img.verify()
     except Image.DecompressionBombError as exc:
@@ -185,7 +185,7 @@ def _too_large(name: str, exc: Exception) -> str:
 def _sendable_as_is(img: Image.Image, mime: str, max_side: int) -> bool:
     if mime not in _SENDABLE or max(img.size) > max_side or getattr(img, "n_frames", 1) > 1:
         return False
-    if _orientation(img, loaded=False) not in (None, 1):
+    if _orientation(img) not in (None, 1):
         return False
     if "transparency" in img.info:
         return False
@@ -263,14 +263,15 @@ def _flatten(img: Image.Image) -> Image.Image:
     return base
 
 
-def _orientation(img: Image.Image, *, loaded: bool) -> int | None:
-    """The EXIF orientation from what the header gave (PNG keeps eXIf after the pixels only rarely)."""
-    if loaded or "exif" in img.info:
-        try:
-            return img.getexif().get(_ORIENTATION)
-        except DECODE_ERRORS:
-            return None  # unreadable EXIF: the pixels as stored
-    return None
+def _orientation(img: Image.Image) -> int | None:
+    """The EXIF orientation the header gave, without decoding (a PNG's eXIf chunk after its pixels is
+    read only by ``load``; exif_transpose still applies it then)."""
+    if "exif" not in img.info:
+        return None
+    try:
+        return img.getexif().get(_ORIENTATION)
+    except DECODE_ERRORS:
+        return None  # unreadable EXIF: the pixels as stored
 
 
 def _require_decoder(mime: str, name: str) -> None:
