@@ -200,10 +200,11 @@ def fake_transcript(audio_bytes: bytes, fmt: str, model: str) -> str:
 
 
 def audio_seconds(audio_bytes: bytes, fmt: str | None = None) -> float | None:
-    """Duration from a WAV (RIFF) header; None for anything else or a malformed header."""
+    """Duration from a WAV (RIFF) header, else from the container as FFmpeg reads it (MP3 frames, Ogg,
+    FLAC…); None when neither can tell."""
     b = audio_bytes
     if len(b) < 12 or b[:4] != b"RIFF" or b[8:12] != b"WAVE":
-        return None
+        return _container_seconds(b)
     i = 12
     byte_rate = 0
     while i + 8 <= len(b):
@@ -221,6 +222,23 @@ def audio_seconds(audio_bytes: bytes, fmt: str | None = None) -> float | None:
             return data_len / byte_rate
         i = body + size + (size & 1)
     return None
+
+
+def _container_seconds(data: bytes) -> float | None:
+    import io
+
+    try:
+        import av
+
+        with av.open(io.BytesIO(data)) as container:
+            if not container.streams.audio:
+                return None
+            stream = container.streams.audio[0]
+            if stream.duration is not None and stream.time_base is not None:
+                return float(stream.duration * stream.time_base)
+            return container.duration / av.time_base if container.duration else None
+    except Exception:  # noqa: BLE001 - anything FFmpeg can't read has no known duration
+        return None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,11 +13,27 @@ from typing import Annotated
 import typer
 
 from flows.options import Output, job_command
-from tasks.defaults import APIS, DEFAULT_CAPTION_PROMPT, DEFAULT_MAX_SIDE, DEFAULT_SIZE, MAX_INLINE_BYTES
+from tasks.defaults import (
+    APIS,
+    DEFAULT_CAPTION_PROMPT,
+    DEFAULT_MAX_SIDE,
+    DEFAULT_SEGMENT_FORMAT,
+    DEFAULT_SEGMENT_S,
+    DEFAULT_SIZE,
+    MAX_INLINE_BYTES,
+    SEGMENT_FORMATS,
+)
 
 __all__ = ["caption", "embed", "extract", "images", "transcribe"]
 
 Input = Annotated[str, typer.Argument(help="Parquet or CSV file (local path or fsspec URL).")]
+MediaInput = Annotated[
+    str,
+    typer.Argument(
+        help="Parquet or CSV file naming the files, or a folder or quoted glob of them ('rec/**/*.mp3'); "
+        "local path or fsspec URL. A folder or glob: id = the path relative to it."
+    ),
+]
 
 
 @job_command("flows.embed:embed_flow", "flows.jobs:embed_job")
@@ -71,7 +87,7 @@ def extract(
 
 @job_command("flows.caption:caption_flow", "flows.jobs:caption_job")
 def caption(
-    input: Input,
+    input: MediaInput,
     output: Output,
     image_col: Annotated[
         str,
@@ -95,9 +111,15 @@ def _check_api(value: str) -> str:
     return value
 
 
+def _check_segment_format(value: str) -> str:
+    if value not in SEGMENT_FORMATS:
+        raise typer.BadParameter(f"use one of {', '.join(SEGMENT_FORMATS)}")
+    return value
+
+
 @job_command("flows.transcribe:transcribe_flow", "flows.jobs:transcribe_job")
 def transcribe(
-    input: Input,
+    input: MediaInput,
     output: Output,
     audio_col: Annotated[
         str,
@@ -123,10 +145,22 @@ def transcribe(
         ),
     ] = "chat",
     max_inline_bytes: Annotated[
-        int, typer.Option("--max-inline-bytes", help="Largest request payload per file (Gemini: 20 MB inline).")
+        int, typer.Option("--max-inline-bytes", help="Largest audio payload per request (Gemini: 20 MB inline).")
     ] = MAX_INLINE_BYTES,
+    segment_s: Annotated[
+        float,
+        typer.Option("--segment-s", help="Cut longer recordings into segments of about this many seconds."),
+    ] = DEFAULT_SEGMENT_S,
+    segment_format: Annotated[
+        str,
+        typer.Option(
+            "--segment-format",
+            callback=_check_segment_format,
+            help="How segments are sent: mp3 (32 kbps mono, 4 KB/s) or wav (16-bit, 32 KB/s).",
+        ),
+    ] = DEFAULT_SEGMENT_FORMAT,
 ) -> None:
-    """Transcribe an audio column: one transcript (and duration where known) per file."""
+    """Transcribe recordings (any length; mp3, m4a, ogg/opus, flac, wav, webm/mp4 audio): one row each."""
 
 
 @job_command("flows.images:images_flow", "flows.jobs:images_job")

@@ -96,6 +96,7 @@ def caption_job(parameters: dict[str, Any]) -> CaptionJob:
 
 def transcribe_job(parameters: dict[str, Any]) -> TranscribeJob:
     """The job for these flow parameters (fills in the default model for the chosen API)."""
+    from tasks.defaults import DEFAULT_SEGMENT_FORMAT, DEFAULT_SEGMENT_S
     from tasks.jobs.media import base_dir_of
     from tasks.jobs.transcribe import DEFAULT_TRANSCRIPTIONS_MODEL, TranscribeJob
 
@@ -111,6 +112,8 @@ def transcribe_job(parameters: dict[str, Any]) -> TranscribeJob:
         api=parameters["api"],
         max_inline_bytes=parameters["max_inline_bytes"],
         base_dir=base_dir_of(parameters["input"]),
+        segment_s=parameters.get("segment_s", DEFAULT_SEGMENT_S),
+        segment_format=parameters.get("segment_format", DEFAULT_SEGMENT_FORMAT),
     )
 
 

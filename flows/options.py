@@ -112,6 +112,14 @@ def print_plan(document: dict[str, Any]) -> None:
             if "images" in e
             else []
         ),
+        *(
+            [
+                ("audio, all files (from headers)", _hours(e["audio_seconds"])),
+                ("audio to send", _hours(e.get("audio_seconds_to_send", 0.0))),
+            ]
+            if "audio_seconds" in e
+            else []
+        ),
         (
             "minutes at --rpm/--tpm",
             "no --rpm/--tpm given" if e["minutes_at_limits"] is None else e["minutes_at_limits"],
@@ -119,6 +127,10 @@ def print_plan(document: dict[str, Any]) -> None:
     ):
         table.add_row(key, str(value))
     console.print(table)
+
+
+def _hours(seconds: float) -> str:
+    return f"{seconds / 3600:.2f} h ({seconds:,.0f} s)"
 
 
 def print_summary(document: dict[str, Any]) -> None:

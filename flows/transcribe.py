@@ -1,4 +1,4 @@
-"""`gembatch transcribe`: transcribe the audio file named in each row."""
+"""`gembatch transcribe`: transcribe each recording named in a table, or in a folder or glob."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from prefect import flow
 from flows.common import run_flow
 from flows.jobs import transcribe_job
 from flows.params import CommonOptions
+from tasks.defaults import DEFAULT_SEGMENT_FORMAT, DEFAULT_SEGMENT_S
 from tasks.jobs.transcribe import MAX_INLINE_BYTES
 
 __all__ = ["transcribe_flow", "transcribe_job"]
@@ -23,7 +24,10 @@ async def transcribe_flow(
     prompt: str | None = None,
     api: str = "chat",
     max_inline_bytes: int = MAX_INLINE_BYTES,
+    segment_s: float = DEFAULT_SEGMENT_S,
+    segment_format: str = DEFAULT_SEGMENT_FORMAT,
     options: CommonOptions = CommonOptions(),
 ) -> dict[str, Any]:
-    """Transcribe the audio in ``audio_col`` of every row of ``input`` into ``output`` (see README)."""
+    """Transcribe the recording in ``audio_col`` of every row of ``input`` (or every file of a folder or
+    glob ``input``) into ``output``; long recordings go in segments of ``segment_s`` (see README)."""
     return await run_flow(transcribe_job, locals())

@@ -21,5 +21,9 @@ APIS = ("chat", "transcriptions")
 # GEMINI.md, "Limits and errors": inline data is 20 MB per request historically; raised to 100 MB
 # natively in January 2026, unconfirmed for the OpenAI-compatible endpoint. Stay at the safe value.
 MAX_INLINE_BYTES = 20 * 1024 * 1024
+# Recordings longer than this are cut into segments of about this many seconds, one request each.
+DEFAULT_SEGMENT_S = 300.0
+SEGMENT_FORMATS = ("mp3", "wav")  # how each segment is encoded for the request (tasks/jobs/audio.py)
+DEFAULT_SEGMENT_FORMAT = "mp3"
 
 DEFAULT_SIZE = "1024x1024"

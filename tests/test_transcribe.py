@@ -9,7 +9,6 @@ import struct
 import wave
 from pathlib import Path
 
-import polars as pl
 import pyarrow as pa
 import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
@@ -19,6 +18,7 @@ from conftest import REPO, TEST_KEY_ENV, assert_balanced, read_errors, read_outp
 from emulator.fakes import fake_transcript
 from flows.transcribe import transcribe_job
 from tasks.engine.run import RunOptions, run_job
+from tasks.jobs.audio import SEGMENT_CODECS, iter_segments
 from tasks.jobs.media import base_dir_of, sniff_audio_format
 from tasks.jobs.transcribe import MAX_INLINE_BYTES, TranscribeJob, audio_tokens
 from tasks.provider.client import ProviderSettings
@@ -27,6 +27,7 @@ MODEL = "gemini-2.5-flash"
 AUDIO = REPO / "data" / "audio"
 SAMPLES = ("tone.wav", "chirp.wav", "speech.wav", "speech.mp3")
 LIMIT = 100_000  # bytes in the request: every sample fits as base64, long.wav doesn't
+SEGMENT_S = 10.0  # 10 s MP3 segments fit in LIMIT
 
 
 def run_transcribe(emu, input: Path | str, output: Path, *, chunk_size: int = 50, **job_kw) -> dict:
@@ -50,6 +51,12 @@ def write_list(path: Path, rows: list[tuple[int, str]]) -> Path:
 def expected(path: Path, model: str = MODEL) -> str:
     data = path.read_bytes()
     return fake_transcript(data, sniff_audio_format(data), model)
+
+
+def expected_segmented(path: Path, model: str = MODEL) -> str:
+    """What a file sent in MP3 segments gets: each segment's transcript, in order."""
+    segments = iter_segments(str(path), SEGMENT_S, SEGMENT_CODECS["mp3"])
+    return " ".join(fake_transcript(s.audio, "mp3", model) for s in segments)
 
 
 def wav_seconds(path: Path) -> float:
@@ -79,14 +86,22 @@ def recordings(tmp_path, monkeypatch) -> Path:
 
 
 def test_every_clip_gets_its_transcript_and_bad_files_become_error_rows(emulator, recordings, tmp_path):
-    doc = run_transcribe(emulator, recordings / "list.csv", tmp_path / "out", max_inline_bytes=LIMIT, chunk_size=3)
+    doc = run_transcribe(
+        emulator, recordings / "list.csv", tmp_path / "out", max_inline_bytes=LIMIT, chunk_size=3, segment_s=SEGMENT_S
+    )
 
     out = read_output(tmp_path / "out")
     files = {i: recordings / "clips" / name for i, name in enumerate(SAMPLES, start=1)}
+    files[8] = recordings / "clips" / "long.wav"
     assert sorted(out["id"].to_list()) == sorted(files)
     for row in out.iter_rows(named=True):
         path = files[row["id"]]
+        if row["id"] == 8:  # over the inline limit: decoded and sent as one MP3 segment
+            assert row["transcript"] == expected_segmented(path) and "(mp3, " in row["transcript"]
+            assert row["segments"] == [{"start_s": 0.0, "end_s": 5.0, "text": row["transcript"]}]
+            continue
         assert row["transcript"] == expected(path), f"id {row['id']}"
+        assert row["segments"][0]["text"] == row["transcript"] and row["segments"][0]["start_s"] == 0.0
         if path.suffix == ".wav":
             assert row["duration_s"] == pytest.approx(wav_seconds(path))
     by_id = {row["id"]: row for row in out.iter_rows(named=True)}
@@ -103,35 +118,35 @@ def test_every_clip_gets_its_transcript_and_bad_files_become_error_rows(emulator
     assert schema.field("model").type == pa.string()
 
     errors = {row["id"]: row for row in read_errors(tmp_path / "out").iter_rows(named=True)}
-    assert sorted(errors) == [5, 6, 7, 8]
+    assert sorted(errors) == [5, 6, 7]
     assert {e["error_type"] for e in errors.values()} == {"invalid_input"}
     assert "not found" in errors[5]["error_message"]
-    for i, name in ((5, "missing.wav"), (6, "notes.wav"), (7, "clip.mp3"), (8, "long.wav")):
+    for i, name in ((5, "missing.wav"), (6, "notes.wav"), (7, "clip.mp3")):
         assert str(recordings / "clips" / name) in errors[i]["error_message"]
-    assert "is not a wav, mp3, aiff, aac, ogg, flac audio file" in errors[6]["error_message"]
-    assert "is not a wav" in errors[7]["error_message"]
-    too_big = errors[8]["error_message"]
-    assert "over the 0.1 MB inline request limit" in too_big and "80044 bytes; limit 100000 bytes" in too_big
+    assert "is not a recording FFmpeg can read (Invalid data found" in errors[6]["error_message"]
+    assert "is not a recording FFmpeg can read" in errors[7]["error_message"]
+    assert "it is corrupt or not audio" in errors[7]["error_message"]
 
     assert doc["status"] == "completed with errors"  # the bad files' rows are in _errors/
     assert_balanced(doc)
-    assert doc["counts"]["succeeded"] == 4 and doc["counts"]["failed"] == 4
-    assert emulator.stats["by_route"]["chat/completions"] == 4
+    assert doc["counts"]["succeeded"] == 5 and doc["counts"]["failed"] == 3
+    assert emulator.stats["by_route"]["chat/completions"] == 5
     # The emulator counts 32 tokens per second of audio, as the estimate does.
     assert doc["tokens"]["prompt"] == emulator.stats["prompt_tokens"] > 32 * 6
 
 
 def test_rerun_sends_nothing(emulator, recordings, tmp_path):
-    run_transcribe(emulator, recordings / "list.csv", tmp_path / "out", max_inline_bytes=LIMIT)
+    kw = {"max_inline_bytes": LIMIT, "segment_s": SEGMENT_S}
+    run_transcribe(emulator, recordings / "list.csv", tmp_path / "out", **kw)
     emulator.reset_stats()
 
-    doc = run_transcribe(emulator, recordings / "list.csv", tmp_path / "out", max_inline_bytes=LIMIT)
+    doc = run_transcribe(emulator, recordings / "list.csv", tmp_path / "out", **kw)
     assert emulator.stats["by_route"]["chat/completions"] == 0 and doc["requests"]["sent"] == 0
-    assert doc["counts"]["skipped_done"] == 4 and doc["counts"]["failed"] == 4
+    assert doc["counts"]["skipped_done"] == 5 and doc["counts"]["failed"] == 3
     assert_balanced(doc)
 
     doc = run_transcribe(emulator, recordings / "list.csv", tmp_path / "out")  # the default 20 MB limit
-    assert emulator.stats["by_route"]["chat/completions"] == 1, "only long.wav, now within the limit"
+    assert emulator.stats["by_route"]["chat/completions"] == 1, "only long.wav, now sent whole"
     out = read_output(tmp_path / "out")
     row = out.filter(out["id"] == 8).row(0, named=True)
     assert row["transcript"] == expected(recordings / "clips" / "long.wav") and row["duration_s"] == 5.0
@@ -140,7 +155,7 @@ def test_rerun_sends_nothing(emulator, recordings, tmp_path):
 def test_the_transcriptions_api_for_openai_style_servers(emulator, recordings, tmp_path):
     params = {"input": str(recordings / "list.csv"), "provider": "openai", "model": None, "api": "transcriptions"}
     # A multipart upload carries the raw bytes (no base64): long.wav is 80,044 of them.
-    params |= {"audio_col": "audio", "prompt": None, "max_inline_bytes": 70_000}
+    params |= {"audio_col": "audio", "prompt": None, "max_inline_bytes": 70_000, "segment_s": SEGMENT_S}
     job = transcribe_job(params)
     assert job.model == "whisper-1" and job.base_dir == str(recordings)
     options = RunOptions(
@@ -150,16 +165,17 @@ def test_the_transcriptions_api_for_openai_style_servers(emulator, recordings, t
     )
 
     doc = asyncio.run(run_job(job, options))
-    assert doc["counts"]["succeeded"] == 4 and doc["counts"]["failed"] == 4
-    assert emulator.stats["by_route"]["audio/transcriptions"] == 4
+    assert doc["counts"]["succeeded"] == 5 and doc["counts"]["failed"] == 3
+    assert emulator.stats["by_route"]["audio/transcriptions"] == 5
     assert emulator.stats["by_route"]["chat/completions"] == 0
     out = read_output(tmp_path / "out")
     for row in out.iter_rows(named=True):
+        if row["id"] == 8:  # 80,044 bytes, over 70,000: one MP3 segment
+            assert row["transcript"] == expected_segmented(recordings / "clips" / "long.wav", "whisper-1")
+            continue
         assert row["transcript"] == expected(recordings / "clips" / SAMPLES[row["id"] - 1], "whisper-1")
     assert set(out["model"]) == {"whisper-1"}
-    assert (
-        "80044 bytes; limit 70000 bytes" in read_errors(tmp_path / "out").filter(pl.col("id") == 8)["error_message"][0]
-    )
+    assert sorted(read_errors(tmp_path / "out")["id"]) == [5, 6, 7]
 
 
 def test_the_sample_list_resolves_from_another_working_directory(emulator, tmp_path, monkeypatch):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from tasks.errors import ConfigError, RunStopped
@@ -49,7 +50,11 @@ class Budget:
                 "has none: add it there, or run without --max-cost-usd"
             )
         if per_image is None:
-            return cls(max_usd, job.model)
+            budget = cls(max_usd, job.model)
+            if getattr(job, "audio_input", False) and budget._price.audio_input is not None:
+                # Transcription: the input is audio, billed at the model's audio price.
+                budget._price = dataclasses.replace(budget._price, input=budget._price.audio_input)
+            return budget
         return cls(max_usd, job.model, per_image_usd=per_image, images_per_request=job.n)
 
     def reserve(self, estimated_tokens: int) -> float | None:

@@ -49,6 +49,7 @@ __all__ = [
     "precheck_chunk",
     "process_chunk",
     "row_status",
+    "send_part",
 ]
 
 # After a stop (daily quota, fatal error) requests already in flight get this long to finish: their
@@ -243,6 +244,10 @@ class RunContext:
         self.stopped: RunStopped | None = None
         self.budget: Budget | None = budget
         self.outage = outage or OutageBreaker()
+        # For a job that measures its work in something besides rows (audio seconds): see ProgressBar.
+        self.on_units: Callable[[float], None] = lambda amount: None
+        # What a job keeps for the length of one run (a recording job's bound on segments on hand).
+        self.shared: dict[str, Any] = {}
 
     def request_stop(self, reason: RunStopped) -> None:
         if self.stopped is None:
@@ -538,10 +543,29 @@ async def process_chunk(ctx: RunContext, chunk: pa.Table, index: int, first_row:
     return report
 
 
+async def send_part(ctx: RunContext, part: Item) -> Outcome | None:
+    """One request of a row that its job sends in several parts (a recording's segments): through the
+    same limiter, retries, outage breaker and budget as a row. None: not sent (the run is stopping)."""
+    got: dict[str, Outcome | None] = {}
+    await _send(ctx, [part], got)
+    return got.get(part.content_hash)
+
+
+async def _send_in_parts(ctx: RunContext, item: Item, outcomes: dict[str, Outcome | None]) -> None:
+    outcome = await ctx.job.send_in_parts(ctx, item, send_part)
+    if outcome is not None:
+        outcomes[item.content_hash] = outcome
+
+
 async def _send_all(ctx: RunContext, items: list[Item], outcomes: dict[str, Outcome | None]) -> None:
-    size = ctx.job.max_items_per_request
-    batches = [items[i : i + size] for i in range(0, len(items), size)]
-    tasks = [asyncio.create_task(_send(ctx, batch, outcomes)) for batch in batches]
+    if hasattr(ctx.job, "send_in_parts"):
+        # The job splits each row into requests itself (``send_in_parts(ctx, item, send_part)`` returns
+        # the row's Outcome, or None when not attempted), each sent with :func:`send_part`.
+        tasks = [asyncio.create_task(_send_in_parts(ctx, item, outcomes)) for item in items]
+    else:
+        size = ctx.job.max_items_per_request
+        batches = [items[i : i + size] for i in range(0, len(items), size)]
+        tasks = [asyncio.create_task(_send(ctx, batch, outcomes)) for batch in batches]
     if not tasks:
         return
     stop_wait = asyncio.create_task(ctx.stop_event.wait())

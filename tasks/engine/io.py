@@ -1,9 +1,16 @@
-"""Reading the input in chunks (Parquet or CSV, local path or fsspec URL) without loading it whole."""
+"""Reading the input in chunks (Parquet or CSV, local path or fsspec URL) without loading it whole.
+
+For the media jobs (transcribe, caption) the input may also be a folder or a glob of files
+(``recordings/``, ``'recordings/**/*.mp3'``, ``memory://in/*.wav``): it reads as a table of two columns,
+the id (the file's path relative to the folder, or to the glob's fixed leading folders) and the
+media column (the file's full path or URL). A folder takes the files whose extension the job reads;
+a glob takes every file that matches.
+"""
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import fsspec
@@ -15,6 +22,7 @@ from tasks.errors import InputError
 
 __all__ = ["InputSource"]
 
+GLOB_CHARS = "*?["
 CSV_BLOCK_BYTES = 4 << 20
 FINGERPRINT_BLOCK_BYTES = 8 << 20
 
@@ -26,9 +34,17 @@ class InputSource:
     path: str
     format: str
     size_bytes: int
+    # A folder or glob input: the files (full paths or URLs) and their ids, in id order.
+    files: tuple[str, ...] | None = None
+    file_ids: tuple[str, ...] | None = None
+    file_sizes: tuple[int, ...] | None = None
 
     @classmethod
-    def open(cls, path: str) -> InputSource:
+    def open(cls, path: str, *, media_extensions: Sequence[str] | None = None) -> InputSource:
+        """``media_extensions``: the job reads media files, so a folder or glob is a valid input (a
+        folder takes the files with these extensions)."""
+        if media_extensions is not None and any(c in path for c in GLOB_CHARS):
+            return cls._open_files(path, media_extensions, glob=True)
         try:
             fs, fs_path = fsspec.core.url_to_fs(path)
             info = fs.info(fs_path)
@@ -37,6 +53,8 @@ class InputSource:
         except (OSError, ValueError, ImportError) as exc:
             raise InputError(f"input {path} can't be opened: {exc}") from None
         if info.get("type") == "directory":
+            if media_extensions is not None:
+                return cls._open_files(path, media_extensions, glob=False)
             raise InputError(f"input {path} is a folder: give one Parquet or CSV file")
         try:
             with fs.open(fs_path, "rb") as f:
@@ -44,14 +62,62 @@ class InputSource:
         except OSError as exc:
             raise InputError(f"input {path} can't be read: {exc}. Check its permissions.") from None
         size = int(info.get("size") or 0)
+        if media_extensions is not None and fs_path.rsplit(".", 1)[-1].lower() in media_extensions:
+            # One recording or picture: a folder input of that one file (id = its name).
+            name = fs_path.rsplit("/", 1)[-1]
+            local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+            url = fs_path if local else fs.unstrip_protocol(fs_path)
+            return cls(path=path, format="file", size_bytes=size, files=(url,), file_ids=(name,), file_sizes=(size,))
         if size == 0:
             raise InputError(f"input {path} is empty (0 bytes): give a Parquet or CSV file with a header and rows")
         return cls(path=path, format=_detect_format(path, head), size_bytes=size)
+
+    @classmethod
+    def _open_files(cls, path: str, extensions: Sequence[str], *, glob: bool) -> InputSource:
+        try:
+            fs, fs_path = fsspec.core.url_to_fs(path)
+            if glob:
+                fixed = fs_path[: min(fs_path.index(c) for c in GLOB_CHARS if c in fs_path)]
+                root = fixed.rsplit("/", 1)[0] if "/" in fixed else ""
+                found = fs.glob(fs_path, detail=True)
+            else:
+                root = fs_path.rstrip("/")
+                found = fs.find(root, detail=True)
+        except (OSError, ValueError, ImportError) as exc:
+            raise InputError(f"input {path} can't be listed: {exc}") from None
+        wanted = {e.lower().lstrip(".") for e in extensions}
+        files: list[tuple[str, str, int]] = []
+        for name, info in found.items():
+            if info.get("type") == "directory":
+                continue
+            relative = name[len(root) :].lstrip("/") if root and name.startswith(root) else name.lstrip("/")
+            base = relative.rsplit("/", 1)[-1]
+            if not glob and (base.startswith(".") or base.rsplit(".", 1)[-1].lower() not in wanted or "." not in base):
+                continue
+            files.append((relative, name, int(info.get("size") or 0)))
+        if not files:
+            if glob:
+                raise InputError(f"input {path} matches no files: check the pattern (quote it so the shell leaves it)")
+            shown = ", ".join(f".{e}" for e in sorted(wanted))
+            raise InputError(f"input folder {path} holds no files ending {shown}: give a glob to pick others")
+        files.sort()
+        local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+        urls = tuple(name if local else fs.unstrip_protocol(name) for _, name, _ in files)
+        return cls(
+            path=path,
+            format="glob" if glob else "folder",
+            size_bytes=sum(size for *_, size in files),
+            files=urls,
+            file_ids=tuple(relative for relative, *_ in files),
+            file_sizes=tuple(size for *_, size in files),
+        )
 
     def columns(self) -> list[str]:
         return list(self.schema().names)
 
     def schema(self) -> pa.Schema:
+        if self.files is not None:
+            return pa.schema([pa.field("id", pa.string()), pa.field("path", pa.string())])
         with self._open() as f:
             if self.format == "parquet":
                 try:
@@ -71,6 +137,8 @@ class InputSource:
                 raise self._csv_error(exc, rows_before=0) from None
 
     def require_columns(self, needed: list[str]) -> None:
+        if self.files is not None:
+            return  # a folder's table is made for the job: its id column and the media column
         have = self.columns()
         missing = [c for c in needed if c not in have]
         if missing:
@@ -83,7 +151,12 @@ class InputSource:
     def iter_chunks(
         self, columns: list[str], chunk_size: int, *, string_columns: tuple[str, ...] = ()
     ) -> Iterator[pa.Table]:
-        """Tables of ``chunk_size`` rows (the last may be shorter), only the named columns."""
+        """Tables of ``chunk_size`` rows (the last may be shorter), only the named columns.
+
+        A folder or glob input: the first column holds the ids, the others the files' paths or URLs."""
+        if self.files is not None:
+            yield from self._file_chunks(columns, chunk_size)
+            return
         pending: list[pa.RecordBatch] = []
         pending_rows = 0
         for batch in self._iter_batches(columns, chunk_size, string_columns):
@@ -98,9 +171,21 @@ class InputSource:
         if pending_rows:
             yield pa.Table.from_batches(pending)
 
+    def _file_chunks(self, columns: list[str], chunk_size: int) -> Iterator[pa.Table]:
+        assert self.files is not None and self.file_ids is not None
+        for start in range(0, len(self.files), chunk_size):
+            ids = pa.array(self.file_ids[start : start + chunk_size], pa.string())
+            paths = pa.array(self.files[start : start + chunk_size], pa.string())
+            yield pa.table({name: ids if i == 0 else paths for i, name in enumerate(columns)})
+
     def fingerprint(self) -> str:
-        """sha256 of the file's bytes: two runs over the same fingerprint read the same input."""
+        """sha256 of the file's bytes: two runs over the same fingerprint read the same input. A
+        folder or glob: of its listing (ids and sizes), not of every file's bytes."""
         digest = hashlib.sha256()
+        if self.files is not None:
+            for file_id, size in zip(self.file_ids or (), self.file_sizes or ()):
+                digest.update(f"{file_id}\0{size}\n".encode())
+            return "sha256:" + digest.hexdigest()
         with self._open(raw=True) as f:
             while block := f.read(FINGERPRINT_BLOCK_BYTES):
                 digest.update(block)

@@ -46,8 +46,11 @@ def counts(stats: RunStats) -> dict[str, int]:
     }
 
 
-def usage(stats: RunStats, model: str, per_image_usd: float | None = None) -> tuple[dict[str, int], dict[str, Any]]:
-    """Tokens and cost; an image model (``per_image_usd``) is billed per image generated."""
+def usage(
+    stats: RunStats, model: str, per_image_usd: float | None = None, *, audio_input: bool = False
+) -> tuple[dict[str, int], dict[str, Any]]:
+    """Tokens and cost; an image model (``per_image_usd``) is billed per image generated; ``audio_input``:
+    the prompt tokens are audio (billed at the model's audio price)."""
     tokens = {
         "prompt": stats.prompt_tokens,
         "completion": stats.completion_tokens,
@@ -65,6 +68,7 @@ def usage(stats: RunStats, model: str, per_image_usd: float | None = None) -> tu
         total_tokens=stats.total_tokens,
         images=stats.images,
         per_image_usd=per_image_usd,
+        audio_input=audio_input,
     )
     priced: dict[str, Any] = {"estimated_usd": None if cost is None else round(cost, 6), "priced_model": model}
     if per_image_usd is not None or stats.images:

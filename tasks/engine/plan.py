@@ -13,6 +13,7 @@ from tasks.engine.index import KeyTable
 from tasks.engine.io import InputSource, check_ids
 from tasks.engine.run import RunOptions
 from tasks.engine.store import OutputStore
+from tasks.jobs.media import folder_extensions
 from tasks.provider.prices import estimate_cost_usd
 
 __all__ = ["plan_job"]
@@ -22,7 +23,7 @@ COUNT_OF = {DONE: "skipped_done", PREV_ERROR: "failed_before", INVALID: "invalid
 
 async def plan_job(job: Job, options: RunOptions) -> dict[str, Any]:
     """Read the input, skip done rows and duplicates as a run would, and estimate — no request, no key."""
-    source = InputSource.open(options.input)
+    source = InputSource.open(options.input, media_extensions=folder_extensions(job))
     source.require_columns([options.id_col, *job.input_columns])
     store = OutputStore(options.output)
     # The id check first: its key table is freed before the index is built.
@@ -30,6 +31,11 @@ async def plan_job(job: Job, options: RunOptions) -> dict[str, Any]:
     index = await asyncio.to_thread(store.scan, options.id_col)
     counts = {"input_rows": total_rows, "skipped_done": 0, "deduplicated": 0, "invalid": 0, "failed_before": 0}
     would_send = tokens = requests = 0
+    # A job whose rows take several requests (a recording's segments) says how many, and what else
+    # it measures (audio seconds from the files' headers): for all valid rows and for those to send.
+    requests_for = getattr(job, "requests_for", None)
+    measure = getattr(job, "measure", None)
+    measured: dict[str, float] = {}
     planned = KeyTable(payload=False)  # contents this dry run would send: 8 bytes each
     chunks = source.iter_chunks(
         [options.id_col, *job.input_columns], options.chunk_size, string_columns=job.string_columns
@@ -57,7 +63,17 @@ async def plan_job(job: Job, options: RunOptions) -> dict[str, Any]:
         planned.add(keys.keys[own])
         would_send += len(own)
         tokens += sum(prepared[pos].tokens for pos in own.tolist())
-        requests += math.ceil(len(own) / job.max_items_per_request)
+        if requests_for is not None:
+            requests += sum(requests_for(prepared[pos]) for pos in own.tolist())
+        else:
+            requests += math.ceil(len(own) / job.max_items_per_request)
+        if measure is not None:
+            sending = set(own.tolist())
+            for pos in np.flatnonzero(keys.status != INVALID).tolist():
+                name, amount = measure(prepared[pos])
+                measured[name] = measured.get(name, 0.0) + amount
+                if pos in sending:
+                    measured[f"{name}_to_send"] = measured.get(f"{name}_to_send", 0.0) + amount
         if seen >= total_rows:
             break
     limits = options.limits
@@ -66,7 +82,8 @@ async def plan_job(job: Job, options: RunOptions) -> dict[str, Any]:
         for m in (requests / limits.rpm if limits.rpm else None, tokens / limits.tpm if limits.tpm else None)
         if m is not None
     ]
-    cost = estimate_cost_usd(job.model, prompt_tokens=tokens, total_tokens=tokens)
+    audio_input = getattr(job, "audio_input", False)
+    cost = estimate_cost_usd(job.model, prompt_tokens=tokens, total_tokens=tokens, audio_input=audio_input)
     per_image = getattr(job, "per_image_usd", None)
     images: dict[str, Any] = {}
     if job.name == "images":
@@ -91,6 +108,7 @@ async def plan_job(job: Job, options: RunOptions) -> dict[str, Any]:
             "input_tokens": tokens,
             "input_cost_usd": None if cost is None else round(cost, 6),
             **images,
+            **{name: round(amount, 3) for name, amount in measured.items()},
             "minutes_at_limits": round(max(minutes), 2) if minutes else None,
             "limits": {"rpm": limits.rpm, "tpm": limits.tpm},
         },

@@ -18,6 +18,7 @@ from tasks.engine.outage import OutageBreaker, OutagePolicy
 from tasks.engine.progress import ProgressBar
 from tasks.engine.store import OutputStore
 from tasks.errors import GembatchError
+from tasks.jobs.media import folder_extensions
 from tasks.provider.client import ProviderSettings, check_model, open_connection, require_key
 
 __all__ = ["DEFAULT_CHUNK_SIZE", "COMPLETED", "COMPLETED_WITH_ERRORS", "RunOptions", "preflight", "run_job"]
@@ -67,7 +68,7 @@ def preflight(job: Job, options: RunOptions) -> InputSource:
     """The checks that need no server: the key is set, the input opens and has the columns."""
     if not options.dry_run:
         require_key(options.provider)
-    source = InputSource.open(options.input)
+    source = InputSource.open(options.input, media_extensions=folder_extensions(job))
     source.require_columns([options.id_col, *job.input_columns])
     return source
 
@@ -133,8 +134,15 @@ async def run_job(
             budget=budget,
             outage=OutageBreaker(options.outage),
         )
-        progress = ProgressBar(f"{job.name} {job.model}", total_rows, ctx.stats, enabled=options.progress)
+        progress = ProgressBar(
+            f"{job.name} {job.model}",
+            total_rows,
+            ctx.stats,
+            enabled=options.progress,
+            unit=getattr(job, "progress_unit", None),
+        )
         ctx.on_progress = progress.advance
+        ctx.on_units = progress.add_units
         ctx.stats.input_rows = total_rows
         error: BaseException | None = None
         try:
@@ -143,6 +151,11 @@ async def run_job(
             error = exc
         finally:
             progress.close()
+        tidy = getattr(job, "tidy_output", None)
+        if tidy is not None and error is None:
+            # What a job kept in OUTPUT for unfinished rows (a recording's answered segments) and no
+            # longer needs: the rows are in the output now.
+            await asyncio.to_thread(tidy, store, index)
         status, message = _status(ctx, error, options)
         stats = ctx.stats
         stats.not_attempted += max(0, total_rows - stats.rows_accounted())
@@ -155,7 +168,12 @@ async def run_job(
             removed = await asyncio.to_thread(store.compact, options.id_col)
         finished = utc_now()
         duration = (finished - started).total_seconds()
-        tokens, cost = usage(stats, job.model, per_image_usd=getattr(job, "per_image_usd", None))
+        tokens, cost = usage(
+            stats,
+            job.model,
+            per_image_usd=getattr(job, "per_image_usd", None),
+            audio_input=getattr(job, "audio_input", False),
+        )
         document.update(
             {
                 "status": status,

@@ -28,11 +28,27 @@ __all__ = [
     "sniff_audio_format",
     "audio_duration_s",
     "extension",
+    "file_sha256",
+    "read_head",
+    "AUDIO_EXTENSIONS",
+    "IMAGE_EXTENSIONS",
+    "FOLDER_EXTENSIONS",
+    "folder_extensions",
 ]
 
 # What Gemini's chat endpoint accepts inline (see GEMINI.md: routes).
 IMAGE_MIMES = ("image/png", "image/jpeg", "image/webp", "image/heic", "image/heif")
 AUDIO_FORMATS = ("wav", "mp3", "aiff", "aac", "ogg", "flac")
+
+# What a folder or glob input takes by name (a glob takes every match): recordings and videos for
+# transcribe (their audio track), pictures for caption.
+AUDIO_EXTENSIONS = (
+    "wav", "mp3", "m4a", "aac", "ogg", "oga", "opus", "flac", "webm", "mp4", "m4v", "mov", "mkv", "mka",
+    "aiff", "aif", "wma", "amr", "3gp",
+)  # fmt: skip
+IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "gif", "avif", "heic", "heif")  # what images_io reads
+FOLDER_EXTENSIONS = {"transcribe": AUDIO_EXTENSIONS, "caption": IMAGE_EXTENSIONS}
+HASH_BLOCK_BYTES = 4 << 20
 
 _HEIC_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis"}
 _HEIF_BRANDS = {b"mif1", b"msf1", b"heif"}
@@ -86,6 +102,29 @@ def read_media(path: str) -> MediaFile:
         raise IsADirectoryError(f"{path} is a folder")
     with fs.open(fs_path, "rb") as f:
         return MediaFile(path=path, data=f.read())
+
+
+def folder_extensions(job: object) -> tuple[str, ...] | None:
+    """The extensions a folder input gives ``job`` (None: the job reads tables only)."""
+    return FOLDER_EXTENSIONS.get(getattr(job, "name", ""))
+
+
+def read_head(path: str, n: int = 64) -> bytes:
+    """The first ``n`` bytes of a file (raises like :func:`read_media`)."""
+    fs, fs_path = fsspec.core.url_to_fs(path)
+    if fs.isdir(fs_path):
+        raise IsADirectoryError(f"{path} is a folder")
+    with fs.open(fs_path, "rb") as f:
+        return f.read(n)
+
+
+def file_sha256(path: str) -> str:
+    """sha256 of a file's bytes, read in blocks (a two-hour recording is never held whole)."""
+    digest = hashlib.sha256()
+    with fsspec.open(path, "rb").open() as f:
+        while block := f.read(HASH_BLOCK_BYTES):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def extension(path: str) -> str:

@@ -102,12 +102,19 @@ def image_price_usd(model: str, size: str, quality: str | None = None, *, batch:
 
 
 def estimate_cost_usd(
-    model: str, *, prompt_tokens: int, total_tokens: int, images: int = 0, per_image_usd: float | None = None
+    model: str,
+    *,
+    prompt_tokens: int,
+    total_tokens: int,
+    images: int = 0,
+    per_image_usd: float | None = None,
+    audio_input: bool = False,
 ) -> float | None:
     """Bill ``total - prompt`` as output: Gemini may leave thinking tokens out of completion_tokens.
 
     An image model (``per_image_usd`` given) is billed per image generated plus its prompt tokens; its
-    output tokens are the images themselves, not billed twice.
+    output tokens are the images themselves, not billed twice. ``audio_input``: the prompt is audio
+    (transcription; its few instruction tokens are billed at the audio price too), which costs more.
     """
     price = _price(model)
     if price is None:
@@ -115,4 +122,5 @@ def estimate_cost_usd(
     if per_image_usd is not None:
         return images * per_image_usd + prompt_tokens * price.input / 1e6
     output_tokens = max(0, total_tokens - prompt_tokens)
-    return (prompt_tokens * price.input + output_tokens * price.output) / 1e6
+    input_price = price.audio_input if audio_input and price.audio_input is not None else price.input
+    return (prompt_tokens * input_price + output_tokens * price.output) / 1e6
