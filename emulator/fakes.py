@@ -153,10 +153,45 @@ def _jpeg_size(b: bytes) -> tuple[int, int] | None:
 
 
 def fake_caption(image_bytes: bytes, mime: str, model: str, prompt: str = "") -> str:
+    """Names the bytes (hash, size) and, when they decode, what the pixels show (:func:`image_pixels`)."""
     sha12 = _sha_hex(image_bytes)[:12]
     size = image_size(image_bytes)
     dims = f"{size[0]}x{size[1]}, " if size else ""
-    return f"[emulator {model}] synthetic caption #{sha12} of a {mime} image ({dims}{len(image_bytes)} bytes)"
+    pixels = image_pixels(image_bytes)
+    seen = f"; {pixels}" if pixels else ""
+    return f"[emulator {model}] synthetic caption #{sha12} of a {mime} image ({dims}{len(image_bytes)} bytes{seen})"
+
+
+# Where image_pixels samples: the centres of the corner cells of a 3 × 3 grid, clear of edge effects.
+PIXEL_SAMPLES = {"tl": (1 / 6, 1 / 6), "tr": (5 / 6, 1 / 6), "bl": (1 / 6, 5 / 6), "br": (5 / 6, 5 / 6)}
+
+
+def image_pixels(image_bytes: bytes) -> str | None:
+    """What a model would see, as text: ``"RGB 60x40 tl #ff0000 tr #00ff00 bl #0000ff br #ffff00 mean
+    #7f7f3f"`` — the mode and size as decoded (the first frame; ``frames N`` when animated), four
+    samples and the mean colour through Pillow's plain RGB conversion (16-bit values are clipped,
+    alpha dropped, as a careless receiver would). None when Pillow can't decode the bytes."""
+    from io import BytesIO
+
+    from PIL import Image, ImageStat
+
+    try:
+        with Image.open(BytesIO(image_bytes)) as img:
+            mode, (width, height) = img.mode, img.size
+            frames = getattr(img, "n_frames", 1)
+            if img.format == "JPEG" and min(width, height) >= 512:
+                img.draft(None, (width // 8, height // 8))  # DCT scaling: the samples are block means
+            rgb = img.convert("RGB")
+    except Exception:  # noqa: BLE001 - anything Pillow can't read is simply not described
+        return None
+    w, h = rgb.size
+    samples = " ".join(
+        f"{name} #{bytes(rgb.getpixel((min(w - 1, int(fx * w)), min(h - 1, int(fy * h))))).hex()}"
+        for name, (fx, fy) in PIXEL_SAMPLES.items()
+    )
+    mean = bytes(round(v) for v in ImageStat.Stat(rgb).mean).hex()
+    animated = f" frames {frames}" if frames > 1 else ""
+    return f"{mode} {width}x{height}{animated} {samples} mean #{mean}"
 
 
 def fake_transcript(audio_bytes: bytes, fmt: str, model: str) -> str:

@@ -18,7 +18,8 @@ from PIL import Image
 from emulator.fakes import fake_caption
 from flows.caption import caption_job
 from tasks.engine.run import RunOptions, run_job
-from tasks.jobs.caption import DEFAULT_CAPTION_PROMPT, CaptionJob, downscale, image_tokens
+from tasks.jobs.caption import DEFAULT_CAPTION_PROMPT, CaptionJob, image_tokens
+from tasks.jobs.images_io import image_for_model
 from tasks.jobs.media import base_dir_of, sniff_image_mime
 from tasks.provider.client import ProviderSettings
 
@@ -46,9 +47,8 @@ def write_list(path: Path, rows: list[tuple[int, str]]) -> Path:
 
 
 def expected_caption(path: Path, *, max_side: int = 1536, prompt: str = DEFAULT_CAPTION_PROMPT) -> str:
-    data = path.read_bytes()
-    mime = sniff_image_mime(data)
-    return fake_caption(downscale(data, mime, max_side), mime, MODEL, prompt)
+    sent = image_for_model(path.read_bytes(), max_side, name=str(path))
+    return fake_caption(sent.data, sent.mime, MODEL, prompt)
 
 
 @pytest.fixture
@@ -144,11 +144,12 @@ def test_a_wide_image_is_downscaled_before_sending(emulator, tmp_path):
 
 def test_downscale_keeps_the_format_and_the_token_estimate_follows_gemini_tiles():
     jpeg = (IMAGES / "house.jpg").read_bytes()
-    small = downscale(jpeg, "image/jpeg", 200)
-    assert sniff_image_mime(small) == "image/jpeg"
-    with Image.open(io.BytesIO(small)) as img:
-        assert img.size == (200, 150)
-    assert downscale(jpeg, "image/jpeg", 400) is jpeg, "an image that fits is sent byte for byte"
+    small = image_for_model(jpeg, 200, name="house.jpg")
+    assert sniff_image_mime(small.data) == small.mime == "image/jpeg" and small.changed
+    with Image.open(io.BytesIO(small.data)) as img:
+        assert img.size == (small.width, small.height) == (200, 150)
+    same = image_for_model(jpeg, 400, name="house.jpg")
+    assert same.data is jpeg and not same.changed, "an image that fits is sent byte for byte"
     assert image_tokens(384, 200) == 258
     assert image_tokens(1536, 307) == 258 * 2 * 1
     assert image_tokens(800, 800) == 258 * 4

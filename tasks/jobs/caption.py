@@ -5,20 +5,18 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
-import math
 from dataclasses import dataclass
-from io import BytesIO
 from typing import Any
 
 import pyarrow as pa
 from openai.types.chat import ChatCompletion
-from PIL import Image
 
 from tasks.defaults import DEFAULT_CAPTION_PROMPT, DEFAULT_MAX_SIDE
 from tasks.engine.chunk import BadReply, Item, Prepared, Reply, RowFailure, RowInvalid, unexpected_reply
 from tasks.jobs.chat import create_chat
 from tasks.jobs.embed import estimate_text_tokens
-from tasks.jobs.media import read_media, resolve_path, sniff_image_mime
+from tasks.jobs.images_io import ImageError, image_for_model, image_pool, image_tokens, probe, scaled_size
+from tasks.jobs.media import read_media, resolve_path
 from tasks.provider.client import Connection
 
 __all__ = [
@@ -26,19 +24,8 @@ __all__ = [
     "CaptionResult",
     "DEFAULT_CAPTION_PROMPT",
     "DEFAULT_MAX_SIDE",
-    "downscale",
     "image_tokens",
 ]
-
-JPEG_QUALITY = 90
-# Gemini: 258 tokens for an image up to 384 px on both sides, else 258 per 768×768 tile.
-TOKENS_PER_TILE = 258
-SMALL_IMAGE_SIDE = 384
-TILE_SIDE = 768
-# Pillow decodes these without plugins; HEIC/HEIF are sent as they are (size unknown here).
-_DECODABLE = {"image/png": "PNG", "image/jpeg": "JPEG", "image/webp": "WEBP"}
-# UnidentifiedImageError is an OSError; Pillow raises SyntaxError for some broken headers.
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,45 +42,8 @@ class ImageRef:
     path: str
     sha256: str
     mime: str
-    width: int | None
-    height: int | None
-
-
-def image_tokens(width: int | None, height: int | None) -> int:
-    if width is None or height is None:
-        return TOKENS_PER_TILE * 4  # unknown size: budget a few tiles rather than one
-    if width <= SMALL_IMAGE_SIDE and height <= SMALL_IMAGE_SIDE:
-        return TOKENS_PER_TILE
-    return TOKENS_PER_TILE * math.ceil(width / TILE_SIDE) * math.ceil(height / TILE_SIDE)
-
-
-def scaled_size(width: int, height: int, max_side: int) -> tuple[int, int]:
-    longest = max(width, height)
-    if longest <= max_side:
-        return width, height
-    scale = max_side / longest
-    return max(1, round(width * scale)), max(1, round(height * scale))
-
-
-def downscale(data: bytes, mime: str, max_side: int) -> bytes:
-    """The image as sent: unchanged when it fits in ``max_side``, else resized in its own format."""
-    fmt = _DECODABLE.get(mime)
-    if fmt is None:
-        return data
-    with Image.open(BytesIO(data)) as img:
-        size = scaled_size(img.width, img.height, max_side)
-        if size == img.size:
-            return data
-        exif = img.info.get("exif")
-        resized = img.resize(size, Image.Resampling.LANCZOS)
-    if fmt == "JPEG" and resized.mode not in ("RGB", "L", "CMYK"):
-        resized = resized.convert("RGB")
-    out = BytesIO()
-    options: dict[str, Any] = {"exif": exif} if exif else {}
-    if fmt in ("JPEG", "WEBP"):
-        options["quality"] = JPEG_QUALITY
-    resized.save(out, format=fmt, **options)
-    return out.getvalue()
+    width: int
+    height: int
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -136,35 +86,26 @@ class CaptionJob:
             raise RowInvalid(f"column {self.image_col!r} is empty: give an image path or URL")
         path = resolve_path(str(value), self.base_dir)
         data = _read(path, value)
-        mime = sniff_image_mime(data[:64])
-        if mime is None:
-            raise RowInvalid(
-                f"{path} is not a PNG, JPEG, WebP, HEIC or HEIF image (first bytes {data[:8]!r}): "
-                "convert it to one of these or fix the path"
-            )
-        width = height = None
-        if mime in _DECODABLE:
-            try:
-                with Image.open(BytesIO(data)) as img:
-                    width, height = img.size
-                    img.verify()
-            except _DECODE_ERRORS as exc:
-                raise RowInvalid(f"{path} looks like {mime} but can't be decoded ({exc}): it is corrupt") from None
+        try:
+            info = probe(data, path)  # the header only: no pixel is decoded here
+        except ImageError as exc:
+            raise RowInvalid(str(exc)) from None
         sha256 = hashlib.sha256(data).hexdigest()
         fields = {"job": "caption", "model": self.model, "prompt": self.prompt, "max_side": self.max_side}
         fields["image_sha256"] = sha256
-        sent = scaled_size(width, height, self.max_side) if width and height else (None, None)
-        tokens = image_tokens(*sent) + estimate_text_tokens(self.prompt)
-        return Prepared(fields=fields, tokens=tokens, data=ImageRef(path, sha256, mime, width, height))
+        tokens = image_tokens(*scaled_size(info.width, info.height, self.max_side))
+        tokens += estimate_text_tokens(self.prompt)
+        return Prepared(fields=fields, tokens=tokens, data=ImageRef(path, sha256, info.mime, info.width, info.height))
 
     async def send(self, conn: Connection, items: list[Item]) -> Reply:
         (item,) = items
         ref: ImageRef = item.prepared.data
         try:
-            data = await asyncio.to_thread(self._image_as_sent, ref)
+            # On the image workers: at most one full-size decode per CPU, whatever is in flight.
+            mime, b64 = await asyncio.get_running_loop().run_in_executor(image_pool(), self._image_as_sent, ref)
         except RowInvalid as exc:
             return Reply(results=[RowFailure("invalid_input", str(exc))])
-        url = f"data:{ref.mime};base64,{base64.b64encode(data).decode()}"
+        url = f"data:{mime};base64,{b64}"
         answer = await create_chat(
             conn,
             model=self.model,
@@ -195,14 +136,16 @@ class CaptionJob:
             first_token_s=answer.first_token_s,
         )
 
-    def _image_as_sent(self, ref: ImageRef) -> bytes:
+    def _image_as_sent(self, ref: ImageRef) -> tuple[str, str]:
+        """The MIME type and base64 text of the image as sent (the bytes themselves are not kept)."""
         data = _read(ref.path, ref.path)
         if hashlib.sha256(data).hexdigest() != ref.sha256:
             raise RowInvalid(f"{ref.path} changed during the run: run again to caption the new version")
         try:
-            return downscale(data, ref.mime, self.max_side)
-        except _DECODE_ERRORS as exc:
-            raise RowInvalid(f"{ref.path} can't be decoded to downscale it ({exc}): the file is corrupt") from None
+            image = image_for_model(data, self.max_side, name=ref.path)
+        except ImageError as exc:
+            raise RowInvalid(str(exc)) from None
+        return image.mime, base64.b64encode(image.data).decode()
 
     def output_schema(self, id_col: str, id_type: pa.DataType) -> pa.Schema:
         return pa.schema(

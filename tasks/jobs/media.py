@@ -46,7 +46,7 @@ AUDIO_EXTENSIONS = (
     "wav", "mp3", "m4a", "aac", "ogg", "oga", "opus", "flac", "webm", "mp4", "m4v", "mov", "mkv", "mka",
     "aiff", "aif", "wma", "amr", "3gp",
 )  # fmt: skip
-IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "heic", "heif")
+IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "gif", "avif", "heic", "heif")  # what images_io reads
 FOLDER_EXTENSIONS = {"transcribe": AUDIO_EXTENSIONS, "caption": IMAGE_EXTENSIONS}
 HASH_BLOCK_BYTES = 4 << 20
 
