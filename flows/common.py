@@ -119,6 +119,11 @@ async def run_untracked(job: Job, parameters: dict[str, Any]) -> dict[str, Any]:
         from tasks.engine.plan import plan_job
 
         return await plan_job(job, options)
+    if parameters.get("shards", 1) > 1 and not parameters.get("shard"):
+        raise GembatchError(
+            "--shards runs each part as a flow run on a Prefect work pool, and no Prefect API is configured: "
+            "set PREFECT_API_URL to your server (README: Running at scale), or drop --shards"
+        )
     return await run_job(job, options, parameters=_recorded(parameters))
 
 

@@ -6,11 +6,13 @@ a crashed shard again, compacts the output once when every shard is over, and wr
 ``OUTPUT/_runs/`` that adds the shards up.
 
 A shard whose process died is found two ways: Prefect marks it Crashed when its worker saw the process
-end, and when the worker died with it (a machine lost, ``kill -9`` of the worker) the run stays Running
-on the server with nobody behind it — so every shard stamps a heartbeat label on its flow run every
-``HEARTBEAT_S`` seconds, and a Running shard whose stamp is older than ``STALE_S`` is marked Crashed
-here. A crashed shard is started again (flow ``retries`` don't cover Crashed runs) and resumes from the
-parts it wrote: rows already in the output are skipped, not sent again.
+end; when the worker died with it (a machine lost, ``kill -9`` of the worker) the run stays Running or
+Pending on the server with nobody behind it. So every shard stamps a heartbeat label on its flow run
+every ``HEARTBEAT_S`` seconds, and the parent marks Crashed a shard that gave no sign of life (a stamp,
+a change of state) for ``STALE_S`` seconds — once it has stamped, or, before its first stamp (the
+process still starting), once the worker named in its ``prefect.worker.name`` label has stopped sending
+its own heartbeats. A crashed shard is started again (flow ``retries`` don't cover Crashed runs) and
+resumes from the parts it wrote: rows already in the output are skipped, not sent again.
 """
 
 from __future__ import annotations
@@ -30,8 +32,12 @@ __all__ = ["HEARTBEAT_LABEL", "heartbeat", "run_sharded", "sharded"]
 
 HEARTBEAT_LABEL = "gembatch.heartbeat"
 HEARTBEAT_S = 3.0
-# A Running shard with no heartbeat for this long is taken for dead (its worker is gone).
+# A shard with no sign of life for this long is taken for dead (see the module's text).
 STALE_S = 20.0
+# A worker that missed this many of its heartbeats is gone.
+WORKER_MISSED_BEATS = 3
+# A shard that never stamped in this long after its last change of state is taken for dead anyway.
+START_TIMEOUT_S = 600.0
 POLL_S = 1.0
 # A shard is started at most this many times (the first run and its restarts after crashes).
 MAX_ATTEMPTS = 4
@@ -44,14 +50,22 @@ async def heartbeat(flow_run_id: str) -> None:
     """Stamp the time on this flow run every ``HEARTBEAT_S`` seconds, until cancelled."""
     from uuid import UUID
 
+    from prefect import get_run_logger
     from prefect.client.orchestration import get_client
 
-    async with get_client() as client:
-        while True:
-            try:
-                await client.update_flow_run_labels(UUID(flow_run_id), {HEARTBEAT_LABEL: f"{time.time():.1f}"})
-            except Exception:  # noqa: BLE001 - a missed stamp is retried; the run goes on
-                pass
+    failures = 0
+    while True:
+        try:
+            async with get_client() as client:
+                while True:
+                    stamp = {HEARTBEAT_LABEL: f"{time.time():.1f}"}
+                    await client.update_flow_run_labels(UUID(flow_run_id), stamp)
+                    failures = 0
+                    await asyncio.sleep(HEARTBEAT_S)
+        except Exception as exc:  # noqa: BLE001 - a missed stamp is tried again; the run goes on
+            failures += 1
+            if failures in (1, 10):
+                get_run_logger().warning("heartbeat not stamped (%s): %s", failures, exc)
             await asyncio.sleep(HEARTBEAT_S)
 
 
@@ -120,7 +134,8 @@ async def run_sharded(job: Job, parameters: dict[str, Any]) -> dict[str, Any]:
     await _watch(shards, deployment_id, parameters)
 
     removed = 0
-    if had_rows:
+    # A shard taken for dead may have lived on and written rows its rerun wrote too: compaction keeps one.
+    if had_rows or any(s.restarts for s in shards):
         removed = await asyncio.to_thread(store.compact, options.id_col)
     finished = utc_now()
     docs = await asyncio.to_thread(_shard_documents, store, shards)
@@ -197,12 +212,9 @@ async def _watch(shards: list[_Shard], deployment_id: str, parameters: dict[str,
                 state = run.state
                 if state is None:
                     continue
-                if state.is_running() and _stale(run, shard):
-                    await client.set_flow_run_state(
-                        run.id,
-                        Crashed(message=f"no heartbeat from shard {shard.spec} for {STALE_S:g} s: its worker is gone"),
-                        force=True,
-                    )
+                why = await _dead(client, run) if state.is_running() or state.is_pending() else None
+                if why is not None:
+                    await client.set_flow_run_state(run.id, Crashed(message=f"shard {shard.spec}: {why}"), force=True)
                     state = (await client.read_flow_run(run.id)).state
                 if not state.is_final():
                     continue
@@ -221,17 +233,37 @@ async def _watch(shards: list[_Shard], deployment_id: str, parameters: dict[str,
                 logger.info("shard %s: %s", shard.spec, state.type.value)
 
 
-def _stale(run: Any, shard: _Shard) -> bool:
-    stamp = (run.labels or {}).get(HEARTBEAT_LABEL)
-    now = time.time()
-    if stamp is not None:
-        try:
-            return now - float(stamp) > STALE_S
-        except ValueError:
-            return False
-    # Not stamped yet: the process may still be starting (imports, reading the input).
-    started = run.start_time.timestamp() if run.start_time else None
-    return started is not None and now - started > 3 * STALE_S
+async def _dead(client: Any, run: Any) -> str | None:
+    """Why a Running or Pending shard is taken for dead, or None while it lives (or may)."""
+    labels = run.labels or {}
+    try:
+        stamp = float(labels.get(HEARTBEAT_LABEL, 0.0))
+    except ValueError:
+        stamp = 0.0
+    changed = run.state.timestamp.timestamp() if run.state and run.state.timestamp else 0.0
+    silent = time.time() - max(stamp, changed)
+    if silent <= STALE_S:
+        return None
+    if stamp:
+        return f"no heartbeat for {silent:.0f} s: its process or its worker is gone"
+    if silent > START_TIMEOUT_S:
+        return f"never stamped a heartbeat in {silent:.0f} s"
+    worker = labels.get("prefect.worker.name")
+    if worker and run.work_pool_name and await _worker_gone(client, run.work_pool_name, worker):
+        return f"its worker {worker} stopped sending heartbeats before the shard started"
+    return None
+
+
+async def _worker_gone(client: Any, pool: str, name: str) -> bool:
+    found = [w for w in await client.read_workers_for_work_pool(pool) if w.name == name]
+    if not found:
+        return True
+    worker = found[0]
+    if worker.status.value == "OFFLINE" or worker.last_heartbeat_time is None:
+        return True
+    interval = worker.heartbeat_interval_seconds or 30
+    age = time.time() - worker.last_heartbeat_time.timestamp()
+    return age > WORKER_MISSED_BEATS * interval + POLL_S
 
 
 def _shard_documents(store: Any, shards: list[_Shard]) -> dict[str, dict[str, Any]]:

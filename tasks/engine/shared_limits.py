@@ -97,8 +97,9 @@ class RateSettings:
 
 
 def expiry_s(window_s: float) -> float:
-    """How long a block of permits lives: ``EXPIRY_S`` for a minute, less for a shorter window."""
-    return max(0.2, EXPIRY_S * window_s / WINDOW_S)
+    """How long a block of permits lives after it was asked for (the answer may take a while on a busy
+    Prefect server: a permit that arrives expired is let go)."""
+    return EXPIRY_S
 
 
 def guard_s(window_s: float) -> float:

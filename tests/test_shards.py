@@ -1,0 +1,294 @@
+"""--shards on real Prefect workers, and one quota shared through Prefect global concurrency limits.
+
+SLOW (about 2-3 minutes for the module): a real `prefect server start`, a process work pool, the
+deployments of deployments.yaml and two `prefect worker start` processes, all in this module's own
+PREFECT_HOME and port; the emulator on loopback with a rate limit of R requests per window (a 10 s
+window, passed as --rate-window, so that a window's worth of requests takes seconds, not minutes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.csv as pcsv
+import pytest
+import yaml
+from conftest import REPO, TEST_KEY, TEST_KEY_ENV, assert_balanced, read_errors, read_output, write_corpus
+from test_worker import _free_port, _stop, _wait_healthy
+
+from emulator import Emulator, EmulatorConfig
+
+pytestmark = pytest.mark.slow
+
+WINDOW_S = 10.0
+ROWS = 20_000
+DIMS = 8
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """Server, pool, deployments and two workers; yields (env, workers, tmp)."""
+    tmp = tmp_path_factory.mktemp("cluster")
+    port = _free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env |= {
+        "PREFECT_HOME": str(tmp / "prefect-home"),
+        "PREFECT_API_URL": api,
+        "PREFECT_SERVER_API_HOST": "127.0.0.1",
+        "PREFECT_SERVER_API_PORT": str(port),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_WORKER_QUERY_SECONDS": "1",
+        "PREFECT_WORKER_PREFETCH_SECONDS": "1",
+        # A killed worker is known by its missed heartbeats (flows/shards.py): 3 x 2 s.
+        "PREFECT_WORKER_HEARTBEAT_SECONDS": "2",
+        "GEMBATCH_HOME": str(REPO),
+        TEST_KEY_ENV: TEST_KEY,
+    }
+    spec = yaml.safe_load((REPO / "deployments.yaml").read_text())
+    wanted = {"nightly-embed", "nightly-extract-invoices", "weekly-caption"}
+    spec["deployments"] = [d for d in spec["deployments"] if d["name"] in wanted]
+    for deployment in spec["deployments"]:
+        deployment.pop("schedules")
+        deployment["work_pool"]["name"] = "shards-pool"
+    prefect_file = tmp / "deployments.yaml"
+    prefect_file.write_text(yaml.safe_dump(spec, sort_keys=False))
+    prefect = [sys.executable, "-m", "prefect", "--no-prompt"]
+    server, workers = None, []
+    log = (tmp / "server.log").open("w")
+    try:
+        server = subprocess.Popen(
+            [*prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui"],
+            env=env, cwd=tmp, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        _wait_healthy(api, server, tmp / "server.log")
+        for args in (
+            ["work-pool", "create", "shards-pool", "--type", "process"],
+            ["deploy", "--prefect-file", str(prefect_file), "--all"],
+        ):
+            result = subprocess.run([*prefect, *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=180)
+            assert result.returncode == 0, f"prefect {args}:\n{result.stdout}\n{result.stderr}"
+        for n in range(2):
+            worker_log = (tmp / f"worker-{n}.log").open("w")
+            workers.append(
+                subprocess.Popen(
+                    [*prefect, "worker", "start", "--pool", "shards-pool", "--type", "process", "--name", f"w{n}"],
+                    env=env,
+                    cwd=tmp,
+                    stdout=worker_log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )  # fmt: skip
+            )
+        yield env, workers, tmp
+    finally:
+        for worker in workers:
+            _stop(worker)
+        _stop(server)
+        log.close()
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (read from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _kill_hard(worker: subprocess.Popen) -> list[int]:
+    """kill -9 a worker and the flow runs it started, as when its machine dies."""
+    victims = [worker.pid, *_descendants(worker.pid)]
+    for pid in victims:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    worker.wait(timeout=10)
+    return victims
+
+
+def _cli(env: dict, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def _embed_reference(emulator: Emulator, src: Path, out: Path) -> pl.DataFrame:
+    """The same job in one process, untracked (no Prefect, no shards)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env |= {TEST_KEY_ENV: TEST_KEY, "PREFECT_HOME": str(out.parent / "ref-home")}
+    result = _cli(env, "embed", str(src), "-o", str(out), "--base-url", emulator.base_url, "--api-key-env",
+                  TEST_KEY_ENV, "--dimensions", str(DIMS), "--chunk-size", "1000", "--no-progress")  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    return read_output(out).sort("id")
+
+
+def test_four_shards_on_two_workers_share_one_rpm_and_survive_a_killed_worker(cluster, tmp_path):
+    env, workers, cluster_tmp = cluster
+    rpm = 60  # per 10 s window
+    src = write_corpus(tmp_path / "in.parquet", list(range(ROWS)), [f"shard sentence {i}" for i in range(ROWS)])
+    out = tmp_path / "out"
+    with Emulator(EmulatorConfig(api_key=TEST_KEY, rpm=rpm, window_seconds=WINDOW_S)) as emu:
+        # The parent runs here (the CLI with a Prefect API), the four shards on the workers.
+        parent = subprocess.Popen(
+            [sys.executable, "-m", "flows.cli", "embed", str(src), "-o", str(out), "--base-url", emu.base_url,
+             "--api-key-env", TEST_KEY_ENV, "--dimensions", str(DIMS), "--chunk-size", "200", "--rpm", str(rpm),
+             "--rate-window", str(WINDOW_S), "--shards", "4", "--no-progress"],
+            env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        try:
+            # Mid-run: once rows are written, kill -9 a worker that is running shards, with its shards.
+            deadline = time.monotonic() + 150
+            victim = None
+            while time.monotonic() < deadline and parent.poll() is None:
+                parts = len(list(out.glob("part-*.parquet"))) if out.exists() else 0
+                busy = [w for w in workers if w.poll() is None and len(_descendants(w.pid)) > 0]
+                if parts >= 8 and busy:
+                    victim = busy[0]
+                    _kill_hard(victim)
+                    break
+                time.sleep(0.5)
+            assert victim is not None, "no worker was running shards once parts were written"
+            output, _ = parent.communicate(timeout=300)
+        finally:
+            if parent.poll() is None:
+                parent.kill()
+        stats = dict(emu.stats)
+        busiest = emu.busiest_window()
+    assert parent.returncode == 0, output
+
+    # Every window at the provider held at most R requests, from all shards together.
+    assert busiest <= rpm, (busiest, rpm)
+    assert stats["by_status"].get(429, 0) == 0, stats["by_status"]
+
+    # The exact table: every row once, the same as one process writes.
+    table = read_output(out).sort("id")
+    assert table.height == ROWS and table["id"].n_unique() == ROWS
+    assert read_errors(out).is_empty()
+    with Emulator(EmulatorConfig(api_key=TEST_KEY)) as ref_emu:
+        reference = _embed_reference(ref_emu, src, tmp_path / "ref")
+    assert table.drop("content_hash").equals(reference.drop("content_hash"))
+    assert table["content_hash"].to_list() == reference["content_hash"].to_list()
+
+    # One summary adds up the shards; a crashed shard was started again and resumed.
+    docs = [json.loads(p.read_text()) for p in (out / "_runs").glob("*.json")]
+    (summary,) = [d for d in docs if "shards" in d]
+    assert summary["status"] == "completed" and summary["counts"]["succeeded"] == ROWS
+    assert_balanced(summary)
+    assert [s["shard"] for s in summary["shards"]] == ["1/4", "2/4", "3/4", "4/4"]
+    restarted = [s for s in summary["shards"] if s["restarts_after_crash"]]
+    assert restarted, summary["shards"]
+    by_flow_run = {d.get("flow_run_id"): d for d in docs}
+    for shard in restarted:
+        assert shard["flow_run_states"][:-1] == ["CRASHED"] * shard["restarts_after_crash"]
+        final = by_flow_run[shard["flow_run_ids"][-1]]
+        # Rows already written were skipped, not sent again: the rerun sent only what was missing.
+        assert final["counts"]["skipped_done"] > 0, final["counts"]
+        assert final["requests"]["items_sent"] == final["counts"]["succeeded"]
+    # Rows paid twice: only those answered to the killed shards but not yet written (a request in flight).
+    paid_twice = stats["embedding_inputs"] - ROWS
+    in_flight_bound = 100 * len(restarted) * 4
+    assert 0 <= paid_twice <= in_flight_bound, paid_twice
+    print(f"busiest window {busiest}/{rpm}; rows paid twice after kill -9: {paid_twice}; ", summary["duration_s"])
+
+
+def _images(folder: Path, n: int) -> list[str]:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    names = []
+    for i in range(n):
+        name = f"img{i}.png"
+        Image.new("RGB", (16, 16), (i * 7 % 256, i * 13 % 256, i * 29 % 256)).save(folder / name)
+        names.append(f"images/{name}")
+    return names
+
+
+def test_an_extract_and_a_caption_deployment_on_one_model_stay_within_r_together(cluster, tmp_path):
+    env, _workers, _ = cluster
+    rpm, rows = 12, 24  # per 10 s window; 48 requests in all, on one model
+    invoices = tmp_path / "invoices.csv"
+    pcsv.write_csv(
+        pa.table(
+            {"id": list(range(rows)), "text": [f"INVOICE #{i} from Acme Ltd, total {i}.50 EUR" for i in range(rows)]}
+        ),
+        invoices,
+    )
+    album = tmp_path / "album.csv"
+    pcsv.write_csv(pa.table({"id": list(range(rows)), "image": _images(tmp_path / "images", rows)}), album)
+    with Emulator(EmulatorConfig(api_key=TEST_KEY, rpm=rpm, window_seconds=WINDOW_S)) as emu:
+        common = {"base_url": emu.base_url, "api_key_env": TEST_KEY_ENV, "rpm": rpm, "rate_window": WINDOW_S}
+        runs = {
+            "gembatch-extract/nightly-extract-invoices": {
+                "input": str(invoices), "output": str(tmp_path / "extract"),
+                "options": common | {"chunk_size": 4},
+            },
+            "gembatch-caption/weekly-caption": {
+                "input": str(album), "output": str(tmp_path / "caption"), "options": common | {"chunk_size": 4},
+            },
+        }  # fmt: skip
+        started = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "prefect",
+                    "--no-prompt",
+                    "deployment",
+                    "run",
+                    name,
+                    "--params",
+                    json.dumps(params),
+                    "--watch",
+                    "--watch-interval",
+                    "1",
+                    "--watch-timeout",
+                    "200",
+                ],
+                env=env,
+                cwd=REPO,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )  # fmt: skip
+            for name, params in runs.items()
+        ]
+        outputs = [p.communicate(timeout=240)[0] for p in started]
+        busiest = emu.busiest_window()
+        stats = dict(emu.stats)
+    for process, text in zip(started, outputs):
+        assert process.returncode == 0 and "Completed" in text, text
+    assert busiest <= rpm, (busiest, rpm)
+    assert stats["by_route"]["chat/completions"] == 2 * rows
+    docs = {
+        job: json.loads(next((tmp_path / job / "_runs").glob("*.json")).read_text()) for job in ("extract", "caption")
+    }
+    for doc in docs.values():
+        assert doc["status"] == "completed" and doc["counts"]["succeeded"] == rows
+        # Both drew on the one limit of this host and model.
+        assert doc["shared_limits"]["rpm"]["name"].endswith(":gemini-2.5-flash")
+    # They overlapped in time: otherwise "together" proves nothing.
+    spans = [(d["started_at"], d["finished_at"]) for d in docs.values()]
+    assert max(s for s, _ in spans) < min(f for _, f in spans)
+    assert np.isfinite(busiest)
