@@ -33,6 +33,7 @@ import datetime as dt
 import hashlib
 import logging
 import math
+import random
 import re
 import time
 from dataclasses import dataclass
@@ -58,8 +59,9 @@ EXPIRY_S = 1.0
 GUARD_S = 0.5
 # The burst a GCL holds (its capacity), as a share of the per-window rate.
 BURST_SHARE = 0.025
-# A block is about this many seconds' worth of the shared rate.
+# A block is about this many seconds' worth of the shared rate, and a limit holds at least this many.
 BLOCK_S = 0.5
+BLOCKS_HELD = 3
 # Longest sleep after a 423 before asking again (the server's Retry-After may be longer).
 MAX_RETRY_SLEEP_S = 2.0
 DAILY_QUOTA = "stopped: daily quota"
@@ -107,13 +109,16 @@ def guard_s(window_s: float) -> float:
 
 
 def rate_settings(per_window: float, unit: int, *, window_s: float = WINDOW_S) -> RateSettings:
-    """The GCL for ``per_window`` (requests or tokens a ``window_s``) that keeps every window within it."""
-    capacity = max(1, math.floor(per_window * BURST_SHARE))
-    if capacity >= per_window:
-        capacity = max(1, math.floor(per_window / 2))
+    """The GCL for ``per_window`` (requests or tokens a ``window_s``) that keeps every window within it.
+
+    The block is about ``BLOCK_S`` seconds' worth of the rate; the capacity at least ``BLOCKS_HELD``
+    blocks (what decays while the ask for the next block travels is kept, not lost at a full limit)."""
+    block = max(1, math.ceil(per_window / window_s * BLOCK_S))
+    capacity = max(BLOCKS_HELD * block, math.floor(per_window * BURST_SHARE))
+    if capacity >= per_window / 2:  # a rate too small for blocks: one request at a time
+        block, capacity = 1, max(1, min(capacity, math.floor(per_window / 4)))
     span = window_s + expiry_s(window_s) + guard_s(window_s)
     per_second = max(per_window - capacity, 0.0) / span
-    block = max(1, min(capacity, math.ceil(per_second * BLOCK_S * window_s / WINDOW_S)))
     return RateSettings(per_window, unit, capacity * unit, per_second * unit, block * unit, window_s)
 
 
@@ -122,7 +127,7 @@ def from_limit(limit: int, decay: float, unit: int, *, window_s: float = WINDOW_
     capacity = limit // unit
     per_second = decay / unit
     per_window = capacity + per_second * (window_s + expiry_s(window_s) + guard_s(window_s))
-    block = max(1, min(max(capacity, 1), math.ceil(per_second * BLOCK_S * window_s / WINDOW_S)))
+    block = max(1, min(max(capacity // BLOCKS_HELD, 1), math.ceil(per_second * BLOCK_S)))
     return RateSettings(per_window, unit, limit, decay, block * unit, window_s)
 
 
@@ -187,8 +192,7 @@ class SharedBucket:
                 status = exc.response.status_code
                 if status == 423:
                     self.denied += 1
-                    retry = float(exc.response.headers.get("Retry-After", 0.1) or 0.1)
-                    await asyncio.sleep(min(retry, MAX_RETRY_SLEEP_S))
+                    await asyncio.sleep(await self._until_room(slots))
                     continue
                 if status == 422:  # more than the limit: set to 0 (a stop), or lowered below our block
                     limit = await self._read_limit()
@@ -210,6 +214,25 @@ class SharedBucket:
             self._expires = asked + expiry_s(self.settings.window_s)
             self.wait_s += time.monotonic() - started
             return
+
+    async def _until_room(self, slots: int) -> float:
+        """Seconds until ``slots`` fit, read after a denied ask.
+
+        Prefect 3.8 applies the decay only on a granted ask, yet every denied one restarts the decay's
+        clock (its ``updated`` column): asking again and again while the limit is full keeps it full.
+        So after a denial (which just restarted the clock) read the limit — a read changes nothing —
+        and ask again when the slots held have decayed enough, not at the server's Retry-After."""
+        from prefect.exceptions import ObjectNotFound
+
+        try:
+            current = await self.client.read_global_concurrency_limit_by_name(self.name)
+        except ObjectNotFound:
+            return 0.0
+        decay = float(current.slot_decay_per_second or 0.0)
+        if decay <= 0 or current.limit < slots:
+            return MAX_RETRY_SLEEP_S  # no longer a rate limit, or lowered under our block: _acquire sees it
+        excess = current.active_slots + slots - current.limit
+        return min(MAX_RETRY_SLEEP_S, max(excess, 0) / decay + random.uniform(0.002, 0.02))
 
     async def _read_limit(self) -> int | None:
         from prefect.exceptions import ObjectNotFound
