@@ -128,6 +128,35 @@ def _kill_hard(worker: subprocess.Popen) -> list[int]:
     return victims
 
 
+def _workers_of_shards_with_parts(out: Path, api: str, *, at_least: int) -> list[str]:
+    """Names of the workers running a shard that has written ``at_least`` parts and isn't finished."""
+    import urllib.request
+
+    import pyarrow.parquet as pq
+
+    if not (out / "_runs").exists():
+        return []
+    parts: dict[str, int] = {}
+    for path in out.glob("part-*.parquet"):
+        try:
+            run_id = json.loads(pq.read_schema(path).metadata[b"gembatch"])["run_id"]
+        except (OSError, KeyError, ValueError):
+            continue
+        parts[run_id] = parts.get(run_id, 0) + 1
+    names = []
+    for path in (out / "_runs").glob("*.json"):
+        try:
+            doc = json.loads(path.read_text())
+        except ValueError:
+            continue
+        if doc.get("shard") and doc["status"] == "running" and parts.get(doc["run_id"], 0) >= at_least:
+            with urllib.request.urlopen(f"{api}/flow_runs/{doc['flow_run_id']}", timeout=10) as answer:
+                run = json.loads(answer.read())
+            if run["state_type"] == "RUNNING":
+                names.append(run["labels"]["prefect.worker.name"])
+    return names
+
+
 def _cli(env: dict, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "flows.cli", *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout
@@ -158,17 +187,15 @@ def test_four_shards_on_two_workers_share_one_rpm_and_survive_a_killed_worker(cl
             env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip
         try:
-            # Mid-run: once rows are written, kill -9 a worker that is running shards, with its shards.
-            deadline = time.monotonic() + 150
+            # Mid-run: once a shard has written parts, kill -9 the worker running it, with its flow runs.
+            deadline = time.monotonic() + 240
             victim = None
-            while time.monotonic() < deadline and parent.poll() is None:
-                parts = len(list(out.glob("part-*.parquet"))) if out.exists() else 0
-                busy = [w for w in workers if w.poll() is None and len(_descendants(w.pid)) > 0]
-                if parts >= 8 and busy:
-                    victim = busy[0]
+            while time.monotonic() < deadline and parent.poll() is None and victim is None:
+                time.sleep(0.5)
+                for name in _workers_of_shards_with_parts(out, env["PREFECT_API_URL"], at_least=2):
+                    victim = workers[int(name[1:])]
                     _kill_hard(victim)
                     break
-                time.sleep(0.5)
             assert victim is not None, "no worker was running shards once parts were written"
             output, _ = parent.communicate(timeout=300)
         finally:
