@@ -319,3 +319,100 @@ def test_an_extract_and_a_caption_deployment_on_one_model_stay_within_r_together
     spans = [(d["started_at"], d["finished_at"]) for d in docs.values()]
     assert max(s for s, _ in spans) < min(f for _, f in spans)
     assert np.isfinite(busiest)
+
+
+def _embed_flow_document(**kwargs) -> dict:
+    """Run the embed flow (tracked, on the session's Prefect server); the run metadata, even when the
+    flow run ends Failed (a stop)."""
+    from flows.embed import embed_flow
+    from tasks.errors import RunNotCompleted
+
+    async def run():
+        try:
+            return await embed_flow(**kwargs)
+        except RunNotCompleted as exc:
+            return exc.document
+
+    return run()
+
+
+def test_a_daily_quota_stop_stops_every_run_on_the_key_and_a_rerun_after_the_reset_resumes(prefect_server, tmp_path):
+    import asyncio
+    import datetime as dt
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import VariableUpdate
+
+    from flows.params import CommonOptions
+    from tasks.engine.shared_limits import daily_quota_variable, limit_names, rate_settings
+
+    rows = 1000  # 10 requests of 100 each, one part per request
+    inputs = {}
+    for name in ("a", "b", "c"):
+        texts = [f"{name} quota sentence {i}" for i in range(rows)]
+        inputs[name] = write_corpus(tmp_path / f"{name}.parquet", list(range(rows)), texts)
+    with Emulator(EmulatorConfig(api_key=TEST_KEY, rpd=6, window_seconds=WINDOW_S)) as emu:
+        options = CommonOptions(
+            base_url=emu.base_url, api_key_env=TEST_KEY_ENV, rpm=6, rate_window=WINDOW_S, chunk_size=100
+        )
+
+        def run(name: str):
+            return _embed_flow_document(
+                input=str(inputs[name]), output=str(tmp_path / f"out-{name}"), dimensions=DIMS, options=options
+            )
+
+        async def both():
+            return await asyncio.gather(run("a"), run("b"))
+
+        first = asyncio.run(both())
+        daily_429s = emu.stats["by_status"].get(429, 0)
+        later = asyncio.run(run("c"))
+        host = first[0]["provider"]["host"]
+        model = first[0]["provider"]["model"]
+        rpm_name, _ = limit_names(host, model)
+        variable = daily_quota_variable(host, model)
+
+        async def server_state():
+            async with get_client() as client:
+                return (
+                    (await client.read_global_concurrency_limit_by_name(rpm_name)).limit,
+                    (await client.read_variable_by_name(variable)).value,
+                )
+
+        limit, flag = asyncio.run(server_state())
+        # Both runs on the key ended "stopped: daily quota"; only one request met the provider's refusal:
+        # the other run was stopped by the shared flag, before it sent into a spent quota.
+        for doc in first:
+            assert doc["status"] == "stopped: daily quota", doc["message"]
+            assert_balanced(doc)
+        assert daily_429s == 1 and sorted(d["requests"]["rate_limited_429"] for d in first) == [0, 1]
+        assert sum(d["counts"]["succeeded"] for d in first) == 100 * 6  # the 6 requests of the day
+        # A run started afterwards stops at once, sending nothing.
+        assert later["status"] == "stopped: daily quota" and later["requests"]["sent"] == 0
+        assert limit == 0 and "quota" in flag["message"].lower()
+
+        # The quota resets (midnight Pacific, here: now): the next run restores the limit and resumes.
+        emu.reset_limits()
+
+        async def reset_flag():
+            async with get_client() as client:
+                past = (dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)).isoformat()
+                await client.update_variable(VariableUpdate(name=variable, value={**flag, "until": past}))
+
+        asyncio.run(reset_flag())
+        emu.configure(rpd=None)
+        done_before = {d["parameters"]["input"]: d["counts"]["succeeded"] for d in first}
+        again = asyncio.run(run("a"))
+        assert again["status"] == "completed"
+        assert again["counts"]["skipped_done"] == done_before[str(inputs["a"])]
+        assert again["requests"]["items_sent"] == rows - done_before[str(inputs["a"])]
+
+        async def after():
+            async with get_client() as client:
+                restored = await client.read_global_concurrency_limit_by_name(rpm_name)
+                gone = await client.read_variable_by_name(variable)
+                await client.delete_global_concurrency_limit_by_name(rpm_name)
+                return restored.limit, gone
+
+        restored, gone = asyncio.run(after())
+        assert restored == rate_settings(6, 100, window_s=WINDOW_S).limit and gone is None
