@@ -139,7 +139,9 @@ async def run_sharded(job: Job, parameters: dict[str, Any]) -> dict[str, Any]:
         removed = await asyncio.to_thread(store.compact, options.id_col)
     finished = utc_now()
     docs = await asyncio.to_thread(_shard_documents, store, shards)
-    summary = _summary(shards, docs, (finished - started).total_seconds())
+    crashed = {d["run_id"] for s in shards for fid in s.flow_run_ids[:-1] if (d := docs.get(fid))}
+    written = await asyncio.to_thread(_rows_written_by, store, crashed) if crashed else {}
+    summary = _summary(shards, docs, (finished - started).total_seconds(), written)
     document["output"].update(summary.pop("parts"), superseded_rows_removed=removed)
     document.update(summary, finished_at=finished.isoformat())
     if document["provider"]["model"] is None:
@@ -284,6 +286,22 @@ def _shard_documents(store: Any, shards: list[_Shard]) -> dict[str, dict[str, An
     return found
 
 
+def _rows_written_by(store: Any, run_ids: set[str]) -> dict[str, int]:
+    """Result rows in the output written by these runs (read from each part's footer: its run id)."""
+    import pyarrow.parquet as pq
+
+    from tasks.engine.store import META_KEY
+
+    rows: dict[str, int] = {}
+    for path in store.result_files():
+        metadata = pq.read_metadata(path, filesystem=store.fs)
+        raw = (metadata.schema.to_arrow_schema().metadata or {}).get(META_KEY)
+        run_id = json.loads(raw).get("run_id") if raw else None
+        if run_id in run_ids:
+            rows[run_id] = rows.get(run_id, 0) + metadata.num_rows
+    return rows
+
+
 def _add(total: dict[str, Any], part: dict[str, Any] | None) -> None:
     for key, value in (part or {}).items():
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -291,7 +309,11 @@ def _add(total: dict[str, Any], part: dict[str, Any] | None) -> None:
         total[key] = total.get(key, 0) + value
 
 
-def _summary(shards: list[_Shard], docs: dict[str, dict[str, Any]], duration: float) -> dict[str, Any]:
+def _summary(
+    shards: list[_Shard], docs: dict[str, dict[str, Any]], duration: float, written: dict[str, int]
+) -> dict[str, Any]:
+    """The shards added up. Rows a crashed attempt wrote count as succeeded (its rerun skipped them as
+    done); its requests went unrecorded (the process died before writing its metadata)."""
     counts = dict.fromkeys(("input_rows", "skipped_done", "deduplicated", "succeeded", "failed", "not_attempted"), 0)
     requests = dict.fromkeys(("sent", "items_sent", "retries", "rate_limited_429", "transient_errors"), 0)
     tokens = dict.fromkeys(("prompt", "completion", "total"), 0)
@@ -320,8 +342,13 @@ def _summary(shards: list[_Shard], docs: dict[str, dict[str, Any]], duration: fl
             provider = provider or doc.get("provider")
             limits = limits or doc.get("limits")
         status = final["status"] if final and "counts" in final else f"failed: shard run {shard.states[-1].lower()}"
+        recovered = sum(written.get(d["run_id"], 0) for d in attempts[:-1] if d)
         if final and "counts" in final:
-            _add(counts, final["counts"])
+            shard_counts = dict(final["counts"])
+            moved = min(recovered, shard_counts["skipped_done"])
+            shard_counts["skipped_done"] -= moved
+            shard_counts["succeeded"] += moved
+            _add(counts, shard_counts)
         statuses.append(status)
         if final and final.get("message"):
             messages.append(f"shard {shard.spec}: {final['message']}")
@@ -335,6 +362,7 @@ def _summary(shards: list[_Shard], docs: dict[str, dict[str, Any]], duration: fl
                 "flow_run_states": shard.states,
                 "run_ids": [d["run_id"] if d else None for d in attempts],
                 "restarts_after_crash": shard.restarts,
+                "rows_written_by_crashed_attempts": recovered,
                 "counts": final.get("counts") if final else None,
             }
         )
