@@ -1,9 +1,10 @@
 """--shards on real Prefect workers, and one quota shared through Prefect global concurrency limits.
 
-SLOW (about 2-3 minutes for the module): a real `prefect server start`, a process work pool, the
-deployments of deployments.yaml and two `prefect worker start` processes, all in this module's own
-PREFECT_HOME and port; the emulator on loopback with a rate limit of R requests per window (a 10 s
-window, passed as --rate-window, so that a window's worth of requests takes seconds, not minutes).
+The tests marked ``slow`` (deselect with ``-m "not slow"``) take minutes: the first two start a real
+`prefect server start`, a process work pool, the deployments of deployments.yaml and two `prefect
+worker start` processes, all in this module's own PREFECT_HOME and port; the third runs flows on the
+session's Prefect server. The emulator runs on loopback with a rate limit of R requests per window (a
+10 s window, passed as --rate-window, so that a window's worth of requests takes seconds, not minutes).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from test_worker import _free_port, _stop, _wait_healthy
 
 from emulator import Emulator, EmulatorConfig
 
-pytestmark = pytest.mark.slow
+slow = pytest.mark.slow
 
 WINDOW_S = 10.0
 ROWS = 20_000
@@ -173,6 +174,7 @@ def _embed_reference(emulator: Emulator, src: Path, out: Path) -> pl.DataFrame:
     return read_output(out).sort("id")
 
 
+@slow
 def test_four_shards_on_two_workers_share_one_rpm_and_survive_a_killed_worker(cluster, tmp_path):
     env, workers, cluster_tmp = cluster
     rpm = 60  # per 10 s window
@@ -252,6 +254,7 @@ def _images(folder: Path, n: int) -> list[str]:
     return names
 
 
+@slow
 def test_an_extract_and_a_caption_deployment_on_one_model_stay_within_r_together(cluster, tmp_path):
     env, _workers, _ = cluster
     rpm, rows = 12, 24  # per 10 s window; 48 requests in all, on one model
@@ -307,6 +310,7 @@ def test_an_extract_and_a_caption_deployment_on_one_model_stay_within_r_together
     for process, text in zip(started, outputs):
         assert process.returncode == 0 and "Completed" in text, text
     assert busiest <= rpm, (busiest, rpm)
+    print(f"extract + caption at once: busiest window {busiest}/{rpm}")
     assert stats["by_route"]["chat/completions"] == 2 * rows
     docs = {
         job: json.loads(next((tmp_path / job / "_runs").glob("*.json")).read_text()) for job in ("extract", "caption")
@@ -336,6 +340,7 @@ def _embed_flow_document(**kwargs) -> dict:
     return run()
 
 
+@slow
 def test_a_daily_quota_stop_stops_every_run_on_the_key_and_a_rerun_after_the_reset_resumes(prefect_server, tmp_path):
     import asyncio
     import datetime as dt
@@ -416,3 +421,46 @@ def test_a_daily_quota_stop_stops_every_run_on_the_key_and_a_rerun_after_the_res
 
         restored, gone = asyncio.run(after())
         assert restored == rate_settings(6, 100, window_s=WINDOW_S).limit and gone is None
+
+
+def test_shards_are_disjoint_cover_the_input_and_do_not_depend_on_row_order(tmp_path):
+    from tasks.engine.io import InputSource
+    from tasks.engine.shard import Shard, ShardSource
+
+    ids = list(range(10_000))
+    path = write_corpus(tmp_path / "in.parquet", ids, [f"t{i}" for i in ids])
+    shuffled = list(np.random.default_rng(1).permutation(ids))
+    other = write_corpus(tmp_path / "shuffled.csv", shuffled, [f"t{i}" for i in shuffled])
+    parts = []
+    for number in range(1, 4):
+        shard = Shard.parse(f"{number}/3")
+        chunks = list(ShardSource(InputSource.open(str(path)), shard, "id").iter_chunks(["id", "text"], 700))
+        assert all(c.num_rows == 700 for c in chunks[:-1]) and chunks[-1].num_rows <= 700
+        got = [i for c in chunks for i in c.column("id").to_pylist()]
+        again = ShardSource(InputSource.open(str(other)), shard, "id").iter_chunks(["text"], 500)
+        assert sorted(f"t{i}" for i in got) == sorted(t for c in again for t in c.column("text").to_pylist())
+        parts.append(got)
+    assert sorted(i for p in parts for i in p) == ids  # every row once
+    assert all(3000 < len(p) < 3700 for p in parts), [len(p) for p in parts]  # spread evenly
+
+
+@pytest.mark.parametrize("spec", ["0/4", "5/4", "2", "a/b", "1/0"])
+def test_a_bad_shard_spec_says_how_to_write_it(spec):
+    from tasks.engine.shard import Shard
+    from tasks.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--shard"):
+        Shard.parse(spec)
+
+
+@pytest.mark.parametrize("rpm", [5, 60, 300, 1500, 10_000])
+def test_a_shared_limit_never_lets_more_than_rpm_start_in_a_window(rpm):
+    from tasks.engine.shared_limits import EXPIRY_S, GUARD_S, rate_settings
+
+    s = rate_settings(rpm, 100)
+    # The most a leaky bucket lets through in a window, counting permits spent EXPIRY_S after the
+    # grant and arrival jitter: capacity + decay x (window + expiry + guard), in requests.
+    worst = s.limit / 100 + s.decay / 100 * (60 + EXPIRY_S + GUARD_S)
+    assert worst <= rpm + 1e-9
+    assert s.block <= s.limit and s.block >= 100
+    assert s.shared_per_window >= (0.9 if rpm >= 60 else 0.75) * rpm
