@@ -130,8 +130,13 @@ async def run_sharded(job: Job, parameters: dict[str, Any]) -> dict[str, Any]:
     }
     await asyncio.to_thread(store.write_run, run_id, document)
     shards = [_Shard(i, count) for i in range(1, count + 1)]
-    await asyncio.gather(*(_start(s, deployment_id, parameters) for s in shards))
-    await _watch(shards, deployment_id, parameters)
+    try:
+        await asyncio.gather(*(_start(s, deployment_id, parameters) for s in shards))
+        await _watch(shards, deployment_id, parameters)
+    except BaseException:
+        # Interrupted (Ctrl-C, the parent's flow run cancelled): the shards stop too, resumable.
+        await asyncio.shield(_cancel(shards))
+        raise
 
     removed = 0
     # A shard taken for dead may have lived on and written rows its rerun wrote too: compaction keeps one.
@@ -233,6 +238,20 @@ async def _watch(shards: list[_Shard], deployment_id: str, parameters: dict[str,
                     continue
                 shard.done = True
                 logger.info("shard %s: %s", shard.spec, state.type.value)
+
+
+async def _cancel(shards: list[_Shard]) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.states import Cancelling
+
+    async with get_client() as client:
+        for shard in shards:
+            if shard.done or shard.current is None:
+                continue
+            try:
+                await client.set_flow_run_state(shard.current.id, Cancelling(message="the parent run stopped"))
+            except Exception:  # noqa: BLE001 - best effort: the shard can also be cancelled in the UI
+                pass
 
 
 async def _dead(client: Any, run: Any) -> str | None:

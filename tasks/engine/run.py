@@ -235,11 +235,13 @@ async def _share_stops(ctx: RunContext, shared: Any) -> None:
     theirs stops this run (ending ``stopped: daily quota``, resumable)."""
     own = asyncio.create_task(ctx.stop_event.wait())
     theirs = asyncio.create_task(shared.stop.event.wait())
+    poll = asyncio.create_task(shared.stop.watch())
     try:
         await asyncio.wait({own, theirs}, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        own.cancel()
-        theirs.cancel()
+        for task in (own, theirs, poll):
+            task.cancel()
+        await asyncio.gather(own, theirs, poll, return_exceptions=True)
     if shared.stop.is_set():
         ctx.request_stop(RunStopped(DAILY_QUOTA, shared.stop.message))
     elif ctx.stopped is not None and ctx.stopped.status == DAILY_QUOTA:

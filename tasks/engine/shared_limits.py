@@ -65,6 +65,8 @@ BLOCKS_HELD = 3
 # Longest sleep after a 423 before asking again (the server's Retry-After may be longer).
 MAX_RETRY_SLEEP_S = 2.0
 DAILY_QUOTA = "stopped: daily quota"
+# How often a run reads the daily-quota flag (besides finding a limit set to 0).
+FLAG_POLL_S = 5.0
 
 
 def limit_names(host: str, model: str) -> tuple[str, str]:
@@ -330,6 +332,16 @@ class SharedStop:
             except ObjectNotFound:
                 pass
 
+    async def watch(self) -> None:
+        """Read the flag every ``FLAG_POLL_S`` seconds until it is raised: a run whose requests are not
+        gated by a shared limit (none set) hears of another run's daily-quota stop this way."""
+        while not self.is_set():
+            await asyncio.sleep(FLAG_POLL_S)
+            try:
+                await self.check_flag()
+            except Exception as exc:  # noqa: BLE001 - a failed read is tried again
+                log.warning("could not read %s: %s", self.variable, exc)
+
     async def clear_if_over(self) -> dict[str, Any] | None:
         """At a run's start: a flag whose time has passed is removed; returns the limits it saved."""
         value = await self._read()
@@ -467,8 +479,8 @@ async def _bucket(
 async def open_shared_limits(
     host: str, model: str, rpm: float | None, tpm: float | None, *, window_s: float = WINDOW_S
 ) -> SharedLimits | None:
-    """The shared budget for ``host`` and ``model`` on the configured Prefect API, or None when there is
-    none to share (no --rpm/--tpm and no limit made by an operator)."""
+    """The shared budget for ``host`` and ``model`` on the configured Prefect API: its limits (none
+    without --rpm/--tpm or a limit made by an operator) and the daily-quota stop."""
     from prefect.client.orchestration import get_client
 
     client = get_client()
@@ -484,7 +496,4 @@ async def open_shared_limits(
     except BaseException:
         await client.__aexit__(None, None, None)
         raise
-    if not shared.buckets and not shared.stop.is_set():
-        await client.__aexit__(None, None, None)
-        return None
     return shared
