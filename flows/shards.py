@@ -5,14 +5,15 @@ flow run per shard (``run_deployment`` of the job's deployment with ``--shard I/
 a crashed shard again, compacts the output once when every shard is over, and writes one summary in
 ``OUTPUT/_runs/`` that adds the shards up.
 
-A shard whose process died is found two ways: Prefect marks it Crashed when its worker saw the process
-end; when the worker died with it (a machine lost, ``kill -9`` of the worker) the run stays Running or
-Pending on the server with nobody behind it. So every shard stamps a heartbeat label on its flow run
-every ``HEARTBEAT_S`` seconds, and the parent marks Crashed a shard that gave no sign of life (a stamp,
-a change of state) for ``STALE_S`` seconds — once it has stamped, or, before its first stamp (the
-process still starting), once the worker named in its ``prefect.worker.name`` label has stopped sending
-its own heartbeats. A crashed shard is started again (flow ``retries`` don't cover Crashed runs) and
-resumes from the parts it wrote: rows already in the output are skipped, not sent again.
+A shard whose process died is found two ways. While its worker lives, the worker sees the process end
+and Prefect marks the run Crashed. When the worker died with it (a machine lost, ``kill -9`` of the
+worker) the run stays Running or Pending on the server with nobody behind it: so every shard stamps a
+heartbeat label on its flow run every ``HEARTBEAT_S`` seconds, and the parent marks Crashed a shard
+whose worker (its ``prefect.worker.name`` label) has stopped sending its own heartbeats and that gave
+no sign of life itself (a stamp, a change of state) for ``STALE_S`` seconds. Both must hold: a busy
+machine delays stamps by tens of seconds, and a worker killed alone leaves its flow runs running.
+A crashed shard is started again (flow ``retries`` don't cover Crashed runs) and resumes from the
+parts it wrote: rows already in the output are skipped, not sent again.
 """
 
 from __future__ import annotations
@@ -35,9 +36,9 @@ HEARTBEAT_S = 3.0
 # A shard with no sign of life for this long is taken for dead (see the module's text).
 STALE_S = 20.0
 # A worker that missed this many of its heartbeats is gone.
-WORKER_MISSED_BEATS = 3
-# A shard that never stamped in this long after its last change of state is taken for dead anyway.
-START_TIMEOUT_S = 600.0
+WORKER_MISSED_BEATS = 4
+# A shard with no sign of life for this long is taken for dead whatever its worker says.
+START_TIMEOUT_S = 900.0
 POLL_S = 1.0
 # A shard is started at most this many times (the first run and its restarts after crashes).
 MAX_ATTEMPTS = 4
@@ -265,13 +266,11 @@ async def _dead(client: Any, run: Any) -> str | None:
     silent = time.time() - max(stamp, changed)
     if silent <= STALE_S:
         return None
-    if stamp:
-        return f"no heartbeat for {silent:.0f} s: its process or its worker is gone"
-    if silent > START_TIMEOUT_S:
-        return f"never stamped a heartbeat in {silent:.0f} s"
     worker = labels.get("prefect.worker.name")
     if worker and run.work_pool_name and await _worker_gone(client, run.work_pool_name, worker):
-        return f"its worker {worker} stopped sending heartbeats before the shard started"
+        return f"its worker {worker} stopped sending heartbeats, and the shard gave no sign of life for {silent:.0f} s"
+    if silent > START_TIMEOUT_S:
+        return f"no sign of life for {silent:.0f} s"
     return None
 
 

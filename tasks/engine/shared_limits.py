@@ -64,6 +64,8 @@ BLOCK_S = 0.5
 BLOCKS_HELD = 3
 # Longest sleep after a 423 before asking again (the server's Retry-After may be longer).
 MAX_RETRY_SLEEP_S = 2.0
+# Longest sleep after the Prefect server failed to answer an ask.
+MAX_TROUBLE_SLEEP_S = 10.0
 DAILY_QUOTA = "stopped: daily quota"
 # How often a run reads the daily-quota flag (besides finding a limit set to 0).
 FLAG_POLL_S = 5.0
@@ -160,6 +162,7 @@ class SharedBucket:
         self.slots_taken = 0
         self.slots_expired = 0
         self.wait_s = 0.0
+        self.server_errors = 0
         self.gone = False
 
     async def take(self, amount: int) -> None:
@@ -181,9 +184,10 @@ class SharedBucket:
                 need -= used
 
     async def _acquire(self, slots: int) -> None:
-        from httpx import HTTPStatusError
+        from httpx import HTTPError, HTTPStatusError
 
         started = time.monotonic()
+        trouble = 0
         while True:
             if self._stop.is_set():
                 await asyncio.Event().wait()  # until the run cancels this request
@@ -192,6 +196,9 @@ class SharedBucket:
                 await self.client.increment_concurrency_slots(names=[self.name], slots=slots, mode="rate_limit")
             except HTTPStatusError as exc:
                 status = exc.response.status_code
+                if status >= 500 or status == 429:
+                    trouble = await self._server_trouble(trouble, exc)
+                    continue
                 if status == 423:
                     self.denied += 1
                     await asyncio.sleep(await self._until_room(slots))
@@ -210,12 +217,24 @@ class SharedBucket:
                     self.gone = True
                     return
                 raise
+            except HTTPError as exc:  # the Prefect server unreachable, or too slow to answer
+                trouble = await self._server_trouble(trouble, exc)
+                continue
             self.acquires += 1
             self.slots_taken += slots
             self._credit = slots
             self._expires = asked + expiry_s(self.settings.window_s)
             self.wait_s += time.monotonic() - started
             return
+
+    async def _server_trouble(self, times: int, exc: Exception) -> int:
+        """The Prefect server failed to answer: wait (1 s doubling to ``MAX_TROUBLE_SLEEP_S``) and ask
+        again. No request goes out meanwhile — the budget can't be checked — but the run goes on."""
+        self.server_errors += 1
+        if times in (0, 5) or times % 30 == 29:
+            log.warning("Prefect server failed to answer for shared limit %s (%s): asking again", self.name, exc)
+        await asyncio.sleep(min(MAX_TROUBLE_SLEEP_S, 2.0**times))
+        return times + 1
 
     async def _until_room(self, slots: int) -> float:
         """Seconds until ``slots`` fit, read after a denied ask.
@@ -224,12 +243,15 @@ class SharedBucket:
         clock (its ``updated`` column): asking again and again while the limit is full keeps it full.
         So after a denial (which just restarted the clock) read the limit — a read changes nothing —
         and ask again when the slots held have decayed enough, not at the server's Retry-After."""
+        from httpx import HTTPError
         from prefect.exceptions import ObjectNotFound
 
         try:
             current = await self.client.read_global_concurrency_limit_by_name(self.name)
         except ObjectNotFound:
             return 0.0
+        except HTTPError:
+            return slots / max(self.settings.decay, 1e-9)
         decay = float(current.slot_decay_per_second or 0.0)
         if decay <= 0 or current.limit < slots:
             return MAX_RETRY_SLEEP_S  # no longer a rate limit, or lowered under our block: _acquire sees it
@@ -271,6 +293,7 @@ class SharedBucket:
             "slots_taken": self.slots_taken,
             "slots_expired_unused": self.slots_expired,
             "wait_s": round(self.wait_s, 3),
+            "prefect_server_errors": self.server_errors,
         }
 
 
