@@ -115,7 +115,7 @@ def _wait_healthy(api: str, timeout: float = 180) -> None:
     raise SystemExit("prefect server did not come up")
 
 
-def run(rows: int, rpm: float, shards: int, workers: int, chunk_size: int) -> dict:
+def run(rows: int, rpm: float, shards: int, workers: int, chunk_size: int, keep: bool) -> dict:
     work = Path(tempfile.mkdtemp(prefix="gembatch-shards-"))
     source, out = work / "in.parquet", work / "out"
     make_corpus(source, rows)
@@ -183,7 +183,10 @@ def run(rows: int, rpm: float, shards: int, workers: int, chunk_size: int) -> di
             _stop(process)
         sampler.stopped.set()
         sampler.join()
-        shutil.rmtree(work, ignore_errors=True)
+        if keep:
+            print(f"kept: {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
     (summary,) = [d for d in docs if "shards" in d]
     shard_docs = [d for d in docs if d.get("shard")]
     # When the provider saw the first request: a shard's start plus its limiter's first start.
@@ -209,6 +212,13 @@ def run(rows: int, rpm: float, shards: int, workers: int, chunk_size: int) -> di
         "429s": stats["by_status"].get("429", 0),
         "lost": rows - len(set(ids)),
         "duplicates": len(ids) - len(set(ids)),
+        "shared_limit_waits_s": [d["shared_limits"]["rpm"]["wait_s"] for d in shard_docs if d.get("shared_limits")],
+        "shard_sending_s": [
+            round(d["limits"]["last_request_at_s"] - d["limits"]["first_request_at_s"], 1)
+            for d in shard_docs
+            if d["limits"].get("last_request_at_s") is not None
+        ],
+        "restarts": sum(s["restarts_after_crash"] for s in summary["shards"]),
         "peak_rss_mib": {k: round(v / 1024) for k, v in sorted(sampler.peaks.items())},
     }
 
@@ -224,8 +234,9 @@ def main() -> None:
     parser.add_argument("--shards", type=int, default=4)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--chunk-size", type=int, default=2000)
+    parser.add_argument("--keep", action="store_true", help="keep the work folder (input, output, logs)")
     args = parser.parse_args()
-    result = run(args.rows, args.rpm, args.shards, args.workers, args.chunk_size)
+    result = run(args.rows, args.rpm, args.shards, args.workers, args.chunk_size, args.keep)
     for key, value in result.items():
         print(f"{key}: {value}")
 

@@ -464,3 +464,38 @@ def test_a_shared_limit_never_lets_more_than_rpm_start_in_a_window(rpm):
     assert worst <= rpm + 1e-9
     assert s.block <= s.limit and s.block >= 100
     assert s.shared_per_window >= (0.9 if rpm >= 60 else 0.75) * rpm
+
+
+def test_a_rate_cut_after_429s_in_one_process_lowers_the_shared_limit_until_it_recovers(prefect_server):
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+
+    from tasks.engine.limits import AdaptiveLimiter, Limits
+    from tasks.engine.shared_limits import limit_names, open_shared_limits
+
+    name, _ = limit_names("cut.example", "m")
+
+    async def decay() -> float:
+        async with get_client() as client:
+            return (await client.read_global_concurrency_limit_by_name(name)).slot_decay_per_second
+
+    async def scenario():
+        shared = await open_shared_limits("cut.example", "m", 60, None, window_s=10)
+        nominal = await decay()
+        limiter = AdaptiveLimiter(Limits(rpm=60, window_s=10), shared=shared)
+        for _ in range(3):  # three requests sent, then 429s beyond noise: the rate is halved
+            async with limiter.slot(10) as started:
+                pass
+        cut = [limiter.on_rate_limited(started) for _ in range(3)]
+        await asyncio.sleep(0.5)  # the update goes out in the background
+        lowered = await decay()
+        await shared.close()  # a run that ends with the limit lowered hands it back whole
+        async with get_client() as client:
+            restored = await decay()
+            await client.delete_global_concurrency_limit_by_name(name)
+        return nominal, cut, lowered, restored
+
+    nominal, cut, lowered, restored = asyncio.run(scenario())
+    assert any(cut)
+    assert lowered == pytest.approx(nominal / 2) and restored == pytest.approx(nominal)

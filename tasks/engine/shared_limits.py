@@ -13,7 +13,8 @@ A run with ``--rpm``/``--tpm`` creates or updates them; a run without takes what
 ``prefect gcl create`` (see README, "Running at scale"). A limit of capacity ``C`` and decay ``r`` lets at
 most ``C + r·L`` through in any ``L`` seconds, and a permit is spent within ``EXPIRY_S`` of being taken, so
 ``C + r·(window + EXPIRY_S + GUARD_S) <= rpm`` keeps every window at the provider within ``--rpm``:
-``C`` is ``BURST_SHARE`` of the rate, which leaves about 95% of it to the decay.
+``C`` is ``BURST_SHARE`` of the rate (at least ``BLOCKS_HELD`` blocks), which leaves about 93% of it
+to the decay.
 
 Each process takes permits in blocks (``occupy``: about ``BLOCK_S`` seconds' worth) and spends them through
 its own :class:`~tasks.engine.limits.AdaptiveLimiter`: one acquire per request would cap everyone at a few
@@ -54,7 +55,7 @@ log = logging.getLogger(__name__)
 SLOTS_PER_REQUEST = 100
 WINDOW_S = 60.0
 # A block of permits is spent within this many seconds of being taken, or let go.
-EXPIRY_S = 1.0
+EXPIRY_S = 2.0
 # Arrival jitter at the provider (as the in-process limiter's guard).
 GUARD_S = 0.5
 # The burst a GCL holds (its capacity), as a share of the per-window rate.
