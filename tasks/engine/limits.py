@@ -132,7 +132,8 @@ class _Gate:
 class SharedBudget(Protocol):
     """A budget other processes draw on too (tasks/engine/shared_limits.py): asked after this limiter."""
 
-    async def take(self, requests: int, tokens: int) -> None: ...
+    async def take(self, requests: int, tokens: int, waiting: int = 1) -> None:
+        """Wait for a permit; ``waiting``: requests queued here, this one included (sizes the block)."""
 
     def rate_factor(self, factor: float) -> None:
         """This limiter's rate is now ``factor`` of the declared one (a 429 cut it, or it recovers)."""
@@ -213,7 +214,7 @@ class AdaptiveLimiter:
                 tokens = round(estimated_tokens * self.token_correction)
                 await self._take_tokens(tokens)
                 if self.shared is not None:
-                    await self.shared.take(1, tokens)
+                    await self.shared.take(1, tokens, max(1, self._queued))
             finally:
                 self._queued -= 1
             started = self._clock()

@@ -166,9 +166,12 @@ class SharedBucket:
         self.server_errors = 0
         self.gone = False
 
-    async def take(self, amount: int) -> None:
-        """Wait until ``amount`` (requests or tokens) may be sent; blocks for good once the run must stop."""
+    async def take(self, amount: int, waiting: int = 1) -> None:
+        """Wait until ``amount`` (requests or tokens) may be sent; blocks for good once the run must stop.
+
+        ``waiting``: how many are queued behind this one (a block larger than that would expire unused)."""
         need = amount * self.settings.unit
+        wanted = max(need, min(self.settings.block, waiting * need))
         async with self._lock:
             while need > 0:
                 now = time.monotonic()
@@ -178,7 +181,7 @@ class SharedBucket:
                 if not self._credit:
                     if self.gone:
                         return
-                    await self._acquire(min(max(need, self.settings.block), self.settings.limit))
+                    await self._acquire(min(wanted, self.settings.limit))
                     continue
                 used = min(need, self._credit)
                 self._credit -= used
@@ -402,13 +405,13 @@ class SharedLimits:
     def buckets(self) -> list[SharedBucket]:
         return [b for b in (self.rpm, self.tpm) if b is not None]
 
-    async def take(self, requests: int, tokens: int) -> None:
+    async def take(self, requests: int, tokens: int, waiting: int = 1) -> None:
         if self.stop.is_set():
             await asyncio.Event().wait()
         if self.rpm is not None:
-            await self.rpm.take(requests)
+            await self.rpm.take(requests, waiting)
         if self.tpm is not None and tokens > 0:
-            await self.tpm.take(tokens)
+            await self.tpm.take(tokens, waiting)
 
     def rate_factor(self, factor: float) -> None:
         """The in-process limiter's rate is now ``factor`` of the declared one: the shared decay follows."""
