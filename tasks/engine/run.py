@@ -208,8 +208,8 @@ async def run_job(
                 "limits": limiter.describe(),
             }
         )
-        if shared is not None:
-            document["shared_limits"] = shared.describe()
+        # The quota shared with other runs on the key and model (tracked runs only; null untracked).
+        document["shared_limits"] = shared.describe() if shared is not None else None
         document["output"].update(
             {
                 "parts_written": [p.rsplit("/", 1)[-1] for p in stats.parts_written],
