@@ -7,6 +7,7 @@ seconds for nothing.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from functools import cache
 from typing import Any
@@ -18,6 +19,7 @@ from tasks.engine.limits import Limits
 from tasks.engine.metadata import summary_rows
 from tasks.engine.outage import OutagePolicy
 from tasks.engine.run import COMPLETED, RunOptions, run_job
+from tasks.engine.shard import Shard
 from tasks.errors import GembatchError, RunNotCompleted
 from tasks.provider.client import ProviderSettings
 
@@ -61,7 +63,9 @@ def run_options(input: str, output: str, options: CommonOptions) -> RunOptions:
             stream=options.stream,
             idle_timeout_s=options.idle_timeout,
         ),
-        limits=Limits(rpm=options.rpm, tpm=options.tpm, max_concurrency=options.max_concurrency),
+        limits=Limits(
+            rpm=options.rpm, tpm=options.tpm, max_concurrency=options.max_concurrency, window_s=options.rate_window
+        ),
         chunk_size=options.chunk_size,
         limit=options.limit,
         retry_errors=options.retry_errors,
@@ -77,6 +81,7 @@ def run_options(input: str, output: str, options: CommonOptions) -> RunOptions:
             max_lines=options.batch_max_requests,
             auto_min_requests=options.auto_min_requests,
         ),
+        shard=Shard.parse(options.shard) if options.shard else None,
     )
 
 
@@ -123,7 +128,19 @@ async def run_untracked(job: Job, parameters: dict[str, Any]) -> dict[str, Any]:
         from tasks.engine.plan import plan_job
 
         return await plan_job(job, options)
+    if parameters.get("shards", 1) > 1 and not parameters.get("shard"):
+        raise GembatchError(
+            "--shards runs each part as a flow run on a Prefect work pool, and no Prefect API is configured: "
+            "set PREFECT_API_URL to your server (README: Running at scale), or drop --shards"
+        )
     return await run_job(job, options, parameters=_recorded(parameters))
+
+
+async def _shared_limits(host: str, model: str, limits: Limits) -> Any:
+    """A tracked run shares its quota with every other on the same host and model (README: Running at scale)."""
+    from tasks.engine.shared_limits import open_shared_limits
+
+    return await open_shared_limits(host, model, limits.rpm, limits.tpm, window_s=limits.window_s)
 
 
 def _recorded(parameters: dict[str, Any]) -> dict[str, Any]:
@@ -136,6 +153,8 @@ async def _run(job: Job, parameters: dict[str, Any]) -> dict[str, Any]:
     from prefect.artifacts import acreate_table_artifact
     from prefect.runtime import flow_run
 
+    from flows.shards import heartbeat, run_sharded, sharded
+
     options = options_from(parameters)
     if options.dry_run:
         from tasks.engine.plan import plan_job
@@ -143,13 +162,24 @@ async def _run(job: Job, parameters: dict[str, Any]) -> dict[str, Any]:
         document = await plan_job(job, options)
         get_run_logger().info("dry run: %s", document["counts"] | document["estimate"])
         return document
-    document = await run_job(
-        job,
-        options,
-        parameters=_recorded(parameters),
-        chunk_runner=_chunk_task(),
-        flow_run_id=str(flow_run.id) if flow_run.id else None,
-    )
+    if sharded(CommonOptions.model_validate({k: parameters[k] for k in CommonOptions.model_fields})):
+        document = await run_sharded(job, parameters)
+    else:
+        # A shard stamps its flow run while it lives: the parent tells a dead worker's shard by the silence.
+        beat = asyncio.create_task(heartbeat(str(flow_run.id))) if options.shard and flow_run.id else None
+        try:
+            document = await run_job(
+                job,
+                options,
+                parameters=_recorded(parameters),
+                chunk_runner=_chunk_task(),
+                flow_run_id=str(flow_run.id) if flow_run.id else None,
+                shared_limits=_shared_limits,
+            )
+        finally:
+            if beat is not None:
+                beat.cancel()
+                await asyncio.gather(beat, return_exceptions=True)
     await acreate_table_artifact(
         key=f"gembatch-{job.name}-run",
         table=summary_rows(document),

@@ -72,6 +72,13 @@ class CommonOptions(BaseModel):
     tpm: float | None = Field(
         None, description="Input tokens per minute allowed (your quota).", json_schema_extra=_cli("--tpm", "N")
     )
+    rate_window: float = Field(
+        60.0,
+        gt=0,
+        description="Seconds over which --rpm/--tpm are counted (60: per minute; a server that counts over 10 s "
+        "windows gets 10, and --rpm N then means N per window).",
+        json_schema_extra=_cli("--rate-window"),
+    )
     max_concurrency: int | None = Field(
         None,
         description="Your own cap on requests in flight (default: as many as --rpm and the latency need, "
@@ -149,6 +156,20 @@ class CommonOptions(BaseModel):
         DEFAULT_AUTO_MIN_REQUESTS,
         description="--mode auto: a request file with fewer requests than this is sent live instead.",
         json_schema_extra=_cli("--auto-min-requests", "N"),
+    )
+    # Past one machine (README: "Running at scale").
+    shards: int = Field(
+        1,
+        ge=1,
+        description="Split the input into N parts by id hash and run each as a flow run of the job's deployment on "
+        "its work pool (needs a Prefect server and workers); one summary adds them up.",
+        json_schema_extra=_cli("--shards", "N"),
+    )
+    shard: str | None = Field(
+        None,
+        description="Run only part I of N of the input (what --shards gives each flow run); writes beside the "
+        "other parts and leaves compaction to the run that started them.",
+        json_schema_extra=_cli("--shard", "I/N"),
     )
     # The command shows a bar on a terminal unless --no-progress; a flow run shows none unless asked.
     progress: bool = Field(

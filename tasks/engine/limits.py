@@ -34,10 +34,11 @@ from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Protocol
 
 from aiolimiter import AsyncLimiter
 
-__all__ = ["Limits", "AdaptiveLimiter", "MAX_IN_FLIGHT"]
+__all__ = ["Limits", "AdaptiveLimiter", "MAX_IN_FLIGHT", "SharedBudget"]
 
 # The safety ceiling on requests in flight: one socket each, and each holds its request body and, for
 # a while, its reply. 1,024 carries 2,000 requests a minute at 30 s latency.
@@ -128,11 +129,24 @@ class _Gate:
                 free -= 1
 
 
-class AdaptiveLimiter:
-    """Paces requests under RPM and TPM, sizes the requests in flight, and backs off on 429s."""
+class SharedBudget(Protocol):
+    """A budget other processes draw on too (tasks/engine/shared_limits.py): asked after this limiter."""
 
-    def __init__(self, limits: Limits, *, clock=time.monotonic) -> None:
+    async def take(self, requests: int, tokens: int, waiting: int = 1) -> None:
+        """Wait for a permit; ``waiting``: requests queued here, this one included (sizes the block)."""
+
+    def rate_factor(self, factor: float) -> None:
+        """This limiter's rate is now ``factor`` of the declared one (a 429 cut it, or it recovers)."""
+
+
+class AdaptiveLimiter:
+    """Paces requests under RPM and TPM, sizes the requests in flight, and backs off on 429s.
+
+    ``shared``: a budget shared with other processes; each start also takes its permit there."""
+
+    def __init__(self, limits: Limits, *, clock=time.monotonic, shared: SharedBudget | None = None) -> None:
         self.limits = limits
+        self.shared = shared
         self._clock = clock
         self._rpm: float | None = limits.rpm
         self._next_start = 0.0
@@ -197,7 +211,10 @@ class AdaptiveLimiter:
         try:
             try:
                 await self._wait_turn()
-                await self._take_tokens(round(estimated_tokens * self.token_correction))
+                tokens = round(estimated_tokens * self.token_correction)
+                await self._take_tokens(tokens)
+                if self.shared is not None:
+                    await self.shared.take(1, tokens, max(1, self._queued))
             finally:
                 self._queued -= 1
             started = self._clock()
@@ -379,6 +396,8 @@ class AdaptiveLimiter:
         self._rpm = rpm
         self._next_start = now
         self._last_change = now
+        if self.shared is not None and self.limits.rpm:
+            self.shared.rate_factor(min(1.0, rpm / self.limits.rpm))
 
     async def _take_tokens(self, amount: int) -> None:
         bucket = self._tpm_bucket

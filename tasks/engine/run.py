@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,8 +17,9 @@ from tasks.engine.limits import AdaptiveLimiter, Limits
 from tasks.engine.metadata import batch_cost, counts, new_run_id, package_versions, usage, utc_now
 from tasks.engine.outage import OutageBreaker, OutagePolicy
 from tasks.engine.progress import ProgressBar
+from tasks.engine.shard import Shard, ShardSource
 from tasks.engine.store import OutputStore
-from tasks.errors import ConfigError, GembatchError
+from tasks.errors import ConfigError, GembatchError, RunStopped
 from tasks.jobs.media import folder_extensions
 from tasks.provider.client import ProviderSettings, check_model, open_connection, require_key
 from tasks.provider.prices import BATCH_PRICE_FACTOR
@@ -58,6 +59,9 @@ class RunOptions:
     max_failed_pct: float = 0.0
     # --mode live|batch|auto and the batch settings (tasks/engine/batch.py).
     batch: BatchPolicy = field(default_factory=BatchPolicy)
+    # Only this part of the input (--shard I/N): other shards write into the same output at the same
+    # time, so this run deletes and rewrites nothing (no compaction: the parent of the shards does it).
+    shard: Shard | None = None
 
     def __post_init__(self) -> None:
         if self.chunk_size < 1:
@@ -66,6 +70,11 @@ class RunOptions:
             raise ValueError(f"--limit must be 0 or more, got {self.limit}")
         if not 0 <= self.max_failed_pct <= 100:
             raise ValueError(f"--max-failed-pct must be within 0-100, got {self.max_failed_pct}")
+
+
+# The budget shared with other processes on the same host and model, given the run's host, model and
+# limits (tasks/engine/shared_limits.py: open_shared_limits); None: nothing to share.
+SharedFactory = Callable[[str, str, Limits], Awaitable[Any]]
 
 
 def preflight(job: Job, options: RunOptions) -> InputSource:
@@ -99,6 +108,7 @@ async def run_job(
     parameters: dict[str, Any] | None = None,
     chunk_runner: ChunkRunner = process_chunk,
     flow_run_id: str | None = None,
+    shared_limits: SharedFactory | None = None,
 ) -> dict[str, Any]:
     """Run ``job`` over ``options.input`` into ``options.output``; returns the run metadata document.
 
@@ -108,16 +118,22 @@ async def run_job(
     started = utc_now()
     run_id = new_run_id(started)
     source = preflight(job, options)
+    if options.shard is not None:
+        source = ShardSource(source, options.shard, options.id_col)
     conn = open_connection(options.provider)
+    shared = None
     try:
         await check_model(conn, job.model, key_source=options.provider.key_source)
         budget = Budget.for_job(options.max_cost_usd, job) if options.max_cost_usd is not None else None
         total_rows = await asyncio.to_thread(check_ids, source, options.id_col, limit=options.limit)
         store = OutputStore(options.output)
-        await asyncio.to_thread(store.prepare)
+        # A shard leaves other shards' temporary files alone: they are being written.
+        await asyncio.to_thread(store.prepare, clean=options.shard is None)
         await asyncio.to_thread(store.claim, job=job.name, model=job.model, run_id=run_id, force=options.force)
         index = await asyncio.to_thread(store.scan, options.id_col)
-        limiter = AdaptiveLimiter(options.limits)
+        if shared_limits is not None:
+            shared = await shared_limits(conn.host, job.model, options.limits)
+        limiter = AdaptiveLimiter(options.limits, shared=shared)
         document: dict[str, Any] = {
             "run_id": run_id,
             "flow_run_id": flow_run_id,
@@ -139,6 +155,8 @@ async def run_job(
             "limits": limiter.describe(),
             "versions": package_versions(),
         }
+        if options.shard is not None:
+            document["shard"] = str(options.shard)
         await asyncio.to_thread(store.write_run, run_id, document)
         ctx = RunContext(
             job=job,
@@ -169,6 +187,7 @@ async def run_job(
             if budget is not None:
                 budget.price_factor = BATCH_PRICE_FACTOR
             batch_run = BatchRun(ctx, source, options, total_rows, conn, _drive, chunk_runner)
+        watch = asyncio.create_task(_share_stops(ctx, shared)) if shared is not None else None
         try:
             if batch_run is not None:
                 await batch_run.drive()
@@ -178,6 +197,9 @@ async def run_job(
             error = exc
         finally:
             progress.close()
+            if watch is not None:
+                watch.cancel()
+                await asyncio.gather(watch, return_exceptions=True)
         tidy = getattr(job, "tidy_output", None)
         if tidy is not None and error is None:
             # What a job kept in OUTPUT for unfinished rows (a recording's answered segments) and no
@@ -191,7 +213,7 @@ async def run_job(
         # (the input's ids are unique). The index is freed first: compaction needs its own memory.
         had_rows = index.result_rows + index.error_rows > 0
         index.clear()
-        if had_rows and (stats.parts_written or stats.error_parts_written):
+        if had_rows and (stats.parts_written or stats.error_parts_written) and options.shard is None:
             removed = await asyncio.to_thread(store.compact, options.id_col)
         finished = utc_now()
         duration = (finished - started).total_seconds()
@@ -239,6 +261,8 @@ async def run_job(
                 "idle_timeout_s": options.provider.idle_timeout_s,
                 "first_token": stats.first_token.describe(),
             }
+        # The quota shared with other runs on the key and model (tracked runs only; null untracked).
+        document["shared_limits"] = shared.describe() if shared is not None else None
         document["output"].update(
             {
                 "parts_written": [p.rsplit("/", 1)[-1] for p in stats.parts_written],
@@ -251,7 +275,30 @@ async def run_job(
             raise error
         return document
     finally:
+        if shared is not None:
+            await shared.close()
         await conn.close()
+
+
+DAILY_QUOTA = "stopped: daily quota"
+
+
+async def _share_stops(ctx: RunContext, shared: Any) -> None:
+    """A daily-quota stop is everyone's: this run's is told to the others on the key and model, and
+    theirs stops this run (ending ``stopped: daily quota``, resumable)."""
+    own = asyncio.create_task(ctx.stop_event.wait())
+    theirs = asyncio.create_task(shared.stop.event.wait())
+    poll = asyncio.create_task(shared.stop.watch())
+    try:
+        await asyncio.wait({own, theirs}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (own, theirs, poll):
+            task.cancel()
+        await asyncio.gather(own, theirs, poll, return_exceptions=True)
+    if shared.stop.is_set():
+        ctx.request_stop(RunStopped(DAILY_QUOTA, shared.stop.message))
+    elif ctx.stopped is not None and ctx.stopped.status == DAILY_QUOTA:
+        await shared.stop_everyone(str(ctx.stopped))
 
 
 async def _drive(

@@ -120,9 +120,13 @@ class OutputStore:
         self.root = self.root.rstrip("/")
 
     # -- layout -----------------------------------------------------------------------------------
-    def prepare(self) -> None:
+    def prepare(self, *, clean: bool = True) -> None:
+        """Make the folders; ``clean``: remove temporary files a killed run left (not while other runs
+        on this output may be writing theirs: a shard's run)."""
         for sub in ("", ERRORS_DIR, RUNS_DIR):
             self.fs.makedirs(self._join(sub) if sub else self.root, exist_ok=True)
+        if not clean:
+            return
         # A killed run may leave temporary files; they were never renamed, so nothing refers to them.
         for folder in (
             self.root,

@@ -1,0 +1,245 @@
+"""--shards N on real Prefect workers under one shared --rpm: run time against the floor (issue 10).
+
+    uv run python benchmarks/bench_shards.py                       # 100k rows, 4 shards, 2 workers, --rpm 600
+    uv run python benchmarks/bench_shards.py --rows 50000 --rpm 300 --shards 2 --workers 1
+
+Starts everything as separate processes, each in this run's own PREFECT_HOME and ports: `prefect server
+start`, a process work pool with the nightly-embed deployment of deployments.yaml, N `prefect worker
+start`, and the emulator with the same --rpm as the client (a sliding 60 s window counted at arrival).
+Then `gembatch embed --shards N --rpm R` runs the parent from here. It prints the run time against the
+floor (requests / rpm minutes), the start-up (parent start to the first request at the provider), the
+busiest 60 s window the emulator saw, 429s, lost/duplicated rows, and the peak RSS of each kind of
+process (sampled from /proc every 0.5 s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from datetime import datetime
+from pathlib import Path
+
+import pyarrow.dataset as pds
+import yaml
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_embed import KEY_ENV, free_port, make_corpus, wait_up  # noqa: E402
+from bench_rate import emulator_stats  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class RssSampler(threading.Thread):
+    """Peak resident memory of every process below this one, by kind (from its command line)."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.peaks: dict[str, int] = {}
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(0.5):
+            for pid, cmd in _descendants(os.getpid()):
+                try:
+                    status = Path(f"/proc/{pid}/status").read_text()
+                except OSError:
+                    continue
+                rss = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS")), 0)
+                kind = _kind(cmd)
+                self.peaks[kind] = max(self.peaks.get(kind, 0), rss)
+
+
+def _kind(cmd: str) -> str:
+    for marker, kind in (
+        ("server start", "prefect server"),
+        ("worker start", "prefect worker"),
+        ("flows.cli emulator", "emulator"),
+        ("--shards", "parent (gembatch embed --shards)"),
+        ("prefect.engine", "shard flow run"),
+    ):
+        if marker in cmd:
+            return kind
+    return "shard flow run" if "prefect" in cmd else "other"
+
+
+def _descendants(root: int) -> list[tuple[int, str]]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            try:
+                cmd = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                cmd = ""
+            found.append((child, cmd))
+            todo.append(child)
+    return found
+
+
+def _stop(process: subprocess.Popen | None) -> None:
+    if process is None or process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=5)
+
+
+def _wait_healthy(api: str, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{api}/health", timeout=2) as answer:
+                if answer.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise SystemExit("prefect server did not come up")
+
+
+def run(rows: int, rpm: float, shards: int, workers: int, chunk_size: int, keep: bool) -> dict:
+    work = Path(tempfile.mkdtemp(prefix="gembatch-shards-"))
+    source, out = work / "in.parquet", work / "out"
+    make_corpus(source, rows)
+    port, emu_port, key = free_port(), free_port(), "bench-key"
+    api = f"http://127.0.0.1:{port}/api"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env |= {
+        "PREFECT_HOME": str(work / "prefect-home"),
+        "PREFECT_API_URL": api,
+        "PREFECT_SERVER_API_HOST": "127.0.0.1",
+        "PREFECT_SERVER_API_PORT": str(port),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_WORKER_QUERY_SECONDS": "1",
+        "GEMBATCH_HOME": str(REPO),
+        KEY_ENV: key,
+    }
+    spec = yaml.safe_load((REPO / "deployments.yaml").read_text())
+    spec["deployments"] = [d for d in spec["deployments"] if d["name"] == "nightly-embed"]
+    spec["deployments"][0].pop("schedules")
+    (work / "deployments.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    prefect = [sys.executable, "-m", "prefect", "--no-prompt"]
+    sampler = RssSampler()
+    sampler.start()
+    started_procs: list[subprocess.Popen] = []
+
+    def start(cmd: list[str], log: str) -> subprocess.Popen:
+        with (work / log).open("w") as f:
+            process = subprocess.Popen(
+                cmd, env=env, cwd=work, stdout=f, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        started_procs.append(process)
+        return process
+
+    try:
+        start(
+            [sys.executable, "-m", "flows.cli", "emulator", "--port", str(emu_port), "--api-key-env", KEY_ENV,
+             "--rpm", str(int(rpm))],
+            "emulator.log",
+        )  # fmt: skip
+        host = f"http://127.0.0.1:{emu_port}/"
+        base_url = host + "v1beta/openai/"
+        start([*prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui"], "server.log")
+        _wait_healthy(api)
+        wait_up(base_url, key)
+        for args in (
+            ["work-pool", "create", "gembatch", "--type", "process"],
+            ["deploy", "--prefect-file", str(work / "deployments.yaml"), "--all"],
+        ):
+            subprocess.run([*prefect, *args], env=env, cwd=REPO, check=True, capture_output=True, timeout=300)
+        for n in range(workers):
+            start([*prefect, "worker", "start", "--pool", "gembatch", "--name", f"w{n}"], f"worker-{n}.log")
+        cmd = [sys.executable, "-m", "flows.cli", "embed", str(source), "-o", str(out), "--base-url", base_url,
+               "--api-key-env", KEY_ENV, "--rpm", str(rpm), "--shards", str(shards), "--chunk-size",
+               str(chunk_size), "--dimensions", "64", "--no-progress"]  # fmt: skip
+        began = time.monotonic()
+        proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
+        wall = time.monotonic() - began
+        if proc.returncode != 0:
+            raise SystemExit(f"gembatch embed --shards failed:\n{proc.stdout}\n{proc.stderr}")
+        stats = emulator_stats(host)
+        docs = [json.loads(p.read_text()) for p in (out / "_runs").glob("*.json")]
+        table = pds.dataset(str(out), format="parquet").to_table(columns=["id"])
+    finally:
+        for process in reversed(started_procs):
+            _stop(process)
+        sampler.stopped.set()
+        sampler.join()
+        if keep:
+            print(f"kept: {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    (summary,) = [d for d in docs if "shards" in d]
+    shard_docs = [d for d in docs if d.get("shard")]
+    # When the provider saw the first request: a shard's start plus its limiter's first start.
+    first = min(_at(d["started_at"]) + (d["limits"]["first_request_at_s"] or 0) for d in shard_docs)
+    parent_start = _at(summary["started_at"])
+    startup = first - parent_start
+    requests = summary["requests"]["sent"]
+    floor = requests / rpm * 60
+    ids = table.column("id").to_pylist()
+    return {
+        "rows": rows,
+        "shards": shards,
+        "workers": workers,
+        "rpm": rpm,
+        "status": summary["status"],
+        "requests": requests,
+        "run_s": summary["duration_s"],
+        "wall_s": round(wall, 1),
+        "startup_s": round(startup, 1),
+        "floor_s": round(floor, 1),
+        "ratio_after_startup": round((summary["duration_s"] - startup) / floor, 3),
+        "busiest_60s": stats["busiest_window"],
+        "429s": stats["by_status"].get("429", 0),
+        "lost": rows - len(set(ids)),
+        "duplicates": len(ids) - len(set(ids)),
+        "shared_limit_waits_s": [d["shared_limits"]["rpm"]["wait_s"] for d in shard_docs if d.get("shared_limits")],
+        "shard_sending_s": [
+            round(d["limits"]["last_request_at_s"] - d["limits"]["first_request_at_s"], 1)
+            for d in shard_docs
+            if d["limits"].get("last_request_at_s") is not None
+        ],
+        "restarts": sum(s["restarts_after_crash"] for s in summary["shards"]),
+        "peak_rss_mib": {k: round(v / 1024) for k, v in sorted(sampler.peaks.items())},
+    }
+
+
+def _at(iso: str) -> float:
+    return datetime.fromisoformat(iso).timestamp()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--rpm", type=float, default=600)
+    parser.add_argument("--shards", type=int, default=4)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--chunk-size", type=int, default=2000)
+    parser.add_argument("--keep", action="store_true", help="keep the work folder (input, output, logs)")
+    args = parser.parse_args()
+    result = run(args.rows, args.rpm, args.shards, args.workers, args.chunk_size, args.keep)
+    for key, value in result.items():
+        print(f"{key}: {value}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,412 @@
+"""``--shards N``: one job over many workers, as flow runs of the job's deployment on its work pool.
+
+The job's flow, given ``options.shards`` > 1, becomes the parent: it checks the input once, starts one
+flow run per shard (``run_deployment`` of the job's deployment with ``--shard I/N``), watches them, runs
+a crashed shard again, compacts the output once when every shard is over, and writes one summary in
+``OUTPUT/_runs/`` that adds the shards up.
+
+A shard whose process died is found two ways. While its worker lives, the worker sees the process end
+and Prefect marks the run Crashed. When the worker died with it (a machine lost, ``kill -9`` of the
+worker) the run stays Running or Pending on the server with nobody behind it: so every shard stamps a
+heartbeat label on its flow run every ``HEARTBEAT_S`` seconds, and the parent marks Crashed a shard
+whose worker (its ``prefect.worker.name`` label) has stopped sending its own heartbeats and that gave
+no sign of life itself (a stamp, a change of state) for ``STALE_S`` seconds. Both must hold: a busy
+machine delays stamps by tens of seconds, and a worker killed alone leaves its flow runs running.
+A crashed shard is started again (flow ``retries`` don't cover Crashed runs) and resumes from the
+parts it wrote: rows already in the output are skipped, not sent again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from flows.params import CommonOptions
+from tasks.engine.chunk import Job
+from tasks.engine.metadata import new_run_id, package_versions, utc_now
+from tasks.errors import ConfigError
+
+__all__ = ["HEARTBEAT_LABEL", "heartbeat", "run_sharded", "sharded"]
+
+HEARTBEAT_LABEL = "gembatch.heartbeat"
+HEARTBEAT_S = 3.0
+# A shard with no sign of life for this long is taken for dead (see the module's text).
+STALE_S = 20.0
+# A worker that missed this many of its heartbeats is gone.
+WORKER_MISSED_BEATS = 4
+# A shard with no sign of life for this long is taken for dead whatever its worker says.
+START_TIMEOUT_S = 900.0
+POLL_S = 1.0
+# A shard is started at most this many times (the first run and its restarts after crashes).
+MAX_ATTEMPTS = 4
+COMPLETED = "completed"
+# What the summary's status is when shards end differently: the first of these that any shard has.
+STATUS_ORDER = ("stopped: daily quota", "interrupted", "completed with errors")
+
+
+async def heartbeat(flow_run_id: str) -> None:
+    """Stamp the time on this flow run every ``HEARTBEAT_S`` seconds, until cancelled."""
+    from uuid import UUID
+
+    from prefect import get_run_logger
+    from prefect.client.orchestration import get_client
+
+    failures = 0
+    while True:
+        try:
+            async with get_client() as client:
+                while True:
+                    stamp = {HEARTBEAT_LABEL: f"{time.time():.1f}"}
+                    await client.update_flow_run_labels(UUID(flow_run_id), stamp)
+                    failures = 0
+                    await asyncio.sleep(HEARTBEAT_S)
+        except Exception as exc:  # noqa: BLE001 - a missed stamp is tried again; the run goes on
+            failures += 1
+            if failures in (1, 10):
+                get_run_logger().warning("heartbeat not stamped (%s): %s", failures, exc)
+            await asyncio.sleep(HEARTBEAT_S)
+
+
+@dataclass
+class _Shard:
+    number: int
+    count: int
+    flow_run_ids: list[str] = field(default_factory=list)
+    states: list[str] = field(default_factory=list)
+    current: Any = None  # the FlowRun being watched
+    done: bool = False
+    started_at: float = 0.0
+    restarts: int = 0
+
+    @property
+    def spec(self) -> str:
+        return f"{self.number}/{self.count}"
+
+
+async def run_sharded(job: Job, parameters: dict[str, Any]) -> dict[str, Any]:
+    """Run ``job`` as ``options.shards`` flow runs of its deployment; returns the summary document."""
+    from prefect.runtime import flow_run
+
+    from flows.common import options_from
+    from tasks.engine.io import check_ids
+    from tasks.engine.run import preflight
+    from tasks.engine.store import OutputStore
+
+    options = options_from(parameters)
+    count = parameters["shards"]
+    if options.limit is not None:
+        raise ConfigError("--limit and --shards don't go together: shard the whole input, or run --limit alone")
+    started = utc_now()
+    run_id = new_run_id(started)
+    source = preflight(job, options)
+    total_rows = await asyncio.to_thread(check_ids, source, options.id_col, limit=None)
+    store = OutputStore(options.output)
+    await asyncio.to_thread(store.prepare)
+    await asyncio.to_thread(store.claim, job=job.name, model=job.model, run_id=run_id, force=options.force)
+    had_rows = bool(store.result_files() or store.error_files())
+    deployment_id = await _deployment_of_this_flow()
+    recorded = {k: v for k, v in parameters.items() if k != "progress"}
+    document: dict[str, Any] = {
+        "run_id": run_id,
+        "flow_run_id": str(flow_run.id) if flow_run.id else None,
+        "job": job.name,
+        "status": "running",
+        "message": "",
+        "parameters": recorded,
+        "job_parameters": job.parameters(),
+        "input": {
+            "path": source.path,
+            "format": source.format,
+            "size_bytes": source.size_bytes,
+            "rows": total_rows,
+            "fingerprint": await asyncio.to_thread(source.fingerprint),
+        },
+        "output": {"path": options.output},
+        "started_at": started.isoformat(),
+        "deployment_id": deployment_id,
+        "versions": package_versions(),
+    }
+    await asyncio.to_thread(store.write_run, run_id, document)
+    shards = [_Shard(i, count) for i in range(1, count + 1)]
+    try:
+        await asyncio.gather(*(_start(s, deployment_id, parameters) for s in shards))
+        await _watch(shards, deployment_id, parameters)
+    except BaseException:
+        # Interrupted (Ctrl-C, the parent's flow run cancelled): the shards stop too, resumable.
+        await asyncio.shield(_cancel(shards))
+        raise
+
+    removed = 0
+    # A shard taken for dead may have lived on and written rows its rerun wrote too: compaction keeps one.
+    if had_rows or any(s.restarts for s in shards):
+        removed = await asyncio.to_thread(store.compact, options.id_col)
+    finished = utc_now()
+    docs = await asyncio.to_thread(_shard_documents, store, shards)
+    crashed = {d["run_id"] for s in shards for fid in s.flow_run_ids[:-1] if (d := docs.get(fid))}
+    written = await asyncio.to_thread(_rows_written_by, store, crashed) if crashed else {}
+    summary = _summary(shards, docs, (finished - started).total_seconds(), written)
+    document["output"].update(summary.pop("parts"), superseded_rows_removed=removed)
+    document.update(summary, finished_at=finished.isoformat())
+    if document["provider"]["model"] is None:
+        document["provider"]["model"] = job.model
+    await asyncio.to_thread(store.write_run, run_id, document)
+    return document
+
+
+async def _deployment_of_this_flow() -> str:
+    """The deployment the shards run as: this flow run's own, or the only deployment of this flow."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+    from prefect.runtime import deployment, flow_run
+
+    if deployment.id:
+        return str(deployment.id)
+    name = flow_run.flow_name
+    async with get_client() as client:
+        found = await client.read_deployments(flow_filter=FlowFilter(name=FlowFilterName(any_=[name])))
+    if len(found) == 1:
+        return str(found[0].id)
+    if not found:
+        raise ConfigError(
+            f"--shards runs the shards as flow runs of a deployment of {name}, and there is none: deploy it "
+            "(prefect deploy --prefect-file deployments.yaml) and start workers on its pool (README: Running at "
+            "scale)"
+        )
+    names = ", ".join(sorted(f"{name}/{d.name}" for d in found))
+    raise ConfigError(
+        f"--shards: {name} has {len(found)} deployments ({names}); run the one to shard with "
+        f"`prefect deployment run {name}/<name> --param options='{{\"shards\": N}}'`"
+    )
+
+
+def _child_parameters(parameters: dict[str, Any], shard: _Shard) -> dict[str, Any]:
+    from flows.params import flow_arguments
+
+    flat = {k: v for k, v in parameters.items() if k != "progress"}
+    arguments = flow_arguments(flat | {"shards": 1, "shard": shard.spec, "progress": False})
+    arguments["options"] = arguments["options"].model_dump(exclude_defaults=True)
+    return arguments
+
+
+async def _start(shard: _Shard, deployment_id: str, parameters: dict[str, Any]) -> None:
+    from prefect.deployments import run_deployment
+
+    flow_run = await run_deployment(
+        deployment_id,
+        parameters=_child_parameters(parameters, shard),
+        timeout=0,
+        flow_run_name=f"shard-{shard.number}-of-{shard.count}" + (f"-retry-{shard.restarts}" if shard.restarts else ""),
+        tags=["gembatch-shard"],
+    )
+    shard.current = flow_run
+    shard.flow_run_ids.append(str(flow_run.id))
+    shard.started_at = time.monotonic()
+
+
+async def _watch(shards: list[_Shard], deployment_id: str, parameters: dict[str, Any]) -> None:
+    from prefect import get_run_logger
+    from prefect.client.orchestration import get_client
+    from prefect.states import Crashed
+
+    logger = get_run_logger()
+    async with get_client() as client:
+        while not all(s.done for s in shards):
+            await asyncio.sleep(POLL_S)
+            for shard in [s for s in shards if not s.done]:
+                run = await client.read_flow_run(shard.current.id)
+                state = run.state
+                if state is None:
+                    continue
+                why = await _dead(client, run) if state.is_running() or state.is_pending() else None
+                if why is not None:
+                    await client.set_flow_run_state(run.id, Crashed(message=f"shard {shard.spec}: {why}"), force=True)
+                    state = (await client.read_flow_run(run.id)).state
+                if not state.is_final():
+                    continue
+                shard.states.append(state.type.value)
+                if state.is_crashed() and len(shard.flow_run_ids) < MAX_ATTEMPTS:
+                    shard.restarts += 1
+                    logger.warning(
+                        "shard %s crashed (%s); starting it again (attempt %s): it resumes from what it wrote",
+                        shard.spec,
+                        state.message,
+                        shard.restarts + 1,
+                    )
+                    await _start(shard, deployment_id, parameters)
+                    continue
+                shard.done = True
+                logger.info("shard %s: %s", shard.spec, state.type.value)
+
+
+async def _cancel(shards: list[_Shard]) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.states import Cancelling
+
+    async with get_client() as client:
+        for shard in shards:
+            if shard.done or shard.current is None:
+                continue
+            try:
+                await client.set_flow_run_state(shard.current.id, Cancelling(message="the parent run stopped"))
+            except Exception:  # noqa: BLE001 - best effort: the shard can also be cancelled in the UI
+                pass
+
+
+async def _dead(client: Any, run: Any) -> str | None:
+    """Why a Running or Pending shard is taken for dead, or None while it lives (or may)."""
+    labels = run.labels or {}
+    try:
+        stamp = float(labels.get(HEARTBEAT_LABEL, 0.0))
+    except ValueError:
+        stamp = 0.0
+    changed = run.state.timestamp.timestamp() if run.state and run.state.timestamp else 0.0
+    silent = time.time() - max(stamp, changed)
+    if silent <= STALE_S:
+        return None
+    worker = labels.get("prefect.worker.name")
+    if worker and run.work_pool_name and await _worker_gone(client, run.work_pool_name, worker):
+        return f"its worker {worker} stopped sending heartbeats, and the shard gave no sign of life for {silent:.0f} s"
+    if silent > START_TIMEOUT_S:
+        return f"no sign of life for {silent:.0f} s"
+    return None
+
+
+async def _worker_gone(client: Any, pool: str, name: str) -> bool:
+    found = [w for w in await client.read_workers_for_work_pool(pool) if w.name == name]
+    if not found:
+        return True
+    worker = found[0]
+    if worker.status.value == "OFFLINE" or worker.last_heartbeat_time is None:
+        return True
+    interval = worker.heartbeat_interval_seconds or 30
+    age = time.time() - worker.last_heartbeat_time.timestamp()
+    return age > WORKER_MISSED_BEATS * interval + POLL_S
+
+
+def _shard_documents(store: Any, shards: list[_Shard]) -> dict[str, dict[str, Any]]:
+    """The run metadata each shard's flow runs wrote, by flow run id."""
+    wanted = {fid for s in shards for fid in s.flow_run_ids}
+    found: dict[str, dict[str, Any]] = {}
+    folder = f"{store.root}/_runs"
+    for path in store.fs.ls(folder, detail=False):
+        if not path.endswith(".json"):
+            continue
+        with store.fs.open(path, "r") as f:
+            try:
+                doc = json.load(f)
+            except ValueError:
+                continue
+        if doc.get("flow_run_id") in wanted:
+            found[doc["flow_run_id"]] = doc
+    return found
+
+
+def _rows_written_by(store: Any, run_ids: set[str]) -> dict[str, int]:
+    """Result rows in the output written by these runs (read from each part's footer: its run id)."""
+    import pyarrow.parquet as pq
+
+    from tasks.engine.store import META_KEY
+
+    rows: dict[str, int] = {}
+    for path in store.result_files():
+        metadata = pq.read_metadata(path, filesystem=store.fs)
+        raw = (metadata.schema.to_arrow_schema().metadata or {}).get(META_KEY)
+        run_id = json.loads(raw).get("run_id") if raw else None
+        if run_id in run_ids:
+            rows[run_id] = rows.get(run_id, 0) + metadata.num_rows
+    return rows
+
+
+def _add(total: dict[str, Any], part: dict[str, Any] | None) -> None:
+    for key, value in (part or {}).items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        total[key] = total.get(key, 0) + value
+
+
+def _summary(
+    shards: list[_Shard], docs: dict[str, dict[str, Any]], duration: float, written: dict[str, int]
+) -> dict[str, Any]:
+    """The shards added up. Rows a crashed attempt wrote count as succeeded (its rerun skipped them as
+    done); its requests went unrecorded (the process died before writing its metadata)."""
+    counts = dict.fromkeys(("input_rows", "skipped_done", "deduplicated", "succeeded", "failed", "not_attempted"), 0)
+    requests = dict.fromkeys(("sent", "items_sent", "retries", "rate_limited_429", "transient_errors"), 0)
+    tokens = dict.fromkeys(("prompt", "completion", "total"), 0)
+    cost_usd = 0.0
+    priced = True
+    parts: list[str] = []
+    error_parts: list[str] = []
+    per_shard = []
+    statuses = []
+    messages = []
+    provider = None
+    limits = None
+    for shard in shards:
+        attempts = [docs.get(fid) for fid in shard.flow_run_ids]
+        final = attempts[-1]
+        for doc in attempts:  # every attempt's requests were sent (and paid); a killed one's weren't recorded
+            if doc is None or "requests" not in doc:
+                continue
+            _add(requests, doc["requests"])
+            _add(tokens, {k: v for k, v in doc["tokens"].items() if k in ("prompt", "completion", "total")})
+            usd = (doc.get("cost") or {}).get("estimated_usd")
+            priced = priced and usd is not None
+            cost_usd += usd or 0.0
+            parts += doc["output"]["parts_written"]
+            error_parts += doc["output"]["error_parts_written"]
+            provider = provider or doc.get("provider")
+            limits = limits or doc.get("limits")
+        status = final["status"] if final and "counts" in final else f"failed: shard run {shard.states[-1].lower()}"
+        recovered = sum(written.get(d["run_id"], 0) for d in attempts[:-1] if d)
+        if final and "counts" in final:
+            shard_counts = dict(final["counts"])
+            moved = min(recovered, shard_counts["skipped_done"])
+            shard_counts["skipped_done"] -= moved
+            shard_counts["succeeded"] += moved
+            _add(counts, shard_counts)
+        statuses.append(status)
+        if final and final.get("message"):
+            messages.append(f"shard {shard.spec}: {final['message']}")
+        elif status != COMPLETED:
+            messages.append(f"shard {shard.spec}: {status}")
+        per_shard.append(
+            {
+                "shard": shard.spec,
+                "status": status,
+                "flow_run_ids": shard.flow_run_ids,
+                "flow_run_states": shard.states,
+                "run_ids": [d["run_id"] if d else None for d in attempts],
+                "restarts_after_crash": shard.restarts,
+                "rows_written_by_crashed_attempts": recovered,
+                "counts": final.get("counts") if final else None,
+            }
+        )
+    status = COMPLETED
+    if any(s != COMPLETED for s in statuses):
+        status = next((o for o in STATUS_ORDER if o in statuses), None) or next(s for s in statuses if s != COMPLETED)
+    succeeded = counts.get("succeeded", 0) + counts.get("deduplicated", 0)
+    return {
+        "status": status,
+        "message": "; ".join(messages),
+        "provider": provider or {"host": None, "model": None},
+        "duration_s": round(duration, 3),
+        "counts": counts,
+        "requests": requests,
+        "tokens": tokens,
+        "cost": {"estimated_usd": round(cost_usd, 6) if priced else None},
+        "throughput": {
+            "rows_per_s": round(succeeded / duration, 2) if duration else None,
+            "requests_per_s": round(requests.get("sent", 0) / duration, 2) if duration else None,
+        },
+        "limits": limits,
+        "shards": per_shard,
+        "parts": {"parts_written": sorted(parts), "error_parts_written": sorted(error_parts)},
+    }
+
+
+def sharded(options: CommonOptions) -> bool:
+    """Is this run the parent of shards?"""
+    return options.shards > 1 and options.shard is None and not options.dry_run

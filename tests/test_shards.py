@@ -1,0 +1,503 @@
+"""--shards on real Prefect workers, and one quota shared through Prefect global concurrency limits.
+
+The tests marked ``slow`` (deselect with ``-m "not slow"``) take minutes: the first two start a real
+`prefect server start`, a process work pool, the deployments of deployments.yaml and two `prefect
+worker start` processes, all in this module's own PREFECT_HOME and port; the third runs flows on the
+session's Prefect server. The emulator runs on loopback with a rate limit of R requests per window (a
+10 s window, passed as --rate-window, so that a window's worth of requests takes seconds, not minutes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.csv as pcsv
+import pytest
+import yaml
+from conftest import REPO, TEST_KEY, TEST_KEY_ENV, assert_balanced, read_errors, read_output, write_corpus
+from test_worker import _free_port, _stop, _wait_healthy
+
+from emulator import Emulator, EmulatorConfig
+
+slow = pytest.mark.slow
+
+WINDOW_S = 10.0
+ROWS = 20_000
+DIMS = 8
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """Server, pool, deployments and two workers; yields (env, workers, tmp)."""
+    tmp = tmp_path_factory.mktemp("cluster")
+    port = _free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env |= {
+        "PREFECT_HOME": str(tmp / "prefect-home"),
+        "PREFECT_API_URL": api,
+        "PREFECT_SERVER_API_HOST": "127.0.0.1",
+        "PREFECT_SERVER_API_PORT": str(port),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_WORKER_QUERY_SECONDS": "1",
+        "PREFECT_WORKER_PREFETCH_SECONDS": "1",
+        # A killed worker is known by its missed heartbeats (flows/shards.py): 3 x 2 s.
+        "PREFECT_WORKER_HEARTBEAT_SECONDS": "2",
+        "GEMBATCH_HOME": str(REPO),
+        TEST_KEY_ENV: TEST_KEY,
+    }
+    spec = yaml.safe_load((REPO / "deployments.yaml").read_text())
+    wanted = {"nightly-embed", "nightly-extract-invoices", "weekly-caption"}
+    spec["deployments"] = [d for d in spec["deployments"] if d["name"] in wanted]
+    for deployment in spec["deployments"]:
+        deployment.pop("schedules")
+        deployment["work_pool"]["name"] = "shards-pool"
+    prefect_file = tmp / "deployments.yaml"
+    prefect_file.write_text(yaml.safe_dump(spec, sort_keys=False))
+    prefect = [sys.executable, "-m", "prefect", "--no-prompt"]
+    server, workers = None, []
+    log = (tmp / "server.log").open("w")
+    try:
+        server = subprocess.Popen(
+            [*prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui"],
+            env=env, cwd=tmp, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        _wait_healthy(api, server, tmp / "server.log")
+        for args in (
+            ["work-pool", "create", "shards-pool", "--type", "process"],
+            ["deploy", "--prefect-file", str(prefect_file), "--all"],
+        ):
+            result = subprocess.run([*prefect, *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=180)
+            assert result.returncode == 0, f"prefect {args}:\n{result.stdout}\n{result.stderr}"
+        for n in range(2):
+            worker_log = (tmp / f"worker-{n}.log").open("w")
+            workers.append(
+                subprocess.Popen(
+                    [*prefect, "worker", "start", "--pool", "shards-pool", "--type", "process", "--name", f"w{n}"],
+                    env=env,
+                    cwd=tmp,
+                    stdout=worker_log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )  # fmt: skip
+            )
+        yield env, workers, tmp
+    finally:
+        for worker in workers:
+            _stop(worker)
+        _stop(server)
+        log.close()
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (read from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _kill_hard(worker: subprocess.Popen) -> list[int]:
+    """kill -9 a worker and the flow runs it started, as when its machine dies."""
+    victims = [worker.pid, *_descendants(worker.pid)]
+    for pid in victims:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    worker.wait(timeout=10)
+    return victims
+
+
+def _workers_of_shards_with_parts(out: Path, api: str, *, at_least: int) -> list[str]:
+    """Names of the workers running a shard that has written ``at_least`` parts and isn't finished."""
+    import urllib.request
+
+    import pyarrow.parquet as pq
+
+    if not (out / "_runs").exists():
+        return []
+    parts: dict[str, int] = {}
+    for path in out.glob("part-*.parquet"):
+        try:
+            run_id = json.loads(pq.read_schema(path).metadata[b"gembatch"])["run_id"]
+        except (OSError, KeyError, ValueError):
+            continue
+        parts[run_id] = parts.get(run_id, 0) + 1
+    names = []
+    for path in (out / "_runs").glob("*.json"):
+        try:
+            doc = json.loads(path.read_text())
+        except ValueError:
+            continue
+        if doc.get("shard") and doc["status"] == "running" and parts.get(doc["run_id"], 0) >= at_least:
+            with urllib.request.urlopen(f"{api}/flow_runs/{doc['flow_run_id']}", timeout=10) as answer:
+                run = json.loads(answer.read())
+            if run["state_type"] == "RUNNING":
+                names.append(run["labels"]["prefect.worker.name"])
+    return names
+
+
+def _cli(env: dict, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def _embed_reference(emulator: Emulator, src: Path, out: Path) -> pl.DataFrame:
+    """The same job in one process, untracked (no Prefect, no shards)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env |= {TEST_KEY_ENV: TEST_KEY, "PREFECT_HOME": str(out.parent / "ref-home")}
+    result = _cli(env, "embed", str(src), "-o", str(out), "--base-url", emulator.base_url, "--api-key-env",
+                  TEST_KEY_ENV, "--dimensions", str(DIMS), "--chunk-size", "1000", "--no-progress")  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    return read_output(out).sort("id")
+
+
+@slow
+def test_four_shards_on_two_workers_share_one_rpm_and_survive_a_killed_worker(cluster, tmp_path):
+    env, workers, cluster_tmp = cluster
+    rpm = 60  # per 10 s window
+    src = write_corpus(tmp_path / "in.parquet", list(range(ROWS)), [f"shard sentence {i}" for i in range(ROWS)])
+    out = tmp_path / "out"
+    with Emulator(EmulatorConfig(api_key=TEST_KEY, rpm=rpm, window_seconds=WINDOW_S)) as emu:
+        # The parent runs here (the CLI with a Prefect API), the four shards on the workers.
+        parent = subprocess.Popen(
+            [sys.executable, "-m", "flows.cli", "embed", str(src), "-o", str(out), "--base-url", emu.base_url,
+             "--api-key-env", TEST_KEY_ENV, "--dimensions", str(DIMS), "--chunk-size", "200", "--rpm", str(rpm),
+             "--rate-window", str(WINDOW_S), "--shards", "4", "--no-progress"],
+            env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        try:
+            # Mid-run: once a shard has written parts, kill -9 the worker running it, with its flow runs.
+            deadline = time.monotonic() + 240
+            victim = None
+            while time.monotonic() < deadline and parent.poll() is None and victim is None:
+                time.sleep(0.5)
+                for name in _workers_of_shards_with_parts(out, env["PREFECT_API_URL"], at_least=2):
+                    victim = workers[int(name[1:])]
+                    _kill_hard(victim)
+                    break
+            assert victim is not None, "no worker was running shards once parts were written"
+            output, _ = parent.communicate(timeout=300)
+        finally:
+            if parent.poll() is None:
+                parent.kill()
+        stats = dict(emu.stats)
+        busiest = emu.busiest_window()
+    assert parent.returncode == 0, output
+
+    # Every window at the provider held at most R requests, from all shards together.
+    assert busiest <= rpm, (busiest, rpm)
+    assert stats["by_status"].get(429, 0) == 0, stats["by_status"]
+
+    # The exact table: every row once, the same as one process writes.
+    table = read_output(out).sort("id")
+    assert table.height == ROWS and table["id"].n_unique() == ROWS
+    assert read_errors(out).is_empty()
+    with Emulator(EmulatorConfig(api_key=TEST_KEY)) as ref_emu:
+        reference = _embed_reference(ref_emu, src, tmp_path / "ref")
+    assert table.drop("content_hash").equals(reference.drop("content_hash"))
+    assert table["content_hash"].to_list() == reference["content_hash"].to_list()
+
+    # One summary adds up the shards; a crashed shard was started again and resumed.
+    docs = [json.loads(p.read_text()) for p in (out / "_runs").glob("*.json")]
+    (summary,) = [d for d in docs if "shards" in d]
+    assert summary["status"] == "completed" and summary["counts"]["succeeded"] == ROWS
+    assert_balanced(summary)
+    assert [s["shard"] for s in summary["shards"]] == ["1/4", "2/4", "3/4", "4/4"]
+    restarted = [s for s in summary["shards"] if s["restarts_after_crash"]]
+    assert restarted, summary["shards"]
+    by_flow_run = {d.get("flow_run_id"): d for d in docs}
+    # The killed worker's shard had written parts (it was picked for that); another may have been starting.
+    assert any(s["rows_written_by_crashed_attempts"] > 0 for s in restarted), restarted
+    for shard in restarted:
+        assert shard["flow_run_states"][:-1] == ["CRASHED"] * shard["restarts_after_crash"]
+        final = by_flow_run[shard["flow_run_ids"][-1]]
+        # Rows already written were skipped, not sent again: the rerun sent only what was missing.
+        assert final["counts"]["skipped_done"] == shard["rows_written_by_crashed_attempts"], shard
+        assert final["requests"]["items_sent"] == final["counts"]["succeeded"]
+    # Rows paid twice: only those answered to the killed shards but not yet written (a request in flight).
+    paid_twice = stats["embedding_inputs"] - ROWS
+    in_flight_bound = 100 * len(restarted) * 4
+    assert 0 <= paid_twice <= in_flight_bound, paid_twice
+    print(f"busiest window {busiest}/{rpm}; rows paid twice after kill -9: {paid_twice}; ", summary["duration_s"])
+
+
+def _images(folder: Path, n: int) -> list[str]:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    names = []
+    for i in range(n):
+        name = f"img{i}.png"
+        Image.new("RGB", (16, 16), (i * 7 % 256, i * 13 % 256, i * 29 % 256)).save(folder / name)
+        names.append(f"images/{name}")
+    return names
+
+
+@slow
+def test_an_extract_and_a_caption_deployment_on_one_model_stay_within_r_together(cluster, tmp_path):
+    env, _workers, _ = cluster
+    rpm, rows = 12, 24  # per 10 s window; 48 requests in all, on one model
+    invoices = tmp_path / "invoices.csv"
+    pcsv.write_csv(
+        pa.table(
+            {"id": list(range(rows)), "text": [f"INVOICE #{i} from Acme Ltd, total {i}.50 EUR" for i in range(rows)]}
+        ),
+        invoices,
+    )
+    album = tmp_path / "album.csv"
+    pcsv.write_csv(pa.table({"id": list(range(rows)), "image": _images(tmp_path / "images", rows)}), album)
+    with Emulator(EmulatorConfig(api_key=TEST_KEY, rpm=rpm, window_seconds=WINDOW_S)) as emu:
+        common = {"base_url": emu.base_url, "api_key_env": TEST_KEY_ENV, "rpm": rpm, "rate_window": WINDOW_S}
+        runs = {
+            "gembatch-extract/nightly-extract-invoices": {
+                "input": str(invoices), "output": str(tmp_path / "extract"),
+                "options": common | {"chunk_size": 4},
+            },
+            "gembatch-caption/weekly-caption": {
+                "input": str(album), "output": str(tmp_path / "caption"), "options": common | {"chunk_size": 4},
+            },
+        }  # fmt: skip
+        started = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "prefect",
+                    "--no-prompt",
+                    "deployment",
+                    "run",
+                    name,
+                    "--params",
+                    json.dumps(params),
+                    "--watch",
+                    "--watch-interval",
+                    "1",
+                    "--watch-timeout",
+                    "200",
+                ],
+                env=env,
+                cwd=REPO,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )  # fmt: skip
+            for name, params in runs.items()
+        ]
+        outputs = [p.communicate(timeout=240)[0] for p in started]
+        busiest = emu.busiest_window()
+        stats = dict(emu.stats)
+    for process, text in zip(started, outputs):
+        assert process.returncode == 0 and "Completed" in text, text
+    assert busiest <= rpm, (busiest, rpm)
+    print(f"extract + caption at once: busiest window {busiest}/{rpm}")
+    assert stats["by_route"]["chat/completions"] == 2 * rows
+    docs = {
+        job: json.loads(next((tmp_path / job / "_runs").glob("*.json")).read_text()) for job in ("extract", "caption")
+    }
+    for doc in docs.values():
+        assert doc["status"] == "completed" and doc["counts"]["succeeded"] == rows
+        # Both drew on the one limit of this host and model.
+        assert doc["shared_limits"]["rpm"]["name"].endswith(":gemini-2.5-flash")
+    # They overlapped in time: otherwise "together" proves nothing.
+    spans = [(d["started_at"], d["finished_at"]) for d in docs.values()]
+    assert max(s for s, _ in spans) < min(f for _, f in spans)
+    assert np.isfinite(busiest)
+
+
+def _embed_flow_document(**kwargs) -> dict:
+    """Run the embed flow (tracked, on the session's Prefect server); the run metadata, even when the
+    flow run ends Failed (a stop)."""
+    from flows.embed import embed_flow
+    from tasks.errors import RunNotCompleted
+
+    async def run():
+        try:
+            return await embed_flow(**kwargs)
+        except RunNotCompleted as exc:
+            return exc.document
+
+    return run()
+
+
+@slow
+def test_a_daily_quota_stop_stops_every_run_on_the_key_and_a_rerun_after_the_reset_resumes(prefect_server, tmp_path):
+    import asyncio
+    import datetime as dt
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import VariableUpdate
+
+    from flows.params import CommonOptions
+    from tasks.engine.shared_limits import daily_quota_variable, limit_names, rate_settings
+
+    rows = 1000  # 10 requests of 100 each, one part per request
+    inputs = {}
+    for name in ("a", "b", "c"):
+        texts = [f"{name} quota sentence {i}" for i in range(rows)]
+        inputs[name] = write_corpus(tmp_path / f"{name}.parquet", list(range(rows)), texts)
+    with Emulator(EmulatorConfig(api_key=TEST_KEY, rpd=6, window_seconds=WINDOW_S)) as emu:
+        options = CommonOptions(
+            base_url=emu.base_url, api_key_env=TEST_KEY_ENV, rpm=6, rate_window=WINDOW_S, chunk_size=100
+        )
+
+        def run(name: str):
+            return _embed_flow_document(
+                input=str(inputs[name]), output=str(tmp_path / f"out-{name}"), dimensions=DIMS, options=options
+            )
+
+        async def both():
+            return await asyncio.gather(run("a"), run("b"))
+
+        first = asyncio.run(both())
+        daily_429s = emu.stats["by_status"].get(429, 0)
+        later = asyncio.run(run("c"))
+        host = first[0]["provider"]["host"]
+        model = first[0]["provider"]["model"]
+        rpm_name, _ = limit_names(host, model)
+        variable = daily_quota_variable(host, model)
+
+        async def server_state():
+            async with get_client() as client:
+                return (
+                    (await client.read_global_concurrency_limit_by_name(rpm_name)).limit,
+                    (await client.read_variable_by_name(variable)).value,
+                )
+
+        limit, flag = asyncio.run(server_state())
+        # Both runs on the key ended "stopped: daily quota"; only one request met the provider's refusal:
+        # the other run was stopped by the shared flag, before it sent into a spent quota.
+        for doc in first:
+            assert doc["status"] == "stopped: daily quota", doc["message"]
+            assert_balanced(doc)
+        assert daily_429s == 1 and sorted(d["requests"]["rate_limited_429"] for d in first) == [0, 1]
+        assert sum(d["counts"]["succeeded"] for d in first) == 100 * 6  # the 6 requests of the day
+        # A run started afterwards stops at once, sending nothing.
+        assert later["status"] == "stopped: daily quota" and later["requests"]["sent"] == 0
+        assert limit == 0 and "quota" in flag["message"].lower()
+
+        # The quota resets (midnight Pacific, here: now): the next run restores the limit and resumes.
+        emu.reset_limits()
+
+        async def reset_flag():
+            async with get_client() as client:
+                past = (dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)).isoformat()
+                await client.update_variable(VariableUpdate(name=variable, value={**flag, "until": past}))
+
+        asyncio.run(reset_flag())
+        emu.configure(rpd=None)
+        done_before = {d["parameters"]["input"]: d["counts"]["succeeded"] for d in first}
+        again = asyncio.run(run("a"))
+        assert again["status"] == "completed"
+        assert again["counts"]["skipped_done"] == done_before[str(inputs["a"])]
+        assert again["requests"]["items_sent"] == rows - done_before[str(inputs["a"])]
+
+        async def after():
+            async with get_client() as client:
+                restored = await client.read_global_concurrency_limit_by_name(rpm_name)
+                gone = await client.read_variable_by_name(variable)
+                await client.delete_global_concurrency_limit_by_name(rpm_name)
+                return restored.limit, gone
+
+        restored, gone = asyncio.run(after())
+        assert restored == rate_settings(6, 100, window_s=WINDOW_S).limit and gone is None
+
+
+def test_shards_are_disjoint_cover_the_input_and_do_not_depend_on_row_order(tmp_path):
+    from tasks.engine.io import InputSource
+    from tasks.engine.shard import Shard, ShardSource
+
+    ids = list(range(10_000))
+    path = write_corpus(tmp_path / "in.parquet", ids, [f"t{i}" for i in ids])
+    shuffled = list(np.random.default_rng(1).permutation(ids))
+    other = write_corpus(tmp_path / "shuffled.csv", shuffled, [f"t{i}" for i in shuffled])
+    parts = []
+    for number in range(1, 4):
+        shard = Shard.parse(f"{number}/3")
+        chunks = list(ShardSource(InputSource.open(str(path)), shard, "id").iter_chunks(["id", "text"], 700))
+        assert all(c.num_rows == 700 for c in chunks[:-1]) and chunks[-1].num_rows <= 700
+        got = [i for c in chunks for i in c.column("id").to_pylist()]
+        again = ShardSource(InputSource.open(str(other)), shard, "id").iter_chunks(["text"], 500)
+        assert sorted(f"t{i}" for i in got) == sorted(t for c in again for t in c.column("text").to_pylist())
+        parts.append(got)
+    assert sorted(i for p in parts for i in p) == ids  # every row once
+    assert all(3000 < len(p) < 3700 for p in parts), [len(p) for p in parts]  # spread evenly
+
+
+@pytest.mark.parametrize("spec", ["0/4", "5/4", "2", "a/b", "1/0"])
+def test_a_bad_shard_spec_says_how_to_write_it(spec):
+    from tasks.engine.shard import Shard
+    from tasks.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--shard"):
+        Shard.parse(spec)
+
+
+@pytest.mark.parametrize("rpm", [5, 60, 300, 1500, 10_000])
+def test_a_shared_limit_never_lets_more_than_rpm_start_in_a_window(rpm):
+    from tasks.engine.shared_limits import EXPIRY_S, GUARD_S, rate_settings
+
+    s = rate_settings(rpm, 100)
+    # The most a leaky bucket lets through in a window, counting permits spent EXPIRY_S after the
+    # grant and arrival jitter: capacity + decay x (window + expiry + guard), in requests.
+    worst = s.limit / 100 + s.decay / 100 * (60 + EXPIRY_S + GUARD_S)
+    assert worst <= rpm + 1e-9
+    assert s.block <= s.limit and s.block >= 100
+    assert s.shared_per_window >= (0.9 if rpm >= 60 else 0.75) * rpm
+
+
+def test_a_rate_cut_after_429s_in_one_process_lowers_the_shared_limit_until_it_recovers(prefect_server):
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+
+    from tasks.engine.limits import AdaptiveLimiter, Limits
+    from tasks.engine.shared_limits import limit_names, open_shared_limits
+
+    name, _ = limit_names("cut.example", "m")
+
+    async def decay() -> float:
+        async with get_client() as client:
+            return (await client.read_global_concurrency_limit_by_name(name)).slot_decay_per_second
+
+    async def scenario():
+        shared = await open_shared_limits("cut.example", "m", 60, None, window_s=10)
+        nominal = await decay()
+        limiter = AdaptiveLimiter(Limits(rpm=60, window_s=10), shared=shared)
+        for _ in range(3):  # three requests sent, then 429s beyond noise: the rate is halved
+            async with limiter.slot(10) as started:
+                pass
+        cut = [limiter.on_rate_limited(started) for _ in range(3)]
+        await asyncio.sleep(0.5)  # the update goes out in the background
+        lowered = await decay()
+        await shared.close()  # a run that ends with the limit lowered hands it back whole
+        async with get_client() as client:
+            restored = await decay()
+            await client.delete_global_concurrency_limit_by_name(name)
+        return nominal, cut, lowered, restored
+
+    nominal, cut, lowered, restored = asyncio.run(scenario())
+    assert any(cut)
+    assert lowered == pytest.approx(nominal / 2) and restored == pytest.approx(nominal)
