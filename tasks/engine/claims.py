@@ -228,6 +228,22 @@ class ClaimBook:
             found[key] = None if holder is None or holder.is_stale(self.policy) else holder
         return found
 
+    def sweep(self) -> int:
+        """Remove the claims of dead runs (a chunk claim nobody needed to take over, a lease): call it
+        only while no other run works on the folder. Returns the files removed."""
+        removed = 0
+        for name in self._names():
+            path = f"{self.folder}/{name}"
+            if name.startswith(TMP_PREFIX):
+                self._remove(path)
+                removed += 1
+                continue
+            holder = Holder.read(self.fs, path)
+            if holder is not None and holder.run_id != self.run_id and holder.is_stale(self.policy):
+                self._remove(path)
+                removed += 1
+        return removed
+
     def end_lease(self) -> None:
         """This run stops working on the folder (its chunks are done); the heartbeat goes on for what
         it still holds (the compaction claim)."""

@@ -158,10 +158,13 @@ async def _run_claimed(
 ) -> dict[str, Any]:
     """The run once it holds its lease on the output folder (released by the caller)."""
     await _wait_for_compaction(claims)
-    if not await asyncio.to_thread(claims.other_runs):
+    others = await asyncio.to_thread(claims.other_runs)
+    if not others:
         await asyncio.to_thread(store.remove_temporary)
     await asyncio.to_thread(store.claim, job=job.name, model=job.model, run_id=run_id, force=options.force)
-    index = await asyncio.to_thread(store.scan, options.id_col)
+    index = await asyncio.to_thread(
+        store.scan, options.id_col, live_runs={h.run_id for h in others}, since_ns=int(claims.since * 1e9)
+    )
     limiter = AdaptiveLimiter(options.limits)
     document: dict[str, Any] = {
         "run_id": run_id,
@@ -513,21 +516,24 @@ async def _wait_for_compaction(claims: ClaimBook) -> None:
 
 
 async def _compact_if_last(claims: ClaimBook, store: OutputStore, id_col: str, *, needed: bool) -> tuple[int, str]:
-    """Compact (supersede old records) only when no other run works on the folder: a live run may be
-    reading or writing the parts compaction rewrites. Otherwise the last run to finish compacts.
+    """Tidy the folder only when no other run works on it: compact (supersede old records) when
+    ``needed``, remove what killed runs left (temporary files, stale claims). A live run may be
+    reading or writing the parts compaction rewrites, so otherwise the last run to finish does it.
 
     Returns the rows removed and what happened, for the run metadata."""
-    if not needed:
-        return 0, "not needed"
     await asyncio.to_thread(claims.end_lease)
     if others := await asyncio.to_thread(claims.other_runs):
-        return 0, f"left to the last run: {others[0].describe()} still works on this folder"
+        return 0, f"left to the last run: {others[0].describe()} still works on this folder" if needed else "not needed"
     if (holder := await asyncio.to_thread(claims.acquire, COMPACT_KEY)) is not None:
-        return 0, f"left to {holder.describe()}, which is compacting"
+        return 0, f"left to {holder.describe()}, which is compacting" if needed else "not needed"
     try:
         # A run that started meanwhile wrote its lease before looking for this claim: one of us sees the other.
         if others := await asyncio.to_thread(claims.other_runs):
-            return 0, f"left to the last run: {others[0].describe()} started on this folder"
+            return 0, f"left to the last run: {others[0].describe()} started on this folder" if needed else "not needed"
+        await asyncio.to_thread(store.remove_temporary)
+        await asyncio.to_thread(claims.sweep)
+        if not needed:
+            return 0, "not needed"
         return await asyncio.to_thread(store.compact, id_col), "done"
     finally:
         await asyncio.to_thread(claims.release, COMPACT_KEY)

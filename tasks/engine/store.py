@@ -19,7 +19,7 @@ import itertools
 import json
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -199,8 +199,12 @@ class OutputStore:
         return self._parts(self._join(ERRORS_DIR))
 
     # -- reading ----------------------------------------------------------------------------------
-    def scan(self, id_col: str) -> DoneIndex:
-        """Read the (id, content_hash) columns of every part, batch by batch, into a :class:`DoneIndex`."""
+    def scan(self, id_col: str, *, live_runs: Collection[str] = (), since_ns: int | None = None) -> DoneIndex:
+        """Read the (id, content_hash) columns of every part, batch by batch, into a :class:`DoneIndex`.
+
+        ``live_runs``: other runs working on the folder now; ``since_ns``: when this run took its lease.
+        The rows they recorded as failed, or that were recorded since, belong to runs at work
+        (``fresh_errors``): this run doesn't resend them, not even with --retry-errors."""
         index = DoneIndex()
         for path in self.result_files():
             loc = index.part_ordinal(path)
@@ -209,8 +213,18 @@ class OutputStore:
                 index.result_rows += len(hashes)
         for path in self.error_files():
             index.error_parts.add(path)
+            theirs = False
+            if live_runs or since_ns is not None:
+                meta = self._metadata(path)
+                theirs = meta.get("run_id") in live_runs or (
+                    since_ns is not None and int(meta.get("written_at_ns", 0)) >= since_ns
+                )
             for ids, hashes, auto in self._error_batches(path, id_col):
                 keys, tags = hash_keys(hashes), id_tags(ids)
+                if theirs:
+                    index.fresh_errors.add(keys, tags)
+                    index.error_rows += len(hashes)
+                    continue
                 index.errors.add(keys, tags)
                 if auto.any():
                     index.auto_errors.add(keys[auto], tags[auto])
@@ -258,8 +272,12 @@ class OutputStore:
     # -- writing ----------------------------------------------------------------------------------
     def write_part(self, table: pa.Table, *, errors: bool, run_id: str, id_col: str) -> str:
         """Write one part atomically (temporary name, then rename) and return its path."""
-        folder = self._join(ERRORS_DIR) if errors else self.root
-        final = f"{folder}/part-{_part_hash(table, id_col)}.parquet"
+        if errors:
+            # Named by run too: a row that fails again in another run is a new record, which a
+            # concurrent run must see as new (see read_new_parts); compaction keeps the newest.
+            final = f"{self._join(ERRORS_DIR)}/part-{_part_hash(table, id_col)}-{run_id}.parquet"
+        else:
+            final = f"{self.root}/part-{_part_hash(table, id_col)}.parquet"
         meta = {"written_at_ns": time.time_ns(), "run_id": run_id}
         self._write_atomic(table, final, meta)
         return final
