@@ -33,7 +33,7 @@ from tasks.provider.client import ProviderSettings
 DIMS = 16
 BATCH = 50
 CHUNK = 200
-LATENCY_S = 0.25
+LATENCY_S = 0.3
 DECLINED = "is being sent by run"  # what a run prints when it leaves a chunk to another
 
 
@@ -105,7 +105,7 @@ def assert_no_claims_left(out: Path) -> None:
 @pytest.mark.parametrize("runs", [2, 3])
 def test_runs_started_together_send_every_row_once(emulator, tmp_path, runs):
     emulator.configure(latency_seconds=LATENCY_S)
-    texts = texts_for(3000)
+    texts = texts_for(2000)
     src = write_corpus(tmp_path / "in.parquet", list(texts), list(texts.values()))
     out = tmp_path / "out"
 
@@ -141,7 +141,7 @@ def test_runs_started_together_send_every_row_once(emulator, tmp_path, runs):
 def test_plain_and_retry_errors_runs_together_resend_failed_rows_once(emulator, tmp_path):
     """Rows that failed for their own input (a 400) are resent only by --retry-errors runs, and by one
     of them only: a run that sees another record the row's failure while it runs leaves it."""
-    old = texts_for(2000)
+    old = texts_for(1000)
     bad = {i for i in old if i % 200 == 7}  # one row per chunk fails for itself, every time
     for i in bad:
         old[i] += " [[emulator:400]]"
@@ -153,7 +153,7 @@ def test_plain_and_retry_errors_runs_together_resend_failed_rows_once(emulator, 
     emulator.configure(latency_seconds=LATENCY_S)
     assert sorted(read_errors(out)["id"].to_list()) == sorted(bad)
 
-    texts = {**old, **texts_for(3000, start=2000)}  # then 1,000 new rows arrive
+    texts = {**old, **texts_for(1600, start=1000)}  # then 600 new rows arrive
     src = write_corpus(tmp_path / "in.parquet", list(texts), list(texts.values()))
     emulator.reset_stats()
     tolerate = ("--max-failed-pct", "1")  # the failed rows are expected: the runs end "completed"
@@ -168,14 +168,14 @@ def test_plain_and_retry_errors_runs_together_resend_failed_rows_once(emulator, 
     docs = run_docs(out)[1:]  # the three runs (run ids sort by start time)
     # The new rows once, and each failed row once more (alone in its request: the rest of its chunk is
     # done), by one of the --retry-errors runs.
-    assert stats["embedding_inputs"] == 1000, stats  # inputs of successful requests
+    assert stats["embedding_inputs"] == 600, stats  # inputs of successful requests
     assert stats["faults"].get("marker:400") == stats["by_status"][400] == len(bad), (stats, docs)
     good = {i: t for i, t in texts.items() if i not in bad}
     assert_table(out, good)
     errors = read_errors(out)
     assert set(errors["id"].to_list()) == bad and set(errors["error_type"].to_list()) == {"invalid_request"}
     assert len(docs) == 3 and all(d["status"] == "completed" for d in docs)
-    assert sum(d["counts"]["succeeded"] for d in docs) == 1000
+    assert sum(d["counts"]["succeeded"] for d in docs) == 600
     assert_no_claims_left(out)
 
 
@@ -185,7 +185,7 @@ def test_a_run_killed_mid_way_is_restarted_while_another_runs(tmp_path):
 
     A and the restarted B talk to one emulator, the killed B to another, so each side's requests are
     counted apart."""
-    texts = texts_for(4000)
+    texts = texts_for(3000)
     src = write_corpus(tmp_path / "in.parquet", list(texts), list(texts.values()))
     out = tmp_path / "out"
     with (
