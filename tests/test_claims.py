@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -263,11 +264,25 @@ def test_a_claim_from_another_machine_is_waited_for_until_it_goes_stale(emulator
     src = write_corpus(tmp_path / "in.parquet", list(texts), list(texts.values()))
     out = tmp_path / "out"
     key = first_chunk_key(texts)
-    # Chunk 0 is held by a live run elsewhere (renewed just now); with a 2 s TTL it goes stale soon.
-    foreign_claim(out / CLAIMS_DIR / f"chunk-{key}.0.json", run_id="elsewhere-1", renewed_ago_s=0)
+    # Chunk 0 is held by a run elsewhere that renews its claim until this run has written the other
+    # chunks, then goes silent (its machine is lost): with a 2 s TTL its claim goes stale soon after.
+    claim = out / CLAIMS_DIR / f"chunk-{key}.0.json"
+    foreign_claim(claim, run_id="elsewhere-1", renewed_ago_s=0)
+    silent = threading.Event()
+
+    def heartbeat() -> None:
+        while len(list(out.glob("part-*.parquet"))) < 2:
+            foreign_claim(claim, run_id="elsewhere-1", renewed_ago_s=0)
+            time.sleep(0.2)
+        silent.set()
+
+    beating = threading.Thread(target=heartbeat, daemon=True)
+    beating.start()
     policy = ClaimPolicy(ttl_s=2.0, heartbeat_s=0.5, poll_s=0.2)
     with caplog.at_level("WARNING", logger="gembatch.claims"):
         doc = run_embed(emulator, src, out, claims=policy)
+    beating.join(timeout=5)
+    assert silent.is_set()
     assert doc["status"] == "completed" and doc["counts"]["succeeded"] == 600
     assert doc["claims"]["declined_chunks"] == 1 and doc["claims"]["taken_over"] == 1
     assert doc["claims"]["waited_s"] >= 1.0
@@ -302,3 +317,93 @@ def test_a_stale_claim_is_taken_over_at_once_and_compaction_waits_for_the_last_r
     assert doc["output"]["compaction"] == "done" and doc["output"]["superseded_rows_removed"] == 400
     assert_table(out, changed)
     assert_no_claims_left(out)
+
+
+# -- the claim primitives, on local disk and on an fsspec store without rename (memory://) ----------
+@pytest.fixture(params=["local", "memory"])
+def folder(request, tmp_path):
+    import uuid
+
+    import fsspec
+
+    if request.param == "local":
+        return fsspec.filesystem("file"), str(tmp_path / "out")
+    fs = fsspec.filesystem("memory")
+    root = f"/claims-{uuid.uuid4().hex}"
+    fs.makedirs(root, exist_ok=True)
+    return fs, root
+
+
+def test_one_holder_at_a_time_and_a_stale_claim_goes_to_one_taker(folder):
+    from tasks.engine.claims import ClaimBook
+
+    fs, root = folder
+    a, b, c = (ClaimBook(fs, root, run_id) for run_id in ("run-a", "run-b", "run-c"))
+    for book in (a, b, c):
+        book.start()
+    try:
+        assert a.acquire("k1") is None
+        held = b.acquire("k1")
+        assert held is not None and held.run_id == "run-a" and b.others_seen.keys() == {"run-a"}
+        assert {h.run_id for h in b.other_runs()} == {"run-a", "run-c"}
+        a.release("k1")
+        assert b.holder_of("k1") is None and b.acquire("k1") is None
+        assert c.acquire("k1").run_id == "run-b"
+
+        # run-b dies without a word: its claim, not renewed for longer than the TTL, is stale.
+        path = f"{root}/{CLAIMS_DIR}/chunk-k1.0.json"
+        doc = json.loads(fs.cat_file(path))
+        fs.pipe_file(path, json.dumps({**doc, "host": "other-machine", "renewed": time.time() - 120}).encode())
+        assert a.acquire("k1") is None and a.taken_over == 1
+        assert c.acquire("k1").run_id == "run-a", "one taker: the next generation is created exclusively"
+        names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{root}/{CLAIMS_DIR}", detail=False))
+        assert "chunk-k1.1.json" in names and "chunk-k1.0.json" not in names
+    finally:
+        for book in (a, b, c):
+            book.stop()
+    assert fs.ls(f"{root}/{CLAIMS_DIR}", detail=False) == [], "stop() releases claims and leases"
+
+
+def test_a_claim_lapses_when_its_run_stops_ticking(folder):
+    from tasks.engine.claims import ClaimBook
+
+    fs, root = folder
+    policy = ClaimPolicy(ttl_s=0.6, heartbeat_s=0.1, poll_s=0.05)
+    live, waiting = ClaimBook(fs, root, "run-live", policy), ClaimBook(fs, root, "run-waiting", policy)
+    live.start()
+    waiting.start()
+    try:
+        assert live.acquire("k") is None
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:  # renewed by the heartbeat while the run ticks
+            live.tick()
+            waiting.tick()
+            assert waiting.holder_of("k") is not None
+            time.sleep(0.05)
+        # Its event loop stops answering: the heartbeat stops renewing, and after the TTL the claim is free.
+        deadline = time.monotonic() + 5
+        while waiting.holder_of("k") is not None and time.monotonic() < deadline:
+            waiting.tick()
+            time.sleep(0.05)
+        assert waiting.holder_of("k") is None
+        assert waiting.acquire("k") is None and waiting.taken_over == 1
+    finally:
+        live.stop()
+        waiting.stop()
+
+
+def test_an_unreadable_claim_counts_from_its_modification_time(tmp_path):
+    import fsspec
+
+    from tasks.engine.claims import ClaimBook
+
+    book = ClaimBook(fsspec.filesystem("file"), str(tmp_path), "run-x")
+    book.start()
+    try:
+        cut = tmp_path / CLAIMS_DIR / "chunk-k.0.json"
+        cut.write_bytes(b'{"run_id": "run-')  # a write cut short by a crash
+        assert book.acquire("k").run_id == "(unreadable claim)", "recent: someone may be writing it"
+        os.utime(cut, (time.time() - 120, time.time() - 120))
+        assert book.acquire("k") is None and book.taken_over == 1
+    finally:
+        book.stop()

@@ -6,8 +6,9 @@ Layout (inside the output; "_" keeps Arrow's dataset discovery off it)::
     OUTPUT/_claims/chunk-<key>.<gen>.json     one per chunk in flight: who sends its rows
     OUTPUT/_claims/compact.<gen>.json         the run compacting the folder (one at a time)
 
-A claim is created with an exclusive create (``O_CREAT | O_EXCL`` on local disk; fsspec's
-``pipe_file(..., mode="create")`` elsewhere, which s3fs and gcsfs turn into a conditional write) and
+A claim is created with an exclusive create (on local disk a hard link of the written file, which
+fails if the name exists, or ``O_CREAT | O_EXCL``; fsspec's ``pipe_file(..., mode="create")``
+elsewhere, which s3fs and gcsfs turn into a conditional write) and
 holds the run id, host, pid, when it was taken and when it was last renewed. A heartbeat thread renews
 the run's lease and its chunk claims every ``heartbeat_s``; the chunk claim is removed once the chunk's
 parts are written. A claim is **stale** when it was not renewed for ``ttl_s`` (its process was killed
@@ -80,8 +81,8 @@ class Holder:
 
     @classmethod
     def read(cls, fs: Any, path: str) -> Holder | None:
-        """None: the file is gone (released). A file being written (empty or cut) reads as a holder
-        renewed now: someone has just created it."""
+        """None: the file is gone (released). A file that can't be read (being written on a store
+        whose writes aren't atomic, or cut by a crash) counts from its modification time."""
         try:
             raw = fs.cat_file(path)
         except FileNotFoundError:
@@ -90,8 +91,8 @@ class Holder:
             doc = json.loads(raw)
             return cls(doc["run_id"], doc["host"], int(doc["pid"]), float(doc["since"]), float(doc["renewed"]), path)
         except (ValueError, KeyError, TypeError):
-            now = time.time()
-            return cls("(being written)", "?", -1, now, now, path)
+            when = _modified(fs, path)
+            return cls("(unreadable claim)", "?", -1, when, when, path)
 
     def age(self, now: float | None = None) -> float:
         return (time.time() if now is None else now) - self.renewed
@@ -147,6 +148,10 @@ class ClaimBook:
         self.declined = 0  # chunks left to another run's live claim (then checked again at the end)
         self.waited_s = 0.0  # time spent waiting at the end for chunks other runs held
         self._lease_on = True
+        # The run's event loop says it is alive (tick); a loop stuck for ttl_s stops the renewals, so
+        # a hung run loses its claims like a dead one instead of holding them forever.
+        self._ticked = time.monotonic()
+        self.ticking: Any = None  # the run's asyncio task that calls tick()
 
     # -- the run's lease ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -182,6 +187,17 @@ class ClaimBook:
             self.others_seen.setdefault(holder.run_id, holder)
         return live
 
+    def describe(self) -> dict[str, Any]:
+        """For the run metadata."""
+        return {
+            "ttl_s": self.policy.ttl_s,
+            "heartbeat_s": self.policy.heartbeat_s,
+            "declined_chunks": self.declined,
+            "waited_s": round(self.waited_s, 3),
+            "taken_over": self.taken_over,
+            "other_runs": sorted(self.others_seen),
+        }
+
     # -- chunk claims -------------------------------------------------------------------------------
     def acquire(self, key: str) -> Holder | None:
         """Claim ``key`` for this run: None if this run holds it now, else the live holder."""
@@ -193,7 +209,9 @@ class ClaimBook:
         if gens:
             top = f"{self.folder}/{prefix}{gens[-1]}.json"
             holder = Holder.read(self.fs, top)
-            if holder is not None and not holder.is_stale(self.policy):
+            if holder is None:
+                return self.acquire(key)  # released since the listing: look again
+            if not holder.is_stale(self.policy):
                 self._saw(holder)
                 return holder
             gen, stale = gens[-1] + 1, holder
@@ -266,8 +284,15 @@ class ClaimBook:
         if holder.run_id != self.run_id:
             self.others_seen.setdefault(holder.run_id, holder)
 
+    def tick(self) -> None:
+        """The run is making progress (called from its event loop every heartbeat)."""
+        self._ticked = time.monotonic()
+
     def _beat(self) -> None:
         while not self._stop.wait(self.policy.heartbeat_s):
+            if time.monotonic() - self._ticked > self.policy.ttl_s:
+                log.warning("this run's event loop has not answered for %.0f s: its claims lapse", self.policy.ttl_s)
+                continue
             now = time.time()
             try:
                 with self._lock:
@@ -310,14 +335,25 @@ class ClaimBook:
             return []
 
     def _create(self, path: str, data: bytes) -> bool:
-        """Exclusive create: False if the file exists."""
+        """Exclusive create: False if the file exists. On local disk the content is written first and
+        hard-linked into place (link fails if the name exists), so a claim is never seen half-written."""
         if isinstance(self.fs, LocalFileSystem):
+            tmp = f"{self.folder}/{TMP_PREFIX}{uuid.uuid4().hex}"
+            with open(tmp, "wb") as f:
+                f.write(data)
             try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                os.link(tmp, path)
             except FileExistsError:
                 return False
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
+            except OSError:  # no hard links here (some network or FAT mounts): O_EXCL, then write
+                try:
+                    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                except FileExistsError:
+                    return False
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+            finally:
+                os.unlink(tmp)
             return True
         try:
             self.fs.pipe_file(path, data, mode="create")
@@ -338,6 +374,24 @@ class ClaimBook:
     def _remove(self, path: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.fs.rm_file(path)
+
+
+def _modified(fs: Any, path: str) -> float:
+    try:
+        info = fs.info(path)
+    except FileNotFoundError:
+        return time.time()
+    value = info.get("mtime") or info.get("LastModified") or info.get("updated") or info.get("last_modified")
+    if isinstance(value, datetime):
+        return value.timestamp()
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            pass
+    return time.time()
 
 
 def _prefix(key: str) -> str:

@@ -7,7 +7,6 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 import pyarrow as pa
@@ -34,7 +33,7 @@ from tasks.engine.outage import OutageBreaker, OutagePolicy
 from tasks.engine.progress import ProgressBar
 from tasks.engine.store import OutputStore
 from tasks.errors import GembatchError
-from tasks.provider.client import Connection, ProviderSettings, check_model, open_connection, require_key
+from tasks.provider.client import ProviderSettings, check_model, open_connection, require_key
 
 __all__ = ["DEFAULT_CHUNK_SIZE", "COMPLETED", "COMPLETED_WITH_ERRORS", "RunOptions", "preflight", "run_job"]
 
@@ -108,172 +107,127 @@ async def run_job(
     run_id = new_run_id(started)
     source = preflight(job, options)
     conn = open_connection(options.provider)
+    claims: ClaimBook | None = None
     try:
         await check_model(conn, job.model, key_source=options.provider.key_source)
         budget = Budget.for_job(options.max_cost_usd, job) if options.max_cost_usd is not None else None
         total_rows = await asyncio.to_thread(check_ids, source, options.id_col, limit=options.limit)
         store = OutputStore(options.output)
         await asyncio.to_thread(store.prepare)
-        claims = ClaimBook(store.fs, store.root, run_id, options.claims)
-        await asyncio.to_thread(claims.start)
-    except BaseException:
-        await conn.close()
-        raise
-    try:
-        return await _run_claimed(
-            job,
-            options,
-            source,
-            conn,
-            store,
-            claims,
-            started,
-            run_id,
-            total_rows,
-            budget,
-            parameters=parameters,
-            chunk_runner=chunk_runner,
-            flow_run_id=flow_run_id,
+        claims = await _take_lease(store, run_id, options.claims)
+        others = await asyncio.to_thread(claims.other_runs)
+        if not others:
+            await asyncio.to_thread(store.remove_temporary)
+        await asyncio.to_thread(store.claim, job=job.name, model=job.model, run_id=run_id, force=options.force)
+        index = await asyncio.to_thread(
+            store.scan, options.id_col, live_runs={h.run_id for h in others}, since_ns=int(claims.since * 1e9)
         )
-    finally:
-        await asyncio.to_thread(claims.stop)
-        await conn.close()
-
-
-async def _run_claimed(
-    job: Job,
-    options: RunOptions,
-    source: InputSource,
-    conn: Connection,
-    store: OutputStore,
-    claims: ClaimBook,
-    started: datetime,
-    run_id: str,
-    total_rows: int,
-    budget: Budget | None,
-    *,
-    parameters: dict[str, Any] | None,
-    chunk_runner: ChunkRunner,
-    flow_run_id: str | None,
-) -> dict[str, Any]:
-    """The run once it holds its lease on the output folder (released by the caller)."""
-    await _wait_for_compaction(claims)
-    others = await asyncio.to_thread(claims.other_runs)
-    if not others:
-        await asyncio.to_thread(store.remove_temporary)
-    await asyncio.to_thread(store.claim, job=job.name, model=job.model, run_id=run_id, force=options.force)
-    index = await asyncio.to_thread(
-        store.scan, options.id_col, live_runs={h.run_id for h in others}, since_ns=int(claims.since * 1e9)
-    )
-    limiter = AdaptiveLimiter(options.limits)
-    document: dict[str, Any] = {
-        "run_id": run_id,
-        "flow_run_id": flow_run_id,
-        "job": job.name,
-        "status": "running",
-        "message": "",
-        "parameters": parameters or {},
-        "provider": {"name": conn.provider, "host": conn.host, "base_url": conn.base_url, "model": job.model},
-        "job_parameters": job.parameters(),
-        "input": {
-            "path": source.path,
-            "format": source.format,
-            "size_bytes": source.size_bytes,
-            "rows": total_rows,
-            "fingerprint": await asyncio.to_thread(source.fingerprint),
-        },
-        "output": {"path": options.output, "existing_result_rows": index.result_rows},
-        "started_at": started.isoformat(),
-        "limits": limiter.describe(),
-        "versions": package_versions(),
-    }
-    await asyncio.to_thread(store.write_run, run_id, document)
-    ctx = RunContext(
-        job=job,
-        conn=conn,
-        limiter=FirstRequestAlone(limiter) if getattr(job, "first_request_alone", False) else limiter,
-        store=store,
-        index=index,
-        run_id=run_id,
-        id_col=options.id_col,
-        retry_errors=options.retry_errors,
-        retry=options.retry,
-        budget=budget,
-        outage=OutageBreaker(options.outage),
-    )
-    progress = ProgressBar(f"{job.name} {job.model}", total_rows, ctx.stats, enabled=options.progress)
-    ctx.on_progress = progress.advance
-    ctx.stats.input_rows = total_rows
-    error: BaseException | None = None
-    try:
-        await _drive(ctx, source, options, total_rows, chunk_runner, claims=claims)
-    except (Exception, asyncio.CancelledError, KeyboardInterrupt) as exc:
-        error = exc
-    finally:
-        progress.close()
-    status, message = _status(ctx, error, options)
-    stats = ctx.stats
-    stats.not_attempted += max(0, total_rows - stats.rows_accounted())
-    # Superseding: only an output that held rows before this run, or that other runs wrote into
-    # at the same time, can hold two records of one id (the input's ids are unique). The index is
-    # freed first: compaction needs its own memory.
-    had_rows = index.result_rows + index.error_rows > 0
-    index.clear()
-    needed = (had_rows and bool(stats.parts_written or stats.error_parts_written)) or bool(claims.others_seen)
-    removed, compaction = await _compact_if_last(claims, store, options.id_col, needed=needed)
-    finished = utc_now()
-    duration = (finished - started).total_seconds()
-    tokens, cost = usage(stats, job.model, per_image_usd=getattr(job, "per_image_usd", None))
-    document.update(
-        {
-            "status": status,
-            "message": conn.redact(message),
-            "finished_at": finished.isoformat(),
-            "duration_s": round(duration, 3),
-            "counts": counts(stats),
-            "requests": {
-                "sent": stats.requests,
-                "items_sent": stats.items_sent,
-                "retries": stats.retries,
-                "rate_limited_429": stats.rate_limited,
-                "transient_errors": stats.transient_errors,
+        limiter = AdaptiveLimiter(options.limits)
+        document: dict[str, Any] = {
+            "run_id": run_id,
+            "flow_run_id": flow_run_id,
+            "job": job.name,
+            "status": "running",
+            "message": "",
+            "parameters": parameters or {},
+            "provider": {"name": conn.provider, "host": conn.host, "base_url": conn.base_url, "model": job.model},
+            "job_parameters": job.parameters(),
+            "input": {
+                "path": source.path,
+                "format": source.format,
+                "size_bytes": source.size_bytes,
+                "rows": total_rows,
+                "fingerprint": await asyncio.to_thread(source.fingerprint),
             },
-            # Provider outages: how often the run paused, for how long, and the probes it sent.
-            "outage": ctx.outage.describe(),
-            # Failed rows by what a rerun does with them (retry column of _errors/).
-            "failed_rows": {
-                "retry_auto": stats.failed_retry_auto,
-                "retry_on_request": stats.failed - stats.failed_retry_auto,
-            },
-            "tokens": tokens,
-            "cost": cost,
-            "throughput": {
-                "rows_per_s": round((stats.succeeded + stats.deduplicated) / duration, 2) if duration else None,
-                "requests_per_s": round(stats.requests / duration, 2) if duration else None,
-            },
+            "output": {"path": options.output, "existing_result_rows": index.result_rows},
+            "started_at": started.isoformat(),
             "limits": limiter.describe(),
+            "versions": package_versions(),
         }
-    )
-    document["output"].update(
-        {
-            "parts_written": [p.rsplit("/", 1)[-1] for p in stats.parts_written],
-            "error_parts_written": [p.rsplit("/", 1)[-1] for p in stats.error_parts_written],
-            "superseded_rows_removed": removed,
-            "compaction": compaction,
-        }
-    )
-    document["claims"] = {
-        "ttl_s": options.claims.ttl_s,
-        "heartbeat_s": options.claims.heartbeat_s,
-        "declined_chunks": claims.declined,
-        "waited_s": round(claims.waited_s, 3),
-        "taken_over": claims.taken_over,
-        "other_runs": sorted(claims.others_seen),
-    }
-    await asyncio.to_thread(store.write_run, run_id, document)
-    if error is not None:
-        raise error
-    return document
+        await asyncio.to_thread(store.write_run, run_id, document)
+        ctx = RunContext(
+            job=job,
+            conn=conn,
+            limiter=FirstRequestAlone(limiter) if getattr(job, "first_request_alone", False) else limiter,
+            store=store,
+            index=index,
+            run_id=run_id,
+            id_col=options.id_col,
+            retry_errors=options.retry_errors,
+            retry=options.retry,
+            budget=budget,
+            outage=OutageBreaker(options.outage),
+        )
+        progress = ProgressBar(f"{job.name} {job.model}", total_rows, ctx.stats, enabled=options.progress)
+        ctx.on_progress = progress.advance
+        ctx.stats.input_rows = total_rows
+        error: BaseException | None = None
+        try:
+            await _drive(ctx, source, options, total_rows, chunk_runner, claims=claims)
+        except (Exception, asyncio.CancelledError, KeyboardInterrupt) as exc:
+            error = exc
+        finally:
+            progress.close()
+        status, message = _status(ctx, error, options)
+        stats = ctx.stats
+        stats.not_attempted += max(0, total_rows - stats.rows_accounted())
+        # Superseding: only an output that held rows before this run, or that other runs wrote into
+        # at the same time, can hold two records of one id (the input's ids are unique). The index is
+        # freed first: compaction needs its own memory.
+        had_rows = index.result_rows + index.error_rows > 0
+        index.clear()
+        needed = (had_rows and bool(stats.parts_written or stats.error_parts_written)) or bool(claims.others_seen)
+        removed, compaction = await _compact_if_last(claims, store, options.id_col, needed=needed)
+        finished = utc_now()
+        duration = (finished - started).total_seconds()
+        tokens, cost = usage(stats, job.model, per_image_usd=getattr(job, "per_image_usd", None))
+        document.update(
+            {
+                "status": status,
+                "message": conn.redact(message),
+                "finished_at": finished.isoformat(),
+                "duration_s": round(duration, 3),
+                "counts": counts(stats),
+                "requests": {
+                    "sent": stats.requests,
+                    "items_sent": stats.items_sent,
+                    "retries": stats.retries,
+                    "rate_limited_429": stats.rate_limited,
+                    "transient_errors": stats.transient_errors,
+                },
+                # Provider outages: how often the run paused, for how long, and the probes it sent.
+                "outage": ctx.outage.describe(),
+                # Failed rows by what a rerun does with them (retry column of _errors/).
+                "failed_rows": {
+                    "retry_auto": stats.failed_retry_auto,
+                    "retry_on_request": stats.failed - stats.failed_retry_auto,
+                },
+                "tokens": tokens,
+                "cost": cost,
+                "throughput": {
+                    "rows_per_s": round((stats.succeeded + stats.deduplicated) / duration, 2) if duration else None,
+                    "requests_per_s": round(stats.requests / duration, 2) if duration else None,
+                },
+                "limits": limiter.describe(),
+            }
+        )
+        document["output"].update(
+            {
+                "parts_written": [p.rsplit("/", 1)[-1] for p in stats.parts_written],
+                "error_parts_written": [p.rsplit("/", 1)[-1] for p in stats.error_parts_written],
+                "superseded_rows_removed": removed,
+                "compaction": compaction,
+            }
+        )
+        document["claims"] = claims.describe()
+        await asyncio.to_thread(store.write_run, run_id, document)
+        if error is not None:
+            raise error
+        return document
+    finally:
+        if claims is not None:
+            await _give_up_lease(claims)
+        await conn.close()
 
 
 async def _drive(
@@ -501,6 +455,34 @@ class _Chunks:
                 first_row += chunk.num_rows
         finally:
             chunks.close()
+
+
+async def _take_lease(store: OutputStore, run_id: str, policy: ClaimPolicy) -> ClaimBook:
+    """Write this run's lease on the output folder and start renewing it (see tasks/engine/claims.py);
+    then wait while another run compacts the folder."""
+    claims = ClaimBook(store.fs, store.root, run_id, policy)
+    await asyncio.to_thread(claims.start)
+    claims.ticking = asyncio.create_task(_tick(claims))
+    try:
+        await _wait_for_compaction(claims)
+    except BaseException:
+        await _give_up_lease(claims)
+        raise
+    return claims
+
+
+async def _give_up_lease(claims: ClaimBook) -> None:
+    if claims.ticking is not None:
+        claims.ticking.cancel()
+        await asyncio.gather(claims.ticking, return_exceptions=True)
+    await asyncio.to_thread(claims.stop)
+
+
+async def _tick(claims: ClaimBook) -> None:
+    """Tell the heartbeat thread the event loop is alive (a stuck loop lets the claims lapse)."""
+    while True:
+        claims.tick()
+        await asyncio.sleep(claims.policy.heartbeat_s / 2)
 
 
 async def _wait_for_compaction(claims: ClaimBook) -> None:
