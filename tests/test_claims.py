@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import REPO, TEST_KEY, TEST_KEY_ENV, assert_balanced, read_errors, read_output, write_corpus
@@ -252,8 +253,6 @@ def first_chunk_key(texts: dict[int, str]) -> str:
     from tasks.engine.chunk import prepare_chunk
 
     job = EmbedJob(model="gemini-embedding-001", dimensions=DIMS, batch_size=BATCH)
-    import pyarrow as pa
-
     ids = list(texts)[:CHUNK]
     chunk = pa.table({"id": pa.array(ids, pa.int64()), "text": [texts[i] for i in ids]})
     return chunk_key(ids, prepare_chunk(job, chunk).hashes)
@@ -407,3 +406,39 @@ def test_an_unreadable_claim_counts_from_its_modification_time(tmp_path):
         assert book.acquire("k") is None and book.taken_over == 1
     finally:
         book.stop()
+
+
+def test_two_runs_at_once_on_an_object_store_output_send_every_row_once(emulator, tmp_path):
+    """The same on an fsspec store (memory://: no O_EXCL, no hard links; exclusive create is
+    ``pipe_file(mode="create")``): two runs in one process, gathered on one event loop."""
+    import uuid
+
+    import fsspec
+
+    emulator.configure(latency_seconds=0.1)
+    texts = texts_for(1200)
+    src = write_corpus(tmp_path / "in.parquet", list(texts), list(texts.values()))
+    out = f"memory://claims-{uuid.uuid4().hex}/out"
+    job = EmbedJob(model="gemini-embedding-001", dimensions=DIMS, batch_size=BATCH)
+    options = RunOptions(
+        input=str(src),
+        output=out,
+        provider=ProviderSettings(provider="local", base_url=emulator.base_url, api_key_env=TEST_KEY_ENV, timeout_s=5),
+        chunk_size=CHUNK,
+    )
+
+    async def both():
+        return await asyncio.gather(run_job(job, options), run_job(job, options))
+
+    docs = asyncio.run(both())
+    assert [d["status"] for d in docs] == ["completed", "completed"]
+    assert emulator.stats["embedding_inputs"] == len(texts)
+    assert sum(d["counts"]["succeeded"] for d in docs) == len(texts)
+    assert sum(d["claims"]["declined_chunks"] for d in docs) >= 1
+    fs, root = fsspec.core.url_to_fs(out)
+    parts = [p for p in fs.ls(root, detail=False) if p.rsplit("/", 1)[-1].startswith("part-")]
+    table = pl.from_arrow(pa.concat_tables(pq.read_table(p, filesystem=fs) for p in parts))
+    assert table.height == len(texts) and table["id"].n_unique() == len(texts)
+    for row_id, vector in zip(table["id"].to_list(), table["embedding"].to_list(), strict=True):
+        np.testing.assert_allclose(np.asarray(vector, np.float32), expected_vector(texts[row_id], DIMS), rtol=1e-6)
+    assert fs.ls(f"{root}/{CLAIMS_DIR}", detail=False) == []
