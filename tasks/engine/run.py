@@ -289,6 +289,17 @@ class _Chunks:
         self.cancelled: list[BaseException] = []
         self.deferred: dict[int, _Deferred] = {}
         self._told: set[str] = set()  # holders whose chunks this run said it leaves
+        self._known: set[str] = set()
+        self._known_from: dict[int, int] = {}
+
+    def _known_parts(self) -> set[str]:
+        """Parts this run has read or written (lists that only grow: only their new ends are added)."""
+        for source in (self.ctx.index.parts, self.ctx.stats.error_parts_written):
+            seen = self._known_from.get(id(source), 0)
+            self._known.update(source[seen:])
+            self._known_from[id(source)] = len(source)
+        self._known.update(self.ctx.index.error_parts)
+        return self._known
 
     def _chunks(self):
         ctx, options = self.ctx, self.options
@@ -347,8 +358,7 @@ class _Chunks:
                 return
             try:
                 # Other runs may have written this chunk's rows since this run read the output.
-                known = {*ctx.index.parts, *ctx.index.error_parts, *ctx.stats.error_parts_written}
-                new = await asyncio.to_thread(ctx.store.read_new_parts, known, ctx.id_col)
+                new = await asyncio.to_thread(ctx.store.read_new_parts, self._known_parts(), ctx.id_col)
                 new.add_to(ctx.index)
                 keys = chunk_statuses(
                     ctx.index, chunk.column(ctx.id_col), ready.hashes, ready.invalid, retry_errors=ctx.retry_errors
