@@ -388,6 +388,9 @@ def chunk_statuses(
             # Rows that failed on transient errors only are sent again by every plain run.
             failed_before &= ~index.auto_errors.has_pairs(keys, tags)
         status[failed_before] = PREV_ERROR
+    if len(index.fresh_errors):
+        # Another run tried these rows and failed while this run ran: this run doesn't send them again.
+        status[index.fresh_errors.has_pairs(keys, tags)] = PREV_ERROR
     if len(index.results):
         status[index.results.has_pairs(keys, tags)] = DONE
     return ChunkKeys(hashes, keys, tags, status)
@@ -446,11 +449,11 @@ def prepare_chunk(job: Job, chunk: pa.Table) -> PreparedChunk:
     return PreparedChunk(prepared, hashes, invalid)
 
 
-def _nothing_to_do(status: np.ndarray) -> bool:
+def nothing_to_do(status: np.ndarray) -> bool:
     return not bool(np.any((status == NEW) | (status == INVALID)))
 
 
-def _count_skipped(ctx: RunContext, status: np.ndarray) -> None:
+def count_skipped(ctx: RunContext, status: np.ndarray) -> None:
     ctx.stats.skipped_done += int(np.count_nonzero(status == DONE))
     ctx.stats.failed += int(np.count_nonzero(status == PREV_ERROR))
     ctx.on_progress(len(status))
@@ -467,8 +470,8 @@ async def precheck_chunk(ctx: RunContext, chunk: pa.Table, index: int) -> bool:
     keys = chunk_statuses(
         ctx.index, chunk.column(ctx.id_col), ready.hashes, ready.invalid, retry_errors=ctx.retry_errors
     )
-    if _nothing_to_do(keys.status):
-        _count_skipped(ctx, keys.status)
+    if nothing_to_do(keys.status):
+        count_skipped(ctx, keys.status)
         return False
     ctx.prechecked[index] = ready
     return True
@@ -491,9 +494,9 @@ async def process_chunk(ctx: RunContext, chunk: pa.Table, index: int, first_row:
     # Deciding who owns which content is synchronous: no other chunk runs in between.
     keys = chunk_statuses(ctx.index, id_array, hashes, ready.invalid, retry_errors=ctx.retry_errors)
     source = keys.status
-    if _nothing_to_do(source):
+    if nothing_to_do(source):
         # Nothing to send or write (a rerun's chunk): count and go.
-        _count_skipped(ctx, source)
+        count_skipped(ctx, source)
         return ChunkReport(index=index, rows=n, written=0, errors=0)
     todo = np.flatnonzero(source == NEW)
     source = source.astype(np.int64)

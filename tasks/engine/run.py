@@ -3,15 +3,30 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import pyarrow as pa
+
 from tasks.defaults import DEFAULT_CHUNK_SIZE
 from tasks.engine.batch import BatchPolicy, BatchRun, check_batch_capable
 from tasks.engine.budget import Budget
-from tasks.engine.chunk import ChunkRunner, Job, RetryPolicy, RunContext, precheck_chunk, process_chunk
+from tasks.engine.chunk import (
+    ChunkRunner,
+    Job,
+    RetryPolicy,
+    RunContext,
+    chunk_statuses,
+    count_skipped,
+    nothing_to_do,
+    precheck_chunk,
+    process_chunk,
+)
+from tasks.engine.claims import COMPACT_KEY, ClaimBook, ClaimPolicy, Holder, chunk_key
+from tasks.engine.claims import log as claims_log
 from tasks.engine.io import InputSource, check_ids
 from tasks.engine.limits import AdaptiveLimiter, Limits
 from tasks.engine.metadata import batch_cost, counts, new_run_id, package_versions, usage, utc_now
@@ -29,6 +44,7 @@ __all__ = ["DEFAULT_CHUNK_SIZE", "COMPLETED", "COMPLETED_WITH_ERRORS", "RunOptio
 DEFAULT_CHUNKS_IN_FLIGHT = 4
 MAX_CHUNKS_IN_FLIGHT = 32
 STARVED_POLL_S = 0.1
+WAIT_NOTE_S = 30.0  # while waiting for chunks other runs hold, say so this often
 COMPLETED = "completed"
 # Every row was tried, but more than --max-failed-pct of them are in _errors/ (the CLI exits 4, the
 # Prefect flow run is Failed).
@@ -62,6 +78,8 @@ class RunOptions:
     # Only this part of the input (--shard I/N): other shards write into the same output at the same
     # time, so this run deletes and rewrites nothing (no compaction: the parent of the shards does it).
     shard: Shard | None = None
+    # Claims on the output's chunks, so concurrent runs never send a row twice: see tasks/engine/claims.py.
+    claims: ClaimPolicy = field(default_factory=ClaimPolicy)
 
     def __post_init__(self) -> None:
         if self.chunk_size < 1:
@@ -122,15 +140,21 @@ async def run_job(
         source = ShardSource(source, options.shard, options.id_col)
     conn = open_connection(options.provider)
     shared = None
+    claims: ClaimBook | None = None
     try:
         await check_model(conn, job.model, key_source=options.provider.key_source)
         budget = Budget.for_job(options.max_cost_usd, job) if options.max_cost_usd is not None else None
         total_rows = await asyncio.to_thread(check_ids, source, options.id_col, limit=options.limit)
         store = OutputStore(options.output)
-        # A shard leaves other shards' temporary files alone: they are being written.
-        await asyncio.to_thread(store.prepare, clean=options.shard is None)
+        await asyncio.to_thread(store.prepare)
+        claims = await _take_lease(store, run_id, options.claims)
+        others = await asyncio.to_thread(claims.other_runs)
+        if not others:
+            await asyncio.to_thread(store.remove_temporary)
         await asyncio.to_thread(store.claim, job=job.name, model=job.model, run_id=run_id, force=options.force)
-        index = await asyncio.to_thread(store.scan, options.id_col)
+        index = await asyncio.to_thread(
+            store.scan, options.id_col, live_runs={h.run_id for h in others}, since_ns=int(claims.since * 1e9)
+        )
         if shared_limits is not None:
             shared = await shared_limits(conn.host, job.model, options.limits)
         limiter = AdaptiveLimiter(options.limits, shared=shared)
@@ -192,7 +216,7 @@ async def run_job(
             if batch_run is not None:
                 await batch_run.drive()
             else:
-                await _drive(ctx, source, options, total_rows, chunk_runner)
+                await _drive(ctx, source, options, total_rows, chunk_runner, claims=claims)
         except (Exception, asyncio.CancelledError, KeyboardInterrupt) as exc:
             error = exc
         finally:
@@ -208,13 +232,17 @@ async def run_job(
         status, message = _status(ctx, error, options)
         stats = ctx.stats
         stats.not_attempted += max(0, total_rows - stats.rows_accounted())
-        removed = 0
-        # Superseding: only an output that held rows before this run can hold two records of one id
-        # (the input's ids are unique). The index is freed first: compaction needs its own memory.
+        # Superseding: only an output that held rows before this run, or that other runs wrote into
+        # at the same time, can hold two records of one id (the input's ids are unique). The index is
+        # freed first: compaction needs its own memory.
         had_rows = index.result_rows + index.error_rows > 0
         index.clear()
-        if had_rows and (stats.parts_written or stats.error_parts_written) and options.shard is None:
-            removed = await asyncio.to_thread(store.compact, options.id_col)
+        needed = (had_rows and bool(stats.parts_written or stats.error_parts_written)) or bool(claims.others_seen)
+        if options.shard is not None:
+            # The shards' parent compacts once, after all of them.
+            removed, compaction = 0, "left to the parent of the shards" if needed else "not needed"
+        else:
+            removed, compaction = await _compact_if_last(claims, store, options.id_col, needed=needed)
         finished = utc_now()
         duration = (finished - started).total_seconds()
         tokens, cost = usage(
@@ -268,13 +296,17 @@ async def run_job(
                 "parts_written": [p.rsplit("/", 1)[-1] for p in stats.parts_written],
                 "error_parts_written": [p.rsplit("/", 1)[-1] for p in stats.error_parts_written],
                 "superseded_rows_removed": removed,
+                "compaction": compaction,
             }
         )
+        document["claims"] = claims.describe()
         await asyncio.to_thread(store.write_run, run_id, document)
         if error is not None:
             raise error
         return document
     finally:
+        if claims is not None:
+            await _give_up_lease(claims)
         if shared is not None:
             await shared.close()
         await conn.close()
@@ -302,60 +334,307 @@ async def _share_stops(ctx: RunContext, shared: Any) -> None:
 
 
 async def _drive(
-    ctx: RunContext, source: InputSource, options: RunOptions, total_rows: int, runner: ChunkRunner
+    ctx: RunContext,
+    source: InputSource,
+    options: RunOptions,
+    total_rows: int,
+    runner: ChunkRunner,
+    *,
+    claims: ClaimBook | None = None,
 ) -> None:
     """Read chunks and run ``chunks_in_flight`` of them at once, more while the limiter is starved.
 
     Memory is bounded by the chunks in flight. ``chunks_in_flight`` is the usual number; when the rate
     and the latency need more rows in flight than those chunks hold (embeddings: 100 rows a request,
     at 5 s latency), more chunks start, up to ``MAX_CHUNKS_IN_FLIGHT``.
+
+    With ``claims``, a chunk starts only once this run holds its claim; a chunk another live run holds
+    is left to it and looked at again at the end, when that run has let it go (see :class:`_Chunks`).
     """
-    chunks = source.iter_chunks(
-        # A job may read the id too (generate's template can name it): each column once.
-        list(dict.fromkeys([options.id_col, *ctx.job.input_columns])),
-        options.chunk_size,
-        string_columns=ctx.job.string_columns,
-    )
-    # Finished chunks are let go (a 10-million-row run has 5,000 of them); only their first error is kept.
-    active: set[asyncio.Task] = set()
-    failures: list[BaseException] = []
-    cancelled: list[BaseException] = []
-    started = 0
-    first_row = 0
-
-    def settle() -> None:
-        for task in [t for t in active if t.done()]:
-            active.discard(task)
-            if task.cancelled():
-                cancelled.append(asyncio.CancelledError())
-            elif task.exception() is not None:
-                failures.append(task.exception())
-
+    driver = _Chunks(ctx, source, options, total_rows, runner, claims)
     try:
-        while first_row < total_rows and not ctx.stop_event.is_set():
-            while not _room_for_chunk(ctx, len(active), options.chunks_in_flight):
-                await asyncio.wait(active, timeout=STARVED_POLL_S, return_when=asyncio.FIRST_COMPLETED)
-                settle()
-            chunk = await asyncio.to_thread(next, chunks, None)
-            if chunk is None or ctx.stop_event.is_set():
-                break
-            chunk = chunk.slice(0, total_rows - first_row)
-            number, first = started, first_row
-            started += 1
-            first_row += chunk.num_rows
-            if not await precheck_chunk(ctx, chunk, number):
-                continue  # nothing to send or write: counted, no task
-            task = asyncio.create_task(runner(ctx, chunk, number, first))
-            active.add(task)
-            settle()
-            if failures:
-                break
+        await driver.first_pass()
+        if driver.deferred:
+            await driver.finish_deferred()
     finally:
-        results = await asyncio.gather(*active, return_exceptions=True)
-        chunks.close()
-    for result in [*failures, *results, *cancelled]:
+        results = await asyncio.gather(*driver.active, return_exceptions=True)
+    for result in [*driver.failures, *results, *driver.cancelled]:
         if isinstance(result, BaseException):
             raise result
+
+
+@dataclass
+class _Deferred:
+    """A chunk left to another run: where it is in the input, its claim, who held it."""
+
+    first_row: int
+    key: str
+    holder: Holder
+
+
+class _Chunks:
+    """The chunk fan-out of one run (see :func:`_drive`)."""
+
+    def __init__(
+        self,
+        ctx: RunContext,
+        source: InputSource,
+        options: RunOptions,
+        total_rows: int,
+        runner: ChunkRunner,
+        claims: ClaimBook | None,
+    ) -> None:
+        self.ctx, self.source, self.options, self.total_rows = ctx, source, options, total_rows
+        self.runner, self.claims = runner, claims
+        # Finished chunks are let go (a 10-million-row run has 5,000 of them); only their first error is kept.
+        self.active: set[asyncio.Task] = set()
+        self.failures: list[BaseException] = []
+        self.cancelled: list[BaseException] = []
+        self.deferred: dict[int, _Deferred] = {}
+        self._told: set[str] = set()  # holders whose chunks this run said it leaves
+        self._known: set[str] = set()
+        self._known_from: dict[int, int] = {}
+
+    def _known_parts(self) -> set[str]:
+        """Parts this run has read or written (lists that only grow: only their new ends are added)."""
+        for source in (self.ctx.index.parts, self.ctx.stats.error_parts_written):
+            seen = self._known_from.get(id(source), 0)
+            self._known.update(source[seen:])
+            self._known_from[id(source)] = len(source)
+        self._known.update(self.ctx.index.error_parts)
+        return self._known
+
+    def _chunks(self):
+        ctx, options = self.ctx, self.options
+        return self.source.iter_chunks(
+            # A job may read the id too (generate's template can name it): each column once.
+            list(dict.fromkeys([options.id_col, *ctx.job.input_columns])),
+            options.chunk_size,
+            string_columns=ctx.job.string_columns,
+        )
+
+    def settle(self) -> None:
+        for task in [t for t in self.active if t.done()]:
+            self.active.discard(task)
+            if task.cancelled():
+                self.cancelled.append(asyncio.CancelledError())
+            elif task.exception() is not None:
+                self.failures.append(task.exception())
+
+    async def room(self) -> None:
+        while not _room_for_chunk(self.ctx, len(self.active), self.options.chunks_in_flight):
+            await asyncio.wait(self.active, timeout=STARVED_POLL_S, return_when=asyncio.FIRST_COMPLETED)
+            self.settle()
+
+    async def first_pass(self) -> None:
+        ctx, total_rows = self.ctx, self.total_rows
+        chunks = self._chunks()
+        started = 0
+        first_row = 0
+        try:
+            while first_row < total_rows and not ctx.stop_event.is_set():
+                await self.room()
+                chunk = await asyncio.to_thread(next, chunks, None)
+                if chunk is None or ctx.stop_event.is_set():
+                    break
+                chunk = chunk.slice(0, total_rows - first_row)
+                number, first = started, first_row
+                started += 1
+                first_row += chunk.num_rows
+                await self.offer(chunk, number, first)
+                self.settle()
+                if self.failures:
+                    break
+        finally:
+            chunks.close()
+
+    async def offer(self, chunk: pa.Table, number: int, first: int) -> None:
+        """Start the chunk's task if it has work and this run gets its claim; else count it or defer it."""
+        ctx, claims = self.ctx, self.claims
+        if not await precheck_chunk(ctx, chunk, number):
+            return  # nothing to send or write: counted, no task
+        key = None
+        if claims is not None:
+            ready = ctx.prechecked[number]
+            key = chunk_key(chunk.column(ctx.id_col).to_pylist(), ready.hashes)
+            holder = await asyncio.to_thread(claims.acquire, key)
+            if holder is not None:
+                ctx.prechecked.pop(number, None)
+                self._defer(number, first, chunk.num_rows, key, holder)
+                return
+            try:
+                # Other runs may have written this chunk's rows since this run read the output.
+                new = await asyncio.to_thread(ctx.store.read_new_parts, self._known_parts(), ctx.id_col)
+                new.add_to(ctx.index)
+                keys = chunk_statuses(
+                    ctx.index, chunk.column(ctx.id_col), ready.hashes, ready.invalid, retry_errors=ctx.retry_errors
+                )
+            except BaseException:
+                await asyncio.to_thread(claims.release, key)
+                raise
+            if nothing_to_do(keys.status):
+                ctx.prechecked.pop(number, None)
+                count_skipped(ctx, keys.status)
+                await asyncio.to_thread(claims.release, key)
+                return
+        self.active.add(asyncio.create_task(self._run(chunk, number, first, key)))
+
+    async def _run(self, chunk: pa.Table, number: int, first: int, key: str | None):
+        try:
+            return await self.runner(self.ctx, chunk, number, first)
+        finally:
+            if key is not None:
+                # The chunk's parts are written (or it failed): let other runs see it, check and go on.
+                self.claims.release(key)
+
+    def _defer(self, number: int, first: int, rows: int, key: str, holder: Holder) -> None:
+        self.deferred[number] = _Deferred(first, key, holder)
+        self.claims.declined += 1
+        if holder.run_id not in self._told:
+            self._told.add(holder.run_id)
+            claims_log.warning(
+                "chunk %d (rows %d-%d) is being sent by %s: this run leaves that run's chunks to it, "
+                "goes on with the rest, and checks them again at the end",
+                number,
+                first,
+                first + rows - 1,
+                holder.describe(),
+            )
+
+    async def finish_deferred(self) -> None:
+        """Wait for the chunks other runs held; then check each against the output: done → skipped,
+        holder gone (its claim stale) → this run takes the claim over and sends what is missing."""
+        ctx, claims = self.ctx, self.claims
+        waited_from = time.monotonic()
+        next_note = 0.0
+        stopping = asyncio.ensure_future(ctx.stop_event.wait())
+        try:
+            while self.deferred and not ctx.stop_event.is_set() and not self.failures:
+                keys = {n: d.key for n, d in self.deferred.items()}
+                holders = await asyncio.to_thread(claims.holders_of, list(keys.values()))
+                free = sorted(n for n, key in keys.items() if holders[key] is None)
+                if free:
+                    await self._second_pass(set(free))
+                    continue
+                for n, key in keys.items():
+                    self.deferred[n].holder = holders[key]
+                if time.monotonic() >= next_note:
+                    next_note = time.monotonic() + WAIT_NOTE_S
+                    claims_log.warning("waiting for %s", self._waiting_for(claims.policy.ttl_s))
+                await asyncio.wait(
+                    {*self.active, stopping},
+                    timeout=claims.policy.poll_s,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                self.settle()
+        finally:
+            stopping.cancel()
+            claims.waited_s += time.monotonic() - waited_from
+
+    def _waiting_for(self, ttl_s: float) -> str:
+        by_run: dict[str, list[int]] = {}
+        holders: dict[str, Holder] = {}
+        for n, d in sorted(self.deferred.items()):
+            by_run.setdefault(d.holder.run_id, []).append(n)
+            holders[d.holder.run_id] = d.holder
+        parts = []
+        for run_id, numbers in by_run.items():
+            shown = ", ".join(str(n) for n in numbers[:8]) + (", …" if len(numbers) > 8 else "")
+            parts.append(f"{len(numbers)} chunk(s) held by {holders[run_id].describe()} (chunks {shown})")
+        return (
+            "; ".join(parts) + f". When a holder finishes they are checked against the output; a claim not renewed for "
+            f"{ttl_s:g} s counts as abandoned and this run sends its missing rows."
+        )
+
+    async def _second_pass(self, wanted: set[int]) -> None:
+        """Read the input again for the chunks in ``wanted`` (memory stays bounded: chunks are not kept
+        while they wait) and offer each once more."""
+        ctx, total_rows = self.ctx, self.total_rows
+        chunks = self._chunks()
+        number = 0
+        first_row = 0
+        last = max(wanted)
+        try:
+            while first_row < total_rows and number <= last and not ctx.stop_event.is_set():
+                chunk = await asyncio.to_thread(next, chunks, None)
+                if chunk is None:
+                    break
+                chunk = chunk.slice(0, total_rows - first_row)
+                if number in wanted:
+                    await self.room()
+                    del self.deferred[number]
+                    await self.offer(chunk, number, first_row)
+                    self.settle()
+                    if self.failures:
+                        break
+                number += 1
+                first_row += chunk.num_rows
+        finally:
+            chunks.close()
+
+
+async def _take_lease(store: OutputStore, run_id: str, policy: ClaimPolicy) -> ClaimBook:
+    """Write this run's lease on the output folder and start renewing it (see tasks/engine/claims.py);
+    then wait while another run compacts the folder."""
+    claims = ClaimBook(store.fs, store.root, run_id, policy)
+    await asyncio.to_thread(claims.start)
+    claims.ticking = asyncio.create_task(_tick(claims))
+    try:
+        await _wait_for_compaction(claims)
+    except BaseException:
+        await _give_up_lease(claims)
+        raise
+    return claims
+
+
+async def _give_up_lease(claims: ClaimBook) -> None:
+    if claims.ticking is not None:
+        claims.ticking.cancel()
+        await asyncio.gather(claims.ticking, return_exceptions=True)
+    await asyncio.to_thread(claims.stop)
+
+
+async def _tick(claims: ClaimBook) -> None:
+    """Tell the heartbeat thread the event loop is alive (a stuck loop lets the claims lapse)."""
+    while True:
+        claims.tick()
+        await asyncio.sleep(claims.policy.heartbeat_s / 2)
+
+
+async def _wait_for_compaction(claims: ClaimBook) -> None:
+    """A run compacting the folder rewrites and removes parts: start reading only after it is done.
+
+    This run's lease is already written, so a run about to compact sees it and leaves compaction."""
+    told = False
+    while (holder := await asyncio.to_thread(claims.holder_of, COMPACT_KEY)) is not None:
+        if not told:
+            claims_log.warning("waiting: %s is compacting this output folder", holder.describe())
+            told = True
+        await asyncio.sleep(claims.policy.poll_s)
+
+
+async def _compact_if_last(claims: ClaimBook, store: OutputStore, id_col: str, *, needed: bool) -> tuple[int, str]:
+    """Tidy the folder only when no other run works on it: compact (supersede old records) when
+    ``needed``, remove what killed runs left (temporary files, stale claims). A live run may be
+    reading or writing the parts compaction rewrites, so otherwise the last run to finish does it.
+
+    Returns the rows removed and what happened, for the run metadata."""
+    await asyncio.to_thread(claims.end_lease)
+    if others := await asyncio.to_thread(claims.other_runs):
+        return 0, f"left to the last run: {others[0].describe()} still works on this folder" if needed else "not needed"
+    if (holder := await asyncio.to_thread(claims.acquire, COMPACT_KEY)) is not None:
+        return 0, f"left to {holder.describe()}, which is compacting" if needed else "not needed"
+    try:
+        # A run that started meanwhile wrote its lease before looking for this claim: one of us sees the other.
+        if others := await asyncio.to_thread(claims.other_runs):
+            return 0, f"left to the last run: {others[0].describe()} started on this folder" if needed else "not needed"
+        await asyncio.to_thread(store.remove_temporary)
+        await asyncio.to_thread(claims.sweep)
+        if not needed:
+            return 0, "not needed"
+        return await asyncio.to_thread(store.compact, id_col), "done"
+    finally:
+        await asyncio.to_thread(claims.release, COMPACT_KEY)
 
 
 class FirstRequestAlone:

@@ -19,7 +19,7 @@ import itertools
 import json
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pds
 import pyarrow.parquet as pq
 
+from tasks.engine.claims import CLAIMS_DIR
 from tasks.engine.index import LOCATIONS, KeyTable, exact_id_keys, hash_key, hash_keys, id_tags, pair_key
 from tasks.errors import ConfigError
 
@@ -80,6 +81,10 @@ class DoneIndex:
     auto_errors: KeyTable = field(default_factory=KeyTable)
     result_rows: int = 0
     error_rows: int = 0
+    error_parts: set[str] = field(default_factory=set)  # the _errors/ parts read into ``errors``
+    # Rows another run recorded in _errors/ while this run ran (see OutputStore.read_new_parts): this
+    # run doesn't send them again, not even with --retry-errors; the next run decides.
+    fresh_errors: KeyTable = field(default_factory=KeyTable)
 
     @property
     def done_pairs(self) -> KeyTable:
@@ -111,6 +116,34 @@ class DoneIndex:
         """Free the tables (the run is over; compaction wants the memory)."""
         self.results.clear()
         self.errors.clear()
+        self.fresh_errors.clear()
+
+
+@dataclass
+class NewParts:
+    """Parts another run wrote while this one ran: (path, [(hash keys, id tags), …]) each."""
+
+    results: list[tuple[str, list[tuple[np.ndarray, np.ndarray]]]] = field(default_factory=list)
+    errors: list[tuple[str, list[tuple[np.ndarray, np.ndarray]]]] = field(default_factory=list)
+
+    def add_to(self, index: DoneIndex) -> int:
+        """Add to the index (on the event loop: the index is not shared with threads); rows added."""
+        rows = 0
+        for path, batches in self.results:
+            if path in index.parts:
+                continue
+            loc = index.part_ordinal(path)
+            for keys, tags in batches:
+                index.results.add(keys, tags, loc)
+                rows += len(keys)
+        for path, batches in self.errors:
+            if path in index.error_parts:
+                continue
+            index.error_parts.add(path)
+            for keys, tags in batches:
+                index.fresh_errors.add(keys, tags)
+                rows += len(keys)
+        return rows
 
 
 class OutputStore:
@@ -120,20 +153,20 @@ class OutputStore:
         self.root = self.root.rstrip("/")
 
     # -- layout -----------------------------------------------------------------------------------
-    def prepare(self, *, clean: bool = True) -> None:
-        """Make the folders; ``clean``: remove temporary files a killed run left (not while other runs
-        on this output may be writing theirs: a shard's run)."""
+    def prepare(self) -> None:
         for sub in ("", ERRORS_DIR, RUNS_DIR):
             self.fs.makedirs(self._join(sub) if sub else self.root, exist_ok=True)
-        if not clean:
-            return
-        # A killed run may leave temporary files; they were never renamed, so nothing refers to them.
+
+    def remove_temporary(self) -> None:
+        """Remove what killed runs left half-written: only while no other run works on the folder
+        (its temporary files are about to be renamed)."""
         for folder in (
             self.root,
             self._join(ERRORS_DIR),
             self._join(RUNS_DIR),
             self._join(IMAGES_DIR),
             self._join(LEGACY_IMAGES_DIR),
+            self._join(CLAIMS_DIR),
         ):
             if not self.fs.exists(folder):
                 continue
@@ -166,8 +199,12 @@ class OutputStore:
         return self._parts(self._join(ERRORS_DIR))
 
     # -- reading ----------------------------------------------------------------------------------
-    def scan(self, id_col: str) -> DoneIndex:
-        """Read the (id, content_hash) columns of every part, batch by batch, into a :class:`DoneIndex`."""
+    def scan(self, id_col: str, *, live_runs: Collection[str] = (), since_ns: int | None = None) -> DoneIndex:
+        """Read the (id, content_hash) columns of every part, batch by batch, into a :class:`DoneIndex`.
+
+        ``live_runs``: other runs working on the folder now; ``since_ns``: when this run took its lease.
+        The rows they recorded as failed, or that were recorded since, belong to runs at work
+        (``fresh_errors``): this run doesn't resend them, not even with --retry-errors."""
         index = DoneIndex()
         for path in self.result_files():
             loc = index.part_ordinal(path)
@@ -175,8 +212,19 @@ class OutputStore:
                 index.results.add(hash_keys(hashes), id_tags(ids), loc)
                 index.result_rows += len(hashes)
         for path in self.error_files():
+            index.error_parts.add(path)
+            theirs = False
+            if live_runs or since_ns is not None:
+                meta = self._metadata(path)
+                theirs = meta.get("run_id") in live_runs or (
+                    since_ns is not None and int(meta.get("written_at_ns", 0)) >= since_ns
+                )
             for ids, hashes, auto in self._error_batches(path, id_col):
                 keys, tags = hash_keys(hashes), id_tags(ids)
+                if theirs:
+                    index.fresh_errors.add(keys, tags)
+                    index.error_rows += len(hashes)
+                    continue
                 index.errors.add(keys, tags)
                 if auto.any():
                     index.auto_errors.add(keys[auto], tags[auto])
@@ -184,6 +232,22 @@ class OutputStore:
         index.results.compact()
         index.errors.compact()
         return index
+
+    def read_new_parts(self, known: set[str], id_col: str) -> NewParts:
+        """The (hash key, id tag) rows of the parts not in ``known``: what other runs wrote since this
+        run's scan. Runs on a worker thread; the caller adds them to its index (:meth:`NewParts.add_to`)."""
+        new = NewParts()
+        for path in self.result_files():
+            if path in known:
+                continue
+            batches = [(hash_keys(h), id_tags(i)) for i, h in self._id_hash_batches(path, id_col)]
+            new.results.append((path, batches))
+        for path in self.error_files():
+            if path in known:
+                continue
+            batches = [(hash_keys(h), id_tags(i)) for i, h, _ in self._error_batches(path, id_col)]
+            new.errors.append((path, batches))
+        return new
 
     def read_results_for(
         self, content_hashes: Iterable[str], id_col: str, *, files: list[str] | None = None
@@ -208,8 +272,12 @@ class OutputStore:
     # -- writing ----------------------------------------------------------------------------------
     def write_part(self, table: pa.Table, *, errors: bool, run_id: str, id_col: str) -> str:
         """Write one part atomically (temporary name, then rename) and return its path."""
-        folder = self._join(ERRORS_DIR) if errors else self.root
-        final = f"{folder}/part-{_part_hash(table, id_col)}.parquet"
+        if errors:
+            # Named by run too: a row that fails again in another run is a new record, which a
+            # concurrent run must see as new (see read_new_parts); compaction keeps the newest.
+            final = f"{self._join(ERRORS_DIR)}/part-{_part_hash(table, id_col)}-{run_id}.parquet"
+        else:
+            final = f"{self.root}/part-{_part_hash(table, id_col)}.parquet"
         meta = {"written_at_ns": time.time_ns(), "run_id": run_id}
         self._write_atomic(table, final, meta)
         return final
