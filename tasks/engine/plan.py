@@ -39,9 +39,8 @@ async def plan_job(job: Job, options: RunOptions) -> dict[str, Any]:
         chunk = chunk.slice(0, total_rows - seen)
         seen += chunk.num_rows
         ready = await asyncio.to_thread(prepare_chunk, job, chunk)
-        prepared = ready.prepared
         keys = chunk_statuses(
-            index, chunk.column(options.id_col), ready.hashes, ready.invalid, retry_errors=options.retry_errors
+            index, chunk.column(options.id_col), ready.keys, ready.invalid, retry_errors=options.retry_errors
         )
         for status, name in COUNT_OF.items():
             counts[name] += int(np.count_nonzero(keys.status == status))
@@ -56,7 +55,8 @@ async def plan_job(job: Job, options: RunOptions) -> dict[str, Any]:
         own = new[fresh]
         planned.add(keys.keys[own])
         would_send += len(own)
-        tokens += sum(prepared[pos].tokens for pos in own.tolist())
+        ready.fill(job, chunk, own)
+        tokens += sum(ready.prepared[pos].tokens for pos in own.tolist())
         requests += math.ceil(len(own) / job.max_items_per_request)
         if seen >= total_rows:
             break
