@@ -186,6 +186,24 @@ def test_id_check_streams_and_still_names_duplicates(tmp_path, kind):
     assert check_ids(source, "id", limit=20_000, chunk_size=4096) == 20_000  # the duplicates lie past the limit
 
 
+def test_id_check_in_slices_of_the_key_space_and_for_ids_that_only_grow(tmp_path):
+    n = 30_000
+    path = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"id": pa.array(range(n), pa.int64()), "text": ["t"] * n}), path, row_group_size=7000)
+    source = InputSource.open(str(path))
+    assert check_ids(source, "id", limit=None, chunk_size=4096, max_bytes=1024) == n  # growing: nothing kept
+    # Growing until the last row repeats an earlier id: the key table takes over, here 30 slices of it.
+    ids = [*range(n - 1), 5]
+    pq.write_table(pa.table({"id": pa.array(ids, pa.int64()), "text": ["t"] * n}), path, row_group_size=7000)
+    with pytest.raises(InputError, match=r"1 duplicated id\(s\), e.g. 5 at data rows 6, 30000"):
+        check_ids(InputSource.open(str(path)), "id", limit=None, chunk_size=4096, max_bytes=8 * 1000)
+    strings = [f"id-{i}" for i in range(n)]
+    strings[12_345] = strings[29_000]
+    pq.write_table(pa.table({"id": strings, "text": ["t"] * n}), path)
+    with pytest.raises(InputError, match=r"'id-29000' at data rows 12346, 29001"):
+        check_ids(InputSource.open(str(path)), "id", limit=None, chunk_size=4096, max_bytes=8 * 1000)
+
+
 # -- superseding ----------------------------------------------------------------------------------
 
 
