@@ -607,14 +607,27 @@ async def process_chunk(ctx: RunContext, chunk: pa.Table, index: int, first_row:
 
     outcomes: dict[str, Outcome | None] = {}
     try:
-        await _send_all(ctx, list(own.values()), outcomes)
-        for h, future in peers.items():
-            outcomes[h] = await future
         if stored:
             files = ctx.index.parts_holding(keys.keys[stored_pos])
             table = await asyncio.to_thread(ctx.store.read_results_for, stored, ctx.id_col, files=files)
             found = job.results_from_table(table)
             outcomes.update({h: Outcome(result=found[h]) for h in stored if h in found})
+            # The index matches 32 bits of a content: one it pointed at that isn't there is sent after all.
+            for pos in todo.tolist():
+                h = hashes[pos]
+                if source[pos] != STORED or h in found:
+                    continue
+                if h in own:
+                    source[pos] = SAME
+                elif h in ctx.inflight:
+                    source[pos], peers[h] = PEER, ctx.inflight[h]
+                else:
+                    source[pos] = OWN
+                    own[h] = Item(pos, ids[pos], h, prepared[pos])
+                    ctx.inflight[h] = asyncio.get_running_loop().create_future()
+        await _send_all(ctx, list(own.values()), outcomes)
+        for h, future in peers.items():
+            outcomes[h] = await future
         id_type = chunk.schema.field(ctx.id_col).type
         report = await asyncio.to_thread(
             _write_chunk, ctx, index, first_row, ids, id_type, hashes, source.tolist(), invalid, outcomes
