@@ -15,10 +15,12 @@ input rows / run time — the rerun hashes every row and sends nothing) and the 
 from __future__ import annotations
 
 import argparse
+import calendar
 import json
 import os
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -103,7 +105,9 @@ def make_corpus_elsewhere(path: Path, rows: int, *, revise: int = 0) -> None:
     subprocess.run([sys.executable, "-c", code, here, str(path), str(rows), str(revise)], check=True)
 
 
-def run_embed(corpus: Path, out: Path, base_url: str, env: dict, args: argparse.Namespace) -> dict:
+def run_embed(corpus: Path, out: Path, base_url: str, env: dict, args: argparse.Namespace, label: str) -> dict:
+    """Run `gembatch embed` and wait, sampling its peak RSS (VmHWM) every few seconds: a run stopped at
+    ``--deadline`` (SIGINT: it writes its metadata as "interrupted") still has its figures."""
     cmd = [
         sys.executable, "-m", "flows.cli", "embed", str(corpus), "--output", str(out),
         "--base-url", base_url, "--api-key-env", KEY_ENV, "--no-progress",
@@ -111,26 +115,64 @@ def run_embed(corpus: Path, out: Path, base_url: str, env: dict, args: argparse.
     ]  # fmt: skip
     before = {p.name for p in (out / "_runs").glob("*.json")} if (out / "_runs").exists() else set()
     started = time.monotonic()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    output = proc.stdout.read().decode()
-    _, status, usage = os.wait4(proc.pid, 0)
+    log = out.parent / f"{label}.log"
+    with open(log, "wb") as sink:
+        proc = subprocess.Popen(cmd, env=env, stdout=sink, stderr=subprocess.STDOUT)
+        hwm, stopped, last_note = 0, False, started
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            hwm = max(hwm, _vm_hwm_kib(proc.pid))
+            now = time.monotonic()
+            if args.deadline and not stopped and time.time() >= args.deadline:
+                proc.send_signal(signal.SIGINT)
+                stopped = True
+            if now - last_note >= 60:
+                parts = sum(1 for _ in out.glob("part-*.parquet"))
+                print(
+                    f"  … {label}: {now - started:6.0f} s, {parts:,} parts, peak RSS so far {hwm / 1024:,.0f} MiB",
+                    flush=True,
+                )
+                last_note = now
+            time.sleep(2)
     wall = time.monotonic() - started
-    if status != 0:
-        raise SystemExit(f"gembatch embed failed:\n{output}")
+    if status != 0 and not stopped:
+        raise SystemExit(f"gembatch embed failed:\n{log.read_text()[-4000:]}")
     (new,) = [p for p in (out / "_runs").glob("*.json") if p.name not in before]
     run = json.loads(new.read_text())
-    return {"run": run, "wall_s": wall, "peak_rss_mib": usage.ru_maxrss / 1024}
+    return {"run": run, "wall_s": wall, "peak_rss_mib": max(usage.ru_maxrss, hwm) / 1024}
+
+
+def _vm_hwm_kib(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
 
 
 def report(label: str, rows: int, result: dict) -> None:
     run = result["run"]
     c = run["counts"]
+    if run["status"] != "completed":  # stopped at --deadline: the rows it finished
+        rows = c["succeeded"] + c["deduplicated"] + c["skipped_done"]
     print(
         f"{label:<10} {run['status']:<10} run {run['duration_s']:8.1f} s  (command {result['wall_s']:7.1f} s)  "
         f"{rows / run['duration_s']:>10,.0f} rows/s  peak RSS {result['peak_rss_mib']:6,.0f} MiB  "
         f"sent {run['requests']['sent']:,}  succeeded {c['succeeded']:,}  skipped {c['skipped_done']:,}",
         flush=True,
     )
+
+
+def _clock(text: str) -> float:
+    """HH:MM today (UTC) as a Unix time."""
+    hours, minutes = (int(x) for x in text.split(":"))
+    now = time.gmtime()
+    return calendar.timegm((now.tm_year, now.tm_mon, now.tm_mday, hours, minutes, 0, 0, 0, 0))
 
 
 def main() -> None:
@@ -147,6 +189,9 @@ def main() -> None:
     parser.add_argument("--supersede", type=int, default=0, help="then change N texts and run again")
     parser.add_argument("--work", default=None, help="folder for corpus and output (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the corpus and output")
+    parser.add_argument(
+        "--deadline", type=_clock, default=None, help="HH:MM (UTC): stop a run still going then and report it"
+    )
     args = parser.parse_args()
 
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="gembatch-scale-"))
@@ -177,12 +222,15 @@ def main() -> None:
             make_output_elsewhere(corpus, out, args.dimensions, args.chunk_size)
             print(f"first run  synthetic: parts written directly in {time.monotonic() - t:.1f} s", flush=True)
         else:
-            report("first run", args.rows, run_embed(corpus, out, base_url, env, args))
+            first = run_embed(corpus, out, base_url, env, args, "first-run")
+            report("first run", args.rows, first)
+            if first["run"]["status"] != "completed":
+                return
         if not args.no_rerun:
-            report("rerun", args.rows, run_embed(corpus, out, base_url, env, args))
+            report("rerun", args.rows, run_embed(corpus, out, base_url, env, args, "rerun"))
         if args.supersede:
             make_corpus_elsewhere(corpus, args.rows, revise=args.supersede)
-            result = run_embed(corpus, out, base_url, env, args)
+            result = run_embed(corpus, out, base_url, env, args, "supersede")
             report("supersede", args.rows, result)
             print(f"           superseded rows removed: {result['run']['output']['superseded_rows_removed']:,}")
         own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
