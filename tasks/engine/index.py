@@ -91,11 +91,21 @@ def hash_keys(content_hashes: pa.Array | pa.ChunkedArray | Sequence[str]) -> np.
         return np.empty(0, np.uint64)
     if pa.types.is_large_string(array.type) or pa.types.is_string_view(array.type):
         array = array.cast(pa.string())
+    if not array.null_count:
+        offsets = np.frombuffer(array.buffers()[1], np.int32, count=n + 1, offset=array.offset * 4)
+        first = int(offsets[0])
+        if int(offsets[-1]) - first == 64 * n and bool(np.all(np.diff(offsets) == 64)):
+            # sha256 hex digests side by side (every content_hash column): the first 16 digits of each
+            # row, decoded by bytes.fromhex in one call (~10x the digit arithmetic below).
+            rows = np.frombuffer(array.buffers()[2], np.uint8, count=64 * n, offset=first).reshape(n, 64)
+            try:
+                return np.frombuffer(bytes.fromhex(rows[:, :16].tobytes().decode("ascii")), ">u8").astype(np.uint64)
+            except (ValueError, UnicodeDecodeError):
+                pass  # not all hex digits: the general path below
     if array.null_count or pc.min(pc.utf8_length(array)).as_py() < 16:
         return np.array([hash_key(h) if h else 0 for h in array.to_pylist()], np.uint64)
-    offsets_buf, data_buf = array.buffers()[1], array.buffers()[2]
-    offsets = np.frombuffer(offsets_buf, np.int32, count=n + 1, offset=array.offset * 4)[:-1]
-    data = np.frombuffer(data_buf, np.uint8)
+    offsets = np.frombuffer(array.buffers()[1], np.int32, count=n + 1, offset=array.offset * 4)[:-1]
+    data = np.frombuffer(array.buffers()[2], np.uint8)
     digits = _HEX[data[offsets[:, None] + np.arange(16, dtype=np.int32)]].astype(np.uint64)
     return (digits * _NIBBLE_WEIGHTS).sum(axis=1, dtype=np.uint64)
 
