@@ -141,7 +141,8 @@ def run_embed(corpus: Path, out: Path, base_url: str, env: dict, args: argparse.
         raise SystemExit(f"gembatch embed failed:\n{log.read_text()[-4000:]}")
     (new,) = [p for p in (out / "_runs").glob("*.json") if p.name not in before]
     run = json.loads(new.read_text())
-    return {"run": run, "wall_s": wall, "peak_rss_mib": max(usage.ru_maxrss, hwm) / 1024}
+    cpu = usage.ru_utime + usage.ru_stime
+    return {"run": run, "wall_s": wall, "cpu_s": cpu, "peak_rss_mib": max(usage.ru_maxrss, hwm) / 1024}
 
 
 def _vm_hwm_kib(pid: int) -> int:
@@ -163,7 +164,8 @@ def report(label: str, rows: int, result: dict) -> None:
     print(
         f"{label:<10} {run['status']:<10} run {run['duration_s']:8.1f} s  (command {result['wall_s']:7.1f} s)  "
         f"{rows / run['duration_s']:>10,.0f} rows/s  peak RSS {result['peak_rss_mib']:6,.0f} MiB  "
-        f"sent {run['requests']['sent']:,}  succeeded {c['succeeded']:,}  skipped {c['skipped_done']:,}",
+        f"CPU {result['cpu_s']:7.1f} s  sent {run['requests']['sent']:,}  succeeded {c['succeeded']:,}  "
+        f"skipped {c['skipped_done']:,}",
         flush=True,
     )
 
