@@ -230,7 +230,11 @@ class KeyTable:
         self._rows = 0
 
     # -- adding -------------------------------------------------------------------------------------
-    def add(self, keys: np.ndarray, tags: np.ndarray | None = None, locs: np.ndarray | int = 0) -> None:
+    def add(
+        self, keys: np.ndarray, tags: np.ndarray | None = None, locs: np.ndarray | int = 0, *, merge: bool = True
+    ) -> None:
+        """``merge=False``: keep the new runs apart until :meth:`compact` (a scan adds thousands of parts,
+        then compacts: one sort per partition instead of a merge cascade)."""
         keys = np.asarray(keys, np.uint64)
         n = len(keys)
         if n == 0:
@@ -253,7 +257,7 @@ class KeyTable:
             runs.append(_Run(keys[lo:hi].copy(), None if locs is None else locs[lo:hi].copy()))
             # Binary-counter merging: runs shrink at least twofold down the list, so a partition holds
             # O(log n) runs and every row is merged O(log n) times.
-            while len(runs) > 1 and len(runs[-2]) <= 2 * len(runs[-1]):
+            while merge and len(runs) > 1 and len(runs[-2]) <= 2 * len(runs[-1]):
                 last = runs.pop()
                 runs[-1] = _Run.merge([runs[-1], last])
         self._rows += n

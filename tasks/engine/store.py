@@ -177,16 +177,17 @@ class OutputStore:
             for path, batches in _ahead(pool, self.result_files(), lambda p: self._result_keys(p, id_col)):
                 loc = index.part_ordinal(path)
                 for keys, tags in batches:
-                    index.results.add(keys, tags, loc)
+                    index.results.add(keys, tags, loc, merge=False)
                     index.result_rows += len(keys)
             for _path, batches in _ahead(pool, self.error_files(), lambda p: self._error_keys(p, id_col)):
                 for keys, tags, auto in batches:
-                    index.errors.add(keys, tags)
+                    index.errors.add(keys, tags, merge=False)
                     if auto.any():
-                        index.auto_errors.add(keys[auto], tags[auto])
+                        index.auto_errors.add(keys[auto], tags[auto], merge=False)
                     index.error_rows += len(keys)
         index.results.compact()
         index.errors.compact()
+        index.auto_errors.compact()
         return index
 
     def _result_keys(self, path: str, id_col: str) -> list[tuple[np.ndarray, np.ndarray]]:
