@@ -241,6 +241,7 @@ def main() -> None:
     parser.add_argument("--supersede", type=int, default=0, help="then change N texts and run again")
     parser.add_argument("--work", default=None, help="folder for corpus and output (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the corpus and output")
+    parser.add_argument("--reuse", action="store_true", help="rerun over the corpus and output left in --work")
     parser.add_argument(
         "--deadline", type=_clock, default=None, help="HH:MM (UTC): stop a run still going then and report it"
     )
@@ -250,7 +251,9 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     corpus, out = work / "corpus.parquet", work / "out"
     t = time.monotonic()
-    make_corpus_elsewhere(corpus, args.rows, short=args.job == "extract")
+    reuse = args.reuse and corpus.exists() and (out / "_runs").exists()
+    if not reuse:
+        make_corpus_elsewhere(corpus, args.rows, short=args.job == "extract")
     size_mib = corpus.stat().st_size / 2**20
     print(f"corpus    {args.rows:,} rows, {size_mib:,.0f} MiB, made in {time.monotonic() - t:.1f} s", flush=True)
     port, key = free_port(), "bench-key"
@@ -269,7 +272,9 @@ def main() -> None:
     base_url = f"http://127.0.0.1:{port}/v1beta/openai/"
     try:
         wait_up(base_url, key)
-        if args.synthetic_first_run:
+        if reuse:
+            print("first run  reused: the corpus and output already in --work", flush=True)
+        elif args.synthetic_first_run:
             t = time.monotonic()
             make_output_elsewhere(corpus, out, args.dimensions, args.chunk_size, args.job)
             print(f"first run  synthetic: parts written directly in {time.monotonic() - t:.1f} s", flush=True)

@@ -13,6 +13,7 @@ from tasks.engine.budget import Budget
 from tasks.engine.chunk import ChunkRunner, Job, RetryPolicy, RunContext, precheck_chunk, process_chunk
 from tasks.engine.io import InputSource, check_ids
 from tasks.engine.limits import AdaptiveLimiter, Limits
+from tasks.engine.memory import release_free_memory
 from tasks.engine.metadata import counts, new_run_id, package_versions, usage, utc_now
 from tasks.engine.outage import OutageBreaker, OutagePolicy
 from tasks.engine.progress import ProgressBar
@@ -25,6 +26,7 @@ __all__ = ["DEFAULT_CHUNK_SIZE", "COMPLETED", "COMPLETED_WITH_ERRORS", "RunOptio
 DEFAULT_CHUNKS_IN_FLIGHT = 4
 MAX_CHUNKS_IN_FLIGHT = 32
 STARVED_POLL_S = 0.1
+TRIM_EVERY_CHUNKS = 50
 COMPLETED = "completed"
 # Every row was tried, but more than --max-failed-pct of them are in _errors/ (the CLI exits 4, the
 # Prefect flow run is Failed).
@@ -93,6 +95,7 @@ async def run_job(
         await check_model(conn, job.model, key_source=options.provider.key_source)
         budget = Budget.for_job(options.max_cost_usd, job) if options.max_cost_usd is not None else None
         total_rows = await asyncio.to_thread(check_ids, source, options.id_col, limit=options.limit)
+        release_free_memory()
         store = OutputStore(options.output)
         await asyncio.to_thread(store.prepare)
         await asyncio.to_thread(store.claim, job=job.name, model=job.model, run_id=run_id, force=options.force)
@@ -240,6 +243,8 @@ async def _drive(
             number, first = started, first_row
             started += 1
             first_row += chunk.num_rows
+            if number % TRIM_EVERY_CHUNKS == TRIM_EVERY_CHUNKS - 1:
+                release_free_memory()  # chunks free many small blocks: see tasks/engine/memory.py
             if not await precheck_chunk(ctx, chunk, number):
                 continue  # nothing to send or write: counted, no task
             task = asyncio.create_task(runner(ctx, chunk, number, first))

@@ -34,6 +34,7 @@ import pyarrow.dataset as pds
 import pyarrow.parquet as pq
 
 from tasks.engine.index import LOCATIONS, KeyTable, exact_id_keys, hash_key, hash_keys, id_tags, pair_key
+from tasks.engine.memory import release_free_memory
 from tasks.errors import ConfigError
 
 __all__ = [
@@ -51,6 +52,7 @@ __all__ = [
 SCAN_BATCH_ROWS = 65536
 SCAN_THREADS = 2
 SCAN_FILES_AHEAD = 8
+SCAN_ADD_ROWS = 1 << 20
 
 ERRORS_DIR = "_errors"
 RUNS_DIR = "_runs"
@@ -173,12 +175,28 @@ class OutputStore:
         takes them (a 10M-row output is 5,000 parts: opening them one after the other was most of the
         scan); at most ``SCAN_FILES_AHEAD`` parts' keys wait at a time."""
         index = DoneIndex()
+        pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        pending_rows = 0
+
+        def flush() -> None:
+            # Parts arrive a few thousand rows at a time: added in batches of ~1M rows, the table's runs
+            # are big arrays (mmapped, returned when freed), not 16 crumbs per part fragmenting the heap.
+            nonlocal pending, pending_rows
+            if pending:
+                keys, tags, locs = (np.concatenate(cols) for cols in zip(*pending))
+                index.results.add(keys, tags, locs, merge=False)
+            pending, pending_rows = [], 0
+
         with ThreadPoolExecutor(max_workers=SCAN_THREADS, thread_name_prefix="gembatch-scan") as pool:
             for path, batches in _ahead(pool, self.result_files(), lambda p: self._result_keys(p, id_col)):
                 loc = index.part_ordinal(path)
                 for keys, tags in batches:
-                    index.results.add(keys, tags, loc, merge=False)
+                    pending.append((keys, tags, np.full(len(keys), loc % LOCATIONS, np.uint16)))
+                    pending_rows += len(keys)
                     index.result_rows += len(keys)
+                if pending_rows >= SCAN_ADD_ROWS:
+                    flush()
+            flush()
             for _path, batches in _ahead(pool, self.error_files(), lambda p: self._error_keys(p, id_col)):
                 for keys, tags, auto in batches:
                     index.errors.add(keys, tags, merge=False)
@@ -188,6 +206,7 @@ class OutputStore:
         index.results.compact()
         index.errors.compact()
         index.auto_errors.compact()
+        release_free_memory()
         return index
 
     def _result_keys(self, path: str, id_col: str) -> list[tuple[np.ndarray, np.ndarray]]:
