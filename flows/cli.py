@@ -158,6 +158,10 @@ def _limit_malloc_arenas() -> None:
 
 def main() -> None:
     _limit_malloc_arenas()
+    # Arrow's buffers (decoded input row groups, part files) from malloc, under the thresholds above:
+    # freed buffers go back to the system. Its default (mimalloc) kept ~60 MiB more while reading a
+    # 500,000-row row group (benchmarks/bench_scale.py). Read by Arrow when it first allocates.
+    os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
     # Prefect's temporary server would try to send telemetry; many batch hosts have no way out.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     try:

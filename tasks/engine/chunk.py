@@ -8,6 +8,7 @@ counts — lives here.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import random
@@ -20,6 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from tasks.engine.budget import Budget
+from tasks.engine.hashing import TextTemplate, digest_keys, text_template
 from tasks.engine.index import hash_keys, id_tags
 from tasks.engine.limits import AdaptiveLimiter
 from tasks.engine.outage import OutageBreaker
@@ -91,6 +93,14 @@ class Job(Protocol):
         """content_hash → result, read back from output rows (to share with an identical row)."""
 
     def parameters(self) -> dict[str, Any]: ...
+
+    # Optional, for text jobs whose hashed fields are the same for every row but one, the text column
+    # as-is (see tasks/engine/hashing.py): a chunk is then hashed a column at once and rows are
+    # prepared only when they are sent.
+    #
+    #   hash_text_field: str                                    # that field's name in prepare()'s fields
+    #   def surely_valid(self, texts: pa.Array) -> np.ndarray:  # rows prepare() accepts for sure (bool);
+    #                                                           # the others take the per-row path
 
 
 class RowInvalid(Exception):
@@ -358,9 +368,8 @@ def row_hashes(job: Job, payloads: list[dict[str, Any]], prepared: list[Prepared
 
 @dataclass(slots=True)
 class ChunkKeys:
-    """A chunk's rows as the index sees them: content hashes, their keys, id tags, and statuses."""
+    """A chunk's rows as the index sees them: hash keys, id tags, and statuses."""
 
-    hashes: list[str]
     keys: np.ndarray  # uint64 hash keys
     tags: np.ndarray  # uint32 id tags
     status: np.ndarray  # int8: DONE, PREV_ERROR, INVALID or NEW
@@ -369,17 +378,19 @@ class ChunkKeys:
 def chunk_statuses(
     index: DoneIndex,
     ids: pa.Array | pa.ChunkedArray | list[Any],
-    hashes: list[str],
+    keys: np.ndarray | list[str],
     invalid: np.ndarray,
     *,
     retry_errors: bool,
 ) -> ChunkKeys:
     """What the output already says of each row of a chunk: DONE, PREV_ERROR, INVALID or NEW.
 
-    Vectorised: the chunk's keys are looked up in the index at once. Shared by a run and a dry run,
-    so both skip and count the same rows.
+    ``keys``: the rows' hash keys (``PreparedChunk.keys``), or their content hashes. Vectorised: the
+    chunk's keys are looked up in the index at once. Shared by a run and a dry run, so both skip and
+    count the same rows.
     """
-    keys = hash_keys(hashes)
+    if not isinstance(keys, np.ndarray):
+        keys = hash_keys(keys)
     tags = id_tags(ids)
     status = np.where(invalid, INVALID, NEW).astype(np.int8)
     if len(index.errors) and not retry_errors:
@@ -393,7 +404,7 @@ def chunk_statuses(
         status[index.fresh_errors.has_pairs(keys, tags)] = PREV_ERROR
     if len(index.results):
         status[index.results.has_pairs(keys, tags)] = DONE
-    return ChunkKeys(hashes, keys, tags, status)
+    return ChunkKeys(keys, tags, status)
 
 
 def row_status(
@@ -429,24 +440,107 @@ def chunk_payloads(chunk: pa.Table, job: Job) -> tuple[list[dict[str, Any]], boo
 
 @dataclass(slots=True)
 class PreparedChunk:
-    """A chunk's rows prepared and hashed (on a worker thread), before the index is asked."""
+    """A chunk's rows hashed (on a worker thread), before the index is asked.
 
-    prepared: list[Prepared | RowInvalid]
-    hashes: list[str]
+    A text job's rows are hashed a column at once (:mod:`tasks.engine.hashing`) and prepared only when
+    they are to be sent (:meth:`fill`): a rerun builds no per-row objects for rows already done.
+    """
+
+    prepared: list[Prepared | RowInvalid | None]  # None: hashed at once, not prepared yet
+    digests: np.ndarray  # (rows, 32) uint8: each row's content hash as sha256 bytes
     invalid: np.ndarray  # bool: the row can't be sent
 
     @property
     def rows(self) -> int:
-        return len(self.hashes)
+        return len(self.prepared)
+
+    @property
+    def keys(self) -> np.ndarray:
+        return digest_keys(self.digests)
+
+    @property
+    def hashes(self) -> list[str]:
+        """Every row's content hash (hex)."""
+        return [d.hex() for d in map(bytes, self.digests)]
+
+    def hex(self, rows: np.ndarray) -> list[str]:
+        """Content hashes (hex) of ``rows``; the other rows get ""."""
+        out = [""] * self.rows
+        for pos in rows.tolist():
+            out[pos] = self.digests[pos].tobytes().hex()
+        return out
+
+    def fill(self, job: Job, chunk: pa.Table, rows: np.ndarray) -> None:
+        """Prepare ``rows`` that were only hashed so far (they are about to be sent)."""
+        missing = [pos for pos in rows.tolist() if self.prepared[pos] is None]
+        if not missing:
+            return
+        (column,) = job.input_columns
+        texts = _text_column(chunk.column(column).take(pa.array(missing, pa.int64())))
+        for pos, text in zip(missing, texts.to_pylist()):
+            try:
+                self.prepared[pos] = job.prepare({column: text})
+            except RowInvalid as exc:  # the job's surely_valid() let through a row prepare() refuses
+                raise RuntimeError(f"{type(job).__name__}: row {pos} passed surely_valid() but: {exc}") from None
+
+
+def _template_of(job: Job) -> TextTemplate | None:
+    try:
+        return _templates(job)
+    except TypeError:  # an unhashable job: derive it each time
+        return text_template(job)
+
+
+@functools.lru_cache(maxsize=16)
+def _templates(job: Job) -> TextTemplate | None:
+    return text_template(job)
+
+
+def _text_column(column: pa.ChunkedArray | pa.Array) -> pa.Array | None:
+    """One string array (text read as bytes is decoded), or None when it is not all UTF-8."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    if pa.types.is_string(column.type):
+        return column
+    t = column.type
+    if not any(is_(t) for is_ in (pa.types.is_large_string, pa.types.is_string_view, pa.types.is_binary,
+                                  pa.types.is_large_binary, pa.types.is_binary_view)):  # fmt: skip
+        return None
+    try:
+        return pc.cast(column, pa.string())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return None
 
 
 def prepare_chunk(job: Job, chunk: pa.Table) -> PreparedChunk:
-    """Prepare and hash every row of a chunk. Pure: runs on a worker thread."""
-    payloads, decoded = chunk_payloads(chunk, job)
-    prepared = prepare_rows(job, payloads, decoded=decoded)
-    hashes = row_hashes(job, payloads, prepared)
-    invalid = np.fromiter((isinstance(p, RowInvalid) for p in prepared), bool, len(prepared))
-    return PreparedChunk(prepared, hashes, invalid)
+    """Hash every row of a chunk, preparing only the rows that can't be hashed at once. Pure: runs on a
+    worker thread."""
+    n = chunk.num_rows
+    template = _template_of(job)
+    texts = _text_column(chunk.column(template.column)) if template is not None else None
+    fast = job.surely_valid(texts) if texts is not None else np.zeros(n, bool)
+    prepared: list[Prepared | RowInvalid | None] = [None] * n
+    digests = np.empty((n, 32), np.uint8)
+    invalid = np.zeros(n, bool)
+    slow = np.flatnonzero(~fast)
+    if len(slow):
+        part = chunk if len(slow) == n else chunk.take(pa.array(slow, pa.int64()))
+        payloads, decoded = chunk_payloads(part, job)
+        rows = prepare_rows(job, payloads, decoded=decoded)
+        hashes = row_hashes(job, payloads, rows)
+        digests[slow] = np.frombuffer(bytes.fromhex("".join(hashes)), np.uint8).reshape(-1, 32)
+        for pos, prep in zip(slow.tolist(), rows):
+            prepared[pos] = prep
+            invalid[pos] = isinstance(prep, RowInvalid)
+    if len(slow) < n:
+        quick = np.flatnonzero(fast)
+        digests[quick] = template.digests(texts.filter(pa.array(fast)))
+        # One row a chunk through the per-row path: the two must agree byte for byte.
+        first = int(quick[0])
+        expected = content_hash(job.prepare({template.column: texts[first].as_py()}).fields)
+        if digests[first].tobytes().hex() != expected:
+            raise RuntimeError(f"{type(job).__name__}: the column-at-once content hash differs from prepare()'s")
+    return PreparedChunk(prepared, digests, invalid)
 
 
 def nothing_to_do(status: np.ndarray) -> bool:
@@ -467,9 +561,7 @@ async def precheck_chunk(ctx: RunContext, chunk: pa.Table, index: int) -> bool:
     check itself. Otherwise the prepared rows wait in ``ctx`` for :func:`process_chunk`.
     """
     ready = await asyncio.to_thread(prepare_chunk, ctx.job, chunk)
-    keys = chunk_statuses(
-        ctx.index, chunk.column(ctx.id_col), ready.hashes, ready.invalid, retry_errors=ctx.retry_errors
-    )
+    keys = chunk_statuses(ctx.index, chunk.column(ctx.id_col), ready.keys, ready.invalid, retry_errors=ctx.retry_errors)
     if nothing_to_do(keys.status):
         count_skipped(ctx, keys.status)
         return False
@@ -489,16 +581,18 @@ async def process_chunk(ctx: RunContext, chunk: pa.Table, index: int, first_row:
             ready = await asyncio.to_thread(prepare_chunk, job, chunk)
         finally:
             ctx.preparing -= 1
-    prepared, hashes = ready.prepared, ready.hashes
-
     # Deciding who owns which content is synchronous: no other chunk runs in between.
-    keys = chunk_statuses(ctx.index, id_array, hashes, ready.invalid, retry_errors=ctx.retry_errors)
+    keys = chunk_statuses(ctx.index, id_array, ready.keys, ready.invalid, retry_errors=ctx.retry_errors)
     source = keys.status
     if nothing_to_do(source):
         # Nothing to send or write (a rerun's chunk): count and go.
         count_skipped(ctx, source)
         return ChunkReport(index=index, rows=n, written=0, errors=0)
     todo = np.flatnonzero(source == NEW)
+    if len(todo) > 0 and any(ready.prepared[pos] is None for pos in todo.tolist()):
+        await asyncio.to_thread(ready.fill, job, chunk, todo)
+    prepared = ready.prepared
+    hashes = ready.hex(np.flatnonzero((source != DONE) & (source != PREV_ERROR)))
     source = source.astype(np.int64)
     invalid = {int(pos): str(prepared[pos]) for pos in np.flatnonzero(source == INVALID)}
     stored_before = ctx.index.results.has_keys(keys.keys[todo])
@@ -525,14 +619,27 @@ async def process_chunk(ctx: RunContext, chunk: pa.Table, index: int, first_row:
 
     outcomes: dict[str, Outcome | None] = {}
     try:
-        await _send_all(ctx, list(own.values()), outcomes)
-        for h, future in peers.items():
-            outcomes[h] = await future
         if stored:
             files = ctx.index.parts_holding(keys.keys[stored_pos])
             table = await asyncio.to_thread(ctx.store.read_results_for, stored, ctx.id_col, files=files)
             found = job.results_from_table(table)
             outcomes.update({h: Outcome(result=found[h]) for h in stored if h in found})
+            # The index matches 32 bits of a content: one it pointed at that isn't there is sent after all.
+            for pos in todo.tolist():
+                h = hashes[pos]
+                if source[pos] != STORED or h in found:
+                    continue
+                if h in own:
+                    source[pos] = SAME
+                elif h in ctx.inflight:
+                    source[pos], peers[h] = PEER, ctx.inflight[h]
+                else:
+                    source[pos] = OWN
+                    own[h] = Item(pos, ids[pos], h, prepared[pos])
+                    ctx.inflight[h] = asyncio.get_running_loop().create_future()
+        await _send_all(ctx, list(own.values()), outcomes)
+        for h, future in peers.items():
+            outcomes[h] = await future
         id_type = chunk.schema.field(ctx.id_col).type
         report = await asyncio.to_thread(
             _write_chunk, ctx, index, first_row, ids, id_type, hashes, source.tolist(), invalid, outcomes

@@ -52,9 +52,8 @@ async def plan_job(job: Job, options: RunOptions) -> dict[str, Any]:
         chunk = chunk.slice(0, total_rows - seen)
         seen += chunk.num_rows
         ready = await asyncio.to_thread(prepare_chunk, job, chunk)
-        prepared = ready.prepared
         keys = chunk_statuses(
-            index, chunk.column(options.id_col), ready.hashes, ready.invalid, retry_errors=options.retry_errors
+            index, chunk.column(options.id_col), ready.keys, ready.invalid, retry_errors=options.retry_errors
         )
         for status, name in COUNT_OF.items():
             counts[name] += int(np.count_nonzero(keys.status == status))
@@ -69,12 +68,14 @@ async def plan_job(job: Job, options: RunOptions) -> dict[str, Any]:
         own = new[fresh]
         planned.add(keys.keys[own])
         would_send += len(own)
+        ready.fill(job, chunk, own)  # text jobs' rows are only hashed until they are to be sent
+        prepared = ready.prepared
         tokens += sum(prepared[pos].tokens for pos in own.tolist())
         if requests_for is not None:
             requests += sum(requests_for(prepared[pos]) for pos in own.tolist())
         else:
             requests += math.ceil(len(own) / job.max_items_per_request)
-        if measure is not None:
+        if measure is not None:  # jobs without a column-at-once hash: every row is prepared
             sending = set(own.tolist())
             for pos in np.flatnonzero(keys.status != INVALID).tolist():
                 name, amount = measure(prepared[pos])

@@ -29,6 +29,7 @@ from tasks.engine.claims import COMPACT_KEY, ClaimBook, ClaimPolicy, Holder, chu
 from tasks.engine.claims import log as claims_log
 from tasks.engine.io import InputSource, check_ids
 from tasks.engine.limits import AdaptiveLimiter, Limits
+from tasks.engine.memory import release_free_memory
 from tasks.engine.metadata import batch_cost, counts, new_run_id, package_versions, usage, utc_now
 from tasks.engine.outage import OutageBreaker, OutagePolicy
 from tasks.engine.progress import ProgressBar
@@ -45,6 +46,7 @@ DEFAULT_CHUNKS_IN_FLIGHT = 4
 MAX_CHUNKS_IN_FLIGHT = 32
 STARVED_POLL_S = 0.1
 WAIT_NOTE_S = 30.0  # while waiting for chunks other runs hold, say so this often
+TRIM_EVERY_CHUNKS = 50
 COMPLETED = "completed"
 # Every row was tried, but more than --max-failed-pct of them are in _errors/ (the CLI exits 4, the
 # Prefect flow run is Failed).
@@ -145,6 +147,7 @@ async def run_job(
         await check_model(conn, job.model, key_source=options.provider.key_source)
         budget = Budget.for_job(options.max_cost_usd, job) if options.max_cost_usd is not None else None
         total_rows = await asyncio.to_thread(check_ids, source, options.id_col, limit=options.limit)
+        release_free_memory()
         store = OutputStore(options.output)
         await asyncio.to_thread(store.prepare)
         claims = await _take_lease(store, run_id, options.claims)
@@ -441,6 +444,8 @@ class _Chunks:
                 number, first = started, first_row
                 started += 1
                 first_row += chunk.num_rows
+                if number % TRIM_EVERY_CHUNKS == TRIM_EVERY_CHUNKS - 1:
+                    release_free_memory()  # chunks free many small blocks: see tasks/engine/memory.py
                 await self.offer(chunk, number, first)
                 self.settle()
                 if self.failures:
@@ -467,7 +472,7 @@ class _Chunks:
                 new = await asyncio.to_thread(ctx.store.read_new_parts, self._known_parts(), ctx.id_col)
                 new.add_to(ctx.index)
                 keys = chunk_statuses(
-                    ctx.index, chunk.column(ctx.id_col), ready.hashes, ready.invalid, retry_errors=ctx.retry_errors
+                    ctx.index, chunk.column(ctx.id_col), ready.keys, ready.invalid, retry_errors=ctx.retry_errors
                 )
             except BaseException:
                 await asyncio.to_thread(claims.release, key)

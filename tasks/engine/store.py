@@ -19,7 +19,9 @@ import itertools
 import json
 import time
 import uuid
-from collections.abc import Collection, Iterable
+from collections import deque
+from collections.abc import Callable, Collection, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +35,7 @@ import pyarrow.parquet as pq
 
 from tasks.engine.claims import CLAIMS_DIR
 from tasks.engine.index import LOCATIONS, KeyTable, exact_id_keys, hash_key, hash_keys, id_tags, pair_key
+from tasks.engine.memory import release_free_memory
 from tasks.errors import ConfigError
 
 __all__ = [
@@ -48,6 +51,9 @@ __all__ = [
 ]
 
 SCAN_BATCH_ROWS = 65536
+SCAN_THREADS = 2
+SCAN_FILES_AHEAD = 8
+SCAN_ADD_ROWS = 1 << 20
 
 ERRORS_DIR = "_errors"
 RUNS_DIR = "_runs"
@@ -200,37 +206,61 @@ class OutputStore:
 
     # -- reading ----------------------------------------------------------------------------------
     def scan(self, id_col: str, *, live_runs: Collection[str] = (), since_ns: int | None = None) -> DoneIndex:
-        """Read the (id, content_hash) columns of every part, batch by batch, into a :class:`DoneIndex`.
+        """Read the (id, content_hash) columns of every part into a :class:`DoneIndex`.
+
+        Parts are read and turned into keys on worker threads, a few files ahead of the table that
+        takes them (a 10M-row output is 5,000 parts: opening them one after the other was most of the
+        scan); at most ``SCAN_FILES_AHEAD`` parts' keys wait at a time.
 
         ``live_runs``: other runs working on the folder now; ``since_ns``: when this run took its lease.
         The rows they recorded as failed, or that were recorded since, belong to runs at work
         (``fresh_errors``): this run doesn't resend them, not even with --retry-errors."""
         index = DoneIndex()
-        for path in self.result_files():
-            loc = index.part_ordinal(path)
-            for ids, hashes in self._id_hash_batches(path, id_col):
-                index.results.add(hash_keys(hashes), id_tags(ids), loc)
-                index.result_rows += len(hashes)
-        for path in self.error_files():
-            index.error_parts.add(path)
-            theirs = False
-            if live_runs or since_ns is not None:
-                meta = self._metadata(path)
-                theirs = meta.get("run_id") in live_runs or (
-                    since_ns is not None and int(meta.get("written_at_ns", 0)) >= since_ns
-                )
-            for ids, hashes, auto in self._error_batches(path, id_col):
-                keys, tags = hash_keys(hashes), id_tags(ids)
-                if theirs:
-                    index.fresh_errors.add(keys, tags)
-                    index.error_rows += len(hashes)
-                    continue
-                index.errors.add(keys, tags)
-                if auto.any():
-                    index.auto_errors.add(keys[auto], tags[auto])
-                index.error_rows += len(hashes)
+        pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        pending_rows = 0
+
+        def flush() -> None:
+            # Parts arrive a few thousand rows at a time: added in batches of ~1M rows, the table's runs
+            # are big arrays (mmapped, returned when freed), not 16 crumbs per part fragmenting the heap.
+            nonlocal pending, pending_rows
+            if pending:
+                keys, tags, locs = (np.concatenate(cols) for cols in zip(*pending))
+                index.results.add(keys, tags, locs, merge=False)
+            pending, pending_rows = [], 0
+
+        def theirs(path: str) -> bool:
+            if not live_runs and since_ns is None:
+                return False
+            meta = self._metadata(path)
+            return meta.get("run_id") in live_runs or (
+                since_ns is not None and int(meta.get("written_at_ns", 0)) >= since_ns
+            )
+
+        with ThreadPoolExecutor(max_workers=SCAN_THREADS, thread_name_prefix="gembatch-scan") as pool:
+            for path, batches in _ahead(pool, self.result_files(), lambda p: self._result_keys(p, id_col)):
+                loc = index.part_ordinal(path)
+                for keys, tags in batches:
+                    pending.append((keys, tags, np.full(len(keys), loc % LOCATIONS, np.uint16)))
+                    pending_rows += len(keys)
+                    index.result_rows += len(keys)
+                if pending_rows >= SCAN_ADD_ROWS:
+                    flush()
+            flush()
+            for path, batches in _ahead(pool, self.error_files(), lambda p: self._error_keys(p, id_col)):
+                index.error_parts.add(path)
+                fresh = theirs(path)
+                for keys, tags, auto in batches:
+                    index.error_rows += len(keys)
+                    if fresh:
+                        index.fresh_errors.add(keys, tags)
+                        continue
+                    index.errors.add(keys, tags, merge=False)
+                    if auto.any():
+                        index.auto_errors.add(keys[auto], tags[auto], merge=False)
         index.results.compact()
         index.errors.compact()
+        index.auto_errors.compact()
+        release_free_memory()
         return index
 
     def read_new_parts(self, known: set[str], id_col: str) -> NewParts:
@@ -238,16 +268,18 @@ class OutputStore:
         run's scan. Runs on a worker thread; the caller adds them to its index (:meth:`NewParts.add_to`)."""
         new = NewParts()
         for path in self.result_files():
-            if path in known:
-                continue
-            batches = [(hash_keys(h), id_tags(i)) for i, h in self._id_hash_batches(path, id_col)]
-            new.results.append((path, batches))
+            if path not in known:
+                new.results.append((path, self._result_keys(path, id_col)))
         for path in self.error_files():
-            if path in known:
-                continue
-            batches = [(hash_keys(h), id_tags(i)) for i, h, _ in self._error_batches(path, id_col)]
-            new.errors.append((path, batches))
+            if path not in known:
+                new.errors.append((path, [(keys, tags) for keys, tags, _ in self._error_keys(path, id_col)]))
         return new
+
+    def _result_keys(self, path: str, id_col: str) -> list[tuple[np.ndarray, np.ndarray]]:
+        return [(hash_keys(hashes), id_tags(ids)) for ids, hashes in self._id_hash_batches(path, id_col)]
+
+    def _error_keys(self, path: str, id_col: str) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        return [(hash_keys(hashes), id_tags(ids), auto) for ids, hashes, auto in self._error_batches(path, id_col)]
 
     def read_results_for(
         self, content_hashes: Iterable[str], id_col: str, *, files: list[str] | None = None
@@ -391,6 +423,19 @@ class OutputStore:
 
     def _join(self, *parts: str) -> str:
         return "/".join([self.root, *parts])
+
+
+def _ahead(pool: ThreadPoolExecutor, paths: list[str], read: Callable[[str], Any]) -> Iterator[tuple[str, Any]]:
+    """(path, read(path)) in order, reading up to ``SCAN_FILES_AHEAD`` paths ahead on ``pool``."""
+    pending: deque[tuple[str, Future]] = deque()
+    for path in paths:
+        pending.append((path, pool.submit(read, path)))
+        if len(pending) >= SCAN_FILES_AHEAD:
+            done, future = pending.popleft()
+            yield done, future.result()
+    while pending:
+        done, future = pending.popleft()
+        yield done, future.result()
 
 
 def _part_hash(table: pa.Table, id_col: str) -> str:

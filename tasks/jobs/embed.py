@@ -9,10 +9,12 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from openai.types import CreateEmbeddingResponse
 
 from tasks.defaults import MAX_INPUTS_PER_REQUEST
 from tasks.engine.chunk import BadReply, Item, Prepared, Reply, RowInvalid, unexpected_reply
+from tasks.engine.hashing import non_blank
 from tasks.provider.client import Connection
 
 __all__ = ["EmbedJob", "EMBEDDING_MODELS", "MAX_INPUTS_PER_REQUEST"]
@@ -45,6 +47,8 @@ class EmbedJob:
     batch_size: int = MAX_INPUTS_PER_REQUEST
 
     name = "embed"
+    # prepare()'s fields are the same for every row but this one, the text as-is: see tasks/engine/hashing.py.
+    hash_text_field = "input"
 
     def __post_init__(self) -> None:
         if not 1 <= self.batch_size:
@@ -101,6 +105,12 @@ class EmbedJob:
             )
         fields = {"job": "embed", "model": self.model, "dimensions": self.dimensions, "input": text}
         return Prepared(fields, tokens, text)
+
+    def surely_valid(self, texts: pa.Array) -> np.ndarray:
+        """Rows :meth:`prepare` accepts (not null, not blank, within the token limit), all at once."""
+        longest = 4 * self.max_input_tokens - 3  # estimate_text_tokens(text) <= limit
+        fits = pc.less_equal(pc.utf8_length(texts), longest).fill_null(False).to_numpy(zero_copy_only=False)
+        return fits & non_blank(texts)
 
     async def send(self, conn: Connection, items: list[Item]) -> Reply:
         extra = {"dimensions": self.dimensions} if self.dimensions is not None else {}

@@ -14,6 +14,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 from openai.types.chat import ChatCompletion
 from pydantic import BaseModel, ValidationError
@@ -21,6 +22,7 @@ from pydantic import BaseModel, ValidationError
 from schemas.arrow import ModelMapping, model_mapping
 from schemas.dialects import DialectSchema, build_schema, needs_restore, response_format_name, restore_defaults
 from tasks.engine.chunk import Item, Prepared, Reply, RowFailure, RowInvalid
+from tasks.engine.hashing import non_blank
 from tasks.errors import ConfigError
 from tasks.jobs.chat import create_chat
 from tasks.jobs.embed import estimate_text_tokens
@@ -90,6 +92,8 @@ class ExtractJob:
     schema_dialect: str = "gemini"
 
     name = "extract"
+    # prepare()'s fields are the same for every row but this one, the text as-is: see tasks/engine/hashing.py.
+    hash_text_field = "text"
     max_items_per_request = 1
     streams = True  # --stream (tasks/jobs/chat.py)
     # A run's first request goes alone (tasks.engine.run): a schema the provider refuses costs one request.
@@ -168,6 +172,10 @@ class ExtractJob:
             "text": text,
         }
         return Prepared(fields=fields, tokens=estimate_text_tokens(self.system_prompt + text), data=text)
+
+    def surely_valid(self, texts: pa.Array) -> np.ndarray:
+        """Rows :meth:`prepare` accepts (not null, not blank), all at once."""
+        return non_blank(texts)
 
     async def send(self, conn: Connection, items: list[Item]) -> Reply:
         (item,) = items
