@@ -290,8 +290,10 @@ class BatchRun:
                     self._id_type = chunk.schema.field(options.id_col).type
                 ready = await asyncio.to_thread(prepare_chunk, job, chunk)
                 id_array = chunk.column(options.id_col)
-                keys = chunk_statuses(ctx.index, id_array, ready.hashes, ready.invalid, retry_errors=ctx.retry_errors)
+                keys = chunk_statuses(ctx.index, id_array, ready.keys, ready.invalid, retry_errors=ctx.retry_errors)
                 status = keys.status
+                # Text jobs' rows were only hashed: prepared (and their hashes spelled out) if they are sent.
+                hashes = ready.hex(np.flatnonzero((status == NEW) | (status == INVALID)))
                 ids = id_array.to_pylist()
                 if first_round:
                     skipped = int(np.count_nonzero(status == DONE))
@@ -303,7 +305,7 @@ class BatchRun:
                         outcomes = [
                             Outcome(error_type="invalid_input", error_message=str(ready.prepared[p])) for p in invalid
                         ]
-                        rows = [(ids[p], ready.hashes[p], first_row + p) for p in invalid]
+                        rows = [(ids[p], hashes[p], first_row + p) for p in invalid]
                         await asyncio.to_thread(self._write_rows, rows, outcomes, [True] * len(rows))
                 new = np.flatnonzero(status == NEW)
                 if not len(new):
@@ -321,12 +323,14 @@ class BatchRun:
                         new = new[one_line]
                 stored = ctx.index.results.has_keys(keys.keys[new])
                 if stored.any():
-                    await self._copy_stored(new[stored], ids, ready.hashes, keys.keys, first_row)
+                    missing = await self._copy_stored(new[stored], ids, hashes, keys.keys, first_row)
+                    stored[np.isin(new, missing)] = False  # the index only seemed to hold them: sent
                 new = new[~stored]
+                await asyncio.to_thread(ready.fill, job, chunk, new)
                 # One item per content; every row of that content rides on it.
                 owners: dict[str, tuple[Item, list[tuple[Any, int]]]] = {}
                 for pos in new.tolist():
-                    h = ready.hashes[pos]
+                    h = hashes[pos]
                     if h in owners:
                         owners[h][1].append((ids[pos], first_row + pos))
                     else:
@@ -443,20 +447,24 @@ class BatchRun:
 
     async def _copy_stored(
         self, positions: np.ndarray, ids: list[Any], hashes: list[str], keys: np.ndarray, first_row: int
-    ) -> None:
-        """Rows whose content the output already holds under another id: copied, as a live run does."""
+    ) -> np.ndarray:
+        """Rows whose content the output already holds under another id: copied, as a live run does.
+        Returns the positions whose content was not there after all (the index matches a prefix)."""
         ctx = self.ctx
         wanted = {hashes[p] for p in positions.tolist()}
         files = ctx.index.parts_holding(keys[positions])
         table = await asyncio.to_thread(ctx.store.read_results_for, wanted, ctx.id_col, files=files)
         found = ctx.job.results_from_table(table)
-        rows, outcomes = [], []
+        rows, outcomes, missing = [], [], []
         for p in positions.tolist():
             if hashes[p] in found:
                 rows.append((ids[p], hashes[p], first_row + p))
                 outcomes.append(Outcome(result=found[hashes[p]]))
+            else:
+                missing.append(p)
         if rows:
             await asyncio.to_thread(self._write_rows, rows, outcomes, [False] * len(rows))
+        return np.array(missing, np.intp)
 
     # -- 3. poll and write -----------------------------------------------------------------------------
 
