@@ -18,10 +18,19 @@ import pytest
 from conftest import REPO, TEST_KEY_ENV, assert_balanced, read_errors, read_output, write_corpus
 
 from tasks.engine.chunk import content_hash, content_hashes, prepare_chunk, process_chunk
-from tasks.engine.index import KeyTable, exact_id_keys, hash_key, hash_keys, id_tags, pair_key
+from tasks.engine.index import (
+    FP_PARTITIONS,
+    ContentTable,
+    KeyTable,
+    exact_id_keys,
+    hash_key,
+    hash_keys,
+    id_tags,
+    pair_key,
+)
 from tasks.engine.io import InputSource, check_ids
 from tasks.engine.run import RunOptions, run_job
-from tasks.engine.store import DoneIndex, OutputStore
+from tasks.engine.store import OutputStore
 from tasks.errors import InputError
 from tasks.jobs.embed import EmbedJob
 from tasks.provider.client import ProviderSettings
@@ -90,19 +99,51 @@ def test_key_table_answers_like_python_sets_with_duplicated_contents_and_many_ru
     assert (int(keys[5]), int(tags[5]) ^ 1) not in table and int(keys[25_000]) not in table
 
 
+def test_content_table_names_every_part_a_prefix_matches_from_levels_and_a_bulk_load():
+    rng = np.random.default_rng(11)
+    keys = rng.integers(0, 2**64, 120_000, dtype=np.uint64)
+    keys[7000:7300] = keys[:300]  # the same content in other parts (rows deduplicated or superseded)
+    keys[9000:9010] = keys[5]
+    locs = np.arange(len(keys)) // 1000
+    expected: dict[int, set[int]] = {}
+    for k, loc in zip(keys.tolist(), locs.tolist()):
+        expected.setdefault(k >> 32, set()).add(loc)
+    grown = ContentTable()
+    for lo in range(0, len(keys), 1000):  # a run's chunks, one level each, merging as they grow
+        grown.add(keys[lo : lo + 1000], lo // 1000)
+    bulk = ContentTable()
+    loader = bulk.loader()
+    for lo in range(0, len(keys), 7000):
+        loader.add(keys[lo : lo + 7000], locs[lo : lo + 7000])
+    loader.finish()
+    assert bulk.levels == 1 and 1 < grown.levels <= 8 and len(bulk) == len(grown) == len(keys)
+    queries = np.concatenate([keys[::97], rng.integers(0, 2**64, 3000, dtype=np.uint64), keys[:1] | np.uint64(7)])
+    for table in (grown, bulk):
+        positions, found = table.candidates(queries)
+        got: dict[int, set[int]] = {}
+        for pos, loc in zip(positions.tolist(), found.tolist()):
+            got.setdefault(pos, set()).add(loc)
+        for pos, key in enumerate(queries.tolist()):
+            assert got.get(pos, set()) == expected.get(key >> 32, set()), pos
+        assert table.has_keys(queries).tolist() == [(k >> 32) in expected for k in queries.tolist()]
+
+
 def test_index_memory_per_row_is_fixed_width():
     rows = 100_000
-    table = KeyTable()
+    table = ContentTable()
+    loader = table.loader()
     for lo in range(0, rows, 2000):
-        table.add(hash_keys([sha(i) for i in range(lo, lo + 2000)]), id_tags(list(range(lo, lo + 2000))), lo)
-    # 4 (hash key's top half) + 4 (id tag) + 2 (part) bytes; Python sets of ints held ~100+ bytes a row.
-    assert table.nbytes / rows <= 10.5
+        loader.add(hash_keys([sha(i) for i in range(lo, lo + 2000)]), np.full(2000, lo // 2000))
+    loader.finish()
+    # 2 (the hash key's bits 32-47) + 2 (part) bytes a row, and one table of 65,537 offsets;
+    # Python sets of ints held ~100+ bytes a row.
+    assert table.nbytes == 4 * rows + 8 * (FP_PARTITIONS + 1)
     seen = KeyTable(payload=False)
     seen.add(exact_id_keys(pa.array(range(rows))))
     assert seen.nbytes / rows <= 8.5
 
 
-def test_index_of_a_scanned_output_stays_under_11_bytes_a_row(tmp_path):
+def test_a_scanned_output_is_held_in_4_bytes_a_row_and_matches_are_confirmed_in_the_parts(tmp_path):
     store = OutputStore(str(tmp_path / "out"))
     store.prepare()
     for lo in range(0, 60_000, 20_000):
@@ -111,10 +152,16 @@ def test_index_of_a_scanned_output_stays_under_11_bytes_a_row(tmp_path):
         store.write_part(table, errors=False, run_id="r", id_col="id")
     index = store.scan("id")
     assert index.result_rows == 60_000
-    assert index.nbytes() / index.result_rows <= 11
+    assert index.nbytes() == 4 * 60_000 + 8 * (FP_PARTITIONS + 1)
     ids = [f"doc-{i}" for i in range(59_990, 60_010)]
-    found = index.results.has_pairs(hash_keys([sha(i) for i in ids]), id_tags(ids))
-    assert found.tolist() == [True] * 10 + [False] * 10
+    keys = hash_keys([sha(i) for i in ids])
+    assert index.pairs_done(keys, pa.array(ids)).tolist() == [True] * 10 + [False] * 10
+    # The same contents under other ids: stored, not done.
+    others = pa.array([f"other-{i}" for i in range(20)])
+    assert index.pairs_done(keys, others).tolist() == [False] * 20
+    assert index.contents_stored(keys).tolist() == [True] * 10 + [False] * 10
+    (holding,) = index.parts_holding(keys[:1])
+    assert "doc-59990" in pq.read_table(holding).column("id").to_pylist()
 
 
 SCAN_IN_CHILD = """
@@ -123,8 +170,8 @@ sys.path.insert(0, sys.argv[1])
 from tasks.engine.store import OutputStore
 from tasks.engine.index import pair_key
 index = OutputStore(sys.argv[2]).scan("id")
-keys = [[int(k), int(loc)] for runs in index.results._parts for run in runs for k, loc in zip(run.keys, run.locs)]
-print(json.dumps({"keys": sorted(keys), "pair": list(pair_key("doc-7", "ab" * 32))}))
+levels = [[lv.offsets.tolist(), lv.entries.tolist()] for lv in index.results._levels]
+print(json.dumps({"levels": levels, "pair": list(pair_key("doc-7", "ab" * 32))}))
 """
 
 
@@ -146,14 +193,13 @@ def test_keys_are_stable_across_processes_with_other_hash_seeds(tmp_path):
         assert child.returncode == 0, child.stderr
         answers.append(json.loads(child.stdout))
     index = store.scan("id")
-    here = sorted(
-        [int(k), int(loc)] for runs in index.results._parts for run in runs for k, loc in zip(run.keys, run.locs)
-    )
-    assert answers[0]["keys"] == answers[1]["keys"] == here
+    here = [[lv.offsets.tolist(), lv.entries.tolist()] for lv in index.results._levels]
+    assert answers[0]["levels"] == answers[1]["levels"] == here
     assert answers[0]["pair"] == answers[1]["pair"] == list(pair_key("doc-7", "ab" * 32))
     # Integer ids hash alike whatever their width; strings alike as string or large_string.
     assert (id_tags(pa.array([1, 2, 3], pa.int32())) == id_tags(pa.array([1, 2, 3], pa.int64()))).all()
     assert (id_tags(pa.array(["a", "b"])) == id_tags(pa.array(["a", "b"], pa.large_string()))).all()
+    assert (exact_id_keys(pa.array([1, 2], pa.int32())) == exact_id_keys(pa.array([1, 2], pa.int64()))).all()
 
 
 def test_content_hashes_match_content_hash_byte_for_byte():
@@ -299,15 +345,18 @@ def test_a_rerun_starts_no_chunk_task_and_a_first_run_skips_compaction(emulator,
     assert calls == [3] and compactions == [1] and doc["output"]["superseded_rows_removed"] == 1
 
 
-def test_done_index_keeps_the_names_the_engine_tests_with_in():
-    index = DoneIndex()
-    index.results.add(hash_keys(["ab" * 32]), id_tags(["x"]), 0)
+def test_done_index_answers_from_the_parts_and_frees_its_tables(tmp_path):
+    store = OutputStore(str(tmp_path / "out"))
+    store.prepare()
+    store.write_part(pa.table({"id": ["x"], "content_hash": ["ab" * 32]}), errors=False, run_id="r", id_col="id")
+    index = store.scan("id")
     index.errors.add(hash_keys(["cd" * 32]), id_tags(["y"]))
-    assert pair_key("x", "ab" * 32) in index.done_pairs and hash_key("ab" * 32) in index.known_hashes
-    assert pair_key("y", "ab" * 32) not in index.done_pairs
-    assert pair_key("y", "cd" * 32) in index.errored_pairs
+    keys = hash_keys(["ab" * 32, "ab" * 32, "cd" * 32])
+    assert index.pairs_done(keys, ["x", "y", "x"]).tolist() == [True, False, False]
+    assert index.contents_stored(keys).tolist() == [True, True, False]
+    assert hash_key("ab" * 32) in index.results and pair_key("y", "cd" * 32) in index.errored_pairs
     index.clear()
-    assert pair_key("x", "ab" * 32) not in index.done_pairs and index.nbytes() == 0
+    assert index.pairs_done(keys, ["x", "y", "x"]).tolist() == [False] * 3 and index.nbytes() == 0
 
 
 def colliding_texts() -> tuple[str, str]:

@@ -62,7 +62,7 @@ from tasks.engine.chunk import (
     RowFailure,
     RunContext,
     chunk_statuses,
-    prepare_chunk,
+    prepare_and_look_up,
 )
 from tasks.engine.index import KeyTable, hash_keys, id_tags
 from tasks.engine.store import RETRY_AUTO, RETRY_ON_REQUEST
@@ -288,9 +288,11 @@ class BatchRun:
                 seen += chunk.num_rows
                 if self._id_type is None:
                     self._id_type = chunk.schema.field(options.id_col).type
-                ready = await asyncio.to_thread(prepare_chunk, job, chunk)
+                ready = await asyncio.to_thread(prepare_and_look_up, ctx, chunk)
                 id_array = chunk.column(options.id_col)
-                keys = chunk_statuses(ctx.index, id_array, ready.keys, ready.invalid, retry_errors=ctx.retry_errors)
+                keys = chunk_statuses(
+                    ctx.index, id_array, ready.keys, ready.invalid, retry_errors=ctx.retry_errors, done=ready.done
+                )
                 status = keys.status
                 # Text jobs' rows were only hashed: prepared (and their hashes spelled out) if they are sent.
                 hashes = ready.hex(np.flatnonzero((status == NEW) | (status == INVALID)))
@@ -661,8 +663,9 @@ class BatchRun:
         id_type = self._id_type or pa.int64()
         # A row already in the output (a run killed after writing, before marking the batch written).
         keys = hash_keys([h for _, h, _ in rows])
-        tags = id_tags([r for r, _, _ in rows])
-        done = ctx.index.results.has_pairs(keys, tags) if len(ctx.index.results) else np.zeros(len(rows), bool)
+        ids = pa.array([r for r, _, _ in rows], self._id_type) if self._id_type is not None else [r for r, _, _ in rows]
+        done = ctx.index.pairs_done(keys, ids) if len(ctx.index.results) else np.zeros(len(rows), bool)
+        tags = id_tags(ids)
         ok = [i for i, o in enumerate(outcomes) if o.ok and not done[i]]
         bad = [i for i, o in enumerate(outcomes) if not o.ok and not done[i]]
         stats.skipped_done += int(done.sum())
@@ -678,7 +681,7 @@ class BatchRun:
             )
             part = ctx.store.write_part(table, errors=False, run_id=ctx.run_id, id_col=ctx.id_col)
             stats.parts_written.append(part)
-            ctx.index.results.add(keys[ok], tags[ok], ctx.index.part_ordinal(part))
+            ctx.index.results.add(keys[ok], ctx.index.part_ordinal(part))
             for i in ok:
                 if firsts[i]:
                     stats.succeeded += 1

@@ -48,6 +48,7 @@ __all__ = [
     "chunk_statuses",
     "content_hash",
     "content_hashes",
+    "prepare_and_look_up",
     "prepare_chunk",
     "precheck_chunk",
     "process_chunk",
@@ -382,12 +383,14 @@ def chunk_statuses(
     invalid: np.ndarray,
     *,
     retry_errors: bool,
+    done: np.ndarray | None = None,
 ) -> ChunkKeys:
     """What the output already says of each row of a chunk: DONE, PREV_ERROR, INVALID or NEW.
 
     ``keys``: the rows' hash keys (``PreparedChunk.keys``), or their content hashes. Vectorised: the
     chunk's keys are looked up in the index at once. Shared by a run and a dry run, so both skip and
-    count the same rows.
+    count the same rows. ``done``: :meth:`DoneIndex.pairs_done` of these rows, when a worker thread
+    already asked it (it reads the parts the index points to); else it is asked here.
     """
     if not isinstance(keys, np.ndarray):
         keys = hash_keys(keys)
@@ -402,8 +405,10 @@ def chunk_statuses(
     if len(index.fresh_errors):
         # Another run tried these rows and failed while this run ran: this run doesn't send them again.
         status[index.fresh_errors.has_pairs(keys, tags)] = PREV_ERROR
-    if len(index.results):
-        status[index.results.has_pairs(keys, tags)] = DONE
+    if done is None:
+        done = index.pairs_done(keys, ids) if len(index.results) else None
+    if done is not None:
+        status[done] = DONE
     return ChunkKeys(keys, tags, status)
 
 
@@ -449,6 +454,7 @@ class PreparedChunk:
     prepared: list[Prepared | RowInvalid | None]  # None: hashed at once, not prepared yet
     digests: np.ndarray  # (rows, 32) uint8: each row's content hash as sha256 bytes
     invalid: np.ndarray  # bool: the row can't be sent
+    done: np.ndarray | None = None  # bool: DoneIndex.pairs_done of the rows, asked on the worker thread
 
     @property
     def rows(self) -> int:
@@ -553,6 +559,15 @@ def count_skipped(ctx: RunContext, status: np.ndarray) -> None:
     ctx.on_progress(len(status))
 
 
+def prepare_and_look_up(ctx: RunContext, chunk: pa.Table) -> PreparedChunk:
+    """Hash a chunk and ask the output which of its rows are done (reading the parts the index points
+    to): the slow half of :func:`chunk_statuses`, on a worker thread."""
+    ready = prepare_chunk(ctx.job, chunk)
+    if len(ctx.index.results):
+        ready.done = ctx.index.pairs_done(ready.keys, chunk.column(ctx.id_col))
+    return ready
+
+
 async def precheck_chunk(ctx: RunContext, chunk: pa.Table, index: int) -> bool:
     """Prepare a chunk ahead of its task: False if none of its rows needs a request or a write.
 
@@ -560,8 +575,10 @@ async def precheck_chunk(ctx: RunContext, chunk: pa.Table, index: int) -> bool:
     rerun of 10 million rows would otherwise create 5,000 empty task runs, which costs more than the
     check itself. Otherwise the prepared rows wait in ``ctx`` for :func:`process_chunk`.
     """
-    ready = await asyncio.to_thread(prepare_chunk, ctx.job, chunk)
-    keys = chunk_statuses(ctx.index, chunk.column(ctx.id_col), ready.keys, ready.invalid, retry_errors=ctx.retry_errors)
+    ready = await asyncio.to_thread(prepare_and_look_up, ctx, chunk)
+    keys = chunk_statuses(
+        ctx.index, chunk.column(ctx.id_col), ready.keys, ready.invalid, retry_errors=ctx.retry_errors, done=ready.done
+    )
     if nothing_to_do(keys.status):
         count_skipped(ctx, keys.status)
         return False
@@ -578,11 +595,14 @@ async def process_chunk(ctx: RunContext, chunk: pa.Table, index: int, first_row:
     if ready is None or ready.rows != n:
         ctx.preparing += 1
         try:
-            ready = await asyncio.to_thread(prepare_chunk, job, chunk)
+            ready = await asyncio.to_thread(prepare_and_look_up, ctx, chunk)
         finally:
             ctx.preparing -= 1
-    # Deciding who owns which content is synchronous: no other chunk runs in between.
-    keys = chunk_statuses(ctx.index, id_array, ready.keys, ready.invalid, retry_errors=ctx.retry_errors)
+    # Deciding who owns which content is synchronous: no other chunk runs in between. (Which rows are
+    # done was asked on a worker thread: no other chunk of this run writes this chunk's ids.)
+    keys = chunk_statuses(
+        ctx.index, id_array, ready.keys, ready.invalid, retry_errors=ctx.retry_errors, done=ready.done
+    )
     source = keys.status
     if nothing_to_do(source):
         # Nothing to send or write (a rerun's chunk): count and go.
@@ -647,7 +667,7 @@ async def process_chunk(ctx: RunContext, chunk: pa.Table, index: int, first_row:
         added = [item.position for h, item in own.items() if (o := outcomes.get(h)) is not None and o.ok]
         if added and report.part is not None:
             rows = np.array(added, np.intp)
-            ctx.index.results.add(keys.keys[rows], keys.tags[rows], ctx.index.part_ordinal(report.part))
+            ctx.index.results.add(keys.keys[rows], ctx.index.part_ordinal(report.part))
     finally:
         for h in own:
             future = ctx.inflight.pop(h)

@@ -63,7 +63,9 @@ async def plan_job(job: Job, options: RunOptions) -> dict[str, Any]:
         _, first = np.unique(new_keys, return_index=True)
         fresh = np.zeros(len(new), bool)
         fresh[first] = True
-        fresh &= ~planned.has_keys(new_keys) & ~index.results.has_keys(new_keys)
+        fresh &= ~planned.has_keys(new_keys)
+        if len(index.results) and fresh.any():
+            fresh[fresh] = ~index.contents_stored(new_keys[fresh])
         counts["deduplicated"] += int(len(new) - np.count_nonzero(fresh))
         own = new[fresh]
         planned.add(keys.keys[own])

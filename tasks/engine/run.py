@@ -471,8 +471,15 @@ class _Chunks:
                 # Other runs may have written this chunk's rows since this run read the output.
                 new = await asyncio.to_thread(ctx.store.read_new_parts, self._known_parts(), ctx.id_col)
                 new.add_to(ctx.index)
+                if new.results:
+                    ready.done = await asyncio.to_thread(ctx.index.pairs_done, ready.keys, chunk.column(ctx.id_col))
                 keys = chunk_statuses(
-                    ctx.index, chunk.column(ctx.id_col), ready.keys, ready.invalid, retry_errors=ctx.retry_errors
+                    ctx.index,
+                    chunk.column(ctx.id_col),
+                    ready.keys,
+                    ready.invalid,
+                    retry_errors=ctx.retry_errors,
+                    done=ready.done,
                 )
             except BaseException:
                 await asyncio.to_thread(claims.release, key)

@@ -34,7 +34,17 @@ import pyarrow.dataset as pds
 import pyarrow.parquet as pq
 
 from tasks.engine.claims import CLAIMS_DIR
-from tasks.engine.index import LOCATIONS, KeyTable, exact_id_keys, hash_key, hash_keys, id_tags, pair_key
+from tasks.engine.index import (
+    LOCATIONS,
+    ContentTable,
+    KeyTable,
+    exact_id_keys,
+    hash_key,
+    hash_keys,
+    id_tags,
+    pair_key,
+    pair_keys,
+)
 from tasks.engine.memory import release_free_memory
 from tasks.errors import ConfigError
 
@@ -53,7 +63,6 @@ __all__ = [
 SCAN_BATCH_ROWS = 65536
 SCAN_THREADS = 2
 SCAN_FILES_AHEAD = 8
-SCAN_ADD_ROWS = 1 << 20
 
 ERRORS_DIR = "_errors"
 RUNS_DIR = "_runs"
@@ -71,16 +80,18 @@ LEGACY_AUTO_ERROR_TYPES = ("transient", "rate_limited")
 
 @dataclass
 class DoneIndex:
-    """What the output already holds, as fixed-width keys (see :mod:`tasks.engine.index`): ~14 bytes a row.
+    """What the output already holds, as fixed-width keys (see :mod:`tasks.engine.index`).
 
-    ``results`` has one entry per result row: (hash key, id tag, part ordinal). It answers both "is
-    this (id, content) done?" and "is this content stored under some id?"; ``done_pairs`` and
-    ``known_hashes`` are the same table under the names the engine used to test with ``in``.
-    ``errors`` has the rows of ``_errors/``. Another kind of key set is one more :class:`KeyTable`
-    field, filled in :meth:`OutputStore.scan` and tested in ``engine.chunk_statuses``.
+    ``results`` has one entry per result row, 4 bytes: a 32-bit prefix of its content hash and the
+    ordinal of its part (a :class:`ContentTable`). It names the parts that may hold a content; whether
+    a row is done (this id, this content) or its content is stored under another id is confirmed by
+    reading those parts (:meth:`pairs_done`, :meth:`contents_stored`), a few small files a chunk.
+    ``errors`` has the rows of ``_errors/`` (10 bytes each, answered in memory: failed rows are few).
+    Another kind of key set is one more field, filled in :meth:`OutputStore.scan` and tested in
+    ``engine.chunk_statuses``.
     """
 
-    results: KeyTable = field(default_factory=KeyTable)
+    results: ContentTable = field(default_factory=ContentTable)
     errors: KeyTable = field(default_factory=KeyTable)
     parts: list[str] = field(default_factory=list)  # result part paths by ordinal (location mod 2**16)
     # Of ``errors``, the rows that failed on transient errors only: a plain rerun sends them again.
@@ -91,14 +102,8 @@ class DoneIndex:
     # Rows another run recorded in _errors/ while this run ran (see OutputStore.read_new_parts): this
     # run doesn't send them again, not even with --retry-errors; the next run decides.
     fresh_errors: KeyTable = field(default_factory=KeyTable)
-
-    @property
-    def done_pairs(self) -> KeyTable:
-        return self.results
-
-    @property
-    def known_hashes(self) -> KeyTable:
-        return self.results
+    store: OutputStore | None = None  # where the parts are read to confirm a match
+    id_col: str = "id"
 
     @property
     def errored_pairs(self) -> KeyTable:
@@ -109,11 +114,50 @@ class DoneIndex:
         self.parts.append(path)
         return len(self.parts) - 1
 
+    def parts_at(self, location: int) -> list[str]:
+        return self.parts[int(location) % LOCATIONS :: LOCATIONS]
+
     def parts_holding(self, keys: np.ndarray) -> list[str]:
         """The result parts that may hold these hash keys (every part with a matching location)."""
-        locations = self.results.locate(keys)
-        wanted = {int(loc) for loc in locations if loc >= 0}
-        return sorted({p for ordinal, p in enumerate(self.parts) if ordinal % LOCATIONS in wanted})
+        _, locations = self.results.candidates(keys)
+        return sorted({p for loc in np.unique(locations).tolist() for p in self.parts_at(loc)})
+
+    def pairs_done(self, keys: np.ndarray, ids: pa.Array | pa.ChunkedArray | list[Any]) -> np.ndarray:
+        """For each row (hash key, id): does the output hold a result of this content for this id?
+
+        The table names the parts that may hold the content; those parts' (id, content_hash) columns
+        say for sure. Safe on a worker thread while the event loop adds rows (it reads a snapshot)."""
+        keys = np.asarray(keys, np.uint64)
+        done = np.zeros(len(keys), bool)
+        queries, locations = self.results.candidates(keys)
+        if not len(queries):
+            return done
+        rows = np.unique(queries)
+        if not isinstance(ids, (pa.Array, pa.ChunkedArray)):
+            ids = pa.array(list(ids))
+        wanted = np.zeros(len(keys), np.uint64)
+        wanted[rows] = pair_keys(keys[rows], exact_id_keys(ids.take(pa.array(rows, pa.int64()))))
+        for loc, (at, _) in _by_location(queries, locations).items():
+            for path in self.parts_at(loc):
+                _contents, pairs = self._part_keys(path)
+                done[at] |= np.isin(wanted[at], pairs)
+        return done
+
+    def contents_stored(self, keys: np.ndarray) -> np.ndarray:
+        """For each hash key (the first 64 bits of a content hash): does some result row have it?"""
+        keys = np.asarray(keys, np.uint64)
+        found = np.zeros(len(keys), bool)
+        queries, locations = self.results.candidates(keys)
+        for loc, (at, _) in _by_location(queries, locations).items():
+            for path in self.parts_at(loc):
+                contents, _pairs = self._part_keys(path)
+                found[at] |= np.isin(keys[at], contents)
+        return found
+
+    def _part_keys(self, path: str) -> tuple[np.ndarray, np.ndarray]:
+        if self.store is None:
+            raise RuntimeError("this index was not read from an output folder: it can't confirm a match")
+        return self.store.part_keys(path, self.id_col)
 
     def nbytes(self) -> int:
         return self.results.nbytes + self.errors.nbytes
@@ -125,11 +169,25 @@ class DoneIndex:
         self.fresh_errors.clear()
 
 
+def _by_location(queries: np.ndarray, locations: np.ndarray) -> dict[int, tuple[np.ndarray, None]]:
+    """The query positions matched at each location."""
+    out: dict[int, tuple[np.ndarray, None]] = {}
+    if not len(queries):
+        return out
+    order = np.argsort(locations, kind="stable")
+    locs, qs = locations[order], queries[order]
+    cuts = np.flatnonzero(np.diff(locs)) + 1
+    for lo, hi in zip([0, *cuts.tolist()], [*cuts.tolist(), len(locs)]):
+        out[int(locs[lo])] = (np.unique(qs[lo:hi]), None)
+    return out
+
+
 @dataclass
 class NewParts:
-    """Parts another run wrote while this one ran: (path, [(hash keys, id tags), …]) each."""
+    """Parts another run wrote while this one ran: (path, [hash keys, …]) each result part,
+    (path, [(hash keys, id tags), …]) each errors part."""
 
-    results: list[tuple[str, list[tuple[np.ndarray, np.ndarray]]]] = field(default_factory=list)
+    results: list[tuple[str, list[np.ndarray]]] = field(default_factory=list)
     errors: list[tuple[str, list[tuple[np.ndarray, np.ndarray]]]] = field(default_factory=list)
 
     def add_to(self, index: DoneIndex) -> int:
@@ -139,8 +197,8 @@ class NewParts:
             if path in index.parts:
                 continue
             loc = index.part_ordinal(path)
-            for keys, tags in batches:
-                index.results.add(keys, tags, loc)
+            for keys in batches:
+                index.results.add(keys, loc)
                 rows += len(keys)
         for path, batches in self.errors:
             if path in index.error_parts:
@@ -215,18 +273,8 @@ class OutputStore:
         ``live_runs``: other runs working on the folder now; ``since_ns``: when this run took its lease.
         The rows they recorded as failed, or that were recorded since, belong to runs at work
         (``fresh_errors``): this run doesn't resend them, not even with --retry-errors."""
-        index = DoneIndex()
-        pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-        pending_rows = 0
-
-        def flush() -> None:
-            # Parts arrive a few thousand rows at a time: added in batches of ~1M rows, the table's runs
-            # are big arrays (mmapped, returned when freed), not 16 crumbs per part fragmenting the heap.
-            nonlocal pending, pending_rows
-            if pending:
-                keys, tags, locs = (np.concatenate(cols) for cols in zip(*pending))
-                index.results.add(keys, tags, locs, merge=False)
-            pending, pending_rows = [], 0
+        index = DoneIndex(store=self, id_col=id_col)
+        loader = index.results.loader()
 
         def theirs(path: str) -> bool:
             if not live_runs and since_ns is None:
@@ -237,15 +285,16 @@ class OutputStore:
             )
 
         with ThreadPoolExecutor(max_workers=SCAN_THREADS, thread_name_prefix="gembatch-scan") as pool:
-            for path, batches in _ahead(pool, self.result_files(), lambda p: self._result_keys(p, id_col)):
-                loc = index.part_ordinal(path)
-                for keys, tags in batches:
-                    pending.append((keys, tags, np.full(len(keys), loc % LOCATIONS, np.uint16)))
-                    pending_rows += len(keys)
-                    index.result_rows += len(keys)
-                if pending_rows >= SCAN_ADD_ROWS:
-                    flush()
-            flush()
+            try:
+                for path, batches in _ahead(pool, self.result_files(), lambda p: self._result_keys(p, id_col)):
+                    loc = index.part_ordinal(path)
+                    for keys in batches:
+                        loader.add(keys, np.full(len(keys), loc % LOCATIONS, np.uint16))
+                        index.result_rows += len(keys)
+            except BaseException:
+                loader.close()
+                raise
+            loader.finish()
             for path, batches in _ahead(pool, self.error_files(), lambda p: self._error_keys(p, id_col)):
                 index.error_parts.add(path)
                 fresh = theirs(path)
@@ -257,7 +306,6 @@ class OutputStore:
                     index.errors.add(keys, tags, merge=False)
                     if auto.any():
                         index.auto_errors.add(keys[auto], tags[auto], merge=False)
-        index.results.compact()
         index.errors.compact()
         index.auto_errors.compact()
         release_free_memory()
@@ -275,8 +323,18 @@ class OutputStore:
                 new.errors.append((path, [(keys, tags) for keys, tags, _ in self._error_keys(path, id_col)]))
         return new
 
-    def _result_keys(self, path: str, id_col: str) -> list[tuple[np.ndarray, np.ndarray]]:
-        return [(hash_keys(hashes), id_tags(ids)) for ids, hashes in self._id_hash_batches(path, id_col)]
+    def _result_keys(self, path: str, id_col: str) -> list[np.ndarray]:
+        parquet = pq.ParquetFile(path, filesystem=self.fs)
+        return [
+            hash_keys(b.column(0)) for b in parquet.iter_batches(columns=["content_hash"], batch_size=SCAN_BATCH_ROWS)
+        ]
+
+    def part_keys(self, path: str, id_col: str) -> tuple[np.ndarray, np.ndarray]:
+        """A result part's rows as (hash keys, :func:`pair_keys`): what confirms a match of the index."""
+        with self.fs.open(path, "rb") as f:
+            table = pq.ParquetFile(f).read(columns=[id_col, "content_hash"])
+        contents = hash_keys(table.column("content_hash"))
+        return contents, pair_keys(contents, exact_id_keys(table.column(id_col)))
 
     def _error_keys(self, path: str, id_col: str) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         return [(hash_keys(hashes), id_tags(ids), auto) for ids, hashes, auto in self._error_batches(path, id_col)]

@@ -534,7 +534,7 @@ class TranscribeJob:
         names = [p.rsplit("/", 1)[-1] for p in rows]
         if not names:
             return 0
-        done = index.results.has_keys(hash_keys(names))
+        done = index.contents_stored(hash_keys(names))
         removed = 0
         for path, is_done in zip(rows, done.tolist()):
             if is_done:
