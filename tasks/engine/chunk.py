@@ -568,14 +568,16 @@ def prepare_and_look_up(ctx: RunContext, chunk: pa.Table) -> PreparedChunk:
     return ready
 
 
-async def precheck_chunk(ctx: RunContext, chunk: pa.Table, index: int) -> bool:
+async def precheck_chunk(ctx: RunContext, chunk: pa.Table, index: int, ready: PreparedChunk | None = None) -> bool:
     """Prepare a chunk ahead of its task: False if none of its rows needs a request or a write.
 
     Such a chunk (every row done, or failed before) is counted here and needs no Prefect task: a
     rerun of 10 million rows would otherwise create 5,000 empty task runs, which costs more than the
-    check itself. Otherwise the prepared rows wait in ``ctx`` for :func:`process_chunk`.
+    check itself. Otherwise the prepared rows wait in ``ctx`` for :func:`process_chunk`. ``ready``:
+    :func:`prepare_and_look_up` of the chunk, if the caller had it done ahead.
     """
-    ready = await asyncio.to_thread(prepare_and_look_up, ctx, chunk)
+    if ready is None:
+        ready = await asyncio.to_thread(prepare_and_look_up, ctx, chunk)
     keys = chunk_statuses(
         ctx.index, chunk.column(ctx.id_col), ready.keys, ready.invalid, retry_errors=ctx.retry_errors, done=ready.done
     )

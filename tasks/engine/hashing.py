@@ -56,8 +56,15 @@ class TextTemplate:
         bodies = texts.cast(pa.binary()).to_pylist()
         for pos in _needs_escaping(texts):
             bodies[pos] = _encode_str(texts[pos].as_py())[1:-1].encode()
-        sha256 = hashlib.sha256
-        joined = b"".join([sha256(head + body + tail).digest() for body in bodies])
+        start = hashlib.sha256(head)  # each row's hash goes on from a copy of the head's state
+
+        def digest(body: bytes) -> bytes:
+            h = start.copy()
+            h.update(body)
+            h.update(tail)
+            return h.digest()
+
+        joined = b"".join(map(digest, bodies))
         return np.frombuffer(joined, np.uint8).reshape(n, 32)
 
 

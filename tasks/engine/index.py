@@ -542,7 +542,7 @@ class ContentLoader:
     lands at its place in the level's array, block by block, and each partition is sorted. (Levels
     merged in memory would hold the inputs and the result at once: twice the memory.)"""
 
-    BLOCK_ROWS = 1 << 20
+    BLOCK_ROWS = 1 << 18  # ~10 MB of temporaries while a block lands
 
     def __init__(self, table: ContentTable) -> None:
         self.table = table

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,12 +19,14 @@ from tasks.engine.budget import Budget
 from tasks.engine.chunk import (
     ChunkRunner,
     Job,
+    PreparedChunk,
     RetryPolicy,
     RunContext,
     chunk_statuses,
     count_skipped,
     nothing_to_do,
     precheck_chunk,
+    prepare_and_look_up,
     process_chunk,
 )
 from tasks.engine.claims import COMPACT_KEY, ClaimBook, ClaimPolicy, Holder, chunk_key
@@ -47,6 +51,7 @@ MAX_CHUNKS_IN_FLIGHT = 32
 STARVED_POLL_S = 0.1
 WAIT_NOTE_S = 30.0  # while waiting for chunks other runs hold, say so this often
 TRIM_EVERY_CHUNKS = 50
+LOOK_AHEAD = 2  # chunks hashed and checked ahead of the one offered (worker threads)
 COMPLETED = "completed"
 # Every row was tried, but more than --max-failed-pct of them are in _errors/ (the CLI exits 4, the
 # Prefect flow run is Failed).
@@ -430,33 +435,52 @@ class _Chunks:
             self.settle()
 
     async def first_pass(self) -> None:
+        """Offer every chunk in order. The next ``LOOK_AHEAD`` chunks are read, hashed and looked up in
+        the output meanwhile on worker threads (a rerun's whole work: reading Parquet and the parts it
+        checks against runs beside the hashing of another chunk)."""
         ctx, total_rows = self.ctx, self.total_rows
         chunks = self._chunks()
+        ahead: deque[tuple[pa.Table, int, int, asyncio.Future[PreparedChunk]]] = deque()
         started = 0
         first_row = 0
+        pool = ThreadPoolExecutor(max_workers=LOOK_AHEAD, thread_name_prefix="gembatch-check")
+        loop = asyncio.get_running_loop()
         try:
-            while first_row < total_rows and not ctx.stop_event.is_set():
-                await self.room()
-                chunk = await asyncio.to_thread(next, chunks, None)
-                if chunk is None or ctx.stop_event.is_set():
+            while not ctx.stop_event.is_set():
+                while len(ahead) < LOOK_AHEAD and first_row < total_rows:
+                    chunk = await asyncio.to_thread(next, chunks, None)
+                    if chunk is None:
+                        total_rows = first_row
+                        break
+                    chunk = chunk.slice(0, total_rows - first_row)
+                    future = loop.run_in_executor(pool, prepare_and_look_up, ctx, chunk)
+                    ahead.append((chunk, started, first_row, future))
+                    started += 1
+                    first_row += chunk.num_rows
+                if not ahead:
                     break
-                chunk = chunk.slice(0, total_rows - first_row)
-                number, first = started, first_row
-                started += 1
-                first_row += chunk.num_rows
+                await self.room()
+                chunk, number, first, future = ahead.popleft()
+                ready = await future
+                if ctx.stop_event.is_set():
+                    break
                 if number % TRIM_EVERY_CHUNKS == TRIM_EVERY_CHUNKS - 1:
                     release_free_memory()  # chunks free many small blocks: see tasks/engine/memory.py
-                await self.offer(chunk, number, first)
+                await self.offer(chunk, number, first, ready)
                 self.settle()
                 if self.failures:
                     break
         finally:
+            for *_, future in ahead:
+                future.cancel()
+            await asyncio.gather(*(f for *_, f in ahead), return_exceptions=True)
+            pool.shutdown(wait=True)
             chunks.close()
 
-    async def offer(self, chunk: pa.Table, number: int, first: int) -> None:
+    async def offer(self, chunk: pa.Table, number: int, first: int, ready: PreparedChunk | None = None) -> None:
         """Start the chunk's task if it has work and this run gets its claim; else count it or defer it."""
         ctx, claims = self.ctx, self.claims
-        if not await precheck_chunk(ctx, chunk, number):
+        if not await precheck_chunk(ctx, chunk, number, ready):
             return  # nothing to send or write: counted, no task
         key = None
         if claims is not None:

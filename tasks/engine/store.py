@@ -17,6 +17,9 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import os
+import tempfile
+import threading
 import time
 import uuid
 from collections import deque
@@ -63,6 +66,7 @@ __all__ = [
 SCAN_BATCH_ROWS = 65536
 SCAN_THREADS = 2
 SCAN_FILES_AHEAD = 8
+RECENT_PARTS = 8  # parts whose keys DoneIndex keeps after confirming a match in them
 
 ERRORS_DIR = "_errors"
 RUNS_DIR = "_runs"
@@ -104,6 +108,10 @@ class DoneIndex:
     fresh_errors: KeyTable = field(default_factory=KeyTable)
     store: OutputStore | None = None  # where the parts are read to confirm a match
     id_col: str = "id"
+    # The scanned parts' pair keys, on local disk: a done row is confirmed with a 16 KB read.
+    pair_file: PairFile = field(default_factory=lambda: PairFile(), repr=False)
+    _recent: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
+    _recent_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def errored_pairs(self) -> KeyTable:
@@ -132,15 +140,16 @@ class DoneIndex:
         queries, locations = self.results.candidates(keys)
         if not len(queries):
             return done
-        rows = np.unique(queries)
+        asked = np.zeros(len(keys), bool)
+        asked[queries] = True
+        rows = np.flatnonzero(asked)
         if not isinstance(ids, (pa.Array, pa.ChunkedArray)):
             ids = pa.array(list(ids))
         wanted = np.zeros(len(keys), np.uint64)
         wanted[rows] = pair_keys(keys[rows], exact_id_keys(ids.take(pa.array(rows, pa.int64()))))
-        for loc, (at, _) in _by_location(queries, locations).items():
+        for loc, at in _by_location(queries, locations).items():
             for path in self.parts_at(loc):
-                _contents, pairs = self._part_keys(path)
-                done[at] |= np.isin(wanted[at], pairs)
+                done[at] |= _member(self._part_pairs(path), wanted[at])
         return done
 
     def contents_stored(self, keys: np.ndarray) -> np.ndarray:
@@ -148,16 +157,30 @@ class DoneIndex:
         keys = np.asarray(keys, np.uint64)
         found = np.zeros(len(keys), bool)
         queries, locations = self.results.candidates(keys)
-        for loc, (at, _) in _by_location(queries, locations).items():
+        for loc, at in _by_location(queries, locations).items():
             for path in self.parts_at(loc):
                 contents, _pairs = self._part_keys(path)
-                found[at] |= np.isin(keys[at], contents)
+                found[at] |= _member(contents, keys[at])
         return found
 
+    def _part_pairs(self, path: str) -> np.ndarray:
+        pairs = self.pair_file.get(path)
+        return pairs if pairs is not None else self._part_keys(path)[1]
+
     def _part_keys(self, path: str) -> tuple[np.ndarray, np.ndarray]:
+        """A part's keys; the last few parts read are kept (a chunk often ends in the part the next
+        chunk starts in). Parts are never rewritten while a run reads them (compaction waits)."""
         if self.store is None:
             raise RuntimeError("this index was not read from an output folder: it can't confirm a match")
-        return self.store.part_keys(path, self.id_col)
+        with self._recent_lock:
+            keys = self._recent.get(path)
+        if keys is None:
+            keys = self.store.part_keys(path, self.id_col)
+            with self._recent_lock:
+                self._recent[path] = keys
+                while len(self._recent) > RECENT_PARTS:
+                    del self._recent[next(iter(self._recent))]
+        return keys
 
     def nbytes(self) -> int:
         return self.results.nbytes + self.errors.nbytes
@@ -167,18 +190,60 @@ class DoneIndex:
         self.results.clear()
         self.errors.clear()
         self.fresh_errors.clear()
+        self._recent.clear()
+        self.pair_file.close()
 
 
-def _by_location(queries: np.ndarray, locations: np.ndarray) -> dict[int, tuple[np.ndarray, None]]:
+def _member(ascending: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """For each value: is it in the sorted array?"""
+    if not len(ascending):
+        return np.zeros(len(values), bool)
+    at = np.minimum(np.searchsorted(ascending, values), len(ascending) - 1)
+    return ascending[at] == values
+
+
+class PairFile:
+    """The :func:`pair_keys` of each part read by the scan, sorted, in a local temporary file (8 bytes a
+    row, on disk: not in memory). What confirms that a row is done is then a read of a few KB instead
+    of decoding the part's Parquet again (the rerun of a 10M-row output confirms all 10M rows)."""
+
+    def __init__(self) -> None:
+        self._file: Any = None
+        self._where: dict[str, tuple[int, int]] = {}
+        self._end = 0
+
+    def add(self, path: str, pairs: np.ndarray) -> None:
+        if self._file is None:
+            self._file = tempfile.TemporaryFile(prefix="gembatch-pairs-")
+        data = np.asarray(pairs, np.uint64).tobytes()  # sorted by the caller (OutputStore.part_keys)
+        os.pwrite(self._file.fileno(), data, self._end)
+        self._where[path] = (self._end, len(pairs))
+        self._end += len(data)
+
+    def get(self, path: str) -> np.ndarray | None:
+        where = self._where.get(path)
+        file = self._file
+        if where is None or file is None:
+            return None
+        offset, rows = where
+        return np.frombuffer(os.pread(file.fileno(), 8 * rows, offset), np.uint64)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        self._file, self._where, self._end = None, {}, 0
+
+
+def _by_location(queries: np.ndarray, locations: np.ndarray) -> dict[int, np.ndarray]:
     """The query positions matched at each location."""
-    out: dict[int, tuple[np.ndarray, None]] = {}
+    out: dict[int, np.ndarray] = {}
     if not len(queries):
         return out
     order = np.argsort(locations, kind="stable")
     locs, qs = locations[order], queries[order]
     cuts = np.flatnonzero(np.diff(locs)) + 1
     for lo, hi in zip([0, *cuts.tolist()], [*cuts.tolist(), len(locs)]):
-        out[int(locs[lo])] = (np.unique(qs[lo:hi]), None)
+        out[int(locs[lo])] = qs[lo:hi]  # a position twice is harmless: its answers agree
     return out
 
 
@@ -286,11 +351,11 @@ class OutputStore:
 
         with ThreadPoolExecutor(max_workers=SCAN_THREADS, thread_name_prefix="gembatch-scan") as pool:
             try:
-                for path, batches in _ahead(pool, self.result_files(), lambda p: self._result_keys(p, id_col)):
+                for path, (keys, pairs) in _ahead(pool, self.result_files(), lambda p: self.part_keys(p, id_col)):
                     loc = index.part_ordinal(path)
-                    for keys in batches:
-                        loader.add(keys, np.full(len(keys), loc % LOCATIONS, np.uint16))
-                        index.result_rows += len(keys)
+                    loader.add(keys, np.full(len(keys), loc % LOCATIONS, np.uint16))
+                    index.pair_file.add(path, pairs)
+                    index.result_rows += len(keys)
             except BaseException:
                 loader.close()
                 raise
@@ -324,17 +389,18 @@ class OutputStore:
         return new
 
     def _result_keys(self, path: str, id_col: str) -> list[np.ndarray]:
-        parquet = pq.ParquetFile(path, filesystem=self.fs)
-        return [
-            hash_keys(b.column(0)) for b in parquet.iter_batches(columns=["content_hash"], batch_size=SCAN_BATCH_ROWS)
-        ]
+        return [self.part_keys(path, id_col)[0]]
 
     def part_keys(self, path: str, id_col: str) -> tuple[np.ndarray, np.ndarray]:
-        """A result part's rows as (hash keys, :func:`pair_keys`): what confirms a match of the index."""
+        """A result part's rows as (hash keys, :func:`pair_keys`), each sorted: what confirms a match of
+        the index."""
         with self.fs.open(path, "rb") as f:
             table = pq.ParquetFile(f).read(columns=[id_col, "content_hash"])
         contents = hash_keys(table.column("content_hash"))
-        return contents, pair_keys(contents, exact_id_keys(table.column(id_col)))
+        pairs = pair_keys(contents, exact_id_keys(table.column(id_col)))
+        contents.sort()
+        pairs.sort()
+        return contents, pairs
 
     def _error_keys(self, path: str, id_col: str) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         return [(hash_keys(hashes), id_tags(ids), auto) for ids, hashes, auto in self._error_batches(path, id_col)]
