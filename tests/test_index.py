@@ -259,7 +259,8 @@ def test_id_check_in_slices_of_the_key_space_and_for_ids_that_only_grow(tmp_path
 # -- superseding ----------------------------------------------------------------------------------
 
 
-def test_superseding_across_parts_keeps_the_newest_record_and_rewrites_only_stale_parts(tmp_path):
+@pytest.mark.parametrize("max_bytes", [32 << 20, 256])  # 256 bytes of ids: the key space read in 7 slices
+def test_superseding_across_parts_keeps_the_newest_record_and_rewrites_only_stale_parts(tmp_path, max_bytes):
     store = OutputStore(str(tmp_path / "out"))
     store.prepare()
 
@@ -280,7 +281,7 @@ def test_superseding_across_parts_keeps_the_newest_record_and_rewrites_only_stal
     fixed = part([300], "fixed")
     before = os.path.getmtime(untouched)
 
-    assert store.compact("id") == 2 + 1 + 1 + 1  # 5, 6, 7 from old; 5 and 300 from failed
+    assert store.compact("id", max_bytes=max_bytes) == 2 + 1 + 1 + 1  # 5, 6, 7 from old; 5 and 300 from failed
     out, errors = read_output(tmp_path / "out"), read_errors(tmp_path / "out")
     latest = dict(zip(out["id"].to_list(), out["value"].to_list()))
     assert latest[5] == latest[6] == latest[7] == "newer" and latest[300] == "fixed" and latest[0] == "old"
@@ -288,7 +289,7 @@ def test_superseding_across_parts_keeps_the_newest_record_and_rewrites_only_stal
     assert errors["id"].to_list() == [1000]  # an error stands while no result came after it
     assert os.path.getmtime(untouched) == before  # a part without stale rows is not rewritten
     assert {old, newer, fixed} <= {str(p) for p in (tmp_path / "out").glob("part-*")}
-    assert store.compact("id") == 0
+    assert store.compact("id", max_bytes=max_bytes) == 0
 
 
 def test_superseding_and_reuse_at_the_engine_read_only_the_parts_they_need(emulator, tmp_path, monkeypatch):

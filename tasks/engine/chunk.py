@@ -369,11 +369,19 @@ def row_hashes(job: Job, payloads: list[dict[str, Any]], prepared: list[Prepared
 
 @dataclass(slots=True)
 class ChunkKeys:
-    """A chunk's rows as the index sees them: hash keys, id tags, and statuses."""
+    """A chunk's rows as the index sees them: hash keys, statuses, and id tags (for the errors tables)."""
 
     keys: np.ndarray  # uint64 hash keys
-    tags: np.ndarray  # uint32 id tags
+    ids: pa.Array | pa.ChunkedArray | list[Any]
     status: np.ndarray  # int8: DONE, PREV_ERROR, INVALID or NEW
+    _tags: np.ndarray | None = None
+
+    @property
+    def tags(self) -> np.ndarray:
+        """uint32 id tags, computed when first asked (a rerun with no failed rows never does)."""
+        if self._tags is None:
+            self._tags = id_tags(self.ids)
+        return self._tags
 
 
 def chunk_statuses(
@@ -394,9 +402,10 @@ def chunk_statuses(
     """
     if not isinstance(keys, np.ndarray):
         keys = hash_keys(keys)
-    tags = id_tags(ids)
-    status = np.where(invalid, INVALID, NEW).astype(np.int8)
+    found = ChunkKeys(keys, ids, np.where(invalid, INVALID, NEW).astype(np.int8))
+    status = found.status
     if len(index.errors) and not retry_errors:
+        tags = found.tags
         failed_before = index.errors.has_pairs(keys, tags)
         if len(index.auto_errors):
             # Rows that failed on transient errors only are sent again by every plain run.
@@ -404,12 +413,12 @@ def chunk_statuses(
         status[failed_before] = PREV_ERROR
     if len(index.fresh_errors):
         # Another run tried these rows and failed while this run ran: this run doesn't send them again.
-        status[index.fresh_errors.has_pairs(keys, tags)] = PREV_ERROR
+        status[index.fresh_errors.has_pairs(keys, found.tags)] = PREV_ERROR
     if done is None:
         done = index.pairs_done(keys, ids) if len(index.results) else None
     if done is not None:
         status[done] = DONE
-    return ChunkKeys(keys, tags, status)
+    return found
 
 
 def row_status(

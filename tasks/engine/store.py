@@ -66,6 +66,7 @@ __all__ = [
 SCAN_BATCH_ROWS = 65536
 SCAN_THREADS = 2
 SCAN_FILES_AHEAD = 8
+COMPACT_BYTES = 32 << 20  # ids held at once while superseding
 RECENT_PARTS = 8  # parts whose keys DoneIndex keeps after confirming a match in them
 
 ERRORS_DIR = "_errors"
@@ -446,39 +447,48 @@ class OutputStore:
         self.fs.mv(tmp, path)
         return path
 
-    def compact(self, id_col: str) -> int:
+    def compact(self, id_col: str, *, max_bytes: int = COMPACT_BYTES) -> int:
         """Keep only the newest record of each id across results and errors; return rows removed.
 
         Never loads the output: parts are visited newest first, reading only their id column, while
-        a key table of the ids seen in newer parts (8 bytes an id) names the stale rows; a part with
-        stale rows is rewritten right away. Integer ids are keyed exactly; other ids by a 64-bit hash.
-        Rows of one id written in the same part (image generation with n > 1) stand or fall together.
+        a key table of the ids seen in newer parts (8 bytes an id) names the stale rows. Past
+        ``max_bytes`` of ids the key space is split and the parts are read once per slice, so the
+        table never holds more than ``max_bytes`` (a 10M-row output: 3 slices). Parts with stale rows
+        are rewritten at the end. Integer ids are keyed exactly; other ids by a 64-bit hash. Rows of
+        one id written in the same part (image generation with n > 1) stand or fall together.
         """
         dated = sorted(
             ((self._written_at(path), path) for path in (*self.result_files(), *self.error_files())),
             key=lambda wp: -wp[0],
         )
-        newer = KeyTable(payload=False)
-        removed = 0
-        for _written, group in itertools.groupby(dated, key=lambda wp: wp[0]):
-            # Parts written at the same instant don't supersede each other: their ids join ``newer``
-            # together, after all of them were checked.
-            seen = []
-            for _, path in group:
-                stale_rows = []
-                first = 0
-                for ids in self._id_batches(path, id_col):
-                    keys = exact_id_keys(ids)
-                    stale = newer.has_keys(keys)
-                    if stale.any():
-                        stale_rows.append(np.flatnonzero(stale) + first)
-                    first += len(keys)
-                    seen.append(keys)
-                if stale_rows:
-                    removed += self._drop_rows(path, np.concatenate(stale_rows))
-            for keys in seen:
-                newer.add(keys)
-        return removed
+        rows = sum(self._row_count(path) for _, path in dated)
+        slices = max(1, -(-rows * 8 // max_bytes))
+        stale: dict[str, list[np.ndarray]] = {}
+        for part in range(slices):
+            newer = KeyTable(payload=False)
+            for _written, group in itertools.groupby(dated, key=lambda wp: wp[0]):
+                # Parts written at the same instant don't supersede each other: their ids join ``newer``
+                # together, after all of them were checked.
+                seen = []
+                for _, path in group:
+                    first = 0
+                    for ids in self._id_batches(path, id_col):
+                        keys = exact_id_keys(ids)
+                        mine = np.flatnonzero(keys % np.uint64(slices) == part) if slices > 1 else None
+                        if mine is not None:
+                            keys = keys[mine]
+                        hit = np.flatnonzero(newer.has_keys(keys))
+                        if len(hit):
+                            stale.setdefault(path, []).append((mine[hit] if mine is not None else hit) + first)
+                        first += len(ids)
+                        seen.append(keys)
+                for keys in seen:
+                    newer.add(keys)
+            newer.clear()
+        return sum(self._drop_rows(path, np.unique(np.concatenate(found))) for path, found in stale.items())
+
+    def _row_count(self, path: str) -> int:
+        return pq.ParquetFile(path, filesystem=self.fs).metadata.num_rows
 
     def _drop_rows(self, path: str, rows: np.ndarray) -> int:
         table = pq.read_table(path, filesystem=self.fs)
