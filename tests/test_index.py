@@ -19,6 +19,8 @@ from conftest import REPO, TEST_KEY_ENV, assert_balanced, read_errors, read_outp
 
 from tasks.engine.chunk import content_hash, content_hashes, prepare_chunk, process_chunk
 from tasks.engine.index import (
+    FP_LEVEL_ROWS,
+    FP_MAX_LEVELS,
     FP_PARTITIONS,
     ContentTable,
     KeyTable,
@@ -126,6 +128,26 @@ def test_content_table_names_every_part_a_prefix_matches_from_levels_and_a_bulk_
         for pos, key in enumerate(queries.tolist()):
             assert got.get(pos, set()) == expected.get(key >> 32, set()), pos
         assert table.has_keys(queries).tolist() == [(k >> 32) in expected for k in queries.tolist()]
+
+
+def test_a_content_table_grown_past_its_level_limit_is_rebuilt_into_one_level_and_still_answers():
+    rng = np.random.default_rng(5)
+    keys = rng.integers(0, 2**64, 9 * FP_LEVEL_ROWS + 12_345, dtype=np.uint64)
+    keys[-100:] = keys[:100]  # the same contents again, at other locations
+    locs = (np.arange(len(keys)) // 2000) % 65536
+    table = ContentTable()
+    step = FP_LEVEL_ROWS // 2
+    for lo in range(0, len(keys), step):
+        table.add(keys[lo : lo + step], locs[lo : lo + step])
+        assert table.levels <= FP_MAX_LEVELS
+    assert len(table) == len(keys) and table.nbytes <= 4 * len(keys) + table.levels * 8 * (FP_PARTITIONS + 1)
+    order = np.argsort(keys >> np.uint64(32), kind="stable")
+    prefixes = (keys >> np.uint64(32))[order]
+    queries = np.concatenate([keys[:: len(keys) // 500], keys[-100:], rng.integers(0, 2**64, 500, dtype=np.uint64)])
+    positions, found = table.candidates(queries)
+    for pos, key in enumerate(queries.tolist()):
+        lo, hi = np.searchsorted(prefixes, [key >> 32, (key >> 32) + 1])
+        assert sorted(found[positions == pos].tolist()) == sorted(locs[order[lo:hi]].tolist()), pos
 
 
 def test_index_memory_per_row_is_fixed_width():

@@ -376,7 +376,8 @@ class KeyTable:
 
 FP_PARTITION_BITS = 16
 FP_PARTITIONS = 1 << FP_PARTITION_BITS
-FP_LEVEL_ROWS = 1 << 20  # levels merge up to this size: a merge never holds more than ~12 MB at once
+FP_LEVEL_ROWS = 1 << 18  # levels merge up to this size: a merge never holds more than ~6 MB at once
+FP_MAX_LEVELS = 8  # past this many levels, all are rebuilt into one (ContentTable._consolidate)
 _LOW16 = np.uint32(0xFFFF)
 
 
@@ -457,9 +458,10 @@ class ContentTable:
     content found under another id (``process_chunk`` reads the stored result from its part). A prefix
     match for a content that isn't there costs a read of one small part and nothing else.
 
-    Rows arrive in levels: the scan adds ~1M rows at a time, a run its chunks' results; small levels
-    merge with their neighbours up to ``FP_LEVEL_ROWS`` rows (a log-structured merge), bigger ones
-    stay apart. Each level has its own 512 KiB offset table (a 10M-row output: 10 levels, 45 MB).
+    Rows arrive in levels: the scan loads the output as one level (:class:`ContentLoader`), a run adds
+    its chunks' results as small levels that merge with their neighbours up to ``FP_LEVEL_ROWS`` rows
+    (a log-structured merge); past ``FP_MAX_LEVELS`` levels all are rebuilt into one through a
+    temporary file. Each level has its own 512 KiB offset table.
     Levels are never changed once built: a lookup on a worker thread reads a consistent snapshot
     while the event loop adds rows.
     """
@@ -488,6 +490,25 @@ class ContentTable:
             levels[-1] = _Level.merge([levels[-1], last])
         self._levels = levels  # one assignment: readers on other threads see the old or the new list
         self._rows += n
+        if len(levels) > FP_MAX_LEVELS:
+            self._consolidate()
+
+    def _consolidate(self) -> None:
+        """Rebuild the newer levels into one (all of them once they hold half as many rows as the
+        oldest: each row is rebuilt O(log n) times), through a temporary file: the levels are let go
+        before the new one is built, so memory never holds both."""
+        levels = self._levels
+        first = 1 if sum(map(len, levels[1:])) < len(levels[0]) // 2 else 0
+        loader = ContentLoader(self)
+        try:
+            for level in levels[first:]:
+                loader.add_level(level)
+            kept = levels[:first]
+            self._levels = kept  # the others are freed here (a reader's snapshot keeps its own)
+            del levels
+            self._levels = [*kept, loader.build()]
+        finally:
+            loader.close()
 
     def candidates(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(positions in ``keys``, locations): every stored row whose 32-bit prefix matches a key."""
@@ -563,18 +584,31 @@ class ContentLoader:
         self._file.write(composite.tobytes())
         self._rows += len(keys)
 
+    def add_level(self, level: _Level) -> None:
+        """Every row of a level (a few thousand partitions at a time: small temporaries)."""
+        counts = np.diff(level.offsets)
+        for lo in range(0, FP_PARTITIONS, 4096):
+            hi = lo + 4096
+            a, b = int(level.offsets[lo]), int(level.offsets[hi])
+            if a == b:
+                continue
+            partitions = np.repeat(np.arange(lo, hi, dtype=np.uint64), counts[lo:hi])
+            self._file.write((partitions << np.uint64(32) | level.entries[a:b]).tobytes())
+        self._counts += counts
+        self._rows += len(level)
+
     def close(self) -> None:
         self._file.close()
 
     def finish(self) -> None:
         try:
             if self._rows:
-                self.table._levels = [*self.table._levels, self._level()]
+                self.table._levels = [*self.table._levels, self.build()]
                 self.table._rows += self._rows
         finally:
             self._file.close()
 
-    def _level(self) -> _Level:
+    def build(self) -> _Level:
         offsets = np.zeros(FP_PARTITIONS + 1, np.int64)
         np.cumsum(self._counts, out=offsets[1:])
         entries = np.empty(self._rows, np.uint32)
