@@ -491,6 +491,7 @@ class ContentTable:
         self._levels = levels  # one assignment: readers on other threads see the old or the new list
         self._rows += n
         if len(levels) > FP_MAX_LEVELS:
+            del levels  # no reference here may keep the old levels alive while the new one is built
             self._consolidate()
 
     def _consolidate(self) -> None:
@@ -505,7 +506,7 @@ class ContentTable:
                 loader.add_level(level)
             kept = levels[:first]
             self._levels = kept  # the others are freed here (a reader's snapshot keeps its own)
-            del levels
+            del levels, level
             self._levels = [*kept, loader.build()]
         finally:
             loader.close()
