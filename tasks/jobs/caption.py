@@ -15,7 +15,15 @@ from tasks.defaults import DEFAULT_CAPTION_PROMPT, DEFAULT_MAX_SIDE
 from tasks.engine.chunk import BadReply, Item, Prepared, Reply, RowFailure, RowInvalid, unexpected_reply
 from tasks.jobs.chat import create_chat
 from tasks.jobs.embed import estimate_text_tokens
-from tasks.jobs.images_io import ImageError, image_for_model, image_pool, image_tokens, planned_size, probe
+from tasks.jobs.images_io import (
+    IMAGE_WORKERS,
+    ImageError,
+    image_for_model,
+    image_pool,
+    image_tokens,
+    planned_size,
+    probe,
+)
 from tasks.jobs.media import read_media, resolve_path
 from tasks.provider.client import Connection
 
@@ -57,6 +65,7 @@ class CaptionJob:
     name = "caption"
     max_items_per_request = 1
     streams = True  # --stream (tasks/jobs/chat.py)
+    prepare_workers = IMAGE_WORKERS  # prepare reads and hashes each file: one thread per CPU
 
     def __post_init__(self) -> None:
         if self.max_side < 1:
