@@ -52,7 +52,10 @@ __all__ = [
 TOKENS_PER_TILE = 258
 SMALL_IMAGE_SIDE = 384
 TILE_SIDE = 768
-JPEG_QUALITY = 90
+# 85 rather than 90: a 12-megapixel photo at 1500 x 1125 is 286 kB instead of 420 kB (a third less to
+# base64, serialise, upload and have the provider decode; the same 1032 tokens), at no visible loss.
+JPEG_QUALITY = 85
+WEBP_QUALITY = 90
 PNG_COMPRESS_LEVEL = 3  # zlib level: 6 (Pillow's default) costs ~30% more time for a few % of bytes
 WEBP_METHOD = 2  # 0 (fast) .. 6 (small); Pillow's default 4 is several times slower at 1.5k px
 BACKGROUND = 255  # transparency is flattened on white
@@ -294,7 +297,7 @@ def _encode(img: Image.Image, mime: str, max_side: int, icc: bytes | None) -> Se
     if fmt == "JPEG":
         options |= {"quality": JPEG_QUALITY}
     elif fmt == "WEBP":
-        options |= {"quality": JPEG_QUALITY, "method": WEBP_METHOD}
+        options |= {"quality": WEBP_QUALITY, "method": WEBP_METHOD}
     else:
         options |= {"compress_level": PNG_COMPRESS_LEVEL}
     img.save(out, format=fmt, **options)
