@@ -332,10 +332,12 @@ def main() -> None:
                 emu_before = cpu_seconds(emulator.pid)
                 run, wall, rss, cpu, load = run_caption(python, repo, listing, work / f"out-{n}", base_url, env, extra)
                 report(n, run, wall, rss, cpu, cpu_seconds(emulator.pid) - emu_before, load, cpus)
-                results.append(rss)
+                results.append((rss, cpu))
                 shutil.rmtree(folder, ignore_errors=True)
             if args.rss_check:
-                print(f"peak RSS 1,000 photos / 3 photos = {results[1] / results[0]:.2f}  (target <= 1.5)")
+                (rss3, cpu3), (rss1000, cpu1000) = results
+                print(f"peak RSS 1,000 photos / 3 photos = {rss1000 / rss3:.2f}  (target <= 1.5)")
+                print(f"gembatch CPU per photo beyond start-up: {1000 * (cpu1000 - cpu3) / 997:.0f} ms")
         finally:
             emulator.terminate()
             emulator.wait()

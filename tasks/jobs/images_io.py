@@ -86,7 +86,7 @@ _UPRIGHT = {
 }
 # JPEG decoding scales in the inverse DCT, by M/8 (libjpeg-turbo, through simplejpeg). Measured on a
 # 12-megapixel photo (benchmarks/bench_photos.py --stages): 1/8 to 1/2 cost about the same (the entropy
-# decoding, which no scale skips, is most of it); 5/8 to 7/8 cost 10-35% more than a full decode (no
+# decoding, which no scale skips, is most of it); 5/8 to 7/8 cost 5-35% more than a full decode (no
 # SIMD code for those sizes) but far less than a full decode followed by a resize.
 JPEG_SCALES = (1, 2, 3, 4, 5, 6, 7, 8)
 # A DCT scale whose result falls short of --max-side by at most this fraction is sent as decoded: the
