@@ -72,6 +72,9 @@ _AVIF_BRANDS = {b"avif", b"avis"}
 # UnidentifiedImageError is an OSError; Pillow raises SyntaxError for some broken headers.
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 _PLAIN_MODES = {"RGB", "L"}
+# Many cameras and phones append a preview or a second view to their JPEGs (Multi-Picture Format):
+# Pillow opens those as MPO, whose first frame is the photo, the frame a JPEG decoder reads first.
+_JPEG_FORMATS = {"JPEG", "MPO"}
 _SIXTEEN_BIT = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
 _ORIENTATION = 0x0112
 # ImageOps.exif_transpose's table: the transposition that turns a picture stored with orientation n upright.
@@ -216,7 +219,7 @@ def probe(data: bytes, name: str) -> ImageInfo:
 
 
 def _scalable(img: Image.Image) -> bool:
-    return img.format == "JPEG" and img.mode in _PLAIN_MODES
+    return img.format in _JPEG_FORMATS and img.mode in _PLAIN_MODES
 
 
 def image_for_model(data: bytes, max_side: int, *, name: str) -> SentImage:
@@ -272,7 +275,7 @@ def _decode_jpeg_scaled(img: Image.Image, data: bytes, max_side: int) -> Image.I
 
 def _reencode(img: Image.Image, mime: str, max_side: int) -> SentImage:
     target = scaled_size(img.width, img.height, max_side)
-    if img.format == "JPEG" and target != img.size:
+    if img.format in _JPEG_FORMATS and target != img.size:
         # Decode at 1/2, 1/4 or 1/8 scale when that still leaves at least the target size.
         img.draft(img.mode if img.mode in _PLAIN_MODES else None, target)
     img.load()  # Image.open leaves the first frame current: an animation is sent as its first frame
