@@ -303,11 +303,16 @@ def test_jpegs_are_decoded_at_the_dct_scale_that_fits_and_turned_upright(emulato
                     append_images=[preview], quality=95, subsampling=0)  # fmt: skip
     with Image.open(files[5]) as img:
         assert (img.format, img.n_frames) == ("MPO", 2)
+    # Stray bytes before the end marker: libjpeg warns, simplejpeg refuses, Pillow decodes it.
+    whole = io.BytesIO()
+    quadrants(size=(1600, 1200)).save(whole, "JPEG", quality=95, subsampling=0)
+    files[6] = tmp_path / "stray.jpg"
+    files[6].write_bytes(whole.getvalue()[:-2] + b"\x12\x34" + whole.getvalue()[-2:])
     infos = {i: probe(path.read_bytes(), path.name) for i, path in files.items()}
     assert all(info.scalable for info in infos.values())
 
     doc, rows = caption_files(emulator, tmp_path, files, max_side=600)
-    assert doc["counts"]["succeeded"] == 5
+    assert doc["counts"]["succeeded"] == 6
     # 1600 x 1200 at 3/8 is 600 x 450; 1700 x 1275 at 3/8 is 638 x 479, resized to 600 x 450 (2/8, 425
     # wide, is less than 95% of 600).
     for i, path in files.items():
@@ -315,7 +320,7 @@ def test_jpegs_are_decoded_at_the_dct_scale_that_fits_and_turned_upright(emulato
         assert found["size"] == (600, 450) == planned_size(infos[i], 600), path.name
         assert found["mime"] == "image/jpeg"
         assert (rows[i]["image_width"], rows[i]["image_height"]) == (infos[i].width, infos[i].height)
-    for i in (1, 2, 3, 5):
+    for i in (1, 2, 3, 5, 6):
         assert seen(rows[i]["caption"])["mode"] == "RGB"
         assert seen(rows[i]["caption"])["frames"] is None
         assert_colours(seen(rows[i]["caption"]), QUADRANTS, 8, files[i].name)

@@ -233,7 +233,14 @@ def image_for_model(data: bytes, max_side: int, *, name: str) -> SentImage:
             if _sendable_as_is(img, mime, max_side):
                 return SentImage(data, mime, img.width, img.height, changed=False)
             if _scalable(img) and max(img.size) > max_side:
-                return _encode(_decode_jpeg_scaled(img, data, max_side), mime, max_side, img.info.get("icc_profile"))
+                try:
+                    scaled = _decode_jpeg_scaled(img, data, max_side)
+                except ValueError:
+                    # simplejpeg fails on what libjpeg only warns about (extraneous bytes before a
+                    # marker, which some cameras write); Pillow decodes those and refuses truncated files.
+                    scaled = None
+                if scaled is not None:
+                    return _encode(scaled, mime, max_side, img.info.get("icc_profile"))
             return _reencode(img, mime, max_side)
     except Image.DecompressionBombError as exc:
         raise ImageError(_too_large(name, exc)) from None
