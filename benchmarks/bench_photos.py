@@ -3,6 +3,7 @@
     uv run python benchmarks/bench_photos.py --images 200
     uv run python benchmarks/bench_photos.py --rss-check            # 3 photos, then 1,000: peak RSS
     uv run python benchmarks/bench_photos.py --pools                # decode stage: threads vs processes
+    uv run python benchmarks/bench_photos.py --stages               # CPU of each stage of one photo
     uv run python benchmarks/bench_photos.py --repo /work/main      # another checkout (its .venv), read-only
 
 The photos are generated on the fly into a temporary folder (never committed): a few distinct
@@ -13,12 +14,15 @@ real command against `gembatch emulator` in another process, with no client-side
 
 Prints images/s (the flow run's own duration and the whole command), peak RSS of the command, the
 machine's load average, and the floor set by JPEG entropy decoding (which no downscale can skip):
-the time to decode one photo at 1/8 scale on one core.
+the CPU time to decode one photo at 1/8 scale on one core, with each JPEG decoder installed (Pillow's
+bundled libjpeg-turbo, simplejpeg's, and libvips's when pyvips is installed).
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import hashlib
 import io
 import json
 import os
@@ -129,16 +133,99 @@ def report(n: int, run: dict, wall: float, rss: float, cpu: float, emu_cpu: floa
     )
 
 
-def entropy_floor_ms(jpeg: bytes) -> float:
-    """Best of 5: decode at 1/8 scale (DCT scaling skips most work; Huffman decoding can't be skipped)."""
+def cpu_ms(work, rounds: int = 5) -> float:
+    """Best of ``rounds``: CPU time of this thread (a load from other processes inflates wall time more)."""
     best = float("inf")
-    for _ in range(5):
-        started = time.perf_counter()
+    for _ in range(rounds):
+        started = time.thread_time()
+        work()
+        best = min(best, time.thread_time() - started)
+    return best * 1000
+
+
+def floors_ms(jpeg: bytes) -> dict[str, float]:
+    """Each decoder at 1/8 scale: DCT scaling skips most of the work, Huffman decoding can't be skipped."""
+
+    def pillow() -> None:
         with Image.open(io.BytesIO(jpeg)) as img:
             img.draft("RGB", (img.width // 8, img.height // 8))
             img.load()
-        best = min(best, time.perf_counter() - started)
-    return best * 1000
+
+    import simplejpeg
+
+    with Image.open(io.BytesIO(jpeg)) as img:
+        width, height = img.size
+    found = {"Pillow": cpu_ms(pillow)}
+    found["simplejpeg"] = cpu_ms(lambda: simplejpeg.decode_jpeg(jpeg, "RGB", min_width=width // 8, min_height=1))
+    try:
+        import pyvips  # not a dependency: measured when installed (uv run --with pyvips-binary --with pyvips)
+    except ImportError:
+        return found
+    # libvips decodes on its own threads: process CPU time, not this thread's.
+    best = float("inf")
+    for _ in range(5):
+        started = time.process_time()
+        pyvips.Image.jpegload_buffer(jpeg, shrink=8).numpy()
+        best = min(best, time.process_time() - started)
+    found["pyvips"] = best * 1000
+    return found
+
+
+def stages(jpeg: bytes, path: Path, max_side: int) -> None:
+    """CPU of each stage one photo goes through, on one core (best of 5)."""
+    import simplejpeg
+
+    from tasks.jobs.images_io import image_for_model, image_tokens, jpeg_scale, planned_size, probe, scaled_size
+
+    info = probe(jpeg, "photo.jpg")
+    m = jpeg_scale(info.width, info.height, max_side)
+    sent = image_for_model(jpeg, max_side, name="photo.jpg")
+    assert planned_size(info, max_side) == (sent.width, sent.height), "the token estimate's size is the size sent"
+    rows: list[tuple[str, float]] = [
+        ("read the file (5 MB)", cpu_ms(path.read_bytes)),
+        ("sha256", cpu_ms(lambda: hashlib.sha256(jpeg).hexdigest())),
+        ("header probe (size, orientation)", cpu_ms(lambda: probe(jpeg, "photo.jpg"))),
+    ]
+
+    old = scaled_size(info.width, info.height, max_side)  # the size sent before M/8 scales
+
+    def pillow_draft_and_resize() -> Image.Image:
+        with Image.open(io.BytesIO(jpeg)) as img:
+            img.draft("RGB", old)  # what Pillow offers: 1/2, 1/4 or 1/8, at least the size asked for
+            img.load()
+            return img.resize(old, Image.Resampling.BILINEAR, reducing_gap=3.0)
+
+    with Image.open(io.BytesIO(jpeg)) as img:
+        img.draft("RGB", old)
+        drafted = img.size
+    rows.append((f"before: Pillow draft to {drafted[0]}x{drafted[1]} + bilinear to {old[0]}x{old[1]}", 0.0))
+    rows.append(("  all of it", cpu_ms(pillow_draft_and_resize)))
+    decoded = simplejpeg.decode_jpeg(jpeg, "RGB", min_width=-(-info.width * m // 8), min_height=1)
+    rows.append(
+        (
+            f"now: simplejpeg at {m}/8 -> {decoded.shape[1]}x{decoded.shape[0]}",
+            cpu_ms(lambda: simplejpeg.decode_jpeg(jpeg, "RGB", min_width=decoded.shape[1], min_height=1)),
+        )
+    )
+    picture = Image.fromarray(decoded)
+    rows.append(("  to a Pillow image", cpu_ms(lambda: Image.fromarray(decoded))))
+    for quality in (75, 85, 90):
+        out = io.BytesIO()
+        picture.save(out, "JPEG", quality=quality)
+        rows.append(
+            (
+                f"  JPEG q{quality} ({len(out.getvalue()) / 1e3:.0f} kB)",
+                cpu_ms(lambda q=quality: picture.save(io.BytesIO(), "JPEG", quality=q)),
+            )
+        )
+    rows.append((f"base64 of {len(sent.data) / 1e3:.0f} kB", cpu_ms(lambda: base64.b64encode(sent.data).decode())))
+    rows.append(("image_for_model, all of it", cpu_ms(lambda: image_for_model(jpeg, max_side, name="photo.jpg"))))
+    print(
+        f"--max-side {max_side}: {info.width}x{info.height} is sent at {sent.width}x{sent.height} "
+        f"({image_tokens(sent.width, sent.height)} tokens; {len(sent.data) / 1e3:.0f} kB)"
+    )
+    for label, ms in rows:
+        print(f"  {label:<64} {ms:7.1f} ms" if ms else f"  {label}")
 
 
 def _prepare_one(path: str, max_side: int) -> int:
@@ -185,6 +272,7 @@ def main() -> None:
     parser.add_argument("--chunk-size", type=int, default=None)
     parser.add_argument("--rss-check", action="store_true", help="3 photos, then 1,000: compare peak RSS")
     parser.add_argument("--pools", action="store_true", help="time the decode stage on threads vs processes")
+    parser.add_argument("--stages", action="store_true", help="CPU of each stage of one photo, then stop")
     parser.add_argument("--repo", type=Path, default=REPO, help="the checkout whose gembatch runs (read-only)")
     parser.add_argument("--python", default=None, help="default: REPO/.venv/bin/python")
     args = parser.parse_args()
@@ -204,16 +292,23 @@ def main() -> None:
                 )
             )
         mean_mb = sum(map(len, bases)) / len(bases) / 1e6
-        floor = entropy_floor_ms(bases[0])
+        floors = floors_ms(bases[0])
+        floor = min(floors.values())
         own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(
             f"repo {repo}  ({cpus} CPUs, load average {os.getloadavg()[0]:.2f}; this script's peak RSS {own:.0f} MiB)"
         )
         print(f"photos {args.width}x{args.height} JPEG q{args.quality}, {mean_mb:.1f} MB each on average")
         print(
-            f"entropy-decoding floor {floor:.0f} ms per photo per core -> at most "
-            f"{cpus * 1000 / floor:.0f} images/s on {cpus} cores for decoding alone"
+            "entropy-decoding floor (1/8 scale, CPU per photo): "
+            + ", ".join(f"{name} {ms:.0f} ms" for name, ms in floors.items())
+            + f" -> at most {cpus * 1000 / floor:.0f} images/s on {cpus} cores for decoding alone"
         )
+        if args.stages:
+            path = work / "photo.jpg"
+            path.write_bytes(bases[0])
+            stages(bases[0], path, args.max_side or 1536)
+            return
         extra = [] if args.max_side is None else ["--max-side", str(args.max_side)]
         if args.chunk_size:
             extra += ["--chunk-size", str(args.chunk_size)]
@@ -229,7 +324,9 @@ def main() -> None:
         base_url = f"http://127.0.0.1:{port}/v1beta/openai/"
         try:
             wait_up(base_url, key)
-            sizes = [3, 1000] if args.rss_check else [args.images]
+            # A run of 1 photo first: its CPU is the command's start-up (imports, the run's set-up), so
+            # the CPU per photo beyond start-up follows from the two runs.
+            sizes = [3, 1000] if args.rss_check else [1, args.images]
             results = []
             for n in sizes:
                 folder = work / f"photos-{n}"
@@ -237,10 +334,17 @@ def main() -> None:
                 emu_before = cpu_seconds(emulator.pid)
                 run, wall, rss, cpu, load = run_caption(python, repo, listing, work / f"out-{n}", base_url, env, extra)
                 report(n, run, wall, rss, cpu, cpu_seconds(emulator.pid) - emu_before, load, cpus)
-                results.append(rss)
+                results.append((rss, cpu))
                 shutil.rmtree(folder, ignore_errors=True)
+            (rss_small, cpu_small), (rss_big, cpu_big) = results
             if args.rss_check:
-                print(f"peak RSS 1,000 photos / 3 photos = {results[1] / results[0]:.2f}  (target <= 1.5)")
+                print(f"peak RSS 1,000 photos / 3 photos = {rss_big / rss_small:.2f}  (target <= 1.5)")
+            per_photo = (cpu_big - cpu_small) / (sizes[1] - sizes[0])
+            print(
+                f"gembatch CPU per photo beyond start-up: {1000 * per_photo:.0f} ms (start-up "
+                f"{cpu_small - sizes[0] * per_photo:.1f} s) -> {cpus / per_photo:.1f} images/s on {cpus} idle cores "
+                "for gembatch alone"
+            )
         finally:
             emulator.terminate()
             emulator.wait()

@@ -18,13 +18,13 @@ import pyarrow as pa
 import pyarrow.csv as pcsv
 import pytest
 from conftest import TEST_KEY_ENV, read_errors, read_output
-from PIL import Image
+from PIL import Image, ImageCms
 
 from tasks.engine.plan import plan_job
 from tasks.engine.run import RunOptions, run_job
 from tasks.jobs.caption import DEFAULT_CAPTION_PROMPT, CaptionJob
 from tasks.jobs.embed import estimate_text_tokens
-from tasks.jobs.images_io import image_for_model, image_tokens, probe
+from tasks.jobs.images_io import image_for_model, image_tokens, jpeg_scale, planned_size, probe
 from tasks.jobs.media import base_dir_of
 from tasks.provider.client import ProviderSettings
 
@@ -268,8 +268,78 @@ def test_the_image_path_directly_keeps_what_fits_and_bounds_the_size():
     jpeg = io.BytesIO()
     quadrants(size=(4000, 3000)).save(jpeg, "JPEG", quality=90)
     sent = image_for_model(jpeg.getvalue(), 1536, name="big.jpg")
-    assert (sent.mime, sent.width, sent.height, sent.changed) == ("image/jpeg", 1536, 1152, True)
+    # Decoded at 3/8 scale: 1500 x 1125 is within 5% of 1536 (the same 2 x 2 tiles), so no resize.
+    assert (sent.mime, sent.width, sent.height, sent.changed) == ("image/jpeg", 1500, 1125, True)
     with Image.open(io.BytesIO(sent.data)) as img:
-        assert img.size == (1536, 1152) and img.getexif().get(0x0112) is None
+        assert img.size == (1500, 1125) and img.getexif().get(0x0112) is None
     same = image_for_model(sent.data, 1536, name="small.jpg")
     assert same.data is sent.data and not same.changed
+
+
+def test_jpeg_scales_fit_the_side_asked_for_or_resize_a_little():
+    # The largest M/8 scale within --max-side when it reaches 95% of it, else the next one up.
+    assert jpeg_scale(4000, 3000, 1536) == 3  # 1500: sent as decoded
+    assert jpeg_scale(4032, 3024, 1536) == 3  # 1512
+    assert jpeg_scale(4000, 3000, 1024) == 2  # 1000
+    assert jpeg_scale(4000, 3000, 3000) == 6  # 3000 exactly: no full decode and resize
+    assert jpeg_scale(5472, 3648, 1536) == 3  # 1368 is 89%: 2052, then resized to 1536
+    assert jpeg_scale(8064, 6048, 1024) == 1  # 1008
+    assert jpeg_scale(4000, 3000, 100) == 1  # nothing fits: the smallest scale, then resized
+    assert jpeg_scale(4000, 3000, 3900) == 8  # 3500 is 90%: the full picture, then resized
+
+
+def test_jpegs_are_decoded_at_the_dct_scale_that_fits_and_turned_upright(emulator, tmp_path):
+    files = {1: save(quadrants(size=(1600, 1200)), tmp_path / "fits.jpg", "JPEG", quality=95, subsampling=0)}
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    turned = quadrants(size=(1600, 1200)).transpose(UNDO[6])  # stored 1200 x 1600, shown 1600 x 1200
+    files[2] = save(turned, tmp_path / "turned.jpg", "JPEG", quality=95, subsampling=0, exif=exif)
+    files[3] = save(quadrants(size=(1700, 1275)), tmp_path / "resized.jpg", "JPEG", quality=95, subsampling=0)
+    grey = {"tl": 30, "tr": 90, "bl": 160, "br": 220}
+    files[4] = save(quadrants("L", grey, size=(1600, 1200)), tmp_path / "grey.jpg", "JPEG", quality=95)
+    # A camera's JPEG with a second picture appended (Multi-Picture Format): Pillow calls it MPO.
+    preview = Image.new("RGB", (400, 300), (0, 0, 0))
+    files[5] = save(quadrants(size=(1600, 1200)), tmp_path / "camera.jpg", "MPO", save_all=True,
+                    append_images=[preview], quality=95, subsampling=0)  # fmt: skip
+    with Image.open(files[5]) as img:
+        assert (img.format, img.n_frames) == ("MPO", 2)
+    # Stray bytes before the end marker: libjpeg warns, simplejpeg refuses, Pillow decodes it.
+    whole = io.BytesIO()
+    quadrants(size=(1600, 1200)).save(whole, "JPEG", quality=95, subsampling=0)
+    files[6] = tmp_path / "stray.jpg"
+    files[6].write_bytes(whole.getvalue()[:-2] + b"\x12\x34" + whole.getvalue()[-2:])
+    infos = {i: probe(path.read_bytes(), path.name) for i, path in files.items()}
+    assert all(info.scalable for info in infos.values())
+
+    doc, rows = caption_files(emulator, tmp_path, files, max_side=600)
+    assert doc["counts"]["succeeded"] == 6
+    # 1600 x 1200 at 3/8 is 600 x 450; 1700 x 1275 at 3/8 is 638 x 479, resized to 600 x 450 (2/8, 425
+    # wide, is less than 95% of 600).
+    for i, path in files.items():
+        found = seen(rows[i]["caption"])
+        assert found["size"] == (600, 450) == planned_size(infos[i], 600), path.name
+        assert found["mime"] == "image/jpeg"
+        assert (rows[i]["image_width"], rows[i]["image_height"]) == (infos[i].width, infos[i].height)
+    for i in (1, 2, 3, 5, 6):
+        assert seen(rows[i]["caption"])["mode"] == "RGB"
+        assert seen(rows[i]["caption"])["frames"] is None
+        assert_colours(seen(rows[i]["caption"]), QUADRANTS, 8, files[i].name)
+    found = seen(rows[4]["caption"])
+    assert found["mode"] == "L"
+    assert_colours(found, {k: (v,) * 3 for k, v in grey.items()}, 3, "grey JPEG")
+
+
+def test_a_scaled_jpeg_keeps_its_colour_profile_and_drops_its_exif():
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    exif = Image.Exif()
+    exif[0x0112] = 3
+    exif[0x010F] = "a camera maker"
+    data = io.BytesIO()
+    quadrants(size=(1600, 1200)).transpose(UNDO[3]).save(data, "JPEG", quality=95, icc_profile=icc, exif=exif)
+    sent = image_for_model(data.getvalue(), 600, name="profiled.jpg")
+    with Image.open(io.BytesIO(sent.data)) as img:
+        assert img.size == (600, 450) and img.info.get("icc_profile") == icc
+        assert "exif" not in img.info
+        rgb = img.convert("RGB")
+        assert all(abs(a - b) <= 8 for a, b in zip(rgb.getpixel((100, 100)), RED)), "turned upright"
+        assert all(abs(a - b) <= 8 for a, b in zip(rgb.getpixel((500, 350)), YELLOW))

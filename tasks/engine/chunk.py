@@ -13,6 +13,7 @@ import hashlib
 import json
 import random
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -75,7 +76,9 @@ class Job(Protocol):
 
     def prepare(self, payload: dict[str, Any]) -> Prepared:
         """What will be sent for one row, or :class:`RowInvalid`. Runs in a worker thread (it may read
-        files); keep it light: heavy request bodies are built in :meth:`send`."""
+        files); keep it light: heavy request bodies are built in :meth:`send`. A job whose ``prepare``
+        spends its time outside the GIL (reading and hashing files) may set ``prepare_workers`` > 1:
+        a chunk's rows are then prepared on that many threads."""
         ...
 
     async def send(self, conn: Connection, items: list[Item]) -> Reply:
@@ -849,14 +852,21 @@ async def _send(ctx: RunContext, items: list[Item], outcomes: dict[str, Outcome 
 
 def prepare_rows(job: Job, payloads: list[dict[str, Any]], *, decoded: bool = False) -> list[Prepared | RowInvalid]:
     """``decoded``: the text columns hold no bytes (see :func:`chunk_payloads`), skip decoding."""
-    prepared: list[Prepared | RowInvalid] = []
-    append, prepare, columns = prepared.append, job.prepare, job.string_columns
-    for payload in payloads:
+    prepare, columns = job.prepare, job.string_columns
+
+    def one(payload: dict[str, Any]) -> Prepared | RowInvalid:
         try:
-            append(prepare(payload if decoded else _as_text(payload, columns)))
+            return prepare(payload if decoded else _as_text(payload, columns))
         except RowInvalid as exc:
-            append(exc)
-    return prepared
+            return exc
+
+    workers = min(getattr(job, "prepare_workers", 1), len(payloads))
+    if workers <= 1:
+        return [one(payload) for payload in payloads]
+    # Photos: reading and hashing 5 MB files releases the GIL; one thread would leave a core idle
+    # while every row of the chunk is read before its first request goes.
+    with ThreadPoolExecutor(workers, thread_name_prefix="gembatch-prepare") as pool:
+        return list(pool.map(one, payloads))
 
 
 def _as_text(payload: dict[str, Any], columns: tuple[str, ...]) -> dict[str, Any]:

@@ -15,7 +15,15 @@ from tasks.defaults import DEFAULT_CAPTION_PROMPT, DEFAULT_MAX_SIDE
 from tasks.engine.chunk import BadReply, Item, Prepared, Reply, RowFailure, RowInvalid, unexpected_reply
 from tasks.jobs.chat import create_chat
 from tasks.jobs.embed import estimate_text_tokens
-from tasks.jobs.images_io import ImageError, image_for_model, image_pool, image_tokens, probe, scaled_size
+from tasks.jobs.images_io import (
+    IMAGE_WORKERS,
+    ImageError,
+    image_for_model,
+    image_pool,
+    image_tokens,
+    planned_size,
+    probe,
+)
 from tasks.jobs.media import read_media, resolve_path
 from tasks.provider.client import Connection
 
@@ -57,6 +65,7 @@ class CaptionJob:
     name = "caption"
     max_items_per_request = 1
     streams = True  # --stream (tasks/jobs/chat.py)
+    prepare_workers = IMAGE_WORKERS  # prepare reads and hashes each file: one thread per CPU
 
     def __post_init__(self) -> None:
         if self.max_side < 1:
@@ -93,7 +102,7 @@ class CaptionJob:
         sha256 = hashlib.sha256(data).hexdigest()
         fields = {"job": "caption", "model": self.model, "prompt": self.prompt, "max_side": self.max_side}
         fields["image_sha256"] = sha256
-        tokens = image_tokens(*scaled_size(info.width, info.height, self.max_side))
+        tokens = image_tokens(*planned_size(info, self.max_side))
         tokens += estimate_text_tokens(self.prompt)
         return Prepared(fields=fields, tokens=tokens, data=ImageRef(path, sha256, info.mime, info.width, info.height))
 
