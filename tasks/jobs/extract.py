@@ -198,6 +198,14 @@ class ExtractJob:
             refusal = getattr(choice.message, "refusal", None)
             why = f"refused: {refusal}" if refusal else f"finish_reason {choice.finish_reason!r}"
             return RowFailure("invalid_reply", f"the reply had no content ({why})", raw_reply=refusal)
+        if not content.lstrip().startswith("{"):
+            # Prose, not JSON at all: what a server that ignores response_format answers to every row.
+            return RowFailure(
+                "invalid_reply",
+                f"the reply is text, not a JSON {self.schema.__name__} object (it begins {content[:40]!r}); if "
+                "every row fails so, the server or model ignores response_format json_schema: rerun with --via tools",
+                raw_reply=content,
+            )
         return self.parse_json(content)
 
     def parse_json(self, content: str, raw_reply: str | None = None) -> dict[str, Any] | RowFailure:
