@@ -63,6 +63,12 @@ OPENAI_IMAGE_MODELS: dict[str, tuple[int, tuple[str, ...]]] = {
 PREFIXES: tuple[str, ...] = ("/v1beta/openai/", "/v1/")
 ROUTES: tuple[str, ...] = ("embeddings", "chat/completions", "images/generations", "audio/transcriptions", "models")
 FAULT_KINDS: tuple[str, ...] = ("500", "503", "hang", "truncate", "drop", "garbage")
+# How a chat request carrying response_format json_schema is met (EmulatorConfig.json_schema):
+# "supported" answers JSON for the schema; "rejected" answers Groq's 400 for a model without
+# structured outputs (llama-3.3-70b-versatile); "ignored" answers prose, as servers that drop the
+# field do (Ollama's and vLLM's OpenAI routes in some versions, LM Studio's /v1/responses).
+JSON_SCHEMA_SUPPORT: tuple[str, ...] = ("supported", "rejected", "ignored")
+JSON_SCHEMA_REJECTED = "This model does not support response format `json_schema`."
 MARKER_KINDS: tuple[str, ...] = ("400", "500", "503", "504", "garbage", "hang", "truncate", "drop", "badjson")
 BAD_JSON_REPLY = '{"oops": '
 REASONING_EFFORT_TOKENS: dict[str, int] = {"none": 0, "minimal": 16, "low": 64, "medium": 256, "high": 1024}
@@ -159,6 +165,8 @@ class EmulatorConfig:
     batch_line_failure_rate: float = 0.0
     # None: batches complete. A share (0-1): the batch expires with only that share of its lines answered.
     batch_expire_fraction: float | None = None
+    # A server or model without json_schema structured outputs: one of JSON_SCHEMA_SUPPORT.
+    json_schema: str = "supported"
 
     def __post_init__(self) -> None:
         self.models = tuple(self.models)
@@ -169,6 +177,8 @@ class EmulatorConfig:
             raise ValueError("retry_after_429_rate must be within [0, 1]")
         if self.retry_after_seconds < 0:
             raise ValueError("retry_after_seconds must be 0 or more")
+        if self.json_schema not in JSON_SCHEMA_SUPPORT:
+            raise ValueError(f"json_schema must be one of {', '.join(JSON_SCHEMA_SUPPORT)}, got {self.json_schema!r}")
         if self.image_format not in IMAGE_FORMATS:
             raise ValueError(f"image_format must be one of {', '.join(IMAGE_FORMATS)}, got {self.image_format!r}")
         if self.window_seconds <= 0:
@@ -1106,6 +1116,14 @@ class Emulator:
         problem = chat.check_request(body)
         if problem is not None:
             raise _invalid(problem)
+        if schema is not None and cfg.json_schema == "rejected":
+            # Groq's answer, whichever path was asked: an OpenAI-style object, no code.
+            self._bump("faults", sub="json_schema:rejected")
+            return _openai_error(400, JSON_SCHEMA_REJECTED, None, "response_format")
+        if schema is not None and cfg.json_schema == "ignored":
+            self._bump("faults", sub="json_schema:ignored")
+            schema = None
+            body = {k: v for k, v in body.items() if k != "response_format"}
         refused = self._refuse_schemas(req, body)
         if refused is not None:
             return refused

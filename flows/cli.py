@@ -63,11 +63,22 @@ def emulator(
         float, typer.Option("--latency-jitter", help="Lognormal spread of the latency (sigma; 0 = fixed).")
     ] = 0.0,
     fault_rate: Annotated[float, typer.Option("--fault-rate", help="Share of POSTs answered 503.")] = 0.0,
+    json_schema: Annotated[
+        str,
+        typer.Option(
+            "--json-schema",
+            help="response_format json_schema: supported, rejected (Groq's 400 for a model without it) or "
+            "ignored (answered with prose).",
+        ),
+    ] = "supported",
 ) -> None:
     """Serve the local OpenAI-compatible emulator (Gemini's quirks included) until Ctrl-C."""
     from emulator import EmulatorConfig, serve
+    from emulator.server import JSON_SCHEMA_SUPPORT
 
     key = os.environ.get(api_key_env) or "emulator-key"
+    if json_schema not in JSON_SCHEMA_SUPPORT:
+        raise typer.BadParameter(f"use one of {', '.join(JSON_SCHEMA_SUPPORT)}", param_hint="--json-schema")
     config = EmulatorConfig(
         api_key=key,
         rpm=rpm,
@@ -77,6 +88,7 @@ def emulator(
         latency_seconds=latency,
         latency_jitter=latency_jitter,
         fault_rate_503=fault_rate,
+        json_schema=json_schema,
     )
     if api_key_env not in os.environ:
         err_console.print(f"{api_key_env} is not set: clients must send the key 'emulator-key'.")

@@ -130,20 +130,13 @@ class CaptionJob:
         )
         response = answer.completion
         caption = reply_text(response)
-        usage = response.usage
         result: Any
         if caption:
             result = CaptionResult(caption=caption, width=ref.width, height=ref.height)
         else:
             reason = response.choices[0].finish_reason
             result = RowFailure("empty_reply", f"the model returned no caption for {ref.path} (finish_reason={reason})")
-        return Reply(
-            results=[result],
-            prompt_tokens=usage.prompt_tokens if usage else 0,
-            completion_tokens=usage.completion_tokens if usage else 0,
-            total_tokens=usage.total_tokens if usage else 0,
-            first_token_s=answer.first_token_s,
-        )
+        return answer.reply(result)
 
     def _image_as_sent(self, ref: ImageRef) -> tuple[str, str]:
         """The MIME type and base64 text of the image as sent (the bytes themselves are not kept)."""

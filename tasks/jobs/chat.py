@@ -21,7 +21,7 @@ import openai
 from openai._models import construct_type
 from openai.types.chat import ChatCompletion
 
-from tasks.engine.chunk import BadReply, unexpected_reply
+from tasks.engine.chunk import BadReply, Reply, unexpected_reply
 from tasks.provider.client import Connection
 
 __all__ = ["ChatAnswer", "create_chat", "thinking_tokens"]
@@ -36,6 +36,17 @@ class ChatAnswer:
     def usage(self) -> tuple[int, int, int]:
         usage = self.completion.usage
         return (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) if usage else (0, 0, 0)
+
+    def reply(self, result: Any) -> Reply:
+        """The engine's reply for one row whose result (or failure) was parsed from this answer."""
+        prompt, completion, total = self.usage
+        return Reply(
+            results=[result],
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            total_tokens=total,
+            first_token_s=self.first_token_s,
+        )
 
 
 def thinking_tokens(completion: ChatCompletion) -> int | None:

@@ -14,23 +14,18 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 from openai.types.chat import ChatCompletion
 from pydantic import BaseModel, ValidationError
 
 from schemas.arrow import ModelMapping, model_mapping
 from schemas.dialects import DialectSchema, build_schema, needs_restore, response_format_name, restore_defaults
-from tasks.engine.chunk import Item, Prepared, Reply, RowFailure, RowInvalid
-from tasks.engine.hashing import non_blank
+from tasks.engine.chunk import RowFailure
 from tasks.errors import ConfigError
-from tasks.jobs.chat import create_chat
-from tasks.jobs.embed import estimate_text_tokens
-from tasks.provider.client import Connection
+from tasks.jobs.text_chat import REASONING_EFFORTS, TextChatJob
 
 __all__ = ["ExtractJob", "REASONING_EFFORTS", "RESERVED_COLUMNS", "default_prompt", "import_model"]
 
-REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high")
 RESERVED_COLUMNS = ("content_hash", "model")
 MAX_ERROR_CHARS = 600
 MAX_ERRORS_SHOWN = 5
@@ -82,35 +77,17 @@ def import_model(spec: str) -> type[BaseModel]:
 
 
 @dataclass(frozen=True, kw_only=True)
-class ExtractJob:
-    model: str
+class ExtractJob(TextChatJob):
     schema: type[BaseModel]
-    text_col: str = "text"
-    prompt: str | None = None
-    reasoning_effort: str | None = None
-    # The JSON-schema dialect sent (schemas.dialects): "gemini" fits the default provider and the emulator.
-    schema_dialect: str = "gemini"
-
-    name = "extract"
-    # prepare()'s fields are the same for every row but this one, the text as-is: see tasks/engine/hashing.py.
-    hash_text_field = "text"
-    max_items_per_request = 1
-    streams = True  # --stream (tasks/jobs/chat.py)
-    # A run's first request goes alone (tasks.engine.run): a schema the provider refuses costs one request.
-    first_request_alone = True
 
     mapping: ModelMapping = field(init=False, repr=False, compare=False)
     json_schema: dict[str, Any] = field(init=False, repr=False, compare=False)
     dialect: DialectSchema = field(init=False, repr=False, compare=False)
     restores_defaults: bool = field(init=False, repr=False, compare=False)
     schema_sha256: str = field(init=False, repr=False, compare=False)
-    system_prompt: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.reasoning_effort is not None and self.reasoning_effort not in REASONING_EFFORTS:
-            raise ConfigError(
-                f"--reasoning-effort {self.reasoning_effort!r}: use one of {', '.join(REASONING_EFFORTS)}"
-            )
+        super().__post_init__()
         mapping = model_mapping(self.schema)
         clash = [f.name for f in mapping.fields if f.name in RESERVED_COLUMNS]
         if clash:
@@ -128,14 +105,6 @@ class ExtractJob:
         object.__setattr__(self, "restores_defaults", needs_restore(self.schema))
         object.__setattr__(self, "schema_sha256", hashlib.sha256(blob.encode()).hexdigest())
         object.__setattr__(self, "system_prompt", self.prompt or default_prompt(self.schema))
-
-    @property
-    def input_columns(self) -> tuple[str, ...]:
-        return (self.text_col,)
-
-    @property
-    def string_columns(self) -> tuple[str, ...]:
-        return (self.text_col,)
 
     @property
     def schema_ref(self) -> str:
@@ -157,47 +126,11 @@ class ExtractJob:
             "reasoning_effort": self.reasoning_effort,
         }
 
-    def prepare(self, payload: dict[str, Any]) -> Prepared:
-        text = payload[self.text_col]
-        if text is None:
-            raise RowInvalid(f"column {self.text_col!r} is null: nothing to extract from")
-        if not text.strip():
-            raise RowInvalid(f"column {self.text_col!r} is empty: nothing to extract from")
-        fields = {
-            "job": self.name,
-            "model": self.model,
-            "schema_sha256": self.schema_sha256,
-            "prompt": self.system_prompt,
-            "reasoning_effort": self.reasoning_effort,
-            "text": text,
-        }
-        return Prepared(fields=fields, tokens=estimate_text_tokens(self.system_prompt + text), data=text)
+    def hashed_fields(self) -> dict[str, Any]:
+        return {"schema_sha256": self.schema_sha256}
 
-    def surely_valid(self, texts: pa.Array) -> np.ndarray:
-        """Rows :meth:`prepare` accepts (not null, not blank), all at once."""
-        return non_blank(texts)
-
-    async def send(self, conn: Connection, items: list[Item]) -> Reply:
-        (item,) = items
-        extra = {"reasoning_effort": self.reasoning_effort} if self.reasoning_effort is not None else {}
-        answer = await create_chat(
-            conn,
-            model=self.model,
-            messages=[
-                {"role": "system", "content": self.system_prompt},
-                {"role": "user", "content": item.prepared.data},
-            ],
-            response_format=self.response_format,
-            **extra,
-        )
-        prompt, completion, total = answer.usage
-        return Reply(
-            results=[self._parse(answer.completion)],
-            prompt_tokens=prompt,
-            completion_tokens=completion,
-            total_tokens=total,
-            first_token_s=answer.first_token_s,
-        )
+    def request_options(self) -> dict[str, Any]:
+        return {"response_format": self.response_format}
 
     def _parse(self, response: ChatCompletion) -> dict[str, Any] | RowFailure:
         choice = response.choices[0]
@@ -206,6 +139,14 @@ class ExtractJob:
             refusal = getattr(choice.message, "refusal", None)
             why = f"refused: {refusal}" if refusal else f"finish_reason {choice.finish_reason!r}"
             return RowFailure("invalid_reply", f"the reply had no content ({why})", raw_reply=refusal)
+        if not content.lstrip().startswith("{"):
+            # Prose, not JSON at all: what a server that ignores response_format answers to every row.
+            return RowFailure(
+                "invalid_reply",
+                f"the reply is text, not a JSON {self.schema.__name__} object (it begins {content[:40]!r}); if "
+                "every row fails so, the server or model ignores response_format json_schema: rerun with --via tools",
+                raw_reply=content,
+            )
         return self.parse_json(content)
 
     def parse_json(self, content: str, raw_reply: str | None = None) -> dict[str, Any] | RowFailure:

@@ -19,7 +19,7 @@ from tasks.engine.chunk import Item, Prepared, Reply, RowFailure, RowInvalid
 from tasks.errors import ConfigError
 from tasks.jobs.chat import create_chat, thinking_tokens
 from tasks.jobs.embed import estimate_text_tokens
-from tasks.jobs.extract import REASONING_EFFORTS
+from tasks.jobs.text_chat import check_reasoning_effort
 from tasks.provider.client import Connection
 
 __all__ = ["GenerateJob", "GeneratedText", "MAX_N", "template_columns"]
@@ -107,10 +107,7 @@ class GenerateJob:
     columns: tuple[str, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.reasoning_effort is not None and self.reasoning_effort not in REASONING_EFFORTS:
-            raise ConfigError(
-                f"--reasoning-effort {self.reasoning_effort!r}: use one of {', '.join(REASONING_EFFORTS)}"
-            )
+        check_reasoning_effort(self.reasoning_effort)
         if self.temperature is not None and not 0 <= self.temperature <= 2:
             raise ConfigError(f"--temperature {self.temperature:g}: use a value from 0 to 2")
         if self.max_tokens is not None and self.max_tokens < 1:
@@ -175,14 +172,7 @@ class GenerateJob:
         if self.n != 1:
             extra["n"] = self.n
         answer = await create_chat(conn, model=self.model, messages=item.prepared.data, **extra)
-        prompt, completion, total = answer.usage
-        return Reply(
-            results=[self._parse(answer.completion)],
-            prompt_tokens=prompt,
-            completion_tokens=completion,
-            total_tokens=total,
-            first_token_s=answer.first_token_s,
-        )
+        return answer.reply(self._parse(answer.completion))
 
     def _parse(self, response: Any) -> GeneratedRow | RowFailure:
         if len(response.choices) != self.n:

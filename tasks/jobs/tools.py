@@ -26,12 +26,10 @@ import pyarrow as pa
 from pydantic import BaseModel
 
 from schemas.arrow import ModelMapping
-from tasks.engine.chunk import Item, Prepared, Reply, RowFailure, RowInvalid
+from tasks.engine.chunk import RowFailure
 from tasks.errors import ConfigError
-from tasks.jobs.chat import create_chat
-from tasks.jobs.embed import estimate_text_tokens
 from tasks.jobs.extract import RESERVED_COLUMNS, ExtractJob
-from tasks.provider.client import Connection
+from tasks.jobs.text_chat import TextChatJob
 
 __all__ = ["KIND_COLUMN", "ToolsExtractJob", "Triaged", "function_name"]
 
@@ -64,25 +62,15 @@ class Triaged:
 
 
 @dataclass(frozen=True, kw_only=True)
-class ToolsExtractJob:
-    model: str
+class ToolsExtractJob(TextChatJob):
     schemas: tuple[type[BaseModel], ...]
-    text_col: str = "text"
-    prompt: str | None = None
-    reasoning_effort: str | None = None
-    schema_dialect: str = "gemini"
-
-    name = "extract"
-    max_items_per_request = 1
-    first_request_alone = True  # a refused function schema costs one request (tasks.engine.run)
-    streams = True
 
     branches: dict[str, ExtractJob] = field(init=False, repr=False, compare=False)
-    system_prompt: str = field(init=False, repr=False, compare=False)
     tools: list[dict[str, Any]] = field(init=False, repr=False, compare=False)
     functions_sha256: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not self.schemas:
             raise ConfigError("--via tools needs at least one --schema MODULE:Model")
         branches: dict[str, ExtractJob] = {}
@@ -129,17 +117,14 @@ class ToolsExtractJob:
         return len(self.branches) > 1
 
     @property
-    def input_columns(self) -> tuple[str, ...]:
-        return (self.text_col,)
-
-    @property
-    def string_columns(self) -> tuple[str, ...]:
-        return (self.text_col,)
+    def single(self) -> ExtractJob:
+        """The first (without triage: the only) schema's job, whose columns the output then has."""
+        return next(iter(self.branches.values()))
 
     @property
     def mapping(self) -> ModelMapping:
         """The single schema's columns (flows.jobs checks them against --id-col)."""
-        return next(iter(self.branches.values())).mapping
+        return self.single.mapping
 
     @property
     def tool_choice(self) -> dict[str, Any] | str:
@@ -159,45 +144,11 @@ class ToolsExtractJob:
             "reasoning_effort": self.reasoning_effort,
         }
 
-    def prepare(self, payload: dict[str, Any]) -> Prepared:
-        text = payload[self.text_col]
-        if text is None:
-            raise RowInvalid(f"column {self.text_col!r} is null: nothing to extract from")
-        if not text.strip():
-            raise RowInvalid(f"column {self.text_col!r} is empty: nothing to extract from")
-        fields = {
-            "job": self.name,
-            "model": self.model,
-            "via": "tools",
-            "functions_sha256": self.functions_sha256,
-            "prompt": self.system_prompt,
-            "reasoning_effort": self.reasoning_effort,
-            "text": text,
-        }
-        return Prepared(fields=fields, tokens=estimate_text_tokens(self.system_prompt + text), data=text)
+    def hashed_fields(self) -> dict[str, Any]:
+        return {"via": "tools", "functions_sha256": self.functions_sha256}
 
-    async def send(self, conn: Connection, items: list[Item]) -> Reply:
-        (item,) = items
-        extra = {"reasoning_effort": self.reasoning_effort} if self.reasoning_effort is not None else {}
-        answer = await create_chat(
-            conn,
-            model=self.model,
-            messages=[
-                {"role": "system", "content": self.system_prompt},
-                {"role": "user", "content": item.prepared.data},
-            ],
-            tools=self.tools,
-            tool_choice=self.tool_choice,
-            **extra,
-        )
-        prompt, completion, total = answer.usage
-        return Reply(
-            results=[self._parse(answer.completion)],
-            prompt_tokens=prompt,
-            completion_tokens=completion,
-            total_tokens=total,
-            first_token_s=answer.first_token_s,
-        )
+    def request_options(self) -> dict[str, Any]:
+        return {"tools": self.tools, "tool_choice": self.tool_choice}
 
     def _parse(self, response: Any) -> dict[str, Any] | Triaged | RowFailure:
         choice = response.choices[0]
@@ -229,18 +180,17 @@ class ToolsExtractJob:
 
     def output_schema(self, id_col: str, id_type: pa.DataType) -> pa.Schema:
         if not self.triage:
-            own = self.mapping.arrow_fields
-        else:
-            own = [pa.field(KIND_COLUMN, pa.string())] + [
-                pa.field(name, pa.struct(_struct_fields(b))) for name, b in self.branches.items()
-            ]
+            return self.single.output_schema(id_col, id_type)
+        own = [pa.field(KIND_COLUMN, pa.string())] + [
+            pa.field(name, pa.struct(_struct_fields(b))) for name, b in self.branches.items()
+        ]
         return pa.schema(
             [pa.field(id_col, id_type), *own, pa.field("content_hash", pa.string()), pa.field("model", pa.string())]
         )
 
     def result_arrays(self, results: list[Any]) -> dict[str, pa.Array]:
         if not self.triage:
-            return self.mapping.arrays(results)
+            return self.single.result_arrays(results)
         arrays: dict[str, pa.Array] = {KIND_COLUMN: pa.array([r.kind for r in results], pa.string())}
         for name, branch in self.branches.items():
             chosen = [i for i, r in enumerate(results) if r.kind == name]
@@ -253,11 +203,11 @@ class ToolsExtractJob:
         return arrays
 
     def results_from_table(self, table: pa.Table) -> dict[str, Any]:
+        if not self.triage:
+            return self.single.results_from_table(table)
         if table.num_rows == 0:
             return {}
         hashes = table.column("content_hash").to_pylist()
-        if not self.triage:
-            return dict(zip(hashes, self.mapping.rows(table), strict=True))
         kinds = table.column(KIND_COLUMN).to_pylist()
         values = {name: table.column(name).to_pylist() for name in self.branches if name in table.column_names}
         found = {}

@@ -460,7 +460,6 @@ class TranscribeJob:
         )
         response = answer.completion
         text = reply_text(response)
-        usage = response.usage
         result: Any
         reason = response.choices[0].finish_reason
         if text or (segment and reason == "stop"):
@@ -470,13 +469,7 @@ class TranscribeJob:
         else:
             message = f"the model returned no transcript for {where} (finish_reason={reason})"
             result = RowFailure("empty_reply", message)
-        return Reply(
-            results=[result],
-            prompt_tokens=usage.prompt_tokens if usage else 0,
-            completion_tokens=usage.completion_tokens if usage else 0,
-            total_tokens=usage.total_tokens if usage else 0,
-            first_token_s=answer.first_token_s,
-        )
+        return answer.reply(result)
 
     async def _send_transcriptions(self, conn: Connection, where: str, filename: str, data: bytes) -> Reply:
         # The server reads the format from the file name: name it by what the bytes are.

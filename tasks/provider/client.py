@@ -304,7 +304,8 @@ class Failure:
     """What a failed call means for the engine.
 
     kind: ``rate_limited`` | ``daily_quota`` | ``transient`` | ``invalid_request`` | ``auth`` |
-    ``not_found`` | ``permission`` | ``schema_refused`` (a 400 refusing the request's JSON schema).
+    ``not_found`` | ``permission`` | ``schema_refused`` (a 400 refusing the request's JSON schema) |
+    ``json_schema_unsupported`` (a 400 saying the server or model has no ``response_format`` json_schema).
     """
 
     kind: str
@@ -319,12 +320,16 @@ class Failure:
     @property
     def fatal(self) -> bool:
         """Fatal for the whole run: every other request would fail the same way."""
-        return self.kind in ("auth", "not_found", "permission", "daily_quota", "schema_refused")
+        return self.kind in (
+            "auth", "not_found", "permission", "daily_quota", "schema_refused", "json_schema_unsupported"
+        )  # fmt: skip
 
     def stop(self) -> RunStopped:
-        status = {"daily_quota": "stopped: daily quota", "schema_refused": "failed: schema refused"}.get(
-            self.kind, f"failed: {self.kind}"
-        )
+        status = {
+            "daily_quota": "stopped: daily quota",
+            "schema_refused": "failed: schema refused",
+            "json_schema_unsupported": "failed: json_schema unsupported",
+        }.get(self.kind, f"failed: {self.kind}")
         hint = {
             "daily_quota": "The provider's per-day quota is used up; rerun after it resets "
             "(midnight Pacific for Gemini): finished rows are kept and skipped.",
@@ -334,6 +339,9 @@ class Failure:
             "schema_refused": "The provider refused the JSON schema sent for every row, so nothing more was "
             "sent. Pick the schema dialect this server accepts with --schema-dialect openai|gemini|plain, or "
             "change the field it names.",
+            "json_schema_unsupported": "This server or model does not take response_format json_schema, so "
+            "nothing more was sent: rerun the same command with --via tools (the schema goes as a function "
+            "with a forced tool_choice and gives the same typed columns); rows already done are kept.",
         }.get(self.kind, "")
         return RunStopped(status, f"{self.message} {hint}".strip())
 
@@ -364,6 +372,8 @@ def classify_failure(exc: BaseException) -> Failure:
             return Failure("permission", message, status)
         if status == 400 and _is_schema_refusal(error, text):
             return Failure("schema_refused", _with_field_path(message), status)
+        if status == 400 and _is_json_schema_unsupported(error, text):
+            return Failure("json_schema_unsupported", message, status)
         if status == 404:
             return Failure("not_found", message, status)
         return Failure("invalid_request", message, status)
@@ -405,6 +415,22 @@ _CONTEXT = re.compile(r"In context=\(([^)]*)\)")
 
 def _is_schema_refusal(error: dict[str, Any], text: str) -> bool:
     return str(error.get("code") or "") in _SCHEMA_CODES or bool(_SCHEMA_WORDS.search(text))
+
+
+# A 400 saying response_format json_schema itself is not available (no structured outputs on this
+# server or model), in the words servers use: Groq ("This model does not support response format
+# `json_schema`", or earlier "'response_format.type' : value is not one of the allowed values
+# ['text','json_object']"), xAI ("The response_format parameter is unsupported at the moment"). Not a
+# refusal of one schema (that is schema_refused): every request of the run would fail the same way.
+_FORMAT_WORDS = re.compile(r"response[_ ]format|json_schema", re.IGNORECASE)
+_UNSUPPORTED_WORDS = re.compile(
+    r"does not support|doesn't support|not supported|unsupported|not one of the allowed values", re.IGNORECASE
+)
+
+
+def _is_json_schema_unsupported(error: dict[str, Any], text: str) -> bool:
+    said = f"{error.get('param') or ''} {text}"
+    return bool(_FORMAT_WORDS.search(said) and _UNSUPPORTED_WORDS.search(text))
 
 
 def _with_field_path(message: str) -> str:
