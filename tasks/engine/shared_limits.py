@@ -165,6 +165,11 @@ class SharedBucket:
         self.wait_s = 0.0
         self.server_errors = 0
         self.gone = False
+        self.ask_s = 0.0  # time in asks (POSTs) that were granted or denied
+        self.asks = 0
+        self.slowest_ask_s = 0.0
+        self.denied_sleep_s = 0.0
+        self.blocks_expired = 0
 
     async def take(self, amount: int, waiting: int = 1) -> None:
         """Wait until ``amount`` (requests or tokens) may be sent; blocks for good once the run must stop.
@@ -177,6 +182,7 @@ class SharedBucket:
                 now = time.monotonic()
                 if self._credit and now >= self._expires:
                     self.slots_expired += self._credit
+                    self.blocks_expired += 1
                     self._credit = 0
                 if not self._credit:
                     if self.gone:
@@ -197,7 +203,13 @@ class SharedBucket:
                 await asyncio.Event().wait()  # until the run cancels this request
             asked = time.monotonic()
             try:
-                await self.client.increment_concurrency_slots(names=[self.name], slots=slots, mode="rate_limit")
+                try:
+                    await self.client.increment_concurrency_slots(names=[self.name], slots=slots, mode="rate_limit")
+                finally:
+                    took = time.monotonic() - asked
+                    self.asks += 1
+                    self.ask_s += took
+                    self.slowest_ask_s = max(self.slowest_ask_s, took)
             except HTTPStatusError as exc:
                 status = exc.response.status_code
                 if status >= 500 or status == 429:
@@ -205,7 +217,9 @@ class SharedBucket:
                     continue
                 if status == 423:
                     self.denied += 1
-                    await asyncio.sleep(await self._until_room(slots))
+                    pause = await self._until_room(slots)
+                    self.denied_sleep_s += pause
+                    await asyncio.sleep(pause)
                     continue
                 if status == 422:  # more than the limit: set to 0 (a stop), or lowered below our block
                     limit = await self._read_limit()
@@ -297,6 +311,11 @@ class SharedBucket:
             "slots_taken": self.slots_taken,
             "slots_expired_unused": self.slots_expired,
             "wait_s": round(self.wait_s, 3),
+            "blocks_expired": self.blocks_expired,
+            "asks": self.asks,
+            "mean_ask_s": round(self.ask_s / self.asks, 4) if self.asks else None,
+            "slowest_ask_s": round(self.slowest_ask_s, 3),
+            "denied_sleep_s": round(self.denied_sleep_s, 3),
             "prefect_server_errors": self.server_errors,
         }
 
