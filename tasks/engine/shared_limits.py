@@ -63,6 +63,8 @@ BLOCK_S = 1.0
 # too close to its end.
 LEASE_MARGIN_S = 5.0
 MIN_LEASE_S = 60.0
+# The releasing task looks at what is due at least this often.
+RELEASE_POLL_S = 1.0
 # Longest sleep after a denied ask before asking again.
 MAX_RETRY_SLEEP_S = 2.0
 # Longest sleep after the Prefect server failed to answer an ask.
@@ -163,7 +165,6 @@ class SharedBucket:
         self._stop = stop
         self._block: _Block | None = None
         self._releases: list[_Release] = []
-        self._release_due = asyncio.Event()
         self._releaser: asyncio.Task | None = None
         self._lock = asyncio.Lock()
         self.acquires = 0
@@ -212,23 +213,16 @@ class SharedBucket:
         block.left = 0
         at = now if block.last_spent is None else block.last_spent + self.settings.hold_s
         heapq.heappush(self._releases, _Release(at, block.lease_id, block.slots))
-        self._release_due.set()
         if self._releaser is None or self._releaser.done():
             self._releaser = asyncio.get_running_loop().create_task(self._release_loop())
 
     async def _release_loop(self) -> None:
+        # Plain sleeps, at most RELEASE_POLL_S each: a block let go "now" waits that long at most, and
+        # cancelling the loop always ends it (3.11's wait_for can swallow a cancel that meets a result).
         while True:
-            if not self._releases:
-                self._release_due.clear()
-                await self._release_due.wait()
-                continue
-            wait = self._releases[0].at - time.monotonic()
+            wait = self._releases[0].at - time.monotonic() if self._releases else RELEASE_POLL_S
             if wait > 0:
-                self._release_due.clear()
-                try:
-                    await asyncio.wait_for(self._release_due.wait(), wait)
-                except TimeoutError:
-                    pass
+                await asyncio.sleep(min(wait, RELEASE_POLL_S))
                 continue
             await self._release(heapq.heappop(self._releases))
 
