@@ -246,12 +246,11 @@ def _timeline(doc: dict, origin: float) -> dict:
         "finished": round(_at(doc["finished_at"]) - origin, 1),
         "requests": doc["requests"]["sent"],
         "permits_taken": rpm.get("slots_taken", 0) // unit,
-        "permits_expired": rpm.get("slots_expired_unused", 0) // unit,
+        "permits_unused": rpm.get("slots_unused", 0) // unit,
         "asks": rpm.get("asks"),
         "denied": rpm.get("denied_423"),
         "mean_ask_s": rpm.get("mean_ask_s"),
         "slowest_ask_s": rpm.get("slowest_ask_s"),
-        "denied_sleep_s": rpm.get("denied_sleep_s"),
         "shared_wait_s": rpm.get("wait_s"),
     }
 
