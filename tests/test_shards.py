@@ -387,12 +387,15 @@ def test_a_daily_quota_stop_stops_every_run_on_the_key_and_a_rerun_after_the_res
                 )
 
         limit, flag = asyncio.run(server_state())
-        # Both runs on the key ended "stopped: daily quota"; only one request met the provider's refusal:
-        # the other run was stopped by the shared flag, before it sent into a spent quota.
+        # Both runs on the key ended "stopped: daily quota", stopped by the shared flag before they sent
+        # more into a spent quota.
         for doc in first:
             assert doc["status"] == "stopped: daily quota", doc["message"]
             assert_balanced(doc)
-        assert daily_429s == 1 and sorted(d["requests"]["rate_limited_429"] for d in first) == [0, 1]
+        # At most the request each run had in flight when the quota ran out met the refusal: the two runs
+        # pace themselves each up to R, so their last requests can go out together (README: Running at scale).
+        refused = [d["requests"]["rate_limited_429"] for d in first]
+        assert 1 <= daily_429s == sum(refused) and max(refused) == 1, (daily_429s, refused)
         assert sum(d["counts"]["succeeded"] for d in first) == 100 * 6  # the 6 requests of the day
         # A run started afterwards stops at once, sending nothing.
         assert later["status"] == "stopped: daily quota" and later["requests"]["sent"] == 0
