@@ -33,7 +33,6 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_embed import KEY_ENV, free_port, make_corpus, wait_up  # noqa: E402
-from bench_rate import emulator_stats  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -175,7 +174,8 @@ def run(rows: int, rpm: float, shards: int, workers: int, chunk_size: int, keep:
         wall = time.monotonic() - began
         if proc.returncode != 0:
             raise SystemExit(f"gembatch embed --shards failed:\n{proc.stdout}\n{proc.stderr}")
-        stats = emulator_stats(host)
+        with urllib.request.urlopen(host + "_emulator/stats?arrivals=1", timeout=10) as reply:
+            stats = json.loads(reply.read())
         docs = [json.loads(p.read_text()) for p in (out / "_runs").glob("*.json")]
         table = pds.dataset(str(out), format="parquet").to_table(columns=["id"])
     finally:
@@ -189,10 +189,10 @@ def run(rows: int, rpm: float, shards: int, workers: int, chunk_size: int, keep:
             shutil.rmtree(work, ignore_errors=True)
     (summary,) = [d for d in docs if "shards" in d]
     shard_docs = [d for d in docs if d.get("shard")]
-    # When the provider saw the first request: a shard's start plus its limiter's first start.
-    first = min(_at(d["started_at"]) + (d["limits"]["first_request_at_s"] or 0) for d in shard_docs)
+    # When the provider saw the first and the last request (the emulator's clock: the same machine's).
+    arrivals = sorted(stats.pop("admitted_unix"))
     parent_start = _at(summary["started_at"])
-    startup = first - parent_start
+    startup = arrivals[0] - parent_start
     requests = summary["requests"]["sent"]
     floor = requests / rpm * 60
     ids = table.column("id").to_pylist()
@@ -219,7 +219,39 @@ def run(rows: int, rpm: float, shards: int, workers: int, chunk_size: int, keep:
             if d["limits"].get("last_request_at_s") is not None
         ],
         "restarts": sum(s["restarts_after_crash"] for s in summary["shards"]),
+        "sending_s": round(arrivals[-1] - arrivals[0], 1),
+        "after_last_request_s": round(parent_start + summary["duration_s"] - arrivals[-1], 1),
+        "requests_per_10s": _histogram(arrivals, arrivals[0], 10.0),
+        "shard_timelines": [_timeline(d, parent_start) for d in sorted(shard_docs, key=lambda d: d["shard"])],
         "peak_rss_mib": {k: round(v / 1024) for k, v in sorted(sampler.peaks.items())},
+    }
+
+
+def _histogram(times: list[float], origin: float, step: float) -> list[int]:
+    counts = [0] * (int((times[-1] - origin) // step) + 1)
+    for t in times:
+        counts[int((t - origin) // step)] += 1
+    return counts
+
+
+def _timeline(doc: dict, origin: float) -> dict:
+    """One shard in seconds after the parent started: start, first and last request, end; its permits."""
+    limits, rpm = doc["limits"], (doc.get("shared_limits") or {}).get("rpm") or {}
+    unit = rpm.get("slots_per_unit") or 1
+    return {
+        "shard": doc["shard"],
+        "started": round(_at(doc["started_at"]) - origin, 1),
+        "first_request": round(_at(limits["first_request_at"]) - origin, 1) if limits.get("first_request_at") else None,
+        "last_request": round(_at(limits["last_request_at"]) - origin, 1) if limits.get("last_request_at") else None,
+        "finished": round(_at(doc["finished_at"]) - origin, 1),
+        "requests": doc["requests"]["sent"],
+        "permits_taken": rpm.get("slots_taken", 0) // unit,
+        "permits_unused": rpm.get("slots_unused", 0) // unit,
+        "asks": rpm.get("asks"),
+        "denied": rpm.get("denied_423"),
+        "mean_ask_s": rpm.get("mean_ask_s"),
+        "slowest_ask_s": rpm.get("slowest_ask_s"),
+        "shared_wait_s": rpm.get("wait_s"),
     }
 
 
@@ -238,7 +270,11 @@ def main() -> None:
     args = parser.parse_args()
     result = run(args.rows, args.rpm, args.shards, args.workers, args.chunk_size, args.keep)
     for key, value in result.items():
-        print(f"{key}: {value}")
+        if key == "shard_timelines":
+            for line in value:
+                print(f"shard {line['shard']}: {json.dumps({k: v for k, v in line.items() if k != 'shard'})}")
+        else:
+            print(f"{key}: {value}")
 
 
 if __name__ == "__main__":

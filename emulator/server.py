@@ -898,6 +898,10 @@ class Emulator:
         if req.method == "GET" and req.path.split("?")[0] == STATS_PATH:
             # For benchmarks that drive an emulator in another process (no key: it holds no data).
             stats = {**self.stats, "busiest_window": self.busiest_window(), "window_seconds": cfg.window_seconds}
+            if "arrivals=1" in req.target:
+                # When each admitted request arrived, on the wall clock: benchmarks line them up with runs.
+                offset = time.time() - time.monotonic()
+                stats["admitted_unix"] = [round(t + offset, 3) for t in self._limiter.admitted]
             await self._write(writer, _json_response(stats), keep_alive=keep_alive)
             return keep_alive
         if req.method == "POST" and req.path == CONFIG_PATH:

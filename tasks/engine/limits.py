@@ -28,6 +28,7 @@ After ``RECOVERY_INTERVAL_S`` seconds without a 429 the rate grows by
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import math
 import time
 from collections import deque
@@ -175,6 +176,7 @@ class AdaptiveLimiter:
         self._latency_sum = 0.0
         self._latency_count = 0
         self._created = clock()
+        self._created_wall = time.time()
         self._first_start: float | None = None
         self._last_start: float | None = None
 
@@ -372,12 +374,20 @@ class AdaptiveLimiter:
             # When the first and the last request started, in seconds after the limiter was made.
             "first_request_at_s": _since(self._first_start, self._created),
             "last_request_at_s": _since(self._last_start, self._created),
+            # The same two moments on the wall clock (UTC), to line up the processes of one sharded run.
+            "first_request_at": self._wall(self._first_start),
+            "last_request_at": self._wall(self._last_start),
             "tolerated_429s": self.tolerated_429s,
             "rate_cuts_after_429": self.rate_cuts,
             "lowest_rpm_after_429": self.min_rpm_seen if self.rate_cuts else None,
             "final_rpm": self._rpm,
             "token_correction": round(self.token_correction, 3),
         }
+
+    def _wall(self, moment: float | None) -> str | None:
+        if moment is None:
+            return None
+        return dt.datetime.fromtimestamp(self._created_wall + moment - self._created, dt.UTC).isoformat()
 
     def _maybe_recover(self) -> None:
         if self._rpm is None or not self.rate_cuts:

@@ -2,27 +2,27 @@
 
 Gemini counts its limits per project and model, so every run that sends to one provider host and model
 (the nightly embed, four shards of a backfill on two workers, an extract and a caption at once) draws on
-one budget, held in Prefect global concurrency limits (GCLs) with slot decay — rate limits:
+one budget, held in two Prefect global concurrency limits (GCLs):
 
-- ``gembatch-rpm:<host>:<model>``: requests, in units of ``SLOTS_PER_REQUEST`` slots (hundredths of a
-  request: the server drops the fraction of its decay at every update, which with whole requests as
-  slots costs up to a request per update);
-- ``gembatch-tpm:<host>:<model>``: input tokens, one slot each.
+- ``gembatch-rpm:<host>:<model>``: requests, one slot each, the limit ``--rpm``;
+- ``gembatch-tpm:<host>:<model>``: input tokens, one slot each, the limit ``--tpm``.
 
-A run with ``--rpm``/``--tpm`` creates or updates them; a run without takes what an operator made with
-``prefect gcl create`` (see README, "Running at scale"). A limit of capacity ``C`` and decay ``r`` lets at
-most ``C + r·L`` through in any ``L`` seconds, and a permit is spent within ``EXPIRY_S`` of being taken, so
-``C + r·(window + EXPIRY_S + GUARD_S) <= rpm`` keeps every window at the provider within ``--rpm``:
-``C`` is ``BURST_SHARE`` of the rate (at least ``BLOCKS_HELD`` blocks), which leaves about 93% of it
-to the decay.
+They are sliding windows built from leases: a process takes slots in blocks (``occupy``, a lease each,
+about ``BLOCK_S`` seconds' worth of the rate) and keeps each block until one window and the arrival
+jitter (``hold_s`` = window + ``GUARD_S``) have passed since the last of its slots was spent; then it
+lets the block go. Every request sent in the last ``hold_s`` seconds still holds its slot, so no window
+at the provider sees more than the limit — whatever the latency of the Prefect server or of a busy
+event loop, and without the losses of slot decay (an ask answered late doesn't lose its permits, and
+Prefect 3.8's decay restarts its clock at every denied ask). A process that dies lets go of its slots
+when their leases end (``lease_s`` after they were taken or last renewed, plus the server's repossessor
+loop, 15 s by default).
 
-Each process takes permits in blocks (``occupy``: about ``BLOCK_S`` seconds' worth) and spends them through
-its own :class:`~tasks.engine.limits.AdaptiveLimiter`: one acquire per request would cap everyone at a few
-dozen requests a second (PREFECT.md). A 429 that cuts one process's rate lowers the shared decay by the
-same factor, and its recovery raises it again. A daily-quota stop sets the limits to 0 and records
-the stop in the Prefect variable ``gembatch-daily-quota-<host>-<model>`` until the next Pacific midnight:
-every process on that key then ends ``stopped: daily quota`` (resumable), and so does a run started
-before the quota resets.
+One acquire per request would cap everyone at a few dozen requests a second (PREFECT.md): a block is
+spent through the process's own :class:`~tasks.engine.limits.AdaptiveLimiter`. A 429 that cuts one
+process's rate lowers the shared limit by the same factor, and its recovery raises it again. A
+daily-quota stop sets the limits to 0 and records the stop in the Prefect variable
+``gembatch-daily-quota-<host>-<model>`` until the next Pacific midnight: every process on that key then
+ends ``stopped: daily quota`` (resumable), and so does a run started before the quota resets.
 
 Prefect is imported here only: a run without a Prefect API never loads this module.
 """
@@ -32,12 +32,13 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import hashlib
+import heapq
 import logging
 import math
 import random
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
@@ -52,18 +53,19 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-SLOTS_PER_REQUEST = 100
+SLOTS_PER_REQUEST = 1
 WINDOW_S = 60.0
-# A block of permits is spent within this many seconds of being taken, or let go.
-EXPIRY_S = 2.0
-# Arrival jitter at the provider (as the in-process limiter's guard).
+# Arrival jitter at the provider (as the in-process limiter's guard): a slot is held this much longer.
 GUARD_S = 0.5
-# The burst a GCL holds (its capacity), as a share of the per-window rate.
-BURST_SHARE = 0.025
-# A block is about this many seconds' worth of the shared rate, and a limit holds at least this many.
-BLOCK_S = 0.5
-BLOCKS_HELD = 3
-# Longest sleep after a 423 before asking again (the server's Retry-After may be longer).
+# A block is about this many seconds' worth of the shared rate.
+BLOCK_S = 1.0
+# A lease lasts the hold and this margin (Prefect's shortest lease is 60 s); renewed when a slot is spent
+# too close to its end.
+LEASE_MARGIN_S = 5.0
+MIN_LEASE_S = 60.0
+# The releasing task looks at what is due at least this often.
+RELEASE_POLL_S = 1.0
+# Longest sleep after a denied ask before asking again.
 MAX_RETRY_SLEEP_S = 2.0
 # Longest sleep after the Prefect server failed to answer an ask.
 MAX_TROUBLE_SLEEP_S = 10.0
@@ -88,25 +90,22 @@ def daily_quota_variable(host: str, model: str) -> str:
 
 @dataclass(frozen=True)
 class RateSettings:
-    """A GCL's numbers for a per-window rate: capacity and block in slots, decay in slots a second."""
+    """A GCL's numbers for a per-window rate: the limit and the block in slots, how long slots are held."""
 
     per_window: float  # the declared rate (requests or tokens a window)
     unit: int  # slots per request (or per token)
-    limit: int  # capacity, slots
-    decay: float  # slots a second
+    limit: int  # slots: what may be spent within any window
     block: int  # slots taken at once
     window_s: float = WINDOW_S
 
     @property
-    def shared_per_window(self) -> float:
-        """What the decay lets through a window, in requests (or tokens)."""
-        return self.decay * self.window_s / self.unit
+    def hold_s(self) -> float:
+        """How long a spent slot stays taken: the window and the arrival jitter."""
+        return self.window_s + guard_s(self.window_s)
 
-
-def expiry_s(window_s: float) -> float:
-    """How long a block of permits lives after it was asked for (the answer may take a while on a busy
-    Prefect server: a permit that arrives expired is let go)."""
-    return EXPIRY_S
+    @property
+    def lease_s(self) -> float:
+        return max(MIN_LEASE_S, self.hold_s + LEASE_MARGIN_S)
 
 
 def guard_s(window_s: float) -> float:
@@ -114,26 +113,17 @@ def guard_s(window_s: float) -> float:
 
 
 def rate_settings(per_window: float, unit: int, *, window_s: float = WINDOW_S) -> RateSettings:
-    """The GCL for ``per_window`` (requests or tokens a ``window_s``) that keeps every window within it.
-
-    The block is about ``BLOCK_S`` seconds' worth of the rate; the capacity at least ``BLOCKS_HELD``
-    blocks (what decays while the ask for the next block travels is kept, not lost at a full limit)."""
-    block = max(1, math.ceil(per_window / window_s * BLOCK_S))
-    capacity = max(BLOCKS_HELD * block, math.floor(per_window * BURST_SHARE))
-    if capacity >= per_window / 2:  # a rate too small for blocks: one request at a time
-        block, capacity = 1, max(1, min(capacity, math.floor(per_window / 4)))
-    span = window_s + expiry_s(window_s) + guard_s(window_s)
-    per_second = max(per_window - capacity, 0.0) / span
-    return RateSettings(per_window, unit, capacity * unit, per_second * unit, block * unit, window_s)
+    """The GCL for ``per_window`` (requests or tokens a ``window_s``): the limit is the rate itself, a
+    block about ``BLOCK_S`` seconds' worth of it (at most a quarter of the limit, so that several
+    processes can hold blocks at once)."""
+    limit = max(1, math.floor(per_window))
+    block = max(1, min(math.ceil(per_window / window_s * BLOCK_S), limit // 4))
+    return RateSettings(per_window, unit, limit * unit, block * unit, window_s)
 
 
-def from_limit(limit: int, decay: float, unit: int, *, window_s: float = WINDOW_S) -> RateSettings:
-    """Settings read from an existing GCL (an operator's): the block follows its decay."""
-    capacity = limit // unit
-    per_second = decay / unit
-    per_window = capacity + per_second * (window_s + expiry_s(window_s) + guard_s(window_s))
-    block = max(1, min(max(capacity // BLOCKS_HELD, 1), math.ceil(per_second * BLOCK_S)))
-    return RateSettings(per_window, unit, limit, decay, block * unit, window_s)
+def from_limit(limit: int, unit: int, *, window_s: float = WINDOW_S) -> RateSettings:
+    """Settings read from an existing GCL (an operator's): its limit is the rate per window."""
+    return rate_settings(limit // unit, unit, window_s=window_s)
 
 
 def next_pacific_midnight(now: dt.datetime | None = None) -> dt.datetime:
@@ -146,48 +136,139 @@ def next_pacific_midnight(now: dt.datetime | None = None) -> dt.datetime:
     return midnight.astimezone(dt.UTC)
 
 
+@dataclass
+class _Block:
+    """Slots taken under one lease: spent one by one, let go ``hold_s`` after the last one was spent."""
+
+    lease_id: Any
+    slots: int
+    left: int
+    lease_ends: float  # on this process's clock, counted from the ask (the server's is later)
+    last_spent: float | None = None
+
+
+@dataclass(order=True)
+class _Release:
+    at: float
+    lease_id: Any = field(compare=False)
+    slots: int = field(compare=False)
+
+
 class SharedBucket:
-    """One GCL, taken in blocks of permits that each live ``EXPIRY_S`` seconds in this process."""
+    """One GCL used as a sliding window: blocks of slots taken under leases, let go a window after use."""
 
     def __init__(self, client: Any, name: str, settings: RateSettings, stop: SharedStop) -> None:
         self.client = client
         self.name = name
         self.settings = settings
-        self.nominal_decay = settings.decay
+        self.nominal_limit = settings.limit
         self._stop = stop
-        self._credit = 0  # slots left of the current block
-        self._expires = 0.0
+        self._block: _Block | None = None
+        self._releases: list[_Release] = []
+        self._releaser: asyncio.Task | None = None
         self._lock = asyncio.Lock()
         self.acquires = 0
         self.denied = 0
         self.slots_taken = 0
-        self.slots_expired = 0
+        self.slots_unused = 0
+        self.slots_released = 0
+        self.left_to_leases = 0
+        self.renewals = 0
         self.wait_s = 0.0
         self.server_errors = 0
+        self.asks = 0
+        self.ask_s = 0.0
+        self.slowest_ask_s = 0.0
         self.gone = False
 
     async def take(self, amount: int, waiting: int = 1) -> None:
         """Wait until ``amount`` (requests or tokens) may be sent; blocks for good once the run must stop.
 
-        ``waiting``: how many are queued behind this one (a block larger than that would expire unused)."""
+        ``waiting``: how many are queued behind this one (the block is no larger than they need)."""
         need = amount * self.settings.unit
         wanted = max(need, min(self.settings.block, waiting * need))
         async with self._lock:
             while need > 0:
-                now = time.monotonic()
-                if self._credit and now >= self._expires:
-                    self.slots_expired += self._credit
-                    self._credit = 0
-                if not self._credit:
+                block = self._block
+                if block is None or not block.left:
                     if self.gone:
                         return
-                    await self._acquire(min(wanted, self.settings.limit))
+                    self._block = await self._acquire(min(wanted, self.settings.limit))
                     continue
-                used = min(need, self._credit)
-                self._credit -= used
+                now = time.monotonic()
+                if now + self.settings.hold_s > block.lease_ends and not await self._renew(block):
+                    self._retire(block, now)
+                    continue
+                used = min(need, block.left)
+                block.left -= used
+                block.last_spent = now
                 need -= used
+                if not block.left:
+                    self._retire(block, now)
 
-    async def _acquire(self, slots: int) -> None:
+    def _retire(self, block: _Block, now: float) -> None:
+        """The block is spent (or its lease is lost): let it go once its last slot left the window."""
+        if self._block is block:
+            self._block = None
+        self.slots_unused += block.left
+        block.left = 0
+        at = now if block.last_spent is None else block.last_spent + self.settings.hold_s
+        heapq.heappush(self._releases, _Release(at, block.lease_id, block.slots))
+        if self._releaser is None or self._releaser.done():
+            self._releaser = asyncio.get_running_loop().create_task(self._release_loop())
+
+    async def _release_loop(self) -> None:
+        # Plain sleeps, at most RELEASE_POLL_S each: a block let go "now" waits that long at most, and
+        # cancelling the loop always ends it (3.11's wait_for can swallow a cancel that meets a result).
+        while True:
+            wait = self._releases[0].at - time.monotonic() if self._releases else RELEASE_POLL_S
+            if wait > 0:
+                await asyncio.sleep(min(wait, RELEASE_POLL_S))
+                continue
+            await self._release(heapq.heappop(self._releases))
+
+    async def _release(self, release: _Release) -> None:
+        from httpx import HTTPError, HTTPStatusError
+
+        if self._stop.is_set():
+            # The limits are 0 (a daily-quota stop), and Prefect 3.8 fails to let slots go from a limit
+            # of 0 (its occupancy average divides by the limit): the leases end them once it is restored.
+            self.left_to_leases += release.slots
+            return
+        try:
+            await self.client.release_concurrency_slots_with_lease(release.lease_id)
+            self.slots_released += release.slots
+        except HTTPStatusError as exc:
+            if exc.response.status_code != 404:  # 404: the lease ended already, its slots are free
+                self._release_failed(release, exc)
+        except HTTPError as exc:
+            self._release_failed(release, exc)
+
+    def _release_failed(self, release: _Release, exc: Exception) -> None:
+        self.server_errors += 1
+        log.warning("could not let go of %s slots of %s (%s): their lease ends them", release.slots, self.name, exc)
+
+    async def _renew(self, block: _Block) -> bool:
+        """Extend the lease of a block spent late (an ask answered slowly, a quiet spell); False when the
+        lease is gone (its slots were freed: the block can't be spent)."""
+        from httpx import HTTPError, HTTPStatusError
+
+        asked = time.monotonic()
+        try:
+            await self.client.renew_concurrency_lease(block.lease_id, lease_duration=self.settings.lease_s)
+        except HTTPStatusError as exc:
+            if exc.response.status_code in (404, 410):
+                return False
+            self.server_errors += 1
+            return False
+        except HTTPError:
+            self.server_errors += 1
+            return False
+        self.renewals += 1
+        block.lease_ends = asked + self.settings.lease_s
+        return True
+
+    async def _acquire(self, slots: int) -> _Block | None:
         from httpx import HTTPError, HTTPStatusError
 
         started = time.monotonic()
@@ -197,7 +278,15 @@ class SharedBucket:
                 await asyncio.Event().wait()  # until the run cancels this request
             asked = time.monotonic()
             try:
-                await self.client.increment_concurrency_slots(names=[self.name], slots=slots, mode="rate_limit")
+                try:
+                    answer = await self.client.increment_concurrency_slots_with_lease(
+                        names=[self.name], slots=slots, mode="concurrency", lease_duration=self.settings.lease_s
+                    )
+                finally:
+                    took = time.monotonic() - asked
+                    self.asks += 1
+                    self.ask_s += took
+                    self.slowest_ask_s = max(self.slowest_ask_s, took)
             except HTTPStatusError as exc:
                 status = exc.response.status_code
                 if status >= 500 or status == 429:
@@ -205,7 +294,7 @@ class SharedBucket:
                     continue
                 if status == 423:
                     self.denied += 1
-                    await asyncio.sleep(await self._until_room(slots))
+                    await asyncio.sleep(self._retry_after(slots))
                     continue
                 if status == 422:  # more than the limit: set to 0 (a stop), or lowered below our block
                     limit = await self._read_limit()
@@ -219,17 +308,22 @@ class SharedBucket:
                 if status == 404:
                     log.warning("shared limit %s was deleted: this run goes on under its own limiter", self.name)
                     self.gone = True
-                    return
+                    return None
                 raise
             except HTTPError as exc:  # the Prefect server unreachable, or too slow to answer
                 trouble = await self._server_trouble(trouble, exc)
                 continue
             self.acquires += 1
             self.slots_taken += slots
-            self._credit = slots
-            self._expires = asked + expiry_s(self.settings.window_s)
             self.wait_s += time.monotonic() - started
-            return
+            lease_id = answer.json()["lease_id"]
+            return _Block(lease_id, slots, slots, asked + self.settings.lease_s)
+
+    def _retry_after(self, slots: int) -> float:
+        """After a denied ask: about the time the limit takes to turn ``slots`` over (slots are let go at
+        the rate they were taken a window ago), with jitter so that processes don't ask in step."""
+        per_second = self.settings.limit / self.settings.hold_s
+        return min(MAX_RETRY_SLEEP_S, max(0.02, slots / per_second)) * random.uniform(0.5, 1.5)
 
     async def _server_trouble(self, times: int, exc: Exception) -> int:
         """The Prefect server failed to answer: wait (1 s doubling to ``MAX_TROUBLE_SLEEP_S``) and ask
@@ -239,28 +333,6 @@ class SharedBucket:
             log.warning("Prefect server failed to answer for shared limit %s (%s): asking again", self.name, exc)
         await asyncio.sleep(min(MAX_TROUBLE_SLEEP_S, 2.0**times))
         return times + 1
-
-    async def _until_room(self, slots: int) -> float:
-        """Seconds until ``slots`` fit, read after a denied ask.
-
-        Prefect 3.8 applies the decay only on a granted ask, yet every denied one restarts the decay's
-        clock (its ``updated`` column): asking again and again while the limit is full keeps it full.
-        So after a denial (which just restarted the clock) read the limit — a read changes nothing —
-        and ask again when the slots held have decayed enough, not at the server's Retry-After."""
-        from httpx import HTTPError
-        from prefect.exceptions import ObjectNotFound
-
-        try:
-            current = await self.client.read_global_concurrency_limit_by_name(self.name)
-        except ObjectNotFound:
-            return 0.0
-        except HTTPError:
-            return slots / max(self.settings.decay, 1e-9)
-        decay = float(current.slot_decay_per_second or 0.0)
-        if decay <= 0 or current.limit < slots:
-            return MAX_RETRY_SLEEP_S  # no longer a rate limit, or lowered under our block: _acquire sees it
-        excess = current.active_slots + slots - current.limit
-        return min(MAX_RETRY_SLEEP_S, max(excess, 0) / decay + random.uniform(0.002, 0.02))
 
     async def _read_limit(self) -> int | None:
         from prefect.exceptions import ObjectNotFound
@@ -273,30 +345,47 @@ class SharedBucket:
         return int(current.limit)
 
     async def set_share(self, factor: float) -> None:
-        """Set the decay to ``factor`` of its nominal value (a 429 lowered it, or it recovers)."""
+        """Set the limit to ``factor`` of its nominal value (a 429 lowered it, or it recovers)."""
         from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
 
-        decay = max(self.nominal_decay * min(max(factor, 0.0), 1.0), self.settings.unit / self.settings.window_s)
-        await self.client.update_global_concurrency_limit(
-            self.name, GlobalConcurrencyLimitUpdate(slot_decay_per_second=decay)
-        )
+        unit = self.settings.unit
+        limit = max(unit, math.floor(self.nominal_limit * min(max(factor, 0.0), 1.0) / unit) * unit)
+        await self.client.update_global_concurrency_limit(self.name, GlobalConcurrencyLimitUpdate(limit=limit))
+
+    async def close(self) -> None:
+        """Let go of what is due: slots never spent at once, spent ones whose window is over. Slots still
+        inside their window stay taken until their leases end (``lease_s`` after they were taken)."""
+        if self._block is not None:
+            self._retire(self._block, time.monotonic())
+        if self._releaser is not None:
+            self._releaser.cancel()
+            await asyncio.gather(self._releaser, return_exceptions=True)
+        now = time.monotonic()
+        while self._releases and self._releases[0].at <= now:
+            await self._release(heapq.heappop(self._releases))
 
     def describe(self) -> dict[str, Any]:
         s = self.settings
         return {
             "name": self.name,
             "per_window": round(s.per_window, 2),
-            "shared_per_window": round(s.shared_per_window, 2),
             "window_s": s.window_s,
             "limit_slots": s.limit,
-            "slot_decay_per_second": round(s.decay, 4),
+            "hold_s": s.hold_s,
+            "lease_s": s.lease_s,
             "block_slots": s.block,
             "slots_per_unit": s.unit,
             "acquires": self.acquires,
             "denied_423": self.denied,
             "slots_taken": self.slots_taken,
-            "slots_expired_unused": self.slots_expired,
+            "slots_unused": self.slots_unused,
+            "slots_released": self.slots_released,
+            "slots_left_to_leases_after_stop": self.left_to_leases,
+            "lease_renewals": self.renewals,
             "wait_s": round(self.wait_s, 3),
+            "asks": self.asks,
+            "mean_ask_s": round(self.ask_s / self.asks, 4) if self.asks else None,
+            "slowest_ask_s": round(self.slowest_ask_s, 3),
             "prefect_server_errors": self.server_errors,
         }
 
@@ -347,7 +436,7 @@ class SharedStop:
 
         saved = {}
         for bucket in buckets:
-            saved[bucket.name] = {"limit": bucket.settings.limit, "slot_decay_per_second": bucket.nominal_decay}
+            saved[bucket.name] = {"limit": bucket.nominal_limit}
         value = {"message": message, "until": next_pacific_midnight().isoformat(), "limits": saved}
         try:
             await self.client.create_variable(VariableCreate(name=self.variable, value=value))
@@ -414,7 +503,7 @@ class SharedLimits:
             await self.tpm.take(tokens, waiting)
 
     def rate_factor(self, factor: float) -> None:
-        """The in-process limiter's rate is now ``factor`` of the declared one: the shared decay follows."""
+        """The in-process limiter's rate is now ``factor`` of the declared one: the shared limit follows."""
         if self.rpm is None or abs(factor - self._factor) < 1e-6:
             return
         self._factor = factor
@@ -442,12 +531,16 @@ class SharedLimits:
         }
 
     async def close(self) -> None:
-        if self._factor != 1.0 and self.rpm is not None:
-            # Hand the budget back whole: the next run starts at the declared rate, as this one did.
-            await self._set_share(1.0)
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self.client.__aexit__(None, None, None)
+        try:
+            if self._factor != 1.0 and self.rpm is not None:
+                # Hand the budget back whole: the next run starts at the declared rate, as this one did.
+                await self._set_share(1.0)
+            if self._tasks:
+                await asyncio.gather(*self._tasks, return_exceptions=True)
+            for bucket in self.buckets:
+                await bucket.close()
+        finally:
+            await self.client.__aexit__(None, None, None)
 
 
 async def _bucket(
@@ -472,33 +565,34 @@ async def _bucket(
             return None
         limit, decay = int(current.limit), float(current.slot_decay_per_second or 0.0)
         if limit == 0 and name in saved:  # a daily-quota stop that is over: back to what it was
-            limit, decay = int(saved[name]["limit"]), float(saved[name]["slot_decay_per_second"])
-            await client.update_global_concurrency_limit(
-                name, GlobalConcurrencyLimitUpdate(limit=limit, slot_decay_per_second=decay)
+            limit = int(saved[name]["limit"])
+            await client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(limit=limit))
+        if decay > 0:
+            log.warning(
+                "global concurrency limit %s has a slot decay: gembatch holds each request's slot for one "
+                "window instead, without decay. Ignored; to share it, `prefect gcl update %s "
+                "--slot-decay-per-second 0` and set --limit to the requests (or tokens) a window",
+                name,
+                name,
             )
-        if decay <= 0:
-            log.warning("global concurrency limit %s has no slot decay: not a rate limit, ignored", name)
             return None
         if limit == 0:  # stopped by another run (daily quota), and not over yet
             await stop.check_flag(default=True)
             limit = unit
-        return SharedBucket(client, name, from_limit(limit, decay, unit, window_s=window_s), stop)
+        return SharedBucket(client, name, from_limit(limit, unit, window_s=window_s), stop)
     settings = rate_settings(per_window, unit, window_s=window_s)
     stopped = stop.is_set()
     if current is None:
         try:
             await client.create_global_concurrency_limit(
-                GlobalConcurrencyLimitCreate(
-                    name=name, limit=0 if stopped else settings.limit, slot_decay_per_second=settings.decay
-                )
+                GlobalConcurrencyLimitCreate(name=name, limit=0 if stopped else settings.limit, slot_decay_per_second=0)
             )
         except ObjectAlreadyExists:  # another process made it in between
             current = await client.read_global_concurrency_limit_by_name(name)
     if current is not None and not stopped:
-        if int(current.limit) != settings.limit or abs(float(current.slot_decay_per_second) - settings.decay) > 1e-6:
+        if int(current.limit) != settings.limit or float(current.slot_decay_per_second or 0.0) != 0.0:
             await client.update_global_concurrency_limit(
-                name,
-                GlobalConcurrencyLimitUpdate(limit=settings.limit, slot_decay_per_second=settings.decay, active=True),
+                name, GlobalConcurrencyLimitUpdate(limit=settings.limit, slot_decay_per_second=0, active=True)
             )
     return SharedBucket(client, name, settings, stop)
 
