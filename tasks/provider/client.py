@@ -343,7 +343,8 @@ class Failure:
             "nothing more was sent: rerun the same command with --via tools (the schema goes as a function "
             "with a forced tool_choice and gives the same typed columns); rows already done are kept.",
         }.get(self.kind, "")
-        return RunStopped(status, f"{self.message} {hint}".strip())
+        message = self.message.strip().rstrip(".")
+        return RunStopped(status, f"{message}. {hint}" if hint else message)
 
 
 _DELAY = re.compile(r"^\s*([0-9.]+)\s*s\s*$")
