@@ -70,8 +70,8 @@ MAX_RETRY_SLEEP_S = 2.0
 # Longest sleep after the Prefect server failed to answer an ask.
 MAX_TROUBLE_SLEEP_S = 10.0
 DAILY_QUOTA = "stopped: daily quota"
-# How often a run reads the daily-quota flag (besides finding a limit set to 0).
-FLAG_POLL_S = 5.0
+# How often a run reads the daily-quota flag: a stop reaches every process on the key within this.
+FLAG_POLL_S = 1.0
 
 
 def limit_names(host: str, model: str) -> tuple[str, str]:
@@ -172,7 +172,6 @@ class SharedBucket:
         self.slots_taken = 0
         self.slots_unused = 0
         self.slots_released = 0
-        self.left_to_leases = 0
         self.renewals = 0
         self.wait_s = 0.0
         self.server_errors = 0
@@ -230,11 +229,6 @@ class SharedBucket:
     async def _release(self, release: _Release) -> None:
         from httpx import HTTPError, HTTPStatusError
 
-        if self._stop.is_set():
-            # The limits are 0 (a daily-quota stop), and Prefect 3.8 fails to let slots go from a limit
-            # of 0 (its occupancy average divides by the limit): the leases end them once it is restored.
-            self.left_to_leases += release.slots
-            return
         try:
             await self.client.release_concurrency_slots_with_lease(release.lease_id)
             self.slots_released += release.slots
@@ -296,7 +290,7 @@ class SharedBucket:
                     self.denied += 1
                     await asyncio.sleep(self._retry_after(slots))
                     continue
-                if status == 422:  # more than the limit: set to 0 (a stop), or lowered below our block
+                if status == 422:  # more than the limit: set to 0 (a pause), or lowered below our block
                     limit = await self._read_limit()
                     if limit is None:
                         continue
@@ -380,7 +374,6 @@ class SharedBucket:
             "slots_taken": self.slots_taken,
             "slots_unused": self.slots_unused,
             "slots_released": self.slots_released,
-            "slots_left_to_leases_after_stop": self.left_to_leases,
             "lease_renewals": self.renewals,
             "wait_s": round(self.wait_s, 3),
             "asks": self.asks,
@@ -409,13 +402,17 @@ class SharedStop:
             self._set(str(value.get("message") or "the provider's daily quota is used up"), value.get("until"))
             return True
         if default:
-            self._set("another run set the shared limit to 0 (the daily quota is used up)", None)
+            self._set(
+                "a shared limit of this key and model is set to 0: paused by an operator",
+                None,
+                "Rerun once `prefect gcl update <limit> --limit N` has lifted the pause",
+            )
             return True
         return False
 
-    def _set(self, message: str, until: str | None) -> None:
+    def _set(self, message: str, until: str | None, hint: str = "Rerun after the quota resets") -> None:
         when = f" (until {until})" if until else ""
-        self.message = f"{message}{when}. Rerun after the quota resets: rows already written are kept and skipped."
+        self.message = f"{message}{when}. {hint}: rows already written are kept and skipped."
         self.event.set()
 
     async def _read(self) -> dict[str, Any] | None:
@@ -429,24 +426,21 @@ class SharedStop:
             return None
         return variable.value
 
-    async def raise_flag(self, message: str, buckets: list[SharedBucket]) -> None:
-        """Stop everyone on this key and model: limits to 0, the reason in the variable."""
-        from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate, VariableCreate, VariableUpdate
-        from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+    async def raise_flag(self, message: str) -> None:
+        """Stop everyone on this key and model: the reason and the next reset in the variable, which every
+        run reads every ``FLAG_POLL_S`` seconds.
 
-        saved = {}
-        for bucket in buckets:
-            saved[bucket.name] = {"limit": bucket.nominal_limit}
-        value = {"message": message, "until": next_pacific_midnight().isoformat(), "limits": saved}
+        The limits stay as they are: set to 0 they would stop asks at once, but Prefect 3.8 can't let
+        slots go from a limit of 0 (its occupancy average divides by the limit), neither when a run
+        releases them nor when a lease ends, so the slots held at the stop would stay taken for good."""
+        from prefect.client.schemas.actions import VariableCreate, VariableUpdate
+        from prefect.exceptions import ObjectAlreadyExists
+
+        value = {"message": message, "until": next_pacific_midnight().isoformat()}
         try:
             await self.client.create_variable(VariableCreate(name=self.variable, value=value))
         except ObjectAlreadyExists:
             await self.client.update_variable(VariableUpdate(name=self.variable, value=value))
-        for bucket in buckets:
-            try:
-                await self.client.update_global_concurrency_limit(bucket.name, GlobalConcurrencyLimitUpdate(limit=0))
-            except ObjectNotFound:
-                pass
 
     async def watch(self) -> None:
         """Read the flag every ``FLAG_POLL_S`` seconds until it is raised: a run whose requests are not
@@ -458,13 +452,17 @@ class SharedStop:
             except Exception as exc:  # noqa: BLE001 - a failed read is tried again
                 log.warning("could not read %s: %s", self.variable, exc)
 
-    async def clear_if_over(self) -> dict[str, Any] | None:
-        """At a run's start: a flag whose time has passed is removed; returns the limits it saved."""
+    async def clear_if_over(self) -> None:
+        """At a run's start: a flag whose time has passed is removed."""
+        from prefect.exceptions import ObjectNotFound
+
         value = await self._read()
         if value is None or _active(value):
-            return None
-        await self.client.delete_variable_by_name(self.variable)
-        return value.get("limits") or {}
+            return
+        try:
+            await self.client.delete_variable_by_name(self.variable)
+        except ObjectNotFound:  # another run starting at the same time removed it
+            pass
 
 
 def _active(value: dict[str, Any]) -> bool:
@@ -520,7 +518,7 @@ class SharedLimits:
             log.warning("could not change the shared limits to %.0f%%: %s", 100 * factor, exc)
 
     async def stop_everyone(self, message: str) -> None:
-        await self.stop.raise_flag(message, self.buckets)
+        await self.stop.raise_flag(message)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -548,7 +546,6 @@ async def _bucket(
     name: str,
     per_window: float | None,
     unit: int,
-    saved: dict[str, Any],
     stop: SharedStop,
     window_s: float,
 ) -> SharedBucket | None:
@@ -564,9 +561,6 @@ async def _bucket(
         if current is None:
             return None
         limit, decay = int(current.limit), float(current.slot_decay_per_second or 0.0)
-        if limit == 0 and name in saved:  # a daily-quota stop that is over: back to what it was
-            limit = int(saved[name]["limit"])
-            await client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(limit=limit))
         if decay > 0:
             log.warning(
                 "global concurrency limit %s has a slot decay: gembatch holds each request's slot for one "
@@ -576,7 +570,7 @@ async def _bucket(
                 name,
             )
             return None
-        if limit == 0:  # stopped by another run (daily quota), and not over yet
+        if limit == 0:  # an operator's pause of every run on the key and model
             await stop.check_flag(default=True)
             limit = unit
         return SharedBucket(client, name, from_limit(limit, unit, window_s=window_s), stop)
@@ -608,12 +602,11 @@ async def open_shared_limits(
     await client.__aenter__()
     shared = SharedLimits(client, host, model)
     try:
-        saved = await shared.stop.clear_if_over()
-        if saved is None:
-            await shared.stop.check_flag()
+        await shared.stop.clear_if_over()
+        await shared.stop.check_flag()
         rpm_name, tpm_name = limit_names(host, model)
-        shared.rpm = await _bucket(client, rpm_name, rpm, SLOTS_PER_REQUEST, saved or {}, shared.stop, window_s)
-        shared.tpm = await _bucket(client, tpm_name, tpm, 1, saved or {}, shared.stop, window_s)
+        shared.rpm = await _bucket(client, rpm_name, rpm, SLOTS_PER_REQUEST, shared.stop, window_s)
+        shared.tpm = await _bucket(client, tpm_name, tpm, 1, shared.stop, window_s)
     except BaseException:
         await client.__aexit__(None, None, None)
         raise
