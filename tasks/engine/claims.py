@@ -5,6 +5,7 @@ Layout (inside the output; "_" keeps Arrow's dataset discovery off it)::
     OUTPUT/_claims/run-<run-id>.json          one per live run: its lease on the folder
     OUTPUT/_claims/chunk-<key>.<gen>.json     one per chunk in flight: who sends its rows
     OUTPUT/_claims/compact.<gen>.json         the run compacting the folder (one at a time)
+    OUTPUT/_claims/batch-<name>.<gen>.json    the run submitting, polling and writing a batch record
 
 A claim is created with an exclusive create (on local disk a hard link of the written file, which
 fails if the name exists, or ``O_CREAT | O_EXCL``; fsspec's ``pipe_file(..., mode="create")``
@@ -37,7 +38,7 @@ from typing import Any
 
 from fsspec.implementations.local import LocalFileSystem
 
-__all__ = ["CLAIMS_DIR", "COMPACT_KEY", "ClaimPolicy", "ClaimBook", "Holder", "chunk_key"]
+__all__ = ["CLAIMS_DIR", "COMPACT_KEY", "ClaimPolicy", "ClaimBook", "Holder", "batch_key", "chunk_key"]
 
 log = logging.getLogger("gembatch.claims")
 
@@ -49,6 +50,7 @@ DEFAULT_TTL_S = 60.0
 DEFAULT_HEARTBEAT_S = 10.0
 DEFAULT_POLL_S = 1.0
 COMPACT_KEY = "compact"
+BATCH_PREFIX = "batch-"
 TMP_PREFIX = ".tmp-"
 
 
@@ -394,8 +396,15 @@ def _modified(fs: Any, path: str) -> float:
     return time.time()
 
 
+def batch_key(name: str) -> str:
+    """The claim on a batch record (``OUTPUT/_batches/<name>.json``): who submits, polls and writes it."""
+    return f"{BATCH_PREFIX}{name}"
+
+
 def _prefix(key: str) -> str:
-    return f"{COMPACT_KEY}." if key == COMPACT_KEY else f"chunk-{key}."
+    if key == COMPACT_KEY or key.startswith(BATCH_PREFIX):
+        return f"{key}."
+    return f"chunk-{key}."
 
 
 def _pid_alive(pid: int) -> bool:

@@ -218,7 +218,7 @@ async def run_job(
         if options.batch.mode != "live":
             if budget is not None:
                 budget.price_factor = BATCH_PRICE_FACTOR
-            batch_run = BatchRun(ctx, source, options, total_rows, conn, _drive, chunk_runner)
+            batch_run = BatchRun(ctx, source, options, total_rows, conn, _drive, chunk_runner, claims)
         watch = asyncio.create_task(_share_stops(ctx, shared)) if shared is not None else None
         try:
             if batch_run is not None:
