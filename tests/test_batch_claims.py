@@ -14,10 +14,10 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import pyarrow.parquet as pq
 from conftest import assert_balanced, write_corpus
 from test_claims import (
     BATCH,
-    CHUNK,
     assert_no_claims_left,
     assert_table,
     embed_cmd,
@@ -98,9 +98,10 @@ def test_two_batch_runs_started_together_submit_every_row_once(emulator, tmp_pat
 
 
 def test_a_batch_run_killed_mid_submission_leaves_its_chunks_and_batches_to_the_other(emulator, tmp_path):
-    """A is killed (SIGKILL) while it submits, holding chunk claims and batches it has not written; B, at
-    work beside it, takes its claims over (A's pid is gone) and re-attaches to A's batches."""
-    emulator.configure(batch_request_seconds=0.15, batch_seconds=3.0)
+    """A is killed (SIGKILL) while it submits, holding chunk claims and batches it has not written, and
+    while B, at work beside it, has left A's chunks and batches to A. B takes A's claims over (A's pid
+    is gone), re-attaches to A's batches, and submits what A had not."""
+    emulator.configure(batch_request_seconds=0.3, batch_seconds=4.0)
     texts = texts_for(ROWS)
     src = write_corpus(tmp_path / "in.parquet", list(texts), list(texts.values()))
     out = tmp_path / "out"
@@ -110,16 +111,20 @@ def test_a_batch_run_killed_mid_submission_leaves_its_chunks_and_batches_to_the_
         while not (out / "_batches").exists() or not records(out):
             assert a.poll() is None and time.monotonic() < deadline, a.communicate()
             time.sleep(0.02)
+        killed = records(out)[0]["run_id"]
         b = start(embed_cmd(src, out, emulator.base_url, *BATCH_ARGS), tmp_path)
-        while sum(r["state"] == "submitted" for r in records(out)) < 2:
+        # B is submitting too (a record of its own), and A has batches running.
+        while not (
+            any(r["run_id"] != killed for r in records(out))
+            and any(r["run_id"] == killed and r["state"] == "submitted" for r in records(out))
+        ):
             assert a.poll() is None and time.monotonic() < deadline, a.communicate()
             time.sleep(0.02)
         held = [p.name for p in (out / "_claims").glob("chunk-*.json")]
     finally:
         a.send_signal(signal.SIGKILL)
         a.wait()
-    assert held, "A held chunk claims when it was killed"
-    killed = next(d for d in run_docs(out) if d["status"] == "running")["run_id"]
+    assert held, "chunk claims were held when A was killed"
     a_batches = [r for r in records(out) if r["run_id"] == killed and r.get("batch_id")]
     assert a_batches and all(r["state"] == "submitted" for r in a_batches), "A's batches were still running"
 
@@ -129,10 +134,16 @@ def test_a_batch_run_killed_mid_submission_leaves_its_chunks_and_batches_to_the_
     assert_table(out, texts)
     doc = next(d for d in run_docs(out) if d["run_id"] != killed)
     assert_accounts(doc)
+    written_by_a = sum(
+        pq.read_metadata(p).num_rows
+        for p in out.glob("part-*.parquet")
+        if json.loads(pq.read_schema(p).metadata[b"gembatch"])["run_id"] == killed
+    )
+    assert written_by_a == 0, "A's batches were still running when it was killed"
     assert doc["counts"]["succeeded"] == ROWS, "B wrote every row: A's batches too"
     assert doc["claims"]["taken_over"] >= 1 and f"taking over a claim of run {killed}" in text, text
     assert doc["batches"]["batches_reattached"] >= len(a_batches)
     assert f"of run {killed}: that run is gone, this run polls and writes it" in text
     assert {r["name"] for r in a_batches} <= set(doc["batches"]["batches_written"])
-    assert all(r["state"] == "written" and r["written_by_run"] == doc["run_id"] for r in records(out) if r.get("batch_id"))
+    assert all(r["state"] == "written" and r["written_by_run"] == doc["run_id"] for r in records(out))
     assert_no_claims_left(out)

@@ -159,6 +159,7 @@ class _Left:
     key: str  # the chunk's claim
     positions: np.ndarray  # the rows left, as positions in the chunk
     keys: np.ndarray  # their content keys (to see whether another run's batch still holds them)
+    tags: np.ndarray  # their id tags (to see whether a batch this run takes over holds them)
     holder: Holder | None
 
 
@@ -312,6 +313,8 @@ class BatchRun:
             self.mine.add(name)
             self._states[name] = SUBMITTED
             self.totals.reattached += 1
+            if self.left:
+                await asyncio.to_thread(self._take_back, name)
             if record.get("run_id") != self.ctx.run_id:
                 claims_log.warning(
                     "re-attaching to batch %s (%s) of run %s: that run is gone, this run polls and writes it",
@@ -319,6 +322,25 @@ class BatchRun:
                     name,
                     record.get("run_id"),
                 )
+
+    def _take_back(self, name: str) -> None:
+        """Rows left to another run that are in its batch ``name``, which this run now polls and writes
+        (and counts then): no longer left."""
+        rows = self.book.rows_path(name)
+        if not self.book.fs.exists(rows):
+            return
+        table = KeyTable()
+        with self.book.fs.open(rows, "rb") as f:
+            parquet = pq.ParquetFile(f)
+            for batch in parquet.iter_batches(columns=["content_hash", "id"], batch_size=65536):
+                table.add(hash_keys(batch.column(0)), id_tags(batch.column(1)))
+        for number, left in list(self.left.items()):
+            theirs = table.has_pairs(left.keys, left.tags)
+            if theirs.all():
+                del self.left[number]
+            elif theirs.any():
+                keep = ~theirs
+                left.positions, left.keys, left.tags = left.positions[keep], left.keys[keep], left.tags[keep]
 
     async def _drop(self, record: dict[str, Any]) -> None:
         await asyncio.to_thread(self.book.remove, record)
@@ -461,7 +483,7 @@ class BatchRun:
         key = chunk_key(id_array.to_pylist(), ready.hashes)
         holder = await asyncio.to_thread(self.claims.acquire, key)
         if holder is not None:
-            self._leave(number, first_row, key, np.flatnonzero(work), keys.keys, holder)
+            self._leave(number, first_row, key, np.flatnonzero(work), keys, holder)
             return
         try:
             # Other runs may have written or submitted these rows since this run looked.
@@ -477,7 +499,7 @@ class BatchRun:
             work &= (status == NEW) | (status == INVALID)
             theirs = work & self.others_pending.has_keys(keys.keys) if len(self.others_pending) else None
             if theirs is not None and theirs.any():
-                self._leave(number, first_row, key, np.flatnonzero(theirs), keys.keys, None)
+                self._leave(number, first_row, key, np.flatnonzero(theirs), keys, None)
                 work &= ~theirs
             added = await self._lines_of(chunk, ready, keys, work, first_row, count=count, key=key)
         except BaseException:
@@ -506,13 +528,13 @@ class BatchRun:
         return mine
 
     def _leave(
-        self, number: int, first_row: int, key: str, positions: np.ndarray, keys: np.ndarray, holder: Holder | None
+        self, number: int, first_row: int, key: str, positions: np.ndarray, keys: Any, holder: Holder | None
     ) -> None:
         """Leave rows of chunk ``number`` to the run that holds its claim, or whose batch holds them."""
         left = self.left.get(number)
         if left is not None:  # the chunk's other rows were left before in this pass
             positions = np.union1d(left.positions, positions)
-        self.left[number] = _Left(first_row, key, positions, keys[positions], holder)
+        self.left[number] = _Left(first_row, key, positions, keys.keys[positions], keys.tags[positions], holder)
         if holder is None:
             return
         self.claims.declined += 1
