@@ -68,7 +68,7 @@ from tasks.engine.chunk import (
 from tasks.engine.claims import ClaimBook, Holder, batch_key, chunk_key
 from tasks.engine.claims import log as claims_log
 from tasks.engine.index import KeyTable, hash_keys, id_tags
-from tasks.engine.store import RETRY_AUTO, RETRY_ON_REQUEST
+from tasks.engine.store import RETRY_AUTO, RETRY_ON_REQUEST, KnownParts
 from tasks.errors import ConfigError, RunStopped
 from tasks.provider.batches import (
     BatchApi,
@@ -205,8 +205,7 @@ class BatchRun:
         self._states: dict[str, str] = {}  # record name -> state last read (final ones are not read again)
         self.left: dict[int, _Left] = {}  # chunk number -> rows left to other runs
         self._told: set[str] = set()
-        self._known: set[str] = set()
-        self._known_from: dict[int, int] = {}
+        self._known_parts = KnownParts(ctx.index, ctx.stats.error_parts_written)
         self.failed_now = KeyTable()  # (content, id) pairs written to _errors/ by this run
         self.written: list[str] = []
         self.live_only = 0  # rows with no single batch line (the job splits them), sent live
@@ -386,15 +385,6 @@ class BatchRun:
     async def _look_again(self) -> None:
         await asyncio.to_thread(self._refresh)
         self._new_parts.add_to(self.ctx.index)
-
-    def _known_parts(self) -> set[str]:
-        """Parts this run has read or written (lists that only grow: only their new ends are added)."""
-        for source in (self.ctx.index.parts, self.ctx.stats.error_parts_written):
-            seen = self._known_from.get(id(source), 0)
-            self._known.update(source[seen:])
-            self._known_from[id(source)] = len(source)
-        self._known.update(self.ctx.index.error_parts)
-        return self._known
 
     # -- 2. submit --------------------------------------------------------------------------------------
 
