@@ -26,8 +26,8 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from bench_embed import KEY_ENV, free_port, make_corpus, wait_up
-from bench_outage import stats
+from _common import KEY, KEY_ENV, emulator, make_corpus
+from _common import emulator_stats as stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -84,19 +84,14 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="gembatch-claims-"))
     corpus = work / "corpus.parquet"
     make_corpus(corpus, args.rows)
-    port, key = free_port(), "bench-key"
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    env[KEY_ENV] = key
-    emu_cmd = [sys.executable, "-m", "flows.cli", "emulator", "--port", str(port), "--api-key-env", KEY_ENV]
-    emu_cmd += ["--latency", str(args.latency)]
-    emulator = subprocess.Popen(emu_cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    root = f"http://127.0.0.1:{port}/"
+    env[KEY_ENV] = KEY
     print(
         f"rows {args.rows:,}  batch {args.batch_size}  chunk {args.chunk_size}  --max-concurrency "
         f"{args.max_concurrency}  latency {args.latency}s  load average {os.getloadavg()[0]:.1f}"
     )
-    try:
-        wait_up(root + "v1beta/openai/", key, timeout=120)
+    with emulator(env, "--latency", str(args.latency)) as emu:
+        root = emu.host
         for runs in args.runs:
             out = work / f"out-{runs}"
             cmd = [sys.executable, "-m", "flows.cli", "embed", str(corpus), "--output", str(out)]
@@ -126,9 +121,6 @@ def main() -> None:
                 f"table {len(ids)} rows, {len(set(ids.to_pylist()))} distinct ids  peak RSS {rss}"
             )
             print(f"    {per_run}")
-    finally:
-        emulator.terminate()
-        emulator.wait()
     for parts in (0, args.parts):
         print(f"claim per chunk, alone, output with {parts} parts: {claim_cost(work / str(parts), parts, 200):.2f} ms")
     shutil.rmtree(work, ignore_errors=True)
