@@ -204,7 +204,6 @@ class BatchRun:
         self._others_submitted: frozenset[str] = frozenset()
         self._states: dict[str, str] = {}  # record name -> state last read (final ones are not read again)
         self.left: dict[int, _Left] = {}  # chunk number -> rows left to other runs
-        self._told: set[str] = set()
         self._known_parts = KnownParts(ctx.index, ctx.stats.error_parts_written)
         self.failed_now = KeyTable()  # (content, id) pairs written to _errors/ by this run
         self.written: list[str] = []
@@ -525,18 +524,8 @@ class BatchRun:
         if left is not None:  # the chunk's other rows were left before in this pass
             positions = np.union1d(left.positions, positions)
         self.left[number] = _Left(first_row, key, positions, keys.keys[positions], keys.tags[positions], holder)
-        if holder is None:
-            return
-        self.claims.declined += 1
-        if holder.run_id not in self._told:
-            self._told.add(holder.run_id)
-            claims_log.warning(
-                "chunk %d (rows from %d) is being submitted by %s: this run leaves that run's chunks to it, "
-                "goes on with the rest, and checks them again at the end",
-                number,
-                first_row,
-                holder.describe(),
-            )
+        if holder is not None:
+            self.claims.decline(holder, f"chunk {number} (rows from {first_row})", "submitted")
 
     async def _lines_of(
         self,

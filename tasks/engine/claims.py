@@ -148,6 +148,7 @@ class ClaimBook:
         self.others_seen: dict[str, Holder] = {}
         self.taken_over = 0
         self.declined = 0  # chunks left to another run's live claim (then checked again at the end)
+        self._told: set[str] = set()  # holders this run said it leaves chunks to
         self.waited_s = 0.0  # time spent waiting at the end for chunks other runs held
         self._lease_on = True
         # The run's event loop says it is alive (tick); a loop stuck for ttl_s stops the renewals, so
@@ -201,6 +202,20 @@ class ClaimBook:
         }
 
     # -- chunk claims -------------------------------------------------------------------------------
+    def decline(self, holder: Holder, chunk: str, doing: str) -> None:
+        """This run leaves ``chunk`` (its description) to ``holder``, which is ``doing`` it: counted, and
+        said the first time this run leaves a chunk to that holder."""
+        self.declined += 1
+        if holder.run_id not in self._told:
+            self._told.add(holder.run_id)
+            log.warning(
+                "%s is being %s by %s: this run leaves that run's chunks to it, goes on with the rest, "
+                "and checks them again at the end",
+                chunk,
+                doing,
+                holder.describe(),
+            )
+
     def acquire(self, key: str) -> Holder | None:
         """Claim ``key`` for this run: None if this run holds it now, else the live holder."""
         prefix = _prefix(key)

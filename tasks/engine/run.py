@@ -393,7 +393,6 @@ class _Chunks:
         self.failures: list[BaseException] = []
         self.cancelled: list[BaseException] = []
         self.deferred: dict[int, _Deferred] = {}
-        self._told: set[str] = set()  # holders whose chunks this run said it leaves
         self._known_parts = KnownParts(ctx.index, ctx.stats.error_parts_written)
 
     def _chunks(self):
@@ -509,17 +508,7 @@ class _Chunks:
 
     def _defer(self, number: int, first: int, rows: int, key: str, holder: Holder) -> None:
         self.deferred[number] = _Deferred(first, key, holder)
-        self.claims.declined += 1
-        if holder.run_id not in self._told:
-            self._told.add(holder.run_id)
-            claims_log.warning(
-                "chunk %d (rows %d-%d) is being sent by %s: this run leaves that run's chunks to it, "
-                "goes on with the rest, and checks them again at the end",
-                number,
-                first,
-                first + rows - 1,
-                holder.describe(),
-            )
+        self.claims.decline(holder, f"chunk {number} (rows {first}-{first + rows - 1})", "sent")
 
     async def finish_deferred(self) -> None:
         """Wait for the chunks other runs held; then check each against the output: done → skipped,

@@ -30,6 +30,7 @@ Prefect is imported here only: a run without a Prefect API never loads this modu
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import hashlib
 import heapq
@@ -172,20 +173,14 @@ class BucketStats:
     prefect_server_errors: int = 0
 
     def describe(self) -> dict[str, Any]:
-        return {
-            "acquires": self.acquires,
-            "denied_423": self.denied_423,
-            "slots_taken": self.slots_taken,
-            "slots_unused": self.slots_unused,
-            "slots_released": self.slots_released,
-            "slots_left_to_leases_after_stop": self.slots_left_to_leases_after_stop,
-            "lease_renewals": self.lease_renewals,
-            "wait_s": round(self.wait_s, 3),
-            "asks": self.asks,
-            "mean_ask_s": round(self.ask_s / self.asks, 4) if self.asks else None,
-            "slowest_ask_s": round(self.slowest_ask_s, 3),
-            "prefect_server_errors": self.prefect_server_errors,
-        }
+        """The counters under their names, seconds rounded to ms, ``ask_s`` as the mean ask."""
+        described: dict[str, Any] = {}
+        for name, value in dataclasses.asdict(self).items():
+            if name == "ask_s":
+                described["mean_ask_s"] = round(value / self.asks, 4) if self.asks else None
+            else:
+                described[name] = round(value, 3) if isinstance(value, float) else value
+        return described
 
 
 class SharedBucket:
