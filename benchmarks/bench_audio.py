@@ -20,19 +20,18 @@ import argparse
 import json
 import os
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from fractions import Fraction
 from pathlib import Path
 
 import av
 import numpy as np
 
-KEY_ENV = "GEMBATCH_BENCH_KEY"
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import KEY, KEY_ENV, emulator, run_measured  # noqa: E402
+
 RATE = 44_100
 # 287 x 9216 samples: a whole number of MP3 frames (1152) in one minute-long period (59.977 s).
 PERIOD = 287 * 9216
@@ -61,36 +60,12 @@ def make_mp3(path: Path, seconds: float, tone_hz: float) -> None:
                 container.mux(packet)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_up(url: str, key: str, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            req = urllib.request.Request(url + "models", headers={"Authorization": f"Bearer {key}"})
-            urllib.request.urlopen(req, timeout=60).read()
-            return
-        except OSError:
-            time.sleep(0.2)
-    raise SystemExit("the emulator did not come up")
-
-
 def transcribe(input: Path, out: Path, base_url: str, env: dict, extra: list[str]) -> tuple[str, float, int, float]:
     """Run `gembatch transcribe`; its output, wall time, peak RSS (KiB) and CPU seconds."""
     cmd = [sys.executable, "-m", "flows.cli", "transcribe", str(input), "--output", str(out)]
     cmd += ["--base-url", base_url, "--api-key-env", KEY_ENV, "--no-progress", *extra]
-    started = time.monotonic()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    output = proc.stdout.read().decode()
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.monotonic() - started
-    if status != 0:
-        raise SystemExit(f"gembatch transcribe failed:\n{output}")
-    return output, wall, usage.ru_maxrss, usage.ru_utime + usage.ru_stime
+    measured = run_measured(cmd, env)
+    return measured.output, measured.wall_s, measured.peak_rss_kib, measured.cpu_s
 
 
 def dry_run(folder: Path, out: Path, args: argparse.Namespace) -> dict:
@@ -135,15 +110,10 @@ def main() -> None:
         f"made {args.files} x {args.minutes:g} min MP3s (44.1 kHz stereo 128 kbps) in {time.monotonic() - made:.1f} s"
     )
 
-    port, key = free_port(), "bench-key"
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | {KEY_ENV: key}
-    emu_cmd = [sys.executable, "-m", "flows.cli", "emulator", "--port", str(port), "--api-key-env", KEY_ENV]
-    emu_cmd += ["--latency", str(args.latency), "--rpm", str(int(args.rpm))]
-    emulator = subprocess.Popen(emu_cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base_url = f"http://127.0.0.1:{port}/v1beta/openai/"
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | {KEY_ENV: KEY}
     common = ["--segment-s", str(args.segment_s), "--segment-format", args.segment_format, "--rpm", str(args.rpm)]
-    try:
-        wait_up(base_url, key)
+    with emulator(env, "--latency", str(args.latency), "--rpm", str(int(args.rpm))) as emu:
+        base_url = emu.base_url
         out = work / "out"
         folder_run = None
         if not args.skip_folder:
@@ -160,9 +130,6 @@ def main() -> None:
                 long_out = work / f"long-out-{hours:g}"
                 _, long_wall, long_rss, long_cpu = transcribe(long_file, long_out, base_url, env, common)
                 long.append((hours, long_file, long_rss, long_cpu, last_run(long_out)))
-    finally:
-        emulator.terminate()
-        emulator.wait()
 
     load = os.getloadavg()
     print(f"machine load          {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} (1/5/15 min) on {os.cpu_count()} CPUs")

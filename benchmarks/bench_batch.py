@@ -14,13 +14,11 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from bench_embed import KEY_ENV, free_port, make_corpus, wait_up
+from _common import KEY, KEY_ENV, emulator, make_corpus, only_run, run_measured
 
 
 def main() -> None:
@@ -35,31 +33,18 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="gembatch-bench-batch-"))
     corpus, out = work / "corpus.parquet", work / "out"
     make_corpus(corpus, args.rows)
-    port, key = free_port(), "bench-key"
-    env = {**os.environ, KEY_ENV: key}
-    emu_cmd = [sys.executable, "-m", "flows.cli", "emulator", "--port", str(port), "--api-key-env", KEY_ENV]
-    emulator = subprocess.Popen(emu_cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base_url = f"http://127.0.0.1:{port}/v1beta/openai/"
-    try:
-        wait_up(base_url, key)
+    env = {**os.environ, KEY_ENV: KEY}
+    with emulator(env) as emu:
         cmd = [
             sys.executable, "-m", "flows.cli", "embed", str(corpus), "--output", str(out),
-            "--base-url", base_url, "--api-key-env", KEY_ENV, "--dimensions", str(args.dimensions),
+            "--base-url", emu.base_url, "--api-key-env", KEY_ENV, "--dimensions", str(args.dimensions),
             "--chunk-size", str(args.chunk_size), "--mode", args.mode, "--batch-poll", "1",
             "--batch-max-requests", str(args.batch_max_requests), "--no-progress",
         ]  # fmt: skip
-        started = time.monotonic()
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        output = proc.stdout.read().decode()
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.monotonic() - started
-        if status != 0:
-            raise SystemExit(f"gembatch embed failed:\n{output}")
-        (run,) = [json.loads(p.read_text()) for p in (out / "_runs").glob("*.json")]
+        measured = run_measured(cmd, env)
+        wall = measured.wall_s
+        run = only_run(out)
         records = [json.loads(p.read_text()) for p in sorted((out / "_batches").glob("*.json"))]
-    finally:
-        emulator.terminate()
-        emulator.wait()
     batches = run.get("batches") or {}
     print(f"rows {args.rows:,}  mode {args.mode}  dims {args.dimensions}  chunk {args.chunk_size}")
     print(f"run status            {run['status']}  (counts {run['counts']})")
@@ -69,7 +54,7 @@ def main() -> None:
         f"uploaded              {sum(r.get('request_bytes') or 0 for r in records) / 2**20:,.1f} MiB of request lines"
     )
     print(f"estimated cost        {run['cost']['estimated_usd']} USD")
-    print(f"peak RSS              {usage.ru_maxrss / 1024:,.0f} MiB  (the gembatch embed process)")
+    print(f"peak RSS              {measured.peak_rss_mib:,.0f} MiB  (the gembatch embed process)")
     shutil.rmtree(work, ignore_errors=True)
 
 

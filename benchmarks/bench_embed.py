@@ -10,51 +10,14 @@ wall time against the physical floor: rows / batch size / rpm minutes.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
-KEY_ENV = "GEMBATCH_BENCH_KEY"
-WORDS = (
-    "river mountain engine market garden signal theory harbor violin forest copper ledger orbit "
-    "lantern meadow protein archive canyon festival glacier"
-).split()
-
-
-def make_corpus(path: Path, rows: int) -> None:
-    texts = [
-        f"Row {i}: the {WORDS[i % 20]} near the {WORDS[(i // 20) % 20]} tells of {WORDS[(i * 7) % 20]} {i * 31 % 997}."
-        for i in range(rows)
-    ]
-    pq.write_table(pa.table({"id": pa.array(range(rows), pa.int64()), "text": texts}), path)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_up(url: str, key: str, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            req = urllib.request.Request(url + "models", headers={"Authorization": f"Bearer {key}"})
-            urllib.request.urlopen(req, timeout=60).read()
-            return
-        except OSError:
-            time.sleep(0.2)
-    raise SystemExit("the emulator did not come up")
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import KEY, KEY_ENV, emulator, make_corpus, only_run, run_measured  # noqa: E402
 
 
 def main() -> None:
@@ -72,27 +35,12 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="gembatch-bench-"))
     corpus, out = work / "corpus.parquet", work / "out"
     make_corpus(corpus, args.rows)
-    port, key = free_port(), "bench-key"
-    env = {**os.environ, KEY_ENV: key}
-    emu_cmd = [
-        sys.executable,
-        "-m",
-        "flows.cli",
-        "emulator",
-        "--port",
-        str(port),
-        "--api-key-env",
-        KEY_ENV,
-        "--latency",
-        str(args.latency),
-    ]
+    env = {**os.environ, KEY_ENV: KEY}
+    emu_args = ["--latency", str(args.latency)]
     emulator_rpm = int(args.rpm) if args.rpm else args.emulator_rpm
     if emulator_rpm:
-        emu_cmd += ["--rpm", str(emulator_rpm)]
-    emulator = subprocess.Popen(emu_cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base_url = f"http://127.0.0.1:{port}/v1beta/openai/"
-    try:
-        wait_up(base_url, key)
+        emu_args += ["--rpm", str(emulator_rpm)]
+    with emulator(env, *emu_args) as emu:
         cmd = [
             sys.executable,
             "-m",
@@ -102,7 +50,7 @@ def main() -> None:
             "--output",
             str(out),
             "--base-url",
-            base_url,
+            emu.base_url,
             "--api-key-env",
             KEY_ENV,
             "--batch-size",
@@ -117,17 +65,9 @@ def main() -> None:
             cmd += ["--max-concurrency", str(args.max_concurrency)]
         if args.dimensions:
             cmd += ["--dimensions", str(args.dimensions)]
-        started = time.monotonic()
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        output = proc.stdout.read().decode()
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.monotonic() - started
-        if status != 0:
-            raise SystemExit(f"gembatch embed failed:\n{output}")
-        (run,) = [json.loads(p.read_text()) for p in (out / "_runs").glob("*.json")]
-    finally:
-        emulator.terminate()
-        emulator.wait()
+        measured = run_measured(cmd, env)
+        run = only_run(out)
+    wall = measured.wall_s
     requests = run["requests"]["sent"]
     run_s = run["duration_s"]
     print(
@@ -139,7 +79,7 @@ def main() -> None:
     print(f"rows/s                {args.rows / run_s:,.0f}")
     print(f"requests/s            {requests / run_s:,.1f}  ({requests} requests)")
     print(f"429 responses         {run['requests']['rate_limited_429']}")
-    print(f"peak RSS              {usage.ru_maxrss / 1024:,.0f} MiB  (the gembatch embed process)")
+    print(f"peak RSS              {measured.peak_rss_mib:,.0f} MiB  (the gembatch embed process)")
     if args.rpm:
         floor_s = args.rows / args.batch_size / args.rpm * 60
         print(f"physical floor        {floor_s:.2f} s  -> run time is {100 * (run_s / floor_s - 1):+.1f}% over it")

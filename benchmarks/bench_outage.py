@@ -21,29 +21,14 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import pyarrow.parquet as pq
-from bench_embed import KEY_ENV, free_port, make_corpus, wait_up
+from _common import KEY, KEY_ENV, configure, emulator, make_corpus
+from _common import emulator_stats as stats
 
 DOWN = {"fault_rate_500": 0.5, "fault_rate_503": 0.5}
 UP = {"fault_rate_500": 0.0, "fault_rate_503": 0.0}
-
-
-def stats(root: str) -> dict:
-    with urllib.request.urlopen(root + "_emulator/stats", timeout=5) as reply:
-        return json.loads(reply.read())
-
-
-def configure(root: str, key: str, changes: dict) -> None:
-    req = urllib.request.Request(
-        root + "_emulator/config",
-        data=json.dumps(changes).encode(),
-        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
-        method="POST",
-    )
-    urllib.request.urlopen(req, timeout=5).read()
 
 
 def embeddings_seen(root: str) -> int:
@@ -73,35 +58,30 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="gembatch-outage-"))
     corpus, out = work / "corpus.parquet", work / "out"
     make_corpus(corpus, args.rows)
-    port, key = free_port(), "bench-key"
+    key = KEY
     env = {**os.environ, KEY_ENV: key}
-    emu_cmd = [sys.executable, "-m", "flows.cli", "emulator", "--port", str(port), "--api-key-env", KEY_ENV]
-    emu_cmd += ["--latency", str(args.latency), "--rpm", str(int(args.rpm))]
-    emulator = subprocess.Popen(emu_cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    root = f"http://127.0.0.1:{port}/"
-    base_url = root + "v1beta/openai/"
-    cmd = [sys.executable, "-m", "flows.cli", "embed", str(corpus), "--output", str(out), "--base-url", base_url]
-    cmd += ["--api-key-env", KEY_ENV, "--batch-size", str(args.batch_size), "--rpm", str(args.rpm), "--no-progress"]
-    if args.max_outage is not None:
-        cmd += ["--max-outage", str(args.max_outage)]
-    outage: dict = {}
-    stop = threading.Event()
+    with emulator(env, "--latency", str(args.latency), "--rpm", str(int(args.rpm))) as emu:
+        root, base_url = emu.host, emu.base_url
+        cmd = [sys.executable, "-m", "flows.cli", "embed", str(corpus), "--output", str(out), "--base-url", base_url]
+        cmd += ["--api-key-env", KEY_ENV, "--batch-size", str(args.batch_size), "--rpm", str(args.rpm), "--no-progress"]
+        if args.max_outage is not None:
+            cmd += ["--max-outage", str(args.max_outage)]
+        outage: dict = {}
+        stop = threading.Event()
 
-    def schedule() -> None:
-        while embeddings_seen(root) == 0 and not stop.is_set():
-            time.sleep(0.05)
-        if stop.wait(args.outage_at):
-            return
-        outage["requests_at_start"] = embeddings_seen(root)
-        configure(root, key, DOWN)
-        outage["began"] = time.monotonic()
-        stop.wait(args.outage_for)
-        outage["requests_at_end"] = embeddings_seen(root)
-        configure(root, key, UP)
-        outage["ended"] = time.monotonic()
+        def schedule() -> None:
+            while embeddings_seen(root) == 0 and not stop.is_set():
+                time.sleep(0.05)
+            if stop.wait(args.outage_at):
+                return
+            outage["requests_at_start"] = embeddings_seen(root)
+            configure(root, key, DOWN)
+            outage["began"] = time.monotonic()
+            stop.wait(args.outage_for)
+            outage["requests_at_end"] = embeddings_seen(root)
+            configure(root, key, UP)
+            outage["ended"] = time.monotonic()
 
-    try:
-        wait_up(base_url, key, timeout=120)
         timer = threading.Thread(target=schedule, daemon=True)
         timer.start()
         started = time.monotonic()
@@ -121,9 +101,6 @@ def main() -> None:
         if run["status"] != "completed":
             rerun = subprocess.run(cmd, env=env, capture_output=True, text=True)
             runs = read_runs(out)
-    finally:
-        emulator.terminate()
-        emulator.wait()
 
     down = outage.get("requests_at_end", 0) - outage.get("requests_at_start", 0)
     print(

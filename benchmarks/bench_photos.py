@@ -24,22 +24,21 @@ import argparse
 import base64
 import hashlib
 import io
-import json
 import os
 import resource
 import shutil
-import socket
-import subprocess
+import sys
 import tempfile
 import time
-import urllib.request
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-KEY_ENV = "GEMBATCH_BENCH_KEY"
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import KEY, KEY_ENV, emulator, only_run, run_measured  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -78,40 +77,15 @@ def write_photos(folder: Path, count: int, bases: list[bytes]) -> Path:
     return listing
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_up(url: str, key: str, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            req = urllib.request.Request(url + "models", headers={"Authorization": f"Bearer {key}"})
-            urllib.request.urlopen(req, timeout=60).read()
-            return
-        except OSError:
-            time.sleep(0.2)
-    raise SystemExit("the emulator did not come up")
-
-
 def run_caption(python: str, repo: Path, listing: Path, out: Path, base_url: str, env: dict, extra: list[str]):
     cmd = [python, "-m", "flows.cli", "caption", str(listing), "--output", str(out), "--base-url", base_url]
     cmd += ["--api-key-env", KEY_ENV, "--no-progress", *extra]
-    started = time.monotonic()
     load_before = os.getloadavg()[0]
-    proc = subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    output = proc.stdout.read().decode()
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.monotonic() - started
-    if status != 0:
-        raise SystemExit(f"gembatch caption failed:\n{output}")
-    (run,) = [json.loads(p.read_text()) for p in (out / "_runs").glob("*.json")]
+    measured = run_measured(cmd, env, cwd=repo)
+    run = only_run(out)
     if run["counts"]["failed"] or run["counts"]["deduplicated"]:
-        raise SystemExit(f"unexpected counts {run['counts']}:\n{output}")
-    cpu = usage.ru_utime + usage.ru_stime
-    return run, wall, usage.ru_maxrss / 1024, cpu, (load_before, os.getloadavg()[0])
+        raise SystemExit(f"unexpected counts {run['counts']}:\n{measured.output}")
+    return run, measured.wall_s, measured.peak_rss_mib, measured.cpu_s, (load_before, os.getloadavg()[0])
 
 
 def cpu_seconds(pid: int) -> float:
@@ -316,14 +290,10 @@ def main() -> None:
             listing = write_photos(work / "pools", min(args.images, 60), bases)
             compare_pools(sorted(listing.parent.glob("*.jpg")), args.max_side or 1536)
             return
-        port, key = free_port(), "bench-key"
-        env = {**os.environ, KEY_ENV: key}
+        env = {**os.environ, KEY_ENV: KEY}
         env.pop("VIRTUAL_ENV", None)
-        emu_cmd = [python, "-m", "flows.cli", "emulator", "--port", str(port), "--api-key-env", KEY_ENV]
-        emulator = subprocess.Popen(emu_cmd, cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        base_url = f"http://127.0.0.1:{port}/v1beta/openai/"
-        try:
-            wait_up(base_url, key)
+        with emulator(env, python=python, cwd=repo) as emu:
+            base_url = emu.base_url
             # A run of 1 photo first: its CPU is the command's start-up (imports, the run's set-up), so
             # the CPU per photo beyond start-up follows from the two runs.
             sizes = [3, 1000] if args.rss_check else [1, args.images]
@@ -331,9 +301,9 @@ def main() -> None:
             for n in sizes:
                 folder = work / f"photos-{n}"
                 listing = write_photos(folder, n, bases)
-                emu_before = cpu_seconds(emulator.pid)
+                emu_before = cpu_seconds(emu.process.pid)
                 run, wall, rss, cpu, load = run_caption(python, repo, listing, work / f"out-{n}", base_url, env, extra)
-                report(n, run, wall, rss, cpu, cpu_seconds(emulator.pid) - emu_before, load, cpus)
+                report(n, run, wall, rss, cpu, cpu_seconds(emu.process.pid) - emu_before, load, cpus)
                 results.append((rss, cpu))
                 shutil.rmtree(folder, ignore_errors=True)
             (rss_small, cpu_small), (rss_big, cpu_big) = results
@@ -345,9 +315,6 @@ def main() -> None:
                 f"{cpu_small - sizes[0] * per_photo:.1f} s) -> {cpus / per_photo:.1f} images/s on {cpus} idle cores "
                 "for gembatch alone"
             )
-        finally:
-            emulator.terminate()
-            emulator.wait()
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -13,21 +13,19 @@ server saw, and the most requests in flight.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_embed import KEY_ENV, free_port, make_corpus, wait_up  # noqa: E402
+from _common import KEY, KEY_ENV, emulator, emulator_stats, make_corpus, only_run  # noqa: E402
 
 
 def make_texts(path: Path, rows: int) -> None:
@@ -35,42 +33,25 @@ def make_texts(path: Path, rows: int) -> None:
     pq.write_table(pa.table({"id": pa.array(range(rows), pa.int64()), "text": texts}), path)
 
 
-def emulator_stats(base: str) -> dict:
-    with urllib.request.urlopen(base + "_emulator/stats", timeout=5) as reply:
-        return json.loads(reply.read())
-
-
 def run_once(job: str, rows: int, rpm: float, latency: float, jitter: float, extra: list[str]) -> dict:
     work = Path(tempfile.mkdtemp(prefix="gembatch-rate-"))
     source, out = work / "in.parquet", work / "out"
     (make_texts if job == "extract" else make_corpus)(source, rows)
-    port, key = free_port(), "bench-key"
-    env = {**os.environ, KEY_ENV: key}
-    emulator = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "emulator", "--port", str(port), "--api-key-env", KEY_ENV]
-        + ["--rpm", str(int(rpm)), "--latency", str(latency), "--latency-jitter", str(jitter)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    host = f"http://127.0.0.1:{port}/"
-    base_url = host + "v1beta/openai/"
+    env = {**os.environ, KEY_ENV: KEY}
     try:
-        wait_up(base_url, key)
-        cmd = [sys.executable, "-m", "flows.cli", job, str(source), "-o", str(out), "--base-url", base_url]
-        cmd += ["--api-key-env", KEY_ENV, "--rpm", str(rpm), "--no-progress", *extra]
-        if job == "extract":
-            cmd += ["--schema", "schemas.examples:CalendarEvent"]
-        started = time.monotonic()
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        wall = time.monotonic() - started
-        if proc.returncode != 0:
-            raise SystemExit(f"gembatch {job} failed:\n{proc.stdout}\n{proc.stderr}")
-        (run,) = [json.loads(p.read_text()) for p in (out / "_runs").glob("*.json")]
-        stats = emulator_stats(host)
+        with emulator(env, "--rpm", str(int(rpm)), "--latency", str(latency), "--latency-jitter", str(jitter)) as emu:
+            cmd = [sys.executable, "-m", "flows.cli", job, str(source), "-o", str(out), "--base-url", emu.base_url]
+            cmd += ["--api-key-env", KEY_ENV, "--rpm", str(rpm), "--no-progress", *extra]
+            if job == "extract":
+                cmd += ["--schema", "schemas.examples:CalendarEvent"]
+            started = time.monotonic()
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            wall = time.monotonic() - started
+            if proc.returncode != 0:
+                raise SystemExit(f"gembatch {job} failed:\n{proc.stdout}\n{proc.stderr}")
+            run = only_run(out)
+            stats = emulator_stats(emu.host)
     finally:
-        emulator.terminate()
-        emulator.wait()
         shutil.rmtree(work, ignore_errors=True)
     requests = run["requests"]["sent"]
     floor = requests / rpm * 60

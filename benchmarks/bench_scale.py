@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_embed import KEY_ENV, WORDS, free_port, wait_up  # noqa: E402
+from _common import KEY, KEY_ENV, WORDS, emulator  # noqa: E402
 
 BLOCK_ROWS = 500_000
 CHAT_MODEL = "gemini-2.5-flash"
@@ -256,47 +256,40 @@ def main() -> None:
         make_corpus_elsewhere(corpus, args.rows, short=args.job == "extract")
     size_mib = corpus.stat().st_size / 2**20
     print(f"corpus    {args.rows:,} rows, {size_mib:,.0f} MiB, made in {time.monotonic() - t:.1f} s", flush=True)
-    port, key = free_port(), "bench-key"
     # Prefect's temporary server gets its own home (no lock shared with other runs) and time to start
     # on a busy machine.
     env = {
         **os.environ,
-        KEY_ENV: key,
+        KEY_ENV: KEY,
         "PREFECT_HOME": str(work / "prefect-home"),
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
     }
-    emulator = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "emulator", "--port", str(port), "--api-key-env", KEY_ENV],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    base_url = f"http://127.0.0.1:{port}/v1beta/openai/"
     try:
-        wait_up(base_url, key)
-        if reuse:
-            print("first run  reused: the corpus and output already in --work", flush=True)
-        elif args.synthetic_first_run:
-            t = time.monotonic()
-            make_output_elsewhere(corpus, out, args.dimensions, args.chunk_size, args.job)
-            print(f"first run  synthetic: parts written directly in {time.monotonic() - t:.1f} s", flush=True)
-        else:
-            first = run_embed(corpus, out, base_url, env, args, "first-run")
-            report("first run", args.rows, first)
-            if first["run"]["status"] != "completed":
-                return
-        if args.dry_run:
-            report("dry run", args.rows, run_embed(corpus, out, base_url, env, args, "dry-run", dry=True))
-        if not args.no_rerun:
-            report("rerun", args.rows, run_embed(corpus, out, base_url, env, args, "rerun"))
-        if args.supersede:
-            make_corpus_elsewhere(corpus, args.rows, revise=args.supersede)
-            result = run_embed(corpus, out, base_url, env, args, "supersede")
-            report("supersede", args.rows, result)
-            print(f"           superseded rows removed: {result['run']['output']['superseded_rows_removed']:,}")
-        own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        print(f"(this script's own peak RSS: {own:,.0f} MiB; a child's figure can't be below it)")
+        with emulator(env) as emu:
+            base_url = emu.base_url
+            if reuse:
+                print("first run  reused: the corpus and output already in --work", flush=True)
+            elif args.synthetic_first_run:
+                t = time.monotonic()
+                make_output_elsewhere(corpus, out, args.dimensions, args.chunk_size, args.job)
+                print(f"first run  synthetic: parts written directly in {time.monotonic() - t:.1f} s", flush=True)
+            else:
+                first = run_embed(corpus, out, base_url, env, args, "first-run")
+                report("first run", args.rows, first)
+                if first["run"]["status"] != "completed":
+                    return
+            if args.dry_run:
+                report("dry run", args.rows, run_embed(corpus, out, base_url, env, args, "dry-run", dry=True))
+            if not args.no_rerun:
+                report("rerun", args.rows, run_embed(corpus, out, base_url, env, args, "rerun"))
+            if args.supersede:
+                make_corpus_elsewhere(corpus, args.rows, revise=args.supersede)
+                result = run_embed(corpus, out, base_url, env, args, "supersede")
+                report("supersede", args.rows, result)
+                print(f"           superseded rows removed: {result['run']['output']['superseded_rows_removed']:,}")
+            own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            print(f"(this script's own peak RSS: {own:,.0f} MiB; a child's figure can't be below it)")
     finally:
-        emulator.terminate()
-        emulator.wait()
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
 

@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -31,10 +30,11 @@ from pathlib import Path
 import pyarrow.dataset as pds
 import yaml
 
-sys.path.insert(0, str(Path(__file__).parent))
-from bench_embed import KEY_ENV, free_port, make_corpus, wait_up  # noqa: E402
-
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(REPO / "tests"))
+from _common import KEY_ENV, make_corpus, wait_up  # noqa: E402
+from servers import descendants, free_port, prefect_cli, prefect_env, start_server, start_worker, stop  # noqa: E402
 
 
 class RssSampler(threading.Thread):
@@ -47,7 +47,7 @@ class RssSampler(threading.Thread):
 
     def run(self) -> None:
         while not self.stopped.wait(0.5):
-            for pid, cmd in _descendants(os.getpid()):
+            for pid, cmd in _commands_below(os.getpid()):
                 try:
                     status = Path(f"/proc/{pid}/status").read_text()
                 except OSError:
@@ -70,48 +70,15 @@ def _kind(cmd: str) -> str:
     return "shard flow run" if "prefect" in cmd else "other"
 
 
-def _descendants(root: int) -> list[tuple[int, str]]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = [], [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            try:
-                cmd = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                cmd = ""
-            found.append((child, cmd))
-            todo.append(child)
-    return found
-
-
-def _stop(process: subprocess.Popen | None) -> None:
-    if process is None or process.poll() is not None:
-        return
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=5)
-
-
-def _wait_healthy(api: str, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+def _commands_below(root: int) -> list[tuple[int, str]]:
+    found = []
+    for child in descendants(root):
         try:
-            with urllib.request.urlopen(f"{api}/health", timeout=2) as answer:
-                if answer.status == 200:
-                    return
+            cmd = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
-            time.sleep(0.5)
-    raise SystemExit("prefect server did not come up")
+            cmd = ""
+        found.append((child, cmd))
+    return found
 
 
 def run(rows: int, rpm: float, shards: int, workers: int, chunk_size: int, keep: bool) -> dict:
@@ -119,23 +86,11 @@ def run(rows: int, rpm: float, shards: int, workers: int, chunk_size: int, keep:
     source, out = work / "in.parquet", work / "out"
     make_corpus(source, rows)
     port, emu_port, key = free_port(), free_port(), "bench-key"
-    api = f"http://127.0.0.1:{port}/api"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env |= {
-        "PREFECT_HOME": str(work / "prefect-home"),
-        "PREFECT_API_URL": api,
-        "PREFECT_SERVER_API_HOST": "127.0.0.1",
-        "PREFECT_SERVER_API_PORT": str(port),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_WORKER_QUERY_SECONDS": "1",
-        "GEMBATCH_HOME": str(REPO),
-        KEY_ENV: key,
-    }
+    env = prefect_env(work / "prefect-home", port, **{KEY_ENV: key})
     spec = yaml.safe_load((REPO / "deployments.yaml").read_text())
     spec["deployments"] = [d for d in spec["deployments"] if d["name"] == "nightly-embed"]
     spec["deployments"][0].pop("schedules")
     (work / "deployments.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
-    prefect = [sys.executable, "-m", "prefect", "--no-prompt"]
     sampler = RssSampler()
     sampler.start()
     started_procs: list[subprocess.Popen] = []
@@ -156,16 +111,12 @@ def run(rows: int, rpm: float, shards: int, workers: int, chunk_size: int, keep:
         )  # fmt: skip
         host = f"http://127.0.0.1:{emu_port}/"
         base_url = host + "v1beta/openai/"
-        start([*prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui"], "server.log")
-        _wait_healthy(api)
+        started_procs.append(start_server(env, work, work / "server.log", timeout=180))
         wait_up(base_url, key)
-        for args in (
-            ["work-pool", "create", "gembatch", "--type", "process"],
-            ["deploy", "--prefect-file", str(work / "deployments.yaml"), "--all"],
-        ):
-            subprocess.run([*prefect, *args], env=env, cwd=REPO, check=True, capture_output=True, timeout=300)
+        prefect_cli(env, "work-pool", "create", "gembatch", "--type", "process", timeout=300)
+        prefect_cli(env, "deploy", "--prefect-file", str(work / "deployments.yaml"), "--all", timeout=300)
         for n in range(workers):
-            start([*prefect, "worker", "start", "--pool", "gembatch", "--name", f"w{n}"], f"worker-{n}.log")
+            started_procs.append(start_worker(env, "gembatch", work, work / f"worker-{n}.log", "--name", f"w{n}"))
         cmd = [sys.executable, "-m", "flows.cli", "embed", str(source), "-o", str(out), "--base-url", base_url,
                "--api-key-env", KEY_ENV, "--rpm", str(rpm), "--shards", str(shards), "--chunk-size",
                str(chunk_size), "--dimensions", "64", "--no-progress"]  # fmt: skip
@@ -180,7 +131,7 @@ def run(rows: int, rpm: float, shards: int, workers: int, chunk_size: int, keep:
         table = pds.dataset(str(out), format="parquet").to_table(columns=["id"])
     finally:
         for process in reversed(started_procs):
-            _stop(process)
+            stop(process, timeout=20)
         sampler.stopped.set()
         sampler.join()
         if keep:

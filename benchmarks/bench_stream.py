@@ -13,21 +13,17 @@ reply is one body), the streamed run recovers each stall after --idle-timeout in
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_embed import KEY_ENV, free_port, wait_up  # noqa: E402
+from _common import KEY, KEY_ENV, configure, emulator, only_run, run_measured  # noqa: E402
 
 
 def make_rows(path: Path, rows: int) -> None:
@@ -39,59 +35,33 @@ def make_rows(path: Path, rows: int) -> None:
     pq.write_table(pa.table({"id": pa.array(range(rows), pa.int64()), "review": reviews}), path)
 
 
-def configure(host: str, key: str, changes: dict) -> None:
-    request = urllib.request.Request(
-        host + "_emulator/config",
-        data=json.dumps(changes).encode(),
-        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(request, timeout=5) as reply:
-        reply.read()
-
-
 def run_once(args: argparse.Namespace, stream: bool) -> dict:
     work = Path(tempfile.mkdtemp(prefix="gembatch-stream-"))
     source, out = work / "in.parquet", work / "out"
     make_rows(source, args.rows)
-    port, key = free_port(), "bench-key"
-    env = {**os.environ, KEY_ENV: key}
-    emulator = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "emulator", "--port", str(port), "--api-key-env", KEY_ENV]
-        + ["--latency", str(args.latency)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    host = f"http://127.0.0.1:{port}/"
-    base_url = host + "v1beta/openai/"
+    env = {**os.environ, KEY_ENV: KEY}
     try:
-        wait_up(base_url, key)
-        configure(
-            host,
-            key,
-            {
-                "stream_chunk_delay_seconds": args.chunk_delay,
-                "stream_fault_rate_stall": args.stall_rate,
-                "hang_seconds": 3600,
-            },
-        )
-        cmd = [sys.executable, "-m", "flows.cli", "generate", str(source), "-o", str(out), "--base-url", base_url]
-        cmd += ["--api-key-env", KEY_ENV, "--no-progress", "--prompt", "Summarise in one line: {review}"]
-        cmd += ["--rpm", str(args.rpm), "--timeout", str(args.timeout), "--idle-timeout", str(args.idle_timeout)]
-        if stream:
-            cmd.append("--stream")
-        started = time.monotonic()
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        output = proc.stdout.read().decode()
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.monotonic() - started
-        if status != 0:
-            raise SystemExit(f"gembatch generate failed:\n{output}")
-        (run,) = [json.loads(p.read_text()) for p in (out / "_runs").glob("*.json")]
+        with emulator(env, "--latency", str(args.latency)) as emu:
+            configure(
+                emu.host,
+                KEY,
+                {
+                    "stream_chunk_delay_seconds": args.chunk_delay,
+                    "stream_fault_rate_stall": args.stall_rate,
+                    "hang_seconds": 3600,
+                },
+            )
+            cmd = [sys.executable, "-m", "flows.cli", "generate", str(source), "-o", str(out)]
+            cmd += ["--base-url", emu.base_url, "--api-key-env", KEY_ENV, "--no-progress"]
+            cmd += ["--prompt", "Summarise in one line: {review}"]
+            cmd += ["--rpm", str(args.rpm), "--timeout", str(args.timeout), "--idle-timeout", str(args.idle_timeout)]
+            if stream:
+                cmd.append("--stream")
+            measured = run_measured(cmd, env)
+            run = only_run(out)
     finally:
-        emulator.terminate()
-        emulator.wait()
         shutil.rmtree(work, ignore_errors=True)
+    wall = measured.wall_s
     first = run.get("streaming", {}).get("first_token", {})
     return {
         "mode": "stream" if stream else "plain",
@@ -104,7 +74,7 @@ def run_once(args: argparse.Namespace, stream: bool) -> dict:
         "retries": run["requests"]["retries"],
         "ttft_p50_s": first.get("p50_s"),
         "ttft_p95_s": first.get("p95_s"),
-        "peak_rss_mib": round(usage.ru_maxrss / 1024),
+        "peak_rss_mib": round(measured.peak_rss_mib),
     }
 
 

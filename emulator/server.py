@@ -165,6 +165,8 @@ class EmulatorConfig:
     batch_line_failure_rate: float = 0.0
     # None: batches complete. A share (0-1): the batch expires with only that share of its lines answered.
     batch_expire_fraction: float | None = None
+    # Seconds every files/batches request (upload, create, poll, download) takes before its answer.
+    batch_request_seconds: float = 0.0
     # A server or model without json_schema structured outputs: one of JSON_SCHEMA_SUPPORT.
     json_schema: str = "supported"
 
@@ -187,6 +189,8 @@ class EmulatorConfig:
             raise ValueError("batch_line_failure_rate must be within [0, 1]")
         if self.batch_expire_fraction is not None and not 0.0 <= self.batch_expire_fraction <= 1.0:
             raise ValueError("batch_expire_fraction must be within [0, 1]")
+        if self.batch_request_seconds < 0:
+            raise ValueError("batch_request_seconds must be 0 or more")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -913,6 +917,8 @@ class Emulator:
             if not (self._authorised(req, cfg) or req.headers.get("x-goog-api-key") == cfg.api_key):
                 resp = _bad_key().response()
             else:
+                if cfg.batch_request_seconds > 0:
+                    await asyncio.sleep(cfg.batch_request_seconds)
                 resp = await self.batches.serve(req, cfg)
             await self._write(writer, resp, keep_alive=keep_alive)
             return keep_alive

@@ -26,7 +26,7 @@ from typing import Any
 
 from flows.params import CommonOptions
 from tasks.engine.chunk import Job
-from tasks.engine.metadata import new_run_id, package_versions, utc_now
+from tasks.engine.metadata import input_record, new_run_id, package_versions, utc_now
 from tasks.errors import ConfigError
 
 __all__ = ["HEARTBEAT_LABEL", "heartbeat", "run_sharded", "sharded"]
@@ -117,13 +117,7 @@ async def run_sharded(job: Job, parameters: dict[str, Any]) -> dict[str, Any]:
         "message": "",
         "parameters": recorded,
         "job_parameters": job.parameters(),
-        "input": {
-            "path": source.path,
-            "format": source.format,
-            "size_bytes": source.size_bytes,
-            "rows": total_rows,
-            "fingerprint": await asyncio.to_thread(source.fingerprint),
-        },
+        "input": await asyncio.to_thread(input_record, source, total_rows),
         "output": {"path": options.output},
         "started_at": started.isoformat(),
         "deployment_id": deployment_id,

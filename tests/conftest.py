@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 
 # Before Prefect is imported anywhere: its settings (and database) live in a throwaway folder.
@@ -68,6 +69,42 @@ def write_corpus(path: Path, ids: list, texts: list) -> Path:
     else:
         pq.write_table(table, path)
     return path
+
+
+def cli_env(api_url: str | None = None, **extra: str) -> dict[str, str]:
+    """The environment of a `gembatch` subprocess: the test key set; tracked in Prefect only with
+    ``api_url`` (else untracked, whatever this process's settings say)."""
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env[TEST_KEY_ENV] = TEST_KEY
+    if api_url is not None:
+        env["PREFECT_API_URL"] = api_url
+    env.update(extra)
+    return env
+
+
+def embed_command(src: Path, out: Path, base_url: str, *extra: str, batch_size: int, chunk_size: int) -> list[str]:
+    """`gembatch embed SRC -o OUT` against an emulator as a subprocess's argv: 4 requests in flight, no bar."""
+    return [
+        sys.executable,
+        "-m",
+        "flows.cli",
+        "embed",
+        str(src),
+        "--output",
+        str(out),
+        "--base-url",
+        base_url,
+        "--api-key-env",
+        TEST_KEY_ENV,
+        "--batch-size",
+        str(batch_size),
+        "--chunk-size",
+        str(chunk_size),
+        "--max-concurrency",
+        "4",
+        "--no-progress",
+        *extra,
+    ]
 
 
 def assert_balanced(doc: dict) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -16,7 +15,17 @@ from pathlib import Path
 import httpx2
 import polars as pl
 import pytest
-from conftest import CORPUS, REPO, TEST_KEY, TEST_KEY_ENV, assert_balanced, read_errors, read_output, write_corpus
+from conftest import (
+    CORPUS,
+    REPO,
+    TEST_KEY,
+    TEST_KEY_ENV,
+    assert_balanced,
+    cli_env,
+    read_errors,
+    read_output,
+    write_corpus,
+)
 
 from emulator import Emulator, EmulatorConfig
 from emulator.batches import _gemini_body
@@ -331,8 +340,7 @@ def test_jobs_without_a_batch_route_are_refused_before_any_work(emulator, tmp_pa
 
 
 def _cli(args: list[str], tmp_path: Path, **kw) -> subprocess.CompletedProcess | subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    env.update({TEST_KEY_ENV: TEST_KEY, "COLUMNS": "250"})
+    env = cli_env(COLUMNS="250")
     command = [sys.executable, "-m", "flows.cli", *args]
     if kw.pop("background", False):
         return subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)

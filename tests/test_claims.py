@@ -13,7 +13,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -23,7 +22,17 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import REPO, TEST_KEY, TEST_KEY_ENV, assert_balanced, read_errors, read_output, write_corpus
+from conftest import (
+    REPO,
+    TEST_KEY,
+    TEST_KEY_ENV,
+    assert_balanced,
+    cli_env,
+    embed_command,
+    read_errors,
+    read_output,
+    write_corpus,
+)
 from test_embed import expected_vector
 
 from emulator import Emulator, EmulatorConfig
@@ -44,35 +53,11 @@ def texts_for(n: int, start: int = 0) -> dict[int, str]:
 
 
 def embed_cmd(src: Path, out: Path, base_url: str, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "flows.cli",
-        "embed",
-        str(src),
-        "--output",
-        str(out),
-        "--base-url",
-        base_url,
-        "--api-key-env",
-        TEST_KEY_ENV,
-        "--dimensions",
-        str(DIMS),
-        "--batch-size",
-        str(BATCH),
-        "--chunk-size",
-        str(CHUNK),
-        "--max-concurrency",
-        "4",
-        "--no-progress",
-        *extra,
-    ]
+    return embed_command(src, out, base_url, "--dimensions", str(DIMS), *extra, batch_size=BATCH, chunk_size=CHUNK)
 
 
 def start(cmd: list[str], cwd: Path) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    env[TEST_KEY_ENV] = TEST_KEY
-    return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(cmd, env=cli_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def finish(procs: list[subprocess.Popen]) -> list[tuple[int, str]]:

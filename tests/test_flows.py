@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import random
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import REPO, TEST_KEY, TEST_KEY_ENV, assert_balanced, read_output, write_corpus
+from conftest import REPO, TEST_KEY, TEST_KEY_ENV, assert_balanced, cli_env, embed_command, read_output, write_corpus
 
 from emulator.fakes import fake_embedding
 
@@ -68,26 +66,7 @@ def test_embed_flow_runs_one_task_per_chunk_and_publishes_the_summary(prefect_se
 
 
 def _embed_cmd(src, out, base_url) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "flows.cli",
-        "embed",
-        str(src),
-        "--output",
-        str(out),
-        "--base-url",
-        base_url,
-        "--api-key-env",
-        TEST_KEY_ENV,
-        "--batch-size",
-        "20",
-        "--chunk-size",
-        "200",
-        "--max-concurrency",
-        "4",
-        "--no-progress",
-    ]
+    return embed_command(src, out, base_url, batch_size=20, chunk_size=200)
 
 
 def test_a_run_killed_mid_way_resumes_to_the_same_table_without_paying_twice(api_url, emulator, tmp_path):
@@ -96,7 +75,7 @@ def test_a_run_killed_mid_way_resumes_to_the_same_table_without_paying_twice(api
     texts = [f"kill test sentence {i}" for i in range(n)]
     src = write_corpus(tmp_path / "in.parquet", list(range(n)), texts)
     out = tmp_path / "out"
-    env = {**os.environ, "PREFECT_API_URL": api_url, TEST_KEY_ENV: TEST_KEY}
+    env = cli_env(api_url)
     rng = random.Random(7)
     trials = 3
     for trial in range(trials):
@@ -182,9 +161,7 @@ def test_ctrl_c_stops_cleanly_with_interrupted_metadata_and_resumes(tracked, req
     texts = [f"interrupt me {i}" for i in range(n)]
     src = write_corpus(tmp_path / "in.parquet", list(range(n)), texts)
     out = tmp_path / "out"
-    env = {**os.environ, TEST_KEY_ENV: TEST_KEY}
-    if tracked:
-        env["PREFECT_API_URL"] = request.getfixturevalue("api_url")
+    env = cli_env(request.getfixturevalue("api_url") if tracked else None)
     proc = subprocess.Popen(
         _embed_cmd(src, out, emulator.base_url), env=env, cwd=tmp_path, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),

@@ -24,7 +24,7 @@ import pyarrow.csv as pcsv
 import pytest
 import yaml
 from conftest import REPO, TEST_KEY, TEST_KEY_ENV, assert_balanced, read_errors, read_output, write_corpus
-from test_worker import _free_port, _stop, _wait_healthy
+from servers import descendants, free_port, prefect_cli, prefect_env, start_server, start_worker, stop
 
 from emulator import Emulator, EmulatorConfig
 
@@ -39,22 +39,15 @@ DIMS = 8
 def cluster(tmp_path_factory):
     """Server, pool, deployments and two workers; yields (env, workers, tmp)."""
     tmp = tmp_path_factory.mktemp("cluster")
-    port = _free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env |= {
-        "PREFECT_HOME": str(tmp / "prefect-home"),
-        "PREFECT_API_URL": api,
-        "PREFECT_SERVER_API_HOST": "127.0.0.1",
-        "PREFECT_SERVER_API_PORT": str(port),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_WORKER_QUERY_SECONDS": "1",
-        "PREFECT_WORKER_PREFETCH_SECONDS": "1",
+    port = free_port()
+    env = prefect_env(
+        tmp / "prefect-home",
+        port,
+        PREFECT_WORKER_PREFETCH_SECONDS="1",
         # A killed worker is known by its missed heartbeats (flows/shards.py): 3 x 2 s.
-        "PREFECT_WORKER_HEARTBEAT_SECONDS": "2",
-        "GEMBATCH_HOME": str(REPO),
-        TEST_KEY_ENV: TEST_KEY,
-    }
+        PREFECT_WORKER_HEARTBEAT_SECONDS="2",
+        **{TEST_KEY_ENV: TEST_KEY},
+    )
     spec = yaml.safe_load((REPO / "deployments.yaml").read_text())
     wanted = {"nightly-embed", "nightly-extract-invoices", "weekly-caption"}
     spec["deployments"] = [d for d in spec["deployments"] if d["name"] in wanted]
@@ -63,63 +56,25 @@ def cluster(tmp_path_factory):
         deployment["work_pool"]["name"] = "shards-pool"
     prefect_file = tmp / "deployments.yaml"
     prefect_file.write_text(yaml.safe_dump(spec, sort_keys=False))
-    prefect = [sys.executable, "-m", "prefect", "--no-prompt"]
     server, workers = None, []
-    log = (tmp / "server.log").open("w")
     try:
-        server = subprocess.Popen(
-            [*prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui"],
-            env=env, cwd=tmp, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-        _wait_healthy(api, server, tmp / "server.log")
-        for args in (
-            ["work-pool", "create", "shards-pool", "--type", "process"],
-            ["deploy", "--prefect-file", str(prefect_file), "--all"],
-        ):
-            result = subprocess.run([*prefect, *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=180)
-            assert result.returncode == 0, f"prefect {args}:\n{result.stdout}\n{result.stderr}"
+        server = start_server(env, tmp, tmp / "server.log")
+        prefect_cli(env, "work-pool", "create", "shards-pool", "--type", "process")
+        prefect_cli(env, "deploy", "--prefect-file", str(prefect_file), "--all")
         for n in range(2):
-            worker_log = (tmp / f"worker-{n}.log").open("w")
             workers.append(
-                subprocess.Popen(
-                    [*prefect, "worker", "start", "--pool", "shards-pool", "--type", "process", "--name", f"w{n}"],
-                    env=env,
-                    cwd=tmp,
-                    stdout=worker_log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )  # fmt: skip
+                start_worker(env, "shards-pool", tmp, tmp / f"worker-{n}.log", "--type", "process", "--name", f"w{n}")
             )
         yield env, workers, tmp
     finally:
         for worker in workers:
-            _stop(worker)
-        _stop(server)
-        log.close()
-
-
-def _descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (read from /proc)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
+            stop(worker)
+        stop(server)
 
 
 def _kill_hard(worker: subprocess.Popen) -> list[int]:
     """kill -9 a worker and the flow runs it started, as when its machine dies."""
-    victims = [worker.pid, *_descendants(worker.pid)]
+    victims = [worker.pid, *descendants(worker.pid)]
     for pid in victims:
         try:
             os.kill(pid, signal.SIGKILL)

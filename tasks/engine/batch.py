@@ -26,6 +26,7 @@ import asyncio
 import json
 import math
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -64,8 +65,10 @@ from tasks.engine.chunk import (
     chunk_statuses,
     prepare_and_look_up,
 )
+from tasks.engine.claims import ClaimBook, Holder, batch_key, chunk_key
+from tasks.engine.claims import log as claims_log
 from tasks.engine.index import KeyTable, hash_keys, id_tags
-from tasks.engine.store import RETRY_AUTO, RETRY_ON_REQUEST
+from tasks.engine.store import RETRY_AUTO, RETRY_ON_REQUEST, KnownParts
 from tasks.errors import ConfigError, RunStopped
 from tasks.provider.batches import (
     BatchApi,
@@ -90,6 +93,7 @@ MAX_BYTES_PER_FILE = 100 * 1024 * 1024
 DEFAULT_POLL_S = DEFAULT_BATCH_POLL_S
 # Result rows written together: one part file per this many rows (at least a chunk's worth).
 WRITE_RESULT_ROWS = 2000
+WAIT_NOTE_S = 30.0  # while waiting for rows other runs hold, say so this often
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -146,8 +150,29 @@ class BatchTotals:
     lost: int = 0
 
 
+@dataclass
+class _Left:
+    """Rows of a chunk this run left to another run: the chunk's claim was held (``holder``), or the rows
+    are in another live run's batch (``holder`` None). Checked again at the end (:meth:`BatchRun._finish_left`)."""
+
+    first_row: int
+    key: str  # the chunk's claim
+    positions: np.ndarray  # the rows left, as positions in the chunk
+    keys: np.ndarray  # their content keys (to see whether another run's batch still holds them)
+    tags: np.ndarray  # their id tags (to see whether a batch this run takes over holds them)
+    holder: Holder | None
+
+
 class BatchRun:
-    """One run's batch side (see the module docstring). ``drive_live`` is the live engine's driver."""
+    """One run's batch side (see the module docstring). ``drive_live`` is the live engine's driver.
+
+    Two runs on one output (issue 17): a chunk's rows go into a request file only while this run holds
+    the chunk's claim (``claims``, the same claims as live chunks), and the claim is held until every
+    request file holding its lines is recorded SUBMITTED; from then on the batch record is what other
+    runs see (its rows are pending: not sent again). Each batch record has a claim of its own, taken
+    before it is first saved and held until it is written: only its holder uploads, polls, downloads
+    and writes it; another run re-attaches to it only when its holder is gone (claim stale).
+    """
 
     def __init__(
         self,
@@ -158,6 +183,7 @@ class BatchRun:
         conn: Connection,
         drive_live: Callable[..., Awaitable[None]],
         chunk_runner: Any,
+        claims: ClaimBook,
     ) -> None:
         self.ctx = ctx
         self.source = source
@@ -169,8 +195,16 @@ class BatchRun:
         self.book = Book(ctx.store)
         self.drive_live = drive_live
         self.chunk_runner = chunk_runner
+        self.claims = claims
         self.totals = BatchTotals()
-        self.pending_keys = KeyTable(payload=False)
+        self.pending_keys = KeyTable(payload=False)  # contents in batches this run polls
+        self.mine: set[str] = set()  # batch records whose claim this run holds
+        # Contents in batches other live runs poll (SUBMITTED records whose claim another run holds).
+        self.others_pending = KeyTable(payload=False)
+        self._others_submitted: frozenset[str] = frozenset()
+        self._states: dict[str, str] = {}  # record name -> state last read (final ones are not read again)
+        self.left: dict[int, _Left] = {}  # chunk number -> rows left to other runs
+        self._known_parts = KnownParts(ctx.index, ctx.stats.error_parts_written)
         self.failed_now = KeyTable()  # (content, id) pairs written to _errors/ by this run
         self.written: list[str] = []
         self.live_only = 0  # rows with no single batch line (the job splits them), sent live
@@ -191,6 +225,10 @@ class BatchRun:
         self._files = 0
         self._endpoint = ""
         self._id_type: pa.DataType | None = None
+        self._new_parts: Any = None
+        self._current: RequestFile | None = None
+        self._submitted = 0
+        self._in_progress: str | None = None
         self._fatal: Any = None  # a Failure every line would meet (see _parse_line)
 
     @property
@@ -201,13 +239,13 @@ class BatchRun:
 
     async def drive(self) -> None:
         try:
-            await self._reattach()
+            await self._adopt_records()
             first = True
             while not self.ctx.stop_event.is_set():
                 answered_before = self.totals.lines_answered + self.totals.lines_failed + self.totals.lost
                 submitted = await self._submit_pass(first)
                 first = False
-                pending = [r for r in self.book.records() if r["state"] == SUBMITTED]
+                pending = self._my_submitted()
                 if not pending and not submitted:
                     break
                 await self._poll_until_written(pending)
@@ -223,6 +261,8 @@ class BatchRun:
                         )
                     )
                     break
+            if self.left and not self.ctx.stop_event.is_set():
+                await self._finish_left()
             if (self.auto or self.live_only) and not self.ctx.stop_event.is_set():
                 await self._live_remainder()
         finally:
@@ -232,12 +272,28 @@ class BatchRun:
 
     # -- 1. re-attach ---------------------------------------------------------------------------------
 
-    async def _reattach(self) -> None:
-        records = [r for r in self.book.records() if r["state"] not in (WRITTEN, LOST)]
+    async def _adopt_records(self) -> None:
+        """Take the records nobody live holds: this run polls them (and any batch created from them).
+
+        A record another live run holds is left to it: that run is submitting or polling it."""
+        claims = self.claims
         listed: list[BatchInfo] | None = None
-        for record in records:
+        for name in await asyncio.to_thread(self.book.names):
+            if name in self.mine or self._states.get(name) in (WRITTEN, LOST):
+                continue
+            record = await asyncio.to_thread(self.book.read, name)
+            if record is None or record["state"] in (WRITTEN, LOST):
+                if record is not None:
+                    self._states[name] = record["state"]
+                continue
+            if await asyncio.to_thread(claims.acquire, batch_key(name)) is not None:
+                continue  # another live run submits or polls it
+            record = await asyncio.to_thread(self.book.read, name)  # as it is now that this run holds it
+            if record is None or record["state"] in (WRITTEN, LOST):
+                await asyncio.to_thread(claims.release, batch_key(name))
+                continue
             if record["state"] == PREPARED:
-                self.book.remove(record)  # never uploaded: nothing was paid, its rows are sent again
+                await self._drop(record)  # never uploaded: nothing was paid, its rows are sent again
                 continue
             if record["state"] == UPLOADED:
                 # Created but the id not recorded (killed in between)? The provider's list knows.
@@ -248,39 +304,113 @@ class BatchRun:
                         listed = []
                 match = [b for b in listed if b.input_file_id == record["file_id"]]
                 if not match:
-                    self.book.remove(record)
+                    await self._drop(record)
                     continue
                 record.update(state=SUBMITTED, batch_id=match[0].id, status=match[0].status)
                 self.book.save(record)
+            self.mine.add(name)
+            self._states[name] = SUBMITTED
             self.totals.reattached += 1
+            if self.left:
+                await asyncio.to_thread(self._take_back, name)
+            if record.get("run_id") != self.ctx.run_id:
+                claims_log.warning(
+                    "re-attaching to batch %s (%s) of run %s: that run is gone, this run polls and writes it",
+                    record["batch_id"],
+                    name,
+                    record.get("run_id"),
+                )
 
-    def _add_pending(self, record: dict[str, Any]) -> None:
+    def _take_back(self, name: str) -> None:
+        """Rows left to another run that are in its batch ``name``, which this run now polls and writes
+        (and counts then): no longer left."""
+        rows = self.book.rows_path(name)
+        if not self.book.fs.exists(rows):
+            return
+        table = KeyTable()
+        with self.book.fs.open(rows, "rb") as f:
+            parquet = pq.ParquetFile(f)
+            for batch in parquet.iter_batches(columns=["content_hash", "id"], batch_size=65536):
+                table.add(hash_keys(batch.column(0)), id_tags(batch.column(1)))
+        for number, left in list(self.left.items()):
+            theirs = table.has_pairs(left.keys, left.tags)
+            if theirs.all():
+                del self.left[number]
+            elif theirs.any():
+                keep = ~theirs
+                left.positions, left.keys, left.tags = left.positions[keep], left.keys[keep], left.tags[keep]
+
+    async def _drop(self, record: dict[str, Any]) -> None:
+        await asyncio.to_thread(self.book.remove, record)
+        self._states.pop(record["name"], None)
+        await asyncio.to_thread(self.claims.release, batch_key(record["name"]))
+
+    def _my_submitted(self) -> list[dict[str, Any]]:
+        return [r for r in self.book.records() if r["state"] == SUBMITTED and r["name"] in self.mine]
+
+    def _add_pending(self, record: dict[str, Any], table: KeyTable | None = None) -> None:
         rows = self.book.rows_path(record["name"])
         if not self.book.fs.exists(rows):
             return
         with self.book.fs.open(rows, "rb") as f:
             parquet = pq.ParquetFile(f)
             for batch in parquet.iter_batches(columns=["content_hash"], batch_size=65536):
-                self.pending_keys.add(hash_keys(batch.column(0)))
+                (self.pending_keys if table is None else table).add(hash_keys(batch.column(0)))
+
+    def _refresh(self) -> None:
+        """What other runs did since this run last looked (worker thread): their new parts go into the
+        index, and the contents of their submitted batches into ``others_pending``."""
+        ctx = self.ctx
+        new = ctx.store.read_new_parts(self._known_parts(), ctx.id_col)
+        self._new_parts = new
+        submitted = set()
+        for name in self.book.names():
+            if name in self.mine:
+                continue
+            state = self._states.get(name)
+            if state not in (WRITTEN, LOST):
+                record = self.book.read(name)
+                if record is None:
+                    continue
+                state = self._states[name] = record["state"]
+            if state == SUBMITTED:
+                submitted.add(name)
+        if submitted != self._others_submitted:
+            table = KeyTable(payload=False)
+            for name in submitted:
+                self._add_pending({"name": name}, table)
+            self.others_pending, self._others_submitted = table, frozenset(submitted)
+
+    async def _look_again(self) -> None:
+        await asyncio.to_thread(self._refresh)
+        self._new_parts.add_to(self.ctx.index)
 
     # -- 2. submit --------------------------------------------------------------------------------------
 
-    async def _submit_pass(self, first_round: bool) -> int:
+    async def _submit_pass(self, first_round: bool, only: set[int] | None = None) -> int:
+        """One pass over the input: every chunk with rows to send gets its claim and its lines.
+
+        ``only``: just these chunks, and in them just the rows left to other runs before (counted now)."""
         ctx, job, options = self.ctx, self.ctx.job, self.options
         chunks = self.source.iter_chunks(
-            [options.id_col, *job.input_columns], options.chunk_size, string_columns=job.string_columns
+            list(dict.fromkeys([options.id_col, *job.input_columns])),
+            options.chunk_size,
+            string_columns=job.string_columns,
         )
-        # Contents in a batch not written yet (re-attached, or submitted earlier in this run): not sent again.
+        # Contents in a batch this run polls (re-attached, or submitted earlier in this run): not sent again.
         self.pending_keys = KeyTable(payload=False)
-        self.live_only = 0  # counted again by each pass: the rows are still to send
-        for record in self.book.records():
-            if record["state"] == SUBMITTED:
-                self._add_pending(record)
-        current: RequestFile | None = None
-        submitted = 0
+        if only is None:
+            self.live_only = 0  # counted again by each pass: the rows are still to send
+        for record in self._my_submitted():
+            self._add_pending(record)
+        self._current: RequestFile | None = None
+        self._submitted = 0
+        self._in_progress: str | None = None  # the claim of the chunk whose lines are being added
         seen = 0
+        number = -1
         try:
             for chunk in chunks:
+                number += 1
                 if ctx.stop_event.is_set() or seen >= self.total_rows:
                     break
                 chunk = chunk.slice(0, self.total_rows - seen)
@@ -288,99 +418,213 @@ class BatchRun:
                 seen += chunk.num_rows
                 if self._id_type is None:
                     self._id_type = chunk.schema.field(options.id_col).type
-                ready = await asyncio.to_thread(prepare_and_look_up, ctx, chunk)
-                id_array = chunk.column(options.id_col)
-                keys = chunk_statuses(
-                    ctx.index, id_array, ready.keys, ready.invalid, retry_errors=ctx.retry_errors, done=ready.done
-                )
-                status = keys.status
-                # Text jobs' rows were only hashed: prepared (and their hashes spelled out) if they are sent.
-                hashes = ready.hex(np.flatnonzero((status == NEW) | (status == INVALID)))
-                ids = id_array.to_pylist()
-                if first_round:
-                    skipped = int(np.count_nonzero(status == DONE))
-                    ctx.stats.skipped_done += skipped
-                    ctx.stats.failed += int(np.count_nonzero(status == PREV_ERROR))
-                    ctx.on_progress(skipped + int(np.count_nonzero(status == PREV_ERROR)))
-                    invalid = np.flatnonzero(status == INVALID)
-                    if len(invalid) and not self.auto:  # auto: the live pass writes them
-                        outcomes = [
-                            Outcome(error_type="invalid_input", error_message=str(ready.prepared[p])) for p in invalid
-                        ]
-                        rows = [(ids[p], hashes[p], first_row + p) for p in invalid]
-                        await asyncio.to_thread(self._write_rows, rows, outcomes, [True] * len(rows))
-                new = np.flatnonzero(status == NEW)
-                if not len(new):
-                    continue
-                new = new[~self.pending_keys.has_keys(keys.keys[new])]
-                if len(self.failed_now):  # failed in this run's batches: not resent by this run
-                    new = new[~self.failed_now.has_pairs(keys.keys[new], keys.tags[new])]
-                batchable = getattr(job, "fits_one_line", None)
-                if batchable is not None:
-                    # A row the job sends as several requests (a long recording's segments) has no single
-                    # batch line: it is sent live after the batches, in batch mode too.
-                    one_line = np.array([batchable(ready.prepared[p]) for p in new.tolist()], dtype=bool)
-                    if not one_line.all():
-                        self.live_only += int(np.count_nonzero(~one_line))
-                        new = new[one_line]
-                stored = ctx.index.results.has_keys(keys.keys[new])
-                if stored.any():
-                    missing = await self._copy_stored(new[stored], ids, hashes, keys.keys, first_row)
-                    stored[np.isin(new, missing)] = False  # the index only seemed to hold them: sent
-                new = new[~stored]
-                await asyncio.to_thread(ready.fill, job, chunk, new)
-                # One item per content; every row of that content rides on it.
-                owners: dict[str, tuple[Item, list[tuple[Any, int]]]] = {}
-                for pos in new.tolist():
-                    h = hashes[pos]
-                    if h in owners:
-                        owners[h][1].append((ids[pos], first_row + pos))
-                    else:
-                        owners[h] = (Item(pos, ids[pos], h, ready.prepared[pos]), [(ids[pos], first_row + pos)])
-                groups = [
-                    (item, members)
-                    for item, members in owners.values()
-                    if current is None or not current.join(item.content_hash, members)
-                ]
-                size = job.max_items_per_request
-                for start in range(0, len(groups), size):
-                    part = groups[start : start + size]
-                    items = [item for item, _ in part]
-                    endpoint, body = await self._request_of(items)
-                    if current is None:
-                        current = self._new_file()
-                    custom_id = f"{current.name}-{current.lines:05d}"
-                    line = request_line(custom_id, endpoint, body)
-                    if not current.fits(len(items), len(line), self.policy, endpoint):
-                        submitted += await self._submit(current, endpoint)
-                        if ctx.stop_event.is_set():
-                            current = None
-                            break
-                        current = self._new_file()
-                        custom_id = f"{current.name}-{current.lines:05d}"
-                        line = request_line(custom_id, endpoint, body)
-                    rows = [
-                        (i, row_id, input_row) for i, (_, members) in enumerate(part) for row_id, input_row in members
-                    ]
-                    current.add_line(line, items, rows, custom_id)
-                    self._endpoint = endpoint
+                if only is not None:
+                    if number not in only:
+                        continue
+                    within: np.ndarray | None = self.left.pop(number).positions
+                elif number in self.left:
+                    continue  # left to another run: looked at again at the end
+                else:
+                    within = None
+                await self._add_chunk(chunk, number, first_row, count=first_round or only is not None, within=within)
+            current = self._current
             if current is not None and current.lines:
                 if self.auto and current.lines < self.policy.auto_min_requests and not ctx.stop_event.is_set():
-                    current.discard(self.book)  # too small to be worth a batch: sent live after
+                    self._discard(current)  # too small to be worth a batch: sent live after
                 elif not ctx.stop_event.is_set():
-                    submitted += await self._submit(current, self._endpoint)
+                    self._submitted += await self._submit(current, self._endpoint)
                 else:
-                    current.discard(self.book)
-                current = None
+                    self._discard(current)
+                self._current = None
         finally:
             chunks.close()
-            if current is not None:
-                current.discard(self.book)
-        return submitted
+            if self._current is not None:
+                self._discard(self._current)
+                self._current = None
+        return self._submitted
 
-    def _new_file(self) -> RequestFile:
+    async def _add_chunk(
+        self, chunk: pa.Table, number: int, first_row: int, *, count: bool, within: np.ndarray | None
+    ) -> None:
+        """A chunk's rows still to send, as lines of the current request file, under the chunk's claim.
+
+        ``count``: the rows are seen for the first time in this run (skipped and failed ones are counted);
+        ``within``: only these positions of the chunk."""
+        ctx, options = self.ctx, self.options
+        ready = await asyncio.to_thread(prepare_and_look_up, ctx, chunk)
+        id_array = chunk.column(options.id_col)
+        keys = chunk_statuses(
+            ctx.index, id_array, ready.keys, ready.invalid, retry_errors=ctx.retry_errors, done=ready.done
+        )
+        status = keys.status
+        in_play = np.ones(chunk.num_rows, bool)
+        if within is not None:
+            in_play[:] = False
+            in_play[within] = True
+        if count:
+            self._count_seen(status, in_play)
+        work = in_play & ((status == NEW) | (status == INVALID))
+        if not count:
+            work &= status == NEW  # invalid rows were written by the first pass
+        work &= ~self._pending_mine(keys, status)
+        if not work.any():
+            return
+        key = chunk_key(id_array.to_pylist(), ready.hashes)
+        holder = await asyncio.to_thread(self.claims.acquire, key)
+        if holder is not None:
+            self._leave(number, first_row, key, np.flatnonzero(work), keys, holder)
+            return
+        try:
+            # Other runs may have written or submitted these rows since this run looked.
+            await self._look_again()
+            if self._new_parts.results:
+                ready.done = await asyncio.to_thread(ctx.index.pairs_done, ready.keys, id_array)
+            keys = chunk_statuses(
+                ctx.index, id_array, ready.keys, ready.invalid, retry_errors=ctx.retry_errors, done=ready.done
+            )
+            status = keys.status
+            # Rows of ``work`` another run wrote meanwhile: counted here (this run never counted them).
+            self._count_seen(status, work)
+            work &= (status == NEW) | (status == INVALID)
+            theirs = work & self.others_pending.has_keys(keys.keys) if len(self.others_pending) else None
+            if theirs is not None and theirs.any():
+                self._leave(number, first_row, key, np.flatnonzero(theirs), keys, None)
+                work &= ~theirs
+            added = await self._lines_of(chunk, ready, keys, work, first_row, count=count, key=key)
+        except BaseException:
+            await asyncio.to_thread(self.claims.release, key)
+            raise
+        if not added:
+            await asyncio.to_thread(self.claims.release, key)  # nothing in a request file: nothing to hold
+
+    def _count_seen(self, status: np.ndarray, where: np.ndarray) -> None:
+        ctx = self.ctx
+        skipped = int(np.count_nonzero(where & (status == DONE)))
+        failed = int(np.count_nonzero(where & (status == PREV_ERROR)))
+        ctx.stats.skipped_done += skipped
+        ctx.stats.failed += failed
+        if skipped or failed:
+            ctx.on_progress(skipped + failed)
+
+    def _pending_mine(self, keys: Any, status: np.ndarray) -> np.ndarray:
+        """Rows in a batch this run polls (or failed in this run's batches): written by this run."""
+        mine = np.zeros(len(status), bool)
+        new = status == NEW
+        if len(self.pending_keys):
+            mine |= new & self.pending_keys.has_keys(keys.keys)
+        if len(self.failed_now):
+            mine |= new & self.failed_now.has_pairs(keys.keys, keys.tags)
+        return mine
+
+    def _leave(
+        self, number: int, first_row: int, key: str, positions: np.ndarray, keys: Any, holder: Holder | None
+    ) -> None:
+        """Leave rows of chunk ``number`` to the run that holds its claim, or whose batch holds them."""
+        left = self.left.get(number)
+        if left is not None:  # the chunk's other rows were left before in this pass
+            positions = np.union1d(left.positions, positions)
+        self.left[number] = _Left(first_row, key, positions, keys.keys[positions], keys.tags[positions], holder)
+        if holder is not None:
+            self.claims.decline(holder, f"chunk {number} (rows from {first_row})", "submitted")
+
+    async def _lines_of(
+        self,
+        chunk: pa.Table,
+        ready: Any,
+        keys: Any,
+        work: np.ndarray,
+        first_row: int,
+        *,
+        count: bool,
+        key: str,
+    ) -> bool:
+        """Write the ``work`` rows of a claimed chunk: invalid ones to ``_errors/``, stored contents
+        copied, the rest as lines of the current request file. True if any line holds them (then the
+        claim is held until the files holding them are submitted)."""
+        ctx, job, options = self.ctx, self.ctx.job, self.options
+        status = keys.status
+        id_array = chunk.column(options.id_col)
+        # Text jobs' rows were only hashed: prepared (and their hashes spelled out) if they are sent.
+        hashes = ready.hex(np.flatnonzero(work))
+        ids = id_array.to_pylist()
+        invalid = np.flatnonzero(work & (status == INVALID))
+        if len(invalid) and count and not self.auto:  # auto: the live pass writes them
+            outcomes = [Outcome(error_type="invalid_input", error_message=str(ready.prepared[p])) for p in invalid]
+            rows = [(ids[p], hashes[p], first_row + p) for p in invalid]
+            await asyncio.to_thread(self._write_rows, rows, outcomes, [True] * len(rows))
+        new = np.flatnonzero(work & (status == NEW))
+        if not len(new):
+            return False
+        batchable = getattr(job, "fits_one_line", None)
+        if batchable is not None:
+            # A row the job sends as several requests (a long recording's segments) has no single
+            # batch line: it is sent live after the batches, in batch mode too.
+            one_line = np.array([batchable(ready.prepared[p]) for p in new.tolist()], dtype=bool)
+            if not one_line.all():
+                self.live_only += int(np.count_nonzero(~one_line))
+                new = new[one_line]
+        stored = ctx.index.results.has_keys(keys.keys[new])
+        if stored.any():
+            missing = await self._copy_stored(new[stored], ids, hashes, keys.keys, first_row)
+            stored[np.isin(new, missing)] = False  # the index only seemed to hold them: sent
+        new = new[~stored]
+        if not len(new):
+            return False
+        await asyncio.to_thread(ready.fill, job, chunk, new)
+        # One item per content; every row of that content rides on it.
+        owners: dict[str, tuple[Item, list[tuple[Any, int]]]] = {}
+        for pos in new.tolist():
+            h = hashes[pos]
+            if h in owners:
+                owners[h][1].append((ids[pos], first_row + pos))
+            else:
+                owners[h] = (Item(pos, ids[pos], h, ready.prepared[pos]), [(ids[pos], first_row + pos)])
+        current = self._current
+        if current is not None:
+            current.claims.add(key)
+        groups = [
+            (item, members)
+            for item, members in owners.values()
+            if current is None or not current.join(item.content_hash, members)
+        ]
+        self._in_progress = key
+        try:
+            size = job.max_items_per_request
+            for start in range(0, len(groups), size):
+                part = groups[start : start + size]
+                items = [item for item, _ in part]
+                endpoint, body = await self._request_of(items)
+                if current is None:
+                    current = self._current = self._new_file(key)
+                custom_id = f"{current.name}-{current.lines:05d}"
+                line = request_line(custom_id, endpoint, body)
+                if not current.fits(len(items), len(line), self.policy, endpoint):
+                    self._current = None
+                    self._submitted += await self._submit(current, endpoint)
+                    if ctx.stop_event.is_set():
+                        return True
+                    current = self._current = self._new_file(key)
+                    custom_id = f"{current.name}-{current.lines:05d}"
+                    line = request_line(custom_id, endpoint, body)
+                rows = [(i, row_id, input_row) for i, (_, members) in enumerate(part) for row_id, input_row in members]
+                current.add_line(line, items, rows, custom_id)
+                self._endpoint = endpoint
+        finally:
+            self._in_progress = None
+        return True
+
+    def _discard(self, request_file: RequestFile) -> None:
+        """A request file not submitted: its rows are free again for any run (live, in auto mode)."""
+        request_file.discard(self.book)
+        for key in request_file.claims:
+            if key != self._in_progress:
+                self.claims.release(key)
+
+    def _new_file(self, key: str) -> RequestFile:
         self._files += 1
-        return RequestFile(self.book, f"{self.ctx.run_id}-{self._files:04d}", self._id_type or pa.int64())
+        request_file = RequestFile(self.book, f"{self.ctx.run_id}-{self._files:04d}", self._id_type or pa.int64())
+        request_file.claims.add(key)
+        return request_file
 
     async def _request_of(self, items: list[Item]) -> tuple[str, dict[str, Any]]:
         """The body the job's ``send`` would POST for these items, and the batch endpoint of its route."""
@@ -409,9 +653,15 @@ class BatchRun:
         if ctx.budget is not None:
             reservation = ctx.budget.reserve(request_file.tokens)
             if reservation is None:
-                request_file.discard(self.book)
+                self._discard(request_file)
                 ctx.request_stop(ctx.budget.stop())
                 return 0
+        # The record's own claim, before anyone can see the record: no other run re-attaches to it while
+        # this run uploads, creates and polls it.
+        held = await asyncio.to_thread(self.claims.acquire, batch_key(request_file.name))
+        if held is not None:
+            raise RuntimeError(f"batch record {request_file.name} is claimed by {held.describe()}")
+        self.mine.add(request_file.name)
         record = {
             "name": request_file.name,
             "run_id": ctx.run_id,
@@ -443,6 +693,12 @@ class BatchRun:
         self.book.save(record)
         request_file.path.unlink(missing_ok=True)
         self.pending_keys.add(hash_keys(request_file.hashes))
+        self._states[request_file.name] = SUBMITTED
+        # The batch record holds these rows now (other runs see it): the chunks' claims can go, except
+        # the claim of a chunk whose next lines go into the next file.
+        for key in request_file.claims:
+            if key != self._in_progress:
+                await asyncio.to_thread(self.claims.release, key)
         self.totals.created += 1
         self.totals.lines_submitted += request_file.lines
         return request_file.lines
@@ -488,6 +744,8 @@ class BatchRun:
                             record.update(state=LOST, status="not found", errors=self.conn.redact(failure.message))
                             self.book.save(record)
                             self.book.remove(record, keep_record=True)
+                            self._states[record["name"]] = LOST
+                            await asyncio.to_thread(self.claims.release, batch_key(record["name"]))
                             self.totals.lost += 1
                             continue
                         if failure.fatal:
@@ -607,6 +865,8 @@ class BatchRun:
         )
         book.save(record)
         book.remove(record, keep_record=True)
+        self._states[name] = WRITTEN
+        await asyncio.to_thread(self.claims.release, batch_key(name))
         self.written.append(name)
         if self._fatal is not None:
             ctx.request_stop(self._fatal.stop())
@@ -713,6 +973,64 @@ class BatchRun:
             stats.failed_retry_auto += sum(1 for i in bad if outcomes[i].retry_auto)
         ctx.on_progress(len(ok) + len(bad))
 
+    # -- rows left to other runs ------------------------------------------------------------------------
+
+    async def _finish_left(self) -> None:
+        """Wait for the rows left to other runs; then look at each chunk again: rows written meanwhile are
+        counted as skipped, rows still to send (their holder is gone, or its batch expired) are claimed
+        and sent here. A batch record whose run is gone is re-attached to and polled by this run."""
+        ctx, claims = self.ctx, self.claims
+        waited_from = time.monotonic()
+        next_note = 0.0
+        try:
+            while self.left and not ctx.stop_event.is_set():
+                await self._adopt_records()
+                pending = self._my_submitted()
+                if pending:
+                    await self._poll_until_written(pending)
+                    continue
+                await self._look_again()
+                holders = await asyncio.to_thread(claims.holders_of, [left.key for left in self.left.values()])
+                ready = set()
+                for number, left in self.left.items():
+                    left.holder = holders[left.key]
+                    in_theirs = len(self.others_pending) and self.others_pending.has_keys(left.keys).any()
+                    if left.holder is None and not in_theirs:
+                        ready.add(number)
+                if ready:
+                    await self._submit_pass(False, only=ready)
+                    continue
+                if time.monotonic() >= next_note:
+                    next_note = time.monotonic() + WAIT_NOTE_S
+                    claims_log.warning("waiting for %s", self._waiting_for())
+                try:
+                    await asyncio.wait_for(ctx.stop_event.wait(), timeout=claims.policy.poll_s)
+                except TimeoutError:
+                    pass
+            pending = self._my_submitted()
+            if pending and not ctx.stop_event.is_set():
+                await self._poll_until_written(pending)
+        finally:
+            claims.waited_s += time.monotonic() - waited_from
+
+    def _waiting_for(self) -> str:
+        held: dict[str, tuple[Holder, int]] = {}
+        in_batches = 0
+        for left in self.left.values():
+            if left.holder is None:
+                in_batches += 1
+            else:
+                holder, n = held.get(left.holder.run_id, (left.holder, 0))
+                held[left.holder.run_id] = (holder, n + 1)
+        parts = [f"{n} chunk(s) held by {holder.describe()}" for holder, n in held.values()]
+        if in_batches:
+            parts.append(f"{in_batches} chunk(s) with rows in batches other runs poll")
+        ttl = self.claims.policy.ttl_s
+        return (
+            "; ".join(parts) + f". When they are written they are counted as skipped; a claim not renewed for "
+            f"{ttl:g} s counts as abandoned and this run sends (or polls) what is missing."
+        )
+
     # -- 4. auto: the rest live ------------------------------------------------------------------------
 
     async def _live_remainder(self) -> None:
@@ -737,7 +1055,9 @@ class BatchRun:
             outage=ctx.outage,
         )
         try:
-            await self.drive_live(live, self.source, self.options, self.total_rows, self.chunk_runner)
+            await self.drive_live(
+                live, self.source, self.options, self.total_rows, self.chunk_runner, claims=self.claims
+            )
         finally:
             s, t = live.stats, ctx.stats
             new_errors = sum(pq.read_metadata(p, filesystem=ctx.store.fs).num_rows for p in s.error_parts_written)

@@ -67,6 +67,25 @@ class Book:
             json.dump(record, f, indent=2)
         self.fs.mv(tmp, path)
 
+    def read(self, name: str) -> dict[str, Any] | None:
+        """The record as saved now (None: removed)."""
+        try:
+            with self.fs.open(f"{self.folder}/{name}.json", "r") as f:
+                return json.load(f)
+        except FileNotFoundError:
+            return None
+
+    def names(self) -> list[str]:
+        """The names of the records saved now (a record being written is a ``.tmp-`` file until renamed)."""
+        if not self.fs.exists(self.folder):
+            return []
+        found = []
+        for path in self.fs.ls(self.folder, detail=False):
+            base = path.rsplit("/", 1)[-1]
+            if base.endswith(".json") and not base.startswith("."):
+                found.append(base[: -len(".json")])
+        return sorted(found)
+
     def rows_path(self, name: str) -> str:
         return f"{self.folder}/{name}.rows.parquet"
 
@@ -113,6 +132,7 @@ class RequestFile:
         self.hashes: list[str] = []  # content hashes of the items (for the in-flight key table)
         # content hash -> (custom_id, item index): a later row of the same content joins that item.
         self.where: dict[str, tuple[str, int]] = {}
+        self.claims: set[str] = set()  # the chunk claims held for the rows of this file (until submitted)
 
     def fits(self, inputs: int, size: int, policy: Any, endpoint: str) -> bool:
         """Room for one more line under ``policy`` (a BatchPolicy): requests, bytes, embedding inputs."""

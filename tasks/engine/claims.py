@@ -5,6 +5,7 @@ Layout (inside the output; "_" keeps Arrow's dataset discovery off it)::
     OUTPUT/_claims/run-<run-id>.json          one per live run: its lease on the folder
     OUTPUT/_claims/chunk-<key>.<gen>.json     one per chunk in flight: who sends its rows
     OUTPUT/_claims/compact.<gen>.json         the run compacting the folder (one at a time)
+    OUTPUT/_claims/batch-<name>.<gen>.json    the run submitting, polling and writing a batch record
 
 A claim is created with an exclusive create (on local disk a hard link of the written file, which
 fails if the name exists, or ``O_CREAT | O_EXCL``; fsspec's ``pipe_file(..., mode="create")``
@@ -37,7 +38,7 @@ from typing import Any
 
 from fsspec.implementations.local import LocalFileSystem
 
-__all__ = ["CLAIMS_DIR", "COMPACT_KEY", "ClaimPolicy", "ClaimBook", "Holder", "chunk_key"]
+__all__ = ["CLAIMS_DIR", "COMPACT_KEY", "ClaimPolicy", "ClaimBook", "Holder", "batch_key", "chunk_key"]
 
 log = logging.getLogger("gembatch.claims")
 
@@ -49,6 +50,7 @@ DEFAULT_TTL_S = 60.0
 DEFAULT_HEARTBEAT_S = 10.0
 DEFAULT_POLL_S = 1.0
 COMPACT_KEY = "compact"
+BATCH_PREFIX = "batch-"
 TMP_PREFIX = ".tmp-"
 
 
@@ -146,6 +148,7 @@ class ClaimBook:
         self.others_seen: dict[str, Holder] = {}
         self.taken_over = 0
         self.declined = 0  # chunks left to another run's live claim (then checked again at the end)
+        self._told: set[str] = set()  # holders this run said it leaves chunks to
         self.waited_s = 0.0  # time spent waiting at the end for chunks other runs held
         self._lease_on = True
         # The run's event loop says it is alive (tick); a loop stuck for ttl_s stops the renewals, so
@@ -199,6 +202,20 @@ class ClaimBook:
         }
 
     # -- chunk claims -------------------------------------------------------------------------------
+    def decline(self, holder: Holder, chunk: str, doing: str) -> None:
+        """This run leaves ``chunk`` (its description) to ``holder``, which is ``doing`` it: counted, and
+        said the first time this run leaves a chunk to that holder."""
+        self.declined += 1
+        if holder.run_id not in self._told:
+            self._told.add(holder.run_id)
+            log.warning(
+                "%s is being %s by %s: this run leaves that run's chunks to it, goes on with the rest, "
+                "and checks them again at the end",
+                chunk,
+                doing,
+                holder.describe(),
+            )
+
     def acquire(self, key: str) -> Holder | None:
         """Claim ``key`` for this run: None if this run holds it now, else the live holder."""
         prefix = _prefix(key)
@@ -394,8 +411,15 @@ def _modified(fs: Any, path: str) -> float:
     return time.time()
 
 
+def batch_key(name: str) -> str:
+    """The claim on a batch record (``OUTPUT/_batches/<name>.json``): who submits, polls and writes it."""
+    return f"{BATCH_PREFIX}{name}"
+
+
 def _prefix(key: str) -> str:
-    return f"{COMPACT_KEY}." if key == COMPACT_KEY else f"chunk-{key}."
+    if key == COMPACT_KEY or key.startswith(BATCH_PREFIX):
+        return f"{key}."
+    return f"chunk-{key}."
 
 
 def _pid_alive(pid: int) -> bool:

@@ -10,7 +10,7 @@ from typing import Any
 from tasks.engine.chunk import RunStats
 from tasks.provider.prices import estimate_cost_usd
 
-__all__ = ["batch_cost", "new_run_id", "package_versions", "counts", "summary_rows", "utc_now"]
+__all__ = ["batch_cost", "input_record", "new_run_id", "package_versions", "counts", "summary_rows", "utc_now"]
 
 VERSIONED_PACKAGES = ("gembatch", "prefect", "openai", "pyarrow", "polars", "aiolimiter", "numpy")
 
@@ -33,6 +33,18 @@ def package_versions() -> dict[str, str]:
         except importlib_metadata.PackageNotFoundError:
             versions[name] = "not installed"
     return versions
+
+
+def input_record(source: Any, rows: int) -> dict[str, Any]:
+    """The ``input`` block of the run metadata: path, format, size, rows and fingerprint (blocking: the
+    fingerprint reads the input; call it on a worker thread)."""
+    return {
+        "path": source.path,
+        "format": source.format,
+        "size_bytes": source.size_bytes,
+        "rows": rows,
+        "fingerprint": source.fingerprint(),
+    }
 
 
 def counts(stats: RunStats) -> dict[str, int]:

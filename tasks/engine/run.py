@@ -34,11 +34,11 @@ from tasks.engine.claims import log as claims_log
 from tasks.engine.io import InputSource, check_ids
 from tasks.engine.limits import AdaptiveLimiter, Limits
 from tasks.engine.memory import release_free_memory
-from tasks.engine.metadata import batch_cost, counts, new_run_id, package_versions, usage, utc_now
+from tasks.engine.metadata import batch_cost, counts, input_record, new_run_id, package_versions, usage, utc_now
 from tasks.engine.outage import OutageBreaker, OutagePolicy
 from tasks.engine.progress import ProgressBar
 from tasks.engine.shard import Shard, ShardSource
-from tasks.engine.store import OutputStore
+from tasks.engine.store import KnownParts, OutputStore
 from tasks.errors import ConfigError, GembatchError, RunStopped
 from tasks.jobs.media import folder_extensions
 from tasks.provider.client import ProviderSettings, check_model, open_connection, require_key
@@ -175,13 +175,7 @@ async def run_job(
             "parameters": parameters or {},
             "provider": {"name": conn.provider, "host": conn.host, "base_url": conn.base_url, "model": job.model},
             "job_parameters": job.parameters(),
-            "input": {
-                "path": source.path,
-                "format": source.format,
-                "size_bytes": source.size_bytes,
-                "rows": total_rows,
-                "fingerprint": await asyncio.to_thread(source.fingerprint),
-            },
+            "input": await asyncio.to_thread(input_record, source, total_rows),
             "output": {"path": options.output, "existing_result_rows": index.result_rows},
             "started_at": started.isoformat(),
             "limits": limiter.describe(),
@@ -218,7 +212,7 @@ async def run_job(
         if options.batch.mode != "live":
             if budget is not None:
                 budget.price_factor = BATCH_PRICE_FACTOR
-            batch_run = BatchRun(ctx, source, options, total_rows, conn, _drive, chunk_runner)
+            batch_run = BatchRun(ctx, source, options, total_rows, conn, _drive, chunk_runner, claims)
         watch = asyncio.create_task(_share_stops(ctx, shared)) if shared is not None else None
         try:
             if batch_run is not None:
@@ -399,18 +393,7 @@ class _Chunks:
         self.failures: list[BaseException] = []
         self.cancelled: list[BaseException] = []
         self.deferred: dict[int, _Deferred] = {}
-        self._told: set[str] = set()  # holders whose chunks this run said it leaves
-        self._known: set[str] = set()
-        self._known_from: dict[int, int] = {}
-
-    def _known_parts(self) -> set[str]:
-        """Parts this run has read or written (lists that only grow: only their new ends are added)."""
-        for source in (self.ctx.index.parts, self.ctx.stats.error_parts_written):
-            seen = self._known_from.get(id(source), 0)
-            self._known.update(source[seen:])
-            self._known_from[id(source)] = len(source)
-        self._known.update(self.ctx.index.error_parts)
-        return self._known
+        self._known_parts = KnownParts(ctx.index, ctx.stats.error_parts_written)
 
     def _chunks(self):
         ctx, options = self.ctx, self.options
@@ -525,17 +508,7 @@ class _Chunks:
 
     def _defer(self, number: int, first: int, rows: int, key: str, holder: Holder) -> None:
         self.deferred[number] = _Deferred(first, key, holder)
-        self.claims.declined += 1
-        if holder.run_id not in self._told:
-            self._told.add(holder.run_id)
-            claims_log.warning(
-                "chunk %d (rows %d-%d) is being sent by %s: this run leaves that run's chunks to it, "
-                "goes on with the rest, and checks them again at the end",
-                number,
-                first,
-                first + rows - 1,
-                holder.describe(),
-            )
+        self.claims.decline(holder, f"chunk {number} (rows {first}-{first + rows - 1})", "sent")
 
     async def finish_deferred(self) -> None:
         """Wait for the chunks other runs held; then check each against the output: done → skipped,

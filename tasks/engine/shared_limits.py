@@ -30,6 +30,7 @@ Prefect is imported here only: a run without a Prefect API never loads this modu
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import hashlib
 import heapq
@@ -154,6 +155,33 @@ class _Release:
     slots: int = field(compare=False)
 
 
+@dataclass
+class BucketStats:
+    """What one bucket did in a run; :meth:`describe` gives them under these names in ``_runs/``."""
+
+    acquires: int = 0
+    denied_423: int = 0  # acquires Prefect refused (423): the limit was full
+    slots_taken: int = 0
+    slots_unused: int = 0  # taken, never spent (a block retired early)
+    slots_released: int = 0
+    lease_renewals: int = 0
+    wait_s: float = 0.0  # waiting for acquires
+    asks: int = 0  # acquire requests to the Prefect server
+    ask_s: float = 0.0
+    slowest_ask_s: float = 0.0
+    prefect_server_errors: int = 0
+
+    def describe(self) -> dict[str, Any]:
+        """The counters under their names, seconds rounded to ms, ``ask_s`` as the mean ask."""
+        described: dict[str, Any] = {}
+        for name, value in dataclasses.asdict(self).items():
+            if name == "ask_s":
+                described["mean_ask_s"] = round(value / self.asks, 4) if self.asks else None
+            else:
+                described[name] = round(value, 3) if isinstance(value, float) else value
+        return described
+
+
 class SharedBucket:
     """One GCL used as a sliding window: blocks of slots taken under leases, let go a window after use."""
 
@@ -167,17 +195,7 @@ class SharedBucket:
         self._releases: list[_Release] = []
         self._releaser: asyncio.Task | None = None
         self._lock = asyncio.Lock()
-        self.acquires = 0
-        self.denied = 0
-        self.slots_taken = 0
-        self.slots_unused = 0
-        self.slots_released = 0
-        self.renewals = 0
-        self.wait_s = 0.0
-        self.server_errors = 0
-        self.asks = 0
-        self.ask_s = 0.0
-        self.slowest_ask_s = 0.0
+        self.stats = BucketStats()
         self.gone = False
 
     async def take(self, amount: int, waiting: int = 1) -> None:
@@ -209,7 +227,7 @@ class SharedBucket:
         """The block is spent (or its lease is lost): let it go once its last slot left the window."""
         if self._block is block:
             self._block = None
-        self.slots_unused += block.left
+        self.stats.slots_unused += block.left
         block.left = 0
         at = now if block.last_spent is None else block.last_spent + self.settings.hold_s
         heapq.heappush(self._releases, _Release(at, block.lease_id, block.slots))
@@ -231,7 +249,7 @@ class SharedBucket:
 
         try:
             await self.client.release_concurrency_slots_with_lease(release.lease_id)
-            self.slots_released += release.slots
+            self.stats.slots_released += release.slots
         except HTTPStatusError as exc:
             if exc.response.status_code != 404:  # 404: the lease ended already, its slots are free
                 self._release_failed(release, exc)
@@ -239,7 +257,7 @@ class SharedBucket:
             self._release_failed(release, exc)
 
     def _release_failed(self, release: _Release, exc: Exception) -> None:
-        self.server_errors += 1
+        self.stats.prefect_server_errors += 1
         log.warning("could not let go of %s slots of %s (%s): their lease ends them", release.slots, self.name, exc)
 
     async def _renew(self, block: _Block) -> bool:
@@ -253,12 +271,12 @@ class SharedBucket:
         except HTTPStatusError as exc:
             if exc.response.status_code in (404, 410):
                 return False
-            self.server_errors += 1
+            self.stats.prefect_server_errors += 1
             return False
         except HTTPError:
-            self.server_errors += 1
+            self.stats.prefect_server_errors += 1
             return False
-        self.renewals += 1
+        self.stats.lease_renewals += 1
         block.lease_ends = asked + self.settings.lease_s
         return True
 
@@ -278,16 +296,16 @@ class SharedBucket:
                     )
                 finally:
                     took = time.monotonic() - asked
-                    self.asks += 1
-                    self.ask_s += took
-                    self.slowest_ask_s = max(self.slowest_ask_s, took)
+                    self.stats.asks += 1
+                    self.stats.ask_s += took
+                    self.stats.slowest_ask_s = max(self.stats.slowest_ask_s, took)
             except HTTPStatusError as exc:
                 status = exc.response.status_code
                 if status >= 500 or status == 429:
                     trouble = await self._server_trouble(trouble, exc)
                     continue
                 if status == 423:
-                    self.denied += 1
+                    self.stats.denied_423 += 1
                     await asyncio.sleep(self._retry_after(slots))
                     continue
                 if status == 422:  # more than the limit: set to 0 (a pause), or lowered below our block
@@ -307,9 +325,9 @@ class SharedBucket:
             except HTTPError as exc:  # the Prefect server unreachable, or too slow to answer
                 trouble = await self._server_trouble(trouble, exc)
                 continue
-            self.acquires += 1
-            self.slots_taken += slots
-            self.wait_s += time.monotonic() - started
+            self.stats.acquires += 1
+            self.stats.slots_taken += slots
+            self.stats.wait_s += time.monotonic() - started
             lease_id = answer.json()["lease_id"]
             return _Block(lease_id, slots, slots, asked + self.settings.lease_s)
 
@@ -322,7 +340,7 @@ class SharedBucket:
     async def _server_trouble(self, times: int, exc: Exception) -> int:
         """The Prefect server failed to answer: wait (1 s doubling to ``MAX_TROUBLE_SLEEP_S``) and ask
         again. No request goes out meanwhile — the budget can't be checked — but the run goes on."""
-        self.server_errors += 1
+        self.stats.prefect_server_errors += 1
         if times in (0, 5) or times % 30 == 29:
             log.warning("Prefect server failed to answer for shared limit %s (%s): asking again", self.name, exc)
         await asyncio.sleep(min(MAX_TROUBLE_SLEEP_S, 2.0**times))
@@ -369,17 +387,7 @@ class SharedBucket:
             "lease_s": s.lease_s,
             "block_slots": s.block,
             "slots_per_unit": s.unit,
-            "acquires": self.acquires,
-            "denied_423": self.denied,
-            "slots_taken": self.slots_taken,
-            "slots_unused": self.slots_unused,
-            "slots_released": self.slots_released,
-            "lease_renewals": self.renewals,
-            "wait_s": round(self.wait_s, 3),
-            "asks": self.asks,
-            "mean_ask_s": round(self.ask_s / self.asks, 4) if self.asks else None,
-            "slowest_ask_s": round(self.slowest_ask_s, 3),
-            "prefect_server_errors": self.server_errors,
+            **self.stats.describe(),
         }
 
 

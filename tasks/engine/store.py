@@ -54,6 +54,7 @@ from tasks.errors import ConfigError
 __all__ = [
     "OutputStore",
     "DoneIndex",
+    "KnownParts",
     "pair_key",
     "hash_key",
     "ERRORS_DIR",
@@ -274,6 +275,25 @@ class NewParts:
                 index.fresh_errors.add(keys, tags)
                 rows += len(keys)
         return rows
+
+
+class KnownParts:
+    """The parts a run has read or written: what :meth:`OutputStore.read_new_parts` needn't read. It
+    follows the index's parts and the run's written error parts, lists that only grow: only their new
+    ends are added on each call."""
+
+    def __init__(self, index: DoneIndex, written_errors: list[str]) -> None:
+        self._index = index
+        self._sources = (index.parts, written_errors)
+        self._known: set[str] = set()
+        self._seen = [0, 0]
+
+    def __call__(self) -> set[str]:
+        for i, source in enumerate(self._sources):
+            self._known.update(source[self._seen[i] :])
+            self._seen[i] = len(source)
+        self._known.update(self._index.error_parts)
+        return self._known
 
 
 class OutputStore:
