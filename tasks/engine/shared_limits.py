@@ -192,6 +192,9 @@ class SharedBucket:
         self.nominal_limit = settings.limit
         self._stop = stop
         self._block: _Block | None = None
+        # The next block, asked for while half of this one is left: the ask's latency never stalls the pace.
+        self._next: asyncio.Task | None = None
+        self.prefetched = 0
         self._releases: list[_Release] = []
         self._releaser: asyncio.Task | None = None
         self._lock = asyncio.Lock()
@@ -223,6 +226,10 @@ class SharedBucket:
                 if block is None or not block.left:
                     if self.gone:
                         return
+                    if self._next is not None:
+                        task, self._next = self._next, None
+                        self._block = await task
+                        continue
                     self._block = await self._acquire(min(wanted, self.settings.limit))
                     continue
                 now = time.monotonic()
@@ -235,6 +242,9 @@ class SharedBucket:
                 need -= used
                 if not block.left:
                     self._retire(block, now)
+                if waiting > 1 and self._next is None and not self.gone and block.left * 2 <= block.slots:
+                    self.prefetched += 1
+                    self._next = asyncio.get_running_loop().create_task(self._acquire(min(wanted, self.settings.limit)))
 
     def _retire(self, block: _Block, now: float) -> None:
         """The block is spent (or its lease is lost): let it go once its last slot left the window."""
@@ -382,6 +392,13 @@ class SharedBucket:
         inside their window stay taken until their leases end (``lease_s`` after they were taken)."""
         if self._block is not None:
             self._retire(self._block, time.monotonic())
+        if self._next is not None:
+            task, self._next = self._next, None
+            if not task.done():
+                task.cancel()  # an ask in flight: if the server granted it, its lease ends it
+            done = (await asyncio.gather(task, return_exceptions=True))[0]
+            if isinstance(done, _Block):
+                self._retire(done, time.monotonic())
         if self._releaser is not None:
             self._releaser.cancel()
             await asyncio.gather(self._releaser, return_exceptions=True)
@@ -406,6 +423,7 @@ class SharedBucket:
             "slots_unused": self.slots_unused,
             "slots_released": self.slots_released,
             "lease_renewals": self.renewals,
+            "blocks_asked_ahead": self.prefetched,
             "wait_s": round(self.wait_s, 3),
             "asks": self.asks,
             "mean_ask_s": round(self.ask_s / self.asks, 4) if self.asks else None,
