@@ -36,6 +36,8 @@ sys.path.insert(0, str(REPO / "tests"))
 from _common import KEY_ENV, make_corpus, wait_up  # noqa: E402
 from servers import descendants, free_port, prefect_cli, prefect_env, start_server, start_worker, stop  # noqa: E402
 
+from emulator.server import busiest_window  # noqa: E402
+
 
 class RssSampler(threading.Thread):
     """Peak resident memory of every process below this one, by kind (from its command line)."""
@@ -81,7 +83,9 @@ def _commands_below(root: int) -> list[tuple[int, str]]:
     return found
 
 
-def run(rows: int, rpm: float, shards: int, workers: int, chunk_size: int, keep: bool) -> dict:
+def run(
+    rows: int, rpm: float, shards: int, workers: int, chunk_size: int, keep: bool, pace: float | None = None
+) -> dict:
     work = Path(tempfile.mkdtemp(prefix="gembatch-shards-"))
     source, out = work / "in.parquet", work / "out"
     make_corpus(source, rows)
@@ -106,7 +110,7 @@ def run(rows: int, rpm: float, shards: int, workers: int, chunk_size: int, keep:
     try:
         start(
             [sys.executable, "-m", "flows.cli", "emulator", "--port", str(emu_port), "--api-key-env", KEY_ENV,
-             "--rpm", str(int(rpm))],
+             "--rpm", str(int(rpm)), *(["--pace", str(pace)] if pace else [])],
             "emulator.log",
         )  # fmt: skip
         host = f"http://127.0.0.1:{emu_port}/"
@@ -160,6 +164,8 @@ def run(rows: int, rpm: float, shards: int, workers: int, chunk_size: int, keep:
         "floor_s": round(floor, 1),
         "ratio_after_startup": round((summary["duration_s"] - startup) / floor, 3),
         "busiest_60s": stats["busiest_window"],
+        "busiest_1s": busiest_window(arrivals, 1.0),
+        "pace_s_at_emulator": pace,
         "429s": stats["by_status"].get("429", 0),
         "lost": rows - len(set(ids)),
         "duplicates": len(ids) - len(set(ids)),
@@ -218,8 +224,14 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--chunk-size", type=int, default=2000)
     parser.add_argument("--keep", action="store_true", help="keep the work folder (input, output, logs)")
+    parser.add_argument(
+        "--pace",
+        type=float,
+        default=None,
+        help="the emulator also holds --rpm over every PACE seconds, as OpenAI does (1: 600 RPM = 10 a second)",
+    )
     args = parser.parse_args()
-    result = run(args.rows, args.rpm, args.shards, args.workers, args.chunk_size, args.keep)
+    result = run(args.rows, args.rpm, args.shards, args.workers, args.chunk_size, args.keep, args.pace)
     for key, value in result.items():
         if key == "shard_timelines":
             for line in value:

@@ -114,6 +114,10 @@ class EmulatorConfig:
     tpm: int | None = None
     rpd: int | None = None
     window_seconds: float = 60.0
+    # The rpm also holds over short spells, as OpenAI enforces it ("60,000 requests/minute may be enforced
+    # as 1,000 requests/second"): a bucket of rpm * pace_seconds / window_seconds requests (at least 1),
+    # refilled at rpm / window_seconds a second. None: only the window counts (Gemini, as documented).
+    pace_seconds: float | None = None
     latency_seconds: float = 0.0
     # Lognormal spread of the latency (sigma of the log; 0 = every answer takes latency_seconds).
     # The mean stays latency_seconds, like a real model whose answers take 0.3x-3x the typical time.
@@ -185,6 +189,8 @@ class EmulatorConfig:
             raise ValueError(f"image_format must be one of {', '.join(IMAGE_FORMATS)}, got {self.image_format!r}")
         if self.window_seconds <= 0:
             raise ValueError("window_seconds must be positive")
+        if self.pace_seconds is not None and self.pace_seconds <= 0:
+            raise ValueError("pace_seconds must be positive")
         if not 0.0 <= self.batch_line_failure_rate <= 1.0:
             raise ValueError("batch_line_failure_rate must be within [0, 1]")
         if self.batch_expire_fraction is not None and not 0.0 <= self.batch_expire_fraction <= 1.0:
@@ -314,6 +320,7 @@ class _Limiter:
         self.token_sums: dict[str, int] = {}
         self.day_counts: dict[str, int] = {}
         self.day: dt.date | None = None
+        self.paces: dict[str, tuple[float, float]] = {}  # model: (requests left in the bucket, when)
         # When each admitted request arrived (all models): benchmarks check every window against the limit.
         self.admitted: deque[float] = deque(maxlen=1_000_000)
 
@@ -340,6 +347,14 @@ class _Limiter:
             idx = len(reqs) - cfg.rpm
             delay = reqs[idx] + window - now if cfg.rpm > 0 else window
             raise _rate_limited("rpm", cfg.rpm, model, delay)
+        pace_left = None
+        if cfg.rpm is not None and cfg.pace_seconds is not None:
+            per_second = cfg.rpm / window
+            size = max(1.0, per_second * cfg.pace_seconds)
+            left, then = self.paces.get(model, (size, now))
+            pace_left = min(size, left + (now - then) * per_second)
+            if pace_left < 1.0:
+                raise _rate_limited("rpm", cfg.rpm, model, (1.0 - pace_left) / per_second)
         if cfg.tpm is not None and total + tokens > cfg.tpm:
             delay = window
             if tokens <= cfg.tpm:
@@ -351,6 +366,8 @@ class _Limiter:
                         break
             raise _rate_limited("tpm", cfg.tpm, model, delay)
 
+        if pace_left is not None:
+            self.paces[model] = (pace_left - 1.0, now)
         reqs.append(now)
         self.admitted.append(now)
         toks.append((now, tokens))

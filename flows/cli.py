@@ -58,6 +58,14 @@ def emulator(
     tpm: Annotated[int | None, typer.Option("--tpm", help="Input tokens per window before 429s.")] = None,
     rpd: Annotated[int | None, typer.Option("--rpd", help="Requests per day before a PerDay 429.")] = None,
     window: Annotated[float, typer.Option("--window", help="Rate window in seconds.")] = 60.0,
+    pace: Annotated[
+        float | None,
+        typer.Option(
+            "--pace",
+            help="Also hold --rpm over every PACE seconds, as OpenAI does (60,000 RPM enforced as 1,000 a "
+            "second): a bucket of rpm*PACE/window requests.",
+        ),
+    ] = None,
     latency: Annotated[float, typer.Option("--latency", help="Seconds added to every answer (the mean).")] = 0.0,
     latency_jitter: Annotated[
         float, typer.Option("--latency-jitter", help="Lognormal spread of the latency (sigma; 0 = fixed).")
@@ -85,6 +93,7 @@ def emulator(
         tpm=tpm,
         rpd=rpd,
         window_seconds=window,
+        pace_seconds=pace,
         latency_seconds=latency,
         latency_jitter=latency_jitter,
         fault_rate_503=fault_rate,

@@ -275,6 +275,22 @@ def test_rejected_requests_do_not_count(make_emu: Any) -> None:
     c.embeddings.create(model=EMB, input="c")
 
 
+def test_a_pace_holds_the_rpm_over_short_spells_too(make_emu: Any) -> None:
+    """OpenAI-style: 30 a minute enforced as 5 every 10 s. A burst of 5 passes, the 6th is refused
+    though the minute holds 25 more; two seconds later one more fits."""
+    emu = make_emu(rpm=30, pace_seconds=10.0)
+    c = client(emu)
+    for i in range(5):
+        c.embeddings.create(model=EMB, input=f"burst {i}")
+    with pytest.raises(openai.RateLimitError) as exc:
+        c.embeddings.create(model=EMB, input="one too many")
+    violation = error_of(exc.value)["details"][0]["violations"][0]
+    assert violation["quotaId"] == "GenerateRequestsPerMinutePerProjectPerModel-FreeTier"
+    time.sleep(2.05)
+    c.embeddings.create(model=EMB, input="refilled")
+    assert emu.stats["by_status"] == {200: 6, 429: 1}
+
+
 def test_tpm_and_rpd_limits(make_emu: Any) -> None:
     emu = make_emu(tpm=10, window_seconds=5)
     c = client(emu)

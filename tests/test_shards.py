@@ -474,6 +474,67 @@ def test_processes_sharing_a_limit_never_spend_more_than_it_in_a_window_and_use_
     assert released > 0 and left == taken - released, (taken, released, left)
 
 
+def test_processes_held_back_by_one_rate_split_its_pace_instead_of_bursting(prefect_server):
+    """Three processes' limiters (each its own Prefect client) with requests queued, on one limit of 60
+    per 6 s: each would pace itself at 10 a second and together spend the window in 2 s, then wait.
+    Splitting the pace, every second holds about 10 starts (a provider enforcing the rate over one
+    second, as OpenAI does, refuses nothing), and the window is still used whole."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+
+    from tasks.engine.limits import AdaptiveLimiter, Limits
+    from tasks.engine.shared_limits import limit_names, open_shared_limits, senders_name
+
+    window, rpm, seconds = 6.0, 60, 9.0
+    name, _ = limit_names("pace.example", "m")
+
+    async def process(starts: list[tuple[float, int]], stop: float, k: int) -> dict:
+        shared = await open_shared_limits("pace.example", "m", rpm, None, window_s=window)
+        limiter = AdaptiveLimiter(Limits(rpm=rpm, window_s=window), shared=shared)
+
+        async def sender():
+            while time.monotonic() < stop:
+                async with limiter.slot(10) as started:
+                    starts.append((started, k))
+
+        try:
+            tasks = [asyncio.ensure_future(sender()) for _ in range(8)]
+            await asyncio.sleep(max(0.0, stop - time.monotonic()))
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            await shared.close()
+        return shared.describe()
+
+    async def scenario():
+        starts: list[tuple[float, int]] = []
+        stop = time.monotonic() + seconds
+        described = await asyncio.gather(*(process(starts, stop, k) for k in range(3)))
+        async with get_client() as client:
+            senders = await client.read_global_concurrency_limit_by_name(senders_name("pace.example", "m"))
+            await client.delete_global_concurrency_limit_by_name(name)
+        return starts, described, senders.active_slots
+
+    pairs, described, senders = asyncio.run(scenario())
+    starts = sorted(t for t, _ in pairs)
+    # Once the last process has started and the others have read the count (every 0.5 s), every second
+    # holds about the pace of 10 (each process paced at a third of it).
+    joined = max(min(t for t, k in pairs if k == p) for p in range(3)) + 1.0
+    settled = [t for t in starts if t >= joined]
+    busiest = max(sum(1 for t in settled if s <= t < s + 1.0) for s in settled)
+    per_second = [sum(1 for t in starts if starts[0] + i <= t < starts[0] + i + 1) for i in range(int(seconds))]
+    print(f"starts per second: {per_second}; all joined at {joined - starts[0]:.1f} s; busiest second after: {busiest}")
+    assert busiest <= 16, per_second  # 30 a second without the split; 16: a join read up to two polls late
+    assert all(d["pace"]["most_sharing"] == 3 for d in described), described
+    assert senders == 0  # every process gave its share back when it closed
+    # The window is still used whole, and never passed: no 6 s window (with the guard) holds more than 60.
+    assert len(starts) >= rpm, len(starts)
+    hold = window + 0.3
+    assert max(sum(1 for t in starts if s <= t < s + hold) for s in starts) <= rpm
+
+
 def test_a_rate_cut_after_429s_in_one_process_lowers_the_shared_limit_until_it_recovers(prefect_server):
     import asyncio
 

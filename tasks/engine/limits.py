@@ -139,6 +139,10 @@ class SharedBudget(Protocol):
     def rate_factor(self, factor: float) -> None:
         """This limiter's rate is now ``factor`` of the declared one (a 429 cut it, or it recovers)."""
 
+    @property
+    def pace_share(self) -> float:
+        """The share of the rate this process paces at: others held back by the same rate take theirs."""
+
 
 class AdaptiveLimiter:
     """Paces requests under RPM and TPM, sizes the requests in flight, and backs off on 429s.
@@ -212,11 +216,9 @@ class AdaptiveLimiter:
             raise
         try:
             try:
-                await self._wait_turn()
                 tokens = round(estimated_tokens * self.token_correction)
+                await self._wait_turn(tokens)
                 await self._take_tokens(tokens)
-                if self.shared is not None:
-                    await self.shared.take(1, tokens, max(1, self._queued))
             finally:
                 self._queued -= 1
             started = self._clock()
@@ -236,11 +238,12 @@ class AdaptiveLimiter:
             self._gate.release()
         self._completed(started)
 
-    async def _wait_turn(self) -> None:
+    async def _wait_turn(self, tokens: int) -> None:
         """Wait until the pause after a 429, the even spacing and the sliding window all allow a start.
 
         One request at a time waits here (the lock is first come, first served) and re-reads the
-        rate after every sleep, so a change of rate applies to the very next start.
+        rate after every sleep, so a change of rate applies to the very next start. The shared budget
+        is asked within the turn too: requests that waited for it go one by one, paced, not together.
         """
         async with self._turn:
             while True:
@@ -257,10 +260,16 @@ class AdaptiveLimiter:
                 # late, and the delays would add up to a slower rate. Up to CATCH_UP_S of lateness is
                 # made up; later than that the run was idle (its start, a gap between chunks), and the
                 # plan starts again from now rather than with a burst.
-                interval = self._window / self._rpm
+                share = self.shared.pace_share if self.shared is not None else 1.0
+                interval = self._window / (self._rpm * share)
                 late = now - self._next_start
                 base = self._next_start if late <= self._catch_up else now
                 self._next_start = base + interval
+            if self.shared is not None:
+                await self.shared.take(1, tokens, max(1, self._queued))
+                if self._rpm is not None:
+                    # A wait for the shared budget ends the catching up: the next start is paced from now.
+                    self._next_start = max(self._next_start, self._clock() + interval)
 
     def _window_wait(self, now: float) -> float:
         """Seconds until one more start keeps the declared RPM within every guarded window."""

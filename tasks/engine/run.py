@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -165,7 +166,7 @@ async def run_job(
         )
         if shared_limits is not None:
             shared = await shared_limits(conn.host, job.model, options.limits)
-        limiter = AdaptiveLimiter(options.limits, shared=shared)
+        limiter = AdaptiveLimiter(_paced_by(options.limits, shared), shared=shared)
         document: dict[str, Any] = {
             "run_id": run_id,
             "flow_run_id": flow_run_id,
@@ -315,6 +316,14 @@ async def run_job(
 
 
 DAILY_QUOTA = "stopped: daily quota"
+
+
+def _paced_by(limits: Limits, shared: Any) -> Limits:
+    """A limit an operator keeps in Prefect (no --rpm here) paces this run like --rpm would."""
+    rpm = getattr(getattr(shared, "rpm", None), "settings", None)
+    if limits.rpm is not None or rpm is None:
+        return limits
+    return dataclasses.replace(limits, rpm=rpm.per_window)
 
 
 async def _share_stops(ctx: RunContext, shared: Any) -> None:

@@ -19,10 +19,20 @@ loop, 15 s by default).
 
 One acquire per request would cap everyone at a few dozen requests a second (PREFECT.md): a block is
 spent through the process's own :class:`~tasks.engine.limits.AdaptiveLimiter`. A 429 that cuts one
-process's rate lowers the shared limit by the same factor, and its recovery raises it again. A
-daily-quota stop sets the limits to 0 and records the stop in the Prefect variable
-``gembatch-daily-quota-<host>-<model>`` until the next Pacific midnight: every process on that key then
-ends ``stopped: daily quota`` (resumable), and so does a run started before the quota resets.
+process's rate lowers the shared limit by the same factor, and its recovery raises it again.
+
+The window alone would let N processes start at N times the rate until a window's worth is out, then
+wait: bursts that a provider enforcing its limit over short spells (OpenAI: "60,000 requests/minute may
+be enforced as 1,000 requests/second") answers with 429s. So the processes held back by the rate also
+split its pace: each holds one slot of ``gembatch-senders:<host>:<model>`` (a lease, renewed) while
+it has requests waiting for their turn, reads how many hold one every second, and paces its own
+limiter at that share of the rate. A process that sends less than the rate allows (decoding images, a
+tail of answers) takes no share, and the window still bounds everyone.
+
+A daily-quota stop is recorded in the Prefect variable ``gembatch-daily-quota-<host>-<model>`` until
+the next Pacific midnight (the limits are left as they are: Prefect 3.8 can't let slots go from a limit
+of 0); every run reads it every second, so every process on that key ends ``stopped: daily quota``
+(resumable), and so does a run started before the quota resets.
 
 Prefect is imported here only: a run without a Prefect API never loads this module.
 """
@@ -73,13 +83,31 @@ MAX_TROUBLE_SLEEP_S = 10.0
 DAILY_QUOTA = "stopped: daily quota"
 # How often a run reads the daily-quota flag: a stop reaches every process on the key within this.
 FLAG_POLL_S = 1.0
+# How often a process held back by the rate counts the others (its share of the pace follows).
+SENDERS_POLL_S = 0.5
+# A process counts as held back while a request waited behind another within this many seconds; it
+# gives its share back after SENDERS_IDLE_S without.
+SENDERS_BUSY_S = 2.0
+SENDERS_IDLE_S = 5.0
+# The senders limit only counts: no process is ever refused a slot of it.
+SENDERS_LIMIT = 1_000_000
+SENDERS_LEASE_S = 60.0
+
+
+def _clean(host: str, model: str) -> str:
+    clean = f"{host}:{model}".replace("/", "_").replace("%", "_").replace("&", "_").replace("<", "_")
+    return clean.replace(">", "_")
 
 
 def limit_names(host: str, model: str) -> tuple[str, str]:
     """The RPM and TPM limits' names for a provider host and model."""
-    clean = f"{host}:{model}".replace("/", "_").replace("%", "_").replace("&", "_").replace("<", "_")
-    clean = clean.replace(">", "_")
+    clean = _clean(host, model)
     return f"gembatch-rpm:{clean}", f"gembatch-tpm:{clean}"
+
+
+def senders_name(host: str, model: str) -> str:
+    """The limit whose slots count the processes splitting the pace of a host and model."""
+    return f"gembatch-senders:{_clean(host, model)}"
 
 
 def daily_quota_variable(host: str, model: str) -> str:
@@ -165,6 +193,7 @@ class BucketStats:
     slots_unused: int = 0  # taken, never spent (a block retired early)
     slots_released: int = 0
     lease_renewals: int = 0
+    blocks_asked_ahead: int = 0  # the next block asked for while this one was being spent
     wait_s: float = 0.0  # waiting for acquires
     asks: int = 0  # acquire requests to the Prefect server
     ask_s: float = 0.0
@@ -192,24 +221,34 @@ class SharedBucket:
         self.nominal_limit = settings.limit
         self._stop = stop
         self._block: _Block | None = None
+        # The next block, asked for as soon as this one is being spent (while requests wait): an ask's
+        # latency (0.2-0.6 s on a busy server, a block lasts ~1 s) doesn't stall the pace.
+        self._next: asyncio.Task | None = None
         self._releases: list[_Release] = []
         self._releaser: asyncio.Task | None = None
         self._lock = asyncio.Lock()
         self.stats = BucketStats()
         self.gone = False
 
-    async def take(self, amount: int, waiting: int = 1) -> None:
+    async def take(self, amount: int, waiting: int = 1, share: float = 1.0) -> None:
         """Wait until ``amount`` (requests or tokens) may be sent; blocks for good once the run must stop.
 
-        ``waiting``: how many are queued behind this one (the block is no larger than they need)."""
+        ``waiting``: how many are queued behind this one (the block is no larger than they need);
+        ``share``: this process's share of the pace (a block is about ``BLOCK_S`` of it: a block is let
+        go as a whole, so one spent slowly would hold its first slots past their window)."""
         need = amount * self.settings.unit
-        wanted = max(need, min(self.settings.block, waiting * need))
+        block = max(self.settings.unit, math.ceil(self.settings.block * share))
+        wanted = max(need, min(block, waiting * need))
         async with self._lock:
             while need > 0:
                 block = self._block
                 if block is None or not block.left:
                     if self.gone:
                         return
+                    if self._next is not None:
+                        task, self._next = self._next, None
+                        self._block = await task
+                        continue
                     self._block = await self._acquire(min(wanted, self.settings.limit))
                     continue
                 now = time.monotonic()
@@ -222,6 +261,9 @@ class SharedBucket:
                 need -= used
                 if not block.left:
                     self._retire(block, now)
+                if waiting > 1 and self._next is None and not self.gone:
+                    self.stats.blocks_asked_ahead += 1
+                    self._next = asyncio.get_running_loop().create_task(self._acquire(min(wanted, self.settings.limit)))
 
     def _retire(self, block: _Block, now: float) -> None:
         """The block is spent (or its lease is lost): let it go once its last slot left the window."""
@@ -369,6 +411,13 @@ class SharedBucket:
         inside their window stay taken until their leases end (``lease_s`` after they were taken)."""
         if self._block is not None:
             self._retire(self._block, time.monotonic())
+        if self._next is not None:
+            task, self._next = self._next, None
+            if not task.done():
+                task.cancel()  # an ask in flight: if the server granted it, its lease ends it
+            done = (await asyncio.gather(task, return_exceptions=True))[0]
+            if isinstance(done, _Block):
+                self._retire(done, time.monotonic())
         if self._releaser is not None:
             self._releaser.cancel()
             await asyncio.gather(self._releaser, return_exceptions=True)
@@ -483,6 +532,103 @@ def _active(value: dict[str, Any]) -> bool:
         return True
 
 
+class Senders:
+    """This process's share of the pace: 1 / the processes held back by the same rate, itself included.
+
+    While requests wait here behind one another (the rate, not the work, holds the process back) it
+    holds one slot of the senders limit under a lease; every ``SENDERS_POLL_S`` it reads how many slots
+    are held and sets ``share``. A process that dies lets its slot go with the lease."""
+
+    def __init__(self, client: Any, name: str) -> None:
+        self.client = client
+        self.name = name
+        self.share = 1.0
+        self.busy_at: float | None = None
+        self._lease: Any = None
+        self._renewed = 0.0
+        self._task: asyncio.Task | None = None
+        self._step_lock = asyncio.Lock()
+        self.most = 1
+        self.joins = 0
+        self.errors = 0
+
+    async def open(self) -> None:
+        """Make the senders limit, unless there is one."""
+        from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+        from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+        try:
+            await self.client.read_global_concurrency_limit_by_name(self.name)
+        except ObjectNotFound:
+            try:
+                await self.client.create_global_concurrency_limit(
+                    GlobalConcurrencyLimitCreate(name=self.name, limit=SENDERS_LIMIT, slot_decay_per_second=0)
+                )
+            except ObjectAlreadyExists:  # another process made it in between
+                pass
+
+    async def busy(self) -> None:
+        """A request waited behind another: the first time, join the count before it goes (its pace is
+        then this process's share from the start), and keep counting."""
+        self.busy_at = time.monotonic()
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._loop())
+            await self._safe_step()
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(SENDERS_POLL_S)
+            await self._safe_step()
+
+    async def _safe_step(self) -> None:
+        try:
+            async with self._step_lock:
+                await self._step(time.monotonic())
+        except Exception as exc:  # noqa: BLE001 - a failed count is tried again; the window still bounds
+            self.errors += 1
+            if self.errors in (1, 10):
+                log.warning("could not count the processes sharing %s: %s", self.name, exc)
+
+    async def _step(self, now: float) -> None:
+        busy = self.busy_at is not None and now - self.busy_at < SENDERS_BUSY_S
+        idle = self.busy_at is None or now - self.busy_at > SENDERS_IDLE_S
+        if busy and self._lease is None:
+            answer = await self.client.increment_concurrency_slots_with_lease(
+                names=[self.name], slots=1, mode="concurrency", lease_duration=SENDERS_LEASE_S
+            )
+            self._lease, self._renewed = answer.json()["lease_id"], now
+            self.joins += 1
+        elif idle and self._lease is not None:
+            await self._leave()
+        elif self._lease is not None and now - self._renewed > SENDERS_LEASE_S / 3:
+            await self.client.renew_concurrency_lease(self._lease, lease_duration=SENDERS_LEASE_S)
+            self._renewed = now
+        if self._lease is None:
+            self.share = 1.0
+            return
+        held = int((await self.client.read_global_concurrency_limit_by_name(self.name)).active_slots)
+        self.most = max(self.most, held)
+        self.share = 1.0 / max(1, held)
+
+    async def _leave(self) -> None:
+        lease, self._lease = self._lease, None
+        self.share = 1.0
+        await self.client.release_concurrency_slots_with_lease(lease)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._lease is not None:
+            try:
+                await self._leave()
+            except Exception as exc:  # noqa: BLE001 - the lease ends it
+                log.warning("could not let go of %s's slot (%s): its lease ends it", self.name, exc)
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "most_sharing": self.most, "joins": self.joins, "errors": self.errors}
+
+
 class SharedLimits:
     """The shared RPM/TPM budget of one run's process, and its share of a daily-quota stop."""
 
@@ -491,6 +637,7 @@ class SharedLimits:
         self.host, self.model = host, model
         self.rpm: SharedBucket | None = None
         self.tpm: SharedBucket | None = None
+        self.senders = Senders(client, senders_name(host, model))
         self.stop = SharedStop(client, daily_quota_variable(host, model))
         self._tasks: set[asyncio.Task] = set()
         self._factor = 1.0
@@ -500,13 +647,20 @@ class SharedLimits:
     def buckets(self) -> list[SharedBucket]:
         return [b for b in (self.rpm, self.tpm) if b is not None]
 
+    @property
+    def pace_share(self) -> float:
+        """The share of the rate this process's limiter paces at (others held back by it take theirs)."""
+        return self.senders.share if self.rpm is not None else 1.0
+
     async def take(self, requests: int, tokens: int, waiting: int = 1) -> None:
         if self.stop.is_set():
             await asyncio.Event().wait()
+        if self.rpm is not None and waiting > 1:
+            await self.senders.busy()
         if self.rpm is not None:
-            await self.rpm.take(requests, waiting)
+            await self.rpm.take(requests, waiting, self.pace_share)
         if self.tpm is not None and tokens > 0:
-            await self.tpm.take(tokens, waiting)
+            await self.tpm.take(tokens, waiting, self.pace_share)
 
     def rate_factor(self, factor: float) -> None:
         """The in-process limiter's rate is now ``factor`` of the declared one: the shared limit follows."""
@@ -533,6 +687,7 @@ class SharedLimits:
             "rpm": self.rpm.describe() if self.rpm else None,
             "tpm": self.tpm.describe() if self.tpm else None,
             "daily_quota_variable": self.stop.variable,
+            "pace": self.senders.describe(),
             "share_changes_after_429": self.share_changes,
         }
 
@@ -543,6 +698,7 @@ class SharedLimits:
                 await self._set_share(1.0)
             if self._tasks:
                 await asyncio.gather(*self._tasks, return_exceptions=True)
+            await self.senders.close()
             for bucket in self.buckets:
                 await bucket.close()
         finally:
@@ -615,6 +771,8 @@ async def open_shared_limits(
         rpm_name, tpm_name = limit_names(host, model)
         shared.rpm = await _bucket(client, rpm_name, rpm, SLOTS_PER_REQUEST, shared.stop, window_s)
         shared.tpm = await _bucket(client, tpm_name, tpm, 1, shared.stop, window_s)
+        if shared.rpm is not None:
+            await shared.senders.open()
     except BaseException:
         await client.__aexit__(None, None, None)
         raise
