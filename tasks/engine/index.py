@@ -45,6 +45,7 @@ __all__ = [
     "id_keys",
     "id_tag",
     "id_tags",
+    "member",
     "pack",
     "pair_key",
     "pair_keys",
@@ -181,6 +182,14 @@ def pair_key(row_id: Any, content_hash: str) -> tuple[int, int]:
 # -- the table --------------------------------------------------------------------------------------
 
 _HIGH = np.uint64(0xFFFF_FFFF_0000_0000)
+
+
+def member(ascending: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """For each value: is it in the sorted array?"""
+    if not len(ascending):
+        return np.zeros(len(values), bool)
+    at = np.minimum(np.searchsorted(ascending, values), len(ascending) - 1)
+    return ascending[at] == values
 
 
 def pack(keys: np.ndarray, tags: np.ndarray) -> np.ndarray:

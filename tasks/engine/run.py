@@ -37,6 +37,7 @@ from tasks.engine.memory import release_free_memory
 from tasks.engine.metadata import batch_cost, counts, new_run_id, package_versions, usage, utc_now
 from tasks.engine.outage import OutageBreaker, OutagePolicy
 from tasks.engine.progress import ProgressBar
+from tasks.engine.recurring import recurring_contents
 from tasks.engine.shard import Shard, ShardSource
 from tasks.engine.store import OutputStore
 from tasks.errors import ConfigError, GembatchError, RunStopped
@@ -210,6 +211,12 @@ async def run_job(
             enabled=options.progress,
             unit=getattr(job, "progress_unit", None),
         )
+        if options.batch.mode == "live" and index.result_rows < total_rows:
+            # Rows to send (a first run, a resumed one): find the contents that recur, so that the index
+            # learns only those of this run's results (see tasks/engine/recurring.py). A rerun of a
+            # finished output skips this and its index learns the few rows it sends, as before.
+            ctx.recurring = await asyncio.to_thread(recurring_contents, job, source, options.id_col, total_rows)
+            release_free_memory()
         ctx.on_progress = progress.advance
         ctx.on_units = progress.add_units
         ctx.stats.input_rows = total_rows
@@ -405,7 +412,9 @@ class _Chunks:
 
     def _known_parts(self) -> set[str]:
         """Parts this run has read or written (lists that only grow: only their new ends are added)."""
-        for source in (self.ctx.index.parts, self.ctx.stats.error_parts_written):
+        # (This run's own parts are in ``parts_written``: the index learns only the recurring contents.)
+        stats = self.ctx.stats
+        for source in (self.ctx.index.parts, stats.parts_written, stats.error_parts_written):
             seen = self._known_from.get(id(source), 0)
             self._known.update(source[seen:])
             self._known_from[id(source)] = len(source)
@@ -493,7 +502,9 @@ class _Chunks:
                 return
             try:
                 # Other runs may have written this chunk's rows since this run read the output.
-                new = await asyncio.to_thread(ctx.store.read_new_parts, self._known_parts(), ctx.id_col)
+                new = await asyncio.to_thread(
+                    ctx.store.read_new_parts, self._known_parts(), ctx.id_col, run_id=ctx.run_id
+                )
                 new.add_to(ctx.index)
                 if new.results:
                     ready.done = await asyncio.to_thread(ctx.index.pairs_done, ready.keys, chunk.column(ctx.id_col))
