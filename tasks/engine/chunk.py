@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from tasks.engine.budget import Budget
-from tasks.engine.hashing import TextTemplate, digest_keys, text_template
+from tasks.engine.hashing import HashProcesses, TextTemplate, digest_keys, text_template
 from tasks.engine.index import hash_keys, id_tags, member
 from tasks.engine.limits import AdaptiveLimiter
 from tasks.engine.outage import OutageBreaker
@@ -269,6 +269,8 @@ class RunContext:
         # Sorted hash keys of the contents that recur in the input (tasks/engine/recurring.py): the
         # only results of this run that the index must learn (a later row may reuse them). None: all.
         self.recurring: np.ndarray | None = None
+        # Child processes that hash text columns (a text job's run; see tasks/engine/hashing.py).
+        self.hash_processes: HashProcesses | None = None
 
     def request_stop(self, reason: RunStopped) -> None:
         if self.stopped is None:
@@ -533,9 +535,9 @@ def _text_column(column: pa.ChunkedArray | pa.Array) -> pa.Array | None:
         return None
 
 
-def prepare_chunk(job: Job, chunk: pa.Table) -> PreparedChunk:
+def prepare_chunk(job: Job, chunk: pa.Table, processes: HashProcesses | None = None) -> PreparedChunk:
     """Hash every row of a chunk, preparing only the rows that can't be hashed at once. Pure: runs on a
-    worker thread."""
+    worker thread. ``processes``: the column is hashed in a child process."""
     n = chunk.num_rows
     template = _template_of(job)
     texts = _text_column(chunk.column(template.column)) if template is not None else None
@@ -555,7 +557,7 @@ def prepare_chunk(job: Job, chunk: pa.Table) -> PreparedChunk:
             invalid[pos] = isinstance(prep, RowInvalid)
     if len(slow) < n:
         quick = np.flatnonzero(fast)
-        digests[quick] = template.digests(texts.filter(pa.array(fast)))
+        digests[quick] = template.digests(texts if len(quick) == n else texts.filter(pa.array(fast)), processes)
         # One row a chunk through the per-row path: the two must agree byte for byte.
         first = int(quick[0])
         expected = content_hash(job.prepare({template.column: texts[first].as_py()}).fields)
@@ -577,7 +579,7 @@ def count_skipped(ctx: RunContext, status: np.ndarray) -> None:
 def prepare_and_look_up(ctx: RunContext, chunk: pa.Table) -> PreparedChunk:
     """Hash a chunk and ask the output which of its rows are done (reading the parts the index points
     to): the slow half of :func:`chunk_statuses`, on a worker thread."""
-    ready = prepare_chunk(ctx.job, chunk)
+    ready = prepare_chunk(ctx.job, chunk, ctx.hash_processes)
     if len(ctx.index.results):
         ready.done = ctx.index.pairs_done(ready.keys, chunk.column(ctx.id_col))
     return ready

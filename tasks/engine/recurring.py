@@ -17,6 +17,7 @@ import tempfile
 import numpy as np
 
 from tasks.engine.chunk import Job, _template_of, prepare_chunk
+from tasks.engine.hashing import HashProcesses
 from tasks.engine.io import InputSource
 
 __all__ = ["recurring_contents", "PREPASS_CHUNK_ROWS"]
@@ -25,7 +26,9 @@ BUCKET_BITS = 6  # 64 bucket files
 PREPASS_CHUNK_ROWS = 16384
 
 
-def recurring_contents(job: Job, source: InputSource, id_col: str, total_rows: int) -> np.ndarray | None:
+def recurring_contents(
+    job: Job, source: InputSource, id_col: str, total_rows: int, processes: HashProcesses | None = None
+) -> np.ndarray | None:
     """The sorted unique hash keys of the contents that occur more than once in the first
     ``total_rows`` rows of the input; None for a job whose rows are not hashed a column at once
     (its run remembers every result, as before)."""
@@ -43,7 +46,7 @@ def recurring_contents(job: Job, source: InputSource, id_col: str, total_rows: i
                     break
                 chunk = chunk.slice(0, total_rows - rows)
                 rows += chunk.num_rows
-                keys = prepare_chunk(job, chunk).keys
+                keys = prepare_chunk(job, chunk, processes).keys
                 keys.sort()
                 cuts = np.searchsorted(keys >> shift, np.arange(buckets + 1, dtype=np.uint64))
                 for b in np.flatnonzero(np.diff(cuts)).tolist():

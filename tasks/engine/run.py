@@ -22,6 +22,7 @@ from tasks.engine.chunk import (
     PreparedChunk,
     RetryPolicy,
     RunContext,
+    _template_of,
     chunk_statuses,
     count_skipped,
     nothing_to_do,
@@ -31,6 +32,7 @@ from tasks.engine.chunk import (
 )
 from tasks.engine.claims import COMPACT_KEY, ClaimBook, ClaimPolicy, Holder, chunk_key
 from tasks.engine.claims import log as claims_log
+from tasks.engine.hashing import HashProcesses
 from tasks.engine.io import InputSource, check_ids
 from tasks.engine.limits import AdaptiveLimiter, Limits
 from tasks.engine.memory import release_free_memory
@@ -149,6 +151,7 @@ async def run_job(
     conn = open_connection(options.provider)
     shared = None
     claims: ClaimBook | None = None
+    hashers: HashProcesses | None = None
     try:
         await check_model(conn, job.model, key_source=options.provider.key_source)
         budget = Budget.for_job(options.max_cost_usd, job) if options.max_cost_usd is not None else None
@@ -211,11 +214,15 @@ async def run_job(
             enabled=options.progress,
             unit=getattr(job, "progress_unit", None),
         )
+        if _template_of(job) is not None:
+            ctx.hash_processes = hashers = HashProcesses(LOOK_AHEAD)
         if options.batch.mode == "live" and index.result_rows < total_rows:
             # Rows to send (a first run, a resumed one): find the contents that recur, so that the index
             # learns only those of this run's results (see tasks/engine/recurring.py). A rerun of a
             # finished output skips this and its index learns the few rows it sends, as before.
-            ctx.recurring = await asyncio.to_thread(recurring_contents, job, source, options.id_col, total_rows)
+            ctx.recurring = await asyncio.to_thread(
+                recurring_contents, job, source, options.id_col, total_rows, ctx.hash_processes
+            )
             release_free_memory()
         ctx.on_progress = progress.advance
         ctx.on_units = progress.add_units
@@ -320,6 +327,8 @@ async def run_job(
             raise error
         return document
     finally:
+        if hashers is not None:
+            await asyncio.to_thread(hashers.close)
         if claims is not None:
             await _give_up_lease(claims)
         if shared is not None:
