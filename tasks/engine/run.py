@@ -214,16 +214,16 @@ async def run_job(
             enabled=options.progress,
             unit=getattr(job, "progress_unit", None),
         )
-        if _template_of(job) is not None:
-            ctx.hash_processes = hashers = HashProcesses(LOOK_AHEAD)
         if options.batch.mode == "live" and index.result_rows < total_rows:
             # Rows to send (a first run, a resumed one): find the contents that recur, so that the index
             # learns only those of this run's results (see tasks/engine/recurring.py). A rerun of a
             # finished output skips this and its index learns the few rows it sends, as before.
-            ctx.recurring = await asyncio.to_thread(
-                recurring_contents, job, source, options.id_col, total_rows, ctx.hash_processes
-            )
+            ctx.recurring = await asyncio.to_thread(recurring_contents, job, source, options.id_col, total_rows)
             release_free_memory()
+        elif _template_of(job) is not None and index.result_rows:
+            # A rerun: its work is hashing every row; child processes (~14 MiB each) do it beside this one.
+            # (A run that sends is bound by its requests: it hashes in its own threads.)
+            ctx.hash_processes = hashers = HashProcesses(LOOK_AHEAD)
         ctx.on_progress = progress.advance
         ctx.on_units = progress.add_units
         ctx.stats.input_rows = total_rows
