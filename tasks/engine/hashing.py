@@ -88,9 +88,9 @@ class HashProcesses:
 
     A rerun's work is hashing every input row, and in threads the GIL keeps sha256 of short texts on
     one core; a child process hashes a chunk while this process reads, looks up and drives the next.
-    The threads that ask (the check threads, the recurring-content pre-pass) each borrow an idle
-    child, starting one while there are fewer than ``processes``; with none free, or a child gone,
-    the caller hashes in process (:meth:`digests` returns None). Each child holds a few MB.
+    The threads that ask (a rerun's check threads) each borrow an idle child, starting one while fewer
+    than ``processes`` were started; with none free, or a child gone, the caller hashes in process
+    (:meth:`digests` returns None). Each child holds ~14 MiB.
     """
 
     def __init__(self, processes: int = 2) -> None:
