@@ -423,15 +423,20 @@ class _Level:
 
     def matches(self, partitions: np.ndarray, fingerprints: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(query positions, locations) of every row whose partition and fingerprint equal a query's."""
+        entries = self.entries
         lo, hi = self.offsets[partitions], self.offsets[partitions + 1]
-        low = fingerprints.astype(np.uint32) << np.uint32(16)
-        first = _lower_bound(self.entries, lo, hi, low)
-        last = _lower_bound(self.entries, first, hi, low | _LOW16)
-        # ``last`` is the first entry above ``low | 0xFFFF`` or equal to it: count an equal one in.
-        inside = last < hi
-        inside[inside] = self.entries[last[inside]] == (low | _LOW16)[inside]
-        last = last + inside
-        counts = last - first
+        fingerprints = fingerprints.astype(np.uint32)
+        first = _lower_bound(entries, lo, hi, fingerprints << np.uint32(16))
+        # The rows of a fingerprint follow its lower bound: step over them (a query matches 0 or 1 row
+        # but for a 32-bit collision or one content in several parts: a step or two, not a second search).
+        counts = np.zeros(len(first), np.int64)
+        at, rows = first, np.arange(len(first))
+        while len(rows):
+            keep = at < hi[rows]
+            rows, at = rows[keep], at[keep]
+            keep = (entries[at] >> np.uint32(16)) == fingerprints[rows]
+            rows, at = rows[keep], at[keep] + 1
+            counts[rows] += 1
         total = int(counts.sum())
         if total == 0:
             return np.empty(0, np.intp), np.empty(0, np.int64)
