@@ -18,7 +18,7 @@ from conftest import TEST_KEY_ENV, assert_balanced, read_output
 
 from schemas.examples import Invoice
 from tasks.engine.chunk import chunk_payloads, prepare_chunk, prepare_rows, row_hashes
-from tasks.engine.hashing import non_blank
+from tasks.engine.hashing import HashProcesses, non_blank
 from tasks.engine.run import RunOptions, run_job
 from tasks.engine.store import OutputStore
 from tasks.jobs.embed import EmbedJob
@@ -176,3 +176,29 @@ def test_an_extract_output_written_by_the_per_row_path_is_fully_skipped(emulator
     doc = asyncio.run(run_job(job, options(emulator, src, out)))
     assert doc["counts"]["skipped_done"] == len(TRICKY) and doc["requests"]["sent"] == 0
     assert emulator.stats["by_route"].get("chat/completions", 0) == 0
+
+
+def test_hashing_in_child_processes_gives_the_same_bytes_and_survives_a_dead_child():
+    rng = random.Random(11)
+    alphabet = [chr(c) for c in (*range(0, 0x80), 0x85, 0xA0, 0xE9, 0x2028, 0x3000, 0x4E2D, 0x1F389)]
+    texts = [*TRICKY, *BLANK, None, *("".join(rng.choices(alphabet, k=rng.randint(1, 60))) for _ in range(500))]
+    processes = HashProcesses(2)
+    try:
+        for job in jobs():
+            for kind in (pa.string(), pa.large_string(), pa.binary()):
+                values = [t.encode() if t is not None and kind == pa.binary() else t for t in texts]
+                table = pa.table({"id": pa.array(range(len(texts)), pa.int64()), "text": pa.array(values, kind)})
+                for part in (table, table.slice(37, 300)):  # a slice: its arrays start at an offset
+                    assert prepare_chunk(job, part, processes).hashes == per_row_hashes(job, part), (job, kind)
+        assert processes._started == 1  # one thread asked: one child, reused
+        (child,) = processes._idle
+        child.kill()
+        child.wait()
+        table = pa.table({"id": pa.array(range(300), pa.int64()), "text": texts[-300:]})
+        job = EmbedJob(model=EMBED_MODEL)
+        assert prepare_chunk(job, table, processes).hashes == per_row_hashes(job, table)  # hashed here instead
+        assert prepare_chunk(job, table, processes).hashes == per_row_hashes(job, table)  # by a new child
+        assert processes._started == 2 and len(processes._idle) == 1
+    finally:
+        processes.close()
+    assert processes._idle == [] and child.returncode is not None

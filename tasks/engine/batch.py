@@ -204,7 +204,7 @@ class BatchRun:
         self._others_submitted: frozenset[str] = frozenset()
         self._states: dict[str, str] = {}  # record name -> state last read (final ones are not read again)
         self.left: dict[int, _Left] = {}  # chunk number -> rows left to other runs
-        self._known_parts = KnownParts(ctx.index, ctx.stats.error_parts_written)
+        self._known_parts = KnownParts(ctx.index, ctx.stats.parts_written, ctx.stats.error_parts_written)
         self.failed_now = KeyTable()  # (content, id) pairs written to _errors/ by this run
         self.written: list[str] = []
         self.live_only = 0  # rows with no single batch line (the job splits them), sent live

@@ -22,8 +22,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from tasks.engine.budget import Budget
-from tasks.engine.hashing import TextTemplate, digest_keys, text_template
-from tasks.engine.index import hash_keys, id_tags
+from tasks.engine.hashing import HashProcesses, TextTemplate, digest_keys, text_template
+from tasks.engine.index import hash_keys, id_tags, member
 from tasks.engine.limits import AdaptiveLimiter
 from tasks.engine.outage import OutageBreaker
 from tasks.engine.store import RETRY_AUTO, RETRY_ON_REQUEST, DoneIndex, OutputStore
@@ -266,6 +266,11 @@ class RunContext:
         self.on_units: Callable[[float], None] = lambda amount: None
         # What a job keeps for the length of one run (a recording job's bound on segments on hand).
         self.shared: dict[str, Any] = {}
+        # Sorted hash keys of the contents that recur in the input (tasks/engine/recurring.py): the
+        # only results of this run that the index must learn (a later row may reuse them). None: all.
+        self.recurring: np.ndarray | None = None
+        # Child processes that hash text columns (a text job's run; see tasks/engine/hashing.py).
+        self.hash_processes: HashProcesses | None = None
 
     def request_stop(self, reason: RunStopped) -> None:
         if self.stopped is None:
@@ -530,9 +535,9 @@ def _text_column(column: pa.ChunkedArray | pa.Array) -> pa.Array | None:
         return None
 
 
-def prepare_chunk(job: Job, chunk: pa.Table) -> PreparedChunk:
+def prepare_chunk(job: Job, chunk: pa.Table, processes: HashProcesses | None = None) -> PreparedChunk:
     """Hash every row of a chunk, preparing only the rows that can't be hashed at once. Pure: runs on a
-    worker thread."""
+    worker thread. ``processes``: the column is hashed in a child process."""
     n = chunk.num_rows
     template = _template_of(job)
     texts = _text_column(chunk.column(template.column)) if template is not None else None
@@ -552,7 +557,7 @@ def prepare_chunk(job: Job, chunk: pa.Table) -> PreparedChunk:
             invalid[pos] = isinstance(prep, RowInvalid)
     if len(slow) < n:
         quick = np.flatnonzero(fast)
-        digests[quick] = template.digests(texts.filter(pa.array(fast)))
+        digests[quick] = template.digests(texts if len(quick) == n else texts.filter(pa.array(fast)), processes)
         # One row a chunk through the per-row path: the two must agree byte for byte.
         first = int(quick[0])
         expected = content_hash(job.prepare({template.column: texts[first].as_py()}).fields)
@@ -574,7 +579,7 @@ def count_skipped(ctx: RunContext, status: np.ndarray) -> None:
 def prepare_and_look_up(ctx: RunContext, chunk: pa.Table) -> PreparedChunk:
     """Hash a chunk and ask the output which of its rows are done (reading the parts the index points
     to): the slow half of :func:`chunk_statuses`, on a worker thread."""
-    ready = prepare_chunk(ctx.job, chunk)
+    ready = prepare_chunk(ctx.job, chunk, ctx.hash_processes)
     if len(ctx.index.results):
         ready.done = ctx.index.pairs_done(ready.keys, chunk.column(ctx.id_col))
     return ready
@@ -654,9 +659,9 @@ async def process_chunk(ctx: RunContext, chunk: pa.Table, index: int, first_row:
     outcomes: dict[str, Outcome | None] = {}
     try:
         if stored:
-            files = ctx.index.parts_holding(keys.keys[stored_pos])
-            table = await asyncio.to_thread(ctx.store.read_results_for, stored, ctx.id_col, files=files)
-            found = job.results_from_table(table)
+            found = await asyncio.to_thread(
+                _stored_results, ctx, [hashes[p] for p in stored_pos], keys.keys[stored_pos]
+            )
             outcomes.update({h: Outcome(result=found[h]) for h in stored if h in found})
             # The index matches 32 bits of a content: one it pointed at that isn't there is sent after all.
             for pos in todo.tolist():
@@ -680,8 +685,11 @@ async def process_chunk(ctx: RunContext, chunk: pa.Table, index: int, first_row:
         )
         added = [item.position for h, item in own.items() if (o := outcomes.get(h)) is not None and o.ok]
         if added and report.part is not None:
-            rows = np.array(added, np.intp)
-            ctx.index.results.add(keys.keys[rows], ctx.index.part_ordinal(report.part))
+            learnt = keys.keys[np.array(added, np.intp)]
+            if ctx.recurring is not None:
+                learnt = learnt[member(ctx.recurring, learnt)]
+            if len(learnt):
+                ctx.index.results.add(learnt, ctx.index.part_ordinal(report.part))
     finally:
         for h in own:
             future = ctx.inflight.pop(h)
@@ -689,6 +697,18 @@ async def process_chunk(ctx: RunContext, chunk: pa.Table, index: int, first_row:
                 future.set_result(outcomes.get(h))
     ctx.on_progress(n)
     return report
+
+
+def _stored_results(ctx: RunContext, hashes: list[str], keys: np.ndarray) -> dict[str, Any]:
+    """The stored results of these contents (the index matched their first 32 bits). The parts' keys
+    confirm the match first: a false one (a run's own results make them common at corpus scale) costs
+    a read of the parts' key columns, not of their results."""
+    confirmed = ctx.index.contents_stored(keys)
+    if not confirmed.any():
+        return {}
+    wanted = [h for h, ok in zip(hashes, confirmed.tolist()) if ok]
+    files = ctx.index.parts_holding(keys[confirmed])
+    return ctx.job.results_from_table(ctx.store.read_results_for(wanted, ctx.id_col, files=files))
 
 
 async def send_part(ctx: RunContext, part: Item) -> Outcome | None:

@@ -20,14 +20,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
+import sys
+import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-__all__ = ["TextTemplate", "digest_keys", "hex_digests", "non_blank", "text_template"]
+from tasks.engine.hash_worker import HEADER
+
+__all__ = ["HashProcesses", "TextTemplate", "digest_keys", "hex_digests", "non_blank", "text_template"]
 
 # Python's str.isspace() characters; RE2 (Arrow's regex engine) finds a character outside them.
 PY_SPACE_CLASS = "\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
@@ -35,6 +41,7 @@ _NOT_SPACE = f"[^{PY_SPACE_CLASS}]"
 # A text that is not blank and not too long to send: a job's prepare() accepts it whatever it holds.
 _SENTINEL = "gembatch text template"
 
+_ROOT = str(Path(__file__).resolve().parents[2])  # where the child imports tasks.engine.hash_worker from
 _ENCODER = json.JSONEncoder(sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
 _encode_str = json.encoder.encode_basestring
 
@@ -47,12 +54,20 @@ class TextTemplate:
     head: bytes
     tail: bytes
 
-    def digests(self, texts: pa.Array) -> np.ndarray:
-        """sha256 digests, ``(len(texts), 32)`` uint8, of a string array without nulls."""
+    def digests(self, texts: pa.Array, processes: HashProcesses | None = None) -> np.ndarray:
+        """sha256 digests, ``(len(texts), 32)`` uint8, of a string array without nulls. ``processes``:
+        hash in a child process (the same bytes: rows JSON escapes are hashed here)."""
         n = len(texts)
         if n == 0:
             return np.empty((0, 32), np.uint8)
         head, tail = self.head + b'"', b'"' + self.tail
+        if processes is not None:
+            found = processes.digests(head, tail, texts)
+            if found is not None:
+                for pos in _needs_escaping(texts):
+                    body = _encode_str(texts[pos].as_py())[1:-1].encode()
+                    found[pos] = np.frombuffer(hashlib.sha256(head + body + tail).digest(), np.uint8)
+                return found
         bodies = texts.cast(pa.binary()).to_pylist()
         for pos in _needs_escaping(texts):
             bodies[pos] = _encode_str(texts[pos].as_py())[1:-1].encode()
@@ -66,6 +81,100 @@ class TextTemplate:
 
         joined = b"".join(map(digest, bodies))
         return np.frombuffer(joined, np.uint8).reshape(n, 32)
+
+
+class HashProcesses:
+    """Child processes (:mod:`tasks.engine.hash_worker`) that hash text columns beside this process.
+
+    A rerun's work is hashing every input row, and in threads the GIL keeps sha256 of short texts on
+    one core; a child process hashes a chunk while this process reads, looks up and drives the next.
+    The threads that ask (a rerun's check threads) each borrow an idle child, starting one while fewer
+    than ``processes`` were started; with none free, or a child gone, the caller hashes in process
+    (:meth:`digests` returns None). Each child holds ~14 MiB.
+    """
+
+    def __init__(self, processes: int = 2) -> None:
+        self.processes = processes
+        self._idle: list[subprocess.Popen] = []
+        self._started = 0
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def digests(self, head: bytes, tail: bytes, texts: pa.Array) -> np.ndarray | None:
+        child = self._borrow()
+        if child is None:
+            return None
+        array = texts.cast(pa.binary()) if not pa.types.is_binary(texts.type) else texts
+        n = len(array)
+        offsets = np.frombuffer(array.buffers()[1], np.int32, count=n + 1, offset=array.offset * 4).astype(np.uint64)
+        lo, hi = int(offsets[0]), int(offsets[-1])
+        offsets -= np.uint64(lo)
+        data = memoryview(array.buffers()[2])[lo:hi] if hi > lo else b""
+        try:
+            pipe = child.stdin
+            pipe.write(HEADER.pack(len(head), len(tail), n, hi - lo))
+            pipe.write(head)
+            pipe.write(tail)
+            pipe.write(offsets.tobytes())
+            pipe.write(data)
+            pipe.flush()
+            answer = child.stdout.read(32 * n)
+            if len(answer) != 32 * n:
+                raise OSError("the hashing process stopped")
+        except (OSError, ValueError):
+            self._discard(child)
+            return None
+        self._give_back(child)
+        return np.frombuffer(answer, np.uint8).reshape(n, 32).copy()
+
+    def _borrow(self) -> subprocess.Popen | None:
+        with self._lock:
+            if self._closed:
+                return None
+            if self._idle:
+                return self._idle.pop()
+            if self._started >= self.processes:
+                return None
+            self._started += 1
+        try:
+            return subprocess.Popen(
+                [sys.executable, "-c", "from tasks.engine.hash_worker import serve; serve()"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                cwd=_ROOT,
+            )
+        except OSError:
+            return None
+
+    def _give_back(self, child: subprocess.Popen) -> None:
+        with self._lock:
+            if not self._closed:
+                self._idle.append(child)
+                return
+        _stop(child)
+
+    def _discard(self, child: subprocess.Popen) -> None:
+        _stop(child)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for child in idle:
+            _stop(child)
+
+
+def _stop(child: subprocess.Popen) -> None:
+    for pipe in (child.stdin, child.stdout):
+        try:
+            pipe.close()
+        except OSError:
+            pass
+    try:
+        child.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.wait()
 
 
 def text_template(job: Any) -> TextTemplate | None:

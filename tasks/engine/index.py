@@ -45,6 +45,7 @@ __all__ = [
     "id_keys",
     "id_tag",
     "id_tags",
+    "member",
     "pack",
     "pair_key",
     "pair_keys",
@@ -181,6 +182,14 @@ def pair_key(row_id: Any, content_hash: str) -> tuple[int, int]:
 # -- the table --------------------------------------------------------------------------------------
 
 _HIGH = np.uint64(0xFFFF_FFFF_0000_0000)
+
+
+def member(ascending: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """For each value: is it in the sorted array?"""
+    if not len(ascending):
+        return np.zeros(len(values), bool)
+    at = np.minimum(np.searchsorted(ascending, values), len(ascending) - 1)
+    return ascending[at] == values
 
 
 def pack(keys: np.ndarray, tags: np.ndarray) -> np.ndarray:
@@ -414,15 +423,20 @@ class _Level:
 
     def matches(self, partitions: np.ndarray, fingerprints: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(query positions, locations) of every row whose partition and fingerprint equal a query's."""
+        entries = self.entries
         lo, hi = self.offsets[partitions], self.offsets[partitions + 1]
-        low = fingerprints.astype(np.uint32) << np.uint32(16)
-        first = _lower_bound(self.entries, lo, hi, low)
-        last = _lower_bound(self.entries, first, hi, low | _LOW16)
-        # ``last`` is the first entry above ``low | 0xFFFF`` or equal to it: count an equal one in.
-        inside = last < hi
-        inside[inside] = self.entries[last[inside]] == (low | _LOW16)[inside]
-        last = last + inside
-        counts = last - first
+        fingerprints = fingerprints.astype(np.uint32)
+        first = _lower_bound(entries, lo, hi, fingerprints << np.uint32(16))
+        # The rows of a fingerprint follow its lower bound: step over them (a query matches 0 or 1 row
+        # but for a 32-bit collision or one content in several parts: a step or two, not a second search).
+        counts = np.zeros(len(first), np.int64)
+        at, rows = first, np.arange(len(first))
+        while len(rows):
+            keep = at < hi[rows]
+            rows, at = rows[keep], at[keep]
+            keep = (entries[at] >> np.uint32(16)) == fingerprints[rows]
+            rows, at = rows[keep], at[keep] + 1
+            counts[rows] += 1
         total = int(counts.sum())
         if total == 0:
             return np.empty(0, np.intp), np.empty(0, np.int64)

@@ -23,6 +23,7 @@ from tasks.engine.chunk import (
     PreparedChunk,
     RetryPolicy,
     RunContext,
+    _template_of,
     chunk_statuses,
     count_skipped,
     nothing_to_do,
@@ -32,12 +33,14 @@ from tasks.engine.chunk import (
 )
 from tasks.engine.claims import COMPACT_KEY, ClaimBook, ClaimPolicy, Holder, chunk_key
 from tasks.engine.claims import log as claims_log
+from tasks.engine.hashing import HashProcesses
 from tasks.engine.io import InputSource, check_ids
 from tasks.engine.limits import AdaptiveLimiter, Limits
 from tasks.engine.memory import release_free_memory
 from tasks.engine.metadata import batch_cost, counts, input_record, new_run_id, package_versions, usage, utc_now
 from tasks.engine.outage import OutageBreaker, OutagePolicy
 from tasks.engine.progress import ProgressBar
+from tasks.engine.recurring import recurring_contents
 from tasks.engine.shard import Shard, ShardSource
 from tasks.engine.store import KnownParts, OutputStore
 from tasks.errors import ConfigError, GembatchError, RunStopped
@@ -149,6 +152,7 @@ async def run_job(
     conn = open_connection(options.provider)
     shared = None
     claims: ClaimBook | None = None
+    hashers: HashProcesses | None = None
     try:
         await check_model(conn, job.model, key_source=options.provider.key_source)
         budget = Budget.for_job(options.max_cost_usd, job) if options.max_cost_usd is not None else None
@@ -205,6 +209,16 @@ async def run_job(
             enabled=options.progress,
             unit=getattr(job, "progress_unit", None),
         )
+        if options.batch.mode == "live" and index.result_rows < total_rows:
+            # Rows to send (a first run, a resumed one): find the contents that recur, so that the index
+            # learns only those of this run's results (see tasks/engine/recurring.py). A rerun of a
+            # finished output skips this and its index learns the few rows it sends, as before.
+            ctx.recurring = await asyncio.to_thread(recurring_contents, job, source, options.id_col, total_rows)
+            release_free_memory()
+        elif _template_of(job) is not None and index.result_rows:
+            # A rerun: its work is hashing every row; child processes (~14 MiB each) do it beside this one.
+            # (A run that sends is bound by its requests: it hashes in its own threads.)
+            ctx.hash_processes = hashers = HashProcesses(LOOK_AHEAD)
         ctx.on_progress = progress.advance
         ctx.on_units = progress.add_units
         ctx.stats.input_rows = total_rows
@@ -308,6 +322,8 @@ async def run_job(
             raise error
         return document
     finally:
+        if hashers is not None:
+            await asyncio.to_thread(hashers.close)
         if claims is not None:
             await _give_up_lease(claims)
         if shared is not None:
@@ -402,7 +418,8 @@ class _Chunks:
         self.failures: list[BaseException] = []
         self.cancelled: list[BaseException] = []
         self.deferred: dict[int, _Deferred] = {}
-        self._known_parts = KnownParts(ctx.index, ctx.stats.error_parts_written)
+        # This run's own parts are in ``parts_written``: the index learns only the recurring contents.
+        self._known_parts = KnownParts(ctx.index, ctx.stats.parts_written, ctx.stats.error_parts_written)
 
     def _chunks(self):
         ctx, options = self.ctx, self.options
@@ -485,7 +502,9 @@ class _Chunks:
                 return
             try:
                 # Other runs may have written this chunk's rows since this run read the output.
-                new = await asyncio.to_thread(ctx.store.read_new_parts, self._known_parts(), ctx.id_col)
+                new = await asyncio.to_thread(
+                    ctx.store.read_new_parts, self._known_parts(), ctx.id_col, run_id=ctx.run_id
+                )
                 new.add_to(ctx.index)
                 if new.results:
                     ready.done = await asyncio.to_thread(ctx.index.pairs_done, ready.keys, chunk.column(ctx.id_col))

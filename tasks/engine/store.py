@@ -30,10 +30,8 @@ from typing import Any
 
 import fsspec
 import numpy as np
-import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pds
 import pyarrow.parquet as pq
 
 from tasks.engine.claims import CLAIMS_DIR
@@ -45,6 +43,7 @@ from tasks.engine.index import (
     hash_key,
     hash_keys,
     id_tags,
+    member,
     pair_key,
     pair_keys,
 )
@@ -151,7 +150,7 @@ class DoneIndex:
         wanted[rows] = pair_keys(keys[rows], exact_id_keys(ids.take(pa.array(rows, pa.int64()))))
         for loc, at in _by_location(queries, locations).items():
             for path in self.parts_at(loc):
-                done[at] |= _member(self._part_pairs(path), wanted[at])
+                done[at] |= member(self._part_pairs(path), wanted[at])
         return done
 
     def contents_stored(self, keys: np.ndarray) -> np.ndarray:
@@ -162,7 +161,7 @@ class DoneIndex:
         for loc, at in _by_location(queries, locations).items():
             for path in self.parts_at(loc):
                 contents, _pairs = self._part_keys(path)
-                found[at] |= _member(contents, keys[at])
+                found[at] |= member(contents, keys[at])
         return found
 
     def _part_pairs(self, path: str) -> np.ndarray:
@@ -194,14 +193,6 @@ class DoneIndex:
         self.fresh_errors.clear()
         self._recent.clear()
         self.pair_file.close()
-
-
-def _member(ascending: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """For each value: is it in the sorted array?"""
-    if not len(ascending):
-        return np.zeros(len(values), bool)
-    at = np.minimum(np.searchsorted(ascending, values), len(ascending) - 1)
-    return ascending[at] == values
 
 
 class PairFile:
@@ -279,14 +270,14 @@ class NewParts:
 
 class KnownParts:
     """The parts a run has read or written: what :meth:`OutputStore.read_new_parts` needn't read. It
-    follows the index's parts and the run's written error parts, lists that only grow: only their new
-    ends are added on each call."""
+    follows the index's parts and the run's written parts (results, errors), lists that only grow: only
+    their new ends are added on each call."""
 
-    def __init__(self, index: DoneIndex, written_errors: list[str]) -> None:
+    def __init__(self, index: DoneIndex, *written: list[str]) -> None:
         self._index = index
-        self._sources = (index.parts, written_errors)
+        self._sources = (index.parts, *written)
         self._known: set[str] = set()
-        self._seen = [0, 0]
+        self._seen = [0] * len(self._sources)
 
     def __call__(self) -> set[str]:
         for i, source in enumerate(self._sources):
@@ -397,12 +388,14 @@ class OutputStore:
         release_free_memory()
         return index
 
-    def read_new_parts(self, known: set[str], id_col: str) -> NewParts:
+    def read_new_parts(self, known: set[str], id_col: str, *, run_id: str | None = None) -> NewParts:
         """The (hash key, id tag) rows of the parts not in ``known``: what other runs wrote since this
-        run's scan. Runs on a worker thread; the caller adds them to its index (:meth:`NewParts.add_to`)."""
+        run's scan. Runs on a worker thread; the caller adds them to its index (:meth:`NewParts.add_to`).
+        ``run_id``: the caller's, whose result parts are left out (one just written may not be in
+        ``known`` yet, and its index learns only some of its own results)."""
         new = NewParts()
         for path in self.result_files():
-            if path not in known:
+            if path not in known and (run_id is None or self._metadata(path).get("run_id") != run_id):
                 new.results.append((path, self._result_keys(path, id_col)))
         for path in self.error_files():
             if path not in known:
@@ -434,17 +427,32 @@ class OutputStore:
 
         ``files``: only these parts (``DoneIndex.parts_holding``); the default reads every part's
         content_hash column, which at corpus scale is the whole output's worth of hashes."""
-        wanted = sorted(set(content_hashes))
+        wanted = pa.array(sorted(set(content_hashes)), pa.string())
         files = self.result_files() if files is None else [f for f in files if self.fs.exists(f)]
-        if not wanted or not files:
+        if not len(wanted) or not files:
             return pa.table({})
-
-        dataset = pds.dataset(files, format="parquet", filesystem=self.fs)
-        table = dataset.to_table(filter=pc.field("content_hash").isin(wanted))
-        keys = pl.from_arrow(table.select(["content_hash", id_col])).with_row_index()
-        first_id = keys.group_by("content_hash").agg(pl.col(id_col).first().alias("_first"))
-        rows = keys.join(first_id, on="content_hash").filter(pl.col(id_col) == pl.col("_first"))["index"]
-        return table.take(pa.array(rows.sort().to_list(), pa.int64()))
+        # Part by part, on this thread: no Arrow dataset scan (its thread pools) and no polars (its
+        # runtime and allocator threads, ~25 MiB kept for the rest of the run, measured): a false
+        # match of the index costs a run one small read, not a working set.
+        pieces = []
+        for path in files:
+            with self.fs.open(path, "rb") as f:
+                parquet = pq.ParquetFile(f)
+                hit = pc.is_in(parquet.read(columns=["content_hash"], use_threads=False).column(0), value_set=wanted)
+                if pc.any(hit).as_py():
+                    pieces.append(parquet.read(use_threads=False).filter(hit))
+        if not pieces:
+            return pa.table({})
+        table = pa.concat_tables(pieces, promote_options="permissive")
+        first_id: dict[str, Any] = {}
+        rows = [
+            row
+            for row, (h, row_id) in enumerate(
+                zip(table.column("content_hash").to_pylist(), table.column(id_col).to_pylist())
+            )
+            if first_id.setdefault(h, row_id) == row_id
+        ]
+        return table.take(pa.array(rows, pa.int64()))
 
     # -- writing ----------------------------------------------------------------------------------
     def write_part(self, table: pa.Table, *, errors: bool, run_id: str, id_col: str) -> str:
