@@ -266,8 +266,9 @@ class AdaptiveLimiter:
                 base = self._next_start if late <= self._catch_up else now
                 self._next_start = base + interval
             if self.shared is not None:
+                asked = self._clock()
                 await self.shared.take(1, tokens, max(1, self._queued))
-                if self._rpm is not None:
+                if self._rpm is not None and self._clock() - asked > self._catch_up:
                     # A wait for the shared budget ends the catching up: the next start is paced from now.
                     self._next_start = max(self._next_start, self._clock() + interval)
 

@@ -78,6 +78,8 @@ MIN_LEASE_S = 60.0
 RELEASE_POLL_S = 1.0
 # Longest sleep after a denied ask before asking again.
 MAX_RETRY_SLEEP_S = 2.0
+# How long a closing bucket waits for the ask of a block asked for ahead.
+CLOSE_WAIT_S = 15.0
 # Longest sleep after the Prefect server failed to answer an ask.
 MAX_TROUBLE_SLEEP_S = 10.0
 DAILY_QUOTA = "stopped: daily quota"
@@ -224,6 +226,7 @@ class SharedBucket:
         # The next block, asked for as soon as this one is being spent (while requests wait): an ask's
         # latency (0.2-0.6 s on a busy server, a block lasts ~1 s) doesn't stall the pace.
         self._next: asyncio.Task | None = None
+        self._closing = False
         self._releases: list[_Release] = []
         self._releaser: asyncio.Task | None = None
         self._lock = asyncio.Lock()
@@ -328,6 +331,8 @@ class SharedBucket:
         started = time.monotonic()
         trouble = 0
         while True:
+            if self._closing:  # a block asked for ahead, no longer wanted: not asked for again
+                return None
             if self._stop.is_set():
                 await asyncio.Event().wait()  # until the run cancels this request
             asked = time.monotonic()
@@ -412,9 +417,14 @@ class SharedBucket:
         if self._block is not None:
             self._retire(self._block, time.monotonic())
         if self._next is not None:
+            # The block asked for ahead: let its ask finish (cancelled in flight, slots the server granted
+            # would stay taken until their lease ends), then let it go at once.
             task, self._next = self._next, None
+            self._closing = True
+            if not task.done() and not self._stop.is_set():  # stopped: it waits for good, asking nothing
+                await asyncio.wait({task}, timeout=CLOSE_WAIT_S)
             if not task.done():
-                task.cancel()  # an ask in flight: if the server granted it, its lease ends it
+                task.cancel()  # the Prefect server is not answering: the lease ends what it granted
             done = (await asyncio.gather(task, return_exceptions=True))[0]
             if isinstance(done, _Block):
                 self._retire(done, time.monotonic())
