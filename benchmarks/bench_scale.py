@@ -234,6 +234,13 @@ def report(label: str, rows: int, result: dict) -> None:
         f"succeeded {c['succeeded']:,}  skipped {c['skipped_done']:,}",
         flush=True,
     )
+    output = run.get("output", {})
+    if output.get("existing_parts"):
+        print(
+            f"           parts read from the key cache (OUTPUT/_index/): "
+            f"{output.get('parts_from_key_cache', 0):,} of {output['existing_parts']:,}",
+            flush=True,
+        )
 
 
 def _clock(text: str) -> float:
@@ -257,9 +264,13 @@ def main() -> None:
         help="write the first run's parts directly (same hashes, zero vectors) and measure the rerun",
     )
     parser.add_argument("--supersede", type=int, default=0, help="then change N texts and run again")
-    parser.add_argument("--work", default=None, help="folder for corpus and output (default: a temp dir)")
+    parser.add_argument(
+        "--work", default=None, help="folder for corpus and output, kept (default: a temp dir, removed unless --keep)"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the corpus and output")
-    parser.add_argument("--reuse", action="store_true", help="rerun over the corpus and output left in --work")
+    parser.add_argument(
+        "--reuse", action="store_true", help="rerun over the corpus and output left in --work (kept: implies --keep)"
+    )
     parser.add_argument(
         "--deadline", type=_clock, default=None, help="HH:MM (UTC): stop a run still going then and report it"
     )
@@ -308,7 +319,8 @@ def main() -> None:
             own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             print(f"(this script's own peak RSS: {own:,.0f} MiB; a child's figure can't be below it)")
     finally:
-        if not args.keep:
+        # A reused folder is never removed: it holds a finished output that took ~30 minutes to make.
+        if not args.keep and not args.reuse and not args.work:
             shutil.rmtree(work, ignore_errors=True)
 
 

@@ -137,6 +137,8 @@ async def run_sharded(job: Job, parameters: dict[str, Any]) -> dict[str, Any]:
     # A shard taken for dead may have lived on and written rows its rerun wrote too: compaction keeps one.
     if had_rows or any(s.restarts for s in shards):
         removed = await asyncio.to_thread(store.compact, options.id_col)
+    # The shards left the output's key cache to this parent (OUTPUT/_index/): one file for the next run.
+    await asyncio.to_thread(store.refresh_key_cache, options.id_col)
     finished = utc_now()
     docs = await asyncio.to_thread(_shard_documents, store, shards)
     crashed = {d["run_id"] for s in shards for fid in s.flow_run_ids[:-1] if (d := docs.get(fid))}

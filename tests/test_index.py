@@ -362,10 +362,17 @@ def test_a_rerun_starts_no_chunk_task_and_a_first_run_skips_compaction(emulator,
     doc = run_embed(emulator, src, tmp_path / "out", chunk_runner=counting)
     assert calls == [] and doc["counts"]["skipped_done"] == 300 and doc["requests"]["sent"] == 0
     assert_balanced(doc)
+    # The first run left its parts' keys in OUTPUT/_index/: the rerun read none of the parts to learn them.
+    assert doc["output"]["existing_parts"] == doc["output"]["parts_from_key_cache"] == 6
     # One changed row: one chunk runs (numbered by its place in the input), and compaction runs.
     write_corpus(src, list(range(300)), [f"row {i}" if i != 160 else "changed" for i in range(300)])
     doc = run_embed(emulator, src, tmp_path / "out", chunk_runner=counting)
     assert calls == [3] and compactions == [1] and doc["output"]["superseded_rows_removed"] == 1
+    assert doc["output"]["parts_from_key_cache"] == 6
+    # That run rewrote a part and wrote one: it brought the cache up to date, and the next run is a pure rerun.
+    doc = run_embed(emulator, src, tmp_path / "out", chunk_runner=counting)
+    assert calls == [3] and doc["counts"]["skipped_done"] == 300
+    assert doc["output"]["existing_parts"] == doc["output"]["parts_from_key_cache"] == 7
 
 
 def test_done_index_answers_from_the_parts_and_frees_its_tables(tmp_path):

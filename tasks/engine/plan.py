@@ -32,7 +32,7 @@ async def plan_job(job: Job, options: RunOptions) -> dict[str, Any]:
     store = OutputStore(options.output)
     # The id check first: its key table is freed before the index is built.
     total_rows = await asyncio.to_thread(check_ids, source, options.id_col, limit=options.limit)
-    index = await asyncio.to_thread(store.scan, options.id_col)
+    index = await asyncio.to_thread(store.scan, options.id_col, keep_keys=False)
     counts = {"input_rows": total_rows, "skipped_done": 0, "deduplicated": 0, "invalid": 0, "failed_before": 0}
     would_send = tokens = requests = 0
     # A job whose rows take several requests (a recording's segments) says how many, and what else

@@ -181,7 +181,12 @@ async def run_job(
             "provider": {"name": conn.provider, "host": conn.host, "base_url": conn.base_url, "model": job.model},
             "job_parameters": job.parameters(),
             "input": await asyncio.to_thread(input_record, source, total_rows),
-            "output": {"path": options.output, "existing_result_rows": index.result_rows},
+            "output": {
+                "path": options.output,
+                "existing_result_rows": index.result_rows,
+                "existing_parts": len(index.parts),
+                "parts_from_key_cache": index.cached_parts,
+            },
             "started_at": started.isoformat(),
             "limits": limiter.describe(),
             "versions": package_versions(),
@@ -260,6 +265,9 @@ async def run_job(
             removed, compaction = 0, "left to the parent of the shards" if needed else "not needed"
         else:
             removed, compaction = await _compact_if_last(claims, store, options.id_col, needed=needed)
+        if options.shard is None and (stats.parts_written or removed):
+            # The next run reads the output's keys from one file (OUTPUT/_index/), not from every part.
+            await asyncio.to_thread(store.refresh_key_cache, options.id_col)
         finished = utc_now()
         duration = (finished - started).total_seconds()
         tokens, cost = usage(

@@ -5,6 +5,7 @@ Layout (see ARCHITECTURE.md)::
     OUTPUT/part-<chunk-hash>.parquet   results
     OUTPUT/_errors/part-<…>.parquet     rows that failed for good
     OUTPUT/_runs/<run-id>.json          one per run
+    OUTPUT/_index/keys.bin              the parts' keys, so that a scan needn't read every part
     OUTPUT/_images/<content_hash>.<ext> generated images (image generation only; images/ before)
 
 Every part file carries its write time in its schema metadata. When one id has several records
@@ -17,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import logging
 import os
 import tempfile
 import threading
@@ -47,8 +49,11 @@ from tasks.engine.index import (
     pair_key,
     pair_keys,
 )
+from tasks.engine.keycache import INDEX_DIR, KEYS_FILE, KeyCache, KeyCacheWriter, part_stamp
 from tasks.engine.memory import release_free_memory
 from tasks.errors import ConfigError
+
+log = logging.getLogger("gembatch.index")
 
 __all__ = [
     "OutputStore",
@@ -102,6 +107,7 @@ class DoneIndex:
     # Of ``errors``, the rows that failed on transient errors only: a plain rerun sends them again.
     auto_errors: KeyTable = field(default_factory=KeyTable)
     result_rows: int = 0
+    cached_parts: int = 0  # result parts whose keys came from the output's key cache (OUTPUT/_index/)
     error_rows: int = 0
     error_parts: set[str] = field(default_factory=set)  # the _errors/ parts read into ``errors``
     # Rows another run recorded in _errors/ while this run ran (see OutputStore.read_new_parts): this
@@ -308,6 +314,7 @@ class OutputStore:
             self._join(IMAGES_DIR),
             self._join(LEGACY_IMAGES_DIR),
             self._join(CLAIMS_DIR),
+            self._join(INDEX_DIR),
         ):
             if not self.fs.exists(folder):
                 continue
@@ -340,18 +347,25 @@ class OutputStore:
         return self._parts(self._join(ERRORS_DIR))
 
     # -- reading ----------------------------------------------------------------------------------
-    def scan(self, id_col: str, *, live_runs: Collection[str] = (), since_ns: int | None = None) -> DoneIndex:
+    def scan(
+        self, id_col: str, *, live_runs: Collection[str] = (), since_ns: int | None = None, keep_keys: bool = True
+    ) -> DoneIndex:
         """Read the (id, content_hash) columns of every part into a :class:`DoneIndex`.
 
         Parts are read and turned into keys on worker threads, a few files ahead of the table that
         takes them (a 10M-row output is 5,000 parts: opening them one after the other was most of the
         scan); at most ``SCAN_FILES_AHEAD`` parts' keys wait at a time.
 
+        The parts' keys come from the output's key cache where it holds them (``OUTPUT/_index/``, see
+        :mod:`tasks.engine.keycache`); ``keep_keys=False`` (a dry run) reads it but never writes it.
+
         ``live_runs``: other runs working on the folder now; ``since_ns``: when this run took its lease.
         The rows they recorded as failed, or that were recorded since, belong to runs at work
         (``fresh_errors``): this run doesn't resend them, not even with --retry-errors."""
         index = DoneIndex(store=self, id_col=id_col)
         loader = index.results.loader()
+        pending: list[tuple[np.ndarray, int]] = []  # parts' keys handed to the loader together
+        pending_rows = 0
 
         def theirs(path: str) -> bool:
             if not live_runs and since_ns is None:
@@ -361,13 +375,25 @@ class OutputStore:
                 since_ns is not None and int(meta.get("written_at_ns", 0)) >= since_ns
             )
 
+        def load() -> None:
+            loader.add(
+                np.concatenate([keys for keys, _ in pending]),
+                np.concatenate([np.full(len(keys), loc % LOCATIONS, np.uint16) for keys, loc in pending]),
+            )
+            pending.clear()
+
         with ThreadPoolExecutor(max_workers=SCAN_THREADS, thread_name_prefix="gembatch-scan") as pool:
             try:
-                for path, (keys, pairs) in _ahead(pool, self.result_files(), lambda p: self.part_keys(p, id_col)):
-                    loc = index.part_ordinal(path)
-                    loader.add(keys, np.full(len(keys), loc % LOCATIONS, np.uint16))
+                for path, keys, pairs in self._all_part_keys(pool, id_col, index, write=keep_keys):
+                    pending.append((keys, index.part_ordinal(path)))
+                    pending_rows += len(keys)
+                    if pending_rows >= SCAN_BATCH_ROWS:
+                        load()
+                        pending_rows = 0
                     index.pair_file.add(path, pairs)
                     index.result_rows += len(keys)
+                if pending:
+                    load()
             except BaseException:
                 loader.close()
                 raise
@@ -387,6 +413,66 @@ class OutputStore:
         index.auto_errors.compact()
         release_free_memory()
         return index
+
+    def _all_part_keys(
+        self, pool: ThreadPoolExecutor, id_col: str, index: DoneIndex | None = None, *, write: bool = True
+    ) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+        """(path, sorted content keys, sorted pair keys) of every result part, in order: from the
+        output's key cache (:mod:`tasks.engine.keycache`) for a part it holds as it is now, else read
+        from the part on ``pool``. When the cache missed a part or names one that is gone, it is
+        written anew as the parts go by (a cache that can't be written is logged, not an error)."""
+        listed = self._part_stamps(self.root)
+        cache = KeyCache.open(self.fs, self._join(INDEX_DIR, KEYS_FILE), id_col)
+        writer = None
+        if (
+            write
+            and listed
+            and (cache is None or len(cache) != len(listed) or not all(cache.knows(_name(p), s) for p, s in listed))
+        ):
+            try:
+                writer = KeyCacheWriter(self.fs, self._join(INDEX_DIR), id_col)
+            except OSError as exc:
+                log.warning("can't write the output's key cache (%s): the next run reads the parts again", exc)
+
+        def read(item: tuple[str, str]) -> tuple[np.ndarray, np.ndarray]:
+            path, stamp = item
+            found = cache.keys(_name(path), stamp) if cache is not None else None
+            return found if found is not None else self.part_keys(path, id_col)
+
+        try:
+            for (path, stamp), (contents, pairs) in _ahead(pool, listed, read):
+                if writer is not None:
+                    try:
+                        writer.add(_name(path), stamp, contents, pairs)
+                    except OSError as exc:
+                        log.warning("can't write the output's key cache (%s): the next run reads the parts again", exc)
+                        writer.abort()
+                        writer = None
+                yield path, contents, pairs
+            if writer is not None:
+                try:
+                    writer.commit()
+                except OSError as exc:
+                    log.warning("can't write the output's key cache (%s): the next run reads the parts again", exc)
+                    writer.abort()
+                writer = None
+        finally:
+            if writer is not None:
+                writer.abort()
+            if cache is not None:
+                if index is not None:
+                    index.cached_parts = cache.hits
+                cache.close()
+
+    def refresh_key_cache(self, id_col: str) -> None:
+        """Bring the output's key cache up to date with its parts (at the end of a run that wrote or
+        rewrote parts): the next run's scan then reads one file instead of every part."""
+        try:
+            with ThreadPoolExecutor(max_workers=SCAN_THREADS, thread_name_prefix="gembatch-scan") as pool:
+                for _ in self._all_part_keys(pool, id_col):
+                    pass
+        except (OSError, pa.ArrowException) as exc:  # the run's work is done: this only costs the next scan time
+            log.warning("the output's key cache was not brought up to date (%s): the next run reads the parts", exc)
 
     def read_new_parts(self, known: set[str], id_col: str, *, run_id: str | None = None) -> NewParts:
         """The (hash key, id tag) rows of the parts not in ``known``: what other runs wrote since this
@@ -574,6 +660,16 @@ class OutputStore:
                 auto = [False] * len(ids)
             yield ids, hashes, np.array(auto, dtype=bool)
 
+    def _part_stamps(self, folder: str) -> list[tuple[str, str]]:
+        """(path, :func:`part_stamp`) of the parts in a folder, sorted by path: one listing."""
+        if not self.fs.exists(folder):
+            return []
+        return sorted(
+            (info["name"], part_stamp(info))
+            for info in self.fs.ls(folder, detail=True)
+            if _name(info["name"]).startswith("part-") and info["name"].endswith(".parquet")
+        )
+
     def _parts(self, folder: str) -> list[str]:
         if not self.fs.exists(folder):
             return []
@@ -598,6 +694,10 @@ def _ahead(pool: ThreadPoolExecutor, paths: list[str], read: Callable[[str], Any
     while pending:
         done, future = pending.popleft()
         yield done, future.result()
+
+
+def _name(path: str) -> str:
+    return path.rsplit("/", 1)[-1]
 
 
 def _part_hash(table: pa.Table, id_col: str) -> str:
