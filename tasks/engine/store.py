@@ -73,6 +73,7 @@ SCAN_THREADS = 2
 SCAN_FILES_AHEAD = 8
 COMPACT_BYTES = 32 << 20  # ids held at once while superseding
 RECENT_PARTS = 8  # parts whose keys DoneIndex keeps after confirming a match in them
+PROBE_ROWS = 8  # rows of a chunk whose parts are asked first (DoneIndex.pairs_done)
 
 ERRORS_DIR = "_errors"
 RUNS_DIR = "_runs"
@@ -143,20 +144,33 @@ class DoneIndex:
         The table names the parts that may hold the content; those parts' (id, content_hash) columns
         say for sure. Safe on a worker thread while the event loop adds rows (it reads a snapshot)."""
         keys = np.asarray(keys, np.uint64)
-        done = np.zeros(len(keys), bool)
-        queries, locations = self.results.candidates(keys)
-        if not len(queries):
+        n = len(keys)
+        done = np.zeros(n, bool)
+        if n == 0 or not len(self.results):
             return done
-        asked = np.zeros(len(keys), bool)
-        asked[queries] = True
-        rows = np.flatnonzero(asked)
         if not isinstance(ids, (pa.Array, pa.ChunkedArray)):
             ids = pa.array(list(ids))
-        wanted = np.zeros(len(keys), np.uint64)
-        wanted[rows] = pair_keys(keys[rows], exact_id_keys(ids.take(pa.array(rows, pa.int64()))))
+        wanted = pair_keys(keys, exact_id_keys(ids))
+        # The rows of a chunk mostly sit together in one or two parts (an output is written in its input's
+        # order): find those parts from a few rows, confirm every row there, and ask the table only for
+        # the rows not found (rows to send, or done in other parts). A pair found in a part is the same
+        # answer the table's way gives: this part holds this id with this content.
+        seen: set[str] = set()
+        if n > PROBE_ROWS:
+            _, locations = self.results.candidates(keys[np.linspace(0, n - 1, PROBE_ROWS).astype(np.intp)])
+            for loc in np.unique(locations).tolist():
+                for path in self.parts_at(loc):
+                    seen.add(path)
+                    done |= member(self._part_pairs(path), wanted)
+        rest = np.flatnonzero(~done)
+        if not len(rest):
+            return done
+        queries, locations = self.results.candidates(keys[rest])
         for loc, at in _by_location(queries, locations).items():
+            rows = rest[at]
             for path in self.parts_at(loc):
-                done[at] |= member(self._part_pairs(path), wanted[at])
+                if path not in seen:
+                    done[rows] |= member(self._part_pairs(path), wanted[rows])
         return done
 
     def contents_stored(self, keys: np.ndarray) -> np.ndarray:
