@@ -429,12 +429,19 @@ class OutputStore:
         return index
 
     def _all_part_keys(
-        self, pool: ThreadPoolExecutor, id_col: str, index: DoneIndex | None = None, *, write: bool = True
+        self,
+        pool: ThreadPoolExecutor,
+        id_col: str,
+        index: DoneIndex | None = None,
+        *,
+        write: bool = True,
+        only_to_write: bool = False,
     ) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
         """(path, sorted content keys, sorted pair keys) of every result part, in order: from the
         output's key cache (:mod:`tasks.engine.keycache`) for a part it holds as it is now, else read
         from the part on ``pool``. When the cache missed a part or names one that is gone, it is
-        written anew as the parts go by (a cache that can't be written is logged, not an error)."""
+        written anew as the parts go by (a cache that can't be written is logged, not an error).
+        ``only_to_write``: nothing when the cache is up to date."""
         listed = self._part_stamps(self.root)
         cache = KeyCache.open(self.fs, self._join(INDEX_DIR, KEYS_FILE), id_col)
         writer = None
@@ -447,6 +454,10 @@ class OutputStore:
                 writer = KeyCacheWriter(self.fs, self._join(INDEX_DIR), id_col)
             except OSError as exc:
                 log.warning("can't write the output's key cache (%s): the next run reads the parts again", exc)
+        if writer is None and only_to_write:
+            if cache is not None:
+                cache.close()
+            return
 
         def read(item: tuple[str, str]) -> tuple[np.ndarray, np.ndarray]:
             path, stamp = item
@@ -483,7 +494,7 @@ class OutputStore:
         rewrote parts): the next run's scan then reads one file instead of every part."""
         try:
             with ThreadPoolExecutor(max_workers=SCAN_THREADS, thread_name_prefix="gembatch-scan") as pool:
-                for _ in self._all_part_keys(pool, id_col):
+                for _ in self._all_part_keys(pool, id_col, only_to_write=True):
                     pass
         except (OSError, pa.ArrowException) as exc:  # the run's work is done: this only costs the next scan time
             log.warning("the output's key cache was not brought up to date (%s): the next run reads the parts", exc)
