@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+import uuid
 
 import numpy as np
 import pyarrow as pa
@@ -125,3 +126,15 @@ def test_a_dry_run_scan_reads_the_cache_but_never_writes_it(tmp_path):
     before = (out / INDEX_DIR / KEYS_FILE).read_bytes()
     assert store.scan("id", keep_keys=False).cached_parts == 1
     assert (out / INDEX_DIR / KEYS_FILE).read_bytes() == before
+
+
+def test_an_output_on_an_fsspec_store_keeps_its_keys_too(tmp_path):
+    """memory:// stands for object stores: no rename of an open file, no local paths."""
+    store = OutputStore(f"memory://keys-{uuid.uuid4().hex}/out")
+    store.prepare()
+    write_parts(store, [(0, 500), (500, 1000)])
+    first = store.scan("id")
+    assert first.cached_parts == 0 and store.fs.exists(f"{store.root}/{INDEX_DIR}/{KEYS_FILE}")
+    second = store.scan("id")
+    assert second.cached_parts == 2 and levels(second) == levels(first)
+    assert answers(second, [0, 999, 1000]) == ([True, True, False], [True, True, False])

@@ -48,7 +48,12 @@ def part_stamp(info: dict[str, Any]) -> str:
     """What says a part is the one the cache saw: its size and modification time (or the store's
     equivalent), as ``fs.ls(detail=True)`` gives them."""
     when = next(
-        (info[k] for k in ("mtime", "LastModified", "updated", "last_modified", "ETag", "etag") if info.get(k)), ""
+        (
+            info[k]
+            for k in ("mtime", "LastModified", "updated", "last_modified", "ETag", "etag", "created")
+            if info.get(k)
+        ),
+        "",
     )
     return f"{info.get('size')}:{when}"
 
