@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
@@ -47,6 +47,9 @@ from tasks.errors import ConfigError, GembatchError, RunStopped
 from tasks.jobs.media import folder_extensions
 from tasks.provider.client import ProviderSettings, check_model, open_connection, require_key
 from tasks.provider.prices import BATCH_PRICE_FACTOR
+
+if TYPE_CHECKING:
+    from tasks.engine.shared_limits import SharedLimits
 
 __all__ = ["DEFAULT_CHUNK_SIZE", "COMPLETED", "COMPLETED_WITH_ERRORS", "RunOptions", "preflight", "run_job"]
 
@@ -342,12 +345,12 @@ async def run_job(
 DAILY_QUOTA = "stopped: daily quota"
 
 
-def _paced_by(limits: Limits, shared: Any) -> Limits:
+def _paced_by(limits: Limits, shared: SharedLimits | None) -> Limits:
     """A limit an operator keeps in Prefect (no --rpm here) paces this run like --rpm would."""
-    rpm = getattr(getattr(shared, "rpm", None), "settings", None)
-    if limits.rpm is not None or rpm is None:
+    per_window = shared.rpm_per_window if shared is not None else None
+    if limits.rpm is not None or per_window is None:
         return limits
-    return dataclasses.replace(limits, rpm=rpm.per_window)
+    return dataclasses.replace(limits, rpm=per_window)
 
 
 async def _share_stops(ctx: RunContext, shared: Any) -> None:

@@ -658,6 +658,11 @@ class SharedLimits:
         return [b for b in (self.rpm, self.tpm) if b is not None]
 
     @property
+    def rpm_per_window(self) -> float | None:
+        """The shared requests-per-window limit (an operator's, or this run's --rpm), if there is one."""
+        return self.rpm.settings.per_window if self.rpm is not None else None
+
+    @property
     def pace_share(self) -> float:
         """The share of the rate this process's limiter paces at (others held back by it take theirs)."""
         return self.senders.share if self.rpm is not None else 1.0

@@ -333,7 +333,7 @@ class OutputStore:
             if not self.fs.exists(folder):
                 continue
             for path in self.fs.ls(folder, detail=False):
-                if path.rsplit("/", 1)[-1].startswith(TMP_PREFIX):
+                if _name(path).startswith(TMP_PREFIX):
                     self.fs.rm(path)
 
     def claim(self, *, job: str, model: str, run_id: str, force: bool) -> None:
@@ -453,7 +453,7 @@ class OutputStore:
             try:
                 writer = KeyCacheWriter(self.fs, self._join(INDEX_DIR), id_col)
             except OSError as exc:
-                log.warning("can't write the output's key cache (%s): the next run reads the parts again", exc)
+                _cache_not_written(exc)
         if writer is None and only_to_write:
             if cache is not None:
                 cache.close()
@@ -470,7 +470,7 @@ class OutputStore:
                     try:
                         writer.add(_name(path), stamp, contents, pairs)
                     except OSError as exc:
-                        log.warning("can't write the output's key cache (%s): the next run reads the parts again", exc)
+                        _cache_not_written(exc)
                         writer.abort()
                         writer = None
                 yield path, contents, pairs
@@ -478,7 +478,7 @@ class OutputStore:
                 try:
                     writer.commit()
                 except OSError as exc:
-                    log.warning("can't write the output's key cache (%s): the next run reads the parts again", exc)
+                    _cache_not_written(exc)
                     writer.abort()
                 writer = None
         finally:
@@ -497,7 +497,7 @@ class OutputStore:
                 for _ in self._all_part_keys(pool, id_col, only_to_write=True):
                     pass
         except (OSError, pa.ArrowException) as exc:  # the run's work is done: this only costs the next scan time
-            log.warning("the output's key cache was not brought up to date (%s): the next run reads the parts", exc)
+            _cache_not_written(exc)
 
     def read_new_parts(self, known: set[str], id_col: str, *, run_id: str | None = None) -> NewParts:
         """The (hash key, id tag) rows of the parts not in ``known``: what other runs wrote since this
@@ -696,13 +696,7 @@ class OutputStore:
         )
 
     def _parts(self, folder: str) -> list[str]:
-        if not self.fs.exists(folder):
-            return []
-        return sorted(
-            p
-            for p in self.fs.ls(folder, detail=False)
-            if p.rsplit("/", 1)[-1].startswith("part-") and p.endswith(".parquet")
-        )
+        return [path for path, _ in self._part_stamps(folder)]
 
     def _join(self, *parts: str) -> str:
         return "/".join([self.root, *parts])
@@ -723,6 +717,10 @@ def _ahead(pool: ThreadPoolExecutor, paths: list[str], read: Callable[[str], Any
 
 def _name(path: str) -> str:
     return path.rsplit("/", 1)[-1]
+
+
+def _cache_not_written(exc: BaseException) -> None:
+    log.warning("the output's key cache (_index/) was not written (%s): the next run reads the parts again", exc)
 
 
 def _part_hash(table: pa.Table, id_col: str) -> str:
