@@ -1,4 +1,4 @@
-"""Issue 16: image models the routes serve, sizes and n per model, and prices per image.
+"""Image models the routes serve, sizes and n per model, and prices per image.
 
 The default (Imagen 4) is pinned; a size, n or model a route doesn't take is refused before any
 request; the emulator refuses on each path what that path's real endpoint doesn't serve; the dry run,

@@ -166,7 +166,7 @@ class _Left:
 class BatchRun:
     """One run's batch side (see the module docstring). ``drive_live`` is the live engine's driver.
 
-    Two runs on one output (issue 17): a chunk's rows go into a request file only while this run holds
+    Two runs on one output (see claims.py): a chunk's rows go into a request file only while this run holds
     the chunk's claim (``claims``, the same claims as live chunks), and the claim is held until every
     request file holding its lines is recorded SUBMITTED; from then on the batch record is what other
     runs see (its rows are pending: not sent again). Each batch record has a claim of its own, taken
