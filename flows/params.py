@@ -4,8 +4,8 @@ Every flow takes them as one parameter, ``options: CommonOptions``; Prefect vali
 deployment, or the model from Python), shows it in a deployment's run form with these descriptions,
 and stores it as a nested mapping (``deployments.yaml``: ``parameters: {options: {rpm: 1500}}``). The
 `gembatch` commands make one typer option a field from the same declarations (flows/options.py), and
-the README's "Common options" table is generated from them (``uv run python -m flows.params``; a test
-fails when it drifts). A new common option is one field here.
+the "Common options" table of docs/reference/cli.md is generated from them (``uv run python -m flows.docgen``;
+a test fails when it drifts). A new common option is one field here.
 
 This module imports only pydantic and the plain constants of tasks/defaults.py: `gembatch --help`
 reads it, and must not pay for Prefect, pyarrow or openai.
@@ -13,9 +13,7 @@ reads it, and must not pay for Prefect, pyarrow or openai.
 
 from __future__ import annotations
 
-import re
 import sys
-from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -213,7 +211,7 @@ def cli_flag(name: str) -> tuple[str, str]:
 
 
 def options_table() -> str:
-    """The README's "Common options" table, made from the declarations above."""
+    """The "Common options" table of docs/reference/cli.md, made from the declarations above."""
     rows = ["| option | default | what it does |", "|---|---|---|"]
     for name, field in CommonOptions.model_fields.items():
         flag, help = cli_flag(name)
@@ -224,25 +222,12 @@ def options_table() -> str:
     return "\n".join(rows) + "\n"
 
 
-_BLOCK = re.compile(r"(<!-- common-options:begin.*?-->\n)(.*?)(<!-- common-options:end -->)", re.S)
+def main() -> None:
+    """Rewrite the generated docs pages, this table's among them (the same as `uv run python -m flows.docgen`)."""
+    from flows.docgen import main as docgen_main
 
-
-def readme_block(readme: str) -> str:
-    """The generated table as it stands in ``readme`` (between its two markers)."""
-    match = _BLOCK.search(readme)
-    if match is None:
-        raise ValueError("README.md has no <!-- common-options:begin --> … <!-- common-options:end --> block")
-    return match.group(2)
-
-
-def main(path: str = "README.md") -> None:
-    """Rewrite the table in README.md from the declarations (`uv run python -m flows.params`)."""
-    readme = Path(path).read_text(encoding="utf-8")
-    readme_block(readme)
-    updated = _BLOCK.sub(lambda m: m.group(1) + options_table() + m.group(3), readme)
-    Path(path).write_text(updated, encoding="utf-8")
-    print(f"{path}: common options table {'updated' if updated != readme else 'already up to date'}")
+    sys.exit(docgen_main([]))
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    main()
