@@ -1,0 +1,260 @@
+"""The examples of README.md and docs/: which fenced blocks run, how, and what their shown output must match.
+
+The convention (docs/how-to/run-the-tests.md links here; tests/test_docs_examples.py runs it):
+
+* A ```` ```console ```` or ```` ```bash ```` block whose lines start with ``$ `` is a shell session:
+  each ``$ `` line is a command (a line ending with ``\\`` goes on on the next), and the lines after it,
+  up to the next ``$ ``, are what it prints. ``gembatch …`` (with or without ``uv run``) runs in-process
+  in one runner process; ``echo $?`` checks the exit code of the command before it; anything else runs
+  in ``bash``. A command that exits non-zero must be followed by ``echo $?``.
+* A ```` ```python ```` block is run. Lines starting with ``>>> `` / ``... `` are statements whose values
+  are printed (as in the interpreter), and the lines between them are what they print; a block without
+  prompts only has to run without an error.
+* What is shown is checked line by line: every shown line must appear in what the command printed
+  (tables are compared cell by cell, so column widths don't matter). Lines that hold what changes from
+  run to run are not compared: run ids, times, loopback ports, timings (``duration (s)``, ``rows/s``).
+  A line ``…`` stands for lines left out.
+* A block preceded by ``<!-- not-run: REASON -->`` is not run (a real key, a Prefect server, Kubernetes,
+  minutes of benchmark). A shell or Python block that is neither runnable nor marked fails the test.
+* Every page runs in a fresh folder of its own holding a copy of ``data/`` (no ``data/out/``), its blocks
+  in page order (a later block may read an earlier one's output); ``/tmp/`` in a command or a Python
+  block means that folder. ``--provider local`` everywhere: the built-in emulator, no key, no network.
+
+``python tests/doc_examples.py PLAN.json RESULTS.json`` is the runner: it runs the blocks of a plan (made
+by :func:`plan`) and writes what each command printed and its exit code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SHELL_LANGS = {"bash", "console", "sh", "shell"}
+NOT_RUN = re.compile(r"<!--\s*not-run:\s*(.+?)\s*-->")
+FENCE = re.compile(r"^(?P<indent> {0,3})(?P<fence>```+)(?P<lang>[\w-]*)[^\n]*$")
+
+# Lines holding what changes from run to run are not compared.
+VOLATILE = [
+    re.compile(r"\d{8}T\d{6}Z-[0-9a-f]{6}"),  # run ids
+    re.compile(r"\d{4}-\d\d-\d\d[T ]\d\d:\d\d:\d\d"),  # times
+    re.compile(r"127\.0\.0\.1:\d+"),  # the emulator's port
+    re.compile(r"batches/[0-9a-f]{8,}"),  # batch ids
+    re.compile(r"^\s*[│|]\s*(duration \(s\)|rows/s)\s*[│|]"),  # timings
+    re.compile(r"\(pid \d+\)"),
+]
+
+
+@dataclass
+class Block:
+    page: str  # path relative to the repository
+    line: int  # 1-based line of the opening fence
+    lang: str
+    text: str
+    not_run: str | None = None  # the reason, when marked
+
+    @property
+    def id(self) -> str:
+        return f"{self.page}:{self.line}"
+
+    @property
+    def runnable(self) -> bool:
+        if self.lang in SHELL_LANGS:
+            return any(line.startswith("$ ") for line in self.text.splitlines())
+        return self.lang == "python"
+
+
+@dataclass
+class Step:
+    kind: str  # "gembatch", "shell", "exit", "python"
+    source: str
+    expected: list[str] = field(default_factory=list)
+
+
+def pages() -> list[Path]:
+    return [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
+
+
+def blocks(path: Path) -> list[Block]:
+    """The fenced code blocks of one Markdown page, with their not-run marks."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    out: list[Block] = []
+    i = 0
+    while i < len(lines):
+        match = FENCE.match(lines[i])
+        if not match:
+            i += 1
+            continue
+        fence, indent = match["fence"], len(match["indent"])
+        j = i + 1
+        while j < len(lines) and not lines[j].strip().startswith(fence):
+            j += 1
+        body = "\n".join(line[indent:] for line in lines[i + 1 : j])
+        k = i - 1
+        while k >= 0 and not lines[k].strip():
+            k -= 1
+        mark = NOT_RUN.search(lines[k]) if k >= 0 else None
+        out.append(
+            Block(str(path.relative_to(REPO)), i + 1, match["lang"].lower(), body, mark.group(1) if mark else None)
+        )
+        i = j + 1
+    return out
+
+
+def steps(block: Block) -> list[Step]:
+    """A runnable block as its commands (or statements), each with the lines it is shown to print."""
+    result: list[Step] = []
+    lines = block.text.splitlines()
+    if block.lang == "python":
+        if not any(line.startswith(">>> ") for line in lines):
+            return [Step("python", block.text)]
+        for line in lines:
+            if line.startswith(">>> ") or line == ">>>":
+                result.append(Step("python", line[4:]))
+            elif line.startswith("... ") or line == "...":
+                result[-1].source += "\n" + line[4:]
+            elif result:
+                result[-1].expected.append(line)
+        return result
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        if line.startswith("$ "):
+            command = line[2:]
+            while command.endswith("\\") and i + 1 < len(lines):
+                i += 1
+                command = command[:-1].rstrip() + " " + lines[i].strip()
+            words = shlex.split(command)
+            if words[:2] == ["uv", "run"]:
+                words = words[2:]
+            if command.strip() == "echo $?":
+                result.append(Step("exit", command))
+            elif words and words[0] == "gembatch":
+                result.append(Step("gembatch", shlex.join(words[1:])))
+            else:
+                result.append(Step("shell", command))
+        elif result:
+            result[-1].expected.append(line)
+        i += 1
+    return result
+
+
+def normalise(line: str) -> str:
+    """A line as compared: table cells stripped of padding, runs of spaces as one."""
+    line = line.rstrip()
+    if any(c in line for c in "│┃┆"):
+        cells = [" ".join(c.split()) for c in re.split(r"[│┃┆]", line)]
+        return "|".join(cells).strip("|")
+    return " ".join(line.split())
+
+
+def compared(expected: list[str]) -> list[str]:
+    """The shown lines that are checked: not blank, not borders, not an elision, nothing volatile."""
+    out = []
+    for line in expected:
+        if not re.search(r"\w", line) or line.strip() in {"…", "..."}:
+            continue
+        if any(v.search(line) for v in VOLATILE):
+            continue
+        out.append(normalise(line))
+    return out
+
+
+def missing_lines(expected: list[str], printed: str) -> list[str]:
+    """The shown lines (as compared) that the printed output does not hold."""
+    got = {normalise(line) for line in printed.splitlines()}
+    return [line for line in compared(expected) if line not in got]
+
+
+def plan(selected: list[Block]) -> list[dict]:
+    """Pages in order, each with its runnable blocks' steps: what the runner process is given."""
+    by_page: dict[str, list[dict]] = {}
+    for block in selected:
+        by_page.setdefault(block.page, []).append({"id": block.id, "steps": [asdict(s) for s in steps(block)]})
+    return [{"page": page, "blocks": items} for page, items in by_page.items()]
+
+
+# -- the runner process ---------------------------------------------------------------------------
+
+
+def _gembatch(args: str) -> tuple[int, str]:
+    from flows.cli import main
+
+    out = io.StringIO()
+    argv = sys.argv
+    sys.argv = ["gembatch", *shlex.split(args)]
+    code_ = 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            try:
+                main()
+            except SystemExit as exc:
+                code_ = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        sys.argv = argv
+    return code_, out.getvalue()
+
+
+def _python(source: str, namespace: dict, interactive: bool) -> tuple[int, str]:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        try:
+            compiled = compile(source, "<doc example>", "single" if interactive else "exec")
+            exec(compiled, namespace)
+        except Exception:  # noqa: BLE001 - the example's error is the result
+            import traceback
+
+            traceback.print_exc()
+            return 1, out.getvalue()
+    return 0, out.getvalue()
+
+
+def run_plan(items: list[dict]) -> dict[str, list[dict]]:
+    results: dict[str, list[dict]] = {}
+    home = os.getcwd()
+    for page in items:
+        work = tempfile.mkdtemp(prefix="d", dir="/tmp")
+        shutil.copytree(REPO / "data", Path(work) / "data", ignore=shutil.ignore_patterns("out", "__pycache__"))
+        os.chdir(work)
+        namespace: dict = {"__name__": "__doc_example__"}
+        last_code = 0
+        try:
+            for block in page["blocks"]:
+                done = []
+                interactive = any(s["kind"] == "python" for s in block["steps"]) and len(block["steps"]) > 1
+                for step in block["steps"]:
+                    source = step["source"].replace("/tmp/", work + "/")
+                    if step["kind"] == "exit":
+                        code_, printed = 0, f"{last_code}\n"
+                    elif step["kind"] == "gembatch":
+                        code_, printed = _gembatch(source)
+                    elif step["kind"] == "python":
+                        code_, printed = _python(source, namespace, interactive or bool(step["expected"]))
+                    else:
+                        proc = subprocess.run(
+                            ["bash", "-c", source], capture_output=True, text=True, cwd=work, timeout=120
+                        )
+                        code_, printed = proc.returncode, proc.stdout + proc.stderr
+                    last_code = code_
+                    done.append({"code": code_, "printed": printed.replace(work + "/", "/tmp/")})
+                results[block["id"]] = done
+        finally:
+            os.chdir(home)
+            shutil.rmtree(work, ignore_errors=True)
+    return results
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))
+    plan_file, results_file = sys.argv[1:3]
+    Path(results_file).write_text(json.dumps(run_plan(json.loads(Path(plan_file).read_text()))), encoding="utf-8")

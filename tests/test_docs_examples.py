@@ -1,0 +1,63 @@
+"""Every shell and Python example of README.md and docs/ that can run here runs, and shows what it prints.
+
+The convention is in tests/doc_examples.py. All the runnable blocks run in one process (``gembatch``
+in-process against the built-in emulator), each page in a fresh folder; each block is then one test,
+so a failure names the page and line of the block.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import doc_examples as ex
+import pytest
+
+ALL = [block for path in ex.pages() for block in ex.blocks(path)]
+CHECKED = [b for b in ALL if b.lang in ex.SHELL_LANGS | {"python"}]
+RUN = [b for b in CHECKED if b.not_run is None and b.runnable]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict]]:
+    folder = tmp_path_factory.mktemp("doc-examples")
+    (folder / "plan.json").write_text(json.dumps(ex.plan(RUN)), encoding="utf-8")
+    env = os.environ | {"COLUMNS": "80", "NO_COLOR": "1", "TERM": "dumb"}
+    env.pop("PREFECT_API_URL", None)
+    proc = subprocess.run(
+        [sys.executable, str(ex.REPO / "tests" / "doc_examples.py"), str(folder / "plan.json"), str(folder / "o.json")],
+        capture_output=True, text=True, env=env, timeout=600, cwd=ex.REPO,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads((folder / "o.json").read_text(encoding="utf-8"))
+
+
+@pytest.mark.parametrize("block", CHECKED, ids=[b.id for b in CHECKED])
+def test_every_example_runs_or_says_why_not(block: ex.Block):
+    assert block.not_run is not None or block.runnable, (
+        f"{block.id}: a {block.lang} block that is neither runnable (`$ ` commands) nor marked "
+        "<!-- not-run: REASON -->"
+    )
+
+
+@pytest.mark.parametrize("block", RUN, ids=[b.id for b in RUN])
+def test_example(block: ex.Block, results: dict[str, list[dict]]):
+    steps = ex.steps(block)
+    done = results[block.id]
+    for i, (step, result) in enumerate(zip(steps, done, strict=True)):
+        shown = "\n".join(step.expected)
+        followed_by_exit = i + 1 < len(steps) and steps[i + 1].kind == "exit"
+        if step.kind != "exit" and not followed_by_exit:
+            assert result["code"] == 0, f"{block.id}: `{step.source}` exited {result['code']}:\n{result['printed']}"
+        missing = ex.missing_lines(step.expected, result["printed"])
+        assert not missing, (
+            f"{block.id}: `{step.source}` did not print these shown lines:\n" + "\n".join(missing)
+            + f"\n--- it printed:\n{result['printed']}\n--- the page shows:\n{shown}"
+        )  # fmt: skip
+
+
+def test_the_readme_runs_the_demo():
+    readme = [b for b in RUN if b.page == "README.md"]
+    assert any(s.kind == "gembatch" and s.source.startswith("demo") for b in readme for s in ex.steps(b))
