@@ -14,6 +14,8 @@ The convention (docs/how-to/run-the-tests.md links here; tests/test_docs_example
   (tables are compared cell by cell, so column widths don't matter). Lines that hold what changes from
   run to run are not compared: run ids, times, loopback ports, timings (``duration (s)``, ``rows/s``).
   A line ``…`` stands for lines left out.
+* A block preceded by ``<!-- run: slow -->`` runs in the slow tier only (``uv run pytest -m slow``): a
+  Python flow call, which starts Prefect's temporary server (tens of seconds).
 * A block preceded by ``<!-- not-run: REASON -->`` is not run (a real key, a Prefect server, Kubernetes,
   minutes of benchmark). A shell or Python block that is neither runnable nor marked fails the test.
 * Every page runs in a fresh folder of its own holding a copy of ``data/`` (no ``data/out/``), its blocks
@@ -42,6 +44,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 SHELL_LANGS = {"bash", "console", "sh", "shell"}
 NOT_RUN = re.compile(r"<!--\s*not-run:\s*(.+?)\s*-->")
+SLOW = re.compile(r"<!--\s*run:\s*slow\s*-->")
 FENCE = re.compile(r"^(?P<indent> {0,3})(?P<fence>```+)(?P<lang>[\w-]*)[^\n]*$")
 
 # Lines holding what changes from run to run are not compared.
@@ -62,6 +65,7 @@ class Block:
     lang: str
     text: str
     not_run: str | None = None  # the reason, when marked
+    slow: bool = False  # marked <!-- run: slow -->: run by the slow tier (pytest -m slow) only
 
     @property
     def id(self) -> str:
@@ -104,9 +108,9 @@ def blocks(path: Path) -> list[Block]:
         while k >= 0 and not lines[k].strip():
             k -= 1
         mark = NOT_RUN.search(lines[k]) if k >= 0 else None
-        out.append(
-            Block(str(path.relative_to(REPO)), i + 1, match["lang"].lower(), body, mark.group(1) if mark else None)
-        )
+        slow = bool(SLOW.search(lines[k])) if k >= 0 else False
+        page = str(path.relative_to(REPO))
+        out.append(Block(page, i + 1, match["lang"].lower(), body, mark.group(1) if mark else None, slow))
         i = j + 1
     return out
 

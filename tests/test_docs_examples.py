@@ -17,13 +17,12 @@ import pytest
 
 ALL = [block for path in ex.pages() for block in ex.blocks(path)]
 CHECKED = [b for b in ALL if b.lang in ex.SHELL_LANGS | {"python"}]
-RUN = [b for b in CHECKED if b.not_run is None and b.runnable]
+RUN = [b for b in CHECKED if b.not_run is None and b.runnable and not b.slow]
+RUN_SLOW = [b for b in CHECKED if b.not_run is None and b.runnable and b.slow]
 
 
-@pytest.fixture(scope="module")
-def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict]]:
-    folder = tmp_path_factory.mktemp("doc-examples")
-    (folder / "plan.json").write_text(json.dumps(ex.plan(RUN)), encoding="utf-8")
+def _run(blocks: list[ex.Block], folder) -> dict[str, list[dict]]:
+    (folder / "plan.json").write_text(json.dumps(ex.plan(blocks)), encoding="utf-8")
     env = os.environ | {"COLUMNS": "80", "NO_COLOR": "1", "TERM": "dumb"}
     env.pop("PREFECT_API_URL", None)
     proc = subprocess.run(
@@ -34,16 +33,41 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict]]:
     return json.loads((folder / "o.json").read_text(encoding="utf-8"))
 
 
+def _selected(request: pytest.FixtureRequest, blocks: list[ex.Block]) -> list[ex.Block]:
+    # Only the pages of the tests pytest selected (-k, a node id): the whole page, its blocks in order.
+    chosen = {item.callspec.params["block"].page for item in request.session.items if hasattr(item, "callspec")}
+    return [b for b in blocks if b.page in chosen]
+
+
+@pytest.fixture(scope="module")
+def results(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict]]:
+    return _run(_selected(request, RUN), tmp_path_factory.mktemp("doc-examples"))
+
+
+@pytest.fixture(scope="module")
+def slow_results(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict]]:
+    return _run(_selected(request, RUN_SLOW), tmp_path_factory.mktemp("doc-examples-slow"))
+
+
 @pytest.mark.parametrize("block", CHECKED, ids=[b.id for b in CHECKED])
 def test_every_example_runs_or_says_why_not(block: ex.Block):
     assert block.not_run is not None or block.runnable, (
-        f"{block.id}: a {block.lang} block that is neither runnable (`$ ` commands) nor marked "
-        "<!-- not-run: REASON -->"
+        f"{block.id}: a {block.lang} block that is neither runnable (`$ ` commands) nor marked <!-- not-run: REASON -->"
     )
 
 
 @pytest.mark.parametrize("block", RUN, ids=[b.id for b in RUN])
 def test_example(block: ex.Block, results: dict[str, list[dict]]):
+    _check(block, results)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("block", RUN_SLOW, ids=[b.id for b in RUN_SLOW])
+def test_slow_example(block: ex.Block, slow_results: dict[str, list[dict]]):
+    _check(block, slow_results)
+
+
+def _check(block: ex.Block, results: dict[str, list[dict]]) -> None:
     steps = ex.steps(block)
     done = results[block.id]
     for i, (step, result) in enumerate(zip(steps, done, strict=True)):
