@@ -22,7 +22,9 @@ The convention (docs/how-to/run-the-tests.md links here; tests/test_docs_example
   in page order (a later block may read an earlier one's output); ``/tmp/`` in a command or a Python
   block means that folder. ``--provider local`` everywhere: the built-in emulator, no key, no network.
 
-``python tests/doc_examples.py PLAN.json RESULTS.json`` is the runner: it runs the blocks of a plan (made
+``uv run python tests/doc_examples.py --update docs/how-to/embed.md`` runs a page's examples and writes what
+they print into the page, where it shows an output whole (review the diff). ``python tests/doc_examples.py
+PLAN.json RESULTS.json`` is the runner: it runs the blocks of a plan (made
 by :func:`plan`) and writes what each command printed and its exit code.
 """
 
@@ -83,6 +85,7 @@ class Step:
     kind: str  # "gembatch", "shell", "exit", "python"
     source: str
     expected: list[str] = field(default_factory=list)
+    raw: list[str] = field(default_factory=list)  # the command's lines as the page writes them
 
 
 def pages() -> list[Path]:
@@ -121,12 +124,13 @@ def steps(block: Block) -> list[Step]:
     lines = block.text.splitlines()
     if block.lang == "python":
         if not any(line.startswith(">>> ") for line in lines):
-            return [Step("python", block.text)]
+            return [Step("python", block.text, raw=lines)]
         for line in lines:
             if line.startswith(">>> ") or line == ">>>":
-                result.append(Step("python", line[4:]))
+                result.append(Step("python", line[4:], raw=[line]))
             elif line.startswith("... ") or line == "...":
                 result[-1].source += "\n" + line[4:]
+                result[-1].raw.append(line)
             elif result:
                 result[-1].expected.append(line)
         return result
@@ -134,19 +138,20 @@ def steps(block: Block) -> list[Step]:
     while i < len(lines):
         line = lines[i]
         if line.startswith("$ "):
-            command = line[2:]
+            command, raw = line[2:], [line]
             while command.endswith("\\") and i + 1 < len(lines):
                 i += 1
                 command = command[:-1].rstrip() + " " + lines[i].strip()
+                raw.append(lines[i])
             words = shlex.split(command)
             if words[:2] == ["uv", "run"]:
                 words = words[2:]
             if command.strip() == "echo $?":
-                result.append(Step("exit", command))
+                result.append(Step("exit", command, raw=raw))
             elif words and words[0] == "gembatch":
-                result.append(Step("gembatch", shlex.join(words[1:])))
+                result.append(Step("gembatch", shlex.join(words[1:]), raw=raw))
             else:
-                result.append(Step("shell", command))
+                result.append(Step("shell", command, raw=raw))
         elif result:
             result[-1].expected.append(line)
         i += 1
@@ -258,7 +263,50 @@ def run_plan(items: list[dict]) -> dict[str, list[dict]]:
     return results
 
 
+# -- rewriting a page's shown output ---------------------------------------------------------------
+
+UNTRACKED_NOTE = "note: no Prefect API is configured"
+
+
+def updated_text(block: Block, done: list[dict]) -> str:
+    """The block with each step's shown output replaced by what it printed, where the page shows it
+    whole (no ``…`` line: an elided output is left for a person to choose what to show)."""
+    out: list[str] = []
+    for step, result in zip(steps(block), done, strict=True):
+        out += step.raw
+        if any(line.strip() in {"…", "..."} for line in step.expected):
+            out += step.expected
+            continue
+        printed = [line.rstrip() for line in result["printed"].splitlines() if not line.startswith(UNTRACKED_NOTE)]
+        while printed and not printed[-1]:
+            printed.pop()
+        out += printed
+    return "\n".join(out)
+
+
+def update(page_names: list[str]) -> None:
+    """``python tests/doc_examples.py --update PAGE…``: run the pages' blocks and write what they print
+    into the pages (review the diff: timings and run ids change on every run)."""
+    chosen = [b for p in pages() for b in blocks(p) if b.page in page_names and b.runnable and not b.not_run]
+    results = run_plan(plan(chosen))
+    for name in page_names:
+        path = REPO / name
+        lines = path.read_text(encoding="utf-8").split("\n")
+        for block in sorted((b for b in chosen if b.page == name), key=lambda b: -b.line):
+            indent = len(lines[block.line - 1]) - len(lines[block.line - 1].lstrip())
+            new = updated_text(block, results[block.id]).split("\n")
+            body = [(" " * indent + line) if line else line for line in new]
+            end = block.line + len(block.text.split("\n"))
+            lines[block.line : end] = body
+        path.write_text("\n".join(lines), encoding="utf-8")
+        print(f"{name}: updated")
+
+
 if __name__ == "__main__":
     sys.path.insert(0, str(REPO))
+    if sys.argv[1] == "--update":
+        os.environ.setdefault("COLUMNS", "80")
+        update(sys.argv[2:])
+        sys.exit(0)
     plan_file, results_file = sys.argv[1:3]
     Path(results_file).write_text(json.dumps(run_plan(json.loads(Path(plan_file).read_text()))), encoding="utf-8")
