@@ -14,6 +14,7 @@ The convention (docs/how-to/run-the-tests.md links here; tests/test_docs_example
   (tables are compared cell by cell, so column widths don't matter). Lines that hold what changes from
   run to run are not compared: run ids, times, loopback ports, timings (``duration (s)``, ``rows/s``).
   A line ``…`` stands for lines left out.
+* A block preceded by ``<!-- run: width=N -->`` runs on a terminal N columns wide (80 otherwise).
 * A block preceded by ``<!-- run: slow -->`` runs in the slow tier only (``uv run pytest -m slow``): a
   Python flow call, which starts Prefect's temporary server (tens of seconds).
 * A block preceded by ``<!-- not-run: REASON -->`` is not run (a real key, a Prefect server, Kubernetes,
@@ -47,6 +48,7 @@ REPO = Path(__file__).resolve().parent.parent
 SHELL_LANGS = {"bash", "console", "sh", "shell"}
 NOT_RUN = re.compile(r"<!--\s*not-run:\s*(.+?)\s*-->")
 SLOW = re.compile(r"<!--\s*run:\s*slow\s*-->")
+WIDTH = re.compile(r"<!--\s*run:\s*width=(\d+)\s*-->")
 FENCE = re.compile(r"^(?P<indent> {0,3})(?P<fence>```+)(?P<lang>[\w-]*)[^\n]*$")
 
 # Lines holding what changes from run to run are not compared.
@@ -68,6 +70,7 @@ class Block:
     text: str
     not_run: str | None = None  # the reason, when marked
     slow: bool = False  # marked <!-- run: slow -->: run by the slow tier (pytest -m slow) only
+    width: int = 80  # the terminal's columns (<!-- run: width=N --> for a wide table)
 
     @property
     def id(self) -> str:
@@ -112,8 +115,14 @@ def blocks(path: Path) -> list[Block]:
             k -= 1
         mark = NOT_RUN.search(lines[k]) if k >= 0 else None
         slow = bool(SLOW.search(lines[k])) if k >= 0 else False
+        width = WIDTH.search(lines[k]) if k >= 0 else None
         page = str(path.relative_to(REPO))
-        out.append(Block(page, i + 1, match["lang"].lower(), body, mark.group(1) if mark else None, slow))
+        out.append(
+            Block(
+                page, i + 1, match["lang"].lower(), body, mark.group(1) if mark else None, slow,
+                int(width.group(1)) if width else 80,
+            )
+        )  # fmt: skip
         i = j + 1
     return out
 
@@ -189,7 +198,9 @@ def plan(selected: list[Block]) -> list[dict]:
     """Pages in order, each with its runnable blocks' steps: what the runner process is given."""
     by_page: dict[str, list[dict]] = {}
     for block in selected:
-        by_page.setdefault(block.page, []).append({"id": block.id, "steps": [asdict(s) for s in steps(block)]})
+        by_page.setdefault(block.page, []).append(
+            {"id": block.id, "width": block.width, "steps": [asdict(s) for s in steps(block)]}
+        )
     return [{"page": page, "blocks": items} for page, items in by_page.items()]
 
 
@@ -228,6 +239,12 @@ def _python(source: str, namespace: dict, interactive: bool) -> tuple[int, str]:
     return 0, out.getvalue()
 
 
+def _set_width(columns: int) -> None:
+    from flows.options import console, err_console
+
+    console.width = err_console.width = columns
+
+
 def run_plan(items: list[dict]) -> dict[str, list[dict]]:
     results: dict[str, list[dict]] = {}
     home = os.getcwd()
@@ -240,6 +257,7 @@ def run_plan(items: list[dict]) -> dict[str, list[dict]]:
         try:
             for block in page["blocks"]:
                 done = []
+                _set_width(block.get("width", 80))
                 interactive = any(s["kind"] == "python" for s in block["steps"]) and len(block["steps"]) > 1
                 for step in block["steps"]:
                     source = step["source"].replace("/tmp/", work + "/")
