@@ -24,5 +24,5 @@ async def caption_flow(
     max_side: int = DEFAULT_MAX_SIDE,
     options: CommonOptions = CommonOptions(),
 ) -> dict[str, Any]:
-    """Caption the image in ``image_col`` of every row of ``input`` into ``output`` (see README: gembatch caption)."""
+    """Caption the image in ``image_col`` of every row of ``input`` into ``output`` (docs/how-to/caption.md)."""
     return await run_flow(caption_job, locals())

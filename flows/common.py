@@ -131,13 +131,13 @@ async def run_untracked(job: Job, parameters: dict[str, Any]) -> dict[str, Any]:
     if parameters.get("shards", 1) > 1 and not parameters.get("shard"):
         raise GembatchError(
             "--shards runs each part as a flow run on a Prefect work pool, and no Prefect API is configured: "
-            "set PREFECT_API_URL to your server (README: Running at scale), or drop --shards"
+            "set PREFECT_API_URL to your server (docs/how-to/scale-out.md), or drop --shards"
         )
     return await run_job(job, options, parameters=_recorded(parameters))
 
 
 async def _shared_limits(host: str, model: str, limits: Limits) -> Any:
-    """A tracked run shares its quota with every other on the same host and model (README: Running at scale)."""
+    """A tracked run shares its quota with every other on the same host and model (docs/how-to/scale-out.md)."""
     from tasks.engine.shared_limits import open_shared_limits
 
     return await open_shared_limits(host, model, limits.rpm, limits.tpm, window_s=limits.window_s)

@@ -32,7 +32,7 @@ __all__ = ["CommonOptions", "cli_flag", "flat_parameters", "flow_arguments", "op
 
 
 def _cli(flag: str, metavar: str | None = None, *, help: str | None = None) -> dict[str, Any]:
-    """A field's command-line flag, the placeholder the README shows after it, and the flag's own help
+    """A field's command-line flag, the placeholder the docs show after it, and the flag's own help
     where the field's description doesn't fit it (a ``--no-…`` flag). Kept in the JSON schema too."""
     return {"cli": flag} | ({"metavar": metavar} if metavar else {}) | ({"cli_help": help} if help else {})
 
@@ -44,7 +44,7 @@ class CommonOptions(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", field_title_generator=lambda name, _: name)
 
     id_col: str = Field("id", description="Column with each row's unique id.", json_schema_extra=_cli("--id-col"))
-    # Where requests go and where the key comes from (README: "Providers and keys").
+    # Where requests go and where the key comes from (docs/how-to/providers.md).
     provider: str = Field(
         "gemini",
         description="gemini (GEMINI_API_KEY), openai (OPENAI_API_KEY) or local (the built-in emulator).",
@@ -63,7 +63,7 @@ class CommonOptions(BaseModel):
         description="Name of a Prefect Secret block holding the key (instead of an environment variable).",
         json_schema_extra=_cli("--api-key-secret", "BLOCK"),
     )
-    # Your quota (README: "Rate limits: the rule").
+    # Your quota (docs/explanation/rate-limits.md).
     rpm: float | None = Field(
         None, description="Requests per minute allowed (your quota).", json_schema_extra=_cli("--rpm", "N")
     )
@@ -132,7 +132,7 @@ class CommonOptions(BaseModel):
         "(exit 4, Prefect flow run Failed).",
         json_schema_extra=_cli("--max-failed-pct"),
     )
-    # Batch mode (README: "Batch mode").
+    # Batch mode (docs/how-to/batch-mode.md).
     mode: str = Field(
         "live",
         description="live (one request at a time), batch (the provider's batch API: half price, results within "
@@ -155,7 +155,7 @@ class CommonOptions(BaseModel):
         description="--mode auto: a request file with fewer requests than this is sent live instead.",
         json_schema_extra=_cli("--auto-min-requests", "N"),
     )
-    # Past one machine (README: "Running at scale").
+    # Past one machine (docs/how-to/scale-out.md).
     shards: int = Field(
         1,
         ge=1,

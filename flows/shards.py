@@ -168,8 +168,7 @@ async def _deployment_of_this_flow() -> str:
     if not found:
         raise ConfigError(
             f"--shards runs the shards as flow runs of a deployment of {name}, and there is none: deploy it "
-            "(prefect deploy --prefect-file deployments.yaml) and start workers on its pool (README: Running at "
-            "scale)"
+            "(prefect deploy --prefect-file deployments.yaml) and start workers on its pool (docs/how-to/scale-out.md)"
         )
     names = ", ".join(sorted(f"{name}/{d.name}" for d in found))
     raise ConfigError(

@@ -29,5 +29,5 @@ async def transcribe_flow(
     options: CommonOptions = CommonOptions(),
 ) -> dict[str, Any]:
     """Transcribe the recording in ``audio_col`` of every row of ``input`` (or every file of a folder or
-    glob ``input``) into ``output``; long recordings go in segments of ``segment_s`` (see README)."""
+    glob ``input``) into ``output``; long recordings go in segments of ``segment_s`` (docs/how-to/transcribe.md)."""
     return await run_flow(transcribe_job, locals())

@@ -1,6 +1,6 @@
 """`--mode batch|auto`: the same rows through the provider's batch API, at its price, into the same output.
 
-A batch run (README, "Batch mode"):
+A batch run (docs/how-to/batch-mode.md):
 
 1. Re-attach: every batch recorded in ``OUTPUT/_batches/`` and not yet written is polled again, and its
    rows are not put into any new batch. A record that never reached the provider (no batch id) is

@@ -2,7 +2,7 @@
 
 Token prices are per 1M tokens. Image models are priced per generated image (``per_image``, keyed
 ``"quality:size"``, ``*`` for any other); the few text tokens of a prompt are billed at ``input`` where
-the provider bills them. Sources, and what is confirmed: README, "gembatch images".
+the provider bills them. Sources, and what is confirmed: docs/how-to/images.md.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ class Price:
     # The quality priced when none is asked for (the provider's default).
     default_quality: str = "*"
     # USD per image through the provider's batch route, where that route serves this model; None: no
-    # batch route for it (Gemini's batches take chat and embeddings only; see README).
+    # batch route for it (Gemini's batches take chat and embeddings only; see docs/how-to/batch-mode.md).
     batch_per_image: dict[str, float] | None = field(default=None)
 
 
@@ -75,7 +75,7 @@ PRICES: dict[str, Price] = {
 
 DEFAULT_MODELS: dict[str, dict[str, str]] = {
     # Imagen 4 standard: the family the compatibility guide's images.generate example uses, on the
-    # route that serves it (README, "gembatch images"); fast (half price) and ultra by --model.
+    # route that serves it (docs/how-to/images.md); fast (half price) and ultra by --model.
     "gemini": {"embed": "gemini-embedding-001", "chat": "gemini-2.5-flash", "images": "imagen-4.0-generate-001"},
     "openai": {"embed": "text-embedding-3-small", "chat": "gpt-4o-mini", "images": "gpt-image-1"},
 }
