@@ -85,3 +85,13 @@ def _check(block: ex.Block, results: dict[str, list[dict]]) -> None:
 def test_the_readme_runs_the_demo():
     readme = [b for b in RUN if b.page == "README.md"]
     assert any(s.kind == "gembatch" and s.source.startswith("demo") for b in readme for s in ex.steps(b))
+
+
+def test_the_tutorial_shows_nightly_embed_as_deployments_yaml_declares_it():
+    import yaml
+
+    (block,) = [b for b in ex.blocks(ex.REPO / "docs" / "tutorial.md") if b.lang == "yaml"]
+    (shown,) = yaml.safe_load(block.text)
+    spec = yaml.safe_load((ex.REPO / "deployments.yaml").read_text(encoding="utf-8"))
+    (declared,) = [d for d in spec["deployments"] if d["name"] == shown["name"]]
+    assert shown == declared, "docs/tutorial.md's deployment differs from deployments.yaml's: copy it again"
