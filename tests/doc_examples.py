@@ -5,8 +5,11 @@ The convention (docs/how-to/run-the-tests.md links here; tests/test_docs_example
 * A ```` ```console ```` or ```` ```bash ```` block whose lines start with ``$ `` is a shell session:
   each ``$ `` line is a command (a line ending with ``\\`` goes on on the next), and the lines after it,
   up to the next ``$ ``, are what it prints. ``gembatch …`` (with or without ``uv run``) runs in-process
-  in one runner process; ``echo $?`` checks the exit code of the command before it; anything else runs
-  in ``bash``. A command that exits non-zero must be followed by ``echo $?``.
+  in one runner process; ``gembatch … &`` (a server: the emulator) runs in a process of its own until
+  the page ends, a port it names (``--port 8931``) replaced by a free one throughout the page;
+  ``export NAME=VALUE`` sets a variable for the rest of the page; ``echo $?`` checks the exit code of
+  the command before it; anything else runs in ``bash``. A command that exits non-zero must be
+  followed by ``echo $?``.
 * A ```` ```python ```` block is run. Lines starting with ``>>> `` / ``... `` are statements whose values
   are printed (as in the interpreter), and the lines between them are what they print; a block without
   prompts only has to run without an error.
@@ -85,7 +88,7 @@ class Block:
 
 @dataclass
 class Step:
-    kind: str  # "gembatch", "shell", "exit", "python"
+    kind: str  # "gembatch", "background", "export", "shell", "exit", "python"
     source: str
     expected: list[str] = field(default_factory=list)
     raw: list[str] = field(default_factory=list)  # the command's lines as the page writes them
@@ -157,6 +160,10 @@ def steps(block: Block) -> list[Step]:
                 words = words[2:]
             if command.strip() == "echo $?":
                 result.append(Step("exit", command, raw=raw))
+            elif words and words[0] == "export" and len(words) == 2 and "=" in words[1]:
+                result.append(Step("export", words[1], raw=raw))
+            elif words and words[0] == "gembatch" and words[-1] == "&":
+                result.append(Step("background", shlex.join(words[1:-1]), raw=raw))
             elif words and words[0] == "gembatch":
                 result.append(Step("gembatch", shlex.join(words[1:]), raw=raw))
             else:
@@ -245,6 +252,32 @@ def _set_width(columns: int) -> None:
     console.width = err_console.width = columns
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _start(args: str, work: str) -> tuple[subprocess.Popen, str]:
+    """``gembatch … &``: a server of its own, until the page ends; what it printed until it listens."""
+    import threading
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from flows.cli import main; main()", *shlex.split(args)],
+        cwd=work, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True).start()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None and not any("listening on" in x for x in lines):
+        time.sleep(0.1)
+    time.sleep(0.2)  # the server is up once it says so
+    return proc, "".join(lines)
+
+
 def run_plan(items: list[dict]) -> dict[str, list[dict]]:
     results: dict[str, list[dict]] = {}
     home = os.getcwd()
@@ -254,6 +287,12 @@ def run_plan(items: list[dict]) -> dict[str, list[dict]]:
         os.chdir(work)
         namespace: dict = {"__name__": "__doc_example__"}
         last_code = 0
+        environ = dict(os.environ)
+        servers: list[subprocess.Popen] = []
+        # A port the page names (`--port 8123`) becomes a free one, in every command of the page; what the
+        # commands print shows the page's number again.
+        named = {int(p) for b in page["blocks"] for st in b["steps"] for p in re.findall(r"--port (\d+)", st["source"])}
+        ports = {doc: _free_port() for doc in named}
         try:
             for block in page["blocks"]:
                 done = []
@@ -261,8 +300,18 @@ def run_plan(items: list[dict]) -> dict[str, list[dict]]:
                 interactive = any(s["kind"] == "python" for s in block["steps"]) and len(block["steps"]) > 1
                 for step in block["steps"]:
                     source = step["source"].replace("/tmp/", work + "/")
+                    for doc, real in ports.items():
+                        source = re.sub(rf"(--port |:){doc}\b", rf"\g<1>{real}", source)
                     if step["kind"] == "exit":
                         code_, printed = 0, f"{last_code}\n"
+                    elif step["kind"] == "export":
+                        name, _, value = source.partition("=")
+                        os.environ[name] = value
+                        code_, printed = 0, ""
+                    elif step["kind"] == "background":
+                        server, printed = _start(source, work)
+                        servers.append(server)
+                        code_ = 0 if server.poll() is None else server.returncode
                     elif step["kind"] == "gembatch":
                         code_, printed = _gembatch(source)
                     elif step["kind"] == "python":
@@ -272,10 +321,20 @@ def run_plan(items: list[dict]) -> dict[str, list[dict]]:
                             ["bash", "-c", source], capture_output=True, text=True, cwd=work, timeout=120
                         )
                         code_, printed = proc.returncode, proc.stdout + proc.stderr
+                    for doc, real in ports.items():
+                        printed = re.sub(rf":{real}\b", f":{doc}", printed)
                     last_code = code_
                     done.append({"code": code_, "printed": printed.replace(work + "/", "/tmp/")})
                 results[block["id"]] = done
         finally:
+            for server in servers:
+                server.terminate()
+                try:
+                    server.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    server.kill()
+            os.environ.clear()
+            os.environ.update(environ)
             os.chdir(home)
             shutil.rmtree(work, ignore_errors=True)
     return results
