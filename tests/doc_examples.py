@@ -407,6 +407,8 @@ if __name__ == "__main__":
         os.environ.pop("PREFECT_API_URL", None)
         os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="gembatch-prefect-")
         os.environ["COLUMNS"] = "80"
+        # Plain text even from a terminal: no colours, and polars' tables as wide as through a pipe.
+        os.environ.update(NO_COLOR="1", TERM="dumb", POLARS_TABLE_WIDTH="100")
         update(sys.argv[2:])
         sys.exit(0)
     plan_file, results_file = sys.argv[1:3]

@@ -23,7 +23,7 @@ RUN_SLOW = [b for b in CHECKED if b.not_run is None and b.runnable and b.slow]
 
 def _run(blocks: list[ex.Block], folder) -> dict[str, list[dict]]:
     (folder / "plan.json").write_text(json.dumps(ex.plan(blocks)), encoding="utf-8")
-    env = os.environ | {"COLUMNS": "80", "NO_COLOR": "1", "TERM": "dumb"}
+    env = os.environ | {"COLUMNS": "80", "NO_COLOR": "1", "TERM": "dumb", "POLARS_TABLE_WIDTH": "100"}
     env.pop("PREFECT_API_URL", None)
     proc = subprocess.run(
         [sys.executable, str(ex.REPO / "tests" / "doc_examples.py"), str(folder / "plan.json"), str(folder / "o.json")],
