@@ -16,6 +16,7 @@ import typer
 from flows import commands
 from flows.options import ApiKeyEnv, BaseUrl, Provider, console, err_console
 from tasks.errors import GembatchError
+from tasks.redact import redact_text
 
 app = typer.Typer(
     help="Rate-limited, resumable LLM batch jobs over Parquet/CSV (Gemini's OpenAI-compatible API by default).",
@@ -188,10 +189,10 @@ def main() -> None:
     try:
         app()
     except GembatchError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        err_console.print(f"[bold red]error:[/] {redact_text(str(exc))}", highlight=False)
         sys.exit(2)
     except ValueError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        err_console.print(f"[bold red]error:[/] {redact_text(str(exc))}", highlight=False)
         sys.exit(2)
 
 

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from flows.params import CommonOptions, cli_flag, flow_arguments
+from tasks.redact import redact_text
 
 console = Console()
 err_console = Console(stderr=True)
@@ -207,7 +208,7 @@ def finish(document: dict[str, Any]) -> None:
 
     print_summary(document)
     if document["status"] not in ("completed", "dry run"):
-        err_console.print(f"[bold red]{document['status']}[/]: {document['message']}", highlight=False)
+        err_console.print(f"[bold red]{document['status']}[/]: {redact_text(document['message'])}", highlight=False)
         raise typer.Exit(EXIT_FAILED_ROWS if document["status"] == COMPLETED_WITH_ERRORS else EXIT_STOPPED)
     if document.get("message"):
-        err_console.print(document["message"], highlight=False)
+        err_console.print(redact_text(document["message"]), highlight=False)
