@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_serializer
 
 from tasks.defaults import (
     DEFAULT_AUTO_MIN_REQUESTS,
@@ -29,6 +29,7 @@ from tasks.defaults import (
     DEFAULT_TIMEOUT_S,
     MAX_BATCH_REQUESTS,
 )
+from tasks.redact import redact_url
 
 __all__ = ["CommonOptions", "cli_flag", "flat_parameters", "flow_arguments", "options_table"]
 
@@ -191,6 +192,12 @@ class CommonOptions(BaseModel):
         "abandoned (and retried).",
         json_schema_extra=_cli("--idle-timeout"),
     )
+
+    @field_serializer("base_url", when_used="json")
+    def _base_url_shown(self, value: str | None) -> str | None:
+        """As Prefect stores a flow run's parameters (JSON): credentials in the URL redacted. The run
+        itself gets the model as it is."""
+        return None if value is None else redact_url(value)
 
 
 def flow_arguments(parameters: dict[str, Any]) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import http.server
+import json
 import shutil
 import subprocess
 import sys
@@ -306,6 +307,7 @@ def test_url_credentials_appear_nowhere_in_clear(prefect_server, emulator, tmp_p
     from prefect.logging.handlers import APILogWorker
 
     from flows.caption import caption_flow
+    from flows.params import CommonOptions
     from tasks.errors import RunNotCompleted
 
     upstream = f"http://127.0.0.1:{urlsplit(emulator.base_url).port}"
@@ -326,7 +328,8 @@ def test_url_credentials_appear_nowhere_in_clear(prefect_server, emulator, tmp_p
 
         async def tracked() -> dict:
             try:
-                await caption_flow(input=str(src), output=str(tmp_path / "flow"), options=common)
+                # As the command calls it: the options model, which Prefect stores with the URL redacted.
+                await caption_flow(input=str(src), output=str(tmp_path / "flow"), options=CommonOptions(**common))
             except RunNotCompleted as exc:
                 return exc.document
             raise AssertionError("a run with a failed row ends 'completed with errors'")
@@ -346,7 +349,8 @@ def test_url_credentials_appear_nowhere_in_clear(prefect_server, emulator, tmp_p
             ids = [doc["flow_run_id"]]
             logs = await client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=ids)))
             artifacts = await client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)))
-            return [log.message for log in logs] + [str(a.data) for a in artifacts]
+            run = await client.read_flow_run(doc["flow_run_id"])  # its parameters, as the server keeps them
+            return [log.message for log in logs] + [str(a.data) for a in artifacts] + [json.dumps(run.parameters)]
 
     records = asyncio.run(prefect_records())
     assert records, "the flow run logged and published its summary"
@@ -354,7 +358,7 @@ def test_url_credentials_appear_nowhere_in_clear(prefect_server, emulator, tmp_p
     texts = {
         "cli stdout": untracked.stdout, "cli stderr": untracked.stderr, "wrong key stderr": wrong.stderr,
         "wrong key stdout": wrong.stdout, "test stdout": captured.out, "test stderr": captured.err,
-        "prefect logs and artifacts": "\n".join(records),
+        "prefect logs, artifacts, flow run parameters": "\n".join(records),
         "outputs": (everything_written(tmp_path / "cli") + everything_written(tmp_path / "flow")).decode("latin-1"),
     }  # fmt: skip
     leaks = [(where, s) for where, text in texts.items() for s in secrets if s in text]
