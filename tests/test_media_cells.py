@@ -169,12 +169,18 @@ def test_media_root_widens_where_paths_may_point(emulator, hostile, tmp_path):
 
 # -- http(s) cells -----------------------------------------------------------------------------------
 @contextmanager
-def file_server(files: dict[str, bytes]) -> Iterator[str]:
+def file_server(files: dict[str, bytes | str]) -> Iterator[str]:
     """A real HTTP server on 127.0.0.1 serving ``files``; yields its base URL."""
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802
             body = files.get(self.path)
+            if isinstance(body, str):  # a redirect
+                self.send_response(302)
+                self.send_header("Location", body)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             if body is None:
                 self.send_response(404)
                 self.send_header("Content-Length", "0")
@@ -222,6 +228,20 @@ def test_http_cells_are_fetched_when_allowed_and_reach_loopback_only_when_asked(
         assert row["transcript"] == fake_transcript(sample.read_bytes(), "wav", MODEL)
     (missing,) = read_errors(tmp_path / "b")["error_message"].to_list()
     assert "missing.bin answered HTTP 404" in missing
+
+
+def test_redirects_are_checked_like_cells_and_bodies_are_capped():
+    png = (IMAGES / "sunset.png").read_bytes()
+    with file_server({"/ok/a.png": png, "/ok/away": "/private/a.png", "/ok/here": "/ok/a.png"}) as site:
+        policy = MediaPolicy.under((f"{site}/ok/",), allow_private=True)
+        assert policy.open(policy.check(f"{site}/ok/here")).read() == png
+        with pytest.raises(MediaRefused, match="not fetched unless allowed"):
+            policy.open(f"{site}/ok/away")
+        with pytest.raises(MediaRefused, match="not fetched unless allowed"):
+            policy.check(f"{site}/private/a.png")
+        small = MediaPolicy.under((f"{site}/ok/",), allow_private=True, max_url_bytes=100)
+        with pytest.raises(MediaRefused, match="over the 100-byte limit"):
+            small.open(f"{site}/ok/a.png")
 
 
 def test_policy_checks_every_address_and_follows_the_input_root(tmp_path):

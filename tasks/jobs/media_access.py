@@ -18,7 +18,10 @@ import os
 import posixpath
 import socket
 import tempfile
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
+from io import BytesIO
 from typing import IO
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
@@ -203,7 +206,7 @@ class MediaPolicy:
     def open(self, path: str) -> IO[bytes]:
         """A readable binary file for a location :meth:`check` returned (http(s): fetched here)."""
         if scheme_of(path) in HTTP_SCHEMES:
-            return fetch_url(path, self)
+            return _fetch_cached(path, self)
         fs, fs_path = fsspec.core.url_to_fs(path)
         if fs.isdir(fs_path):
             raise IsADirectoryError(f"{path} is a folder")
@@ -252,6 +255,35 @@ def _addresses(host: str, port: int, policy: MediaPolicy, shown: str) -> list[st
     if not addresses:
         raise MediaRefused(f"{shown}: the host {host!r} resolves to no address")
     return addresses
+
+
+# A row's file is opened several times (size, header, probe, hash, then the send): small bodies are
+# kept for the next open instead of being fetched again.
+CACHE_BYTES = 256 << 20
+CACHE_ITEM_BYTES = 32 << 20
+_cache: OrderedDict[tuple[str, MediaPolicy], bytes] = OrderedDict()
+_cache_lock = threading.Lock()
+
+
+def _fetch_cached(url: str, policy: MediaPolicy) -> IO[bytes]:
+    key = (url, policy)
+    with _cache_lock:
+        body = _cache.get(key)
+        if body is not None:
+            _cache.move_to_end(key)
+            return BytesIO(body)
+    fetched = fetch_url(url, policy)
+    size = fetched.seek(0, os.SEEK_END)
+    fetched.seek(0)
+    if size > CACHE_ITEM_BYTES:
+        return fetched
+    with fetched:
+        body = fetched.read()
+    with _cache_lock:
+        _cache[key] = body
+        while sum(len(b) for b in _cache.values()) > CACHE_BYTES:
+            _cache.popitem(last=False)
+    return BytesIO(body)
 
 
 def fetch_url(url: str, policy: MediaPolicy) -> IO[bytes]:
