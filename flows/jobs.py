@@ -177,7 +177,7 @@ def media_policy(parameters: dict[str, Any]) -> MediaPolicy:
     """Where the files named in a media column may be: under the input's folder (or prefix) and any
     --media-root, URLs of an --allow-media-scheme anywhere. Refuses, before anything is sent, a scheme
     whose filesystem package is not installed (one message rather than an error row per cell)."""
-    from tasks.jobs.media_access import HTTP_SCHEMES, MediaPolicy, missing_package, scheme_of
+    from tasks.jobs.media_access import HTTP_SCHEMES, UNKNOWN, MediaPolicy, missing_package, scheme_of
 
     roots = tuple(parameters.get("media_root") or ())
     schemes = tuple(s.lower().strip().removesuffix("://") for s in parameters.get("allow_media_scheme") or ())
@@ -185,6 +185,8 @@ def media_policy(parameters: dict[str, Any]) -> MediaPolicy:
         if scheme in (*HTTP_SCHEMES, "file"):
             continue
         missing = missing_package(scheme)
+        if missing and missing.startswith(UNKNOWN):
+            raise ConfigError(f"--allow-media-scheme / --media-root: {scheme}:// is not a scheme gembatch can read")
         if missing:
             raise ConfigError(
                 f"media {scheme}:// URLs are allowed (--allow-media-scheme / --media-root), but reading them needs "

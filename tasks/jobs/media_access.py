@@ -46,6 +46,7 @@ URL_CONNECT_TIMEOUT_S = 10.0
 MAX_REDIRECTS = 5
 SPOOL_BYTES = 8 << 20  # a fetched body past this many bytes waits in a temporary file, not in memory
 GLOB_CHARS = "*?["
+UNKNOWN = "an unknown scheme"
 # fsspec's own error text says which package a protocol needs; these name it for the common ones.
 PACKAGES = {
     "s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs", "abfss": "adlfs",
@@ -94,7 +95,7 @@ def missing_package(scheme: str) -> str | None:
         package = PACKAGES.get(scheme)
         return f"pip install {package}" if package else f"the package fsspec names: {exc}"
     except ValueError:
-        return f"nothing: {scheme}:// is not a scheme fsspec knows"
+        return f"{UNKNOWN}: fsspec knows no {scheme}:// protocol"
     return None
 
 
@@ -168,6 +169,10 @@ class MediaPolicy:
                 )
             return path
         missing = missing_package(scheme)
+        if missing is not None and missing.startswith(UNKNOWN):
+            raise MediaRefused(
+                f"{kind} {shown}: {scheme}:// is not a scheme gembatch can read (fsspec knows no such protocol)"
+            )
         if not self._url_allowed(path, scheme):
             needs = f" (reading them needs {missing})" if missing else ""
             raise MediaRefused(
