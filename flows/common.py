@@ -201,11 +201,11 @@ async def _run(job: Job, parameters: dict[str, Any]) -> dict[str, Any]:
         c["not_attempted"],
         document["requests"]["sent"],
         document["requests"]["rate_limited_429"],
-        document["output"]["path"],
+        redact_text(document["output"]["path"]),
         document["run_id"],
     )
     if document["status"] != COMPLETED:
-        logger.error("%s — %s", document["status"], document["message"])
+        logger.error("%s — %s", document["status"], redact_text(document["message"]))
     elif document["message"]:
-        logger.warning("%s", document["message"])
+        logger.warning("%s", redact_text(document["message"]))
     return document
