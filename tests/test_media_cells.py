@@ -384,3 +384,17 @@ def test_url_credentials_appear_nowhere_in_clear(prefect_server, emulator, tmp_p
     leaks = [(where, s) for where, text in texts.items() for s in secrets if s in text]
     assert leaks == []
     assert "***" in (tmp_path / "cli" / "_runs").glob("*.json").__next__().read_text()
+
+
+def test_a_file_swapped_for_a_link_after_planning_is_refused_when_opened(tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "secret.png").write_text(SECRET_LINE)
+    planned = tmp_path / "in" / "a.png"
+    shutil.copy(IMAGES / "sunset.png", planned)
+    policy = MediaPolicy.for_input(str(tmp_path / "in" / "list.csv"))
+    location = policy.check(str(planned))
+    planned.unlink()
+    planned.symlink_to(tmp_path / "secret.png")
+    with pytest.raises(MediaRefused, match="through a symbolic link") as refused:
+        policy.open(location)
+    assert "TOPSECRET" not in str(refused.value)

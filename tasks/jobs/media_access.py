@@ -212,6 +212,9 @@ class MediaPolicy:
         """A readable binary file for a location :meth:`check` returned (http(s): fetched here)."""
         if scheme_of(path) in HTTP_SCHEMES:
             return _fetch_cached(path, self)
+        if scheme_of(path) == "file" and self.roots is not None:
+            # Checked again as it is opened: a file swapped for a link since the row was planned.
+            path = self._check_local(_local(path), redact_url(path), "media")
         fs, fs_path = fsspec.core.url_to_fs(path)
         if fs.isdir(fs_path):
             raise IsADirectoryError(f"{path} is a folder")
