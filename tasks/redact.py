@@ -45,17 +45,18 @@ def redact_url(url: str) -> str:
         hostname, port = parts.hostname, parts.port
     except ValueError:  # a malformed port or host: hide what could be userinfo
         return _USERINFO.sub(MASK + "@", url)
-    netloc = parts.netloc
+    netloc, query = parts.netloc, parts.query
+    secret_query = bool(query) and any(is_secret_param(k) for k, _ in parse_qsl(query, keep_blank_values=True))
+    if "@" not in netloc and not secret_query:
+        return url  # nothing to hide: the URL exactly as given
     if "@" in netloc:
         host = hostname or ""
         if ":" in host:  # IPv6
             host = f"[{host}]"
         netloc = f"{MASK}@{host}" + (f":{port}" if port is not None else "")
-    query = parts.query
-    if query:
+    if secret_query:
         pairs = parse_qsl(query, keep_blank_values=True)
-        if any(is_secret_param(k) for k, _ in pairs):
-            query = "&".join(f"{k}={MASK}" if is_secret_param(k) else (f"{k}={v}" if v else k) for k, v in pairs)
+        query = "&".join(f"{k}={MASK}" if is_secret_param(k) else (f"{k}={v}" if v else k) for k, v in pairs)
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 

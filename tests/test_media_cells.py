@@ -258,6 +258,13 @@ def test_policy_checks_every_address_and_follows_the_input_root(tmp_path):
     assert remote._url_allowed("s3://bucket/prefix/a/b.png", "s3")
     assert not remote._url_allowed("s3://bucket/prefix/../other/b.png", "s3")
     assert not remote._url_allowed("s3://bucket/prefixed/b.png", "s3")
+    # fsspec names one file several ways: a glob's listing gives memory:///…, the input memory://…
+    glob = MediaPolicy.for_input("memory://audio-in/2025/**/*.wav")
+    assert glob.check("memory:///audio-in/2025/a/x.wav") == "memory:///audio-in/2025/a/x.wav"
+    with pytest.raises(MediaRefused, match="memory:// URLs are not read"):
+        glob.check("memory://audio-in/2025/../other.wav")
+    with pytest.raises(MediaRefused, match="not a scheme gembatch can read"):
+        glob.check("nosuchscheme://x/y.wav")
 
 
 # -- secrets in URLs ---------------------------------------------------------------------------------

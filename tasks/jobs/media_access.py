@@ -100,10 +100,20 @@ def missing_package(scheme: str) -> str | None:
 
 
 def _normal_url(url: str) -> str:
-    """scheme://netloc/path with ``.`` and ``..`` resolved (query and fragment dropped), host lower case."""
-    parts = urlsplit(url)
-    path = posixpath.normpath("/" + parts.path.lstrip("/")) if parts.path else "/"
-    return urlunsplit((parts.scheme.lower(), parts.netloc.lower(), path, "", ""))
+    """A URL as its roots are compared: ``.`` and ``..`` resolved, query and fragment dropped; http(s)
+    as scheme://host[:port]/path (host lower case); other schemes as fsspec names the path
+    (``memory:///a/b`` and ``memory://a/b`` are one file), scheme://path."""
+    scheme = scheme_of(url)
+    if scheme in HTTP_SCHEMES:
+        parts = urlsplit(url)
+        path = posixpath.normpath("/" + parts.path.lstrip("/")) if parts.path else "/"
+        return urlunsplit((scheme, parts.netloc.lower(), path, "", ""))
+    rest = url.split("://", 1)[1].split("?", 1)[0].split("#", 1)[0]
+    try:
+        rest = fsspec.get_filesystem_class(scheme)._strip_protocol(url.split("?", 1)[0].split("#", 1)[0])
+    except (ImportError, ValueError):
+        pass
+    return f"{scheme}://" + posixpath.normpath("/" + str(rest).lstrip("/")).lstrip("/")
 
 
 def _under(path: str, root: str, sep: str) -> bool:
