@@ -16,7 +16,6 @@ import typer
 from flows import commands
 from flows.options import ApiKeyEnv, BaseUrl, Provider, console, err_console
 from tasks.errors import GembatchError
-from tasks.redact import redact_text
 
 app = typer.Typer(
     help="Rate-limited, resumable LLM batch jobs over Parquet/CSV (Gemini's OpenAI-compatible API by default).",
@@ -188,10 +187,9 @@ def main() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     try:
         app()
-    except GembatchError as exc:
-        err_console.print(f"[bold red]error:[/] {redact_text(str(exc))}", highlight=False)
-        sys.exit(2)
-    except ValueError as exc:
+    except (GembatchError, ValueError) as exc:
+        from tasks.redact import redact_text  # here, not at the top: --help imports only what it shows
+
         err_console.print(f"[bold red]error:[/] {redact_text(str(exc))}", highlight=False)
         sys.exit(2)
 

@@ -14,7 +14,6 @@ from rich.console import Console
 from rich.table import Table
 
 from flows.params import CommonOptions, cli_flag, flow_arguments
-from tasks.redact import redact_text
 
 console = Console()
 err_console = Console(stderr=True)
@@ -205,6 +204,7 @@ EXIT_FAILED_ROWS = 4
 
 def finish(document: dict[str, Any]) -> None:
     from tasks.engine.run import COMPLETED_WITH_ERRORS
+    from tasks.redact import redact_text
 
     print_summary(document)
     if document["status"] not in ("completed", "dry run"):

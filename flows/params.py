@@ -29,7 +29,6 @@ from tasks.defaults import (
     DEFAULT_TIMEOUT_S,
     MAX_BATCH_REQUESTS,
 )
-from tasks.redact import redact_url
 
 __all__ = ["CommonOptions", "cli_flag", "flat_parameters", "flow_arguments", "options_table"]
 
@@ -197,6 +196,8 @@ class CommonOptions(BaseModel):
     def _base_url_shown(self, value: str | None) -> str | None:
         """As Prefect stores a flow run's parameters (JSON): credentials in the URL redacted. The run
         itself gets the model as it is."""
+        from tasks.redact import redact_url  # --help imports this module, and nothing it doesn't need
+
         return None if value is None else redact_url(value)
 
 
