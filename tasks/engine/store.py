@@ -735,10 +735,14 @@ def _part_hash(table: pa.Table, id_col: str) -> str:
 
 
 def _redacted_messages(table: pa.Table) -> pa.Table:
-    """Error rows as written: no URL credentials in a message, whatever produced it (a provider's
-    answer quoting the request URL, a media cell holding a presigned link)."""
-    if "error_message" not in table.column_names:
-        return table
-    column = table.column("error_message")
-    redacted = pa.array([None if m is None else redact_text(m) for m in column.to_pylist()], column.type)
-    return table.set_column(table.column_names.index("error_message"), "error_message", redacted)
+    """Error rows as written: no URL credentials in a message or a kept reply, whatever produced it (a
+    gateway's answer quoting the request URL, a media cell holding a presigned link)."""
+    for name in ("error_message", "raw_reply"):
+        if name not in table.column_names:
+            continue
+        column = table.column(name)
+        if not pa.types.is_string(column.type) and not pa.types.is_large_string(column.type):
+            continue
+        redacted = pa.array([None if m is None else redact_text(m) for m in column.to_pylist()], column.type)
+        table = table.set_column(table.column_names.index(name), name, redacted)
+    return table
