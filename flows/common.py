@@ -22,6 +22,7 @@ from tasks.engine.run import COMPLETED, RunOptions, run_job
 from tasks.engine.shard import Shard
 from tasks.errors import GembatchError, RunNotCompleted
 from tasks.provider.client import ProviderSettings
+from tasks.redact import redact_text
 
 __all__ = ["options_from", "run_flow", "run_flow_job", "run_options", "run_untracked"]
 
@@ -112,11 +113,12 @@ async def run_flow_job(job: Job, parameters: dict[str, Any]) -> dict[str, Any]:
         document = await _run(job, parameters)
     except GembatchError as exc:
         # The message says what to do; Prefect's traceback would only bury it.
-        get_run_logger().error("%s", exc)
-        return Failed(message=str(exc), data=exc)
+        message = redact_text(str(exc))
+        get_run_logger().error("%s", message)
+        return Failed(message=message, data=exc)
     if document["status"] not in (COMPLETED, "dry run"):
         problem = RunNotCompleted(document)
-        return Failed(message=str(problem), data=problem)
+        return Failed(message=redact_text(str(problem)), data=problem)
     return document
 
 
@@ -199,11 +201,11 @@ async def _run(job: Job, parameters: dict[str, Any]) -> dict[str, Any]:
         c["not_attempted"],
         document["requests"]["sent"],
         document["requests"]["rate_limited_429"],
-        document["output"]["path"],
+        redact_text(document["output"]["path"]),
         document["run_id"],
     )
     if document["status"] != COMPLETED:
-        logger.error("%s — %s", document["status"], document["message"])
+        logger.error("%s — %s", document["status"], redact_text(document["message"]))
     elif document["message"]:
-        logger.warning("%s", document["message"])
+        logger.warning("%s", redact_text(document["message"]))
     return document

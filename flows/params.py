@@ -16,7 +16,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_serializer
 
 from tasks.defaults import (
     DEFAULT_AUTO_MIN_REQUESTS,
@@ -189,6 +189,14 @@ class CommonOptions(BaseModel):
         "abandoned (and retried).",
         json_schema_extra=_cli("--idle-timeout"),
     )
+
+    @field_serializer("base_url", when_used="json")
+    def _base_url_shown(self, value: str | None) -> str | None:
+        """As Prefect stores a flow run's parameters (JSON): credentials in the URL redacted. The run
+        itself gets the model as it is."""
+        from tasks.redact import redact_url  # --help imports this module, and nothing it doesn't need
+
+        return None if value is None else redact_url(value)
 
 
 def flow_arguments(parameters: dict[str, Any]) -> dict[str, Any]:

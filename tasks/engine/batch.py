@@ -668,7 +668,8 @@ class BatchRun:
             "job": ctx.job.name,
             "model": ctx.job.model,
             "provider": self.conn.provider,
-            "base_url": self.conn.base_url,
+            # Credentials in the URL are never written (`gembatch batches --base-url URL` gives them again).
+            "base_url": self.conn.shown_url,
             "flavor": self.api.flavor,
             "endpoint": endpoint,
             "state": PREPARED,

@@ -47,6 +47,7 @@ from tasks.errors import ConfigError, GembatchError, RunStopped
 from tasks.jobs.media import folder_extensions
 from tasks.provider.client import ProviderSettings, check_model, open_connection, require_key
 from tasks.provider.prices import BATCH_PRICE_FACTOR
+from tasks.redact import redact_data
 
 if TYPE_CHECKING:
     from tasks.engine.shared_limits import SharedLimits
@@ -180,8 +181,8 @@ async def run_job(
             "job": job.name,
             "status": "running",
             "message": "",
-            "parameters": parameters or {},
-            "provider": {"name": conn.provider, "host": conn.host, "base_url": conn.base_url, "model": job.model},
+            "parameters": redact_data(parameters or {}),
+            "provider": {"name": conn.provider, "host": conn.host, "base_url": conn.shown_url, "model": job.model},
             "job_parameters": job.parameters(),
             "input": await asyncio.to_thread(input_record, source, total_rows),
             "output": {
