@@ -128,6 +128,9 @@ class RowFailure:
     kind: str
     message: str
     raw_reply: str | None = None
+    # False: asking again would pay again for what was already made (an image that could not be
+    # downloaded): the row goes to _errors/ at once.
+    ask_again: bool = True
 
 
 @dataclass(slots=True)
@@ -816,7 +819,7 @@ async def _send(ctx: RunContext, items: list[Item], outcomes: dict[str, Outcome 
             for item, result in zip(items, reply.results):
                 if not isinstance(result, RowFailure):
                     outcomes[item.content_hash] = Outcome(result=result, attempts=attempts)
-                elif attempts < ctx.retry.max_row_failure_attempts:
+                elif result.ask_again and attempts < ctx.retry.max_row_failure_attempts:
                     again.append(item)
                 else:
                     outcomes[item.content_hash] = Outcome(
