@@ -372,7 +372,7 @@ def classify_failure(exc: BaseException) -> Failure:
             if _is_daily_quota(error):
                 return Failure("daily_quota", message, status, retry_after)
             return Failure("rate_limited", message, status, retry_after)
-        if status >= 500 or status in (408, 409):
+        if (status >= 500 and status != 501) or status in (408, 409):
             return Failure("transient", message, status, retry_after)
         if status == 401 or "API_KEY_INVALID" in json.dumps(exc.body, default=str):
             return Failure("auth", message, status)
@@ -386,7 +386,8 @@ def classify_failure(exc: BaseException) -> Failure:
         if param is not None:
             where = _route_of(exc)
             return Failure("param_refused", f"{where}HTTP {status}: {text}", status, param=param)
-        if status == 404:
+        if status in (404, 405, 501):
+            # No such model, or a route this server (or the gateway before it) doesn't have.
             return Failure("not_found", message, status)
         return Failure("invalid_request", message, status)
     if isinstance(exc, openai.APITimeoutError):
