@@ -174,3 +174,17 @@ def test_an_image_url_that_cannot_be_fetched_fails_without_a_second_request():
         asyncio.run(download_image(url, 0, timeout=httpx2.Timeout(2.0), attempts=2))
     message = str(caught.value)
     assert "secret" not in message and "abc" not in message and "--retry-errors" in message
+
+
+def test_a_flow_run_stopped_by_a_refused_parameter_is_failed_with_the_paragraph(prefect_server, tmp_path):
+    from flows.embed import embed_flow
+
+    src = texts(tmp_path / "in.csv", 5)
+    with Emulator(EmulatorConfig(api_key=TEST_KEY, refuse_params=("dimensions",))) as emu:
+        common = {"base_url": emu.base_url, "api_key_env": TEST_KEY_ENV}
+        state = asyncio.run(
+            embed_flow(input=str(src), output=str(tmp_path / "out"), dimensions=768, options=common, return_state=True)
+        )
+    assert state.is_failed()
+    assert state.message.startswith("failed: parameter refused: POST ")
+    assert "'dimensions'" in state.message and "drop_params" in state.message and "Traceback" not in state.message
