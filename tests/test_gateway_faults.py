@@ -149,6 +149,27 @@ def _rows_of(job: str, inputs: dict[str, Path], default: int) -> int:
     return pcsv.read_csv(inputs[source]).num_rows if source else default
 
 
+@pytest.mark.parametrize(
+    "failure", [pytest.param(f, marks=() if f in ("401", "404", "502-html") else (pytest.mark.slow,)) for f in FAILURES]
+)
+def test_the_model_check_through_every_failure(failure, server, inputs, tmp_path, capsys):
+    """GET models/{id} (and the model list) answering each failure: the command ends before any work
+    (exit 2) with one paragraph, or, for a server without those routes, runs on."""
+    status, body = FAILURES[failure]
+    out = tmp_path / "out"
+    argv = command("embed", inputs, out, server.base_url)
+    server.configure(route_answers={"models": CannedAnswer(status=status, body=body, message=f"gateway says {status}")})
+    try:
+        code, err = gembatch(argv, capsys)
+    finally:
+        server.configure(route_answers={})
+    assert_one_paragraph(code, err)
+    assert code in (0, 2), err
+    if code == 2:
+        assert not list(out.glob("part-*.parquet"))
+    assert_resumes(argv, out, capsys, rows=ROWS)
+
+
 BATCH_JOBS = ("embed", "generate")
 
 
