@@ -46,6 +46,10 @@ JOBS: dict[str, tuple[str, list[str]]] = {
     ),
     "caption": ("chat/completions", ["caption", "{images}", "--model", "gemini-2.5-flash"]),
     "transcribe": ("chat/completions", ["transcribe", "{audio}", "--model", "gemini-2.5-flash"]),
+    "transcribe-api": (
+        "audio/transcriptions",
+        ["transcribe", "{audio}", "--api", "transcriptions", "--model", "whisper-1"],
+    ),
     "images": ("images/generations", ["images", "{prompts}", "--model", "imagen-4.0-generate-001"]),
     "generate": ("chat/completions", ["generate", "{texts}", "--prompt", "Say: {text}", "--model", "gemini-2.5-flash"]),
     "generate-stream": (
@@ -145,7 +149,7 @@ def test_every_job_live_through_every_failure(job, failure, server, inputs, tmp_
 
 
 def _rows_of(job: str, inputs: dict[str, Path], default: int) -> int:
-    source = {"caption": "images", "transcribe": "audio"}.get(job)
+    source = {"caption": "images", "transcribe": "audio", "transcribe-api": "audio"}.get(job)
     return pcsv.read_csv(inputs[source]).num_rows if source else default
 
 
