@@ -404,7 +404,7 @@ def classify_failure(exc: BaseException) -> Failure:
     raise exc
 
 
-def _one_paragraph(text: str, limit: int = 400) -> str:
+def _one_paragraph(text: str, limit: int = 600) -> str:
     """A server's message as one line: a gateway's second paragraph ("LiteLLM: model group … failed")
     and an HTML page's markup add nothing a user can act on."""
     if "<" in text and ">" in text and re.search(r"<(html|body|head|title|h1|center)\b", text, re.IGNORECASE):
