@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from emulator.server import ApiError, Emulator, EmulatorConfig, serve
+from emulator.server import ApiError, CannedAnswer, Emulator, EmulatorConfig, serve
 
-__all__ = ["ApiError", "Emulator", "EmulatorConfig", "serve"]
+__all__ = ["ApiError", "CannedAnswer", "Emulator", "EmulatorConfig", "serve"]

@@ -105,6 +105,59 @@ STATS_PATH = "/_emulator/stats"
 # POST a JSON object of EmulatorConfig fields (fault rates, latency…) to change an emulator running in
 # another process, e.g. to start and end an outage during a benchmark. Needs the key.
 CONFIG_PATH = "/_emulator/config"
+# Images answered by URL are served here (no key: like a storage bucket's signed link).
+SERVED_IMAGES_PATH = "/_emulator/images/"
+
+
+def _route_key(path: str) -> str | None:
+    """The route a path is on, as EmulatorConfig.route_answers names it."""
+    path = unquote(path).split("?", 1)[0]
+    if path.startswith(("/upload/v1beta/files", "/download/v1beta/")):
+        return "files"
+    for prefix in PREFIXES:
+        if path.startswith(prefix):
+            rest = path[len(prefix) :].strip("/")
+            for route in (*ROUTES, "files", "batches"):
+                if rest == route or rest.startswith(route + "/"):
+                    return route
+    return None
+
+
+CANNED_BODIES: tuple[str, ...] = ("json", "text", "html", "empty")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CannedAnswer:
+    """What a route answers instead of its work (``EmulatorConfig.route_answers``), as gateways and load
+    balancers do: ``body`` is ``json`` (OpenAI's error object), ``text`` (plain text), ``html`` (an nginx
+    error page) or ``empty`` (no body at all; with status 200, an empty success). The first ``after``
+    requests to the route are served as usual."""
+
+    status: int
+    body: str = "json"
+    message: str = "injected failure"
+    after: int = 0
+
+    def __post_init__(self) -> None:
+        if self.body not in CANNED_BODIES:
+            raise ValueError(f"body must be one of {', '.join(CANNED_BODIES)}, got {self.body!r}")
+
+    def response(self) -> Response:
+        if self.body == "empty":
+            return Response(self.status, b"")
+        if self.body == "text":
+            return Response(self.status, self.message.encode(), content_type="text/plain; charset=utf-8")
+        if self.body == "html":
+            try:
+                phrase = HTTPStatus(self.status).phrase
+            except ValueError:
+                phrase = "Error"
+            page = (
+                f"<html>\r\n<head><title>{self.status} {phrase}</title></head>\r\n<body>\r\n<center><h1>"
+                f"{self.status} {phrase}</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n"
+            )
+            return Response(self.status, page.encode(), content_type="text/html")
+        return _openai_error(self.status, self.message, str(self.status))
 
 
 @dataclass(kw_only=True)
@@ -173,9 +226,27 @@ class EmulatorConfig:
     batch_request_seconds: float = 0.0
     # A server or model without json_schema structured outputs: one of JSON_SCHEMA_SUPPORT.
     json_schema: str = "supported"
+    # -- behaving like a gateway in front of the server --
+    # Route -> a canned answer in place of its work: "embeddings", "chat/completions",
+    # "images/generations", "audio/transcriptions", "models", "files" (uploads and downloads too) or
+    # "batches".
+    route_answers: dict[str, CannedAnswer] = field(default_factory=dict)
+    # Request parameters refused with LiteLLM's 400 (``litellm.UnsupportedParamsError: Setting X is not
+    # supported …``) when a POST's JSON body carries them.
+    refuse_params: tuple[str, ...] = ()
+    # What images/generations answers when the request names no response_format: b64_json, or url (a
+    # link to the image on this server, as OpenAI's DALL·E models answer by default).
+    default_image_response: str = "b64_json"
 
     def __post_init__(self) -> None:
         self.models = tuple(self.models)
+        self.refuse_params = tuple(self.refuse_params)
+        self.route_answers = {
+            route: answer if isinstance(answer, CannedAnswer) else CannedAnswer(**answer)
+            for route, answer in dict(self.route_answers).items()
+        }
+        if self.default_image_response not in ("b64_json", "url"):
+            raise ValueError(f"default_image_response must be b64_json or url, got {self.default_image_response!r}")
         for kind in FAULT_KINDS:
             if not 0.0 <= getattr(self, f"fault_rate_{kind}") <= 1.0:
                 raise ValueError(f"fault_rate_{kind} must be within [0, 1]")
@@ -679,6 +750,9 @@ class Emulator:
             ("GET", "models"): self._models,
         }
         self.batches = BatchService(self)
+        self._route_hits: dict[str, int] = {}
+        # Images answered as URLs (default_image_response = "url"): name -> (bytes, mime type).
+        self._images_served: dict[str, tuple[bytes, str]] = {}
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -772,6 +846,8 @@ class Emulator:
             self._rng = random.Random(new.seed)
         if "models_503_first" in changes:
             self._models_503_left = new.models_503_first
+        if "route_answers" in changes:
+            self._route_hits.clear()
         self._config = new
         return new
 
@@ -928,7 +1004,14 @@ class Emulator:
         if req.method == "POST" and req.path == CONFIG_PATH:
             await self._write(writer, self._reconfigure(req, cfg), keep_alive=keep_alive)
             return keep_alive
+        if req.method == "GET" and req.path.startswith(SERVED_IMAGES_PATH):
+            await self._write(writer, self._served_image(req.path), keep_alive=keep_alive)
+            return keep_alive
         self._bump("requests")
+        canned = self._canned(req, cfg)
+        if canned is not None:
+            await self._write(writer, canned, keep_alive=keep_alive)
+            return keep_alive
         if BatchService.handles(req.path):
             self._bump("by_route", sub="batches")
             if not (self._authorised(req, cfg) or req.headers.get("x-goog-api-key") == cfg.api_key):
@@ -990,6 +1073,42 @@ class Emulator:
             return await resp.stream(writer, keep_alive)
         await self._write(writer, resp, keep_alive=keep_alive)
         return keep_alive
+
+    def _canned(self, req: Request, cfg: EmulatorConfig) -> Response | None:
+        """A gateway's own answer: a canned one for the route, or LiteLLM's 400 for a refused parameter."""
+        if not cfg.route_answers and not cfg.refuse_params:
+            return None
+        route = _route_key(req.path)
+        answer = cfg.route_answers.get(route) if route else None
+        if answer is not None:
+            with self._stats_lock:
+                seen = self._route_hits[route] = self._route_hits.get(route, 0) + 1
+            if seen > answer.after:
+                self._bump("faults", sub=f"canned:{route}")
+                return answer.response()
+        if cfg.refuse_params and req.method == "POST" and req.body[:1] == b"{":
+            try:
+                body = json.loads(req.body)
+            except ValueError:
+                return None
+            for param in cfg.refuse_params:
+                if isinstance(body, dict) and param in body:
+                    model = str(body.get("model", ""))
+                    message = (
+                        f"litellm.UnsupportedParamsError: Setting `{param}` is not supported by openai, {model}. To "
+                        "drop it from the call, set `litellm.drop_params = True`.\n\nLiteLLM: model group "
+                        f"'{model}' failed with the error above. No fallback was attempted."
+                    )
+                    self._bump("faults", sub=f"refused:{param}")
+                    return _openai_error(400, message, "400")
+        return None
+
+    def _served_image(self, path: str) -> Response:
+        found = self._images_served.get(path.rsplit("/", 1)[-1])
+        if found is None:
+            return Response(404, b"not found", content_type="text/plain")
+        blob, mime = found
+        return Response(200, blob, content_type=mime)
 
     @staticmethod
     def _is_switched_off(path: str, cfg: EmulatorConfig) -> bool:
@@ -1360,7 +1479,8 @@ class Emulator:
             raise _invalid(f"size: expected WIDTHxHEIGHT, got {size!r}.") from None
         if not (1 <= width <= 4096 and 1 <= height <= 4096):
             raise _invalid(f"size: {size!r} is out of range.")
-        response_format = body.get("response_format") or "b64_json"
+        served_url = "response_format" not in body and cfg.default_image_response == "url"
+        response_format = body.get("response_format") or cfg.default_image_response
         if response_format not in ("b64_json", "url"):
             raise _invalid(f"response_format: must be 'b64_json' or 'url', got {response_format!r}.")
         self._check_markers([prompt])
@@ -1374,7 +1494,11 @@ class Emulator:
             image = await loop.run_in_executor(None, fakes.fake_image, seed, width, height, cfg.image_format)
             b64 = base64.b64encode(image).decode()
             item = {"revised_prompt": f"[emulator] {prompt}"}
-            if response_format == "url":
+            if served_url:
+                name = f"{next(self._ids)}-{hashlib.sha256(image).hexdigest()[:16]}.{cfg.image_format}"
+                self._images_served[name] = (image, IMAGE_FORMATS[cfg.image_format])
+                item["url"] = f"http://{self.host}:{self.port}{SERVED_IMAGES_PATH}{name}"
+            elif response_format == "url":
                 item["url"] = f"data:{IMAGE_FORMATS[cfg.image_format]};base64,{b64}"
             else:
                 item["b64_json"] = b64

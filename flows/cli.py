@@ -185,13 +185,61 @@ def main() -> None:
     os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
     # Prefect's temporary server would try to send telemetry; many batch hosts have no way out.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    sys.exit(run_cli())
+
+
+# Set to 1 to see the Python traceback of an unexpected error (for developers and bug reports).
+DEBUG_ENV = "GEMBATCH_DEBUG"
+
+
+def run_cli(argv: list[str] | None = None) -> int:
+    """The `gembatch` command's exit code. Nothing a server, a gateway or the input does ends in a
+    traceback: every error is one paragraph on stderr (GEMBATCH_DEBUG=1 re-raises, for developers)."""
+    from flows.options import EXIT_STOPPED
+
+    debug = os.environ.get(DEBUG_ENV, "").strip() not in ("", "0", "false")
     try:
-        app()
+        app(args=argv, standalone_mode=True)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except (GembatchError, ValueError) as exc:
+        if debug:
+            raise
         from tasks.redact import redact_text  # here, not at the top: --help imports only what it shows
 
         err_console.print(f"[bold red]error:[/] {redact_text(str(exc))}", highlight=False)
-        sys.exit(2)
+        return 2
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        err_console.print("interrupted: rerun the same command to resume", highlight=False)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: one paragraph, never a traceback
+        if debug:
+            raise
+        from tasks.redact import redact_text
+
+        err_console.print(f"[bold red]error:[/] {redact_text(_unexpected(exc))}", highlight=False)
+        return EXIT_STOPPED
+    return 0
+
+
+def _unexpected(exc: BaseException) -> str:
+    try:
+        from tasks.provider.client import classify_failure
+
+        failure = classify_failure(exc)
+    except BaseException:  # noqa: BLE001 - not a server's answer: a bug to report
+        detail = " ".join(str(exc).split())[:300]
+        return (
+            f"gembatch stopped on an unexpected {type(exc).__name__}: {detail}. Finished rows are kept and a rerun "
+            f"of the same command resumes. This is a bug: rerun with {DEBUG_ENV}=1 to see the traceback, and "
+            "report it with that output."
+        )
+    return (
+        f"the server answered {failure.message.rstrip('.')}; gembatch stopped there. Finished rows are kept and a "
+        f"rerun of the same command resumes ({DEBUG_ENV}=1 shows the traceback)."
+    )
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from typing import Any
 
 from flows.params import CommonOptions, flat_parameters
 from tasks.engine.batch import BatchPolicy
-from tasks.engine.chunk import Job, process_chunk
+from tasks.engine.chunk import Job, RetryPolicy, process_chunk
 from tasks.engine.limits import Limits
 from tasks.engine.metadata import summary_rows
 from tasks.engine.outage import OutagePolicy
@@ -67,6 +67,7 @@ def run_options(input: str, output: str, options: CommonOptions) -> RunOptions:
         limits=Limits(
             rpm=options.rpm, tpm=options.tpm, max_concurrency=options.max_concurrency, window_s=options.rate_window
         ),
+        retry=RetryPolicy.from_env(),
         chunk_size=options.chunk_size,
         limit=options.limit,
         retry_errors=options.retry_errors,

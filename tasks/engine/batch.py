@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
+import re
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -85,6 +87,11 @@ from tasks.provider.client import Connection, classify_failure
 __all__ = ["BatchPolicy", "BatchRun", "BATCHES_DIR", "MODES", "check_batch_capable", "read_records"]
 
 MODES = ("live", "batch", "auto")
+log = logging.getLogger("gembatch.batch")
+# Tries of an upload or a batch creation that fails with a 5xx, a timeout or a broken connection.
+BATCH_ROUTE_ATTEMPTS = 4
+# A body saying the server has nowhere to keep files (LiteLLM without files_settings, a proxy without a store).
+_NO_STORAGE = re.compile(r"files_settings|file storage|storage (?:is )?not (?:set|configured)|no storage", re.I)
 # OpenAI's documented caps per input file; Gemini's (2 GB a file) are larger. Bytes are kept lower on
 # purpose: the OpenAI SDK sends a file in one request body.
 MAX_LINES_PER_FILE = MAX_BATCH_REQUESTS
@@ -230,6 +237,9 @@ class BatchRun:
         self._submitted = 0
         self._in_progress: str | None = None
         self._fatal: Any = None  # a Failure every line would meet (see _parse_line)
+        # Why the provider's Files/Batches routes can't be used (a gateway without file storage, a
+        # server without batches): ``auto`` sends the rest live, ``batch`` stops. None: usable so far.
+        self.unavailable: str | None = None
 
     @property
     def auto(self) -> bool:
@@ -411,7 +421,7 @@ class BatchRun:
         try:
             for chunk in chunks:
                 number += 1
-                if ctx.stop_event.is_set() or seen >= self.total_rows:
+                if ctx.stop_event.is_set() or self.unavailable is not None or seen >= self.total_rows:
                     break
                 chunk = chunk.slice(0, self.total_rows - seen)
                 first_row = seen
@@ -601,6 +611,8 @@ class BatchRun:
                 if not current.fits(len(items), len(line), self.policy, endpoint):
                     self._current = None
                     self._submitted += await self._submit(current, endpoint)
+                    if self.unavailable is not None:
+                        return False  # the request file was dropped: nothing holds these rows
                     if ctx.stop_event.is_set():
                         return True
                     current = self._current = self._new_file(key)
@@ -686,10 +698,26 @@ class BatchRun:
             "created_at": now(),
         }
         self.book.save(record)
-        record["file_id"] = await self.api.upload(request_file.path, request_file.name)
-        record["state"] = UPLOADED
-        self.book.save(record)
-        info = await self.api.create(record["file_id"], endpoint, {"gembatch": request_file.name})
+        file_id = await self._on_batch_route(
+            "POST files (upload of the request file)", lambda: self.api.upload(request_file.path, request_file.name)
+        )
+        info = None
+        if file_id is not None:
+            record["file_id"] = file_id
+            record["state"] = UPLOADED
+            self.book.save(record)
+            info = await self._on_batch_route(
+                "POST batches", lambda: self.api.create(file_id, endpoint, {"gembatch": request_file.name})
+            )
+        if info is None:
+            # Nothing was created, so nothing is paid: the record goes, and its rows are free again.
+            await asyncio.to_thread(self.book.remove, record)
+            self.mine.discard(request_file.name)
+            await asyncio.to_thread(self.claims.release, batch_key(request_file.name))
+            self._discard(request_file)
+            if reservation is not None and ctx.budget is not None:
+                ctx.budget.release(reservation)
+            return 0
         record.update(state=SUBMITTED, batch_id=info.id, status=info.status)
         self.book.save(record)
         request_file.path.unlink(missing_ok=True)
@@ -703,6 +731,62 @@ class BatchRun:
         self.totals.created += 1
         self.totals.lines_submitted += request_file.lines
         return request_file.lines
+
+    async def _on_batch_route(self, route: str, call: Callable[[], Awaitable[Any]]) -> Any:
+        """``call``'s answer; None when the route can't be used (then ``unavailable`` says why, and a
+        ``batch`` run is stopped). Transient failures are retried as requests are."""
+        ctx = self.ctx
+        attempts = 0
+        while True:
+            attempts += 1
+            try:
+                return await call()
+            except (asyncio.CancelledError, KeyboardInterrupt):
+                raise
+            except Exception as exc:  # noqa: BLE001 - classified below; a bug is re-raised
+                try:
+                    failure = classify_failure(exc)
+                except Exception:  # noqa: BLE001 - not a server's answer
+                    if isinstance(exc, ConfigError):
+                        failure = None
+                        message = str(exc)
+                    else:
+                        raise
+                else:
+                    message = self.conn.redact(failure.message)
+            if failure is not None and failure.retryable and attempts < BATCH_ROUTE_ATTEMPTS:
+                try:
+                    await asyncio.wait_for(ctx.stop_event.wait(), timeout=ctx.retry.delay(attempts, failure))
+                except TimeoutError:
+                    pass
+                if not ctx.stop_event.is_set():
+                    continue
+            self._unusable(route, message, failure)
+            return None
+
+    def _unusable(self, route: str, message: str, failure: Any) -> None:
+        where = f"{self.conn.host} ({self.conn.base_url})"
+        said = message.rstrip(".")
+        if failure is not None and failure.kind == "auth":
+            cause = "the key may not use the files or batches routes"
+        elif _NO_STORAGE.search(said):
+            cause = "the server or gateway has no file storage configured (LiteLLM: files_settings in its config.yaml)"
+        else:
+            cause = "the server or gateway offers no usable Files/Batches API"
+        self.unavailable = f"{route} at {where} answered {said}: {cause}"
+        if self.auto:
+            log.warning(
+                "--mode auto: %s; sending every row live instead (at the live price; nothing was sent as a batch)",
+                self.unavailable,
+            )
+            return
+        self.ctx.request_stop(
+            RunStopped(
+                "failed: batch unavailable",
+                f"--mode batch: {self.unavailable}. No batch was created and no row was marked as sent. Run the "
+                "same command with --mode live (or --mode auto, which falls back to live by itself)",
+            )
+        )
 
     async def _copy_stored(
         self, positions: np.ndarray, ids: list[Any], hashes: list[str], keys: np.ndarray, first_row: int
@@ -751,6 +835,18 @@ class BatchRun:
                             continue
                         if failure.fatal:
                             ctx.request_stop(failure.stop())
+                            return
+                        if not failure.retryable:
+                            # Asking again would get the same answer: stop; the record keeps the batch.
+                            ctx.request_stop(
+                                RunStopped(
+                                    "failed: batch unavailable",
+                                    f"GET batches/{record['batch_id']} at {self.conn.host} answered "
+                                    f"{self.conn.redact(failure.message).rstrip('.')}. The batch stays recorded in "
+                                    f"{self.options.output}/{BATCHES_DIR}/ and the next run polls it again; "
+                                    "`gembatch batches OUTPUT --cancel` gives it up",
+                                )
+                            )
                             return
                         still.append(record)
                         continue
@@ -1093,6 +1189,7 @@ class BatchRun:
             "requests_unfinished": t.lines_unfinished,
             "rows_live": t.live_rows,
             "rows_live_only": self.live_only,
+            "unavailable": self.unavailable,
             "tokens": {"prompt": t.prompt_tokens, "completion": t.completion_tokens, "total": t.total_tokens},
             "records": f"{self.options.output}/{BATCHES_DIR}/",
         }

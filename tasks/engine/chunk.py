@@ -11,6 +11,7 @@ import asyncio
 import functools
 import hashlib
 import json
+import os
 import random
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -60,6 +61,7 @@ __all__ = [
 # After a stop (daily quota, fatal error) requests already in flight get this long to finish: their
 # answers are paid for, so keep them if they come soon; then they are cancelled.
 STOP_GRACE_S = 5.0
+RETRY_DELAY_ENV = "GEMBATCH_RETRY_DELAY_S"
 # What an error row keeps of a reply that could not be used: enough to see what came back, never
 # megabytes (a base64 image, a runaway completion).
 MAX_RAW_REPLY_CHARS = 4000
@@ -128,6 +130,9 @@ class RowFailure:
     kind: str
     message: str
     raw_reply: str | None = None
+    # False: asking again would pay again for what was already made (an image that could not be
+    # downloaded): the row goes to _errors/ at once.
+    ask_again: bool = True
 
 
 @dataclass(slots=True)
@@ -180,6 +185,21 @@ class RetryPolicy:
     max_row_failure_attempts: int = 2
     base_delay_s: float = 1.0
     max_delay_s: float = 60.0
+
+    @classmethod
+    def from_env(cls) -> RetryPolicy:
+        """The default policy; ``GEMBATCH_RETRY_DELAY_S`` scales its back-off (base delay in seconds,
+        the cap 60 times it). For tests and developers who drive failures through the command line."""
+        raw = os.environ.get(RETRY_DELAY_ENV, "").strip()
+        if not raw:
+            return cls()
+        try:
+            base = float(raw)
+        except ValueError:
+            raise ValueError(f"{RETRY_DELAY_ENV} must be a number of seconds, got {raw!r}") from None
+        if base < 0:
+            raise ValueError(f"{RETRY_DELAY_ENV} must be 0 or more, got {raw!r}")
+        return cls(base_delay_s=base, max_delay_s=60 * base)
 
     def delay(self, attempt: int, failure: Failure) -> float:
         if failure.retry_after_s is not None:
@@ -816,7 +836,7 @@ async def _send(ctx: RunContext, items: list[Item], outcomes: dict[str, Outcome 
             for item, result in zip(items, reply.results):
                 if not isinstance(result, RowFailure):
                     outcomes[item.content_hash] = Outcome(result=result, attempts=attempts)
-                elif attempts < ctx.retry.max_row_failure_attempts:
+                elif result.ask_again and attempts < ctx.retry.max_row_failure_attempts:
                     again.append(item)
                 else:
                     outcomes[item.content_hash] = Outcome(

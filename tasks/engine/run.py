@@ -45,7 +45,7 @@ from tasks.engine.shard import Shard, ShardSource
 from tasks.engine.store import KnownParts, OutputStore
 from tasks.errors import ConfigError, GembatchError, RunStopped
 from tasks.jobs.media import folder_extensions
-from tasks.provider.client import ProviderSettings, check_model, open_connection, require_key
+from tasks.provider.client import ProviderSettings, check_model, classify_failure, open_connection, require_key
 from tasks.provider.prices import BATCH_PRICE_FACTOR
 from tasks.redact import redact_data
 
@@ -330,7 +330,7 @@ async def run_job(
         )
         document["claims"] = claims.describe()
         await asyncio.to_thread(store.write_run, run_id, document)
-        if error is not None:
+        if error is not None and not _answered_by_server(error):
             raise error
         return document
     finally:
@@ -730,11 +730,29 @@ def _room_for_chunk(ctx: RunContext, active: int, usual: int) -> bool:
     return active < MAX_CHUNKS_IN_FLIGHT and ctx.preparing == 0 and ctx.limiter.starved and not ctx.outage.is_open
 
 
+def _answered_by_server(error: BaseException) -> bool:
+    """An error a server, a gateway or the network made (not a bug): the run ends with its status and
+    message like any stopped run, instead of raising."""
+    try:
+        classify_failure(error)
+    except BaseException:  # noqa: BLE001 - classify_failure re-raises what it doesn't know
+        return False
+    return True
+
+
 def _status(ctx: RunContext, error: BaseException | None, options: RunOptions) -> tuple[str, str]:
     if isinstance(error, (KeyboardInterrupt, asyncio.CancelledError)):
         return "interrupted", "the run was interrupted; rerun the same command to resume"
+    if isinstance(error, RunStopped):
+        return error.status, str(error)
     if isinstance(error, GembatchError):
         return "failed: " + type(error).__name__, str(error)
+    if error is not None and _answered_by_server(error):
+        failure = classify_failure(error)
+        return f"failed: {failure.kind}", (
+            f"{failure.message.rstrip('.')}. The run stopped there: what was finished is kept, and a rerun of the "
+            "same command resumes (with --mode live if the failure was on a files or batches route)"
+        )
     if error is not None:
         return "failed: " + type(error).__name__, f"{type(error).__name__}: {error}"
     if ctx.stopped is not None:

@@ -29,6 +29,7 @@ __all__ = [
     "Connection",
     "Failure",
     "classify_failure",
+    "param_hint",
     "open_connection",
     "require_key",
     "check_model",
@@ -324,13 +325,15 @@ class Failure:
 
     kind: ``rate_limited`` | ``daily_quota`` | ``transient`` | ``invalid_request`` | ``auth`` |
     ``not_found`` | ``permission`` | ``schema_refused`` (a 400 refusing the request's JSON schema) |
-    ``json_schema_unsupported`` (a 400 saying the server or model has no ``response_format`` json_schema).
+    ``json_schema_unsupported`` (a 400 saying the server or model has no ``response_format`` json_schema) |
+    ``param_refused`` (a 400 refusing a parameter the run sends with every request, named in ``param``).
     """
 
     kind: str
     message: str
     status: int | None = None
     retry_after_s: float | None = None
+    param: str | None = None
 
     @property
     def retryable(self) -> bool:
@@ -340,7 +343,8 @@ class Failure:
     def fatal(self) -> bool:
         """Fatal for the whole run: every other request would fail the same way."""
         return self.kind in (
-            "auth", "not_found", "permission", "daily_quota", "schema_refused", "json_schema_unsupported"
+            "auth", "not_found", "permission", "daily_quota", "schema_refused", "json_schema_unsupported",
+            "param_refused",
         )  # fmt: skip
 
     def stop(self) -> RunStopped:
@@ -348,6 +352,7 @@ class Failure:
             "daily_quota": "stopped: daily quota",
             "schema_refused": "failed: schema refused",
             "json_schema_unsupported": "failed: json_schema unsupported",
+            "param_refused": "failed: parameter refused",
         }.get(self.kind, f"failed: {self.kind}")
         hint = {
             "daily_quota": "The provider's per-day quota is used up; rerun after it resets "
@@ -361,6 +366,7 @@ class Failure:
             "json_schema_unsupported": "This server or model does not take response_format json_schema, so "
             "nothing more was sent: rerun the same command with --via tools (the schema goes as a function "
             "with a forced tool_choice and gives the same typed columns); rows already done are kept.",
+            "param_refused": param_hint(self.param or ""),
         }.get(self.kind, "")
         message = self.message.strip().rstrip(".")
         return RunStopped(status, f"{message}. {hint}" if hint else message)
@@ -377,14 +383,15 @@ def classify_failure(exc: BaseException) -> Failure:
         error = _error_object(exc.body)
         # "detail": FastAPI-style servers (a proxy, a route the server doesn't have).
         text = str(error.get("message") or error.get("detail") or _short(exc.body) or exc.message)
-        text = text.strip().rstrip(".")
+        text = _one_paragraph(text)
         message = f"HTTP {status}: {text}"
+        sent = _sent_body(exc)
         retry_after = _retry_after(exc.response.headers, error)
         if status == 429:
             if _is_daily_quota(error):
                 return Failure("daily_quota", message, status, retry_after)
             return Failure("rate_limited", message, status, retry_after)
-        if status >= 500 or status in (408, 409):
+        if (status >= 500 and status != 501) or status in (408, 409):
             return Failure("transient", message, status, retry_after)
         if status == 401 or "API_KEY_INVALID" in json.dumps(exc.body, default=str):
             return Failure("auth", message, status)
@@ -392,9 +399,14 @@ def classify_failure(exc: BaseException) -> Failure:
             return Failure("permission", message, status)
         if status == 400 and _is_schema_refusal(error, text):
             return Failure("schema_refused", _with_field_path(message), status)
-        if status == 400 and _is_json_schema_unsupported(error, text):
+        if status == 400 and _sent_json_schema(sent) and _is_json_schema_unsupported(error, text):
             return Failure("json_schema_unsupported", message, status)
-        if status == 404:
+        param = _refused_param(error, text, sent) if status in (400, 422) else None
+        if param is not None:
+            where = _route_of(exc)
+            return Failure("param_refused", f"{where}HTTP {status}: {text}", status, param=param)
+        if status in (404, 405, 501):
+            # No such model, or a route this server (or the gateway before it) doesn't have.
             return Failure("not_found", message, status)
         return Failure("invalid_request", message, status)
     if isinstance(exc, openai.APITimeoutError):
@@ -409,6 +421,121 @@ def classify_failure(exc: BaseException) -> Failure:
     if isinstance(exc, (httpx2.TransportError, httpx2.StreamError)):
         return Failure("transient", f"the connection broke: {type(exc).__name__}: {exc}")
     raise exc
+
+
+def _one_paragraph(text: str, limit: int = 600) -> str:
+    """A server's message as one line: a gateway's second paragraph ("LiteLLM: model group … failed")
+    and an HTML page's markup add nothing a user can act on."""
+    if "<" in text and ">" in text and re.search(r"<(html|body|head|title|h1|center)\b", text, re.IGNORECASE):
+        title = re.search(r"<title[^>]*>(.*?)</title>|<h1[^>]*>(.*?)</h1>", text, re.IGNORECASE | re.DOTALL)
+        inner = next((g for g in title.groups() if g), "") if title else ""
+        text = f"an HTML page ({inner.strip() or 'no title'})"
+    text = text.strip().split("\n\n", 1)[0]
+    text = " ".join(text.split()).rstrip(".")
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _sent_body(exc: openai.APIStatusError) -> dict[str, Any] | None:
+    """The JSON body of the request that failed (None: unknown, or not JSON, e.g. multipart)."""
+    try:
+        content = exc.response.request.content
+    except Exception:  # noqa: BLE001 - no request, or a streamed body not read
+        return None
+    if not content:
+        return None
+    try:
+        body = json.loads(content)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return body if isinstance(body, dict) else None
+
+
+def _route_of(exc: openai.APIStatusError) -> str:
+    """``POST host/v1/embeddings answered `` for messages (no query string: it may hold a key)."""
+    try:
+        request = exc.response.request
+    except Exception:  # noqa: BLE001 - an error built without a request
+        return ""
+    return f"{request.method} {request.url.host}:{request.url.port or ''}{request.url.path} answered ".replace(
+        ":/", "/"
+    )
+
+
+def _sent_json_schema(sent: dict[str, Any] | None) -> bool:
+    """Whether the request carried response_format json_schema (True when the body is unknown)."""
+    if sent is None:
+        return True
+    response_format = sent.get("response_format")
+    return isinstance(response_format, dict) and response_format.get("type") == "json_schema"
+
+
+# The request's own content: a refusal naming these is about the row (or the model), not a parameter
+# the run could leave out.
+_CONTENT_KEYS = frozenset({"model", "messages", "input", "prompt", "file", "custom_id"})
+# How servers and gateways say they won't take a parameter: LiteLLM ("litellm.UnsupportedParamsError:
+# Setting dimensions is not supported …"), OpenAI ("Unrecognized request argument supplied: x",
+# "Unknown parameter: 'x'", "Unsupported parameter: 'x' is not supported with this model"), pydantic
+# servers such as vLLM ("Extra inputs are not permitted"), Gemini ("Invalid reasoning_effort: minimal").
+_REFUSAL_WORDS = re.compile(
+    r"UnsupportedParams|not supported|unsupported|does not support|doesn't support|unrecognized|unknown (?:param|"
+    r"field|argument|name)|unexpected (?:keyword|param|field)|extra inputs are not permitted|extra_forbidden|not "
+    r"permitted|not allowed|is not a valid|invalid (?:value for )?|deprecated|no longer (?:supported|available)",
+    re.IGNORECASE,
+)
+
+
+def _refused_param(error: dict[str, Any], text: str, sent: dict[str, Any] | None) -> str | None:
+    """The parameter of the request that a 400 refuses, when it names one the request carried."""
+    if not sent or not _REFUSAL_WORDS.search(text):
+        return None
+    candidates = [key for key in sent if key not in _CONTENT_KEYS]
+    named = str(error.get("param") or "").split(".", 1)[0].strip("'\"` ")
+    if named in candidates:
+        return named
+    for key in sorted(candidates, key=len, reverse=True):
+        # Short names (n) only when quoted, so that a word like "n't" never counts.
+        quoted = rf"[`'\"]{re.escape(key)}[`'\"]"
+        pattern = quoted if len(key) <= 2 else rf"{quoted}|(?<![\w.]){re.escape(key)}(?![\w])"
+        if re.search(pattern, text):
+            return key
+    return None
+
+
+# What each parameter gembatch may send is, and what leaving it out changes: the ways out of a refusal.
+_PARAM_WAYS_OUT: dict[str, str] = {
+    "dimensions": "rerun without --dimensions (the vectors then come at the model's full size, e.g. 3072 for "
+    "gemini-embedding-001, and are not shortened)",
+    "reasoning_effort": "rerun without --reasoning-effort (the model then thinks as much as it does by default), "
+    "or with a value this model takes",
+    "temperature": "rerun without --temperature (the model's own default is used)",
+    "top_p": "rerun without the option that sets top_p",
+    "top_k": "rerun without the option that sets top_k",
+    "seed": "rerun without the option that sets seed",
+    "max_tokens": "rerun without --max-tokens (answers are then as long as the model makes them)",
+    "max_completion_tokens": "rerun without --max-tokens (answers are then as long as the model makes them)",
+    "n": "rerun with --n 1 (one answer or image per row)",
+    "size": "rerun with another --size, or the size this model takes",
+    "quality": "rerun without --quality (the model's default quality is used, and priced)",
+    "response_format": "for extract, rerun with --via tools (the schema goes as a function instead)",
+    "tools": "for extract, rerun with --via json_schema (the default)",
+    "tool_choice": "for extract, rerun with --via json_schema (the default)",
+    "stream": "rerun without --stream",
+    "stream_options": "rerun without --stream",
+}
+
+
+def param_hint(param: str) -> str:
+    """What to do about a refused parameter: the option to drop, what that changes, and the gateway way."""
+    own = _PARAM_WAYS_OUT.get(param)
+    ways = [own] if own else [f"gembatch adds {param!r} itself: let the server or gateway accept or drop it"]
+    ways.append(
+        "or, behind a LiteLLM proxy, set `litellm_settings: drop_params: true` in its config.yaml (it then drops "
+        f"{param} without a word, with the same effect as leaving it out)"
+    )
+    return (
+        f"The server refused the parameter {param!r} that every request of this run carries, so nothing more was "
+        f"sent and no row was marked failed. Ways out: {'; '.join(ways)}. Rows already done are kept."
+    )
 
 
 def _error_object(body: object) -> dict[str, Any]:
