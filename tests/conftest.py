@@ -31,6 +31,22 @@ def _key_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(TEST_KEY_ENV, TEST_KEY)
 
 
+@pytest.fixture(autouse=True)
+def _prefect_console_on_this_tests_stderr() -> None:
+    """Prefect's console log handler keeps the stderr it was made with. When that was an earlier test's
+    capture (capsys), it is closed now, and each log line would print a 'Logging error' traceback: point
+    the handlers at this test's stderr, as a fresh process would have them."""
+    import logging
+    import sys
+
+    for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
+        for handler in getattr(logger, "handlers", ()):
+            console = getattr(handler, "console", None)
+            if isinstance(handler, logging.StreamHandler) and console is not None:
+                handler.stream = sys.stderr  # not setStream: it flushes the old, closed one
+                console.file = sys.stderr
+
+
 @pytest.fixture
 def emulator():
     with Emulator(EmulatorConfig(api_key=TEST_KEY)) as emu:
