@@ -105,7 +105,14 @@ async def run_sharded(job: Job, parameters: dict[str, Any]) -> dict[str, Any]:
     total_rows = await asyncio.to_thread(check_ids, source, options.id_col, limit=None)
     store = OutputStore(options.output)
     await asyncio.to_thread(store.prepare)
-    await asyncio.to_thread(store.claim, job=job.name, model=job.model, run_id=run_id, force=options.force)
+    await asyncio.to_thread(
+        store.claim,
+        job=job.name,
+        model=job.model,
+        run_id=run_id,
+        force=options.force,
+        change_model=options.change_model,
+    )
     had_rows = bool(store.result_files() or store.error_files())
     deployment_id = await _deployment_of_this_flow()
     recorded = {k: v for k, v in parameters.items() if k != "progress"}

@@ -84,6 +84,8 @@ class RunOptions:
     progress: bool = False
     max_cost_usd: float | None = None
     force: bool = False
+    # --change-model: this run moves the output to its model (see OutputStore.claim).
+    change_model: bool = False
     dry_run: bool = False
     # A run whose failed rows are more than this share of its input (in %) is "completed with errors".
     max_failed_pct: float = 0.0
@@ -167,7 +169,14 @@ async def run_job(
         others = await asyncio.to_thread(claims.other_runs)
         if not others:
             await asyncio.to_thread(store.remove_temporary)
-        await asyncio.to_thread(store.claim, job=job.name, model=job.model, run_id=run_id, force=options.force)
+        await asyncio.to_thread(
+            store.claim,
+            job=job.name,
+            model=job.model,
+            run_id=run_id,
+            force=options.force,
+            change_model=options.change_model,
+        )
         index = await asyncio.to_thread(
             store.scan, options.id_col, live_runs={h.run_id for h in others}, since_ns=int(claims.since * 1e9)
         )
