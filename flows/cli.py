@@ -79,14 +79,48 @@ def emulator(
             "ignored (answered with prose).",
         ),
     ] = "supported",
+    retire: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--retire",
+            metavar="MODEL",
+            help="Play a retired model: every request for it answers 404 NOT_FOUND, as Google's do (repeatable).",
+        ),
+    ] = None,
+    reroute: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--reroute",
+            metavar="OLD=NEW",
+            help="Play a reroute: requests for OLD are answered by NEW, the reply's model naming NEW (repeatable).",
+        ),
+    ] = None,
+    legacy_models: Annotated[
+        bool,
+        typer.Option(
+            "--legacy-models",
+            help="Also serve ids a new key can't use any more (gemini-2.5-flash, Imagen 4, gemini-2.5-flash-image).",
+        ),
+    ] = False,
 ) -> None:
     """Serve the local OpenAI-compatible emulator (Gemini's quirks included) until Ctrl-C."""
     from emulator import EmulatorConfig, serve
-    from emulator.server import JSON_SCHEMA_SUPPORT
+    from emulator.server import DEFAULT_MODELS, JSON_SCHEMA_SUPPORT, LEGACY_MODELS
 
     key = os.environ.get(api_key_env) or "emulator-key"
     if json_schema not in JSON_SCHEMA_SUPPORT:
         raise typer.BadParameter(f"use one of {', '.join(JSON_SCHEMA_SUPPORT)}", param_hint="--json-schema")
+    reroutes: dict[str, str] = {}
+    for spec in reroute or []:
+        old, sep, new = spec.partition("=")
+        if not sep or not old.strip() or not new.strip():
+            raise typer.BadParameter(
+                f"{spec!r}: write OLD=NEW, e.g. gemini-3.7-flash=gemini-3.8-flash", param_hint="--reroute"
+            )
+        reroutes[old.strip()] = new.strip()
+    models = DEFAULT_MODELS + (LEGACY_MODELS if legacy_models else ())
+    # A rerouted id stays listed and answered (by the other model), as Google's are.
+    models += tuple(m for m in reroutes if m not in models)
     config = EmulatorConfig(
         api_key=key,
         rpm=rpm,
@@ -98,6 +132,9 @@ def emulator(
         latency_jitter=latency_jitter,
         fault_rate_503=fault_rate,
         json_schema=json_schema,
+        models=models,
+        retired=tuple(retire or ()),
+        reroutes=reroutes,
     )
     if api_key_env not in os.environ:
         err_console.print(f"{api_key_env} is not set: clients must send the key 'emulator-key'.")

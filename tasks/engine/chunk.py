@@ -11,6 +11,7 @@ import asyncio
 import functools
 import hashlib
 import json
+import logging
 import random
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +30,7 @@ from tasks.engine.outage import OutageBreaker
 from tasks.engine.store import RETRY_AUTO, RETRY_ON_REQUEST, DoneIndex, OutputStore
 from tasks.engine.timings import Timings
 from tasks.errors import RunStopped
+from tasks.provider.catalog import same_model
 from tasks.provider.client import Connection, Failure, classify_failure
 
 __all__ = [
@@ -56,6 +58,8 @@ __all__ = [
     "row_status",
     "send_part",
 ]
+
+log = logging.getLogger("gembatch.engine")
 
 # After a stop (daily quota, fatal error) requests already in flight get this long to finish: their
 # answers are paid for, so keep them if they come soon; then they are cancelled.
@@ -150,6 +154,8 @@ class Reply:
     total_tokens: int = 0
     images: int = 0  # images generated (and billed) by this request
     first_token_s: float | None = None  # a streamed reply: seconds from sending to its first token
+    # The model the reply says answered (its ``model`` field); None: the reply doesn't say.
+    served_model: str | None = None
 
 
 @dataclass(slots=True)
@@ -164,6 +170,8 @@ class Outcome:
     # True: the row failed only because transient errors used up its attempts; the next plain run
     # sends it again. False: it failed for itself (kept out until --retry-errors).
     retry_auto: bool = False
+    # The model the reply named (the output's served_model column); None: the reply didn't say.
+    served_model: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -216,6 +224,8 @@ class RunStats:
     error_parts_written: list[str] = field(default_factory=list)
     # Streamed replies: time to first token (tasks/jobs/chat.py).
     first_token: Timings = field(default_factory=Timings)
+    # Rows answered by another model than the one asked for, by that model (the provider rerouted it).
+    rerouted: dict[str, int] = field(default_factory=dict)
 
     def rows_accounted(self) -> int:
         return self.skipped_done + self.deduplicated + self.succeeded + self.failed + self.not_attempted
@@ -271,6 +281,9 @@ class RunContext:
         self.recurring: np.ndarray | None = None
         # Child processes that hash text columns (a text job's run; see tasks/engine/hashing.py).
         self.hash_processes: HashProcesses | None = None
+        # Whether result parts get a served_model column (not in an output made before it existed, so
+        # that its parts keep one schema).
+        self.served_column = True
 
     def request_stop(self, reason: RunStopped) -> None:
         if self.stopped is None:
@@ -812,10 +825,24 @@ async def _send(ctx: RunContext, items: list[Item], outcomes: dict[str, Outcome 
             stats.images += reply.images
             if reply.first_token_s is not None:
                 stats.first_token.add(reply.first_token_s)
+            served = reply.served_model
+            if served is not None and not same_model(job.model, served):
+                stats.rerouted[served] = stats.rerouted.get(served, 0) + len(items)
+                if stats.rerouted[served] == len(items):
+                    log.warning(
+                        "%s asked for %s, and the reply says %s answered (the provider rerouted the model)",
+                        job.name, job.model, served,
+                    )  # fmt: skip
+                if getattr(job, "stop_on_reroute", False):
+                    # Embeddings: one index must not hold vectors of two models. Nothing of this reply
+                    # is written; the rows stay to send.
+                    await limiter.settle_tokens(estimate, reply.prompt_tokens)
+                    ctx.request_stop(rerouted_stop(job, served, ctx.store.url))
+                    return
             again: list[Item] = []
             for item, result in zip(items, reply.results):
                 if not isinstance(result, RowFailure):
-                    outcomes[item.content_hash] = Outcome(result=result, attempts=attempts)
+                    outcomes[item.content_hash] = Outcome(result=result, attempts=attempts, served_model=served)
                 elif attempts < ctx.retry.max_row_failure_attempts:
                     again.append(item)
                 else:
@@ -868,6 +895,20 @@ async def _send(ctx: RunContext, items: list[Item], outcomes: dict[str, Outcome 
                 retry_auto=failure.retryable,
             )
         return
+
+
+REROUTED = "stopped: model rerouted"
+
+
+def rerouted_stop(job: Job, served: str, output: str) -> RunStopped:
+    return RunStopped(
+        REROUTED,
+        f"the provider answered requests for {job.model} with {served} (the reply's model says so): it "
+        f"rerouted the model. No vector of {served} was written into {output}, which holds {job.model}'s. "
+        f"To keep {job.model}, ask the provider; to move the output to the model that answers, rerun with "
+        f"--model {served} --change-model (check the rows and cost with --dry-run first), or write it to "
+        "another --output",
+    )
 
 
 def prepare_rows(job: Job, payloads: list[dict[str, Any]], *, decoded: bool = False) -> list[Prepared | RowInvalid]:
@@ -1001,6 +1042,11 @@ def _write_chunk(
                 "model": pa.array([job.model] * len(ok_rows), pa.string()),
             }
         )
+        if ctx.served_column and not getattr(job, "stop_on_reroute", False):
+            served = {p: outcomes[hashes[p]].served_model for p in set(ok_rows) if outcomes.get(hashes[p])}
+            table = table.append_column(
+                pa.field("served_model", pa.string()), pa.array([served.get(p) for p in ok_rows], pa.string())
+            )
         part = ctx.store.write_part(table, errors=False, run_id=ctx.run_id, id_col=ctx.id_col)
         stats.parts_written.append(part)
         written = len(ok_results)

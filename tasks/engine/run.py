@@ -18,6 +18,7 @@ from tasks.defaults import DEFAULT_CHUNK_SIZE
 from tasks.engine.batch import BatchPolicy, BatchRun, check_batch_capable
 from tasks.engine.budget import Budget
 from tasks.engine.chunk import (
+    REROUTED,
     ChunkRunner,
     Job,
     PreparedChunk,
@@ -236,6 +237,9 @@ async def run_job(
             # A rerun: its work is hashing every row; child processes (~14 MiB each) do it beside this one.
             # (A run that sends is bound by its requests: it hashes in its own threads.)
             ctx.hash_processes = hashers = HashProcesses(LOOK_AHEAD)
+        if not getattr(job, "stop_on_reroute", False):
+            columns = await asyncio.to_thread(store.result_columns)
+            ctx.served_column = columns is None or "served_model" in columns
         ctx.on_progress = progress.advance
         ctx.on_units = progress.add_units
         ctx.stats.input_rows = total_rows
@@ -265,6 +269,10 @@ async def run_job(
             await asyncio.to_thread(tidy, store, index)
         status, message = _status(ctx, error, options)
         stats = ctx.stats
+        if stats.rerouted:
+            document["served_models"] = dict(stats.rerouted)
+            if status != REROUTED:
+                message = "; ".join(m for m in (message, _rerouted_warning(job.model, stats.rerouted, ctx)) if m)
         stats.not_attempted += max(0, total_rows - stats.rows_accounted())
         # Superseding: only an output that held rows before this run, or that other runs wrote into
         # at the same time, can hold two records of one id (the input's ids are unique). The index is
@@ -736,6 +744,15 @@ def _room_for_chunk(ctx: RunContext, active: int, usual: int) -> bool:
     # A chunk still preparing its rows will soon queue requests: wait for it before judging.
     # No more rows on hand while the provider is down: nothing is being sent anyway.
     return active < MAX_CHUNKS_IN_FLIGHT and ctx.preparing == 0 and ctx.limiter.starved and not ctx.outage.is_open
+
+
+def _rerouted_warning(model: str, rerouted: dict[str, int], ctx: RunContext) -> str:
+    served = ", ".join(f"{rows} by {name}" for name, rows in sorted(rerouted.items()))
+    where = "their served_model column says which" if ctx.served_column else "see served_models in _runs/"
+    return (
+        f"warning: rows asked of {model} were answered by another model ({served}): the provider rerouted "
+        f"it; {where}. Pick the model that answers with --model (an existing output: --change-model)"
+    )
 
 
 def _status(ctx: RunContext, error: BaseException | None, options: RunOptions) -> tuple[str, str]:

@@ -165,9 +165,12 @@ class ImagesJob:
             for k, (entry, (path, size, fmt)) in enumerate(zip(data, images))
         )
         usage = response.usage
+        # OpenAI's images replies name no model; a server that adds one is heard (served_model).
+        served = getattr(response, "model", None) or None
         if usage is None:
-            return Reply(results=[result], images=len(result))
+            return Reply(results=[result], images=len(result), served_model=served)
         return Reply(
+            served_model=served,
             results=[result],
             prompt_tokens=usage.input_tokens or 0,
             completion_tokens=usage.output_tokens or 0,

@@ -271,7 +271,7 @@ def _not_served_hint(model: str) -> str:
             f"Pass --model {info.replacement} (an output made with {info.id}: add --change-model, after "
             f"checking what it re-sends with --dry-run), or list the available models with `gembatch models`"
         )
-    return (f"{note[0].upper()}{note[1:]}. " if note else "") + f"{todo}. Nothing was sent."
+    return (f"{note}. " if note else "") + f"{todo}. Nothing was sent."
 
 
 def _warn_lifecycle(model: str) -> None:
