@@ -146,13 +146,63 @@ def models(
     provider: Provider = "gemini",
     base_url: BaseUrl = None,
     api_key_env: ApiKeyEnv = None,
+    prices: Annotated[
+        str | None,
+        typer.Option(
+            "--prices", metavar="FILE", help="Prices file over the built-in table (default: $GEMBATCH_PRICES)."
+        ),
+    ] = None,
 ) -> None:
-    """List the models the provider serves."""
-    from tasks.provider.client import ProviderSettings, list_models
+    """List the models the provider serves: gembatch's defaults marked, each one's known life and price."""
+    from rich.table import Table
 
+    from tasks.provider.client import ProviderSettings, list_models
+    from tasks.provider.prices import use_prices
+
+    book = use_prices(prices)
     names = asyncio.run(list_models(ProviderSettings(provider=provider, base_url=base_url, api_key_env=api_key_env)))
-    for name in names:
-        console.print(name)
+    table = Table("model", "default for", "lifecycle", "price today", "source")
+    for row in model_rows(names, provider, book):
+        table.add_row(*row)
+    console.print(table)
+    console.print(
+        "Lifecycle and prices as gembatch knew them on 2026-12-06 (docs/reference/models.md); give your own "
+        "prices with --prices FILE or GEMBATCH_PRICES.",
+        highlight=False,
+    )
+
+
+def model_rows(names: list[str], provider: str, book: object) -> list[tuple[str, str, str, str, str]]:
+    """The rows of `gembatch models`: the provider's list, then defaults it doesn't list."""
+    from tasks.provider.catalog import CATALOG_DATE, DEFAULT_MODELS, model_info
+    from tasks.provider.prices import PriceBook
+
+    assert isinstance(book, PriceBook)
+    defaults: dict[str, list[str]] = {}
+    for kind, model in DEFAULT_MODELS.get(provider, DEFAULT_MODELS["gemini"]).items():
+        defaults.setdefault(model, []).append(kind)
+    listed = [name.removeprefix("models/") for name in names]
+    rows = []
+    for name in [*listed, *(m for m in defaults if m not in listed)]:
+        info = model_info(name)
+        price = book.price(name)
+        lifecycle = info.lifecycle() if info else "not in gembatch's catalog"
+        if name not in listed:
+            lifecycle = f"NOT LISTED by this server; {lifecycle}"
+        sources = [info.source] if info else []
+        if price is not None and price.source and price.source not in sources:
+            sources.append(price.source)
+        kinds = defaults.get(name, [])
+        rows.append(
+            (
+                name,
+                "* " + ", ".join(kinds) if kinds else "",
+                lifecycle,
+                price.describe() + (f" (since {price.since})" if price.since else "") if price else "unknown",
+                "; ".join(sources) or f"(not in the catalog of {CATALOG_DATE})",
+            )
+        )
+    return rows
 
 
 @app.command()

@@ -92,16 +92,20 @@ class ModelInfo:
 
     def lifecycle(self) -> str:
         """One line: status, dates, replacement."""
-        parts = [self.status]
-        if self.status == CURRENT and self.since:
-            parts[0] = f"current since {self.since}"
-        if self.shutdown:
-            verb = "shut down" if self.status == SHUT_DOWN else "shuts down"
-            parts.append(f"{verb} {self.shutdown}")
+        if self.status == SHUT_DOWN:
+            parts = [f"shut down {self.shutdown}" if self.shutdown else SHUT_DOWN]
+        elif self.status == DEPRECATED:
+            parts = [f"deprecated, shuts down {self.shutdown}" if self.shutdown else DEPRECATED]
+        else:
+            parts = [f"current since {self.since}" if self.since else CURRENT]
+            if self.shutdown:
+                parts.append(f"shuts down {self.shutdown}")
         if self.rerouted_to:
             parts.append(f"answered by {self.rerouted_to}")
         if self.replacement:
             parts.append(f"replacement {self.replacement}")
+        if self.note and self.status != CURRENT:
+            parts.append(self.note)
         return "; ".join(parts)
 
 
