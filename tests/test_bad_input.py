@@ -35,7 +35,7 @@ from tasks.jobs.transcribe import TranscribeJob
 from tasks.provider.client import ProviderSettings
 
 MODEL = "gemini-embedding-001"
-CHAT_MODEL = "gemini-2.5-flash"
+CHAT_MODEL = "gemini-3.8-flash"
 
 
 # -- helpers ----------------------------------------------------------------------------------------

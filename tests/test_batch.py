@@ -43,7 +43,7 @@ from tasks.provider.batches import normalise_body
 from tasks.provider.client import ProviderSettings
 
 EMBED = "gemini-embedding-001"
-CHAT = "gemini-2.5-flash"
+CHAT = "gemini-3.8-flash"
 INVOICES = REPO / "data" / "extract" / "invoices.csv"
 
 
@@ -327,7 +327,7 @@ def test_auto_sends_a_small_run_live_without_a_batch(emulator, tmp_path):
 
 
 def test_jobs_without_a_batch_route_are_refused_before_any_work(emulator, tmp_path):
-    images = ImagesJob(model="imagen-4.0-generate-001", output=str(tmp_path / "img"))
+    images = ImagesJob(model="gemini-nano-banana-2.1", output=str(tmp_path / "img"))
     with pytest.raises(ConfigError, match="image generation has no batch form"):
         run(emulator, images, REPO / "data" / "prompts.csv", tmp_path / "img")
     transcriptions = TranscribeJob(model="whisper-1", api="transcriptions", base_dir=str(REPO / "data"))

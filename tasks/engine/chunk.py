@@ -675,7 +675,8 @@ async def process_chunk(ctx: RunContext, chunk: pa.Table, index: int, first_row:
             found = await asyncio.to_thread(
                 _stored_results, ctx, [hashes[p] for p in stored_pos], keys.keys[stored_pos]
             )
-            outcomes.update({h: Outcome(result=found[h]) for h in stored if h in found})
+            found, served_of = found
+            outcomes.update({h: Outcome(result=found[h], served_model=served_of.get(h)) for h in stored if h in found})
             # The index matches 32 bits of a content: one it pointed at that isn't there is sent after all.
             for pos in todo.tolist():
                 h = hashes[pos]
@@ -712,16 +713,22 @@ async def process_chunk(ctx: RunContext, chunk: pa.Table, index: int, first_row:
     return report
 
 
-def _stored_results(ctx: RunContext, hashes: list[str], keys: np.ndarray) -> dict[str, Any]:
+def _stored_results(
+    ctx: RunContext, hashes: list[str], keys: np.ndarray
+) -> tuple[dict[str, Any], dict[str, str | None]]:
     """The stored results of these contents (the index matched their first 32 bits). The parts' keys
     confirm the match first: a false one (a run's own results make them common at corpus scale) costs
     a read of the parts' key columns, not of their results."""
     confirmed = ctx.index.contents_stored(keys)
     if not confirmed.any():
-        return {}
+        return {}, {}
     wanted = [h for h, ok in zip(hashes, confirmed.tolist()) if ok]
     files = ctx.index.parts_holding(keys[confirmed])
-    return ctx.job.results_from_table(ctx.store.read_results_for(wanted, ctx.id_col, files=files))
+    table = ctx.store.read_results_for(wanted, ctx.id_col, files=files)
+    served: dict[str, str | None] = {}
+    if "served_model" in table.column_names:  # the stored row's served model goes with its result
+        served = dict(zip(table.column("content_hash").to_pylist(), table.column("served_model").to_pylist()))
+    return ctx.job.results_from_table(table), served
 
 
 async def send_part(ctx: RunContext, part: Item) -> Outcome | None:

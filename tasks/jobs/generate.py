@@ -212,6 +212,8 @@ class GenerateJob:
                 pa.field("thinking_tokens", pa.int64()),
                 pa.field("content_hash", pa.string()),
                 pa.field("model", pa.string()),
+                # The model the reply named (a reroute shows here); null where the reply named none.
+                pa.field("served_model", pa.string()),
             ]
         )
 

@@ -234,6 +234,8 @@ class ImagesJob:
                 pa.field("image_index", pa.int32()),
                 pa.field("content_hash", pa.string()),
                 pa.field("model", pa.string()),
+                # The model the reply named (a reroute shows here); null where the reply named none.
+                pa.field("served_model", pa.string()),
             ]
         )
 

@@ -496,6 +496,8 @@ class TranscribeJob:
                 pa.field("segments", SEGMENT_TYPE),
                 pa.field("content_hash", pa.string()),
                 pa.field("model", pa.string()),
+                # The model the reply named (a reroute shows here); null where the reply named none.
+                pa.field("served_model", pa.string()),
             ]
         )
 
