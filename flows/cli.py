@@ -162,6 +162,7 @@ def models(
     book = use_prices(prices)
     names = asyncio.run(list_models(ProviderSettings(provider=provider, base_url=base_url, api_key_env=api_key_env)))
     table = Table("model", "default for", "lifecycle", "price today", "source")
+    table.columns[0].no_wrap = True  # a model id is copied from here: never cut in two
     for row in model_rows(names, provider, book):
         table.add_row(*row)
     console.print(table)

@@ -58,7 +58,7 @@ def test_a_worker_runs_the_embed_deployment_with_nested_options(emulator, tmp_pa
         stop(worker)
         stop(server)
 
-    assert_vectors_match(read_output(out), TEXTS)
+    assert_vectors_match(read_output(out), TEXTS, model="gemini-embedding-2")  # deployments.yaml's model
     (path,) = (out / "_runs").glob("*.json")
     doc = json.loads(path.read_text())
     assert doc["status"] == "completed" and doc["flow_run_id"]
@@ -66,5 +66,5 @@ def test_a_worker_runs_the_embed_deployment_with_nested_options(emulator, tmp_pa
     assert_balanced(doc)
     # The deployment's nested options reached the run, and its metadata records them flat, as before.
     assert doc["parameters"]["base_url"] == emulator.base_url and doc["parameters"]["rpm"] == 1500
-    assert doc["parameters"]["max_concurrency"] == 16 and doc["parameters"]["model"] == "gemini-embedding-001"
+    assert doc["parameters"]["max_concurrency"] == 16 and doc["parameters"]["model"] == "gemini-embedding-2"
     assert "options" not in doc["parameters"] and "progress" not in doc["parameters"]

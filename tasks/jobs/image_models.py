@@ -143,7 +143,11 @@ def check_image_request(model: str, size: str, n: int, quality: str | None, rout
             return f"--n must be between 1 and {MAX_IMAGES_PER_PROMPT}, got {n}"
         return None
     if route is not None and spec.route != route:
-        served = sorted(m for m, s in IMAGE_MODELS.items() if s.route == route)
+        from tasks.provider.catalog import SHUT_DOWN, model_info
+
+        served = sorted(
+            m for m, s in IMAGE_MODELS.items() if s.route == route and getattr(model_info(m), "status", "") != SHUT_DOWN
+        )
         where = "Gemini's OpenAI-compatible images route" if route == GEMINI_ROUTE else "OpenAI's images route"
         return (
             f"--model {name} is not served by {where}; image models there: {', '.join(served)} "
