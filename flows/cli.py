@@ -175,6 +175,8 @@ def models(
 
 def model_rows(names: list[str], provider: str, book: object) -> list[tuple[str, str, str, str, str]]:
     """The rows of `gembatch models`: the provider's list, then defaults it doesn't list."""
+    from datetime import date
+
     from tasks.provider.catalog import CATALOG_DATE, DEFAULT_MODELS, model_info
     from tasks.provider.prices import PriceBook
 
@@ -190,17 +192,22 @@ def model_rows(names: list[str], provider: str, book: object) -> list[tuple[str,
         lifecycle = info.lifecycle() if info else "not in gembatch's catalog"
         if name not in listed:
             lifecycle = f"NOT LISTED by this server; {lifecycle}"
-        sources = [info.source] if info else []
-        if price is not None and price.source and price.source not in sources:
-            sources.append(price.source)
+        sources = [f"life: {info.source}"] if info else []
+        if price is not None and price.source:
+            sources.append(f"price: {price.source}")
         kinds = defaults.get(name, [])
+        shown = price.describe() + (f" (since {price.since})" if price.since else "") if price else "unknown"
+        today = date.today()
+        later = [p for p in book.schedule(name) if p.since is not None and p.since > today]
+        if later:
+            shown += f"; from {later[0].since}: {later[0].describe()}"
         rows.append(
             (
                 name,
                 "* " + ", ".join(kinds) if kinds else "",
                 lifecycle,
-                price.describe() + (f" (since {price.since})" if price.since else "") if price else "unknown",
-                "; ".join(sources) or f"(not in the catalog of {CATALOG_DATE})",
+                shown,
+                " · ".join(sources) or f"(not in the catalog of {CATALOG_DATE})",
             )
         )
     return rows

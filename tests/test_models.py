@@ -285,7 +285,8 @@ def test_gembatch_models_marks_the_defaults_with_lifecycle_and_prices(tmp_path):
         result = cli("models", "--base-url", emu.base_url, "--api-key-env", TEST_KEY_ENV)
     assert result.returncode == 0, result.stderr
     lines = {line.split("│")[1].strip(): line for line in result.stdout.splitlines() if line.count("│") > 3}
-    assert "* chat" in lines["gemini-3.8-flash"] and "$0.75 in / $3.75 out per 1M" in lines["gemini-3.8-flash"]
+    today = price_of("gemini-3.8-flash").describe()  # $0.75 in / $3.75 out per 1M until 2026-12-31
+    assert "* chat" in lines["gemini-3.8-flash"] and today in lines["gemini-3.8-flash"]
     assert "* embed" in lines["gemini-embedding-2"] and "$0.2/1M in" in lines["gemini-embedding-2"]
     assert "deprecated, shuts down 2028-05-14" in lines["gemini-embedding-001"]
     assert "shut down 2026-10-08" in lines["gemini-3.7-flash"] and "answered by" in lines["gemini-3.7-flash"]

@@ -33,10 +33,11 @@ CURRENT = "current"
 DEPRECATED = "deprecated"  # still served (to some keys), with a shutdown announced or likely
 SHUT_DOWN = "shut down"  # the id answers 404, or is answered by another model (rerouted_to)
 
-_DEPRECATIONS = "Gemini API deprecations page, read 2026-12-06"
-_MODELS_PAGE = "Gemini API models page, read 2026-12-06"
-_FIREBASE = "Firebase AI Logic migration guide (newest), read 2026-12-06"
-_CHANGELOG = "Gemini API changelog, read 2026-12-06"
+# Where the facts were read (docs/reference/models.md links each page).
+_DEPRECATIONS = "Gemini deprecations page, 2026-12-06"
+_MODELS_PAGE = "Gemini models page, 2026-12-06"
+_FIREBASE = "Firebase AI Logic migration guide, 2026-12-06"
+_CHANGELOG = "Gemini changelog, 2026-12-06"
 _OPENAI = "OpenAI models page, mid-2025 (not re-checked)"
 
 
@@ -121,8 +122,8 @@ CATALOG: dict[str, ModelInfo] = {
     m.id: m
     for m in (
         # -- chat (extract, caption, transcribe, generate) --
-        _m("gemini-3.8-flash", "chat", CURRENT, f"{_MODELS_PAGE}; the OpenAI-compatibility guide's example model",
-           family=GEMINI_3, since=date(2026, 9, 2)),
+        _m("gemini-3.8-flash", "chat", CURRENT, _MODELS_PAGE, family=GEMINI_3, since=date(2026, 9, 2),
+           note="the model of the OpenAI-compatibility guide's examples"),
         _m("gemini-3.5-flash-lite", "chat", CURRENT, _MODELS_PAGE, family=GEMINI_3, since=date(2026, 7, 21)),
         _m("gemini-4-argon", "chat", CURRENT, _MODELS_PAGE, family=GEMINI_4_PRO, since=date(2026, 10, 13),
            note="pro model; reasoning_effort low, medium or high only"),
@@ -148,8 +149,8 @@ CATALOG: dict[str, ModelInfo] = {
         _m("text-embedding-004", "embed", SHUT_DOWN, _DEPRECATIONS, shutdown=date(2026, 1, 14),
            replacement="gemini-embedding-2", note="retired January 2026 (day unconfirmed)"),
         # -- images --
-        _m("gemini-nano-banana-2.1", "images", CURRENT, f"{_FIREBASE}; {_MODELS_PAGE}"),
-        _m("gemini-3-pro-image", "images", CURRENT, f"{_FIREBASE}; {_MODELS_PAGE}"),
+        _m("gemini-nano-banana-2.1", "images", CURRENT, _FIREBASE, note="also in the models page's list"),
+        _m("gemini-3-pro-image", "images", CURRENT, _FIREBASE, note="also in the models page's list"),
         _m("gemini-3.1-flash-lite-image", "images", CURRENT, _MODELS_PAGE),
         _m("gemini-3.1-flash-image", "images", CURRENT, _DEPRECATIONS,
            note="named as Imagen's replacement on the deprecations page, but not in the models list: "

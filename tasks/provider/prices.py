@@ -72,8 +72,8 @@ class Price:
         return f"${self.input:g} in / ${self.output:g} out per 1M"
 
 
-_GEMINI_PRICING = "Gemini API pricing page, as transcribed Sep/Oct 2026"
-_GEMINI_MID_2026 = "Gemini API pricing page, mid-2026"
+_GEMINI_PRICING = "Gemini pricing page, Sep/Oct 2026"
+_GEMINI_MID_2026 = "Gemini pricing page, mid-2026"
 _OPENAI_PRICING = "OpenAI pricing page, mid-2025 (not re-checked)"
 
 # Each model's prices, oldest first.
@@ -89,7 +89,7 @@ PRICES: dict[str, tuple[Price, ...]] = {
     # About 1,120 image tokens per 1K or 2K image (Google's figure, 2026); 4K images cost more (unconfirmed).
     "gemini-3-pro-image": (Price(input=2.00, per_image={"*:*": 0.134}, source=_GEMINI_PRICING),),
     "gemini-nano-banana-2.1": (
-        Price(per_image={"*:*": 0.034}, source="third-party price list, Nov 2026 (unconfirmed by Google's page)"),
+        Price(per_image={"*:*": 0.034}, source="third-party price list, Nov 2026 (unconfirmed)"),
     ),
     # -- older Gemini models, kept to price the outputs they made --
     "gemini-2.5-flash": (Price(input=0.30, output=2.50, audio_input=1.00, source=_GEMINI_MID_2026),),
