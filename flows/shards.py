@@ -188,7 +188,8 @@ async def _deployment_of_this_flow() -> str:
 def _child_parameters(parameters: dict[str, Any], shard: _Shard) -> dict[str, Any]:
     from flows.params import flow_arguments
 
-    flat = {k: v for k, v in parameters.items() if k != "progress"}
+    # model_from says where the parent's model came from (flows/jobs.py); the child gets the model itself.
+    flat = {k: v for k, v in parameters.items() if k not in ("progress", "model_from")}
     arguments = flow_arguments(flat | {"shards": 1, "shard": shard.spec, "progress": False})
     arguments["options"] = arguments["options"].model_dump(exclude_defaults=True)
     return arguments
