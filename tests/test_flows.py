@@ -115,7 +115,7 @@ def test_a_run_killed_mid_way_resumes_to_the_same_table_without_paying_twice(api
     assert final.height == n and final["id"].n_unique() == n
     for row_id, vector in zip(final["id"].to_list(), final["embedding"].to_list(), strict=True):
         np.testing.assert_allclose(
-            np.asarray(vector, np.float32), fake_embedding(texts[row_id], "gemini-embedding-2"), rtol=1e-6, atol=1e-7
+            np.asarray(vector, np.float32), fake_embedding(texts[row_id], "gemini-embedding-001"), rtol=1e-6, atol=1e-7
         )
     assert not [p for p in out.rglob(".tmp-*")], "no temporary file survives the rerun"
     runs = [json.loads(p.read_text()) for p in (out / "_runs").glob("*.json")]
