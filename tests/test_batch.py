@@ -360,7 +360,8 @@ def _wait_for_submitted(folder: Path, count: int, timeout: float = 60) -> list[d
 def test_sigkill_while_polling_then_rerun_reattaches_creates_no_batch(emulator, tmp_path):
     out = tmp_path / "out"
     args = ["embed", str(CORPUS), "-o", str(out), "--base-url", emulator.base_url, "--api-key-env", TEST_KEY_ENV,
-            "--mode", "batch", "--batch-poll", "0.2", "--batch-max-requests", "2", "--no-progress", "--model", EMBED]  # fmt: skip
+            "--mode", "batch", "--batch-poll", "0.2", "--batch-max-requests", "2", "--no-progress",
+            "--model", EMBED]  # fmt: skip
     emulator.configure(batch_seconds=8.0)
     proc = _cli(args, tmp_path, background=True)
     try:
@@ -406,7 +407,8 @@ def test_batches_cancel_keeps_finished_lines_and_the_next_run_sends_the_rest(emu
     n = 200
     src = write_corpus(tmp_path / "in.parquet", list(range(n)), [f"cancel me {i}" for i in range(n)])
     args = ["embed", str(src), "-o", str(out), "--base-url", emulator.base_url, "--api-key-env", TEST_KEY_ENV,
-            "--mode", "batch", "--batch-poll", "0.2", "--batch-size", "1", "--no-progress", "--model", EMBED]  # fmt: skip
+            "--mode", "batch", "--batch-poll", "0.2", "--batch-size", "1", "--no-progress",
+            "--model", EMBED]  # fmt: skip
     emulator.configure(batch_seconds=60.0)  # long enough for the cancel command to start on a busy machine
     proc = _cli(args, tmp_path, background=True)
     try:
