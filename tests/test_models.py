@@ -167,6 +167,7 @@ def test_a_rerouted_chat_model_is_recorded_per_row_and_warned(tmp_path):
     assert "warning" in doc["message"] and "gemini-3.8-flash" in doc["message"]
     table = read_output(out)
     assert doc["served_models"] == {"gemini-3.8-flash": table.height}
+    assert doc["cost"]["rerouted_rows_priced_as"] == "gemini-3.7-flash"
     assert set(table["model"].to_list()) == {"gemini-3.7-flash"}
     assert set(table["served_model"].to_list()) == {"gemini-3.8-flash"}
     assert all(text.startswith("[emulator gemini-3.8-flash]") for text in table["text"].to_list())
@@ -334,3 +335,34 @@ def test_same_model_allows_prefixes_and_version_tails_only():
     assert not same_model("gemini-3.7-flash", "gemini-3.8-flash")
     assert not same_model("gemini-embedding-2", "gemini-embedding-001")
     assert not same_model("gemini-3.8-flash", "gemini-3.8-flash-lite")
+
+
+@pytest.mark.parametrize(
+    ("text", "said"),
+    [
+        ('[[price]]\nmodel = "m"\ninput = -1\n', "'input' must be a number of USD per 1M tokens"),
+        ('[[price]]\nmodel = "m"\ninptu = 1\n', "unknown field(s) inptu"),
+        ('[[price]]\ninput = 1\n', "'model' is required"),
+        ('[[price]]\nmodel = "m"\n', "give 'input' (USD per 1M tokens) or 'per_image'"),
+        ('[[price]]\nmodel = "m"\ninput = 1\n[[price]]\nmodel = "m"\ninput = 2\n', "two prices from the same day"),
+        ('price = 3\n', "has no [[price]] entries"),
+        ("[[price]\n", "is not valid TOML"),
+    ],
+)
+def test_a_wrong_prices_file_is_refused_before_any_work_saying_what_is_wrong(tmp_path, text, said):
+    path = tmp_path / "prices.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        load_prices(str(path))
+    assert said in str(caught.value)
+
+
+def test_a_run_records_what_the_catalog_says_of_its_model(tmp_path):
+    config = EmulatorConfig(api_key=TEST_KEY, models=(*DEFAULT_MODELS, "gemini-2.5-flash"))
+    with Emulator(config) as emu:
+        doc = run(commands.embed, emu, input=str(CORPUS), output=str(tmp_path / "e"), limit=5,
+                  model="gemini-embedding-001")  # fmt: skip
+        current = run(commands.embed, emu, input=str(CORPUS), output=str(tmp_path / "e2"), limit=5)
+    assert "shuts down on 2028-05-14" in doc["provider"]["lifecycle"]
+    assert "replacement: gemini-embedding-2" in doc["provider"]["lifecycle"]
+    assert current["provider"]["lifecycle"] is None

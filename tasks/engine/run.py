@@ -46,6 +46,7 @@ from tasks.engine.shard import Shard, ShardSource
 from tasks.engine.store import KnownParts, OutputStore
 from tasks.errors import ConfigError, GembatchError, RunStopped
 from tasks.jobs.media import folder_extensions
+from tasks.provider.catalog import lifecycle_note
 from tasks.provider.client import ProviderSettings, check_model, open_connection, require_key
 from tasks.provider.prices import BATCH_PRICE_FACTOR
 
@@ -191,7 +192,14 @@ async def run_job(
             "status": "running",
             "message": "",
             "parameters": parameters or {},
-            "provider": {"name": conn.provider, "host": conn.host, "base_url": conn.base_url, "model": job.model},
+            "provider": {
+                "name": conn.provider,
+                "host": conn.host,
+                "base_url": conn.base_url,
+                "model": job.model,
+                # What gembatch's catalog says of the model (deprecated, shutdown day, replacement); null: current.
+                "lifecycle": lifecycle_note(job.model) or None,
+            },
             "job_parameters": job.parameters(),
             "input": await asyncio.to_thread(input_record, source, total_rows),
             "output": {
@@ -299,6 +307,10 @@ async def run_job(
         if batch_run is not None:
             cost = batch_cost(cost, batch_run.totals, job.model, audio_input=getattr(job, "audio_input", False))
             document["batches"] = batch_run.describe()
+        if stats.rerouted:
+            # Priced at the model asked for; a provider may bill rerouted requests at the answering
+            # model's price (reported for gemini-2.5-flash, unconfirmed).
+            cost["rerouted_rows_priced_as"] = job.model
         document.update(
             {
                 "status": status,
