@@ -512,8 +512,7 @@ async def list_models(settings: ProviderSettings) -> list[str]:
     """Model ids the provider serves, sorted (`gembatch models`)."""
     conn = open_connection(settings)
     try:
-        page = await conn.client.models.list()
-        return sorted(model.id for model in page.data)
+        return sorted([model.id async for model in conn.client.models.list()])  # every page
     except Exception as exc:  # noqa: BLE001 - every failure here becomes a ConfigError
         failure = classify_failure(exc)
         raise ConfigError(f"listing models at {conn.host} failed: {conn.redact(failure.message)}") from None
