@@ -132,6 +132,10 @@ def _model_lifecycle(root: Path, console: Console) -> None:
     from flows.common import run_untracked
     from tasks.errors import GembatchError
 
+    import logging
+
+    # The run's own message says it below; the engine's log line would say it twice.
+    logging.getLogger("gembatch.engine").setLevel(logging.ERROR)
     key_env = "GEMBATCH_DEMO_KEY"
     os.environ[key_env] = key = secrets.token_urlsafe(16)
     config = EmulatorConfig(api_key=key, reroutes={"gemini-embedding-2": "gemini-embedding-001"})
