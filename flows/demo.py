@@ -125,14 +125,13 @@ def run_demo(*, output: str, fresh: bool, console: Console, tracked: bool = True
 def _model_lifecycle(root: Path, console: Console) -> None:
     """What a long-lived pipeline meets: a retired model (stopped before sending) and a rerouted one
     (the emulator answers gemini-embedding-2 with gemini-embedding-001: no foreign vector is written)."""
+    import logging
     import os
     import secrets
 
     from emulator import Emulator, EmulatorConfig
     from flows.common import run_untracked
     from tasks.errors import GembatchError
-
-    import logging
 
     # The run's own message says it below; the engine's log line would say it twice.
     logging.getLogger("gembatch.engine").setLevel(logging.ERROR)
