@@ -1,4 +1,4 @@
-"""Issue 17: one, two and three `gembatch embed` runs at once on one output, and what a claim costs.
+"""One, two and three `gembatch embed` runs at once on one output, and what a claim costs.
 
     uv run python benchmarks/bench_claims.py                 # 20,000 rows, latency 0.5 s, 1-3 runs at once
     uv run python benchmarks/bench_claims.py --rows 5000 --runs 1 2

@@ -1,4 +1,4 @@
-"""Issue 18's scenario: `gembatch embed` while the provider goes down for minutes, then comes back.
+"""An outage scenario: `gembatch embed` while the provider goes down for minutes, then comes back.
 
     uv run python benchmarks/bench_outage.py                       # 3,000 rows, --rpm 600, 240 s outage 15 s in
     uv run python benchmarks/bench_outage.py --outage-for 60 --max-outage 30   # a stop, then a plain rerun

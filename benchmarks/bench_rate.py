@@ -1,4 +1,4 @@
-"""Does a run reach the declared rate whatever the latency, without passing it? (issue 7)
+"""Does a run reach the declared rate whatever the latency, without passing it?
 
     uv run python benchmarks/bench_rate.py extract --latency 1.0          # 3,000 rows at --rpm 3000
     uv run python benchmarks/bench_rate.py extract --latency 0.2 --latency 1 --latency 5

@@ -1,4 +1,4 @@
-"""--shards N on real Prefect workers under one shared --rpm: run time against the floor (issue 10).
+"""--shards N on real Prefect workers under one shared --rpm: run time against the floor.
 
     uv run python benchmarks/bench_shards.py                       # 100k rows, 4 shards, 2 workers, --rpm 600
     uv run python benchmarks/bench_shards.py --rows 50000 --rpm 300 --shards 2 --workers 1

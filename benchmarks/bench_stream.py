@@ -1,4 +1,4 @@
-"""What does --stream cost, and what does it buy? (issue 12)
+"""What does --stream cost, and what does it buy?
 
     uv run python benchmarks/bench_stream.py    # 3,000 rows at --rpm 3000, latency 0.5 s, 20 ms between chunks
     uv run python benchmarks/bench_stream.py --rows 20000 --latency 1 --chunk-delay 0.05 --stall-rate 0.01

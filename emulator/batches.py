@@ -1,6 +1,6 @@
 """The emulator's batch routes: OpenAI files + batches, and Gemini's shape of them.
 
-Two flavours, by path, as the providers differ (README, "Batch mode"):
+Two flavours, by path, as the providers differ (docs/how-to/batch-mode.md):
 
 - OpenAI (``/v1/``): ``POST files`` (multipart, purpose=batch), ``GET files/{id}`` and
   ``files/{id}/content``, ``POST batches``, ``GET batches[/{id}]``, ``POST batches/{id}/cancel``. Ids

@@ -165,7 +165,7 @@ class EmulatorConfig:
     reroutes: dict[str, str] = field(default_factory=dict)
     # Share of nullable values in a json_schema reply answered as null (a model leaving a field unstated).
     null_rate: float = 0.0
-    # -- behaving like other OpenAI-compatible servers (issue 7) --
+    # -- behaving like other OpenAI-compatible servers --
     # False: GET models/{id} is a route this server doesn't have (404 {"detail": "Not Found"}, like a
     # FastAPI app); only the list answers.
     retrieve_route: bool = True

@@ -22,7 +22,10 @@ async def caption_flow(
     prompt: str = DEFAULT_CAPTION_PROMPT,
     model: str | None = None,
     max_side: int = DEFAULT_MAX_SIDE,
+    media_root: list[str] | None = None,
+    allow_media_scheme: list[str] | None = None,
+    allow_private_urls: bool = False,
     options: CommonOptions = CommonOptions(),
 ) -> dict[str, Any]:
-    """Caption the image in ``image_col`` of every row of ``input`` into ``output`` (see README: gembatch caption)."""
+    """Caption the image in ``image_col`` of every row of ``input`` into ``output`` (docs/how-to/caption.md)."""
     return await run_flow(caption_job, locals())

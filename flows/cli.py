@@ -282,11 +282,10 @@ def main() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     try:
         app()
-    except GembatchError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
-        sys.exit(2)
-    except ValueError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+    except (GembatchError, ValueError) as exc:
+        from tasks.redact import redact_text  # here, not at the top: --help imports only what it shows
+
+        err_console.print(f"[bold red]error:[/] {redact_text(str(exc))}", highlight=False)
         sys.exit(2)
 
 

@@ -39,6 +39,30 @@ MediaInput = Annotated[
         "local path or fsspec URL. A folder or glob: id = the path relative to it."
     ),
 ]
+# Where the files named in a media column may be (tasks/jobs/media_access.py); caption and transcribe.
+MediaRoot = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--media-root",
+        help="Also read media files under this folder or URL prefix (repeatable); by default a path in the "
+        "column must lie under the input's own folder (symbolic links resolved).",
+    ),
+]
+AllowMediaScheme = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--allow-media-scheme",
+        help="Read URLs of this scheme anywhere (repeatable: https, s3, gs…); by default only local files and "
+        "the input's own scheme under its prefix. http(s) is fetched by gembatch itself.",
+    ),
+]
+AllowPrivateUrls = Annotated[
+    bool,
+    typer.Option(
+        "--allow-private-urls",
+        help="Let http(s) media URLs reach loopback, private and link-local addresses (refused by default).",
+    ),
+]
 
 
 @job_command("flows.embed:embed_flow", "flows.jobs:embed_job")
@@ -155,6 +179,9 @@ def caption(
     max_side: Annotated[
         int, typer.Option("--max-side", help="Downscale images whose longer side exceeds this many pixels.")
     ] = DEFAULT_MAX_SIDE,
+    media_root: MediaRoot = None,
+    allow_media_scheme: AllowMediaScheme = None,
+    allow_private_urls: AllowPrivateUrls = False,
 ) -> None:
     """Caption an image column: one short description per image."""
 
@@ -214,6 +241,9 @@ def transcribe(
             help="How segments are sent: mp3 (32 kbps mono, 4 KB/s) or wav (16-bit, 32 KB/s).",
         ),
     ] = DEFAULT_SEGMENT_FORMAT,
+    media_root: MediaRoot = None,
+    allow_media_scheme: AllowMediaScheme = None,
+    allow_private_urls: AllowPrivateUrls = False,
 ) -> None:
     """Transcribe recordings (any length; mp3, m4a, ogg/opus, flac, wav, webm/mp4 audio): one row each."""
 

@@ -22,6 +22,7 @@ from tasks.engine.run import COMPLETED, RunOptions, run_job
 from tasks.engine.shard import Shard
 from tasks.errors import GembatchError, RunNotCompleted
 from tasks.provider.client import ProviderSettings
+from tasks.redact import redact_text
 
 __all__ = ["options_from", "run_flow", "run_flow_job", "run_options", "run_untracked"]
 
@@ -118,11 +119,12 @@ async def run_flow_job(job: Job, parameters: dict[str, Any]) -> dict[str, Any]:
         document = await _run(job, parameters)
     except GembatchError as exc:
         # The message says what to do; Prefect's traceback would only bury it.
-        get_run_logger().error("%s", exc)
-        return Failed(message=str(exc), data=exc)
+        message = redact_text(str(exc))
+        get_run_logger().error("%s", message)
+        return Failed(message=message, data=exc)
     if document["status"] not in (COMPLETED, "dry run"):
         problem = RunNotCompleted(document)
-        return Failed(message=str(problem), data=problem)
+        return Failed(message=redact_text(str(problem)), data=problem)
     return document
 
 
@@ -137,13 +139,13 @@ async def run_untracked(job: Job, parameters: dict[str, Any]) -> dict[str, Any]:
     if parameters.get("shards", 1) > 1 and not parameters.get("shard"):
         raise GembatchError(
             "--shards runs each part as a flow run on a Prefect work pool, and no Prefect API is configured: "
-            "set PREFECT_API_URL to your server (README: Running at scale), or drop --shards"
+            "set PREFECT_API_URL to your server (docs/how-to/scale-out.md), or drop --shards"
         )
     return await run_job(job, options, parameters=_recorded(parameters))
 
 
 async def _shared_limits(host: str, model: str, limits: Limits) -> Any:
-    """A tracked run shares its quota with every other on the same host and model (README: Running at scale)."""
+    """A tracked run shares its quota with every other on the same host and model (docs/how-to/scale-out.md)."""
     from tasks.engine.shared_limits import open_shared_limits
 
     return await open_shared_limits(host, model, limits.rpm, limits.tpm, window_s=limits.window_s)
@@ -205,11 +207,11 @@ async def _run(job: Job, parameters: dict[str, Any]) -> dict[str, Any]:
         c["not_attempted"],
         document["requests"]["sent"],
         document["requests"]["rate_limited_429"],
-        document["output"]["path"],
+        redact_text(document["output"]["path"]),
         document["run_id"],
     )
     if document["status"] != COMPLETED:
-        logger.error("%s — %s", document["status"], document["message"])
+        logger.error("%s — %s", document["status"], redact_text(document["message"]))
     elif document["message"]:
-        logger.warning("%s", document["message"])
+        logger.warning("%s", redact_text(document["message"]))
     return document

@@ -24,5 +24,5 @@ async def embed_flow(
     batch_size: int = MAX_INPUTS_PER_REQUEST,
     options: CommonOptions = CommonOptions(),
 ) -> dict[str, Any]:
-    """Embed ``text_col`` of every row of ``input`` into ``output`` (see README: gembatch embed)."""
+    """Embed ``text_col`` of every row of ``input`` into ``output`` (docs/how-to/embed.md)."""
     return await run_flow(embed_job, locals())

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from tasks.jobs.extract import ExtractJob
     from tasks.jobs.generate import GenerateJob
     from tasks.jobs.images import ImagesJob
+    from tasks.jobs.media_access import MediaPolicy
     from tasks.jobs.tools import ToolsExtractJob
     from tasks.jobs.transcribe import TranscribeJob
 
@@ -171,6 +172,7 @@ def caption_job(parameters: dict[str, Any]) -> CaptionJob:
         prompt=parameters["prompt"],
         max_side=parameters["max_side"],
         base_dir=base_dir_of(parameters["input"]),
+        media=media_policy(parameters),
     )
 
 
@@ -192,6 +194,31 @@ def transcribe_job(parameters: dict[str, Any]) -> TranscribeJob:
         base_dir=base_dir_of(parameters["input"]),
         segment_s=parameters.get("segment_s", DEFAULT_SEGMENT_S),
         segment_format=parameters.get("segment_format", DEFAULT_SEGMENT_FORMAT),
+        media=media_policy(parameters),
+    )
+
+
+def media_policy(parameters: dict[str, Any]) -> MediaPolicy:
+    """Where the files named in a media column may be: under the input's folder (or prefix) and any
+    --media-root, URLs of an --allow-media-scheme anywhere. Refuses, before anything is sent, a scheme
+    whose filesystem package is not installed (one message rather than an error row per cell)."""
+    from tasks.jobs.media_access import HTTP_SCHEMES, UNKNOWN, MediaPolicy, missing_package, scheme_of
+
+    roots = tuple(parameters.get("media_root") or ())
+    schemes = tuple(s.lower().strip().removesuffix("://") for s in parameters.get("allow_media_scheme") or ())
+    for scheme in dict.fromkeys((*schemes, *(scheme_of(r) for r in roots))):
+        if scheme in (*HTTP_SCHEMES, "file"):
+            continue
+        missing = missing_package(scheme)
+        if missing and missing.startswith(UNKNOWN):
+            raise ConfigError(f"--allow-media-scheme / --media-root: {scheme}:// is not a scheme gembatch can read")
+        if missing:
+            raise ConfigError(
+                f"media {scheme}:// URLs are allowed (--allow-media-scheme / --media-root), but reading them needs "
+                f"a package that is not installed: {missing}; install it, or drop the option"
+            )
+    return MediaPolicy.for_input(
+        parameters["input"], roots=roots, schemes=schemes, allow_private=bool(parameters.get("allow_private_urls"))
     )
 
 

@@ -215,10 +215,11 @@ EXIT_FAILED_ROWS = 4
 
 def finish(document: dict[str, Any]) -> None:
     from tasks.engine.run import COMPLETED_WITH_ERRORS
+    from tasks.redact import redact_text
 
     print_summary(document)
     if document["status"] not in ("completed", "dry run"):
-        err_console.print(f"[bold red]{document['status']}[/]: {document['message']}", highlight=False)
+        err_console.print(f"[bold red]{document['status']}[/]: {redact_text(document['message'])}", highlight=False)
         raise typer.Exit(EXIT_FAILED_ROWS if document["status"] == COMPLETED_WITH_ERRORS else EXIT_STOPPED)
     if document.get("message"):
-        err_console.print(document["message"], highlight=False)
+        err_console.print(redact_text(document["message"]), highlight=False)

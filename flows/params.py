@@ -4,8 +4,8 @@ Every flow takes them as one parameter, ``options: CommonOptions``; Prefect vali
 deployment, or the model from Python), shows it in a deployment's run form with these descriptions,
 and stores it as a nested mapping (``deployments.yaml``: ``parameters: {options: {rpm: 1500}}``). The
 `gembatch` commands make one typer option a field from the same declarations (flows/options.py), and
-the README's "Common options" table is generated from them (``uv run python -m flows.params``; a test
-fails when it drifts). A new common option is one field here.
+the "Common options" table of docs/reference/cli.md is generated from them (``uv run python -m flows.docgen``;
+a test fails when it drifts). A new common option is one field here.
 
 This module imports only pydantic and the plain constants of tasks/defaults.py: `gembatch --help`
 reads it, and must not pay for Prefect, pyarrow or openai.
@@ -13,12 +13,10 @@ reads it, and must not pay for Prefect, pyarrow or openai.
 
 from __future__ import annotations
 
-import re
 import sys
-from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_serializer
 
 from tasks.defaults import (
     DEFAULT_AUTO_MIN_REQUESTS,
@@ -34,7 +32,7 @@ __all__ = ["CommonOptions", "cli_flag", "flat_parameters", "flow_arguments", "op
 
 
 def _cli(flag: str, metavar: str | None = None, *, help: str | None = None) -> dict[str, Any]:
-    """A field's command-line flag, the placeholder the README shows after it, and the flag's own help
+    """A field's command-line flag, the placeholder the docs show after it, and the flag's own help
     where the field's description doesn't fit it (a ``--no-…`` flag). Kept in the JSON schema too."""
     return {"cli": flag} | ({"metavar": metavar} if metavar else {}) | ({"cli_help": help} if help else {})
 
@@ -46,7 +44,7 @@ class CommonOptions(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", field_title_generator=lambda name, _: name)
 
     id_col: str = Field("id", description="Column with each row's unique id.", json_schema_extra=_cli("--id-col"))
-    # Where requests go and where the key comes from (README: "Providers and keys").
+    # Where requests go and where the key comes from (docs/how-to/providers.md).
     provider: str = Field(
         "gemini",
         description="gemini (GEMINI_API_KEY), openai (OPENAI_API_KEY) or local (the built-in emulator).",
@@ -65,7 +63,7 @@ class CommonOptions(BaseModel):
         description="Name of a Prefect Secret block holding the key (instead of an environment variable).",
         json_schema_extra=_cli("--api-key-secret", "BLOCK"),
     )
-    # Your quota (README: "Rate limits: the rule").
+    # Your quota (docs/explanation/rate-limits.md).
     rpm: float | None = Field(
         None, description="Requests per minute allowed (your quota).", json_schema_extra=_cli("--rpm", "N")
     )
@@ -147,7 +145,7 @@ class CommonOptions(BaseModel):
         "(exit 4, Prefect flow run Failed).",
         json_schema_extra=_cli("--max-failed-pct"),
     )
-    # Batch mode (README: "Batch mode").
+    # Batch mode (docs/how-to/batch-mode.md).
     mode: str = Field(
         "live",
         description="live (one request at a time), batch (the provider's batch API: half price, results within "
@@ -170,7 +168,7 @@ class CommonOptions(BaseModel):
         description="--mode auto: a request file with fewer requests than this is sent live instead.",
         json_schema_extra=_cli("--auto-min-requests", "N"),
     )
-    # Past one machine (README: "Running at scale").
+    # Past one machine (docs/how-to/scale-out.md).
     shards: int = Field(
         1,
         ge=1,
@@ -205,6 +203,14 @@ class CommonOptions(BaseModel):
         json_schema_extra=_cli("--idle-timeout"),
     )
 
+    @field_serializer("base_url", when_used="json")
+    def _base_url_shown(self, value: str | None) -> str | None:
+        """As Prefect stores a flow run's parameters (JSON): credentials in the URL redacted. The run
+        itself gets the model as it is."""
+        from tasks.redact import redact_url  # --help imports this module, and nothing it doesn't need
+
+        return None if value is None else redact_url(value)
+
 
 def flow_arguments(parameters: dict[str, Any]) -> dict[str, Any]:
     """Flat parameters (the command line's) as a flow's arguments: the common fields become ``options``."""
@@ -226,7 +232,7 @@ def cli_flag(name: str) -> tuple[str, str]:
 
 
 def options_table() -> str:
-    """The README's "Common options" table, made from the declarations above."""
+    """The "Common options" table of docs/reference/cli.md, made from the declarations above."""
     rows = ["| option | default | what it does |", "|---|---|---|"]
     for name, field in CommonOptions.model_fields.items():
         flag, help = cli_flag(name)
@@ -237,25 +243,12 @@ def options_table() -> str:
     return "\n".join(rows) + "\n"
 
 
-_BLOCK = re.compile(r"(<!-- common-options:begin.*?-->\n)(.*?)(<!-- common-options:end -->)", re.S)
+def main() -> None:
+    """Rewrite the generated docs pages, this table's among them (the same as `uv run python -m flows.docgen`)."""
+    from flows.docgen import main as docgen_main
 
-
-def readme_block(readme: str) -> str:
-    """The generated table as it stands in ``readme`` (between its two markers)."""
-    match = _BLOCK.search(readme)
-    if match is None:
-        raise ValueError("README.md has no <!-- common-options:begin --> … <!-- common-options:end --> block")
-    return match.group(2)
-
-
-def main(path: str = "README.md") -> None:
-    """Rewrite the table in README.md from the declarations (`uv run python -m flows.params`)."""
-    readme = Path(path).read_text(encoding="utf-8")
-    readme_block(readme)
-    updated = _BLOCK.sub(lambda m: m.group(1) + options_table() + m.group(3), readme)
-    Path(path).write_text(updated, encoding="utf-8")
-    print(f"{path}: common options table {'updated' if updated != readme else 'already up to date'}")
+    sys.exit(docgen_main([]))
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    main()

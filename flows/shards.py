@@ -28,6 +28,7 @@ from flows.params import CommonOptions
 from tasks.engine.chunk import Job
 from tasks.engine.metadata import input_record, new_run_id, package_versions, utc_now
 from tasks.errors import ConfigError
+from tasks.redact import redact_data
 
 __all__ = ["HEARTBEAT_LABEL", "heartbeat", "run_sharded", "sharded"]
 
@@ -122,7 +123,7 @@ async def run_sharded(job: Job, parameters: dict[str, Any]) -> dict[str, Any]:
         "job": job.name,
         "status": "running",
         "message": "",
-        "parameters": recorded,
+        "parameters": redact_data(recorded),
         "job_parameters": job.parameters(),
         "input": await asyncio.to_thread(input_record, source, total_rows),
         "output": {"path": options.output},
@@ -175,8 +176,7 @@ async def _deployment_of_this_flow() -> str:
     if not found:
         raise ConfigError(
             f"--shards runs the shards as flow runs of a deployment of {name}, and there is none: deploy it "
-            "(prefect deploy --prefect-file deployments.yaml) and start workers on its pool (README: Running at "
-            "scale)"
+            "(prefect deploy --prefect-file deployments.yaml) and start workers on its pool (docs/how-to/scale-out.md)"
         )
     names = ", ".join(sorted(f"{name}/{d.name}" for d in found))
     raise ConfigError(

@@ -1,7 +1,7 @@
 """Is a Prefect API configured? Answered the way Prefect 3.8 answers it, without importing Prefect.
 
 `gembatch` runs a job as a tracked flow run when a Prefect API is configured, and untracked otherwise
-(see README, "Prefect"). Importing Prefect to read one setting costs about 2.5 s on a small machine —
+(docs/explanation/tracking.md). Importing Prefect to read one setting costs about 2.5 s on a small machine —
 most of an untracked run — so this module reads the same sources in the same order itself
 (prefect/settings/sources.py, settings/base.py ``settings_customise_sources``):
 

@@ -26,8 +26,11 @@ async def transcribe_flow(
     max_inline_bytes: int = MAX_INLINE_BYTES,
     segment_s: float = DEFAULT_SEGMENT_S,
     segment_format: str = DEFAULT_SEGMENT_FORMAT,
+    media_root: list[str] | None = None,
+    allow_media_scheme: list[str] | None = None,
+    allow_private_urls: bool = False,
     options: CommonOptions = CommonOptions(),
 ) -> dict[str, Any]:
     """Transcribe the recording in ``audio_col`` of every row of ``input`` (or every file of a folder or
-    glob ``input``) into ``output``; long recordings go in segments of ``segment_s`` (see README)."""
+    glob ``input``) into ``output``; long recordings go in segments of ``segment_s`` (docs/how-to/transcribe.md)."""
     return await run_flow(transcribe_job, locals())

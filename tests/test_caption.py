@@ -129,7 +129,8 @@ def test_rerun_sends_nothing_and_a_new_prompt_sends_everything_again(emulator, a
 
 
 def test_a_wide_image_is_downscaled_before_sending(emulator, tmp_path):
-    src = write_list(tmp_path / "one.csv", [(1, str(IMAGES / "banner.png"))])
+    shutil.copy(IMAGES / "banner.png", tmp_path / "banner.png")  # media paths stay under the list's folder
+    src = write_list(tmp_path / "one.csv", [(1, str(tmp_path / "banner.png"))])
 
     run_caption(emulator, src, tmp_path / "out")
     row = read_output(tmp_path / "out").row(0, named=True)

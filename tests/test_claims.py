@@ -1,4 +1,4 @@
-"""Two and three runs on one output at once never pay twice (issue 17).
+"""Two and three runs on one output at once never pay twice.
 
 Real `gembatch embed` processes (untracked: no Prefect API) against the emulator on loopback, whose
 latency makes them overlap; the emulator counts what it was sent (GET /_emulator/stats), the table is

@@ -1,4 +1,4 @@
-"""Issue 7, "any OpenAI-compatible server": what a third-party server does differently, pinned with the
+"""Any OpenAI-compatible server: what a third-party server does differently, pinned with the
 emulator's switches, over real HTTP on loopback.
 
 - no ``GET models/{id}`` (only the list): a job runs; an unknown model is still refused before any work;

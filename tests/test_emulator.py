@@ -619,7 +619,7 @@ def test_config_repr_hides_key_and_configure(make_emu: Any) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# switches for other OpenAI-compatible servers (issue 7)
+# switches for other OpenAI-compatible servers
 
 
 def test_without_the_retrieve_route_only_the_list_answers(make_emu: Any) -> None:

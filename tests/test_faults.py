@@ -1,6 +1,6 @@
 """Fault tolerance of every job: a run over a few thousand rows against an emulator that fails often.
 
-The issue: "With 5% 500/503, 1% hangs past the request timeout, 1% truncated bodies and 1% dropped
+The requirement: "With 5% 500/503, 1% hangs past the request timeout, 1% truncated bodies and 1% dropped
 connections on a few thousand rows: the run completes; every input row is either in the output or in
 `_errors/` (the counts balance); no id appears twice in the output; with the default retries nearly
 every row succeeds; a second run with `--retry-errors` finishes the rest."
@@ -454,7 +454,7 @@ def test_a_faulty_server_loses_no_row_and_a_retry_errors_run_finishes_the_rest(e
 
 # With the default retries the run above leaves (almost surely) no error row, so its --retry-errors
 # run has nothing to do. Here no retry is allowed (max_attempts=1): every fault becomes an error row
-# in _errors/ marked retry "auto" (issue 18), and the next plain run, against the same faulty server
+# in _errors/ marked retry "auto", and the next plain run, against the same faulty server
 # and with the default attempts, must finish exactly those rows without --retry-errors.
 NO_RETRY = RetryPolicy(max_attempts=1, base_delay_s=0.01, max_delay_s=0.05)
 SMALL_ROWS = {

@@ -1,4 +1,4 @@
-"""The done-key index in flat memory (issue 13): fixed-width keys, stable across processes, vectorised
+"""The done-key index in flat memory: fixed-width keys, stable across processes, vectorised
 lookups, streaming id check and superseding, and a rerun that starts no task for a finished chunk."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The output's key cache (OUTPUT/_index/keys.bin, issue 13): a rescan reads the parts' keys from one
+"""The output's key cache (OUTPUT/_index/keys.bin): a rescan reads the parts' keys from one
 file, gives the same answers as reading the parts, and never trusts an entry that doesn't match the
 part as it is now (rewritten, added, removed) or a file that doesn't check out."""
 

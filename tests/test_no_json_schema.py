@@ -1,6 +1,6 @@
 """A server or model without ``response_format`` json_schema: `extract --via tools` still gives the table.
 
-Real servers meet a json_schema request in one of two ways (searched for issue 12):
+Real servers meet a json_schema request in one of two ways (from public reports):
 - a 400: Groq's models without structured outputs (``llama-3.3-70b-versatile``) answer
   ``{"error": {"message": "This model does not support response format `json_schema`.", "type":
   "invalid_request_error"}}``; older Groq said ``'response_format.type' : value is not one of the allowed

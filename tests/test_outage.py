@@ -1,9 +1,9 @@
-"""A provider outage is not the rows' fault (issue 18): pause, probe, resume — and never leave rows behind.
+"""A provider outage is not the rows' fault: pause, probe, resume — and never leave rows behind.
 
 Each test runs a real embed job over HTTP against the emulator and flips the emulator's fault switches
 from another thread while the run is going: every POST answered 500 or 503 is "the provider is down".
 Requests the server saw during the outage are counted at the emulator. Outages are kept short (about
-10 s) so the suite stays fast; benchmarks/bench_outage.py runs the issue's 4-minute scenario.
+10 s) so the suite stays fast; benchmarks/bench_outage.py runs a 4-minute outage.
 """
 
 from __future__ import annotations

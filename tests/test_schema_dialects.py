@@ -1,4 +1,4 @@
-"""Issue 15: one pydantic model, the schema each provider accepts; a refused schema stops the run.
+"""One pydantic model, the schema each provider accepts; a refused schema stops the run.
 
 The emulator applies OpenAI's strict rules under /v1/ and Gemini's under /v1beta/openai/ (for
 response_format and for function parameters), so these tests pin the dialects.
@@ -188,7 +188,7 @@ def test_a_model_openai_cannot_express_fails_before_any_request_naming_the_path(
 
 
 def test_a_refused_schema_stops_the_run_after_one_request(emulator, tmp_path):
-    """Gemini's dialect sent to a server with OpenAI's strict rules: the issue's 30 rows, 1 request."""
+    """Gemini's dialect sent to a server with OpenAI's strict rules: 30 rows, 1 request."""
     src = write_texts(tmp_path / "in.parquet", 30)
     out = tmp_path / "out"
     _, doc = run(emulator, paths(emulator)["openai"], src, out, dialect="gemini")
@@ -237,7 +237,7 @@ def _tool(schema: dict, strict: bool = True) -> list[dict]:
 
 def test_the_emulator_applies_each_providers_rules_with_their_error_text(emulator):
     raw = Shipment.model_json_schema()
-    # OpenAI, strict: the issue's error, in OpenAI's error shape.
+    # OpenAI, strict: the refusal users report, in OpenAI's error shape.
     r = _chat(emulator, "openai", response_format=_response_format(raw))
     assert r.status_code == 400
     error = r.json()["error"]

@@ -348,7 +348,7 @@ def test_a_daily_quota_stop_stops_every_run_on_the_key_and_a_rerun_after_the_res
             assert doc["status"] == "stopped: daily quota", doc["message"]
             assert_balanced(doc)
         # At most the request each run had in flight when the quota ran out met the refusal: the two runs
-        # pace themselves each up to R, so their last requests can go out together (README: Running at scale).
+        # pace themselves each up to R, so their last requests can go out together (docs/explanation/shared-quota.md).
         refused = [d["requests"]["rate_limited_429"] for d in first]
         assert 1 <= daily_429s == sum(refused) and max(refused) == 1, (daily_429s, refused)
         assert sum(d["counts"]["succeeded"] for d in first) == 100 * 6  # the 6 requests of the day

@@ -66,5 +66,7 @@ def test_a_worker_runs_the_embed_deployment_with_nested_options(emulator, tmp_pa
     assert_balanced(doc)
     # The deployment's nested options reached the run, and its metadata records them flat, as before.
     assert doc["parameters"]["base_url"] == emulator.base_url and doc["parameters"]["rpm"] == 1500
-    assert doc["parameters"]["max_concurrency"] == 16 and doc["parameters"]["model"] == "gemini-embedding-2"
+    # nightly-embed declares its quota only: the number in flight follows from the rate and the latency.
+    assert doc["parameters"]["tpm"] == 1_000_000 and doc["parameters"]["max_concurrency"] is None
+    assert doc["parameters"]["model"] == "gemini-embedding-2"
     assert "options" not in doc["parameters"] and "progress" not in doc["parameters"]

@@ -1,6 +1,6 @@
 """`--mode batch|auto`: the same rows through the provider's batch API, at its price, into the same output.
 
-A batch run (README, "Batch mode"):
+A batch run (docs/how-to/batch-mode.md):
 
 1. Re-attach: every batch recorded in ``OUTPUT/_batches/`` and not yet written is polled again, and its
    rows are not put into any new batch. A record that never reached the provider (no batch id) is
@@ -168,7 +168,7 @@ class _Left:
 class BatchRun:
     """One run's batch side (see the module docstring). ``drive_live`` is the live engine's driver.
 
-    Two runs on one output (issue 17): a chunk's rows go into a request file only while this run holds
+    Two runs on one output (see claims.py): a chunk's rows go into a request file only while this run holds
     the chunk's claim (``claims``, the same claims as live chunks), and the claim is held until every
     request file holding its lines is recorded SUBMITTED; from then on the batch record is what other
     runs see (its rows are pending: not sent again). Each batch record has a claim of its own, taken
@@ -670,7 +670,8 @@ class BatchRun:
             "job": ctx.job.name,
             "model": ctx.job.model,
             "provider": self.conn.provider,
-            "base_url": self.conn.base_url,
+            # Credentials in the URL are never written (`gembatch batches --base-url URL` gives them again).
+            "base_url": self.conn.shown_url,
             "flavor": self.api.flavor,
             "endpoint": endpoint,
             "state": PREPARED,

@@ -1,4 +1,4 @@
-"""The done-key index in flat memory: what the output holds, in 10 bytes a row, queried a chunk at a time.
+"""The done-key index in flat memory: what the output holds, in a few bytes a row, queried a chunk at a time.
 
 Every output row is known by three fixed-width numbers:
 

@@ -14,7 +14,7 @@ A declared ``--rpm`` is never exceeded in any 60-second window as the server cou
 spaced ``60 / rpm`` apart, and no start is allowed while ``rpm`` others fall within the last
 ``60 + WINDOW_GUARD_S`` seconds (room for arrival-time jitter at the server), which costs 0.8%.
 
-The rule after a 429 (also in the README): once requests are paced (``--rpm``, or a rate learned from
+The rule after a 429 (docs/explanation/rate-limits.md): once requests are paced (``--rpm``, or a rate learned from
 an earlier 429), a 429 only delays its own request (by the server's retry delay) unless 429s are more
 than noise — more than one in a minute and more than ``NOISE_SHARE`` of the requests sent in it —
 which means the real limit is lower: then the rate is halved. Without ``--rpm`` the first 429 sets the

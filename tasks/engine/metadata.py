@@ -9,6 +9,7 @@ from typing import Any
 
 from tasks.engine.chunk import RunStats
 from tasks.provider.prices import estimate_cost_usd
+from tasks.redact import redact_text, redact_url
 
 __all__ = ["batch_cost", "input_record", "new_run_id", "package_versions", "counts", "summary_rows", "utc_now"]
 
@@ -39,7 +40,7 @@ def input_record(source: Any, rows: int) -> dict[str, Any]:
     """The ``input`` block of the run metadata: path, format, size, rows and fingerprint (blocking: the
     fingerprint reads the input; call it on a worker thread)."""
     return {
-        "path": source.path,
+        "path": redact_url(source.path),
         "format": source.format,
         "size_bytes": source.size_bytes,
         "rows": rows,
@@ -155,4 +156,4 @@ def summary_rows(document: dict[str, Any]) -> list[dict[str, str]]:
         ("rows/s", document["throughput"]["rows_per_s"]),
         ("output", document["output"]["path"]),
     ]
-    return [{"metric": k, "value": str(v)} for k, v in rows]
+    return [{"metric": k, "value": redact_text(str(v))} for k, v in rows]

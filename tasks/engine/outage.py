@@ -1,6 +1,6 @@
 """Telling "the provider is down" from "this row is bad": a circuit breaker over recent requests.
 
-The rule (also in the README, "When the provider is down"):
+The rule (also in docs/explanation/outages.md):
 
 - The breaker watches the outcome of every request: a success, or a *transient* failure (5xx, a
   timeout, a broken connection, a body that isn't JSON). 429s and 4xx answers are not counted: the

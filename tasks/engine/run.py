@@ -49,6 +49,7 @@ from tasks.jobs.media import folder_extensions
 from tasks.provider.catalog import lifecycle_note
 from tasks.provider.client import ProviderSettings, check_model, open_connection, require_key
 from tasks.provider.prices import BATCH_PRICE_FACTOR
+from tasks.redact import redact_data
 
 if TYPE_CHECKING:
     from tasks.engine.shared_limits import SharedLimits
@@ -191,11 +192,11 @@ async def run_job(
             "job": job.name,
             "status": "running",
             "message": "",
-            "parameters": parameters or {},
+            "parameters": redact_data(parameters or {}),
             "provider": {
                 "name": conn.provider,
                 "host": conn.host,
-                "base_url": conn.base_url,
+                "base_url": conn.shown_url,
                 "model": job.model,
                 # What gembatch's catalog says of the model (deprecated, shutdown day, replacement); null: current.
                 "lifecycle": lifecycle_note(job.model) or None,

@@ -52,6 +52,7 @@ from tasks.engine.index import (
 from tasks.engine.keycache import INDEX_DIR, KEYS_FILE, KeyCache, KeyCacheWriter, part_stamp
 from tasks.engine.memory import release_free_memory
 from tasks.errors import ConfigError
+from tasks.redact import redact_data, redact_text
 
 log = logging.getLogger("gembatch.index")
 
@@ -611,6 +612,7 @@ class OutputStore:
             # Named by run too: a row that fails again in another run is a new record, which a
             # concurrent run must see as new (see read_new_parts); compaction keeps the newest.
             final = f"{self._join(ERRORS_DIR)}/part-{_part_hash(table, id_col)}-{run_id}.parquet"
+            table = _redacted_messages(table)
         else:
             final = f"{self.root}/part-{_part_hash(table, id_col)}.parquet"
         meta = {"written_at_ns": time.time_ns(), "run_id": run_id}
@@ -621,7 +623,7 @@ class OutputStore:
         path = self._join(RUNS_DIR, f"{run_id}.json")
         tmp = self._join(RUNS_DIR, f"{TMP_PREFIX}{run_id}.inprogress")
         with self.fs.open(tmp, "w") as f:
-            json.dump(document, f, indent=2, default=str)
+            json.dump(redact_data(document), f, indent=2, default=str)
         self.fs.mv(tmp, path)
         return path
 
@@ -769,3 +771,17 @@ def _part_hash(table: pa.Table, id_col: str) -> str:
     for value in table.column(id_col).to_pylist():
         digest.update(repr(value).encode())
     return digest.hexdigest()[:20]
+
+
+def _redacted_messages(table: pa.Table) -> pa.Table:
+    """Error rows as written: no URL credentials in a message or a kept reply, whatever produced it (a
+    gateway's answer quoting the request URL, a media cell holding a presigned link)."""
+    for name in ("error_message", "raw_reply"):
+        if name not in table.column_names:
+            continue
+        column = table.column(name)
+        if not pa.types.is_string(column.type) and not pa.types.is_large_string(column.type):
+            continue
+        redacted = pa.array([None if m is None else redact_text(m) for m in column.to_pylist()], column.type)
+        table = table.set_column(table.column_names.index(name), name, redacted)
+    return table

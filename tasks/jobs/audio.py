@@ -20,8 +20,10 @@ from io import BytesIO
 from typing import BinaryIO
 
 import av
-import fsspec
 import numpy as np
+
+from tasks.jobs.media import open_media
+from tasks.jobs.media_access import MediaPolicy
 
 __all__ = [
     "SAMPLE_RATE",
@@ -105,9 +107,9 @@ def _reason(exc: BaseException) -> str:
     return text.split(": '", 1)[0] if isinstance(text, str) else str(exc)
 
 
-def probe(path: str) -> AudioInfo:
+def probe(path: str, policy: MediaPolicy | None = None) -> AudioInfo:
     """The audio track's duration and format from the container's header (no decoding)."""
-    with fsspec.open(path, "rb").open() as f:
+    with open_media(path, policy) as f:
         with _open_container(f) as container:
             if not container.streams.audio:
                 kinds = sorted({s.type for s in container.streams})
@@ -129,9 +131,9 @@ def probe(path: str) -> AudioInfo:
             )
 
 
-def iter_pcm(path: str) -> Iterator[np.ndarray]:
+def iter_pcm(path: str, policy: MediaPolicy | None = None) -> Iterator[np.ndarray]:
     """The audio track as mono 16 kHz int16 blocks, decoded as a stream (one packet at a time)."""
-    with fsspec.open(path, "rb").open() as f:
+    with open_media(path, policy) as f:
         with _open_container(f) as container:
             if not container.streams.audio:
                 raise AudioError("has no audio track")
@@ -212,7 +214,12 @@ def encode(samples: np.ndarray, codec: SegmentCodec, *, rate: int = SAMPLE_RATE)
 
 
 def iter_segments(
-    path: str, segment_s: float, codec: SegmentCodec | None, *, skip: Mapping[int, tuple[float, float]] | None = None
+    path: str,
+    segment_s: float,
+    codec: SegmentCodec | None,
+    *,
+    skip: Mapping[int, tuple[float, float]] | None = None,
+    policy: MediaPolicy | None = None,
 ) -> Iterator[Segment]:
     """The recording at ``path`` as encoded segments; silent ones, those in ``skip`` (index → the
     (start_s, end_s) they must have: segments already answered) and all of them when ``codec`` is None
@@ -221,7 +228,7 @@ def iter_segments(
     Raises :class:`AudioError` for a file that can't be decoded or holds no samples.
     """
     index = -1
-    for index, (first, samples) in enumerate(cut_points(iter_pcm(path), segment_s)):
+    for index, (first, samples) in enumerate(cut_points(iter_pcm(path, policy), segment_s)):
         peak = int(np.max(np.abs(samples.astype(np.int32)))) if len(samples) else 0
         start_s, end_s = first / SAMPLE_RATE, (first + len(samples)) / SAMPLE_RATE
         done = skip is not None and skip.get(index) == (start_s, end_s)

@@ -25,7 +25,9 @@ from tasks.jobs.images_io import (
     probe,
 )
 from tasks.jobs.media import read_media, resolve_path
+from tasks.jobs.media_access import MediaPolicy, MediaRefused
 from tasks.provider.client import Connection
+from tasks.redact import redact_text, redact_url
 
 __all__ = [
     "CaptionJob",
@@ -61,6 +63,8 @@ class CaptionJob:
     prompt: str = DEFAULT_CAPTION_PROMPT
     max_side: int = DEFAULT_MAX_SIDE
     base_dir: str | None = None
+    # Where image cells may point (default: under base_dir; anywhere but http(s) without one).
+    media: MediaPolicy | None = None
 
     name = "caption"
     max_items_per_request = 1
@@ -72,6 +76,9 @@ class CaptionJob:
             raise ValueError(f"--max-side must be at least 1, got {self.max_side}")
         if not self.prompt.strip():
             raise ValueError("--prompt must not be empty")
+        if self.media is None:
+            default = MediaPolicy.under((self.base_dir,)) if self.base_dir else MediaPolicy()
+            object.__setattr__(self, "media", default)
 
     @property
     def input_columns(self) -> tuple[str, ...]:
@@ -87,14 +94,15 @@ class CaptionJob:
             "prompt": self.prompt,
             "max_side": self.max_side,
             "base_dir": self.base_dir,
+            **self.media.describe(),
         }
 
     def prepare(self, payload: dict[str, Any]) -> Prepared:
         value = payload[self.image_col]
         if value is None or not str(value).strip():
             raise RowInvalid(f"column {self.image_col!r} is empty: give an image path or URL")
-        path = resolve_path(str(value), self.base_dir)
-        data = _read(path, value)
+        path = _located(self.media, resolve_path(str(value), self.base_dir), value)
+        data = _read(path, value, self.media)
         try:
             info = probe(data, path)  # the header only: no pixel is decoded here
         except ImageError as exc:
@@ -140,7 +148,7 @@ class CaptionJob:
 
     def _image_as_sent(self, ref: ImageRef) -> tuple[str, str]:
         """The MIME type and base64 text of the image as sent (the bytes themselves are not kept)."""
-        data = _read(ref.path, ref.path)
+        data = _read(ref.path, ref.path, self.media)
         if hashlib.sha256(data).hexdigest() != ref.sha256:
             raise RowInvalid(f"{ref.path} changed during the run: run again to caption the new version")
         try:
@@ -185,11 +193,20 @@ def reply_text(response: Any) -> str | None:
     return content.strip() if content else None
 
 
-def _read(path: str, value: Any) -> bytes:
+def _located(policy: MediaPolicy, path: str, value: Any) -> str:
     try:
-        return read_media(path).data
+        return policy.check(path, kind="image", value=value)
+    except MediaRefused as exc:
+        raise RowInvalid(str(exc)) from None
+
+
+def _read(path: str, value: Any, policy: MediaPolicy) -> bytes:
+    try:
+        return read_media(path, policy).data
+    except MediaRefused as exc:
+        raise RowInvalid(str(exc)) from None
     except FileNotFoundError:
-        shown = path if str(value) == path else f"{path} (from {str(value)!r})"
+        shown = redact_url(path) if str(value) == path else f"{redact_url(path)} (from {redact_url(str(value))!r})"
         raise RowInvalid(f"image file not found: {shown}; relative paths resolve against the input's folder") from None
-    except (OSError, ValueError) as exc:
-        raise RowInvalid(f"can't read image {path}: {exc}") from None
+    except (OSError, ValueError, ImportError) as exc:
+        raise RowInvalid(f"can't read image {redact_url(path)}: {redact_text(str(exc))}") from None

@@ -1,7 +1,7 @@
 """What each image model takes on the route gembatch uses (`images.generate`): sizes, n, quality.
 
 Imports nothing, so the command line can check `--size`, `--n` and `--quality` before any request (and
-before pyarrow or openai are imported). Sources and what is confirmed: README, "gembatch images".
+before pyarrow or openai are imported). Sources and what is confirmed: docs/how-to/images.md.
 
 A model not named here (another server's) gets the generic checks: WIDTHxHEIGHT, n from 1 to 10.
 """

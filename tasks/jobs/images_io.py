@@ -200,7 +200,7 @@ def probe(data: bytes, name: str) -> ImageInfo:
     mime = sniff(data[:64])
     if mime is None:
         raise ImageError(
-            f"{name} is not a PNG, JPEG, WebP, GIF, AVIF, HEIC or HEIF image (first bytes {data[:8]!r}): "
+            f"{name} ({_size(data)}) is not a PNG, JPEG, WebP, GIF, AVIF, HEIC or HEIF image: "
             "convert it to one of these or fix the path"
         )
     _require_decoder(mime, name)
@@ -218,6 +218,12 @@ def probe(data: bytes, name: str) -> ImageInfo:
     return ImageInfo(mime, width, height, scalable)
 
 
+def _size(data: bytes) -> str:
+    """What a message says about a file that is not an image: its size, never its bytes (a path in a
+    column may point at any file the worker can read)."""
+    return "an empty file" if not data else f"{len(data):,} bytes"
+
+
 def _scalable(img: Image.Image) -> bool:
     return img.format in _JPEG_FORMATS and img.mode in _PLAIN_MODES
 
@@ -226,7 +232,7 @@ def image_for_model(data: bytes, max_side: int, *, name: str) -> SentImage:
     """``data`` as the model should get it: unchanged when it can be, else decoded, fixed and downscaled."""
     mime = sniff(data[:64])
     if mime is None:
-        raise ImageError(f"{name} is not an image this path reads (first bytes {data[:8]!r})")
+        raise ImageError(f"{name} ({_size(data)}) is not a PNG, JPEG, WebP, GIF, AVIF, HEIC or HEIF image")
     _require_decoder(mime, name)
     try:
         with _decoding, Image.open(BytesIO(data)) as img:

@@ -13,8 +13,11 @@ import struct
 import wave
 from dataclasses import dataclass
 from io import BytesIO
+from typing import IO
 
 import fsspec
+
+from tasks.jobs.media_access import MediaPolicy, scheme_of
 
 __all__ = [
     "IMAGE_MIMES",
@@ -34,6 +37,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "FOLDER_EXTENSIONS",
     "folder_extensions",
+    "open_media",
 ]
 
 # What Gemini's chat endpoint accepts inline (see GEMINI.md: routes).
@@ -49,6 +53,8 @@ AUDIO_EXTENSIONS = (
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "gif", "avif", "heic", "heif")  # what images_io reads
 FOLDER_EXTENSIONS = {"transcribe": AUDIO_EXTENSIONS, "caption": IMAGE_EXTENSIONS}
 HASH_BLOCK_BYTES = 4 << 20
+
+_ANYWHERE = MediaPolicy()  # no policy given: any path or URL but http(s) (code that checked the cell itself)
 
 _HEIC_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis"}
 _HEIF_BRANDS = {b"mif1", b"msf1", b"heif"}
@@ -88,19 +94,25 @@ def resolve_path(value: str, base_dir: str | None) -> str:
     return os.path.normpath(os.path.join(base_dir, value))
 
 
-def file_size(path: str) -> int | None:
+def open_media(path: str, policy: MediaPolicy | None = None) -> IO[bytes]:
+    """A binary file for ``path``, opened the way ``policy`` allows (http(s) only through it)."""
+    return (policy or _ANYWHERE).open(path)
+
+
+def file_size(path: str, policy: MediaPolicy | None = None) -> int | None:
     """Size in bytes without reading the file; None when the filesystem doesn't say."""
+    if scheme_of(path) in ("http", "https"):
+        with open_media(path, policy) as f:
+            return f.seek(0, os.SEEK_END)
     fs, fs_path = fsspec.core.url_to_fs(path)
     size = fs.size(fs_path)
     return None if size is None else int(size)
 
 
-def read_media(path: str) -> MediaFile:
-    """The whole file. Raises FileNotFoundError, IsADirectoryError or OSError like ``open`` does."""
-    fs, fs_path = fsspec.core.url_to_fs(path)
-    if fs.isdir(fs_path):
-        raise IsADirectoryError(f"{path} is a folder")
-    with fs.open(fs_path, "rb") as f:
+def read_media(path: str, policy: MediaPolicy | None = None) -> MediaFile:
+    """The whole file. Raises FileNotFoundError, IsADirectoryError or OSError like ``open`` does, and
+    :class:`~tasks.jobs.media_access.MediaRefused` for a URL ``policy`` refuses or can't fetch."""
+    with open_media(path, policy) as f:
         return MediaFile(path=path, data=f.read())
 
 
@@ -109,19 +121,16 @@ def folder_extensions(job: object) -> tuple[str, ...] | None:
     return FOLDER_EXTENSIONS.get(getattr(job, "name", ""))
 
 
-def read_head(path: str, n: int = 64) -> bytes:
+def read_head(path: str, n: int = 64, policy: MediaPolicy | None = None) -> bytes:
     """The first ``n`` bytes of a file (raises like :func:`read_media`)."""
-    fs, fs_path = fsspec.core.url_to_fs(path)
-    if fs.isdir(fs_path):
-        raise IsADirectoryError(f"{path} is a folder")
-    with fs.open(fs_path, "rb") as f:
+    with open_media(path, policy) as f:
         return f.read(n)
 
 
-def file_sha256(path: str) -> str:
+def file_sha256(path: str, policy: MediaPolicy | None = None) -> str:
     """sha256 of a file's bytes, read in blocks (a two-hour recording is never held whole)."""
     digest = hashlib.sha256()
-    with fsspec.open(path, "rb").open() as f:
+    with open_media(path, policy) as f:
         while block := f.read(HASH_BLOCK_BYTES):
             digest.update(block)
     return digest.hexdigest()

@@ -52,7 +52,9 @@ from tasks.jobs.media import (
     resolve_path,
     sniff_audio_format,
 )
+from tasks.jobs.media_access import MediaPolicy, MediaRefused
 from tasks.provider.client import Connection
+from tasks.redact import redact_text, redact_url
 
 __all__ = [
     "APIS",
@@ -150,6 +152,8 @@ class TranscribeJob:
     base_dir: str | None = None
     segment_s: float = DEFAULT_SEGMENT_S
     segment_format: str = DEFAULT_SEGMENT_FORMAT
+    # Where audio cells may point (default: under base_dir; anywhere but http(s) without one).
+    media: MediaPolicy | None = None
 
     name = "transcribe"
     max_items_per_request = 1
@@ -167,6 +171,9 @@ class TranscribeJob:
         if not 1 <= self.segment_s <= 9 * 3600:
             raise ValueError(f"--segment-s must be within 1-32400 seconds, got {self.segment_s:g}")
         codec = SEGMENT_CODECS[self.segment_format]
+        if self.media is None:
+            default = MediaPolicy.under((self.base_dir,)) if self.base_dir else MediaPolicy()
+            object.__setattr__(self, "media", default)
 
         # Cuts fall before each boundary, so a segment is at most segment_s (the last one a 20 ms
         # window more): allow 2 % and a container header.
@@ -212,6 +219,7 @@ class TranscribeJob:
             "base_dir": self.base_dir,
             "segment_s": self.segment_s,
             "segment_format": self.segment_format,
+            **self.media.describe(),
         }
 
     # -- planning ---------------------------------------------------------------------------------
@@ -219,15 +227,21 @@ class TranscribeJob:
         value = payload[self.audio_col]
         if value is None or not str(value).strip():
             raise RowInvalid(f"column {self.audio_col!r} is empty: give an audio file path or URL")
-        path = resolve_path(str(value), self.base_dir)
-        size = _guard(path, value, file_size)
-        head = _guard(path, value, read_head)
+        policy = self.media
+        try:
+            path = policy.check(resolve_path(str(value), self.base_dir), kind="audio", value=value)
+        except MediaRefused as exc:
+            raise RowInvalid(str(exc)) from None
+        size = _guard(path, value, lambda p: file_size(p, policy))
+        head = _guard(path, value, lambda p: read_head(p, policy=policy))
         if size is None:
             size = len(head) if len(head) < 64 else None
         if size == 0 or not head:
             raise RowInvalid(f"{path} is empty (0 bytes): nothing to transcribe; remove it or record it again")
         try:
-            info = probe(path)
+            info = probe(path, policy)
+        except MediaRefused as exc:
+            raise RowInvalid(str(exc)) from None
         except AudioError as exc:
             raise RowInvalid(
                 f"{path} {exc}: it is corrupt or not audio; convert it (e.g. ffmpeg -i IN OUT.mp3) or fix the path"
@@ -245,8 +259,8 @@ class TranscribeJob:
         )
         if whole:
             # As before: the header's own duration for WAV and MP3 (the Xing frame count).
-            duration = audio_duration_s(_guard(path, value, lambda p: read_media(p).data), fmt) or duration
-        sha256 = _guard(path, value, file_sha256)
+            duration = audio_duration_s(_guard(path, value, lambda p: read_media(p, policy).data), fmt) or duration
+        sha256 = _guard(path, value, lambda p: file_sha256(p, policy))
         prompt = self.effective_prompt
         prompt_tokens = estimate_text_tokens(prompt) if prompt else 0
         fields: dict[str, Any] = {"job": "transcribe", "model": self.model, "api": self.api, "prompt": prompt}
@@ -315,7 +329,9 @@ class TranscribeJob:
     async def _measure_whole(self, ref: AudioRef) -> Any:
         """The recording decoded once (not silent, not corrupt), or the error row it makes."""
         try:
-            measured = await asyncio.to_thread(_measure, ref.path, self.segment_s)
+            measured = await asyncio.to_thread(_measure, ref.path, self.segment_s, self.media)
+        except MediaRefused as exc:
+            return _invalid(str(exc))
         except (AudioError, OSError) as exc:
             return _invalid(f"{ref.path} {exc}: it is corrupt; re-encode it (e.g. ffmpeg -i IN OUT.mp3)")
         if measured.silent:
@@ -350,11 +366,14 @@ class TranscribeJob:
 
         try:
             async with shared["decoding"]:
-                changed = await asyncio.to_thread(file_sha256, ref.path)
+                try:
+                    changed = await asyncio.to_thread(file_sha256, ref.path, self.media)
+                except (MediaRefused, OSError) as exc:
+                    return _invalid(f"can't read audio {redact_url(ref.path)} again: {redact_text(str(exc))}")
                 if changed != ref.sha256:
                     message = f"{ref.path} changed during the run: run again to transcribe the current file"
                     return _invalid(message)
-                segments = _segments_of(ref.path, self.segment_s, codec, recorded)
+                segments = _segments_of(ref.path, self.segment_s, codec, recorded, self.media)
                 try:
                     while not ctx.stop_event.is_set():
                         await on_hand.acquire()
@@ -391,6 +410,8 @@ class TranscribeJob:
                         task.add_done_callback(tasks.discard)
                 except AudioError as exc:
                     broken = f"{ref.path} {exc}: it is corrupt from there on; re-encode it (e.g. ffmpeg -i IN OUT.mp3)"
+                except MediaRefused as exc:
+                    broken = str(exc)
                 except OSError as exc:
                     broken = f"can't read audio {ref.path}: {exc}"
                 finally:
@@ -434,7 +455,7 @@ class TranscribeJob:
             stem = f"{posixpath.splitext(ref.path.rsplit('/', 1)[-1])[0] or 'audio'}-{ref.index:05d}"
             where = f"segment {ref.index} of {ref.path}"
         else:
-            data = await asyncio.to_thread(_reread, ref)
+            data = await asyncio.to_thread(_reread, ref, self.media)
             if data is None:
                 message = f"{ref.path} changed or vanished during the run: run again to transcribe the current file"
                 return Reply(results=[RowFailure("invalid_input", message)])
@@ -595,18 +616,21 @@ class _Measured:
     silent: bool
 
 
-def _measure(path: str, segment_s: float) -> _Measured:
+def _measure(path: str, segment_s: float, policy: MediaPolicy | None = None) -> _Measured:
     """Decode a recording (nothing encoded): its decoded length, and whether it is all silence."""
     end, silent = 0.0, True
-    for segment in iter_segments(path, max(segment_s, 1.0), None):
+    for segment in iter_segments(path, max(segment_s, 1.0), None, policy=policy):
         end = segment.end_s
         silent = silent and segment.peak < SILENCE_PEAK
     return _Measured(end, silent)
 
 
-def _segments_of(path: str, segment_s: float, codec: Any, recorded: dict[int, SegmentText]) -> Iterator[Segment]:
+def _segments_of(
+    path: str, segment_s: float, codec: Any, recorded: dict[int, SegmentText], policy: MediaPolicy | None = None
+) -> Iterator[Segment]:
     """The recording's segments, encoded except those already recorded (their times are checked)."""
-    return iter_segments(path, segment_s, codec, skip={i: (s.start_s, s.end_s) for i, s in recorded.items()})
+    skip = {i: (s.start_s, s.end_s) for i, s in recorded.items()}
+    return iter_segments(path, segment_s, codec, skip=skip, policy=policy)
 
 
 def _close(segments: Iterator[Segment]) -> None:
@@ -638,16 +662,18 @@ def _invalid(message: str, attempts: int = 0) -> Outcome:
 def _guard(path: str, value: Any, read: Callable[[str], Any]) -> Any:
     try:
         return read(path)
+    except MediaRefused as exc:
+        raise RowInvalid(str(exc)) from None
     except FileNotFoundError:
-        shown = path if str(value) == path else f"{path} (from {str(value)!r})"
+        shown = redact_url(path) if str(value) == path else f"{redact_url(path)} (from {redact_url(str(value))!r})"
         raise RowInvalid(f"audio file not found: {shown}; relative paths resolve against the input's folder") from None
-    except (OSError, ValueError) as exc:
-        raise RowInvalid(f"can't read audio {path}: {exc}") from None
+    except (OSError, ValueError, ImportError) as exc:
+        raise RowInvalid(f"can't read audio {redact_url(path)}: {redact_text(str(exc))}") from None
 
 
-def _reread(ref: AudioRef) -> bytes | None:
+def _reread(ref: AudioRef, policy: MediaPolicy | None = None) -> bytes | None:
     try:
-        data = read_media(ref.path).data
+        data = read_media(ref.path, policy).data
     except (OSError, ValueError):
         return None
     return data if hashlib.sha256(data).hexdigest() == ref.sha256 else None

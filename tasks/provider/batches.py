@@ -1,6 +1,6 @@
 """A provider's batch API: upload a request file, create, poll, cancel and list batches, download results.
 
-Two flavours (README, "Batch mode: what is confirmed"):
+Two flavours (docs/how-to/batch-mode.md, "Providers: what is confirmed"):
 
 - ``openai``: OpenAI's Files and Batches API through the SDK (``files.create`` purpose=batch,
   ``batches.*``, ``files.content`` streamed).

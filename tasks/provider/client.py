@@ -12,7 +12,7 @@ import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import httpx2
 import openai
@@ -21,6 +21,7 @@ from openai import AsyncOpenAI
 from tasks.defaults import DEFAULT_IDLE_TIMEOUT_S, DEFAULT_TIMEOUT_S
 from tasks.engine.limits import MAX_IN_FLIGHT
 from tasks.errors import ConfigError, RunStopped
+from tasks.redact import redact_text, redact_url
 
 __all__ = [
     "PROVIDERS",
@@ -106,11 +107,18 @@ class Connection:
 
     @property
     def host(self) -> str:
-        return urlsplit(self.base_url).netloc
+        """host[:port], never the URL's ``user:pass@`` (it names shared limits and shows in summaries)."""
+        return urlsplit(self.base_url).netloc.rsplit("@", 1)[-1]
+
+    @property
+    def shown_url(self) -> str:
+        """The base URL as messages, logs and metadata show it: credentials in it redacted."""
+        return redact_url(self.base_url)
 
     def redact(self, text: str) -> str:
-        """Belt and braces: no message we store or print may carry the key."""
-        return text.replace(self.api_key, "***") if self.api_key else text
+        """Belt and braces: no message we store or print may carry the key, nor a URL's credentials."""
+        text = text.replace(self.api_key, "***") if self.api_key else text
+        return redact_text(text)
 
     async def close(self) -> None:
         await self.client.close()
@@ -167,6 +175,15 @@ def _secret_key(name: str) -> str:
     return value
 
 
+def _split_query(base_url: str) -> tuple[str, dict[str, str]]:
+    """A gateway URL's query (``…/openai/?key=…``) goes with every request as parameters: the SDK
+    appends routes to the base URL's path, which a query left in it would swallow."""
+    parts = urlsplit(base_url)
+    if not parts.query:
+        return base_url, {}
+    return parts._replace(query="", fragment="").geturl(), dict(parse_qsl(parts.query, keep_blank_values=True))
+
+
 def open_connection(settings: ProviderSettings) -> Connection:
     """Resolve the key and the base URL and build the client. Fails before any work on a missing key."""
     emulator = None
@@ -180,9 +197,11 @@ def open_connection(settings: ProviderSettings) -> Connection:
         base_url = settings.base_url or PROVIDERS[settings.provider].base_url
         api_key = require_key(settings)
     timeout = httpx2.Timeout(settings.timeout_s, connect=DEFAULT_CONNECT_TIMEOUT_S)
+    base_url, query = _split_query(base_url)
     client = AsyncOpenAI(
         base_url=base_url,
         api_key=api_key,
+        default_query=query or None,
         # The SDK's own retries ignore Gemini's retryDelay; the engine retries instead.
         max_retries=0,
         timeout=timeout,
@@ -224,7 +243,7 @@ async def check_model(conn: Connection, model: str, *, key_source: str) -> None:
     instead, and the model is refused only when neither knows it (Gemini lists ``models/<name>``: both
     forms match). A server that has neither route is trusted: the first request will say.
     """
-    where = f"{conn.host} ({conn.base_url})"
+    where = f"{conn.host} ({conn.shown_url})"
     failure = await _with_retries(lambda: conn.client.models.retrieve(model))
     if failure is None:
         _warn_lifecycle(model)
@@ -308,7 +327,7 @@ async def _with_retries(call: Callable[[], Awaitable[object]]) -> Failure | None
 
 
 def _model_check_error(conn: Connection, model: str, failure: Failure, *, key_source: str) -> ConfigError:
-    where = f"{conn.host} ({conn.base_url})"
+    where = f"{conn.host} ({conn.shown_url})"
     message = conn.redact(failure.message)
     if failure.kind == "auth":
         return ConfigError(

@@ -55,7 +55,7 @@ class Price:
     # The quality priced when none is asked for (the provider's default).
     default_quality: str = "*"
     # USD per image through the provider's batch route, where that route serves this model; None: no
-    # batch route for it (Gemini's batches take chat and embeddings only; see README).
+    # batch route for it (Gemini's batches take chat and embeddings only; see docs/how-to/batch-mode.md).
     batch_per_image: dict[str, float] | None = field(default=None)
     # In force from this day (None: from the beginning) until the next price's ``since``.
     since: date | None = None
