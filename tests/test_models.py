@@ -366,3 +366,11 @@ def test_a_run_records_what_the_catalog_says_of_its_model(tmp_path):
     assert "shuts down on 2028-05-14" in doc["provider"]["lifecycle"]
     assert "replacement: gemini-embedding-2" in doc["provider"]["lifecycle"]
     assert current["provider"]["lifecycle"] is None
+
+
+def test_the_emulator_command_takes_retired_and_rerouted_models_and_says_how_to_write_a_reroute():
+    result = cli("emulator", "--port", "0", "--reroute", "gemini-3.7-flash")
+    assert result.returncode == 2
+    assert "write OLD=NEW, e.g. gemini-3.7-flash=gemini-3.8-flash" in " ".join(result.stderr.split())
+    helped = cli("emulator", "--help")
+    assert all(flag in helped.stdout for flag in ("--retire", "--reroute", "--legacy-models"))
