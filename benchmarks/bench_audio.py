@@ -77,7 +77,7 @@ def dry_run(folder: Path, out: Path, args: argparse.Namespace) -> dict:
     from tasks.engine.run import RunOptions
     from tasks.jobs.transcribe import TranscribeJob
 
-    job = TranscribeJob(model="gemini-2.5-flash", segment_s=args.segment_s, segment_format=args.segment_format)
+    job = TranscribeJob(model="gemini-3.8-flash", segment_s=args.segment_s, segment_format=args.segment_format)
     options = RunOptions(input=str(folder), output=str(out), dry_run=True, limits=Limits(rpm=args.rpm))
     return asyncio.run(plan_job(job, options))
 

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import KEY, KEY_ENV, WORDS, emulator  # noqa: E402
 
 BLOCK_ROWS = 500_000
-CHAT_MODEL = "gemini-2.5-flash"
+CHAT_MODEL = "gemini-3.8-flash"
 
 
 def make_corpus(path: Path, rows: int, *, revise: int = 0, short: bool = False) -> None:

@@ -18,11 +18,22 @@ from typing import Any
 import numpy as np
 
 EMBEDDING_MODELS: dict[str, int] = {
+    "gemini-embedding-2": 3072,
     "gemini-embedding-001": 3072,
     "text-embedding-3-small": 1536,
     "text-embedding-3-large": 3072,
 }
-EMBEDDING_MAX_INPUT_TOKENS = 2048
+EMBEDDING_MAX_INPUT_TOKENS = 2048  # gemini-embedding-001's, and any model's not in the table below
+# Tokens per input where a model takes more (gemini-embedding-2: about 8,192; OpenAI's: 8,191).
+EMBEDDING_INPUT_TOKENS: dict[str, int] = {
+    "gemini-embedding-2": 8192,
+    "text-embedding-3-small": 8191,
+    "text-embedding-3-large": 8191,
+}
+
+
+def embedding_max_tokens(model: str) -> int:
+    return EMBEDDING_INPUT_TOKENS.get(model, EMBEDDING_MAX_INPUT_TOKENS)
 
 _WORDS = (
     "amber",

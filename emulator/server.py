@@ -32,30 +32,53 @@ from emulator.batches import BatchService
 
 log = logging.getLogger("gembatch.emulator")
 
+# The models Gemini serves a new key as of December 2026 (GEMINI.md, "Models as of December 2026"),
+# plus OpenAI's under /v1/. Older ids (Imagen 4, gemini-2.5-flash, gemini-2.5-flash-image) are not
+# served: their requests answer 404 as Google's do. LEGACY_MODELS serves them again (a project that
+# used them before, or an old recording).
 DEFAULT_MODELS: tuple[str, ...] = (
+    "gemini-embedding-2",
     "gemini-embedding-001",
+    "gemini-3.8-flash",
+    "gemini-3.5-flash-lite",
+    "gemini-4-argon",
+    "gemini-3.1-flash-lite",
+    "gemini-2.5-flash-lite",
+    "gemini-nano-banana-2.1",
+    "gemini-3-pro-image",
+    "gemini-3.1-flash-lite-image",
     "text-embedding-3-small",
     "text-embedding-3-large",
-    "gemini-2.5-flash",
-    "gemini-2.5-flash-lite",
-    "gemini-2.5-flash-image",
-    "imagen-4.0-generate-001",
-    "imagen-4.0-fast-generate-001",
-    "imagen-4.0-ultra-generate-001",
     "gpt-4o-mini",
     "whisper-1",
     "gpt-image-1",
     "dall-e-3",
 )
+LEGACY_MODELS: tuple[str, ...] = (
+    "gemini-2.5-flash",
+    "gemini-2.5-flash-image",
+    "imagen-4.0-generate-001",
+    "imagen-4.0-fast-generate-001",
+    "imagen-4.0-ultra-generate-001",
+)
 # Which image models images/generations serves on each path, and their largest n: under /v1beta/openai/
-# Imagen 4 and Gemini 2.5 Flash Image (Gemini's compatibility layer), under /v1/ OpenAI's image models
-# with their documented sizes. Anything else is refused there like the real endpoint refuses it.
+# Gemini's image models (and the retired Imagen 4 ids, when served), answered with data[].b64_json; under
+# /v1/ OpenAI's image models with their documented sizes. Anything else is refused there like the real
+# endpoint refuses it.
 GEMINI_IMAGE_MODELS: dict[str, int] = {
+    "gemini-nano-banana-2.1": 4,
+    "gemini-3-pro-image": 4,
+    "gemini-3.1-flash-lite-image": 4,
+    "gemini-3.1-flash-image": 4,
     "imagen-4.0-generate-001": 4,
     "imagen-4.0-fast-generate-001": 4,
     "imagen-4.0-ultra-generate-001": 4,
     "gemini-2.5-flash-image": 4,
 }
+# Gemini 3 maps reasoning_effort to a thinking level and can't turn thinking off; gemini-4 (argon)
+# takes low, medium and high only; both have deprecated the sampling options (changelog 2026-07-21).
+NEWER_FAMILY_PREFIXES: tuple[str, ...] = ("gemini-3", "gemini-4")
+DEPRECATED_SAMPLING: tuple[str, ...] = ("temperature", "top_p", "top_k")
 OPENAI_IMAGE_MODELS: dict[str, tuple[int, tuple[str, ...]]] = {
     "gpt-image-1": (10, ("1024x1024", "1536x1024", "1024x1536", "auto")),
     "dall-e-3": (1, ("1024x1024", "1792x1024", "1024x1792")),
@@ -187,6 +210,12 @@ class EmulatorConfig:
     garbage_content_type: str = "text/html"
     seed: int = 0
     models: tuple[str, ...] = DEFAULT_MODELS
+    # Models retired by the provider: every request for them, GET models/{id} included, answers 404
+    # NOT_FOUND (Gemini's shape), and the list leaves them out, even when ``models`` names them.
+    retired: tuple[str, ...] = ()
+    # Reroutes "A": "B": requests for A are answered by B, as Google does with retired ids: the reply's
+    # ``model`` names B, and its content is B's (other vectors for embeddings). A stays listed.
+    reroutes: dict[str, str] = field(default_factory=dict)
     # Share of nullable values in a json_schema reply answered as null (a model leaving a field unstated).
     null_rate: float = 0.0
     # -- behaving like other OpenAI-compatible servers --
@@ -247,6 +276,11 @@ class EmulatorConfig:
         }
         if self.default_image_response not in ("b64_json", "url"):
             raise ValueError(f"default_image_response must be b64_json or url, got {self.default_image_response!r}")
+        self.retired = tuple(self.retired)
+        if not isinstance(self.reroutes, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in self.reroutes.items()
+        ):
+            raise ValueError("reroutes must map model ids to model ids, e.g. {'gemini-3.7-flash': 'gemini-3.8-flash'}")
         for kind in FAULT_KINDS:
             if not 0.0 <= getattr(self, f"fault_rate_{kind}") <= 1.0:
                 raise ValueError(f"fault_rate_{kind} must be within [0, 1]")
@@ -336,6 +370,23 @@ def _model_not_found(model: str, method: str) -> ApiError:
         f"models/{model} is not found for API version v1beta, or is not supported for {method}. "
         "Call ListModels to see the list of available models and their supported methods.",
     )
+
+
+def _serves(cfg: EmulatorConfig, model: str) -> bool:
+    return model in cfg.models and model not in cfg.retired
+
+
+def _answered_by(cfg: EmulatorConfig, model: str) -> str:
+    """The model that answers a request for ``model`` (itself, or where it is rerouted)."""
+    return cfg.reroutes.get(model, model)
+
+
+def _efforts_of(model: str) -> tuple[str, ...]:
+    if model.startswith("gemini-4"):
+        return ("low", "medium", "high")
+    if model.startswith("gemini-3"):
+        return ("minimal", "low", "medium", "high")
+    return tuple(REASONING_EFFORT_TOKENS)
 
 
 def _internal() -> ApiError:
@@ -1184,8 +1235,11 @@ class Emulator:
     async def _embeddings(self, req: Request, _arg: str, cfg: EmulatorConfig) -> Response:
         body = _parse_json(req)
         model = _model_of(body)
-        if model not in cfg.models or model not in fakes.EMBEDDING_MODELS:
+        if not _serves(cfg, model) or model not in fakes.EMBEDDING_MODELS:
             raise _model_not_found(model, "embedContent")
+        answering = _answered_by(cfg, model)
+        if answering not in fakes.EMBEDDING_MODELS:
+            answering = model
         raw = body.get("input")
         if isinstance(raw, str):
             texts = [raw]
@@ -1199,25 +1253,26 @@ class Emulator:
             raise _invalid(
                 f"BatchEmbedContentsRequest.requests: at most {MAX_EMBEDDING_INPUTS} requests can be in one batch"
             )
-        full = fakes.EMBEDDING_MODELS[model]
+        full = fakes.EMBEDDING_MODELS[answering]
         dims = body.get("dimensions")
         if dims is not None and (isinstance(dims, bool) or not isinstance(dims, int) or not 1 <= dims <= full):
             raise _invalid(f"dimensions: must be an integer between 1 and {full} for {model}, got {dims!r}.")
+        max_tokens = fakes.embedding_max_tokens(answering)
         fmt = body.get("encoding_format") or "float"
         if fmt not in ("float", "base64"):
             raise _invalid(f"encoding_format: must be 'float' or 'base64', got {fmt!r}.")
         counts = [fakes.count_tokens(t) for t in texts]
         for i, n in enumerate(counts):
-            if n > fakes.EMBEDDING_MAX_INPUT_TOKENS:
+            if n > max_tokens:
                 raise _invalid(
                     f"BatchEmbedContentsRequest.requests[{i}]: input {i} has {n} tokens, more than the "
-                    f"maximum of {fakes.EMBEDDING_MAX_INPUT_TOKENS}."
+                    f"maximum of {max_tokens}."
                 )
         self._check_markers(texts)
         tokens = sum(counts)
         self._limiter.check(model, tokens, cfg)
 
-        matrix = fakes.fake_embeddings(texts, model, dims)
+        matrix = fakes.fake_embeddings(texts, answering, dims)
         chunks: list[bytes] = [b'{"object":"list","data":[']
         for i, row in enumerate(matrix):
             if fmt == "base64":
@@ -1226,7 +1281,7 @@ class Emulator:
                 value = json.dumps(row.tolist()).encode()
             sep = b"," if i else b""
             chunks.append(sep + b'{"object":"embedding","index":%d,"embedding":' % i + value + b"}")
-        tail = {"model": model, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+        tail = {"model": answering, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
         chunks.append(b"]," + json.dumps(tail, separators=(",", ":")).encode()[1:])
         self._bump("embedding_inputs", len(texts))
         self._bump("prompt_tokens", tokens)
@@ -1235,16 +1290,20 @@ class Emulator:
     async def _chat(self, req: Request, _arg: str, cfg: EmulatorConfig) -> Response:
         body = _parse_json(req)
         model = _model_of(body)
-        if model not in cfg.models or model in fakes.EMBEDDING_MODELS:
+        if not _serves(cfg, model) or model in fakes.EMBEDDING_MODELS:
             raise _model_not_found(model, "generateContent")
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise _invalid("messages: must be a non-empty list.")
+        answering = _answered_by(cfg, model)
         effort = body.get("reasoning_effort")
-        if effort is not None and effort not in REASONING_EFFORT_TOKENS:
-            raise _invalid(
-                f"Invalid reasoning_effort: {effort}. Valid values are: {', '.join(REASONING_EFFORT_TOKENS)}"
-            )
+        efforts = _efforts_of(answering)
+        if effort is not None and effort not in efforts:
+            raise _invalid(f"Invalid reasoning_effort: {effort}. Valid values are: {', '.join(efforts)}")
+        if answering.startswith(NEWER_FAMILY_PREFIXES):
+            for option in DEPRECATED_SAMPLING:
+                if body.get(option) is not None:
+                    raise _invalid(f"{option} is deprecated for {answering} and is not accepted.")
         schema = None
         json_object = False
         response_format = body.get("response_format")
@@ -1315,16 +1374,16 @@ class Emulator:
 
         if images:
             data, mime = images[-1]
-            reply = fakes.fake_caption(data, mime, model, prompt_text)
+            reply = fakes.fake_caption(data, mime, answering, prompt_text)
         elif audios:
             data, fmt = audios[-1]
-            reply = fakes.fake_transcript(data, fmt, model)
+            reply = fakes.fake_transcript(data, fmt, answering)
         elif schema is not None:
             reply = json.dumps(fakes.fake_json_for_schema(schema, seed=prompt_text, null_rate=cfg.null_rate))
         elif json_object:
-            reply = json.dumps({"text": fakes.fake_chat_text(model, prompt_text)})
+            reply = json.dumps({"text": fakes.fake_chat_text(answering, prompt_text)})
         else:
-            reply = fakes.fake_chat_text(model, prompt_text)
+            reply = fakes.fake_chat_text(answering, prompt_text)
         if _marker(texts) == "badjson":
             self._bump("faults", sub="marker:badjson")
             reply = BAD_JSON_REPLY
@@ -1333,7 +1392,7 @@ class Emulator:
         chat_id = "chatcmpl-emu-" + hashlib.sha256(f"{seq}\x00{prompt_text}".encode()).hexdigest()[:24]
         answer = chat.completion(
             body,
-            model=model,
+            model=answering,
             reply=reply,
             prompt_text=prompt_text,
             texts=texts,
@@ -1444,7 +1503,7 @@ class Emulator:
         model = _model_of(body)
         openai_path = unquote(req.path).startswith("/v1/")
         if openai_path:
-            if model not in cfg.models or model not in OPENAI_IMAGE_MODELS:
+            if not _serves(cfg, model) or model not in OPENAI_IMAGE_MODELS:
                 return _openai_error(
                     404, f"The model `{model}` does not exist or you do not have access to it.", "model_not_found"
                 )
@@ -1457,7 +1516,7 @@ class Emulator:
                     "size",
                 )
         else:
-            if model not in cfg.models or model not in GEMINI_IMAGE_MODELS:
+            if not _serves(cfg, model) or model not in GEMINI_IMAGE_MODELS:
                 raise _model_not_found(model, "predict")
             max_n = GEMINI_IMAGE_MODELS[model]
         prompt = body.get("prompt")
@@ -1513,7 +1572,7 @@ class Emulator:
         if model_field is None:
             raise _invalid("model is required.")
         model = model_field[0].decode("utf-8", "replace").strip().removeprefix("models/")
-        if model not in cfg.models or model in fakes.EMBEDDING_MODELS:
+        if not _serves(cfg, model) or model in fakes.EMBEDDING_MODELS:
             raise _model_not_found(model, "generateContent")
         file_field = fields.get("file")
         if file_field is None or not file_field[0]:
@@ -1529,7 +1588,7 @@ class Emulator:
         self._check_markers([prompt] if prompt else [])
         tokens = _audio_tokens(audio, fmt) + (fakes.count_tokens(prompt) if prompt else 0)
         self._limiter.check(model, tokens, cfg)
-        text = fakes.fake_transcript(audio, fmt, model)
+        text = fakes.fake_transcript(audio, fmt, _answered_by(cfg, model))
         self._bump("prompt_tokens", tokens)
         rf = fields["response_format"][0].decode().strip() if "response_format" in fields else "json"
         if rf == "text":
@@ -1541,9 +1600,10 @@ class Emulator:
             data = [
                 {"id": f"{cfg.model_id_prefix}{m}", "object": "model", "created": 0, "owned_by": "gembatch-emulator"}
                 for m in cfg.models
+                if m not in cfg.retired
             ]
             return _json_response({"object": "list", "data": data})
-        if arg.removeprefix("models/") not in cfg.models:
+        if not _serves(cfg, arg.removeprefix("models/")):
             raise ApiError(404, "NOT_FOUND", f"Model {arg} is not found for API version v1beta.")
         return _json_response({"id": arg, "object": "model", "created": 0, "owned_by": "gembatch-emulator"})
 

@@ -79,14 +79,48 @@ def emulator(
             "ignored (answered with prose).",
         ),
     ] = "supported",
+    retire: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--retire",
+            metavar="MODEL",
+            help="Play a retired model: every request for it answers 404 NOT_FOUND, as Google's do (repeatable).",
+        ),
+    ] = None,
+    reroute: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--reroute",
+            metavar="OLD=NEW",
+            help="Play a reroute: requests for OLD are answered by NEW, the reply's model naming NEW (repeatable).",
+        ),
+    ] = None,
+    legacy_models: Annotated[
+        bool,
+        typer.Option(
+            "--legacy-models",
+            help="Also serve ids a new key can't use any more (gemini-2.5-flash, Imagen 4, gemini-2.5-flash-image).",
+        ),
+    ] = False,
 ) -> None:
     """Serve the local OpenAI-compatible emulator (Gemini's quirks included) until Ctrl-C."""
     from emulator import EmulatorConfig, serve
-    from emulator.server import JSON_SCHEMA_SUPPORT
+    from emulator.server import DEFAULT_MODELS, JSON_SCHEMA_SUPPORT, LEGACY_MODELS
 
     key = os.environ.get(api_key_env) or "emulator-key"
     if json_schema not in JSON_SCHEMA_SUPPORT:
         raise typer.BadParameter(f"use one of {', '.join(JSON_SCHEMA_SUPPORT)}", param_hint="--json-schema")
+    reroutes: dict[str, str] = {}
+    for spec in reroute or []:
+        old, sep, new = spec.partition("=")
+        if not sep or not old.strip() or not new.strip():
+            raise typer.BadParameter(
+                f"{spec!r}: write OLD=NEW, e.g. gemini-3.7-flash=gemini-3.8-flash", param_hint="--reroute"
+            )
+        reroutes[old.strip()] = new.strip()
+    models = DEFAULT_MODELS + (LEGACY_MODELS if legacy_models else ())
+    # A rerouted id stays listed and answered (by the other model), as Google's are.
+    models += tuple(m for m in reroutes if m not in models)
     config = EmulatorConfig(
         api_key=key,
         rpm=rpm,
@@ -98,6 +132,9 @@ def emulator(
         latency_jitter=latency_jitter,
         fault_rate_503=fault_rate,
         json_schema=json_schema,
+        models=models,
+        retired=tuple(retire or ()),
+        reroutes=reroutes,
     )
     if api_key_env not in os.environ:
         err_console.print(f"{api_key_env} is not set: clients must send the key 'emulator-key'.")
@@ -109,13 +146,71 @@ def models(
     provider: Provider = "gemini",
     base_url: BaseUrl = None,
     api_key_env: ApiKeyEnv = None,
+    prices: Annotated[
+        str | None,
+        typer.Option(
+            "--prices", metavar="FILE", help="Prices file over the built-in table (default: $GEMBATCH_PRICES)."
+        ),
+    ] = None,
 ) -> None:
-    """List the models the provider serves."""
-    from tasks.provider.client import ProviderSettings, list_models
+    """List the models the provider serves: gembatch's defaults marked, each one's known life and price."""
+    from rich.table import Table
 
+    from tasks.provider.client import ProviderSettings, list_models
+    from tasks.provider.prices import use_prices
+
+    book = use_prices(prices)
     names = asyncio.run(list_models(ProviderSettings(provider=provider, base_url=base_url, api_key_env=api_key_env)))
-    for name in names:
-        console.print(name)
+    table = Table("model", "default for", "lifecycle", "price today", "source")
+    table.columns[0].no_wrap = True  # a model id is copied from here: never cut in two
+    for row in model_rows(names, provider, book):
+        table.add_row(*row)
+    console.print(table)
+    console.print(
+        "Lifecycle and prices as gembatch knew them on 2026-12-06 (docs/reference/models.md); give your own "
+        "prices with --prices FILE or GEMBATCH_PRICES.",
+        highlight=False,
+    )
+
+
+def model_rows(names: list[str], provider: str, book: object) -> list[tuple[str, str, str, str, str]]:
+    """The rows of `gembatch models`: the provider's list, then defaults it doesn't list."""
+    from datetime import date
+
+    from tasks.provider.catalog import CATALOG_DATE, DEFAULT_MODELS, model_info
+    from tasks.provider.prices import PriceBook
+
+    assert isinstance(book, PriceBook)
+    defaults: dict[str, list[str]] = {}
+    for kind, model in DEFAULT_MODELS.get(provider, DEFAULT_MODELS["gemini"]).items():
+        defaults.setdefault(model, []).append(kind)
+    listed = [name.removeprefix("models/") for name in names]
+    rows = []
+    for name in [*listed, *(m for m in defaults if m not in listed)]:
+        info = model_info(name)
+        price = book.price(name)
+        lifecycle = info.lifecycle() if info else "not in gembatch's catalog"
+        if name not in listed:
+            lifecycle = f"NOT LISTED by this server; {lifecycle}"
+        sources = [f"life: {info.source}"] if info else []
+        if price is not None and price.source:
+            sources.append(f"price: {price.source}")
+        kinds = defaults.get(name, [])
+        shown = price.describe() + (f" (since {price.since})" if price.since else "") if price else "unknown"
+        today = date.today()
+        later = [p for p in book.schedule(name) if p.since is not None and p.since > today]
+        if later:
+            shown += f"; from {later[0].since}: {later[0].describe()}"
+        rows.append(
+            (
+                name,
+                "* " + ", ".join(kinds) if kinds else "",
+                lifecycle,
+                shown,
+                " · ".join(sources) or f"(not in the catalog of {CATALOG_DATE})",
+            )
+        )
+    return rows
 
 
 @app.command()

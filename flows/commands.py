@@ -26,6 +26,11 @@ from tasks.defaults import (
 
 __all__ = ["caption", "embed", "extract", "generate", "images", "transcribe"]
 
+CHAT_MODEL_HELP = "Chat model (default: gemini-3.8-flash; gpt-4o-mini for openai; an existing output keeps its own)."
+REASONING_HELP = (
+    "minimal, low, medium or high (gemini-4-argon: low, medium, high; none only on 2.5 models; default: the "
+    "model's own)."
+)
 Input = Annotated[str, typer.Argument(help="Parquet or CSV file (local path or fsspec URL).")]
 MediaInput = Annotated[
     str,
@@ -68,7 +73,9 @@ def embed(
     model: Annotated[
         str | None,
         typer.Option(
-            "--model", help="Embedding model (default: gemini-embedding-001; text-embedding-3-small for openai)."
+            "--model",
+            help="Embedding model (default: gemini-embedding-2; text-embedding-3-small for openai; an existing "
+            "output keeps its own).",
         ),
     ] = None,  # noqa: E501
     dimensions: Annotated[int | None, typer.Option("--dimensions", help="Shorter vectors (normalised here).")] = None,
@@ -95,11 +102,11 @@ def extract(
         str | None, typer.Option("--prompt-file", help="File holding the system instruction.")
     ] = None,
     model: Annotated[
-        str | None, typer.Option("--model", help="Chat model (default: gemini-2.5-flash; gpt-4o-mini for openai).")
+        str | None, typer.Option("--model", help=CHAT_MODEL_HELP)
     ] = None,
     reasoning_effort: Annotated[
         str | None,
-        typer.Option("--reasoning-effort", help="none, minimal, low, medium or high (default: the model's own)."),
+        typer.Option("--reasoning-effort", help=REASONING_HELP),
     ] = None,
     schema_dialect: Annotated[
         str | None,
@@ -137,16 +144,19 @@ def generate(
     ] = None,
     system: Annotated[str | None, typer.Option("--system", help="System instruction sent before each row.")] = None,
     model: Annotated[
-        str | None, typer.Option("--model", help="Chat model (default: gemini-2.5-flash; gpt-4o-mini for openai).")
+        str | None, typer.Option("--model", help=CHAT_MODEL_HELP)
     ] = None,
-    temperature: Annotated[float | None, typer.Option("--temperature", help="0-2 (default: the model's own).")] = None,
+    temperature: Annotated[
+        float | None,
+        typer.Option("--temperature", help="0-2 (default: the model's own); deprecated for Gemini 3 and 4 models."),
+    ] = None,
     max_tokens: Annotated[
         int | None,
         typer.Option("--max-tokens", help="Most tokens per answer; a cut answer is kept with truncated = true."),
     ] = None,
     reasoning_effort: Annotated[
         str | None,
-        typer.Option("--reasoning-effort", help="none, minimal, low, medium or high (default: the model's own)."),
+        typer.Option("--reasoning-effort", help=REASONING_HELP),
     ] = None,
     n: Annotated[int, typer.Option("--n", help="Completions per row (1-8), one output row each.")] = 1,
 ) -> None:
@@ -164,7 +174,7 @@ def caption(
     prompt: Annotated[str, typer.Option("--prompt", help="What to ask about each image.")] = DEFAULT_CAPTION_PROMPT,
     model: Annotated[
         str | None,
-        typer.Option("--model", help="Chat model (default: gemini-2.5-flash; gpt-4o-mini for openai)."),
+        typer.Option("--model", help=CHAT_MODEL_HELP),
     ] = None,
     max_side: Annotated[
         int, typer.Option("--max-side", help="Downscale images whose longer side exceeds this many pixels.")
@@ -200,7 +210,8 @@ def transcribe(
         str | None,
         typer.Option(
             "--model",
-            help="Model (default: gemini-2.5-flash; gpt-4o-mini for openai; whisper-1 for transcriptions).",
+            help="Model (default: gemini-3.8-flash; gpt-4o-mini for openai; whisper-1 for transcriptions; an "
+            "existing output keeps its own).",
         ),
     ] = None,
     prompt: Annotated[
@@ -246,20 +257,20 @@ def images(
         str | None,
         typer.Option(
             "--model",
-            help="Image model (default: imagen-4.0-generate-001; gpt-image-1 for openai). Also "
-            "imagen-4.0-fast-generate-001, imagen-4.0-ultra-generate-001, gemini-2.5-flash-image, dall-e-3.",
+            help="Image model (default: gemini-nano-banana-2.1; gpt-image-1 for openai; an existing output keeps "
+            "its own). Also gemini-3-pro-image, gemini-3.1-flash-lite-image, dall-e-3.",
         ),
     ] = None,
     size: Annotated[
         str,
         typer.Option(
             "--size",
-            help="WIDTHxHEIGHT: Imagen takes 1:1, 3:4, 4:3, 9:16, 16:9; gpt-image-1 1024x1024, 1536x1024, "
-            "1024x1536, auto; dall-e-3 1024x1024, 1792x1024, 1024x1792.",
+            help="WIDTHxHEIGHT: Gemini image models take 1:1, 2:3, 3:2, 3:4, 4:3, 4:5, 5:4, 9:16, 16:9, 21:9; "
+            "gpt-image-1 1024x1024, 1536x1024, 1024x1536, auto; dall-e-3 1024x1024, 1792x1024, 1024x1792.",
         ),
     ] = DEFAULT_SIZE,
     n: Annotated[
-        int, typer.Option("--n", help="Images per prompt, one output row each (Imagen: 1-4; dall-e-3: 1).")
+        int, typer.Option("--n", help="Images per prompt, one output row each (Gemini: 1-4; dall-e-3: 1).")
     ] = 1,
     quality: Annotated[
         str | None,

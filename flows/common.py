@@ -50,7 +50,12 @@ def __getattr__(name: str) -> Any:
 
 
 def run_options(input: str, output: str, options: CommonOptions) -> RunOptions:
-    """What the engine runs with, from a flow's ``input``, ``output`` and common ``options``."""
+    """What the engine runs with, from a flow's ``input``, ``output`` and common ``options``.
+
+    The prices in use become the built-in table plus --prices (or GEMBATCH_PRICES)."""
+    from tasks.provider.prices import use_prices
+
+    use_prices(options.prices)
     return RunOptions(
         input=input,
         output=output,
@@ -75,6 +80,7 @@ def run_options(input: str, output: str, options: CommonOptions) -> RunOptions:
         dry_run=options.dry_run,
         max_cost_usd=options.max_cost_usd,
         force=options.force,
+        change_model=options.change_model,
         outage=OutagePolicy(max_outage_s=options.max_outage),
         max_failed_pct=options.max_failed_pct,
         batch=BatchPolicy(

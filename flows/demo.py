@@ -117,5 +117,53 @@ def run_demo(*, output: str, fresh: bool, console: Console, tracked: bool = True
         f'pq.read_table("{root}/images") reads their table ({", ".join(images.column_names[:4])}, …).',
         highlight=False,
     )
+    _model_lifecycle(root, console)
     console.print("\nRun `uv run gembatch demo` again: every row is already done, so nothing is sent.")
     return documents
+
+
+def _model_lifecycle(root: Path, console: Console) -> None:
+    """What a long-lived pipeline meets: a retired model (stopped before sending) and a rerouted one
+    (the emulator answers gemini-embedding-2 with gemini-embedding-001: no foreign vector is written)."""
+    import logging
+    import os
+    import secrets
+
+    from emulator import Emulator, EmulatorConfig
+    from flows.common import run_untracked
+    from tasks.errors import GembatchError
+
+    # The run's own message says it below; the engine's log line would say it twice.
+    logging.getLogger("gembatch.engine").setLevel(logging.ERROR)
+    key_env = "GEMBATCH_DEMO_KEY"
+    os.environ[key_env] = key = secrets.token_urlsafe(16)
+    config = EmulatorConfig(api_key=key, reroutes={"gemini-embedding-2": "gemini-embedding-001"})
+    console.print("\n[bold]Models that change under a pipeline[/] (a second emulator playing them):")
+    with Emulator(config) as emu:
+        server = {"provider": "local", "base_url": emu.base_url, "api_key_env": key_env}
+        retired = command_params(
+            commands.images, input=str(DATA_DIR / "prompts.csv"), output=str(root / "lifecycle-retired"),
+            model="imagen-4.0-generate-001", size="256x256", **server,
+        )  # fmt: skip
+        try:
+            asyncio.run(run_untracked(resolve(commands.images.build_job)(retired), retired))
+        except GembatchError as exc:
+            said = str(exc).split(". ")
+            console.print(f"  retired: {'. '.join(s for s in said if 'shut down' in s)}", highlight=False)
+        shutil.rmtree(root / "lifecycle-rerouted", ignore_errors=True)
+        rerouted = command_params(
+            commands.embed, input=str(DATA_DIR / "corpus.parquet"), output=str(root / "lifecycle-rerouted"),
+            limit=20, **server,
+        )  # fmt: skip
+        doc = asyncio.run(run_untracked(resolve(commands.embed.build_job)(rerouted), rerouted))
+        written = doc["counts"]["succeeded"]
+        console.print(
+            f"  rerouted: embed asked for {doc['provider']['model']}, the reply named "
+            f"{', '.join(doc.get('served_models', {}))}: {doc['status']}, {written} vectors written",
+            highlight=False,
+        )
+        console.print(
+            f"  images requests sent: {emu.stats['by_route']['images/generations']}; see `gembatch models` and "
+            "docs/reference/models.md",
+            highlight=False,
+        )

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from tasks.errors import ConfigError
-from tasks.provider.prices import default_model
+from tasks.provider.catalog import default_model
 
 if TYPE_CHECKING:
     from tasks.jobs.caption import CaptionJob
@@ -27,11 +27,38 @@ if TYPE_CHECKING:
 __all__ = ["caption_job", "embed_job", "extract_job", "generate_job", "images_job", "transcribe_job"]
 
 
+def choose_model(parameters: dict[str, Any], job: str, default: str) -> str:
+    """The model of this run, recorded in ``parameters["model"]``: --model if given; else the model the
+    output was made with (a scheduled run keeps its model when gembatch's default changes); else
+    ``default``. With --change-model and no --model: ``default`` (today's), whatever the output holds."""
+    given = parameters.get("model")
+    if given:
+        parameters["model_from"] = "--model"
+    else:
+        owner = None if parameters.get("change_model") else _output_owner(parameters.get("output"))
+        if owner is not None and owner.get("job") == job and owner.get("model"):
+            parameters["model"], parameters["model_from"] = owner["model"], "output"
+        else:
+            parameters["model"], parameters["model_from"] = default, "default"
+    return parameters["model"]
+
+
+def _output_owner(output: str | None) -> dict[str, Any] | None:
+    if not output:
+        return None
+    from tasks.engine.store import OutputStore
+
+    try:
+        return OutputStore(output).owner()
+    except (OSError, ValueError):
+        return None  # the run's own checks of the folder say what is wrong with it
+
+
 def embed_job(parameters: dict[str, Any]) -> EmbedJob:
     """The job for these flow parameters (fills in the provider's default model)."""
     from tasks.jobs.embed import EmbedJob
 
-    parameters["model"] = parameters.get("model") or default_model(parameters["provider"], "embed")
+    choose_model(parameters, "embed", default_model(parameters["provider"], "embed"))
     return EmbedJob(
         model=parameters["model"],
         text_col=parameters["text_col"],
@@ -48,7 +75,7 @@ def extract_job(parameters: dict[str, Any]) -> ExtractJob | ToolsExtractJob:
     from tasks.jobs.extract import ExtractJob, import_model
     from tasks.jobs.tools import VIAS, ToolsExtractJob
 
-    parameters["model"] = parameters.get("model") or default_model(parameters["provider"], "chat")
+    choose_model(parameters, "extract", default_model(parameters["provider"], "chat"))
     prompt, prompt_file = parameters.get("prompt"), parameters.get("prompt_file")
     if prompt is not None and prompt_file is not None:
         raise ConfigError("--prompt and --prompt-file both given: pass only one")
@@ -97,7 +124,7 @@ def generate_job(parameters: dict[str, Any]) -> GenerateJob:
     """The job for these flow parameters (reads the template file, fills in the default chat model)."""
     from tasks.jobs.generate import GenerateJob
 
-    parameters["model"] = parameters.get("model") or default_model(parameters["provider"], "chat")
+    choose_model(parameters, "generate", default_model(parameters["provider"], "chat"))
     prompt, prompt_file = parameters.get("prompt"), parameters.get("prompt_file")
     if prompt is not None and prompt_file is not None:
         raise ConfigError("--prompt and --prompt-file both given: pass only one")
@@ -138,7 +165,7 @@ def caption_job(parameters: dict[str, Any]) -> CaptionJob:
     from tasks.jobs.caption import CaptionJob
     from tasks.jobs.media import base_dir_of
 
-    parameters["model"] = parameters.get("model") or default_model(parameters["provider"], "chat")
+    choose_model(parameters, "caption", default_model(parameters["provider"], "chat"))
     return CaptionJob(
         model=parameters["model"],
         image_col=parameters["image_col"],
@@ -155,11 +182,9 @@ def transcribe_job(parameters: dict[str, Any]) -> TranscribeJob:
     from tasks.jobs.media import base_dir_of
     from tasks.jobs.transcribe import DEFAULT_TRANSCRIPTIONS_MODEL, TranscribeJob
 
-    if not parameters.get("model"):
-        api = parameters.get("api", "chat")
-        parameters["model"] = (
-            DEFAULT_TRANSCRIPTIONS_MODEL if api == "transcriptions" else default_model(parameters["provider"], "chat")
-        )
+    api = parameters.get("api", "chat")
+    default = DEFAULT_TRANSCRIPTIONS_MODEL if api == "transcriptions" else default_model(parameters["provider"], "chat")
+    choose_model(parameters, "transcribe", default)
     return TranscribeJob(
         model=parameters["model"],
         audio_col=parameters["audio_col"],
@@ -204,7 +229,7 @@ def images_job(parameters: dict[str, Any]) -> ImagesJob:
     from tasks.jobs.images import ImagesJob
 
     provider = parameters["provider"]
-    parameters["model"] = parameters.get("model") or default_model(provider, "images")
+    choose_model(parameters, "images", default_model(provider, "images"))
     route = None  # another server (--base-url): any model name goes
     if not parameters.get("base_url"):
         route = OPENAI_ROUTE if provider == "openai" else GEMINI_ROUTE  # local emulates Gemini's

@@ -90,8 +90,19 @@ def print_plan(document: dict[str, Any]) -> None:
     table = Table(title=f"gembatch {document['job']} --dry-run (nothing sent)", show_header=False)
     table.add_column("metric", style="bold")
     table.add_column("value")
+    change = document.get("model_change")
     for key, value in (
         ("model", document["model"]),
+        ("price", document.get("price", "")),
+        *(
+            [
+                ("--change-model", f"{change['from']} -> {change['to']}"),
+                ("rows of the old model in the output", change["rows_in_output"]),
+                ("rows to re-send with the new model", change["rows_to_resend"]),
+            ]
+            if change
+            else []
+        ),
         ("input rows", c["input_rows"]),
         ("already done (skipped)", c["skipped_done"]),
         ("duplicates (no request)", c["deduplicated"]),
@@ -110,7 +121,7 @@ def print_plan(document: dict[str, Any]) -> None:
         ("input tokens (estimate)", e["input_tokens"]),
         (
             "input cost USD (estimate)" + (" at batch price" if e.get("batch_requests") else ""),
-            "n/a (model not in price table)" if cost is None else f"{cost:.6f}",
+            "unknown: no price for this model (see price)" if cost is None else f"{cost:.6f}",
         ),
         *(
             [

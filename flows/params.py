@@ -126,6 +126,19 @@ class CommonOptions(BaseModel):
         description="Write into a folder that holds another job's or model's results (otherwise refused).",
         json_schema_extra=_cli("--force"),
     )
+    change_model: bool = Field(
+        False,
+        description="Move the output to --model (or today's default): every row is sent again with it and its "
+        "old row superseded; with --dry-run, shows the rows it would re-send and their cost. Without it a run "
+        "keeps the model the output was made with.",
+        json_schema_extra=_cli("--change-model"),
+    )
+    prices: str | None = Field(
+        None,
+        description="TOML or JSON file of prices (USD) that add to or override the built-in table, optionally "
+        "from a date (default: the file GEMBATCH_PRICES names).",
+        json_schema_extra=_cli("--prices", "FILE"),
+    )
     max_failed_pct: float = Field(
         0.0,
         description="Share of failed rows (%) above which the run ends 'completed with errors' "

@@ -106,7 +106,14 @@ async def run_sharded(job: Job, parameters: dict[str, Any]) -> dict[str, Any]:
     total_rows = await asyncio.to_thread(check_ids, source, options.id_col, limit=None)
     store = OutputStore(options.output)
     await asyncio.to_thread(store.prepare)
-    await asyncio.to_thread(store.claim, job=job.name, model=job.model, run_id=run_id, force=options.force)
+    await asyncio.to_thread(
+        store.claim,
+        job=job.name,
+        model=job.model,
+        run_id=run_id,
+        force=options.force,
+        change_model=options.change_model,
+    )
     had_rows = bool(store.result_files() or store.error_files())
     deployment_id = await _deployment_of_this_flow()
     recorded = {k: v for k, v in parameters.items() if k != "progress"}
@@ -181,7 +188,8 @@ async def _deployment_of_this_flow() -> str:
 def _child_parameters(parameters: dict[str, Any], shard: _Shard) -> dict[str, Any]:
     from flows.params import flow_arguments
 
-    flat = {k: v for k, v in parameters.items() if k != "progress"}
+    # model_from says where the parent's model came from (flows/jobs.py); the child gets the model itself.
+    flat = {k: v for k, v in parameters.items() if k not in ("progress", "model_from")}
     arguments = flow_arguments(flat | {"shards": 1, "shard": shard.spec, "progress": False})
     arguments["options"] = arguments["options"].model_dump(exclude_defaults=True)
     return arguments

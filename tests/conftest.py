@@ -98,6 +98,9 @@ def cli_env(api_url: str | None = None, **extra: str) -> dict[str, str]:
     return env
 
 
+EMBED_MODEL = "gemini-embedding-001"  # named: these runs are about resuming and claims, not defaults
+
+
 def embed_command(src: Path, out: Path, base_url: str, *extra: str, batch_size: int, chunk_size: int) -> list[str]:
     """`gembatch embed SRC -o OUT` against an emulator as a subprocess's argv: 4 requests in flight, no bar."""
     return [
@@ -119,6 +122,8 @@ def embed_command(src: Path, out: Path, base_url: str, *extra: str, batch_size: 
         "--max-concurrency",
         "4",
         "--no-progress",
+        "--model",
+        EMBED_MODEL,
         *extra,
     ]
 

@@ -62,6 +62,8 @@ VOLATILE = [
     re.compile(r"batches/[0-9a-f]{8,}"),  # batch ids
     re.compile(r"^\s*[│|]\s*(duration \(s\)|rows/s)\s*[│|]"),  # timings
     re.compile(r"\(pid \d+\)"),
+    # Costs follow the date: a price may change on a day (gemini-3.8-flash doubles on 2027-01-01).
+    re.compile(r"^\s*[│|]\s*(estimated cost \(USD\)|input cost USD|output cost USD|image cost USD|price)\b"),
 ]
 
 

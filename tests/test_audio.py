@@ -34,7 +34,7 @@ from tasks.jobs.caption import CaptionJob
 from tasks.jobs.transcribe import SEGMENT_TYPE, SEGMENTS_DIR, TranscribeJob
 from tasks.provider.client import ProviderSettings
 
-MODEL = "gemini-2.5-flash"
+MODEL = "gemini-3.8-flash"
 # A quiet gap ends every 59.904 s (at 8 kHz a whole number of MP3 and AAC frames: 52 × 9216 samples)…
 GAP_EVERY_S = 52 * 9216 / 8000
 GAP_S = 3.0  # …and lasts this long

@@ -35,7 +35,7 @@ from tasks.jobs.transcribe import TranscribeJob
 from tasks.provider.client import ProviderSettings
 
 MODEL = "gemini-embedding-001"
-CHAT_MODEL = "gemini-2.5-flash"
+CHAT_MODEL = "gemini-3.8-flash"
 
 
 # -- helpers ----------------------------------------------------------------------------------------
@@ -485,14 +485,16 @@ def test_text_over_the_input_limit_is_an_error_row_saying_split_it(emulator, tmp
 
 # -- an output folder that holds another job's or model's results ------------------------------------
 @pytest.mark.parametrize(
-    ("other", "this"),
+    ("other", "starts", "this", "hint"),
     [
-        (lambda: EmbedJob(model="text-embedding-3-small"), "this run is embed with 'text-embedding-3-small'"),
-        (lambda: CaptionJob(model=CHAT_MODEL, image_col="text"), f"this run is caption with '{CHAT_MODEL}'"),
+        (lambda: EmbedJob(model="text-embedding-3-small"), "was made with model '{model}' (run ",
+         "this run asks for 'text-embedding-3-small'", "--change-model --dry-run, then run with --change-model"),
+        (lambda: CaptionJob(model=CHAT_MODEL, image_col="text"), "holds embed results of model '{model}' (first "
+         "written by run ", f"this run is caption with '{CHAT_MODEL}'", "Pick another --output, or pass --force"),
     ],
     ids=["other_model", "other_job"],
-)
-def test_output_of_another_job_or_model_is_refused_unless_forced(emulator, tmp_path, other, this):
+)  # fmt: skip
+def test_output_of_another_job_or_model_is_refused_unless_forced(emulator, tmp_path, other, starts, this, hint):
     path = write_corpus(tmp_path / "in.parquet", [1, 2, 3], ["one", "two", "three"])
     out = tmp_path / "out"
     first = run_embed(emulator, path, out)
@@ -502,9 +504,9 @@ def test_output_of_another_job_or_model_is_refused_unless_forced(emulator, tmp_p
     with pytest.raises(ConfigError) as error:
         run(other(), path, out, emulator.base_url)
     message = str(error.value)
-    assert message.startswith(f"output {out} holds embed results of model '{MODEL}' (first written by run ")
+    assert message.startswith(f"output {out} " + starts.format(model=MODEL)), message
     assert first["run_id"] in message and this in message
-    assert "Pick another --output, or pass --force" in message
+    assert hint in message
     assert snapshot(out) == before, "a refused run changes nothing in the folder"
     assert emulator.stats["by_route"].get("embeddings", 0) == emulator.stats["by_route"].get("chat/completions", 0) == 0
 
@@ -512,7 +514,7 @@ def test_output_of_another_job_or_model_is_refused_unless_forced(emulator, tmp_p
     assert doc["status"] == "completed" and doc["counts"]["succeeded"] == 3
     result = read_output(out)
     assert sorted(result["id"].to_list()) == [1, 2, 3] and set(result["model"]) == {"text-embedding-3-small"}
-    with pytest.raises(ConfigError, match="holds embed results of model 'text-embedding-3-small'"):
+    with pytest.raises(ConfigError, match="was made with model 'text-embedding-3-small'"):
         run_embed(emulator, path, out)  # the folder now belongs to the forced run's model
 
 

@@ -43,7 +43,7 @@ from tasks.provider.batches import normalise_body
 from tasks.provider.client import ProviderSettings
 
 EMBED = "gemini-embedding-001"
-CHAT = "gemini-2.5-flash"
+CHAT = "gemini-3.8-flash"
 INVOICES = REPO / "data" / "extract" / "invoices.csv"
 
 
@@ -327,7 +327,7 @@ def test_auto_sends_a_small_run_live_without_a_batch(emulator, tmp_path):
 
 
 def test_jobs_without_a_batch_route_are_refused_before_any_work(emulator, tmp_path):
-    images = ImagesJob(model="imagen-4.0-generate-001", output=str(tmp_path / "img"))
+    images = ImagesJob(model="gemini-nano-banana-2.1", output=str(tmp_path / "img"))
     with pytest.raises(ConfigError, match="image generation has no batch form"):
         run(emulator, images, REPO / "data" / "prompts.csv", tmp_path / "img")
     transcriptions = TranscribeJob(model="whisper-1", api="transcriptions", base_dir=str(REPO / "data"))
@@ -360,7 +360,8 @@ def _wait_for_submitted(folder: Path, count: int, timeout: float = 60) -> list[d
 def test_sigkill_while_polling_then_rerun_reattaches_creates_no_batch(emulator, tmp_path):
     out = tmp_path / "out"
     args = ["embed", str(CORPUS), "-o", str(out), "--base-url", emulator.base_url, "--api-key-env", TEST_KEY_ENV,
-            "--mode", "batch", "--batch-poll", "0.2", "--batch-max-requests", "2", "--no-progress"]  # fmt: skip
+            "--mode", "batch", "--batch-poll", "0.2", "--batch-max-requests", "2", "--no-progress",
+            "--model", EMBED]  # fmt: skip
     emulator.configure(batch_seconds=8.0)
     proc = _cli(args, tmp_path, background=True)
     try:
@@ -406,7 +407,8 @@ def test_batches_cancel_keeps_finished_lines_and_the_next_run_sends_the_rest(emu
     n = 200
     src = write_corpus(tmp_path / "in.parquet", list(range(n)), [f"cancel me {i}" for i in range(n)])
     args = ["embed", str(src), "-o", str(out), "--base-url", emulator.base_url, "--api-key-env", TEST_KEY_ENV,
-            "--mode", "batch", "--batch-poll", "0.2", "--batch-size", "1", "--no-progress"]  # fmt: skip
+            "--mode", "batch", "--batch-poll", "0.2", "--batch-size", "1", "--no-progress",
+            "--model", EMBED]  # fmt: skip
     emulator.configure(batch_seconds=60.0)  # long enough for the cancel command to start on a busy machine
     proc = _cli(args, tmp_path, background=True)
     try:
@@ -472,7 +474,9 @@ def test_auto_mode_in_a_prefect_flow_batches_the_bulk_and_runs_the_rest_as_chunk
         base_url=emulator.base_url, api_key_env=TEST_KEY_ENV, provider="local", chunk_size=100,
         mode="auto", batch_poll=0.05, batch_max_requests=20, auto_min_requests=15,
     )  # fmt: skip
-    doc = asyncio.run(embed_flow(input=str(src), output=str(tmp_path / "out"), batch_size=10, options=options))
+    doc = asyncio.run(
+        embed_flow(input=str(src), output=str(tmp_path / "out"), model=EMBED, batch_size=10, options=options)
+    )
     assert doc["status"] == "completed", doc["message"]
     # 25 requests: the first 20 (rows 0-199) in one batch, the last 5 (fewer than 15) live.
     assert doc["batches"]["batches_created"] == 1 and doc["batches"]["rows_live"] == 50

@@ -23,7 +23,7 @@ from tasks.jobs.images_io import image_for_model
 from tasks.jobs.media import base_dir_of, sniff_image_mime
 from tasks.provider.client import ProviderSettings
 
-MODEL = "gemini-2.5-flash"
+MODEL = "gemini-3.8-flash"
 IMAGES = REPO / "data" / "images"
 SAMPLES = ("sunset.png", "house.jpg", "chart.png", "checkerboard.png", "banner.png")
 MIMES = {"png": "image/png", "jpg": "image/jpeg"}
@@ -176,7 +176,7 @@ def test_the_sample_list_and_the_flow_builder(emulator, tmp_path):
     params = {"input": str(REPO / "data" / "images.csv"), "provider": "gemini", "model": None}
     params |= {"image_col": "image", "prompt": DEFAULT_CAPTION_PROMPT, "max_side": 1536}
     job = caption_job(params)
-    assert job.model == params["model"] == "gemini-2.5-flash"
+    assert job.model == params["model"] == "gemini-3.8-flash"
     assert job.base_dir == str(REPO / "data")
 
     doc = run_caption(emulator, REPO / "data" / "images.csv", tmp_path / "out")

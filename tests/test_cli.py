@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from conftest import TEST_KEY, TEST_KEY_ENV, assert_balanced, read_output, write_corpus
-from test_embed import assert_vectors_match
+from test_embed import DEFAULT, assert_vectors_match
 
 from flows import commands
 
@@ -127,7 +127,7 @@ def test_a_dry_run_a_model_list_and_refused_runs_import_no_prefect(tmp_path):
         env=env,
     )
     assert [r["code"] for r in results] == [0, 2, 2, 2, 0], stderr
-    assert "rows to send" in results[0]["stdout"] and "models/gemini-embedding-001" in results[4]["stdout"]
+    assert "rows to send" in results[0]["stdout"] and "gemini-embedding-001" in results[4]["stdout"]
     assert "error: GEMINI_API_KEY is not set" in stderr and "has no column 'body'" in stderr
     assert "missing.parquet does not exist" in stderr
     assert NOTE not in stderr  # nothing was run
@@ -170,11 +170,11 @@ def test_without_a_prefect_api_a_run_is_untracked_says_so_and_writes_the_same_ou
     assert not [m for m in _imported(result.stderr) if m.split(".")[0] == "prefect"]
     assert "Run metadata:" in result.stdout
 
-    assert_vectors_match(read_output(out), TEXTS)
+    assert_vectors_match(read_output(out), TEXTS, model=DEFAULT)
     doc = _run_doc(out)
     assert doc["flow_run_id"] is None and doc["status"] == "completed"
     assert doc["counts"]["succeeded"] == len(TEXTS) and doc["requests"]["sent"] == 5  # chunks of 4, 4, 2; ≤ 3 a request
-    assert doc["parameters"]["model"] == "gemini-embedding-001" and "progress" not in doc["parameters"]
+    assert doc["parameters"]["model"] == DEFAULT and "progress" not in doc["parameters"]
     assert_balanced(doc)
 
 
@@ -203,7 +203,7 @@ def test_with_a_prefect_api_a_run_is_a_flow_run_and_writes_what_an_untracked_run
 
     tracked, untracked = docs["tracked"], docs["untracked"]
     assert tables["tracked"].equals(tables["untracked"])
-    assert_vectors_match(tables["tracked"], TEXTS)
+    assert_vectors_match(tables["tracked"], TEXTS, model=DEFAULT)
     assert sorted(tracked) == sorted(untracked)  # the same metadata fields…
     for key in ("status", "message", "job", "counts", "job_parameters", "input", "tokens", "cost"):
         assert tracked[key] == untracked[key], key

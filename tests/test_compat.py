@@ -100,9 +100,11 @@ def test_without_the_retrieve_route_an_unknown_model_is_refused_before_any_work(
     message = str(error.value)
     assert message.startswith(f"model 'gemini-embedding-999' was not found at 127.0.0.1:{emulator.port}"), message
     assert "GET models/gemini-embedding-999 answered HTTP 404: Not Found, " in message
-    listed = "the server's model list does not name it either (it lists 13: models/dall-e-3, models/gemini-2.5-flash, "
-    assert listed in message
-    assert message.endswith("List the available models with `gembatch models`, then pass one with --model.")
+    listed = "the server's model list does not name it either (it lists 16: models/dall-e-3, "
+    assert listed + "models/gemini-2.5-flash-lite, " in message
+    assert message.endswith(
+        "List the available models with `gembatch models`, then pass one with --model. Nothing was sent."
+    )
     assert not (tmp_path / "out").exists()
     assert emulator.stats["by_route"]["embeddings"] == 0
 

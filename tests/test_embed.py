@@ -20,7 +20,8 @@ from tasks.errors import ConfigError, InputError
 from tasks.jobs.embed import EmbedJob
 from tasks.provider.client import ProviderSettings
 
-MODEL = "gemini-embedding-001"
+MODEL = "gemini-embedding-001"  # still served (until 2028-05-14); explicit in these tests
+DEFAULT = "gemini-embedding-2"  # what a run without --model uses
 
 
 def run_embed(emu, input: Path | str, output: Path, *, dimensions=None, chunk_size=50, limits=None, **kw) -> dict:
@@ -36,17 +37,19 @@ def run_embed(emu, input: Path | str, output: Path, *, dimensions=None, chunk_si
     return asyncio.run(run_job(job, options))
 
 
-def expected_vector(text: str, dimensions: int | None = None) -> np.ndarray:
-    vector = fake_embedding(text, MODEL, dimensions)
+def expected_vector(text: str, dimensions: int | None = None, model: str = MODEL) -> np.ndarray:
+    vector = fake_embedding(text, model, dimensions)
     if dimensions is not None and dimensions < 3072:
         vector = vector / np.linalg.norm(vector)
     return vector.astype(np.float32)
 
 
-def assert_vectors_match(out: pl.DataFrame, texts_by_id: dict, dimensions: int | None = None) -> None:
+def assert_vectors_match(
+    out: pl.DataFrame, texts_by_id: dict, dimensions: int | None = None, model: str = MODEL
+) -> None:
     assert sorted(out["id"].to_list()) == sorted(texts_by_id), "every id exactly once"
     for row_id, vector in zip(out["id"].to_list(), out["embedding"].to_list(), strict=True):
-        want = expected_vector(texts_by_id[row_id], dimensions)
+        want = expected_vector(texts_by_id[row_id], dimensions, model)
         np.testing.assert_allclose(np.asarray(vector, np.float32), want, rtol=1e-6, atol=1e-7, err_msg=f"id {row_id}")
 
 

@@ -33,7 +33,7 @@ from emulator.fakes import (
 
 KEY = "emulator-key"
 EMB = "gemini-embedding-001"
-CHAT = "gemini-2.5-flash"
+CHAT = "gemini-3.8-flash"
 
 
 @pytest.fixture
@@ -414,7 +414,7 @@ def test_chat_stream(emu: Emulator) -> None:
 
 
 def test_images_generate_png_of_requested_size(emu: Emulator) -> None:
-    resp = client(emu).images.generate(model="gemini-2.5-flash-image", prompt="a fox", n=2, size="256x128")
+    resp = client(emu).images.generate(model="gemini-nano-banana-2.1", prompt="a fox", n=2, size="256x128")
     assert resp.data is not None and len(resp.data) == 2
     pngs = [base64.b64decode(d.b64_json or "") for d in resp.data]
     assert [png_ihdr(p) for p in pngs] == [(256, 128), (256, 128)]
@@ -682,7 +682,7 @@ def test_images_in_the_configured_format(make_emu: Any, fmt: str) -> None:
     from emulator.fakes import fake_image
 
     emu = make_emu(image_format=fmt)
-    resp = client(emu).images.generate(model="gemini-2.5-flash-image", prompt="a fox", size="32x16")
+    resp = client(emu).images.generate(model="gemini-nano-banana-2.1", prompt="a fox", size="32x16")
     data = base64.b64decode(resp.data[0].b64_json or "")
     assert data == fake_image("a fox", 32, 16, fmt)
     if fmt == "svg":
@@ -692,7 +692,7 @@ def test_images_in_the_configured_format(make_emu: Any, fmt: str) -> None:
 
         with Image.open(io.BytesIO(data)) as image:
             assert (image.format, image.size) == ({"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}[fmt], (32, 16))
-    url = client(emu).images.generate(model="gemini-2.5-flash-image", prompt="a fox", response_format="url")
+    url = client(emu).images.generate(model="gemini-nano-banana-2.1", prompt="a fox", response_format="url")
     mime = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp", "svg": "image/svg+xml"}[fmt]
     assert (url.data[0].url or "").startswith(f"data:{mime};base64,")
     with pytest.raises(ValueError, match="image_format must be one of png, jpeg, webp, svg"):

@@ -28,7 +28,7 @@ from tasks.errors import ConfigError
 from tasks.jobs.extract import ExtractJob, import_model
 from tasks.provider.client import ProviderSettings
 
-MODEL = "gemini-2.5-flash"
+MODEL = "gemini-3.8-flash"
 INVOICES = REPO / "data" / "extract" / "invoices.csv"
 EVENTS = REPO / "data" / "extract" / "events.csv"
 ENUM = pa.dictionary(pa.int32(), pa.string())
@@ -112,6 +112,7 @@ def test_invoices_match_the_emulator_field_by_field_with_an_exact_nested_schema(
         ("total", pa.decimal128(14, 2)),
         ("content_hash", pa.string()),
         ("model", pa.string()),
+        ("served_model", pa.string()),  # the model the reply named
     ]
     assert [(f.name, f.type) for f in schema] == want
     assert [(f.name, f.type) for f in job.output_schema("id", pa.int64())] == want

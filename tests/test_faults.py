@@ -266,7 +266,7 @@ CASES = [
         "chat/completions",
         1,
         extract_input,
-        lambda _inp, _out: ExtractJob(model="gemini-2.5-flash", schema=Invoice),
+        lambda _inp, _out: ExtractJob(model="gemini-3.8-flash", schema=Invoice),
         extract_check,
     ),
     Case(
@@ -275,7 +275,7 @@ CASES = [
         "chat/completions",
         1,
         caption_input,
-        lambda inp, _out: CaptionJob(model="gemini-2.5-flash", base_dir=base_dir_of(str(inp))),
+        lambda inp, _out: CaptionJob(model="gemini-3.8-flash", base_dir=base_dir_of(str(inp))),
         caption_check,
     ),
     Case(
@@ -284,7 +284,7 @@ CASES = [
         "chat/completions",
         1,
         transcribe_input,
-        lambda inp, _out: TranscribeJob(model="gemini-2.5-flash", base_dir=base_dir_of(str(inp))),
+        lambda inp, _out: TranscribeJob(model="gemini-3.8-flash", base_dir=base_dir_of(str(inp))),
         transcribe_check,
     ),
     Case(
@@ -293,7 +293,7 @@ CASES = [
         "images/generations",
         1,
         images_input,
-        lambda _inp, out: ImagesJob(model="gemini-2.5-flash-image", output=str(out), size=f"{IMAGE_W}x{IMAGE_H}"),
+        lambda _inp, out: ImagesJob(model="gemini-nano-banana-2.1", output=str(out), size=f"{IMAGE_W}x{IMAGE_H}"),
         images_check,
     ),
     Case(
@@ -302,7 +302,7 @@ CASES = [
         "chat/completions",
         1,
         generate_input,
-        lambda _inp, _out: GenerateJob(model="gemini-2.5-flash", prompt=GENERATE_TEMPLATE),
+        lambda _inp, _out: GenerateJob(model="gemini-3.8-flash", prompt=GENERATE_TEMPLATE),
         generate_check,
     ),
     Case(
@@ -311,7 +311,7 @@ CASES = [
         "chat/completions",
         1,
         triage_input,
-        lambda _inp, _out: ToolsExtractJob(model="gemini-2.5-flash", schemas=(Invoice, Receipt, Contract)),
+        lambda _inp, _out: ToolsExtractJob(model="gemini-3.8-flash", schemas=(Invoice, Receipt, Contract)),
         triage_check,
     ),
     Case(
@@ -320,7 +320,7 @@ CASES = [
         "chat/completions",
         1,
         generate_input,
-        lambda _inp, _out: GenerateJob(model="gemini-2.5-flash", prompt=GENERATE_TEMPLATE),
+        lambda _inp, _out: GenerateJob(model="gemini-3.8-flash", prompt=GENERATE_TEMPLATE),
         generate_check,
         stream_faults={k.removeprefix("stream_fault_rate_"): v for k, v in STREAM_FAULTS.items()},
     ),

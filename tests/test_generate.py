@@ -22,8 +22,10 @@ from tasks.engine.run import RunOptions, run_job
 from tasks.errors import ConfigError
 from tasks.jobs.generate import GenerateJob, template_columns
 from tasks.provider.client import ProviderSettings
+from tasks.provider.prices import price_of
 
-MODEL = "gemini-2.5-flash"
+MODEL = "gemini-3.8-flash"  # the default chat model
+SAMPLED = "gemini-2.5-flash-lite"  # still served, and still takes --temperature (Gemini 3 deprecated it)
 REVIEWS = REPO / "data" / "generate" / "reviews.csv"
 PROMPT_FILE = REPO / "data" / "generate" / "prompt.txt"
 TEMPLATE = "Summarise the {product} review in one line: {review}"
@@ -66,7 +68,7 @@ def reviews() -> list[dict[str, Any]]:
 def expected_row(job: GenerateJob, row: dict[str, Any], k: int = 0) -> dict[str, Any]:
     """What the emulator answers for ``row``: the rendered template is the whole user message."""
     user = job.prompt.format_map(row)
-    text = choice_text(fake_chat_text(MODEL, user), k)
+    text = choice_text(fake_chat_text(job.model, user), k)
     finish = "stop"
     if job.max_tokens is not None and count_tokens(text) > job.max_tokens:
         text, finish = text[: job.max_tokens * CHARS_PER_TOKEN], "length"
@@ -90,7 +92,7 @@ def check_output(job: GenerateJob, out: Path, rows: list[dict[str, Any]]) -> lis
 
 def test_every_row_gets_its_answer_with_usage_and_a_system_prompt(emulator, tmp_path):
     rows = reviews()
-    job = GenerateJob(model=MODEL, prompt=TEMPLATE, system="You are terse.", temperature=0.2, reasoning_effort="low")
+    job = GenerateJob(model=SAMPLED, prompt=TEMPLATE, system="You are terse.", temperature=0.2, reasoning_effort="low")
     doc = run_generate(emulator, REVIEWS, tmp_path / "out", job)
 
     assert doc["status"] == "completed" and doc["counts"]["succeeded"] == len(rows) == 8
@@ -150,15 +152,16 @@ def test_n_completions_are_rows_and_reruns_share_stored_answers(emulator, tmp_pa
 
 def test_rerun_sends_nothing_and_a_changed_parameter_or_system_sends_again(emulator, tmp_path):
     rows = reviews()
-    run_generate(emulator, REVIEWS, tmp_path / "out")
+    first = GenerateJob(model=SAMPLED, prompt=TEMPLATE)
+    run_generate(emulator, REVIEWS, tmp_path / "out", first)
     emulator.reset_stats()
-    again = run_generate(emulator, REVIEWS, tmp_path / "out")
+    again = run_generate(emulator, REVIEWS, tmp_path / "out", first)
     assert again["counts"]["skipped_done"] == 8 and emulator.stats["by_route"]["chat/completions"] == 0
 
     for changed in (
-        GenerateJob(model=MODEL, prompt=TEMPLATE, temperature=0.7),
-        GenerateJob(model=MODEL, prompt=TEMPLATE, temperature=0.7, system="Be brief."),
-        GenerateJob(model=MODEL, prompt=TEMPLATE + " ", temperature=0.7, system="Be brief."),
+        GenerateJob(model=SAMPLED, prompt=TEMPLATE, temperature=0.7),
+        GenerateJob(model=SAMPLED, prompt=TEMPLATE, temperature=0.7, system="Be brief."),
+        GenerateJob(model=SAMPLED, prompt=TEMPLATE + " ", temperature=0.7, system="Be brief."),
     ):
         doc = run_generate(emulator, REVIEWS, tmp_path / "out", changed)
         assert doc["counts"]["succeeded"] == 8, doc["counts"]
@@ -231,7 +234,8 @@ def test_the_builder_reads_the_prompt_file_and_refuses_two_or_no_prompts(tmp_pat
         generate_job({**base, "prompt": "{review}", "prompt_file": str(PROMPT_FILE)})
     with pytest.raises(ConfigError, match="needs a prompt template"):
         generate_job(dict(base))
-    for bad, says in (({"n": 9}, "--n 9"), ({"temperature": 3.0}, "--temperature 3"), ({"max_tokens": 0}, "--max")):
+    bad_temperature = {"temperature": 3.0, "model": SAMPLED}
+    for bad, says in (({"n": 9}, "--n 9"), (bad_temperature, "--temperature 3"), ({"max_tokens": 0}, "--max")):
         with pytest.raises(ConfigError, match=says):
             generate_job({**base, "prompt": "{review}", **bad})
 
@@ -249,7 +253,7 @@ def test_dry_run_estimates_the_rendered_prompts_without_a_request(emulator, tmp_
     capped = GenerateJob(model=MODEL, prompt=TEMPLATE, system="Be brief.", max_tokens=100, n=2)
     plan = asyncio.run(plan_job(capped, options(emulator, REVIEWS, tmp_path / "out", dry_run=True)))
     assert plan["estimate"]["max_output_tokens"] == 1600
-    assert plan["estimate"]["max_output_cost_usd"] == pytest.approx(1600 * 2.50 / 1e6)
+    assert plan["estimate"]["max_output_cost_usd"] == pytest.approx(1600 * price_of(MODEL).output / 1e6)
 
 
 def test_the_key_appears_in_no_output_file(emulator, tmp_path):

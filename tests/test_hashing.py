@@ -26,7 +26,7 @@ from tasks.jobs.extract import ExtractJob
 from tasks.provider.client import ProviderSettings
 
 EMBED_MODEL = "gemini-embedding-001"
-CHAT_MODEL = "gemini-2.5-flash"
+CHAT_MODEL = "gemini-3.8-flash"
 
 TRICKY = [
     "plain words",

@@ -1,6 +1,7 @@
 """Image models the routes serve, sizes and n per model, and prices per image.
 
-The default (Imagen 4) is pinned; a size, n or model a route doesn't take is refused before any
+The default (gemini-nano-banana-2.1: Imagen 4 shut down on 2026-08-17) is pinned; a size, n or model a
+route doesn't take is refused before any
 request; the emulator refuses on each path what that path's real endpoint doesn't serve; the dry run,
 the `_runs/` cost and `--max-cost-usd` count images at the price table's price.
 """
@@ -31,7 +32,9 @@ from tasks.provider.client import ProviderSettings
 from tasks.provider.prices import PRICES, default_model, image_price_usd
 
 ROUTE = "images/generations"
-IMAGEN = "imagen-4.0-generate-001"
+IMAGEN = "imagen-4.0-generate-001"  # shut down 2026-08-17: its spec is kept for outputs made with it
+DEFAULT = "gemini-nano-banana-2.1"
+DEFAULT_PRICE = 0.034
 PROMPTS = REPO / "data" / "prompts.csv"
 
 
@@ -47,33 +50,33 @@ def gembatch(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 # -- the default ---------------------------------------------------------------------------------------------
-def test_the_default_image_model_is_imagen_4_for_gemini_and_local_and_gpt_image_1_for_openai():
-    assert default_model("gemini", "images") == default_model("local", "images") == IMAGEN
+def test_the_default_image_model_is_a_gemini_image_model_for_gemini_and_local_and_gpt_image_1_for_openai():
+    assert default_model("gemini", "images") == default_model("local", "images") == DEFAULT
     assert default_model("openai", "images") == "gpt-image-1"
     for provider in ("gemini", "local"):
         p = params(provider=provider)
         job = images_job(p)
-        assert job.model == p["model"] == IMAGEN and job.route == "gemini"
-        assert job.per_image_usd == 0.04
+        assert job.model == p["model"] == DEFAULT and job.route == "gemini"
+        assert job.per_image_usd == DEFAULT_PRICE
     assert images_job(params(provider="openai")).route == "openai"
     assert images_job(params(base_url="http://127.0.0.1:1/v1/")).route is None  # another server: any model
 
 
-def test_a_local_run_with_the_default_model_writes_imagen_rows_priced_per_image(tmp_path):
+def test_a_local_run_with_the_default_model_writes_rows_priced_per_image(tmp_path):
     out_dir = tmp_path / "out"
     result = gembatch("images", str(PROMPTS), "-o", str(out_dir), "--provider", "local", "--size", SIZE, cwd=REPO)
 
     assert result.returncode == 0, result.stdout + result.stderr
     prompts = sample_prompts()
-    assert_images_match(out_dir, prompts, n=1)  # every row's model is the Imagen default
+    assert_images_match(out_dir, prompts, n=1)  # every row's model is the default
     (run_file,) = (out_dir / "_runs").glob("*.json")
     doc = json.loads(run_file.read_text())
-    assert doc["status"] == "completed" and doc["provider"]["model"] == IMAGEN
+    assert doc["status"] == "completed" and doc["provider"]["model"] == DEFAULT
     assert doc["cost"] == {
-        "estimated_usd": pytest.approx(len(prompts) * 0.04),
-        "priced_model": IMAGEN,
+        "estimated_usd": pytest.approx(len(prompts) * DEFAULT_PRICE),
+        "priced_model": DEFAULT,
         "images_generated": len(prompts),
-        "usd_per_image": 0.04,
+        "usd_per_image": DEFAULT_PRICE,
     }
     assert "images generated / USD each" in result.stdout
 
@@ -87,7 +90,10 @@ def test_a_local_run_with_the_default_model_writes_imagen_rows_priced_per_image(
         (IMAGEN, "auto", 1, None, "is not an aspect ratio"),
         (IMAGEN, "1024x1024", 5, None, "--n must be between 1 and 4 for imagen-4.0-generate-001, got 5"),
         ("imagen-4.0-ultra-generate-001", "1024x1024", 1, "hd", "--quality is not an option of imagen"),
-        ("gemini-2.5-flash-image", "1000x1000x", 1, None, "is not an aspect ratio gemini-2.5-flash-image takes"),
+        ("gemini-3-pro-image", "1000x1000x", 1, None, "is not an aspect ratio gemini-3-pro-image takes"),
+        (DEFAULT, "1100x1000", 1, None, "--size '1100x1000' is not an aspect ratio gemini-nano-banana-2.1 takes: "
+         "use 1024x1024 (1:1), 832x1248 (2:3), 1248x832 (3:2)"),
+        (DEFAULT, "1024x1024", 5, None, "--n must be between 1 and 4 for gemini-nano-banana-2.1, got 5"),
         ("gpt-image-1", "1792x1024", 1, None, "--size '1792x1024' is not one gpt-image-1 takes: use one of "
          "1024x1024, 1536x1024, 1024x1536, auto"),
         ("gpt-image-1", "1024x1024", 11, None, "--n must be between 1 and 10 for gpt-image-1"),
@@ -104,7 +110,7 @@ def test_a_size_n_or_quality_the_model_does_not_take_is_refused_naming_what_it_t
 @pytest.mark.parametrize(
     ("model", "size", "ratio"),
     [(IMAGEN, "1024x1024", "1:1"), (IMAGEN, "1408x768", "16:9"), (IMAGEN, "64x48", "4:3"), (IMAGEN, "720x1280", "9:16"),
-     ("gemini-2.5-flash-image", "1536x672", "21:9"), ("gemini-2.5-flash-image", "300x200", "3:2")],
+     (DEFAULT, "1536x672", "21:9"), (DEFAULT, "300x200", "3:2"), ("gemini-3-pro-image", "2048x2048", "1:1")],
 )  # fmt: skip
 def test_sizes_in_the_models_aspect_ratios_are_taken(model, size, ratio):
     assert IMAGE_MODELS[model].aspect_ratio_of(size) == ratio
@@ -116,8 +122,8 @@ def test_a_model_the_providers_images_route_does_not_serve_is_refused_by_the_com
         images_job(params(model="gpt-image-1"))
     assert str(error.value) == (
         "--model gpt-image-1 is not served by Gemini's OpenAI-compatible images route; image models there: "
-        "gemini-2.5-flash-image, imagen-4.0-fast-generate-001, imagen-4.0-generate-001, "
-        "imagen-4.0-ultra-generate-001 (or point --base-url at a server that has it)"
+        "gemini-3-pro-image, gemini-3.1-flash-image, gemini-3.1-flash-lite-image, gemini-nano-banana-2.1 "
+        "(or point --base-url at a server that has it)"
     )
     with pytest.raises(ConfigError, match="--model imagen-4.0-generate-001 is not served by OpenAI's images route"):
         images_job(params(provider="openai", model=IMAGEN))
@@ -125,11 +131,11 @@ def test_a_model_the_providers_images_route_does_not_serve_is_refused_by_the_com
 
 def test_an_invalid_size_is_refused_by_the_command_before_any_request(emulator, tmp_path):
     result = gembatch(
-        "images", str(PROMPTS), "-o", str(tmp_path / "out"), "--size", "1536x1024",
+        "images", str(PROMPTS), "-o", str(tmp_path / "out"), "--size", "1100x1000",
         "--base-url", emulator.base_url, "--api-key-env", TEST_KEY_ENV, cwd=REPO,
     )  # fmt: skip
     assert result.returncode == 2, result.stdout + result.stderr
-    assert "error: --size '1536x1024' is not an aspect ratio imagen-4.0-generate-001 takes: use 1024x1024 (1:1)" in (
+    assert "error: --size '1100x1000' is not an aspect ratio gemini-nano-banana-2.1 takes: use 1024x1024 (1:1)" in (
         " ".join(result.stderr.split())
     )
     assert "Traceback" not in result.stderr
@@ -142,11 +148,13 @@ def _client(emu, path: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"http://127.0.0.1:{emu.port}{path}", api_key=TEST_KEY, max_retries=0)
 
 
-def test_the_emulator_serves_imagen_and_gemini_image_under_gemini_and_openai_models_under_v1(emulator):
+def test_the_emulator_serves_gemini_image_models_under_gemini_and_openai_models_under_v1(emulator):
     gemini, oai = _client(emulator, "/v1beta/openai/"), _client(emulator, "/v1/")
-    for model in ("imagen-4.0-generate-001", "imagen-4.0-fast-generate-001", "imagen-4.0-ultra-generate-001",
-                  "gemini-2.5-flash-image"):  # fmt: skip
+    for model in (DEFAULT, "gemini-3-pro-image", "gemini-3.1-flash-lite-image"):
         assert len(gemini.images.generate(model=model, prompt="a fox", n=4, size="16x9").data) == 4
+    for retired in ("imagen-4.0-generate-001", "imagen-4.0-fast-generate-001", "gemini-2.5-flash-image"):
+        with pytest.raises(openai.NotFoundError):  # shut down: answered 404 like Google's
+            gemini.images.generate(model=retired, prompt="a fox")
     assert len(oai.images.generate(model="gpt-image-1", prompt="a fox", size="1024x1024").data) == 1
     assert len(oai.images.generate(model="dall-e-3", prompt="a fox", size="1024x1792", quality="hd").data) == 1
 
@@ -163,8 +171,8 @@ def test_the_emulator_serves_imagen_and_gemini_image_under_gemini_and_openai_mod
         }
     ]
     with pytest.raises(openai.BadRequestError) as error:
-        gemini.images.generate(model=IMAGEN, prompt="a fox", n=5)
-    assert error.value.body[0]["error"]["message"] == f"n: must be an integer between 1 and 4 for {IMAGEN}, got 5."
+        gemini.images.generate(model=DEFAULT, prompt="a fox", n=5)
+    assert error.value.body[0]["error"]["message"] == f"n: must be an integer between 1 and 4 for {DEFAULT}, got 5."
     with pytest.raises(openai.NotFoundError) as error:
         oai.images.generate(model=IMAGEN, prompt="a fox")
     assert error.value.code == "model_not_found"
@@ -173,7 +181,8 @@ def test_the_emulator_serves_imagen_and_gemini_image_under_gemini_and_openai_mod
         oai.images.generate(model="dall-e-3", prompt="a fox", size="1536x1024")
     assert error.value.code == "invalid_value" and error.value.body["param"] == "size"
     ids = {m.id for m in gemini.models.list().data}
-    assert {f"models/{m}" for m in IMAGE_MODELS} <= ids
+    assert {f"models/{m}" for m in (DEFAULT, "gemini-3-pro-image", "gemini-3.1-flash-lite-image")} <= ids
+    assert not {f"models/{m}" for m in ("imagen-4.0-generate-001", "gemini-2.5-flash-image")} & ids
 
 
 def test_a_model_the_route_does_not_serve_stops_the_run_with_the_providers_message(emulator, tmp_path):
@@ -196,6 +205,9 @@ def test_the_price_table_prices_images_by_model_size_and_quality():
     assert image_price_usd("models/imagen-4.0-generate-001", "1408x768") == 0.04
     assert image_price_usd("imagen-4.0-ultra-generate-001", "1024x1024") == 0.06
     assert image_price_usd("gemini-2.5-flash-image", "1024x1024") == 0.039
+    assert image_price_usd(DEFAULT, "1024x1024") == DEFAULT_PRICE
+    assert image_price_usd("gemini-3-pro-image", "2048x2048") == 0.134
+    assert image_price_usd("gemini-3.1-flash-lite-image", "1024x1024") is None  # no price known: --prices
     assert image_price_usd("gpt-image-1", "1024x1024", "low") == 0.011
     assert image_price_usd("gpt-image-1", "1536x1024", "medium") == 0.063
     assert image_price_usd("gpt-image-1", "1024x1536") == 0.25  # no quality: "auto", priced at high
@@ -205,7 +217,7 @@ def test_the_price_table_prices_images_by_model_size_and_quality():
     assert image_price_usd("gemini-2.5-flash", "1024x1024") is None  # a token-priced model
     assert image_price_usd("my-diffusion-model", "1024x1024") is None
     # No batch route serves images through these APIs (Gemini's compat batches: chat and embeddings).
-    assert all(p.batch_per_image is None for p in PRICES.values())
+    assert all(p.batch_per_image is None for schedule in PRICES.values() for p in schedule)
 
 
 def test_dry_run_cost_is_n_times_rows_times_the_price_per_image(emulator, tmp_path, monkeypatch):
@@ -213,10 +225,10 @@ def test_dry_run_cost_is_n_times_rows_times_the_price_per_image(emulator, tmp_pa
     out_dir = tmp_path / "out"
     first = dict(list(prompts.items())[:4])
     run_images(emulator, write_prompts(tmp_path / "first.parquet", list(first), list(first.values())), out_dir, n=3,
-               model="imagen-4.0-fast-generate-001")  # fmt: skip
+               model="gemini-3-pro-image")  # fmt: skip
     emulator.reset_stats()
     monkeypatch.delenv(TEST_KEY_ENV)  # a dry run needs no key
-    job = ImagesJob(model="imagen-4.0-fast-generate-001", output=str(out_dir), size=SIZE, n=3)
+    job = ImagesJob(model="gemini-3-pro-image", output=str(out_dir), size=SIZE, n=3)
     options = RunOptions(input=str(PROMPTS), output=str(out_dir), provider=ProviderSettings(provider="gemini"),
                          dry_run=True)  # fmt: skip
 
@@ -226,9 +238,9 @@ def test_dry_run_cost_is_n_times_rows_times_the_price_per_image(emulator, tmp_pa
     rows = len(prompts) - 4
     assert plan["counts"]["would_send"] == rows and plan["estimate"]["requests"] == rows
     e = plan["estimate"]
-    assert e["images"] == 3 * rows and e["usd_per_image"] == 0.02
-    assert e["image_cost_usd"] == pytest.approx(3 * rows * 0.02)
-    assert e["input_cost_usd"] == 0 and e["cost_usd"] == pytest.approx(3 * rows * 0.02)
+    assert e["images"] == 3 * rows and e["usd_per_image"] == 0.134
+    assert e["image_cost_usd"] == pytest.approx(3 * rows * 0.134)
+    assert e["cost_usd"] == pytest.approx(3 * rows * 0.134 + e["input_cost_usd"])  # prompt tokens at $2/1M
 
 
 def test_dry_run_prints_the_image_cost(tmp_path):
@@ -237,15 +249,15 @@ def test_dry_run_prints_the_image_cost(tmp_path):
     lines = {line.split("│")[1].strip(): line.split("│")[2].strip() for line in result.stdout.splitlines()
              if line.count("│") == 3}  # fmt: skip
     rows = len(sample_prompts())
-    assert lines["model"] == IMAGEN
+    assert lines["model"] == DEFAULT
     assert lines["images (n × rows)"] == str(2 * rows)
-    assert float(lines["image cost USD (estimate)"]) == pytest.approx(2 * rows * 0.04)
+    assert float(lines["image cost USD (estimate)"]) == pytest.approx(2 * rows * DEFAULT_PRICE)
 
 
 @pytest.mark.parametrize(
     ("model", "size", "quality", "base", "price"),
     [
-        ("gemini-2.5-flash-image", SIZE, None, "/v1beta/openai/", 0.039),
+        (DEFAULT, SIZE, None, "/v1beta/openai/", DEFAULT_PRICE),
         ("gpt-image-1", "1024x1024", "low", "/v1/", 0.011),
         ("dall-e-3", "1792x1024", "hd", "/v1/", 0.12),
     ],
@@ -274,13 +286,13 @@ def test_runs_cost_is_images_generated_times_the_price(emulator, tmp_path, model
 def test_max_cost_stops_an_images_run_before_the_budget_and_a_bigger_budget_finishes(emulator, tmp_path):
     prompts = sample_prompts()
     out_dir = tmp_path / "out"
-    # Each request asks for 2 images at $0.04: $0.08 reserved before it is sent. $0.30 pays for 3.
-    doc = run_images(emulator, PROMPTS, out_dir, n=2, max_cost_usd=0.30, chunk_size=100)
+    # Each request asks for 2 images at $0.034: $0.068 reserved before it is sent. $0.21 pays for 3.
+    doc = run_images(emulator, PROMPTS, out_dir, n=2, max_cost_usd=0.21, chunk_size=100)
 
-    assert doc["status"] == "stopped: budget" and "--max-cost-usd 0.3" in doc["message"]
+    assert doc["status"] == "stopped: budget" and "--max-cost-usd 0.21" in doc["message"]
     assert doc["counts"]["succeeded"] == 3 and doc["counts"]["not_attempted"] == len(prompts) - 3
     assert emulator.stats["images"] == doc["cost"]["images_generated"] == 6
-    assert doc["cost"]["estimated_usd"] == pytest.approx(6 * 0.04) and doc["cost"]["estimated_usd"] <= 0.30
+    assert doc["cost"]["estimated_usd"] == pytest.approx(6 * DEFAULT_PRICE) and doc["cost"]["estimated_usd"] <= 0.21
     assert_balanced(doc)
     assert read_output(out_dir).height == 6 and read_errors(out_dir).height == 0
 
@@ -288,12 +300,12 @@ def test_max_cost_stops_an_images_run_before_the_budget_and_a_bigger_budget_fini
     doc = run_images(emulator, PROMPTS, out_dir, n=2, max_cost_usd=1.0, chunk_size=100)
     assert doc["status"] == "completed" and doc["counts"]["skipped_done"] == 3
     assert emulator.stats["images"] == 2 * (len(prompts) - 3)
-    assert doc["cost"]["estimated_usd"] == pytest.approx(2 * (len(prompts) - 3) * 0.04)
+    assert doc["cost"]["estimated_usd"] == pytest.approx(2 * (len(prompts) - 3) * DEFAULT_PRICE)
     assert_images_match(out_dir, prompts, n=2)
 
 
 def test_an_images_budget_needs_a_price_per_image(tmp_path):
     job = ImagesJob(model="my-diffusion-model", output=str(tmp_path / "out"), size="64x64")
-    expected = "needs a price per image for model 'my-diffusion-model'.*tasks/provider/prices.py"
+    expected = "needs a price per image for model 'my-diffusion-model'.*--prices FILE"
     with pytest.raises(ConfigError, match=expected):
         Budget.for_job(1.0, job)

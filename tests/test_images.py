@@ -28,7 +28,7 @@ from tasks.errors import ConfigError
 from tasks.jobs.images import IMAGES_DIR, LEGACY_IMAGES_DIR, ImagesJob
 from tasks.provider.client import Connection, ProviderSettings
 
-MODEL = "imagen-4.0-generate-001"  # the default for --provider gemini and local (pinned below)
+MODEL = "gemini-nano-banana-2.1"  # the default for --provider gemini and local (pinned below)
 SIZE = "64x48"
 W, H = 64, 48
 PROMPTS = REPO / "data" / "prompts.csv"

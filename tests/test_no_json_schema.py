@@ -70,7 +70,7 @@ def _assert_exact_invoices(out: Path, dialect: str = "gemini") -> None:
         assert {k: row[k] for k in want} == want, row["id"]
         assert row["model"] == MODEL
     assert pq.read_schema(sorted(out.glob("part-*.parquet"))[0]).names == [
-        "id", *(f.name for f in branch.mapping.arrow_fields), "content_hash", "model"
+        "id", *(f.name for f in branch.mapping.arrow_fields), "content_hash", "model", "served_model"
     ]  # fmt: skip
 
 

@@ -28,7 +28,7 @@ from tasks.jobs.images_io import image_for_model, image_tokens, jpeg_scale, plan
 from tasks.jobs.media import base_dir_of
 from tasks.provider.client import ProviderSettings
 
-MODEL = "gemini-2.5-flash"
+MODEL = "gemini-3.8-flash"
 W, H = 120, 80
 RED, GREEN, BLUE, YELLOW = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)
 QUADRANTS = {"tl": RED, "tr": GREEN, "bl": BLUE, "br": YELLOW}

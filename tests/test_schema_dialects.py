@@ -29,7 +29,7 @@ from tasks.errors import ConfigError
 from tasks.jobs.extract import ExtractJob
 from tasks.provider.client import ProviderSettings, classify_failure
 
-MODEL = "gemini-2.5-flash"
+MODEL = "gemini-3.8-flash"
 
 
 class Status(StrEnum):

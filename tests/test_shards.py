@@ -275,7 +275,7 @@ def test_an_extract_and_a_caption_deployment_on_one_model_stay_within_r_together
     for doc in docs.values():
         assert doc["status"] == "completed" and doc["counts"]["succeeded"] == rows
         # Both drew on the one limit of this host and model.
-        assert doc["shared_limits"]["rpm"]["name"].endswith(":gemini-2.5-flash")
+        assert doc["shared_limits"]["rpm"]["name"].endswith(":gemini-3.8-flash")
     # They overlapped in time: otherwise "together" proves nothing.
     spans = [(d["started_at"], d["finished_at"]) for d in docs.values()]
     assert max(s for s, _ in spans) < min(f for _, f in spans)

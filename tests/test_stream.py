@@ -32,7 +32,7 @@ from tasks.jobs.media import base_dir_of
 from tasks.jobs.transcribe import TranscribeJob
 from tasks.provider.client import ProviderSettings
 
-MODEL = "gemini-2.5-flash"
+MODEL = "gemini-3.8-flash"
 DATA = REPO / "data"
 
 

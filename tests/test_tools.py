@@ -31,7 +31,7 @@ from tasks.jobs.extract import ExtractJob
 from tasks.jobs.tools import ToolsExtractJob, function_name
 from tasks.provider.client import ProviderSettings
 
-MODEL = "gemini-2.5-flash"
+MODEL = "gemini-3.8-flash"
 DOCUMENTS = REPO / "data" / "extract" / "documents.csv"
 INVOICES = REPO / "data" / "extract" / "invoices.csv"
 TRIAGE = (Invoice, Receipt, Contract)
@@ -92,7 +92,7 @@ def test_triage_picks_one_schema_per_row_into_a_kind_and_typed_struct_columns(em
     assert_balanced(doc)
 
     schema = pq.read_schema(sorted((tmp_path / "out").glob("part-*"))[0])
-    assert schema.names == ["id", "kind", "invoice", "receipt", "contract", "content_hash", "model"]
+    assert schema.names == ["id", "kind", "invoice", "receipt", "contract", "content_hash", "model", "served_model"]
     assert schema.field("receipt").type == pa.struct(
         [
             pa.field("merchant", pa.string()),

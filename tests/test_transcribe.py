@@ -23,7 +23,7 @@ from tasks.jobs.media import base_dir_of, sniff_audio_format
 from tasks.jobs.transcribe import MAX_INLINE_BYTES, TranscribeJob, audio_tokens
 from tasks.provider.client import ProviderSettings
 
-MODEL = "gemini-2.5-flash"
+MODEL = "gemini-3.8-flash"
 AUDIO = REPO / "data" / "audio"
 SAMPLES = ("tone.wav", "chirp.wav", "speech.wav", "speech.mp3")
 LIMIT = 100_000  # bytes in the request: every sample fits as base64, long.wav doesn't
@@ -183,7 +183,7 @@ def test_the_sample_list_resolves_from_another_working_directory(emulator, tmp_p
     params = {"input": str(REPO / "data" / "audio.csv"), "provider": "gemini", "model": None, "api": "chat"}
     params |= {"audio_col": "audio", "prompt": None, "max_inline_bytes": MAX_INLINE_BYTES}
     job = transcribe_job(params)
-    assert job.model == "gemini-2.5-flash" and job.max_inline_bytes == 20 * 1024 * 1024
+    assert job.model == "gemini-3.8-flash" and job.max_inline_bytes == 20 * 1024 * 1024
 
     doc = run_transcribe(emulator, REPO / "data" / "audio.csv", tmp_path / "out")
     assert doc["counts"]["succeeded"] == 4 and doc["counts"]["failed"] == 0

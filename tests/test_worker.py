@@ -58,7 +58,7 @@ def test_a_worker_runs_the_embed_deployment_with_nested_options(emulator, tmp_pa
         stop(worker)
         stop(server)
 
-    assert_vectors_match(read_output(out), TEXTS)
+    assert_vectors_match(read_output(out), TEXTS, model="gemini-embedding-2")  # deployments.yaml's model
     (path,) = (out / "_runs").glob("*.json")
     doc = json.loads(path.read_text())
     assert doc["status"] == "completed" and doc["flow_run_id"]
@@ -68,5 +68,5 @@ def test_a_worker_runs_the_embed_deployment_with_nested_options(emulator, tmp_pa
     assert doc["parameters"]["base_url"] == emulator.base_url and doc["parameters"]["rpm"] == 1500
     # nightly-embed declares its quota only: the number in flight follows from the rate and the latency.
     assert doc["parameters"]["tpm"] == 1_000_000 and doc["parameters"]["max_concurrency"] is None
-    assert doc["parameters"]["model"] == "gemini-embedding-001"
+    assert doc["parameters"]["model"] == "gemini-embedding-2"
     assert "options" not in doc["parameters"] and "progress" not in doc["parameters"]

@@ -66,6 +66,7 @@ from tasks.engine.chunk import (
     RunContext,
     chunk_statuses,
     prepare_and_look_up,
+    rerouted_stop,
 )
 from tasks.engine.claims import ClaimBook, Holder, batch_key, chunk_key
 from tasks.engine.claims import log as claims_log
@@ -82,6 +83,7 @@ from tasks.provider.batches import (
     normalise_body,
     offline_client,
 )
+from tasks.provider.catalog import same_model
 from tasks.provider.client import Connection, classify_failure
 
 __all__ = ["BatchPolicy", "BatchRun", "BATCHES_DIR", "MODES", "check_batch_capable", "read_records"]
@@ -798,11 +800,14 @@ class BatchRun:
         files = ctx.index.parts_holding(keys[positions])
         table = await asyncio.to_thread(ctx.store.read_results_for, wanted, ctx.id_col, files=files)
         found = ctx.job.results_from_table(table)
+        served: dict[str, Any] = {}
+        if "served_model" in table.column_names:
+            served = dict(zip(table.column("content_hash").to_pylist(), table.column("served_model").to_pylist()))
         rows, outcomes, missing = [], [], []
         for p in positions.tolist():
             if hashes[p] in found:
                 rows.append((ids[p], hashes[p], first_row + p))
-                outcomes.append(Outcome(result=found[hashes[p]]))
+                outcomes.append(Outcome(result=found[hashes[p]], served_model=served.get(hashes[p])))
             else:
                 missing.append(p)
         if rows:
@@ -995,6 +1000,14 @@ class BatchRun:
             return [
                 Outcome(error_type=failure.kind, error_message=message, attempts=1, retry_auto=failure.retryable)
             ] * len(items), None
+        job, served = self.ctx.job, reply.served_model
+        if served is not None and not same_model(job.model, served):
+            stats = self.ctx.stats
+            stats.rerouted[served] = stats.rerouted.get(served, 0) + len(items)
+            if getattr(job, "stop_on_reroute", False):
+                # As live: no vector of another model is written; the rows stay to send.
+                self.ctx.request_stop(rerouted_stop(job, served, self.ctx.store.url))
+                return [None] * len(items), None
         outcomes = []
         finish = getattr(self.ctx.job, "finish_line", None)  # a job that completes a row after its reply
         for item, result in zip(items, reply.results, strict=True):
@@ -1008,9 +1021,9 @@ class BatchRun:
                     )
                 )
             elif finish is not None:
-                outcomes.append(await finish(item, Outcome(result=result, attempts=1)))
+                outcomes.append(await finish(item, Outcome(result=result, attempts=1, served_model=served)))
             else:
-                outcomes.append(Outcome(result=result, attempts=1))
+                outcomes.append(Outcome(result=result, attempts=1, served_model=served))
         return outcomes, (reply.prompt_tokens, reply.completion_tokens, reply.total_tokens)
 
     def _write_rows(self, rows: list[tuple[Any, str, int]], outcomes: list[Outcome], firsts: list[bool]) -> None:
@@ -1036,6 +1049,11 @@ class BatchRun:
                     "model": pa.array([job.model] * len(ok), pa.string()),
                 }
             )
+            if ctx.served_column and not getattr(job, "stop_on_reroute", False):
+                table = table.append_column(
+                    pa.field("served_model", pa.string()),
+                    pa.array([outcomes[i].served_model for i in ok], pa.string()),
+                )
             part = ctx.store.write_part(table, errors=False, run_id=ctx.run_id, id_col=ctx.id_col)
             stats.parts_written.append(part)
             ctx.index.results.add(keys[ok], ctx.index.part_ordinal(part))

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from tasks.errors import ConfigError, RunStopped
-from tasks.provider.prices import PRICES, Price
+from tasks.provider.prices import Price, how_to_price, price_of, with_audio_price
 
 __all__ = ["Budget"]
 
@@ -23,11 +22,11 @@ class Budget:
     def __init__(
         self, max_usd: float, model: str, *, per_image_usd: float | None = None, images_per_request: int = 0
     ) -> None:
-        price = PRICES.get(model.removeprefix("models/"))
+        price = price_of(model)
         if price is None:
             raise ConfigError(
-                f"--max-cost-usd needs a price for model {model!r}, and tasks/provider/prices.py has none: "
-                "add it there, or run without --max-cost-usd"
+                f"--max-cost-usd needs a price for model {model!r}, and gembatch knows none for today: "
+                f"{how_to_price(model)}; or run without --max-cost-usd"
             )
         if max_usd <= 0:
             raise ConfigError(f"--max-cost-usd must be positive, got {max_usd}")
@@ -48,14 +47,14 @@ class Budget:
         per_image = getattr(job, "per_image_usd", None)
         if per_image is None and getattr(job, "name", None) == "images":
             raise ConfigError(
-                f"--max-cost-usd needs a price per image for model {job.model!r}, and tasks/provider/prices.py "
-                "has none: add it there, or run without --max-cost-usd"
+                f"--max-cost-usd needs a price per image for model {job.model!r}, and gembatch knows none for "
+                f"today: {how_to_price(job.model)}; or run without --max-cost-usd"
             )
         if per_image is None:
             budget = cls(max_usd, job.model)
-            if getattr(job, "audio_input", False) and budget._price.audio_input is not None:
+            if getattr(job, "audio_input", False):
                 # Transcription: the input is audio, billed at the model's audio price.
-                budget._price = dataclasses.replace(budget._price, input=budget._price.audio_input)
+                budget._price = with_audio_price(budget._price)
             return budget
         return cls(max_usd, job.model, per_image_usd=per_image, images_per_request=job.n)
 

@@ -11,6 +11,7 @@ import asyncio
 import functools
 import hashlib
 import json
+import logging
 import os
 import random
 from collections.abc import Awaitable, Callable
@@ -30,6 +31,7 @@ from tasks.engine.outage import OutageBreaker
 from tasks.engine.store import RETRY_AUTO, RETRY_ON_REQUEST, DoneIndex, OutputStore
 from tasks.engine.timings import Timings
 from tasks.errors import RunStopped
+from tasks.provider.catalog import same_model
 from tasks.provider.client import Connection, Failure, classify_failure
 
 __all__ = [
@@ -57,6 +59,8 @@ __all__ = [
     "row_status",
     "send_part",
 ]
+
+log = logging.getLogger("gembatch.engine")
 
 # After a stop (daily quota, fatal error) requests already in flight get this long to finish: their
 # answers are paid for, so keep them if they come soon; then they are cancelled.
@@ -155,6 +159,8 @@ class Reply:
     total_tokens: int = 0
     images: int = 0  # images generated (and billed) by this request
     first_token_s: float | None = None  # a streamed reply: seconds from sending to its first token
+    # The model the reply says answered (its ``model`` field); None: the reply doesn't say.
+    served_model: str | None = None
 
 
 @dataclass(slots=True)
@@ -169,6 +175,8 @@ class Outcome:
     # True: the row failed only because transient errors used up its attempts; the next plain run
     # sends it again. False: it failed for itself (kept out until --retry-errors).
     retry_auto: bool = False
+    # The model the reply named (the output's served_model column); None: the reply didn't say.
+    served_model: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -236,6 +244,8 @@ class RunStats:
     error_parts_written: list[str] = field(default_factory=list)
     # Streamed replies: time to first token (tasks/jobs/chat.py).
     first_token: Timings = field(default_factory=Timings)
+    # Rows answered by another model than the one asked for, by that model (the provider rerouted it).
+    rerouted: dict[str, int] = field(default_factory=dict)
 
     def rows_accounted(self) -> int:
         return self.skipped_done + self.deduplicated + self.succeeded + self.failed + self.not_attempted
@@ -291,6 +301,9 @@ class RunContext:
         self.recurring: np.ndarray | None = None
         # Child processes that hash text columns (a text job's run; see tasks/engine/hashing.py).
         self.hash_processes: HashProcesses | None = None
+        # Whether result parts get a served_model column (not in an output made before it existed, so
+        # that its parts keep one schema).
+        self.served_column = True
 
     def request_stop(self, reason: RunStopped) -> None:
         if self.stopped is None:
@@ -682,7 +695,8 @@ async def process_chunk(ctx: RunContext, chunk: pa.Table, index: int, first_row:
             found = await asyncio.to_thread(
                 _stored_results, ctx, [hashes[p] for p in stored_pos], keys.keys[stored_pos]
             )
-            outcomes.update({h: Outcome(result=found[h]) for h in stored if h in found})
+            found, served_of = found
+            outcomes.update({h: Outcome(result=found[h], served_model=served_of.get(h)) for h in stored if h in found})
             # The index matches 32 bits of a content: one it pointed at that isn't there is sent after all.
             for pos in todo.tolist():
                 h = hashes[pos]
@@ -719,16 +733,22 @@ async def process_chunk(ctx: RunContext, chunk: pa.Table, index: int, first_row:
     return report
 
 
-def _stored_results(ctx: RunContext, hashes: list[str], keys: np.ndarray) -> dict[str, Any]:
+def _stored_results(
+    ctx: RunContext, hashes: list[str], keys: np.ndarray
+) -> tuple[dict[str, Any], dict[str, str | None]]:
     """The stored results of these contents (the index matched their first 32 bits). The parts' keys
     confirm the match first: a false one (a run's own results make them common at corpus scale) costs
     a read of the parts' key columns, not of their results."""
     confirmed = ctx.index.contents_stored(keys)
     if not confirmed.any():
-        return {}
+        return {}, {}
     wanted = [h for h, ok in zip(hashes, confirmed.tolist()) if ok]
     files = ctx.index.parts_holding(keys[confirmed])
-    return ctx.job.results_from_table(ctx.store.read_results_for(wanted, ctx.id_col, files=files))
+    table = ctx.store.read_results_for(wanted, ctx.id_col, files=files)
+    served: dict[str, str | None] = {}
+    if "served_model" in table.column_names:  # the stored row's served model goes with its result
+        served = dict(zip(table.column("content_hash").to_pylist(), table.column("served_model").to_pylist()))
+    return ctx.job.results_from_table(table), served
 
 
 async def send_part(ctx: RunContext, part: Item) -> Outcome | None:
@@ -832,10 +852,24 @@ async def _send(ctx: RunContext, items: list[Item], outcomes: dict[str, Outcome 
             stats.images += reply.images
             if reply.first_token_s is not None:
                 stats.first_token.add(reply.first_token_s)
+            served = reply.served_model
+            if served is not None and not same_model(job.model, served):
+                stats.rerouted[served] = stats.rerouted.get(served, 0) + len(items)
+                if stats.rerouted[served] == len(items):
+                    log.warning(
+                        "%s asked for %s, and the reply says %s answered (the provider rerouted the model)",
+                        job.name, job.model, served,
+                    )  # fmt: skip
+                if getattr(job, "stop_on_reroute", False):
+                    # Embeddings: one index must not hold vectors of two models. Nothing of this reply
+                    # is written; the rows stay to send.
+                    await limiter.settle_tokens(estimate, reply.prompt_tokens)
+                    ctx.request_stop(rerouted_stop(job, served, ctx.store.url))
+                    return
             again: list[Item] = []
             for item, result in zip(items, reply.results):
                 if not isinstance(result, RowFailure):
-                    outcomes[item.content_hash] = Outcome(result=result, attempts=attempts)
+                    outcomes[item.content_hash] = Outcome(result=result, attempts=attempts, served_model=served)
                 elif result.ask_again and attempts < ctx.retry.max_row_failure_attempts:
                     again.append(item)
                 else:
@@ -888,6 +922,20 @@ async def _send(ctx: RunContext, items: list[Item], outcomes: dict[str, Outcome 
                 retry_auto=failure.retryable,
             )
         return
+
+
+REROUTED = "stopped: model rerouted"
+
+
+def rerouted_stop(job: Job, served: str, output: str) -> RunStopped:
+    return RunStopped(
+        REROUTED,
+        f"the provider answered requests for {job.model} with {served} (the reply's model says so): it "
+        f"rerouted the model. No vector of {served} was written into {output}, which holds {job.model}'s. "
+        f"To keep {job.model}, ask the provider; to move the output to the model that answers, rerun with "
+        f"--model {served} --change-model (check the rows and cost with --dry-run first), or write it to "
+        "another --output",
+    )
 
 
 def prepare_rows(job: Job, payloads: list[dict[str, Any]], *, decoded: bool = False) -> list[Prepared | RowInvalid]:
@@ -1021,6 +1069,11 @@ def _write_chunk(
                 "model": pa.array([job.model] * len(ok_rows), pa.string()),
             }
         )
+        if ctx.served_column and not getattr(job, "stop_on_reroute", False):
+            served = {p: outcomes[hashes[p]].served_model for p in set(ok_rows) if outcomes.get(hashes[p])}
+            table = table.append_column(
+                pa.field("served_model", pa.string()), pa.array([served.get(p) for p in ok_rows], pa.string())
+            )
         part = ctx.store.write_part(table, errors=False, run_id=ctx.run_id, id_col=ctx.id_col)
         stats.parts_written.append(part)
         written = len(ok_results)

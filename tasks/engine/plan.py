@@ -15,7 +15,7 @@ from tasks.engine.io import InputSource, check_ids
 from tasks.engine.run import RunOptions, check_input_columns
 from tasks.engine.store import OutputStore
 from tasks.jobs.media import folder_extensions
-from tasks.provider.prices import estimate_cost_usd
+from tasks.provider.prices import estimate_cost_usd, how_to_price, price_of
 
 __all__ = ["plan_job"]
 
@@ -30,6 +30,9 @@ async def plan_job(job: Job, options: RunOptions) -> dict[str, Any]:
     check_input_columns(job, source)
     source.require_columns([options.id_col, *job.input_columns])
     store = OutputStore(options.output)
+    owner = await asyncio.to_thread(
+        store.check_claim, job=job.name, model=job.model, force=options.force, change_model=options.change_model
+    )
     # The id check first: its key table is freed before the index is built.
     total_rows = await asyncio.to_thread(check_ids, source, options.id_col, limit=options.limit)
     index = await asyncio.to_thread(store.scan, options.id_col, keep_keys=False)
@@ -118,10 +121,23 @@ async def plan_job(job: Job, options: RunOptions) -> dict[str, Any]:
     batches = _batch_plan(job, options, requests, would_send, tokens)
     if batches:
         cost = batches.pop("cost_usd")
+    change: dict[str, Any] = {}
+    if owner is not None and owner.get("job") == job.name and owner.get("model") != job.model:
+        # --change-model: every row of the old model is sent again (its content hash names the model).
+        change = {
+            "model_change": {
+                "from": owner.get("model"),
+                "to": job.model,
+                "rows_in_output": index.result_rows,
+                "rows_to_resend": would_send,
+            }
+        }
     return {
         "status": "dry run",
         "job": job.name,
         "model": job.model,
+        "price": price_note(job),
+        **change,
         "input": {"path": source.path, "rows": total_rows},
         "output": {"path": options.output},
         "counts": {**counts, "would_send": would_send},
@@ -137,6 +153,15 @@ async def plan_job(job: Job, options: RunOptions) -> dict[str, Any]:
             **batches,
         },
     }
+
+
+def price_note(job: Job) -> str:
+    """The price the estimate uses and where it comes from, or what to do when there is none."""
+    price = price_of(job.model)
+    if price is None:
+        return f"unknown: no price for {job.model} today; {how_to_price(job.model)}"
+    since = f" since {price.since}" if price.since else ""
+    return f"{price.describe()}{since} ({price.source})"
 
 
 def _batch_plan(job: Job, options: RunOptions, requests: int, items: int, tokens: int) -> dict[str, Any]:

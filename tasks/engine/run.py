@@ -18,6 +18,7 @@ from tasks.defaults import DEFAULT_CHUNK_SIZE
 from tasks.engine.batch import BatchPolicy, BatchRun, check_batch_capable
 from tasks.engine.budget import Budget
 from tasks.engine.chunk import (
+    REROUTED,
     ChunkRunner,
     Job,
     PreparedChunk,
@@ -45,6 +46,7 @@ from tasks.engine.shard import Shard, ShardSource
 from tasks.engine.store import KnownParts, OutputStore
 from tasks.errors import ConfigError, GembatchError, RunStopped
 from tasks.jobs.media import folder_extensions
+from tasks.provider.catalog import lifecycle_note
 from tasks.provider.client import ProviderSettings, check_model, classify_failure, open_connection, require_key
 from tasks.provider.prices import BATCH_PRICE_FACTOR
 from tasks.redact import redact_data
@@ -85,6 +87,8 @@ class RunOptions:
     progress: bool = False
     max_cost_usd: float | None = None
     force: bool = False
+    # --change-model: this run moves the output to its model (see OutputStore.claim).
+    change_model: bool = False
     dry_run: bool = False
     # A run whose failed rows are more than this share of its input (in %) is "completed with errors".
     max_failed_pct: float = 0.0
@@ -168,7 +172,14 @@ async def run_job(
         others = await asyncio.to_thread(claims.other_runs)
         if not others:
             await asyncio.to_thread(store.remove_temporary)
-        await asyncio.to_thread(store.claim, job=job.name, model=job.model, run_id=run_id, force=options.force)
+        await asyncio.to_thread(
+            store.claim,
+            job=job.name,
+            model=job.model,
+            run_id=run_id,
+            force=options.force,
+            change_model=options.change_model,
+        )
         index = await asyncio.to_thread(
             store.scan, options.id_col, live_runs={h.run_id for h in others}, since_ns=int(claims.since * 1e9)
         )
@@ -182,7 +193,14 @@ async def run_job(
             "status": "running",
             "message": "",
             "parameters": redact_data(parameters or {}),
-            "provider": {"name": conn.provider, "host": conn.host, "base_url": conn.shown_url, "model": job.model},
+            "provider": {
+                "name": conn.provider,
+                "host": conn.host,
+                "base_url": conn.shown_url,
+                "model": job.model,
+                # What gembatch's catalog says of the model (deprecated, shutdown day, replacement); null: current.
+                "lifecycle": lifecycle_note(job.model) or None,
+            },
             "job_parameters": job.parameters(),
             "input": await asyncio.to_thread(input_record, source, total_rows),
             "output": {
@@ -228,6 +246,9 @@ async def run_job(
             # A rerun: its work is hashing every row; child processes (~14 MiB each) do it beside this one.
             # (A run that sends is bound by its requests: it hashes in its own threads.)
             ctx.hash_processes = hashers = HashProcesses(LOOK_AHEAD)
+        if not getattr(job, "stop_on_reroute", False):
+            columns = await asyncio.to_thread(store.result_columns)
+            ctx.served_column = columns is None or "served_model" in columns
         ctx.on_progress = progress.advance
         ctx.on_units = progress.add_units
         ctx.stats.input_rows = total_rows
@@ -257,6 +278,10 @@ async def run_job(
             await asyncio.to_thread(tidy, store, index)
         status, message = _status(ctx, error, options)
         stats = ctx.stats
+        if stats.rerouted:
+            document["served_models"] = dict(stats.rerouted)
+            if status != REROUTED:
+                message = "; ".join(m for m in (message, _rerouted_warning(job.model, stats.rerouted, ctx)) if m)
         stats.not_attempted += max(0, total_rows - stats.rows_accounted())
         # Superseding: only an output that held rows before this run, or that other runs wrote into
         # at the same time, can hold two records of one id (the input's ids are unique). The index is
@@ -283,6 +308,10 @@ async def run_job(
         if batch_run is not None:
             cost = batch_cost(cost, batch_run.totals, job.model, audio_input=getattr(job, "audio_input", False))
             document["batches"] = batch_run.describe()
+        if stats.rerouted:
+            # Priced at the model asked for; a provider may bill rerouted requests at the answering
+            # model's price (reported for gemini-2.5-flash, unconfirmed).
+            cost["rerouted_rows_priced_as"] = job.model
         document.update(
             {
                 "status": status,
@@ -738,6 +767,15 @@ def _answered_by_server(error: BaseException) -> bool:
     except BaseException:  # noqa: BLE001 - classify_failure re-raises what it doesn't know
         return False
     return True
+
+
+def _rerouted_warning(model: str, rerouted: dict[str, int], ctx: RunContext) -> str:
+    served = ", ".join(f"{rows} by {name}" for name, rows in sorted(rerouted.items()))
+    where = "their served_model column says which" if ctx.served_column else "see served_models in _runs/"
+    return (
+        f"warning: rows asked of {model} were answered by another model ({served}): the provider rerouted "
+        f"it; {where}. Pick the model that answers with --model (an existing output: --change-model)"
+    )
 
 
 def _status(ctx: RunContext, error: BaseException | None, options: RunOptions) -> tuple[str, str]:

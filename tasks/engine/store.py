@@ -337,26 +337,65 @@ class OutputStore:
                 if _name(path).startswith(TMP_PREFIX):
                     self.fs.rm(path)
 
-    def claim(self, *, job: str, model: str, run_id: str, force: bool) -> None:
-        """Refuse a folder that holds another job's or another model's results, unless forced."""
+    def owner(self) -> dict[str, Any] | None:
+        """Which job and model made this output (``_gembatch.json``), or None for a new folder."""
         path = self._join(MARKER)
-        if self.fs.exists(path):
+        try:
             with self.fs.open(path, "r") as f:
                 owner = json.load(f)
-            if (owner.get("job"), owner.get("model")) != (job, model) and not force:
-                raise ConfigError(
-                    f"output {self.url} holds {owner.get('job')} results of model {owner.get('model')!r} "
-                    f"(first written by run {owner.get('run_id')}); this run is {job} with {model!r}. "
-                    "Pick another --output, or pass --force to write into it anyway "
-                    "(rows of the same id are then superseded by this run's)."
-                )
-            if (owner.get("job"), owner.get("model")) == (job, model):
-                return
-        with self.fs.open(path, "w") as f:
-            json.dump({"job": job, "model": model, "run_id": run_id}, f)
+        except FileNotFoundError:
+            return None
+        return owner if isinstance(owner, dict) else None
+
+    def check_claim(self, *, job: str, model: str, force: bool, change_model: bool = False) -> dict[str, Any] | None:
+        """Refuse a folder that holds another job's or another model's results, unless forced (another
+        job: --force; another model of the same job: --change-model, or --force). Returns the owner."""
+        owner = self.owner()
+        if owner is None:
+            return None
+        same_job, same_model = owner.get("job") == job, owner.get("model") == model
+        if not same_job and not force:
+            raise ConfigError(
+                f"output {self.url} holds {owner.get('job')} results of model {owner.get('model')!r} "
+                f"(first written by run {owner.get('run_id')}); this run is {job} with {model!r}. "
+                "Pick another --output, or pass --force to write into it anyway "
+                "(rows of the same id are then superseded by this run's)."
+            )
+        if same_job and not same_model and not (force or change_model):
+            raise ConfigError(
+                f"output {self.url} was made with model {owner.get('model')!r} (run {owner.get('run_id')}); "
+                f"this run asks for {model!r}. A run without --model keeps the output's model. To move the "
+                f"output to {model!r} (every row is sent again and its old row superseded), first see what "
+                "that re-sends and costs with --change-model --dry-run, then run with --change-model; or "
+                "write the new model's results to another --output."
+            )
+        return owner
+
+    def claim(self, *, job: str, model: str, run_id: str, force: bool, change_model: bool = False) -> None:
+        """Check the folder (:meth:`check_claim`) and record this run's job and model as its owner.
+
+        ``change_model``: this run moves the output to ``model`` (--change-model): the folder's model is
+        rewritten (the old one kept in ``previous_models``), and its rows of the old model are
+        superseded as the run resends them."""
+        owner = self.check_claim(job=job, model=model, force=force, change_model=change_model)
+        if owner is not None and (owner.get("job"), owner.get("model")) == (job, model):
+            return
+        document: dict[str, Any] = {"job": job, "model": model, "run_id": run_id}
+        if owner is not None and owner.get("job") == job:
+            document["previous_models"] = [*owner.get("previous_models", []), owner.get("model")]
+        with self.fs.open(self._join(MARKER), "w") as f:
+            json.dump(document, f)
 
     def result_files(self) -> list[str]:
         return self._parts(self.root)
+
+    def result_columns(self) -> list[str] | None:
+        """The columns of one result part (its footer only), or None while the output has none."""
+        files = self.result_files()
+        if not files:
+            return None
+        with self.fs.open(files[0], "rb") as f:
+            return pq.ParquetFile(f).schema_arrow.names
 
     def error_files(self) -> list[str]:
         return self._parts(self._join(ERRORS_DIR))

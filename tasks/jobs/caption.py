@@ -166,6 +166,8 @@ class CaptionJob:
                 pa.field("image_height", pa.int32()),
                 pa.field("content_hash", pa.string()),
                 pa.field("model", pa.string()),
+                # The model the reply named (a reroute shows here); null where the reply named none.
+                pa.field("served_model", pa.string()),
             ]
         )
 

@@ -46,6 +46,7 @@ class ChatAnswer:
             completion_tokens=completion,
             total_tokens=total,
             first_token_s=self.first_token_s,
+            served_model=self.completion.model or None,
         )
 
 

@@ -27,6 +27,8 @@ class EmbeddingModel:
 
 
 EMBEDDING_MODELS: dict[str, EmbeddingModel] = {
+    # 128-3072 dims through `dimensions`, about 8,192 tokens per input (Gemini models page, 2026-12-06).
+    "gemini-embedding-2": EmbeddingModel(dims=3072, max_input_tokens=8192),
     "gemini-embedding-001": EmbeddingModel(dims=3072, max_input_tokens=2048),
     "text-embedding-3-small": EmbeddingModel(dims=1536, max_input_tokens=8191),
     "text-embedding-3-large": EmbeddingModel(dims=3072, max_input_tokens=8191),
@@ -47,6 +49,9 @@ class EmbedJob:
     batch_size: int = MAX_INPUTS_PER_REQUEST
 
     name = "embed"
+    # A reply that names another model stops the run before its vectors are written (tasks/engine/chunk.py):
+    # an index of one model's vectors must not take another's.
+    stop_on_reroute = True
     # prepare()'s fields are the same for every row but this one, the text as-is: see tasks/engine/hashing.py.
     hash_text_field = "input"
 
@@ -130,7 +135,12 @@ class EmbedJob:
             raise BadReply(f"the reply had no embedding for inputs {missing[:5]}")
         usage = response.usage
         prompt = usage.prompt_tokens if usage else 0
-        return Reply(results=vectors, prompt_tokens=prompt, total_tokens=usage.total_tokens if usage else 0)
+        return Reply(
+            results=vectors,
+            prompt_tokens=prompt,
+            total_tokens=usage.total_tokens if usage else 0,
+            served_model=getattr(response, "model", None) or None,
+        )
 
     def _vector(self, raw: Any) -> np.ndarray:
         # Servers that honour encoding_format send base64 float32; others (Gemini, maybe) send lists.

@@ -184,6 +184,8 @@ class ExtractJob(TextChatJob):
                 *self.mapping.arrow_fields,
                 pa.field("content_hash", pa.string()),
                 pa.field("model", pa.string()),
+                # The model the reply named (a reroute shows here); null where the reply named none.
+                pa.field("served_model", pa.string()),
             ]
         )
 

@@ -19,7 +19,7 @@ from tasks.engine.chunk import Item, Prepared, Reply, RowFailure, RowInvalid
 from tasks.errors import ConfigError
 from tasks.jobs.chat import create_chat, thinking_tokens
 from tasks.jobs.embed import estimate_text_tokens
-from tasks.jobs.text_chat import check_reasoning_effort
+from tasks.jobs.text_chat import check_reasoning_effort, check_sampling
 from tasks.provider.client import Connection
 
 __all__ = ["GenerateJob", "GeneratedText", "MAX_N", "template_columns"]
@@ -107,7 +107,8 @@ class GenerateJob:
     columns: tuple[str, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        check_reasoning_effort(self.reasoning_effort)
+        check_reasoning_effort(self.reasoning_effort, self.model)
+        check_sampling(self.model, temperature=self.temperature)
         if self.temperature is not None and not 0 <= self.temperature <= 2:
             raise ConfigError(f"--temperature {self.temperature:g}: use a value from 0 to 2")
         if self.max_tokens is not None and self.max_tokens < 1:
@@ -211,6 +212,8 @@ class GenerateJob:
                 pa.field("thinking_tokens", pa.int64()),
                 pa.field("content_hash", pa.string()),
                 pa.field("model", pa.string()),
+                # The model the reply named (a reroute shows here); null where the reply named none.
+                pa.field("served_model", pa.string()),
             ]
         )
 

@@ -77,9 +77,12 @@ _IMAGEN_4 = ImageModel(
         "16:9": "1408x768",
     },
 )
-# Gemini 2.5 Flash Image ("nano banana"): ten aspect ratios at about one megapixel (Google's image
-# generation docs). n > 1 through the compatibility route is unconfirmed; 4 like Imagen is assumed.
-_GEMINI_25_FLASH_IMAGE = ImageModel(
+# Gemini image models ("nano banana"): ten aspect ratios, at about one megapixel by default (Google's
+# image generation docs: the 1K sizes below; 3 Pro Image also 2K and 4K, any WIDTHxHEIGHT in a listed
+# ratio is sent as it is). Through the compatibility layer they answer images/generations with
+# data[].b64_json, PNG or WebP (third-party code; a Google staff answer showed images/edits): the
+# route, and n > 1 there, are unconfirmed; 4 like Imagen is assumed. docs/reference/models.md.
+_GEMINI_IMAGE = ImageModel(
     route=GEMINI_ROUTE,
     max_n=4,
     aspect_ratios={
@@ -97,10 +100,15 @@ _GEMINI_25_FLASH_IMAGE = ImageModel(
 )
 
 IMAGE_MODELS: dict[str, ImageModel] = {
+    # Imagen 4: shut down 2026-08-17 (kept so that outputs made with it are described right).
     "imagen-4.0-generate-001": _IMAGEN_4,
     "imagen-4.0-fast-generate-001": _IMAGEN_4,
     "imagen-4.0-ultra-generate-001": _IMAGEN_4,
-    "gemini-2.5-flash-image": _GEMINI_25_FLASH_IMAGE,
+    "gemini-2.5-flash-image": _GEMINI_IMAGE,  # shut down 2026-10-02
+    "gemini-nano-banana-2.1": _GEMINI_IMAGE,
+    "gemini-3-pro-image": _GEMINI_IMAGE,
+    "gemini-3.1-flash-lite-image": _GEMINI_IMAGE,
+    "gemini-3.1-flash-image": _GEMINI_IMAGE,
     "gpt-image-1": ImageModel(
         route=OPENAI_ROUTE,
         max_n=10,
@@ -135,7 +143,11 @@ def check_image_request(model: str, size: str, n: int, quality: str | None, rout
             return f"--n must be between 1 and {MAX_IMAGES_PER_PROMPT}, got {n}"
         return None
     if route is not None and spec.route != route:
-        served = sorted(m for m, s in IMAGE_MODELS.items() if s.route == route)
+        from tasks.provider.catalog import SHUT_DOWN, model_info
+
+        served = sorted(
+            m for m, s in IMAGE_MODELS.items() if s.route == route and getattr(model_info(m), "status", "") != SHUT_DOWN
+        )
         where = "Gemini's OpenAI-compatible images route" if route == GEMINI_ROUTE else "OpenAI's images route"
         return (
             f"--model {name} is not served by {where}; image models there: {', '.join(served)} "

@@ -199,9 +199,12 @@ class ImagesJob:
             for k, (entry, (path, size, fmt)) in enumerate(zip(data, images))
         )
         usage = response.usage
+        # OpenAI's images replies name no model; a server that adds one is heard (served_model).
+        served = getattr(response, "model", None) or None
         if usage is None:
-            return Reply(results=[result], images=len(result))
+            return Reply(results=[result], images=len(result), served_model=served)
         return Reply(
+            served_model=served,
             results=[result],
             prompt_tokens=usage.input_tokens or 0,
             completion_tokens=usage.output_tokens or 0,
@@ -265,6 +268,8 @@ class ImagesJob:
                 pa.field("image_index", pa.int32()),
                 pa.field("content_hash", pa.string()),
                 pa.field("model", pa.string()),
+                # The model the reply named (a reroute shows here); null where the reply named none.
+                pa.field("served_model", pa.string()),
             ]
         )
 

@@ -21,16 +21,41 @@ from tasks.engine.hashing import non_blank
 from tasks.errors import ConfigError
 from tasks.jobs.chat import create_chat
 from tasks.jobs.embed import estimate_text_tokens
+from tasks.provider.catalog import family_of
 from tasks.provider.client import Connection
 
-__all__ = ["REASONING_EFFORTS", "TextChatJob", "check_reasoning_effort"]
+__all__ = ["REASONING_EFFORTS", "TextChatJob", "check_reasoning_effort", "check_sampling"]
 
 REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high")
 
 
-def check_reasoning_effort(value: str | None) -> None:
-    if value is not None and value not in REASONING_EFFORTS:
+def check_reasoning_effort(value: str | None, model: str | None = None) -> None:
+    """Refuse, before any request, a value the model's family doesn't take (tasks/provider/catalog.py):
+    Gemini 3 can't turn thinking off ("none"); gemini-4-argon takes low, medium or high only."""
+    if value is None:
+        return
+    if value not in REASONING_EFFORTS:
         raise ConfigError(f"--reasoning-effort {value!r}: use one of {', '.join(REASONING_EFFORTS)}")
+    family = family_of(model) if model else None
+    if family is not None and family.reasoning_efforts is not None and value not in family.reasoning_efforts:
+        raise ConfigError(
+            f"--reasoning-effort {value!r} is not one {model} takes ({family.name} models take "
+            f"{', '.join(family.reasoning_efforts)}): pick one of those, or drop the option"
+        )
+
+
+def check_sampling(model: str, **options: float | None) -> None:
+    """Refuse sampling options (temperature, top_p, top_k) the model's family has deprecated: nothing is
+    sent with them. ``options``: name -> value as given (None: not given)."""
+    family = family_of(model)
+    for name, value in options.items():
+        if value is not None and name in family.deprecated_options:
+            flag = "--" + name.replace("_", "-")
+            raise ConfigError(
+                f"{flag} is deprecated for {model} ({family.name} models; Gemini API changelog "
+                f"{family.deprecated_since}): drop {flag}, or pick a model that still takes it (e.g. "
+                "gemini-2.5-flash-lite); nothing was sent"
+            )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,7 +79,7 @@ class TextChatJob:
     system_prompt: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        check_reasoning_effort(self.reasoning_effort)
+        check_reasoning_effort(self.reasoning_effort, self.model)
 
     @property
     def input_columns(self) -> tuple[str, ...]:

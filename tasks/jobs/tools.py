@@ -185,7 +185,13 @@ class ToolsExtractJob(TextChatJob):
             pa.field(name, pa.struct(_struct_fields(b))) for name, b in self.branches.items()
         ]
         return pa.schema(
-            [pa.field(id_col, id_type), *own, pa.field("content_hash", pa.string()), pa.field("model", pa.string())]
+            [
+                pa.field(id_col, id_type),
+                *own,
+                pa.field("content_hash", pa.string()),
+                pa.field("model", pa.string()),
+                pa.field("served_model", pa.string()),
+            ]
         )
 
     def result_arrays(self, results: list[Any]) -> dict[str, pa.Array]:

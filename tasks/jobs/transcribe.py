@@ -443,7 +443,9 @@ class TranscribeJob:
         if not outcomes and not any(i in recorded for i in times):
             return _invalid(_silent_message(ref.path, last_end))
         result = TranscriptResult(transcript=stitch(ordered), duration_s=last_end, segments=ordered)
-        return Outcome(result=result, attempts=max(attempts, 1))
+        # The segments' models (one, unless the provider rerouted the model in the middle of a recording).
+        served = sorted({o.served_model for o in outcomes.values() if o is not None and o.served_model})
+        return Outcome(result=result, attempts=max(attempts, 1), served_model=",".join(served) or None)
 
     async def send(self, conn: Connection, items: list[Item]) -> Reply:
         (item,) = items
@@ -515,6 +517,8 @@ class TranscribeJob:
                 pa.field("segments", SEGMENT_TYPE),
                 pa.field("content_hash", pa.string()),
                 pa.field("model", pa.string()),
+                # The model the reply named (a reroute shows here); null where the reply named none.
+                pa.field("served_model", pa.string()),
             ]
         )
 
@@ -648,7 +652,7 @@ def _whole_outcome(ref: AudioRef, measured: Any, outcome: Outcome) -> Outcome:
     text = outcome.result.transcript
     segment = SegmentText(0.0, measured.end_s, text)
     result = TranscriptResult(transcript=text, duration_s=ref.duration_s or measured.end_s, segments=[segment])
-    return Outcome(result=result, attempts=outcome.attempts)
+    return Outcome(result=result, attempts=outcome.attempts, served_model=outcome.served_model)
 
 
 def _invalid(message: str, attempts: int = 0) -> Outcome:

@@ -247,6 +247,7 @@ async def check_model(conn: Connection, model: str, *, key_source: str) -> None:
     where = f"{conn.host} ({conn.shown_url})"
     failure = await _with_retries(lambda: conn.client.models.retrieve(model))
     if failure is None:
+        _warn_lifecycle(model)
         return
     if failure.status not in _NO_RETRIEVE:
         raise _model_check_error(conn, model, failure, key_source=key_source)
@@ -260,13 +261,13 @@ async def check_model(conn: Connection, model: str, *, key_source: str) -> None:
     list_failure = await _with_retries(list_all)
     if list_failure is None:
         if _same_model(model) & {name for entry in listed for name in _same_model(entry)}:
+            _warn_lifecycle(model)
             return
         shown = ", ".join(sorted(listed)[:20]) + (", …" if len(listed) > 20 else "")
         raise ConfigError(
             f"model {model!r} was not found at {where}: GET models/{model} answered "
             f"{conn.redact(failure.message)}, and the server's model list does not name it either "
-            f"(it lists {len(listed)}: {shown or 'none'}). "
-            "List the available models with `gembatch models`, then pass one with --model."
+            f"(it lists {len(listed)}: {shown or 'none'}). {_not_served_hint(model)}"
         )
     if list_failure.status in _NO_RETRIEVE:
         log.warning(
@@ -275,6 +276,31 @@ async def check_model(conn: Connection, model: str, *, key_source: str) -> None:
         )  # fmt: skip
         return
     raise _model_check_error(conn, model, list_failure, key_source=key_source)
+
+
+def _not_served_hint(model: str) -> str:
+    """What the catalog knows of a model the server doesn't serve (shut down when, its replacement), and
+    what to do. Nothing was sent."""
+    from tasks.provider.catalog import lifecycle_note, model_info
+
+    note = lifecycle_note(model)
+    info = model_info(model)
+    todo = "List the available models with `gembatch models`, then pass one with --model"
+    if info is not None and info.replacement:
+        todo = (
+            f"Pass --model {info.replacement} (an output made with {info.id}: add --change-model, after "
+            f"checking what it re-sends with --dry-run), or list the available models with `gembatch models`"
+        )
+    return (f"{note}. " if note else "") + f"{todo}. Nothing was sent."
+
+
+def _warn_lifecycle(model: str) -> None:
+    """A model the server still serves but that is deprecated or past its shutdown day: say so once."""
+    from tasks.provider.catalog import lifecycle_note
+
+    note = lifecycle_note(model)
+    if note:
+        log.warning("%s", note)
 
 
 def _same_model(name: str) -> set[str]:
@@ -310,10 +336,7 @@ def _model_check_error(conn: Connection, model: str, failure: Failure, *, key_so
             f"{message}. Check the key, or set the right variable with --api-key-env."
         )
     if failure.kind == "not_found":
-        return ConfigError(
-            f"model {model!r} was not found at {where}: {message}. "
-            "List the available models with `gembatch models`, then pass one with --model."
-        )
+        return ConfigError(f"model {model!r} was not found at {where}: {message}. {_not_served_hint(model)}")
     if failure.kind == "transient" and failure.status is None:
         return ConfigError(f"cannot reach {where}: {message}. Check --base-url and your network.")
     return ConfigError(f"checking model {model!r} at {where} failed: {message}")
@@ -635,8 +658,7 @@ async def list_models(settings: ProviderSettings) -> list[str]:
     """Model ids the provider serves, sorted (`gembatch models`)."""
     conn = open_connection(settings)
     try:
-        page = await conn.client.models.list()
-        return sorted(model.id for model in page.data)
+        return sorted([model.id async for model in conn.client.models.list()])  # every page
     except Exception as exc:  # noqa: BLE001 - every failure here becomes a ConfigError
         failure = classify_failure(exc)
         raise ConfigError(f"listing models at {conn.host} failed: {conn.redact(failure.message)}") from None
