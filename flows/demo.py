@@ -80,9 +80,7 @@ async def _run_all(output: Path, tracked: bool) -> list[dict[str, Any]]:
     return documents
 
 
-def run_demo(
-    *, output: str | None = None, fresh: bool, console: Console, tracked: bool = True
-) -> list[dict[str, Any]]:
+def run_demo(*, output: str | None = None, fresh: bool, console: Console, tracked: bool = True) -> list[dict[str, Any]]:
     """Run every job into ``output``/<job>/ (None: :func:`default_output`) and print what they did: as
     Prefect flow runs when ``tracked``, else without Prefect (what the command does when no Prefect API
     is configured)."""
