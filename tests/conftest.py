@@ -37,6 +37,7 @@ def emulator():
         yield emu
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own, which reads the xdist_group marks
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Under pytest-xdist (`--dist loadgroup`, pyproject's addopts) every test on the session's Prefect
     server runs in one worker, so that one worker starts it (about 10 s of CPU each)."""
