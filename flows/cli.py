@@ -38,8 +38,8 @@ def demo(
         typer.Option(
             "--output",
             "-o",
-            help="Where the demo writes (one folder per job); default: data/out/demo at the root of a checkout "
-            "of the repository, else ./gembatch-demo.",
+            help="Where the demo writes (one folder per job); default: data/out/demo in a folder with the samples "
+            "in data/ (a checkout of the repository), else ./gembatch-demo.",
         ),
     ] = None,
     fresh: Annotated[bool, typer.Option("--fresh", help="Delete the demo output first.")] = False,

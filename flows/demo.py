@@ -40,10 +40,9 @@ DATA_DIR = _samples_dir()
 
 
 def default_output() -> str:
-    """data/out/demo from the root of a checkout of the repository (as before); elsewhere ./gembatch-demo,
-    so that an installed tool writes one folder it names where it was started."""
-    in_checkout = DATA_DIR == REPO_DATA_DIR and Path.cwd().resolve() == REPO_DATA_DIR.parent
-    return os.path.join("data", "out", "demo") if in_checkout else "gembatch-demo"
+    """data/out/demo where the current folder has the samples in data/ (a checkout of the repository, as
+    before); elsewhere ./gembatch-demo, so that an installed tool writes one folder it names where it runs."""
+    return os.path.join("data", "out", "demo") if Path("data", "corpus.parquet").is_file() else "gembatch-demo"
 
 
 def _jobs(output: Path) -> list[tuple[Any, dict[str, Any]]]:
@@ -87,11 +86,10 @@ def run_demo(*, output: str | None = None, fresh: bool, console: Console, tracke
     root = Path(output if output is not None else default_output())
     if fresh:
         shutil.rmtree(root, ignore_errors=True)
-    samples = "data/" if DATA_DIR == REPO_DATA_DIR else str(DATA_DIR)
+    samples = "data/" if DATA_DIR == REPO_DATA_DIR else f"{DATA_DIR}/"
     console.print(
         f"[bold]gembatch demo[/]: every job on the samples in {samples}, against the built-in emulator "
-        f"(--provider local), writing to {root}/",
-        highlight=False,
+        "(--provider local)"
     )
     documents = asyncio.run(_run_all(root, tracked))
 

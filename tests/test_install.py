@@ -58,6 +58,9 @@ def test_the_demo_writes_to_gembatch_demo_outside_the_repository(tmp_path, monke
     assert default_output() == os.path.join("data", "out", "demo")
     monkeypatch.chdir(tmp_path)
     assert default_output() == "gembatch-demo"
+    (tmp_path / "data").mkdir()  # a folder with a copy of the samples, as the docs' examples run in
+    shutil.copy(REPO / "data" / "corpus.parquet", tmp_path / "data")
+    assert default_output() == os.path.join("data", "out", "demo")
 
 
 @pytest.mark.slow
@@ -65,7 +68,7 @@ def test_an_installed_wheel_runs_the_demo_from_an_empty_folder(tmp_path):
     uv = shutil.which("uv")
     assert uv, "uv is not on PATH"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "VIRTUAL_ENV", "UV_"))}
-    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    env |= {"PREFECT_HOME": str(tmp_path / "prefect-home"), "COLUMNS": "300"}
 
     def run(*argv: str | Path, cwd: Path = tmp_path) -> subprocess.CompletedProcess:
         result = subprocess.run([str(a) for a in argv], env=env, cwd=cwd, capture_output=True, text=True, timeout=600)
