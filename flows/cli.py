@@ -34,11 +34,18 @@ app.command("transcribe")(commands.transcribe)
 @app.command()
 def demo(
     output: Annotated[
-        str, typer.Option("--output", "-o", help="Where the demo writes (one folder per job).")
-    ] = "data/out/demo",
+        str | None,
+        typer.Option(
+            "--output",
+            "-o",
+            help="Where the demo writes (one folder per job); default: data/out/demo in a folder with the samples "
+            "in data/ (a checkout of the repository), else ./gembatch-demo.",
+        ),
+    ] = None,
     fresh: Annotated[bool, typer.Option("--fresh", help="Delete the demo output first.")] = False,
 ) -> None:
-    """Run every job on the samples in data/ with the built-in emulator and show the results."""
+    """Run every job on the bundled samples (data/ in the repository) with the built-in emulator and show the
+    results."""
     from flows.demo import run_demo
     from flows.tracking import UNTRACKED_NOTE, configured_api_url
 

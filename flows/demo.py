@@ -1,5 +1,8 @@
 """`gembatch demo`: every job on the committed samples in data/, against the built-in emulator.
 
+The samples are data/ in a checkout of the repository; an installed wheel carries the same files as
+flows/demo_data/ (pyproject.toml's force-include), so the demo runs from any folder.
+
 Tracked, the jobs are their Prefect flows; untracked (no Prefect API configured), the same jobs run
 without Prefect, as `gembatch JOB` does then.
 """
@@ -7,7 +10,9 @@ without Prefect, as `gembatch JOB` does then.
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +25,24 @@ from flows import commands
 from flows.options import command_params, resolve
 from flows.params import flow_arguments
 
-__all__ = ["DATA_DIR", "run_demo"]
+__all__ = ["DATA_DIR", "default_output", "run_demo"]
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+REPO_DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+
+
+def _samples_dir() -> Path:
+    """flows/demo_data/ in an installed wheel, else the repository's data/."""
+    shipped = Path(str(files("flows").joinpath("demo_data")))
+    return shipped if (shipped / "corpus.parquet").is_file() else REPO_DATA_DIR
+
+
+DATA_DIR = _samples_dir()
+
+
+def default_output() -> str:
+    """data/out/demo where the current folder has the samples in data/ (a checkout of the repository, as
+    before); elsewhere ./gembatch-demo, so that an installed tool writes one folder it names where it runs."""
+    return os.path.join("data", "out", "demo") if Path("data", "corpus.parquet").is_file() else "gembatch-demo"
 
 
 def _jobs(output: Path) -> list[tuple[Any, dict[str, Any]]]:
@@ -59,14 +79,17 @@ async def _run_all(output: Path, tracked: bool) -> list[dict[str, Any]]:
     return documents
 
 
-def run_demo(*, output: str, fresh: bool, console: Console, tracked: bool = True) -> list[dict[str, Any]]:
-    """Run every job into ``output``/<job>/ and print what they did: as Prefect flow runs when
-    ``tracked``, else without Prefect (what the command does when no Prefect API is configured)."""
-    root = Path(output)
+def run_demo(*, output: str | None = None, fresh: bool, console: Console, tracked: bool = True) -> list[dict[str, Any]]:
+    """Run every job into ``output``/<job>/ (None: :func:`default_output`) and print what they did: as
+    Prefect flow runs when ``tracked``, else without Prefect (what the command does when no Prefect API
+    is configured)."""
+    root = Path(output if output is not None else default_output())
     if fresh:
         shutil.rmtree(root, ignore_errors=True)
+    samples = "data/" if DATA_DIR == REPO_DATA_DIR else f"{DATA_DIR}/"
     console.print(
-        "[bold]gembatch demo[/]: every job on the samples in data/, against the built-in emulator (--provider local)"
+        f"[bold]gembatch demo[/]: every job on the samples in {samples}, against the built-in emulator "
+        "(--provider local)"
     )
     documents = asyncio.run(_run_all(root, tracked))
 
@@ -118,7 +141,8 @@ def run_demo(*, output: str, fresh: bool, console: Console, tracked: bool = True
         highlight=False,
     )
     _model_lifecycle(root, console)
-    console.print("\nRun `uv run gembatch demo` again: every row is already done, so nothing is sent.")
+    again = "uv run gembatch demo" if DATA_DIR == REPO_DATA_DIR else "gembatch demo"
+    console.print(f"\nRun `{again}` again: every row is already done, so nothing is sent.", highlight=False)
     return documents
 
 

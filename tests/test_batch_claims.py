@@ -101,7 +101,8 @@ def test_a_batch_run_killed_mid_submission_leaves_its_chunks_and_batches_to_the_
     """A is killed (SIGKILL) while it submits, holding chunk claims and batches it has not written, and
     while B, at work beside it, has left A's chunks and batches to A. B takes A's claims over (A's pid
     is gone), re-attaches to A's batches, and submits what A had not."""
-    emulator.configure(batch_request_seconds=0.3, batch_seconds=4.0)
+    # A's batches run 12 s: B (a new process, seconds to start on a loaded machine) starts while they do.
+    emulator.configure(batch_request_seconds=0.3, batch_seconds=12.0)
     texts = texts_for(ROWS)
     src = write_corpus(tmp_path / "in.parquet", list(texts), list(texts.values()))
     out = tmp_path / "out"

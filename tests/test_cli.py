@@ -120,7 +120,7 @@ def test_a_dry_run_a_model_list_and_refused_runs_import_no_prefect(tmp_path):
             ["embed", str(src), "-o", out, "--dry-run"],
             ["embed", str(src), "-o", out],  # GEMINI_API_KEY not set
             ["embed", str(src), "-o", out, "--provider", "local", "--text-col", "body"],
-            ["embed", str(tmp_path / "missing.parquet"), "-o", out, "--provider", "local"],
+            ["embed", "missing.parquet", "-o", out, "--provider", "local"],  # relative: cwd is tmp_path
             ["models", "--provider", "local"],
         ],
         cwd=tmp_path,

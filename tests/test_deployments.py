@@ -8,8 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from conftest import REPO
+
+# Slow tier: the real `prefect deploy` of every deployment in a subprocess (10-30 s, most of it CPU). The slow
+# tier's tests/test_worker.py and test_shards.py deploy from the same file and run what they deploy.
+pytestmark = pytest.mark.slow
 
 
 def test_deployments_yaml_deploys_every_flow_with_its_schedule(prefect_server, tmp_path):

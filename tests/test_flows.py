@@ -69,6 +69,9 @@ def _embed_cmd(src, out, base_url) -> list[str]:
     return embed_command(src, out, base_url, batch_size=20, chunk_size=200)
 
 
+# Slow tier: four tracked `gembatch` processes over 4,000 rows, three of them killed (30-60 s). The default
+# tier keeps SIGKILL-and-resume in tests/test_claims.py, test_audio.py and test_batch.py, and Ctrl-C below.
+@pytest.mark.slow
 def test_a_run_killed_mid_way_resumes_to_the_same_table_without_paying_twice(api_url, emulator, tmp_path):
     emulator.configure(latency_seconds=0.1)
     n = 4000

@@ -10,10 +10,14 @@ from __future__ import annotations
 import json
 import subprocess
 
+import pytest
 import yaml
 from conftest import REPO, TEST_KEY, TEST_KEY_ENV, assert_balanced, read_output, write_corpus
 from servers import PREFECT, free_port, prefect_cli, prefect_env, start_server, start_worker, stop
 from test_embed import assert_vectors_match
+
+# Slow tier: a real `prefect server start`, `prefect deploy` and a worker process (about a minute).
+pytestmark = pytest.mark.slow
 
 TEXTS = {i: f"worker sentence {i}" for i in range(7)}
 
