@@ -35,7 +35,9 @@ def _run(blocks: list[ex.Block], folder) -> dict[str, list[dict]]:
 
 def _selected(request: pytest.FixtureRequest, blocks: list[ex.Block]) -> list[ex.Block]:
     # Only the pages of the tests pytest selected (-k, a node id): the whole page, its blocks in order.
-    chosen = {item.callspec.params["block"].page for item in request.session.items if hasattr(item, "callspec")}
+    # Other modules' parametrised tests are in the session too (the whole suite, or an xdist worker's share).
+    params = (getattr(item, "callspec", None) for item in request.session.items)
+    chosen = {p.params["block"].page for p in params if p is not None and isinstance(p.params.get("block"), ex.Block)}
     return [b for b in blocks if b.page in chosen]
 
 

@@ -42,19 +42,19 @@ JOBS: dict[str, tuple[str, list[str]]] = {
     "embed": ("embeddings", ["embed", "{texts}", "--model", "gemini-embedding-001"]),
     "extract": (
         "chat/completions",
-        ["extract", "{texts}", "--schema", "schemas.examples:Invoice", "--model", "gemini-2.5-flash"],
+        ["extract", "{texts}", "--schema", "schemas.examples:Invoice", "--model", "gemini-3.8-flash"],
     ),
-    "caption": ("chat/completions", ["caption", "{images}", "--model", "gemini-2.5-flash"]),
-    "transcribe": ("chat/completions", ["transcribe", "{audio}", "--model", "gemini-2.5-flash"]),
+    "caption": ("chat/completions", ["caption", "{images}", "--model", "gemini-3.8-flash"]),
+    "transcribe": ("chat/completions", ["transcribe", "{audio}", "--model", "gemini-3.8-flash"]),
     "transcribe-api": (
         "audio/transcriptions",
         ["transcribe", "{audio}", "--api", "transcriptions", "--model", "whisper-1"],
     ),
-    "images": ("images/generations", ["images", "{prompts}", "--model", "imagen-4.0-generate-001"]),
-    "generate": ("chat/completions", ["generate", "{texts}", "--prompt", "Say: {text}", "--model", "gemini-2.5-flash"]),
+    "images": ("images/generations", ["images", "{prompts}", "--model", "gemini-nano-banana-2.1"]),
+    "generate": ("chat/completions", ["generate", "{texts}", "--prompt", "Say: {text}", "--model", "gemini-3.8-flash"]),
     "generate-stream": (
         "chat/completions",
-        ["generate", "{texts}", "--prompt", "Say: {text}", "--model", "gemini-2.5-flash", "--stream"],
+        ["generate", "{texts}", "--prompt", "Say: {text}", "--model", "gemini-3.8-flash", "--stream"],
     ),
 }
 

@@ -37,8 +37,8 @@ VENV = Path(os.environ.get("GEMBATCH_LITELLM_VENV") or Path.home() / ".cache" / 
 LITELLM = VENV / "bin" / "litellm"
 PROXY_KEY_ENV = "GEMBATCH_PROXY_KEY"
 EMBED_MODEL = "gemini-embedding-001"
-CHAT_MODEL = "gemini-2.5-flash"
-IMAGE_MODEL = "imagen-4.0-generate-001"
+CHAT_MODEL = "gemini-3.8-flash"
+IMAGE_MODEL = "gemini-nano-banana-2.1"
 READY_TIMEOUT_S = 120.0
 
 

@@ -32,7 +32,7 @@ from tasks.jobs.images_io import image_for_model
 from tasks.jobs.media_access import MediaPolicy, MediaRefused, media_root_of, missing_package
 from tasks.redact import redact_text, redact_url
 
-MODEL = "gemini-2.5-flash"
+MODEL = "gemini-3.8-flash"
 IMAGES = REPO / "data" / "images"
 AUDIO = REPO / "data" / "audio"
 SECRET_LINE = "root:x:0:0:TOPSECRET-line-of-a-private-file"

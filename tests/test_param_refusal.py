@@ -116,7 +116,7 @@ def texts(path: Path, rows: int) -> Path:
     ("param", "args"),
     [
         ("dimensions", ["embed", "--model", "gemini-embedding-001", "--dimensions", "768", "--batch-size", "5"]),
-        ("temperature", ["generate", "--prompt", "Say {text}", "--model", "gemini-2.5-flash", "--temperature", "0.3"]),
+        ("temperature", ["generate", "--prompt", "Say {text}", "--model", "gemini-2.5-flash-lite", "--temperature", "0.3"]),
     ],
 )
 def test_a_refused_option_stops_the_run_after_its_first_answers_with_no_failed_rows(param, args, tmp_path, capsys):
@@ -146,7 +146,7 @@ def test_images_ask_again_without_response_format_and_download_urls(tmp_path, ca
     src.write_text("id,prompt\n" + "".join(f"{i},a lighthouse number {i}\n" for i in range(rows)))
     out, direct = tmp_path / "out", tmp_path / "direct"
     config = EmulatorConfig(api_key=TEST_KEY, refuse_params=("response_format",), default_image_response="url")
-    common = ["--model", "imagen-4.0-generate-001", "--api-key-env", TEST_KEY_ENV, "--no-progress"]
+    common = ["--model", "gemini-nano-banana-2.1", "--api-key-env", TEST_KEY_ENV, "--no-progress"]
     with Emulator(config) as emu:
         code, err = gembatch(["images", str(src), "-o", str(out), "--base-url", emu.base_url, *common], capsys)
         stats = emu.stats
