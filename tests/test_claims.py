@@ -231,7 +231,10 @@ def foreign_claim(path: Path, *, run_id: str, renewed_ago_s: float) -> None:
     now = time.time()
     doc = {"run_id": run_id, "host": "other-machine", "pid": 4242, "since": now - 300, "renewed": now - renewed_ago_s}
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(doc))
+    # Whole or not at all, as a run writes its claims (a heartbeat rewrites it while the run reads it).
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(json.dumps(doc))
+    os.replace(tmp, path)
 
 
 def first_chunk_key(texts: dict[int, str]) -> str:
