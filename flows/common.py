@@ -8,10 +8,12 @@ seconds for nothing.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Callable
 from functools import cache
 from typing import Any
 
+from flows.local import local_provider
 from flows.params import CommonOptions, flat_parameters
 from tasks.engine.batch import BatchPolicy
 from tasks.engine.chunk import Job, RetryPolicy, process_chunk
@@ -142,7 +144,8 @@ async def run_untracked(job: Job, parameters: dict[str, Any]) -> dict[str, Any]:
             "--shards runs each part as a flow run on a Prefect work pool, and no Prefect API is configured: "
             "set PREFECT_API_URL to your server (docs/how-to/scale-out.md), or drop --shards"
         )
-    return await run_job(job, options, parameters=_recorded(parameters))
+    with local_provider(options.provider) as provider:
+        return await run_job(job, dataclasses.replace(options, provider=provider), parameters=_recorded(parameters))
 
 
 async def _shared_limits(host: str, model: str, limits: Limits) -> Any:
@@ -177,14 +180,15 @@ async def _run(job: Job, parameters: dict[str, Any]) -> dict[str, Any]:
         # A shard stamps its flow run while it lives: the parent tells a dead worker's shard by the silence.
         beat = asyncio.create_task(heartbeat(str(flow_run.id))) if options.shard and flow_run.id else None
         try:
-            document = await run_job(
-                job,
-                options,
-                parameters=_recorded(parameters),
-                chunk_runner=_chunk_task(),
-                flow_run_id=str(flow_run.id) if flow_run.id else None,
-                shared_limits=_shared_limits,
-            )
+            with local_provider(options.provider) as provider:
+                document = await run_job(
+                    job,
+                    dataclasses.replace(options, provider=provider),
+                    parameters=_recorded(parameters),
+                    chunk_runner=_chunk_task(),
+                    flow_run_id=str(flow_run.id) if flow_run.id else None,
+                    shared_limits=_shared_limits,
+                )
         finally:
             if beat is not None:
                 beat.cancel()
