@@ -1,4 +1,4 @@
-"""POST audio/transcriptions: a multipart upload answered with a transcript; audio token counts."""
+"""POST audio/transcriptions: a multipart upload answered with a transcript."""
 
 from __future__ import annotations
 
