@@ -81,8 +81,8 @@ class Emulator:
             self._server = loop.run_until_complete(
                 asyncio.start_server(self._on_connect, self.host, self._requested_port, limit=1 << 20)
             )
-            self.state.host, self.state.port = self.host, self.port
             self.port = self._server.sockets[0].getsockname()[1]
+            self.state.host, self.state.port = self.host, self.port
         except BaseException as e:  # reported to start()'s caller
             self._start_error = e
             self._ready.set()
