@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO / "tests"))
 from _common import KEY_ENV, make_corpus, wait_up  # noqa: E402
 from servers import descendants, free_port, prefect_cli, prefect_env, start_server, start_worker, stop  # noqa: E402
 
-from emulator.server import busiest_window  # noqa: E402
+from emulator.limits import busiest_window  # noqa: E402
 
 
 class RssSampler(threading.Thread):

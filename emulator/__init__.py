@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
-from emulator.server import ApiError, CannedAnswer, Emulator, EmulatorConfig, serve
+from emulator.config import CannedAnswer, EmulatorConfig
+from emulator.errors import ApiError
+from emulator.server import Emulator, serve
 
 __all__ = ["ApiError", "CannedAnswer", "Emulator", "EmulatorConfig", "serve"]

@@ -1,8 +1,11 @@
+"""python -m emulator: run an emulator in the foreground."""
+
 from __future__ import annotations
 
 import argparse
 
-from emulator.server import EmulatorConfig, serve
+from emulator.config import EmulatorConfig
+from emulator.server import serve
 
 
 def main() -> None:

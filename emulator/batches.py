@@ -13,7 +13,7 @@ Two flavours, by path, as the providers differ (docs/how-to/batch-mode.md):
   are ``{"custom_id", "response": {"status_code", "body"}}`` without ``id``; usage inside the body is
   camelCase and ``created`` a string; failed lines sit in the same file; unfinished lines are absent.
 
-Every line is answered by the same handler as a live request (emulator/server.py, emulator/fakes.py),
+Every line is answered by the same handler as a live request (emulator/chat.py, emulator/embeddings.py),
 so a batch's answers equal live ones. Time is simulated per batch from settings taken when it is
 created (``EmulatorConfig.batch_*``): lines finish evenly over ``batch_seconds``; a batch set to expire
 stops with only ``batch_expire_fraction`` of its lines answered; a cancel keeps the lines answered so far.
@@ -30,13 +30,20 @@ import secrets
 import shutil
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import parse_qs, unquote
 
-if TYPE_CHECKING:
-    from emulator.server import Emulator, EmulatorConfig, Request, Response
+from emulator.bodies import multipart, parse_json
+from emulator.config import EmulatorConfig
+from emulator.errors import ApiError, internal, invalid, json_response, openai_error
+from emulator.state import ServerState
+from emulator.wire import Request, Response
+
+# Answers one batch line as the live route would: (request, route) -> the route's answer.
+AnswerLine = Callable[[Request, str], Awaitable[Response]]
 
 OPENAI_PREFIX = "/v1/"
 GEMINI_PREFIX = "/v1beta/openai/"
@@ -99,8 +106,9 @@ class Upload:
 class BatchService:
     """Files and batches of one emulator. Runs on the emulator's event loop (no locking needed)."""
 
-    def __init__(self, emulator: Emulator) -> None:
-        self._emu = emulator
+    def __init__(self, state: ServerState, answer_line: AnswerLine) -> None:
+        self._state = state
+        self._answer_line = answer_line
         self._dir = Path(tempfile.mkdtemp(prefix="gembatch-emulator-files-"))
         self.files: dict[str, StoredFile] = {}
         self.batches: dict[str, Batch] = {}
@@ -126,8 +134,6 @@ class BatchService:
         return False
 
     async def serve(self, req: Request, cfg: EmulatorConfig) -> Response:
-        from emulator.server import ApiError, _openai_error
-
         path = unquote(req.path)
         try:
             if path.startswith(UPLOAD_PATH):
@@ -148,7 +154,7 @@ class BatchService:
             return await self._batches(req, flavor, rest[len("batches") :].strip("/"), cfg)
         except ApiError as e:
             if path.startswith(OPENAI_PREFIX):
-                return _openai_error(e.code, e.message, None)
+                return openai_error(e.code, e.message, None)
             return e.response()
 
     # -- files ---------------------------------------------------------------------------------------
@@ -173,31 +179,27 @@ class BatchService:
         }
 
     async def _openai_files(self, req: Request, rest: str, cfg: EmulatorConfig) -> Response:
-        from emulator.server import Response, _invalid, _json_response, _multipart
-
         if req.method == "POST" and not rest:
-            fields = _multipart(req)
+            fields = multipart(req)
             purpose = fields.get("purpose", (b"", None, None))[0].decode()
             if purpose != "batch":
-                raise _invalid(f"purpose: only 'batch' is served here, got {purpose!r}.")
+                raise invalid(f"purpose: only 'batch' is served here, got {purpose!r}.")
             if "file" not in fields:
-                raise _invalid("file: required.")
+                raise invalid("file: required.")
             content, filename, _ = fields["file"]
             _check_jsonl(content)
             stored = self._new_file("openai", filename or "upload.jsonl", purpose, generated=False)
             stored.path.write_bytes(content)
-            return _json_response(self._file_object(stored))
+            return json_response(self._file_object(stored))
         file_id, _, what = rest.partition("/")
         stored = self._file(file_id)
         if req.method == "GET" and what == "content":
             return Response(200, stored.path, "application/octet-stream")
         if req.method == "GET" and not what:
-            return _json_response(self._file_object(stored))
-        raise _invalid(f"unsupported files request {req.method} {rest}")
+            return json_response(self._file_object(stored))
+        raise invalid(f"unsupported files request {req.method} {rest}")
 
     def _file(self, file_id: str) -> StoredFile:
-        from emulator.server import ApiError
-
         stored = self.files.get(file_id)
         if stored is None:
             raise ApiError(404, "NOT_FOUND", f"No such file: {file_id}")
@@ -205,7 +207,6 @@ class BatchService:
 
     def _google_upload(self, req: Request) -> Response:
         """Google's resumable upload: ``start`` answers an upload URL; ``upload, finalize`` ends it."""
-        from emulator.server import Response, _invalid, _json_response
 
         command = req.headers.get("x-goog-upload-command", "").lower()
         query = parse_qs(req.target.partition("?")[2])
@@ -213,11 +214,11 @@ class BatchService:
             try:
                 meta = json.loads(req.body or b"{}").get("file", {})
             except ValueError:
-                raise _invalid("Invalid JSON payload received.") from None
+                raise invalid("Invalid JSON payload received.") from None
             upload_id = secrets.token_hex(8)
             self._uploads[upload_id] = Upload(self._dir / f"upload-{upload_id}", meta.get("display_name") or "")
             self._uploads[upload_id].path.touch()
-            host = req.headers.get("host", f"127.0.0.1:{self._emu.port}")
+            host = req.headers.get("host", f"127.0.0.1:{self._state.port}")
             headers = {
                 "x-goog-upload-url": f"http://{host}{UPLOAD_PATH}?upload_id={upload_id}&upload_protocol=resumable",
                 "x-goog-upload-status": "active",
@@ -225,10 +226,10 @@ class BatchService:
             return Response(200, b"", "text/plain", headers)
         upload = self._uploads.get((query.get("upload_id") or [""])[0])
         if upload is None:
-            raise _invalid("unknown upload_id: start the upload first.")
+            raise invalid("unknown upload_id: start the upload first.")
         offset = int(req.headers.get("x-goog-upload-offset", "-1"))
         if offset != upload.received:
-            raise _invalid(f"X-Goog-Upload-Offset {offset} does not match the {upload.received} bytes received.")
+            raise invalid(f"X-Goog-Upload-Offset {offset} does not match the {upload.received} bytes received.")
         with upload.path.open("ab") as f:
             f.write(req.body)
         upload.received += len(req.body)
@@ -248,13 +249,11 @@ class BatchService:
             "source": "UPLOADED",
             "expirationTime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 48 * 3600)),
         }
-        resp = _json_response({"file": obj})
+        resp = json_response({"file": obj})
         resp.headers["x-goog-upload-status"] = "final"
         return resp
 
     async def _google_download(self, rest: str, cfg: EmulatorConfig) -> Response:
-        from emulator.server import ApiError, Response
-
         name = rest.split(":download", 1)[0]
         stored = self._file(name)
         if not stored.generated:
@@ -264,16 +263,14 @@ class BatchService:
     # -- batches -------------------------------------------------------------------------------------
 
     async def _batches(self, req: Request, flavor: str, rest: str, cfg: EmulatorConfig) -> Response:
-        from emulator.server import _invalid, _json_response, _parse_json
-
         if req.method == "POST" and not rest:
-            return _json_response(self._describe(self._create(flavor, _parse_json(req), cfg)))
+            return json_response(self._describe(self._create(flavor, parse_json(req), cfg)))
         if req.method == "GET" and not rest:
             now = time.time()
             for batch in self.batches.values():
                 await self._advance(batch, now)
             data = [self._describe(b) for b in self.batches.values() if b.flavor == flavor]
-            return _json_response({"object": "list", "data": data[::-1], "has_more": False})
+            return json_response({"object": "list", "data": data[::-1], "has_more": False})
         cancel = False
         for suffix in ("/cancel", ":cancel"):
             if rest.endswith(suffix):
@@ -281,28 +278,24 @@ class BatchService:
         batch_id = rest if flavor == "openai" or rest.startswith("batches/") else f"batches/{rest}"
         batch = self.batches.get(batch_id)
         if batch is None:
-            from emulator.server import ApiError
-
             raise ApiError(404, "NOT_FOUND", f"No batch found with id '{batch_id}'.")
         if cancel:
             if req.method != "POST":
-                raise _invalid("cancel needs POST")
+                raise invalid("cancel needs POST")
             if batch.status not in FINAL and batch.cancel_requested_at is None:
                 batch.cancel_requested_at = time.time()
                 batch.status = "cancelling"
         elif req.method != "GET":
-            raise _invalid(f"unsupported batches request {req.method} {rest}")
+            raise invalid(f"unsupported batches request {req.method} {rest}")
         await self._advance(batch, time.time())
-        return _json_response(self._describe(batch))
+        return json_response(self._describe(batch))
 
     def _create(self, flavor: str, body: dict[str, Any], cfg: EmulatorConfig) -> Batch:
-        from emulator.server import _invalid
-
         endpoint = body.get("endpoint")
         if endpoint not in ENDPOINTS:
-            raise _invalid(f"endpoint: batches take {', '.join(ENDPOINTS)}, got {endpoint!r}.")
+            raise invalid(f"endpoint: batches take {', '.join(ENDPOINTS)}, got {endpoint!r}.")
         if body.get("completion_window") != "24h":
-            raise _invalid(f"completion_window: only '24h' is supported, got {body.get('completion_window')!r}.")
+            raise invalid(f"completion_window: only '24h' is supported, got {body.get('completion_window')!r}.")
         stored = self._file(str(body.get("input_file_id")))
         total = 0
         with stored.path.open("rb") as f:
@@ -310,7 +303,7 @@ class BatchService:
                 if raw.strip():
                     line = json.loads(raw)
                     if line.get("url") != endpoint:
-                        raise _invalid(f"line {total + 1}: url {line.get('url')!r} differs from endpoint {endpoint}.")
+                        raise invalid(f"line {total + 1}: url {line.get('url')!r} differs from endpoint {endpoint}.")
                     total += 1
         token = f"{next(self._ids):06d}{secrets.token_hex(6)}"
         batch = Batch(
@@ -442,34 +435,24 @@ class BatchService:
 
     async def _answer(self, b: Batch, line: dict[str, Any]) -> tuple[int, Any]:
         """One line through the live route's handler (no rate limits: batches have their own quota)."""
-        from emulator.server import ApiError, Request, _internal
 
         digest = hashlib.sha256(f"{b.seed}\x00{b.id}\x00{line.get('custom_id')}".encode()).digest()
         if int.from_bytes(digest[:8], "big") / 2**64 < b.failure_rate:
-            self._emu._bump("faults", sub="batch:line")
-            resp = _internal().response()
+            self._state.bump("faults", sub="batch:line")
+            resp = internal().response()
             return resp.status, json.loads(resp.body)
         route = ENDPOINTS[b.endpoint]
         prefix = OPENAI_PREFIX if b.flavor == "openai" else GEMINI_PREFIX
         body = json.dumps(line.get("body")).encode()
         req = Request("POST", prefix + route, "HTTP/1.1", {"content-type": "application/json"}, body)
-        cfg = self._emu.config
-        unlimited = type(cfg)(**{**_fields(cfg), "rpm": None, "tpm": None, "rpd": None, "latency_seconds": 0.0})
-        handler = self._emu._handlers[("POST", route)]
         try:
-            resp = await handler(req, "", unlimited)
+            resp = await self._answer_line(req, route)
         except ApiError as e:
             resp = e.response()
         except Exception:  # noqa: BLE001 - a marker asking for a transport fault: the line fails as a 500
-            resp = _internal().response()
+            resp = internal().response()
         raw = b"".join(resp.body) if isinstance(resp.body, list) else resp.body
         return resp.status, json.loads(raw)
-
-
-def _fields(cfg: Any) -> dict[str, Any]:
-    import dataclasses
-
-    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
 
 
 def _gemini_body(body: Any) -> Any:
@@ -492,19 +475,15 @@ def _gemini_body(body: Any) -> Any:
 
 
 def _check_jsonl(content: bytes) -> None:
-    from emulator.server import _invalid
-
     for number, raw in enumerate(content.splitlines(), 1):
         if raw.strip():
-            _check_line(raw, number, _invalid)
+            _check_line(raw, number, invalid)
 
 
 def _check_jsonl_file(f: Any) -> None:
-    from emulator.server import _invalid
-
     for number, raw in enumerate(f, 1):
         if raw.strip():
-            _check_line(raw, number, _invalid)
+            _check_line(raw, number, invalid)
 
 
 def _check_line(raw: bytes, number: int, invalid: Any) -> None:

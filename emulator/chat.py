@@ -1,5 +1,5 @@
-"""Chat completion answers beyond one plain message: ``n`` choices, ``max_tokens`` cut-offs, tool calls,
-and streamed replies (SSE) with switchable faults. Mounted by :meth:`emulator.server.Emulator._chat`.
+"""POST chat/completions: checks a request as Gemini (or OpenAI) would and answers it: ``n`` choices,
+``max_tokens`` cut-offs, tool calls, JSON for a schema; streamed replies are emulator/streaming.py's.
 
 Everything here is a deterministic function of the request, so tests can predict each answer:
 
@@ -11,39 +11,30 @@ Everything here is a deterministic function of the request, so tests can predict
 - a streamed reply sends the content in pieces of a few words, then a chunk with the finish reason,
   then (``stream_options.include_usage``) a usage chunk with no choices, then ``data: [DONE]``.
 
-Stream faults (``EmulatorConfig.stream_fault_rate_<kind>``, or the marker ``[[emulator:stream-<kind>]]``
-in a message): ``disconnect`` (the connection closes mid-body, without the chunked terminator),
-``early_end`` (the body ends cleanly after some content, with no finish reason), ``stall`` (no byte
-after the first chunks for ``hang_seconds``), ``malformed`` (a chunk whose data is not JSON).
 Tool-call faults (markers only): ``[[emulator:badargs]]`` (arguments that are not JSON),
 ``[[emulator:badtool]]`` (a function that was not offered).
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
-import random
+import time
 from typing import Any
 
-from emulator import fakes
+from emulator import fakes, parts, schema_rules, streaming
+from emulator.bodies import model_of, parse_json
+from emulator.catalog import DEPRECATED_SAMPLING, NEWER_FAMILY_PREFIXES, REASONING_EFFORT_TOKENS, efforts_of
+from emulator.config import EmulatorConfig
+from emulator.errors import invalid, json_response, model_not_found, openai_error
+from emulator.faults import BAD_JSON_REPLY, check_markers, marker
+from emulator.state import ServerState
+from emulator.wire import Request, Response
 
-__all__ = [
-    "STREAM_FAULTS",
-    "check_request",
-    "choice_text",
-    "chosen_tool",
-    "completion",
-    "pick_stream_fault",
-    "stream_events",
-    "write_stream",
-]
+JSON_SCHEMA_REJECTED = "This model does not support response format `json_schema`."
 
-STREAM_FAULTS: tuple[str, ...] = ("disconnect", "early_end", "stall", "malformed")
 MAX_N = 8
 CHARS_PER_TOKEN = 4
-WORDS_PER_PIECE = 4
 BAD_ARGUMENTS = '{"oops": '
 UNKNOWN_FUNCTION = "not_offered"
 
@@ -161,94 +152,115 @@ def completion(
     }
 
 
-def pick_stream_fault(rates: dict[str, float], texts: list[str], rng: random.Random) -> str | None:
-    """The fault this streamed reply carries: a marker in the messages decides, else the configured rates."""
-    for kind in STREAM_FAULTS:
-        if any(f"[[emulator:stream-{kind}]]" in t for t in texts):
-            return kind
-    if not any(rates.values()):
-        return None
-    r, acc = rng.random(), 0.0
-    for kind in STREAM_FAULTS:
-        acc += rates.get(kind, 0.0)
-        if r < acc:
-            return kind
-    return None
+async def handle(state: ServerState, req: Request, _arg: str, cfg: EmulatorConfig) -> Response:
+    body = parse_json(req)
+    model = model_of(body)
+    if not cfg.serves(model) or model in fakes.EMBEDDING_MODELS:
+        raise model_not_found(model, "generateContent")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise invalid("messages: must be a non-empty list.")
+    answering = cfg.answered_by(model)
+    effort = body.get("reasoning_effort")
+    _check_options(body, answering, effort)
+    schema, json_object = _response_format(body)
+    problem = check_request(body)
+    if problem is not None:
+        raise invalid(problem)
+    if schema is not None and cfg.json_schema == "rejected":
+        # Groq's answer, whichever path was asked: an OpenAI-style object, no code.
+        state.bump("faults", sub="json_schema:rejected")
+        return openai_error(400, JSON_SCHEMA_REJECTED, None, "response_format")
+    if schema is not None and cfg.json_schema == "ignored":
+        state.bump("faults", sub="json_schema:ignored")
+        schema = None
+        body = {k: v for k, v in body.items() if k != "response_format"}
+    refused = schema_rules.refusal(req.path, body)
+    if refused is not None:
+        fault, resp = refused
+        state.bump("faults", sub=fault)
+        return resp
+
+    content = parts.read_messages(messages)
+    check_markers(state, content.texts)
+    prompt_text = "\n".join(content.last_user) if content.last_user else "\n".join(content.texts)
+    prompt_tokens = content.tokens()
+    state.limiter.check(model, prompt_tokens, cfg)
+
+    reply = _reply(content, answering, prompt_text, schema, json_object, cfg)
+    if marker(content.texts) == "badjson":
+        state.bump("faults", sub="marker:badjson")
+        reply = BAD_JSON_REPLY
+    thinking = REASONING_EFFORT_TOKENS.get(effort or "", 0)
+    seq = next(state.ids)
+    chat_id = "chatcmpl-emu-" + hashlib.sha256(f"{seq}\x00{prompt_text}".encode()).hexdigest()[:24]
+    answer = completion(
+        body,
+        model=answering,
+        reply=reply,
+        prompt_text=prompt_text,
+        texts=content.texts,
+        prompt_tokens=prompt_tokens,
+        thinking=thinking,
+        chat_id=chat_id,
+        created=int(time.time()),
+        null_rate=cfg.null_rate,
+    )
+    state.bump("prompt_tokens", prompt_tokens)
+    state.bump("completion_tokens", answer["usage"]["completion_tokens"])
+    state.bump("thinking_tokens", thinking)
+    if body.get("stream"):
+        return streaming.response(state, answer, body, content.texts, cfg)
+    return json_response(answer)
 
 
-def _pieces(text: str) -> list[str]:
-    words = text.split(" ")
-    return [
-        " ".join(words[i : i + WORDS_PER_PIECE]) + (" " if i + WORDS_PER_PIECE < len(words) else "")
-        for i in range(0, len(words), WORDS_PER_PIECE)
-    ] or [""]
+def _check_options(body: dict[str, Any], answering: str, effort: Any) -> None:
+    """reasoning_effort as the answering model takes it; no deprecated sampling options for newer models."""
+    efforts = efforts_of(answering)
+    if effort is not None and effort not in efforts:
+        raise invalid(f"Invalid reasoning_effort: {effort}. Valid values are: {', '.join(efforts)}")
+    if answering.startswith(NEWER_FAMILY_PREFIXES):
+        for option in DEPRECATED_SAMPLING:
+            if body.get(option) is not None:
+                raise invalid(f"{option} is deprecated for {answering} and is not accepted.")
 
 
-def stream_events(answer: dict[str, Any], include_usage: bool) -> list[dict[str, Any]]:
-    """The chunks of a streamed ``answer`` (a chat.completion object), in order, as OpenAI sends them."""
-    base = {key: answer[key] for key in ("id", "created", "model")} | {"object": "chat.completion.chunk"}
-    events: list[dict[str, Any]] = []
-    for choice in answer["choices"]:
-        k, message = choice["index"], choice["message"]
-        events.append({**base, "choices": [{"index": k, "delta": {"role": "assistant"}, "finish_reason": None}]})
-        for call in message.get("tool_calls") or []:
-            arguments = call["function"]["arguments"]
-            half = len(arguments) // 2
-            head = {"index": 0, "id": call["id"], "type": "function"}
-            first = head | {"function": {"name": call["function"]["name"], "arguments": arguments[:half]}}
-            rest = {"index": 0, "function": {"arguments": arguments[half:]}}
-            for delta in (first, rest):
-                events.append(
-                    {**base, "choices": [{"index": k, "delta": {"tool_calls": [delta]}, "finish_reason": None}]}
-                )
-        if message.get("content") is not None:
-            for piece in _pieces(message["content"]):
-                events.append({**base, "choices": [{"index": k, "delta": {"content": piece}, "finish_reason": None}]})
-        events.append({**base, "choices": [{"index": k, "delta": {}, "finish_reason": choice["finish_reason"]}]})
-    if include_usage:
-        events.append({**base, "choices": [], "usage": answer["usage"]})
-    return events
+def _response_format(body: dict[str, Any]) -> tuple[dict[str, Any] | None, bool]:
+    """The JSON schema the reply must follow (or None), and whether a JSON object is asked for."""
+    schema = None
+    json_object = False
+    response_format = body.get("response_format")
+    if response_format is not None:
+        rtype = response_format.get("type") if isinstance(response_format, dict) else None
+        if rtype == "json_schema":
+            spec = response_format.get("json_schema")
+            schema = spec.get("schema") if isinstance(spec, dict) else None
+            if not isinstance(schema, dict):
+                raise invalid("response_format.json_schema.schema: a JSON schema object is required.")
+        elif rtype == "json_object":
+            json_object = True
+        elif rtype != "text":
+            raise invalid(f"response_format.type: unsupported value {rtype!r}.")
+    return schema, json_object
 
 
-def _chunk(data: bytes) -> bytes:
-    return b"%x\r\n%s\r\n" % (len(data), data)
-
-
-async def write_stream(
-    writer: asyncio.StreamWriter,
-    events: list[dict[str, Any]],
-    *,
-    fault: str | None,
-    keep_alive: bool,
-    chunk_delay_s: float,
-    stall_s: float,
-) -> bool:
-    """Write ``events`` as an SSE body in chunked transfer encoding; False when the connection must close."""
-    head = [
-        "HTTP/1.1 200 OK",
-        "Content-Type: text/event-stream",
-        "Transfer-Encoding: chunked",
-        "Cache-Control: no-cache",
-        "Server: gembatch-emulator",
-        f"Connection: {'keep-alive' if keep_alive and fault is None else 'close'}",
-    ]
-    writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1"))
-    lines = [f"data: {json.dumps(e, separators=(',', ':'))}\n\n".encode() for e in events]
-    cut = max(1, len(events) // 2)  # where a fault strikes: after some content has arrived
-    if fault is not None:
-        lines = lines[:cut]
-        if fault == "malformed":
-            lines.append(b'data: {"id": "chatcmpl-broken", "choices": [{"delta": \n\n')
-    for i, line in enumerate(lines):
-        if i and chunk_delay_s > 0:
-            await asyncio.sleep(chunk_delay_s)
-        writer.write(_chunk(line))
-        await writer.drain()
-    if fault == "disconnect":
-        return False  # closed without the terminating chunk: the body is incomplete
-    if fault == "stall":
-        await asyncio.sleep(stall_s)
-        return False
-    writer.write(_chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
-    await writer.drain()
-    return keep_alive and fault is None
+def _reply(
+    content: parts.MessageContent,
+    answering: str,
+    prompt_text: str,
+    schema: dict[str, Any] | None,
+    json_object: bool,
+    cfg: EmulatorConfig,
+) -> str:
+    """The reply's text: a caption, a transcript, JSON for a schema, or prose."""
+    if content.images:
+        data, mime = content.images[-1]
+        return fakes.fake_caption(data, mime, answering, prompt_text)
+    if content.audios:
+        data, fmt = content.audios[-1]
+        return fakes.fake_transcript(data, fmt, answering)
+    if schema is not None:
+        return json.dumps(fakes.fake_json_for_schema(schema, seed=prompt_text, null_rate=cfg.null_rate))
+    if json_object:
+        return json.dumps({"text": fakes.fake_chat_text(answering, prompt_text)})
+    return fakes.fake_chat_text(answering, prompt_text)

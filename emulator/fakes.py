@@ -35,6 +35,7 @@ EMBEDDING_INPUT_TOKENS: dict[str, int] = {
 def embedding_max_tokens(model: str) -> int:
     return EMBEDDING_INPUT_TOKENS.get(model, EMBEDDING_MAX_INPUT_TOKENS)
 
+
 _WORDS = (
     "amber",
     "basalt",

@@ -16,8 +16,12 @@ from __future__ import annotations
 
 import json
 from typing import Any
+from urllib.parse import unquote
 
-__all__ = ["OpenAIError", "check_openai_strict", "check_gemini"]
+from emulator.errors import invalid
+from emulator.wire import Response
+
+__all__ = ["OpenAIError", "check_gemini", "check_openai_strict", "refusal"]
 
 OPENAI_REFUSED_KEYWORDS = (
     "default",
@@ -146,3 +150,41 @@ def _gemini_walk(node: Any, at: str, tool: bool, unknown: list[str], other: list
         _gemini_walk(node["items"], f"{at}.items", tool, unknown, other)
     for i, sub in enumerate(node.get("anyOf") or []):
         _gemini_walk(sub, f"{at}.any_of[{i}]", tool, unknown, other)
+
+
+def refusal(path: str, body: dict[str, Any]) -> tuple[str, Response] | None:
+    """Each provider's JSON-schema rules on its own path, for ``response_format`` and function parameters:
+    OpenAI's strict rules under /v1/, Gemini's under /v1beta/openai/. A refusal is (fault name, answer)."""
+    openai_path = unquote(path).startswith("/v1/")
+    response_format = body.get("response_format")
+    spec = response_format.get("json_schema") if isinstance(response_format, dict) else None
+    tools = body.get("tools") if isinstance(body.get("tools"), list) else []
+    if openai_path:
+        try:
+            if isinstance(spec, dict) and spec.get("strict") is True:
+                what = f"response_format '{spec.get('name', 'response')}'"
+                check_openai_strict(spec.get("schema"), what=what, param="response_format", code="invalid_json_schema")
+            for i, tool in enumerate(tools):
+                fn = tool.get("function") if isinstance(tool, dict) else None
+                if isinstance(fn, dict) and fn.get("strict") is True:
+                    check_openai_strict(
+                        fn.get("parameters"),
+                        what=f"function '{fn.get('name', '')}'",
+                        param=f"tools[{i}].function.parameters",
+                        code="invalid_function_parameters",
+                    )
+        except OpenAIError as e:
+            return "schema:openai", Response(e.code, e.body())
+        return None
+    problems = []
+    if isinstance(spec, dict):
+        problems.append(check_gemini(spec.get("schema"), where="generation_config.response_schema", tool=False))
+    for i, tool in enumerate(tools):
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        if isinstance(fn, dict):
+            where = f"tools[0].function_declarations[{i}].parameters"
+            problems.append(check_gemini(fn.get("parameters"), where=where, tool=True))
+    message = "\n".join(p for p in problems if p)
+    if message:
+        return "schema:gemini", invalid(message).response()
+    return None

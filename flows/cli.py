@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+from contextlib import nullcontext
 from typing import Annotated
 
 import typer
@@ -112,7 +113,8 @@ def emulator(
 ) -> None:
     """Serve the local OpenAI-compatible emulator (Gemini's quirks included) until Ctrl-C."""
     from emulator import EmulatorConfig, serve
-    from emulator.server import DEFAULT_MODELS, JSON_SCHEMA_SUPPORT, LEGACY_MODELS
+    from emulator.catalog import DEFAULT_MODELS, LEGACY_MODELS
+    from emulator.config import JSON_SCHEMA_SUPPORT
 
     key = os.environ.get(api_key_env) or "emulator-key"
     if json_schema not in JSON_SCHEMA_SUPPORT:
@@ -167,7 +169,10 @@ def models(
     from tasks.provider.prices import use_prices
 
     book = use_prices(prices)
-    names = asyncio.run(list_models(ProviderSettings(provider=provider, base_url=base_url, api_key_env=api_key_env)))
+    from flows.local import local_provider
+
+    with local_provider(ProviderSettings(provider=provider, base_url=base_url, api_key_env=api_key_env)) as settings:
+        names = asyncio.run(list_models(settings))
     table = Table("model", "default for", "lifecycle", "price today", "source")
     table.columns[0].no_wrap = True  # a model id is copied from here: never cut in two
     for row in model_rows(names, provider, book):
@@ -246,7 +251,10 @@ def batches(
     settings = None
     if provider or base_url or api_key_env:
         settings = ProviderSettings(provider=provider or "gemini", base_url=base_url, api_key_env=api_key_env)
-    records = asyncio.run(manage_batches(output, settings, refresh=refresh or cancel, cancel=cancel))
+    from flows.local import local_provider
+
+    with local_provider(settings) if settings else nullcontext(None) as settings:
+        records = asyncio.run(manage_batches(output, settings, refresh=refresh or cancel, cancel=cancel))
     table = Table("record", "batch id", "state", "provider status", "requests", "done / failed", "created", "note")
     for r in records:
         counts = r.get("request_counts") or {}

@@ -1,4 +1,4 @@
-"""What every flow shares: the Prefect task per chunk, the options, and the run summary artifact.
+"""What every flow shares: the Prefect task per chunk, running the job (tracked or not), and the run summary artifact.
 
 Prefect is imported only inside the flow's functions: the command line imports this module for the
 options and for runs without a Prefect API (``run_untracked``), where importing Prefect would cost
@@ -8,23 +8,22 @@ seconds for nothing.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Callable
 from functools import cache
 from typing import Any
 
+from flows.engine_options import options_from
+from flows.local import local_provider
 from flows.params import CommonOptions, flat_parameters
-from tasks.engine.batch import BatchPolicy
-from tasks.engine.chunk import Job, RetryPolicy, process_chunk
+from tasks.engine.chunk import Job, process_chunk
 from tasks.engine.limits import Limits
 from tasks.engine.metadata import summary_rows
-from tasks.engine.outage import OutagePolicy
-from tasks.engine.run import COMPLETED, RunOptions, run_job
-from tasks.engine.shard import Shard
+from tasks.engine.run import COMPLETED, run_job
 from tasks.errors import GembatchError, RunNotCompleted
-from tasks.provider.client import ProviderSettings
 from tasks.redact import redact_text
 
-__all__ = ["options_from", "run_flow", "run_flow_job", "run_options", "run_untracked"]
+__all__ = ["run_flow", "run_flow_job", "run_untracked"]
 
 
 @cache
@@ -47,56 +46,6 @@ def __getattr__(name: str) -> Any:
     if name == "chunk_task":
         return _chunk_task()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def run_options(input: str, output: str, options: CommonOptions) -> RunOptions:
-    """What the engine runs with, from a flow's ``input``, ``output`` and common ``options``.
-
-    The prices in use become the built-in table plus --prices (or GEMBATCH_PRICES)."""
-    from tasks.provider.prices import use_prices
-
-    use_prices(options.prices)
-    return RunOptions(
-        input=input,
-        output=output,
-        id_col=options.id_col,
-        provider=ProviderSettings(
-            provider=options.provider,
-            base_url=options.base_url,
-            api_key_env=options.api_key_env,
-            api_key_secret=options.api_key_secret,
-            timeout_s=options.timeout,
-            stream=options.stream,
-            idle_timeout_s=options.idle_timeout,
-        ),
-        limits=Limits(
-            rpm=options.rpm, tpm=options.tpm, max_concurrency=options.max_concurrency, window_s=options.rate_window
-        ),
-        retry=RetryPolicy.from_env(),
-        chunk_size=options.chunk_size,
-        limit=options.limit,
-        retry_errors=options.retry_errors,
-        progress=options.progress,
-        dry_run=options.dry_run,
-        max_cost_usd=options.max_cost_usd,
-        force=options.force,
-        change_model=options.change_model,
-        outage=OutagePolicy(max_outage_s=options.max_outage),
-        max_failed_pct=options.max_failed_pct,
-        batch=BatchPolicy(
-            mode=options.mode,
-            poll_s=options.batch_poll,
-            max_lines=options.batch_max_requests,
-            auto_min_requests=options.auto_min_requests,
-        ),
-        shard=Shard.parse(options.shard) if options.shard else None,
-    )
-
-
-def options_from(parameters: dict[str, Any]) -> RunOptions:
-    """The engine's options from flat parameters (the common fields picked out and validated)."""
-    common = CommonOptions.model_validate({k: parameters[k] for k in CommonOptions.model_fields if k in parameters})
-    return run_options(parameters["input"], parameters["output"], common)
 
 
 async def run_flow(build_job: Callable[[dict[str, Any]], Job], values: dict[str, Any]) -> dict[str, Any]:
@@ -142,7 +91,8 @@ async def run_untracked(job: Job, parameters: dict[str, Any]) -> dict[str, Any]:
             "--shards runs each part as a flow run on a Prefect work pool, and no Prefect API is configured: "
             "set PREFECT_API_URL to your server (docs/how-to/scale-out.md), or drop --shards"
         )
-    return await run_job(job, options, parameters=_recorded(parameters))
+    with local_provider(options.provider) as provider:
+        return await run_job(job, dataclasses.replace(options, provider=provider), parameters=_recorded(parameters))
 
 
 async def _shared_limits(host: str, model: str, limits: Limits) -> Any:
@@ -177,14 +127,15 @@ async def _run(job: Job, parameters: dict[str, Any]) -> dict[str, Any]:
         # A shard stamps its flow run while it lives: the parent tells a dead worker's shard by the silence.
         beat = asyncio.create_task(heartbeat(str(flow_run.id))) if options.shard and flow_run.id else None
         try:
-            document = await run_job(
-                job,
-                options,
-                parameters=_recorded(parameters),
-                chunk_runner=_chunk_task(),
-                flow_run_id=str(flow_run.id) if flow_run.id else None,
-                shared_limits=_shared_limits,
-            )
+            with local_provider(options.provider) as provider:
+                document = await run_job(
+                    job,
+                    dataclasses.replace(options, provider=provider),
+                    parameters=_recorded(parameters),
+                    chunk_runner=_chunk_task(),
+                    flow_run_id=str(flow_run.id) if flow_run.id else None,
+                    shared_limits=_shared_limits,
+                )
         finally:
             if beat is not None:
                 beat.cancel()

@@ -185,7 +185,8 @@ def run_command(flow: str, build_job: str, params: dict[str, Any]) -> None:
     """Check what needs no server first (key, input, columns), so a mistake costs no Prefect import. A
     dry run never needs Prefect. A run is a flow run when a Prefect API is configured, else the same
     engine runs untracked (one note on stderr says so): no temporary Prefect server to start and stop."""
-    from flows.common import options_from, run_untracked
+    from flows.common import run_untracked
+    from flows.engine_options import options_from
     from flows.tracking import UNTRACKED_NOTE, configured_api_url
     from tasks.engine.run import preflight
 

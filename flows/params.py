@@ -13,7 +13,6 @@ reads it, and must not pay for Prefect, pyarrow or openai.
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_serializer
@@ -241,14 +240,3 @@ def options_table() -> str:
         shown = "off" if isinstance(field.default, bool) else "–" if field.default is None else f"`{field.default}`"
         rows.append(f"| `{shown_flag}` | {shown} | {help.replace('|', chr(92) + '|')} |")
     return "\n".join(rows) + "\n"
-
-
-def main() -> None:
-    """Rewrite the generated docs pages, this table's among them (the same as `uv run python -m flows.docgen`)."""
-    from flows.docgen import main as docgen_main
-
-    sys.exit(docgen_main([]))
-
-
-if __name__ == "__main__":
-    main()

@@ -91,7 +91,7 @@ async def run_sharded(job: Job, parameters: dict[str, Any]) -> dict[str, Any]:
     """Run ``job`` as ``options.shards`` flow runs of its deployment; returns the summary document."""
     from prefect.runtime import flow_run
 
-    from flows.common import options_from
+    from flows.engine_options import options_from
     from tasks.engine.io import check_ids
     from tasks.engine.run import preflight
     from tasks.engine.store import OutputStore

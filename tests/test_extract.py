@@ -18,7 +18,7 @@ from openai.types.chat import ChatCompletion
 from pydantic import BaseModel, Field
 
 from emulator.fakes import fake_json_for_schema
-from emulator.server import BAD_JSON_REPLY
+from emulator.faults import BAD_JSON_REPLY
 from flows.extract import extract_job
 from schemas.arrow import model_mapping
 from schemas.examples import CalendarEvent, Invoice

@@ -12,9 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import REPO, TEST_KEY, TEST_KEY_ENV, assert_balanced, read_errors, read_output
 
+from emulator.catalog import REASONING_EFFORT_TOKENS
 from emulator.chat import CHARS_PER_TOKEN, choice_text
 from emulator.fakes import count_tokens, fake_chat_text
-from emulator.server import REASONING_EFFORT_TOKENS
 from flows.jobs import generate_job
 from tasks.engine.chunk import RetryPolicy
 from tasks.engine.plan import plan_job

@@ -10,7 +10,7 @@ import time
 from conftest import assert_balanced, read_output, write_corpus
 from test_embed import assert_vectors_match, run_embed
 
-from emulator.server import busiest_window
+from emulator.limits import busiest_window
 from tasks.engine.limits import START_IN_FLIGHT, AdaptiveLimiter, Limits
 
 

@@ -16,8 +16,8 @@ import pytest
 from conftest import CORPUS, REPO, TEST_KEY, TEST_KEY_ENV, assert_balanced, cli_env, read_output
 
 from emulator import Emulator, EmulatorConfig
+from emulator.catalog import DEFAULT_MODELS, LEGACY_MODELS
 from emulator.fakes import fake_chat_text, fake_embedding
-from emulator.server import DEFAULT_MODELS, LEGACY_MODELS
 from flows import commands
 from flows.common import run_untracked
 from flows.options import command_params, resolve

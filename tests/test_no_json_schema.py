@@ -30,7 +30,7 @@ from conftest import TEST_KEY, TEST_KEY_ENV, assert_balanced, read_errors, read_
 from test_tools import INVOICES, MODEL, expected, run, sorted_rows, texts_of
 
 from emulator import Emulator, EmulatorConfig
-from emulator.server import JSON_SCHEMA_REJECTED
+from emulator.chat import JSON_SCHEMA_REJECTED
 from schemas.examples import Invoice
 from tasks.jobs.extract import ExtractJob
 from tasks.jobs.tools import ToolsExtractJob

@@ -18,8 +18,8 @@ import pytest
 from conftest import REPO, TEST_KEY_ENV, assert_balanced, read_errors, read_output
 from openai import OpenAI
 
-from emulator.chat import STREAM_FAULTS
 from emulator.fakes import fake_chat_text
+from emulator.streaming import STREAM_FAULTS
 from schemas.examples import Invoice
 from tasks.engine.chunk import RetryPolicy
 from tasks.engine.run import RunOptions, run_job

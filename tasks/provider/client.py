@@ -8,7 +8,6 @@ import logging
 import os
 import random
 import re
-import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -68,6 +67,9 @@ class ProviderSettings:
     # chunks fails the attempt.
     stream: bool = False
     idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S
+    # A key handed in by the caller rather than read from the environment: the one the command line
+    # gives the emulator it starts for --provider local (flows/local.py). Never shown nor recorded.
+    api_key: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.idle_timeout_s <= 0:
@@ -102,7 +104,6 @@ class Connection:
     base_url: str
     provider: str
     api_key: str = field(repr=False)
-    emulator: Any = None
     stream: bool = False
     idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S
 
@@ -123,8 +124,6 @@ class Connection:
 
     async def close(self) -> None:
         await self.client.close()
-        if self.emulator is not None:
-            self.emulator.stop()
 
 
 def _allow_sockets(needed: int) -> None:
@@ -144,6 +143,8 @@ def _allow_sockets(needed: int) -> None:
 
 def require_key(settings: ProviderSettings) -> str:
     """The key from its environment variable; a clear error naming the variable if it is missing."""
+    if settings.api_key:
+        return settings.api_key
     env = settings.key_env
     if settings.provider == "local" and not settings.base_url:
         return ""
@@ -187,16 +188,13 @@ def _split_query(base_url: str) -> tuple[str, dict[str, str]]:
 
 def open_connection(settings: ProviderSettings) -> Connection:
     """Resolve the key and the base URL and build the client. Fails before any work on a missing key."""
-    emulator = None
     if settings.provider == "local" and not settings.base_url:
-        from emulator import Emulator, EmulatorConfig
-
-        api_key = secrets.token_urlsafe(24)
-        emulator = Emulator(EmulatorConfig(api_key=api_key)).start()
-        base_url = emulator.base_url
-    else:
-        base_url = settings.base_url or PROVIDERS[settings.provider].base_url
-        api_key = require_key(settings)
+        raise ConfigError(
+            "--provider local needs the emulator's address: the command line starts it (flows/local.py), "
+            "or pass --base-url URL --api-key-env NAME"
+        )
+    base_url = settings.base_url or PROVIDERS[settings.provider].base_url
+    api_key = require_key(settings)
     timeout = httpx2.Timeout(settings.timeout_s, connect=DEFAULT_CONNECT_TIMEOUT_S)
     base_url, query = _split_query(base_url)
     client = AsyncOpenAI(
@@ -219,7 +217,6 @@ def open_connection(settings: ProviderSettings) -> Connection:
         base_url=base_url,
         provider=settings.provider,
         api_key=api_key,
-        emulator=emulator,
         stream=settings.stream,
         idle_timeout_s=settings.idle_timeout_s,
     )

@@ -1,0 +1,66 @@
+"""From a flow's parameters to the engine's RunOptions (the provider, limits, retries, batching, shard)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flows.params import CommonOptions
+from tasks.engine.batch import BatchPolicy
+from tasks.engine.chunk import RetryPolicy
+from tasks.engine.limits import Limits
+from tasks.engine.outage import OutagePolicy
+from tasks.engine.run import RunOptions
+from tasks.engine.shard import Shard
+from tasks.provider.client import ProviderSettings
+
+__all__ = ["options_from", "run_options"]
+
+
+def run_options(input: str, output: str, options: CommonOptions) -> RunOptions:
+    """What the engine runs with, from a flow's ``input``, ``output`` and common ``options``.
+
+    The prices in use become the built-in table plus --prices (or GEMBATCH_PRICES)."""
+    from tasks.provider.prices import use_prices
+
+    use_prices(options.prices)
+    return RunOptions(
+        input=input,
+        output=output,
+        id_col=options.id_col,
+        provider=ProviderSettings(
+            provider=options.provider,
+            base_url=options.base_url,
+            api_key_env=options.api_key_env,
+            api_key_secret=options.api_key_secret,
+            timeout_s=options.timeout,
+            stream=options.stream,
+            idle_timeout_s=options.idle_timeout,
+        ),
+        limits=Limits(
+            rpm=options.rpm, tpm=options.tpm, max_concurrency=options.max_concurrency, window_s=options.rate_window
+        ),
+        retry=RetryPolicy.from_env(),
+        chunk_size=options.chunk_size,
+        limit=options.limit,
+        retry_errors=options.retry_errors,
+        progress=options.progress,
+        dry_run=options.dry_run,
+        max_cost_usd=options.max_cost_usd,
+        force=options.force,
+        change_model=options.change_model,
+        outage=OutagePolicy(max_outage_s=options.max_outage),
+        max_failed_pct=options.max_failed_pct,
+        batch=BatchPolicy(
+            mode=options.mode,
+            poll_s=options.batch_poll,
+            max_lines=options.batch_max_requests,
+            auto_min_requests=options.auto_min_requests,
+        ),
+        shard=Shard.parse(options.shard) if options.shard else None,
+    )
+
+
+def options_from(parameters: dict[str, Any]) -> RunOptions:
+    """The engine's options from flat parameters (the common fields picked out and validated)."""
+    common = CommonOptions.model_validate({k: parameters[k] for k in CommonOptions.model_fields if k in parameters})
+    return run_options(parameters["input"], parameters["output"], common)
