@@ -116,7 +116,10 @@ def texts(path: Path, rows: int) -> Path:
     ("param", "args"),
     [
         ("dimensions", ["embed", "--model", "gemini-embedding-001", "--dimensions", "768", "--batch-size", "5"]),
-        ("temperature", ["generate", "--prompt", "Say {text}", "--model", "gemini-2.5-flash-lite", "--temperature", "0.3"]),
+        (
+            "temperature",
+            ["generate", "--prompt", "Say {text}", "--model", "gemini-2.5-flash-lite", "--temperature", "0.3"],
+        ),
     ],
 )
 def test_a_refused_option_stops_the_run_after_its_first_answers_with_no_failed_rows(param, args, tmp_path, capsys):
