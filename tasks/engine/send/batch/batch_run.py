@@ -38,7 +38,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tasks.defaults import DEFAULT_AUTO_MIN_REQUESTS, DEFAULT_BATCH_POLL_S, MAX_BATCH_REQUESTS
-from tasks.engine.batch_records import (
+from tasks.engine.plan.claims import ClaimBook, Holder, batch_key, chunk_key
+from tasks.engine.plan.claims import log as claims_log
+from tasks.engine.plan.index import KeyTable, hash_keys, id_tags
+from tasks.engine.send.batch.records import (
     BATCHES_DIR,
     LOST,
     PREPARED,
@@ -54,7 +57,7 @@ from tasks.engine.batch_records import (
     remove_scratch,
     request_line,
 )
-from tasks.engine.chunk import (
+from tasks.engine.send.chunk import (
     DONE,
     INVALID,
     NEW,
@@ -68,10 +71,7 @@ from tasks.engine.chunk import (
     prepare_and_look_up,
     rerouted_stop,
 )
-from tasks.engine.claims import ClaimBook, Holder, batch_key, chunk_key
-from tasks.engine.claims import log as claims_log
-from tasks.engine.index import KeyTable, hash_keys, id_tags
-from tasks.engine.store import RETRY_AUTO, RETRY_ON_REQUEST, KnownParts
+from tasks.engine.store.output import RETRY_AUTO, RETRY_ON_REQUEST, KnownParts
 from tasks.errors import ConfigError, RunStopped
 from tasks.provider.batches import (
     BatchApi,
@@ -1270,7 +1270,7 @@ async def manage_batches(output: str, settings: Any | None, *, refresh: bool, ca
 
     ``settings`` (a ProviderSettings) says where they were sent; None: as each record says (its provider
     and base URL, the key from that provider's usual variable)."""
-    from tasks.engine.store import OutputStore
+    from tasks.engine.store.output import OutputStore
     from tasks.provider.client import ProviderSettings, open_connection
 
     store = OutputStore(output)

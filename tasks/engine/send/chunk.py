@@ -23,13 +23,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from tasks.engine.budget import Budget
-from tasks.engine.hashing import HashProcesses, TextTemplate, digest_keys, text_template
-from tasks.engine.index import hash_keys, id_tags, member
-from tasks.engine.limits import AdaptiveLimiter
-from tasks.engine.outage import OutageBreaker
-from tasks.engine.store import RETRY_AUTO, RETRY_ON_REQUEST, DoneIndex, OutputStore
-from tasks.engine.timings import Timings
+from tasks.engine.plan.hashing import HashProcesses, TextTemplate, digest_keys, text_template
+from tasks.engine.plan.index import hash_keys, id_tags, member
+from tasks.engine.report.timings import Timings
+from tasks.engine.send.budget import Budget
+from tasks.engine.send.limits import AdaptiveLimiter
+from tasks.engine.send.outage import OutageBreaker
+from tasks.engine.store.output import RETRY_AUTO, RETRY_ON_REQUEST, DoneIndex, OutputStore
 from tasks.errors import RunStopped
 from tasks.provider.catalog import same_model
 from tasks.provider.client import Connection, Failure, classify_failure
@@ -105,7 +105,7 @@ class Job(Protocol):
     def parameters(self) -> dict[str, Any]: ...
 
     # Optional, for text jobs whose hashed fields are the same for every row but one, the text column
-    # as-is (see tasks/engine/hashing.py): a chunk is then hashed a column at once and rows are
+    # as-is (see tasks/engine/plan/hashing.py): a chunk is then hashed a column at once and rows are
     # prepared only when they are sent.
     #
     #   hash_text_field: str                                    # that field's name in prepare()'s fields
@@ -296,10 +296,10 @@ class RunContext:
         self.on_units: Callable[[float], None] = lambda amount: None
         # What a job keeps for the length of one run (a recording job's bound on segments on hand).
         self.shared: dict[str, Any] = {}
-        # Sorted hash keys of the contents that recur in the input (tasks/engine/recurring.py): the
+        # Sorted hash keys of the contents that recur in the input (tasks/engine/plan/recurring.py): the
         # only results of this run that the index must learn (a later row may reuse them). None: all.
         self.recurring: np.ndarray | None = None
-        # Child processes that hash text columns (a text job's run; see tasks/engine/hashing.py).
+        # Child processes that hash text columns (a text job's run; see tasks/engine/plan/hashing.py).
         self.hash_processes: HashProcesses | None = None
         # Whether result parts get a served_model column (not in an output made before it existed, so
         # that its parts keep one schema).
@@ -497,7 +497,7 @@ def chunk_payloads(chunk: pa.Table, job: Job) -> tuple[list[dict[str, Any]], boo
 class PreparedChunk:
     """A chunk's rows hashed (on a worker thread), before the index is asked.
 
-    A text job's rows are hashed a column at once (:mod:`tasks.engine.hashing`) and prepared only when
+    A text job's rows are hashed a column at once (:mod:`tasks.engine.plan.hashing`) and prepared only when
     they are to be sent (:meth:`fill`): a rerun builds no per-row objects for rows already done.
     """
 
@@ -801,7 +801,7 @@ async def _send(ctx: RunContext, items: list[Item], outcomes: dict[str, Outcome 
     while True:
         if ctx.stop_event.is_set():
             return
-        # While the provider is down, wait here (one request at a time probes): see tasks/engine/outage.py.
+        # While the provider is down, wait here (one request at a time probes): see tasks/engine/send/outage.py.
         probe = await ctx.outage.admit(ctx.stop_event)
         if ctx.outage.gave_up:
             ctx.request_stop(ctx.outage.stop())

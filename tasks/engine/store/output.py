@@ -36,8 +36,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from tasks.engine.claims import CLAIMS_DIR
-from tasks.engine.index import (
+from tasks.engine.memory import release_free_memory
+from tasks.engine.plan.claims import CLAIMS_DIR
+from tasks.engine.plan.index import (
     LOCATIONS,
     ContentTable,
     KeyTable,
@@ -49,8 +50,7 @@ from tasks.engine.index import (
     pair_key,
     pair_keys,
 )
-from tasks.engine.keycache import INDEX_DIR, KEYS_FILE, KeyCache, KeyCacheWriter, part_stamp
-from tasks.engine.memory import release_free_memory
+from tasks.engine.store.keycache import INDEX_DIR, KEYS_FILE, KeyCache, KeyCacheWriter, part_stamp
 from tasks.errors import ConfigError
 from tasks.redact import redact_data, redact_text
 
@@ -92,7 +92,7 @@ LEGACY_AUTO_ERROR_TYPES = ("transient", "rate_limited")
 
 @dataclass
 class DoneIndex:
-    """What the output already holds, as fixed-width keys (see :mod:`tasks.engine.index`).
+    """What the output already holds, as fixed-width keys (see :mod:`tasks.engine.plan.index`).
 
     ``results`` has one entry per result row, 4 bytes: a 32-bit prefix of its content hash and the
     ordinal of its part (a :class:`ContentTable`). It names the parts that may hold a content; whether
@@ -411,7 +411,7 @@ class OutputStore:
         scan); at most ``SCAN_FILES_AHEAD`` parts' keys wait at a time.
 
         The parts' keys come from the output's key cache where it holds them (``OUTPUT/_index/``, see
-        :mod:`tasks.engine.keycache`); ``keep_keys=False`` (a dry run) reads it but never writes it.
+        :mod:`tasks.engine.store.keycache`); ``keep_keys=False`` (a dry run) reads it but never writes it.
 
         ``live_runs``: other runs working on the folder now; ``since_ns``: when this run took its lease.
         The rows they recorded as failed, or that were recorded since, belong to runs at work
@@ -478,7 +478,7 @@ class OutputStore:
         only_to_write: bool = False,
     ) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
         """(path, sorted content keys, sorted pair keys) of every result part, in order: from the
-        output's key cache (:mod:`tasks.engine.keycache`) for a part it holds as it is now, else read
+        output's key cache (:mod:`tasks.engine.store.keycache`) for a part it holds as it is now, else read
         from the part on ``pool``. When the cache missed a part or names one that is gone, it is
         written anew as the parts go by (a cache that can't be written is logged, not an error).
         ``only_to_write``: nothing when the cache is up to date."""

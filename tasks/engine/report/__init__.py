@@ -1,0 +1,1 @@
+"""Reporting a run: its metadata document, the progress bar, latency figures."""
