@@ -240,7 +240,7 @@ def batches(
     """List the batches recorded in OUTPUT/_batches/ with their states; --cancel cancels them."""
     from rich.table import Table
 
-    from tasks.engine.send.batch.batch_run import manage_batches
+    from tasks.engine.send.batch.manage import manage_batches
     from tasks.provider.client import ProviderSettings
 
     settings = None

@@ -16,7 +16,7 @@ from flows.params import CommonOptions, flat_parameters
 from tasks.engine.plan.shard import Shard
 from tasks.engine.report.metadata import summary_rows
 from tasks.engine.run import COMPLETED, RunOptions, run_job
-from tasks.engine.send.batch.batch_run import BatchPolicy
+from tasks.engine.send.batch.policy import BatchPolicy
 from tasks.engine.send.chunk import Job, RetryPolicy, process_chunk
 from tasks.engine.send.limits import Limits
 from tasks.engine.send.outage import OutagePolicy

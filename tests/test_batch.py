@@ -31,7 +31,7 @@ from emulator import Emulator, EmulatorConfig
 from emulator.batches import _gemini_body
 from schemas.examples import Invoice
 from tasks.engine.run import RunOptions, run_job
-from tasks.engine.send.batch.batch_run import BatchPolicy
+from tasks.engine.send.batch.policy import BatchPolicy
 from tasks.errors import ConfigError
 from tasks.jobs.caption import CaptionJob
 from tasks.jobs.embed import EmbedJob

@@ -194,7 +194,7 @@ def test_the_emulator_streams_usage_last_and_marks_faults_on_the_wire(emulator):
 
 
 def test_first_token_figures_stay_bounded_and_exact_while_small():
-    from tasks.engine.report.timings import Timings
+    from tasks.engine.send.timings import Timings
 
     small = Timings()
     for s in (0.3, 0.1, 0.2, 0.4, 1.0):

@@ -11,7 +11,7 @@ import numpy as np
 from tasks.engine.plan.index import KeyTable
 from tasks.engine.plan.input import InputSource, check_ids
 from tasks.engine.run import RunOptions, check_input_columns
-from tasks.engine.send.batch.batch_run import check_batch_capable, files_needed
+from tasks.engine.send.batch.policy import check_batch_capable, files_needed
 from tasks.engine.send.chunk import DONE, INVALID, NEW, PREV_ERROR, Job, chunk_statuses, prepare_chunk
 from tasks.engine.store.output import OutputStore
 from tasks.jobs.media import folder_extensions

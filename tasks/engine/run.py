@@ -24,7 +24,8 @@ from tasks.engine.plan.recurring import recurring_contents
 from tasks.engine.plan.shard import Shard, ShardSource
 from tasks.engine.report.metadata import batch_cost, counts, input_record, new_run_id, package_versions, usage, utc_now
 from tasks.engine.report.progress import ProgressBar
-from tasks.engine.send.batch.batch_run import BatchPolicy, BatchRun, check_batch_capable
+from tasks.engine.send.batch.batch_run import BatchRun
+from tasks.engine.send.batch.policy import BatchPolicy, check_batch_capable
 from tasks.engine.send.budget import Budget
 from tasks.engine.send.chunk import (
     REROUTED,
@@ -43,7 +44,8 @@ from tasks.engine.send.chunk import (
 )
 from tasks.engine.send.limits import AdaptiveLimiter, Limits
 from tasks.engine.send.outage import OutageBreaker, OutagePolicy
-from tasks.engine.store.output import KnownParts, OutputStore
+from tasks.engine.store.done import KnownParts
+from tasks.engine.store.output import OutputStore
 from tasks.errors import ConfigError, GembatchError, RunStopped
 from tasks.jobs.media import folder_extensions
 from tasks.provider.catalog import lifecycle_note
@@ -92,7 +94,7 @@ class RunOptions:
     dry_run: bool = False
     # A run whose failed rows are more than this share of its input (in %) is "completed with errors".
     max_failed_pct: float = 0.0
-    # --mode live|batch|auto and the batch settings (tasks/engine/send/batch/batch_run.py).
+    # --mode live|batch|auto and the batch settings (tasks/engine/send/batch/policy.py).
     batch: BatchPolicy = field(default_factory=BatchPolicy)
     # Only this part of the input (--shard I/N): other shards write into the same output at the same
     # time, so this run deletes and rewrites nothing (no compaction: the parent of the shards does it).

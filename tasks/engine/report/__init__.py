@@ -1,1 +1,1 @@
-"""Reporting a run: its metadata document, the progress bar, latency figures."""
+"""Reporting a run: its metadata document and the progress bar."""

@@ -25,11 +25,12 @@ import pyarrow.compute as pc
 
 from tasks.engine.plan.hashing import HashProcesses, TextTemplate, digest_keys, text_template
 from tasks.engine.plan.index import hash_keys, id_tags, member
-from tasks.engine.report.timings import Timings
 from tasks.engine.send.budget import Budget
 from tasks.engine.send.limits import AdaptiveLimiter
 from tasks.engine.send.outage import OutageBreaker
-from tasks.engine.store.output import RETRY_AUTO, RETRY_ON_REQUEST, DoneIndex, OutputStore
+from tasks.engine.send.timings import Timings
+from tasks.engine.store.done import DoneIndex
+from tasks.engine.store.output import RETRY_AUTO, RETRY_ON_REQUEST, OutputStore
 from tasks.errors import RunStopped
 from tasks.provider.catalog import same_model
 from tasks.provider.client import Connection, Failure, classify_failure
