@@ -13,11 +13,13 @@ from functools import cache
 from typing import Any
 
 from flows.params import CommonOptions, flat_parameters
+from tasks.engine.job import Job
 from tasks.engine.plan.shard import Shard
 from tasks.engine.report.metadata import summary_rows
 from tasks.engine.run import COMPLETED, RunOptions, run_job
 from tasks.engine.send.batch.policy import BatchPolicy
-from tasks.engine.send.chunk import Job, RetryPolicy, process_chunk
+from tasks.engine.send.chunk import process_chunk
+from tasks.engine.send.context import RetryPolicy
 from tasks.engine.send.limits import Limits
 from tasks.engine.send.outage import OutagePolicy
 from tasks.errors import GembatchError, RunNotCompleted

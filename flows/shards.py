@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flows.params import CommonOptions
+from tasks.engine.job import Job
 from tasks.engine.report.metadata import input_record, new_run_id, package_versions, utc_now
-from tasks.engine.send.chunk import Job
 from tasks.errors import ConfigError
 from tasks.redact import redact_data
 

@@ -307,7 +307,7 @@ def test_a_segment_too_big_for_the_inline_limit_is_refused_before_any_work():
 
 def test_the_progress_bar_counts_audio_minutes_done():
     from tasks.engine.report.progress import ProgressBar
-    from tasks.engine.send.chunk import RunStats
+    from tasks.engine.send.context import RunStats
 
     bar = ProgressBar("transcribe", 3, RunStats(), enabled=True, unit=TranscribeJob.progress_unit)
     try:

@@ -235,7 +235,7 @@ def foreign_claim(path: Path, *, run_id: str, renewed_ago_s: float) -> None:
 
 
 def first_chunk_key(texts: dict[int, str]) -> str:
-    from tasks.engine.send.chunk import prepare_chunk
+    from tasks.engine.plan.rows import prepare_chunk
 
     job = EmbedJob(model="gemini-embedding-001", dimensions=DIMS, batch_size=BATCH)
     ids = list(texts)[:CHUNK]

@@ -22,7 +22,7 @@ from test_embed import expected_vector
 from test_faults import CASES, Case
 
 from tasks.engine.run import RunOptions, run_job
-from tasks.engine.send.chunk import RetryPolicy
+from tasks.engine.send.context import RetryPolicy
 from tasks.engine.send.limits import Limits
 from tasks.errors import ConfigError
 from tasks.jobs.embed import EmbedJob

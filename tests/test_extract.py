@@ -22,8 +22,8 @@ from emulator.server import BAD_JSON_REPLY
 from flows.extract import extract_job
 from schemas.arrow import model_mapping
 from schemas.examples import CalendarEvent, Invoice
+from tasks.engine.job import RowFailure
 from tasks.engine.run import RunOptions, run_job
-from tasks.engine.send.chunk import RowFailure
 from tasks.errors import ConfigError
 from tasks.jobs.extract import ExtractJob, import_model
 from tasks.provider.client import ProviderSettings

@@ -18,7 +18,7 @@ from emulator.server import REASONING_EFFORT_TOKENS
 from flows.jobs import generate_job
 from tasks.engine.dry_run import plan_job
 from tasks.engine.run import RunOptions, run_job
-from tasks.engine.send.chunk import RetryPolicy
+from tasks.engine.send.context import RetryPolicy
 from tasks.errors import ConfigError
 from tasks.jobs.generate import GenerateJob, template_columns
 from tasks.provider.client import ProviderSettings

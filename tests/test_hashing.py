@@ -18,8 +18,8 @@ from conftest import TEST_KEY_ENV, assert_balanced, read_output
 
 from schemas.examples import Invoice
 from tasks.engine.plan.hashing import HashProcesses, non_blank
+from tasks.engine.plan.rows import chunk_payloads, prepare_chunk, prepare_rows, row_hashes
 from tasks.engine.run import RunOptions, run_job
-from tasks.engine.send.chunk import chunk_payloads, prepare_chunk, prepare_rows, row_hashes
 from tasks.engine.store.output import OutputStore
 from tasks.jobs.embed import EmbedJob
 from tasks.jobs.extract import ExtractJob

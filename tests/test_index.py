@@ -30,8 +30,9 @@ from tasks.engine.plan.index import (
     pair_key,
 )
 from tasks.engine.plan.input import InputSource, check_ids
+from tasks.engine.plan.rows import content_hash, content_hashes, prepare_chunk
 from tasks.engine.run import RunOptions, run_job
-from tasks.engine.send.chunk import content_hash, content_hashes, prepare_chunk, process_chunk
+from tasks.engine.send.chunk import process_chunk
 from tasks.engine.store.output import OutputStore
 from tasks.errors import InputError
 from tasks.jobs.embed import EmbedJob

@@ -24,7 +24,7 @@ from conftest import TEST_KEY, TEST_KEY_ENV, assert_balanced, read_errors, read_
 from test_embed import expected_vector
 
 from tasks.engine.run import RunOptions, run_job
-from tasks.engine.send.chunk import RetryPolicy
+from tasks.engine.send.context import RetryPolicy
 from tasks.engine.send.limits import Limits
 from tasks.engine.send.outage import OutagePolicy
 from tasks.jobs.embed import EmbedJob

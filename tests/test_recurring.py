@@ -11,8 +11,9 @@ from conftest import TEST_KEY_ENV, assert_balanced, read_output, write_corpus
 
 from tasks.engine.plan.input import InputSource
 from tasks.engine.plan.recurring import PREPASS_CHUNK_ROWS, recurring_contents
+from tasks.engine.plan.rows import prepare_chunk
 from tasks.engine.run import RunOptions, run_job
-from tasks.engine.send.chunk import prepare_chunk, process_chunk
+from tasks.engine.send.chunk import process_chunk
 from tasks.jobs.embed import EmbedJob
 from tasks.provider.client import ProviderSettings
 

@@ -22,7 +22,7 @@ from emulator.chat import STREAM_FAULTS
 from emulator.fakes import fake_chat_text
 from schemas.examples import Invoice
 from tasks.engine.run import RunOptions, run_job
-from tasks.engine.send.chunk import RetryPolicy
+from tasks.engine.send.context import RetryPolicy
 from tasks.errors import ConfigError
 from tasks.jobs.caption import CaptionJob
 from tasks.jobs.embed import EmbedJob

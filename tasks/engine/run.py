@@ -15,36 +15,25 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from tasks.defaults import DEFAULT_CHUNK_SIZE
+from tasks.engine.job import Job
 from tasks.engine.memory import release_free_memory
 from tasks.engine.plan.claims import COMPACT_KEY, ClaimBook, ClaimPolicy, Holder, chunk_key
 from tasks.engine.plan.claims import log as claims_log
+from tasks.engine.plan.done import KnownParts
 from tasks.engine.plan.hashing import HashProcesses
 from tasks.engine.plan.input import InputSource, check_ids
 from tasks.engine.plan.recurring import recurring_contents
+from tasks.engine.plan.rows import PreparedChunk, _template_of, chunk_statuses, nothing_to_do
 from tasks.engine.plan.shard import Shard, ShardSource
 from tasks.engine.report.metadata import batch_cost, counts, input_record, new_run_id, package_versions, usage, utc_now
 from tasks.engine.report.progress import ProgressBar
 from tasks.engine.send.batch.batch_run import BatchRun
 from tasks.engine.send.batch.policy import BatchPolicy, check_batch_capable
 from tasks.engine.send.budget import Budget
-from tasks.engine.send.chunk import (
-    REROUTED,
-    ChunkRunner,
-    Job,
-    PreparedChunk,
-    RetryPolicy,
-    RunContext,
-    _template_of,
-    chunk_statuses,
-    count_skipped,
-    nothing_to_do,
-    precheck_chunk,
-    prepare_and_look_up,
-    process_chunk,
-)
+from tasks.engine.send.chunk import ChunkRunner, count_skipped, precheck_chunk, prepare_and_look_up, process_chunk
+from tasks.engine.send.context import REROUTED, RetryPolicy, RunContext
 from tasks.engine.send.limits import AdaptiveLimiter, Limits
 from tasks.engine.send.outage import OutageBreaker, OutagePolicy
-from tasks.engine.store.done import KnownParts
 from tasks.engine.store.output import OutputStore
 from tasks.errors import ConfigError, GembatchError, RunStopped
 from tasks.jobs.media import folder_extensions

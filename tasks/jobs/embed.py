@@ -13,8 +13,8 @@ import pyarrow.compute as pc
 from openai.types import CreateEmbeddingResponse
 
 from tasks.defaults import MAX_INPUTS_PER_REQUEST
+from tasks.engine.job import BadReply, Item, Prepared, Reply, RowInvalid, unexpected_reply
 from tasks.engine.plan.hashing import non_blank
-from tasks.engine.send.chunk import BadReply, Item, Prepared, Reply, RowInvalid, unexpected_reply
 from tasks.provider.client import Connection
 
 __all__ = ["EmbedJob", "EMBEDDING_MODELS", "MAX_INPUTS_PER_REQUEST"]

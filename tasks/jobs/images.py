@@ -36,7 +36,7 @@ from openai.types import ImagesResponse
 from PIL import Image
 
 from tasks.defaults import DEFAULT_SIZE
-from tasks.engine.send.chunk import BadReply, Item, Prepared, Reply, RowFailure, RowInvalid, unexpected_reply
+from tasks.engine.job import BadReply, Item, Prepared, Reply, RowFailure, RowInvalid, unexpected_reply
 from tasks.engine.store.output import IMAGES_DIR, LEGACY_IMAGES_DIR, TMP_PREFIX
 from tasks.errors import ConfigError
 from tasks.jobs.embed import estimate_text_tokens

@@ -16,8 +16,8 @@ import numpy as np
 import pyarrow as pa
 from openai.types.chat import ChatCompletion
 
+from tasks.engine.job import Item, Prepared, Reply, RowInvalid
 from tasks.engine.plan.hashing import non_blank
-from tasks.engine.send.chunk import Item, Prepared, Reply, RowInvalid
 from tasks.errors import ConfigError
 from tasks.jobs.chat import create_chat
 from tasks.jobs.embed import estimate_text_tokens
@@ -98,7 +98,7 @@ class TextChatJob:
         raise NotImplementedError
 
     def _parse(self, completion: ChatCompletion) -> Any:
-        """The reply as the job's result, or a :class:`~tasks.engine.send.chunk.RowFailure` saying why not."""
+        """The reply as the job's result, or a :class:`~tasks.engine.job.RowFailure` saying why not."""
         raise NotImplementedError
 
     def surely_valid(self, texts: pa.Array) -> np.ndarray:

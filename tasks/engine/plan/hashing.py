@@ -1,9 +1,9 @@
 """Content hashes of a whole text column at once: the check a rerun does for every input row.
 
 A text job (embed, extract) hashes fields that are the same for every row (job, model, parameters)
-plus the row's text. Encoded as sorted compact JSON (:func:`tasks.engine.send.chunk.content_hash`) that is
+plus the row's text. Encoded as sorted compact JSON (:func:`tasks.engine.plan.rows.content_hash`) that is
 ``head + json_string(text) + tail``, with ``head`` and ``tail`` fixed for the run. So a chunk is hashed
-without building a dict, a :class:`~tasks.engine.send.chunk.Prepared` or a hex string per row:
+without building a dict, a :class:`~tasks.engine.job.Prepared` or a hex string per row:
 
 * the texts come out of Arrow as ``bytes`` in one call;
 * a text with nothing JSON escapes (no ``"``, ``\\`` or control character: found with numpy on the
@@ -11,7 +11,7 @@ without building a dict, a :class:`~tasks.engine.send.chunk.Prepared` or a hex s
 * sha256 runs in one list comprehension and the digests land in one ``(n, 32)`` uint8 array, whose
   first 8 bytes per row are the index's hash key (:func:`digest_keys`), no hex in between.
 
-The bytes hashed are the ones :func:`~tasks.engine.send.chunk.content_hash` hashes, so a content hash is the
+The bytes hashed are the ones :func:`~tasks.engine.plan.rows.content_hash` hashes, so a content hash is the
 same whichever path computed it (tests check it, and every chunk checks one row against the per-row
 path). Rows the job can't vouch for at once (null, blank, too long, not text) take the per-row path.
 """

@@ -16,9 +16,10 @@ import tempfile
 
 import numpy as np
 
+from tasks.engine.job import Job
 from tasks.engine.plan.hashing import HashProcesses
 from tasks.engine.plan.input import InputSource
-from tasks.engine.send.chunk import Job, _template_of, prepare_chunk
+from tasks.engine.plan.rows import _template_of, prepare_chunk
 
 __all__ = ["recurring_contents", "PREPASS_CHUNK_ROWS"]
 

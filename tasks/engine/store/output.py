@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 
 from tasks.engine.memory import release_free_memory
 from tasks.engine.plan.claims import CLAIMS_DIR
+from tasks.engine.plan.done import DoneIndex, NewParts
 from tasks.engine.plan.index import (
     LOCATIONS,
     KeyTable,
@@ -44,7 +45,6 @@ from tasks.engine.plan.index import (
     pair_key,
     pair_keys,
 )
-from tasks.engine.store.done import DoneIndex, NewParts
 from tasks.engine.store.keycache import INDEX_DIR, KEYS_FILE, KeyCache, KeyCacheWriter, part_stamp
 from tasks.errors import ConfigError
 from tasks.redact import redact_data, redact_text

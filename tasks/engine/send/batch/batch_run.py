@@ -33,9 +33,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from tasks.engine.job import Item, Outcome
 from tasks.engine.plan.claims import ClaimBook, Holder, batch_key, chunk_key
 from tasks.engine.plan.claims import log as claims_log
+from tasks.engine.plan.done import KnownParts
 from tasks.engine.plan.index import KeyTable, hash_keys, id_tags
+from tasks.engine.plan.rows import DONE, INVALID, NEW, PREV_ERROR, chunk_statuses
 from tasks.engine.send.batch.fallback import send_rest_live
 from tasks.engine.send.batch.manage import PollBar
 from tasks.engine.send.batch.policy import BatchPolicy
@@ -56,18 +59,8 @@ from tasks.engine.send.batch.records import (
 )
 from tasks.engine.send.batch.results import ResultWriter
 from tasks.engine.send.batch.routes import BatchRoutes
-from tasks.engine.send.chunk import (
-    DONE,
-    INVALID,
-    NEW,
-    PREV_ERROR,
-    Item,
-    Outcome,
-    RunContext,
-    chunk_statuses,
-    prepare_and_look_up,
-)
-from tasks.engine.store.done import KnownParts
+from tasks.engine.send.chunk import prepare_and_look_up
+from tasks.engine.send.context import RunContext
 from tasks.errors import RunStopped
 from tasks.provider.batches import (
     BatchApi,

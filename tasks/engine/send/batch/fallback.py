@@ -8,7 +8,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from tasks.engine.plan.claims import ClaimBook
-from tasks.engine.send.chunk import RunContext
+from tasks.engine.send.context import RunContext
 
 _ADDED = ("requests", "items_sent", "retries", "rate_limited", "transient_errors", "prompt_tokens",
           "completion_tokens", "total_tokens", "estimated_tokens", "images")  # fmt: skip

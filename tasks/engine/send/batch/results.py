@@ -11,9 +11,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from tasks.engine.job import BadReply, Item, Outcome, RowFailure
 from tasks.engine.plan.index import KeyTable, hash_keys, id_tags
 from tasks.engine.send.batch.records import LineRows
-from tasks.engine.send.chunk import BadReply, Item, Outcome, RowFailure, RunContext, rerouted_stop
+from tasks.engine.send.context import RunContext, rerouted_stop
 from tasks.engine.store.output import RETRY_AUTO, RETRY_ON_REQUEST
 from tasks.provider.batches import ReplayTransport, normalise_body, offline_client
 from tasks.provider.catalog import same_model
@@ -199,7 +200,7 @@ class ResultWriter:
 
     def write_rows(self, rows: list[tuple[Any, str, int]], outcomes: list[Outcome], firsts: list[bool]) -> None:
         """Write rows (id, content_hash, input_row) with their outcomes: one results part, one errors part,
-        the same columns as a live chunk's (engine.chunk._write_chunk); the done-key index learns them."""
+        the same columns as a live chunk's (send/chunk.py, _write_chunk); the done-key index learns them."""
         ctx, job, stats = self.ctx, self.ctx.job, self.ctx.stats
         id_type = self.id_type or pa.int64()
         # A row already in the output (a run killed after writing, before marking the batch written).

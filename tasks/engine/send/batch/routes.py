@@ -8,7 +8,8 @@ import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from tasks.engine.send.chunk import Item, RunContext
+from tasks.engine.job import Item
+from tasks.engine.send.context import RunContext
 from tasks.errors import ConfigError, RunStopped
 from tasks.provider.batches import CapturingTransport, RequestCaptured, endpoint_of, offline_client
 from tasks.provider.client import Connection, classify_failure
