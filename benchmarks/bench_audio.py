@@ -72,9 +72,9 @@ def dry_run(folder: Path, out: Path, args: argparse.Namespace) -> dict:
     """What `gembatch transcribe --dry-run` prints, as its document."""
     import asyncio
 
-    from tasks.engine.limits import Limits
-    from tasks.engine.plan import plan_job
+    from tasks.engine.dry_run import plan_job
     from tasks.engine.run import RunOptions
+    from tasks.engine.send.limits import Limits
     from tasks.jobs.transcribe import TranscribeJob
 
     job = TranscribeJob(model="gemini-3.8-flash", segment_s=args.segment_s, segment_format=args.segment_format)

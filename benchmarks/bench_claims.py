@@ -35,8 +35,8 @@ from _common import emulator_stats as stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tasks.engine.claims import ClaimBook, chunk_key  # noqa: E402
-from tasks.engine.store import OutputStore  # noqa: E402
+from tasks.engine.plan.claims import ClaimBook, chunk_key  # noqa: E402
+from tasks.engine.store.output import OutputStore  # noqa: E402
 
 
 def run_together(cmd: list[str], runs: int, env: dict) -> tuple[float, list[tuple[int, int, str]]]:

@@ -82,8 +82,8 @@ def make_output(corpus: Path, out: Path, dimensions: int, chunk_size: int, job_n
     the long first run."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from schemas.examples import Invoice
-    from tasks.engine.chunk import prepare_chunk
-    from tasks.engine.store import OutputStore
+    from tasks.engine.plan.rows import prepare_chunk
+    from tasks.engine.store.output import OutputStore
     from tasks.jobs.embed import EmbedJob
     from tasks.jobs.extract import ExtractJob
 

@@ -245,7 +245,7 @@ def batches(
     """List the batches recorded in OUTPUT/_batches/ with their states; --cancel cancels them."""
     from rich.table import Table
 
-    from tasks.engine.batch import manage_batches
+    from tasks.engine.send.batch.manage import manage_batches
     from tasks.provider.client import ProviderSettings
 
     settings = None

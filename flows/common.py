@@ -16,10 +16,11 @@ from typing import Any
 from flows.engine_options import options_from
 from flows.local import local_provider
 from flows.params import CommonOptions, flat_parameters
-from tasks.engine.chunk import Job, process_chunk
-from tasks.engine.limits import Limits
-from tasks.engine.metadata import summary_rows
+from tasks.engine.job import Job
+from tasks.engine.report.metadata import summary_rows
 from tasks.engine.run import COMPLETED, run_job
+from tasks.engine.send.chunk import process_chunk
+from tasks.engine.send.limits import Limits
 from tasks.errors import GembatchError, RunNotCompleted
 from tasks.redact import redact_text
 
@@ -83,7 +84,7 @@ async def run_untracked(job: Job, parameters: dict[str, Any]) -> dict[str, Any]:
     artifact, ``flow_run_id`` null in the metadata. What `gembatch` does when no Prefect API is set."""
     options = options_from(parameters)
     if options.dry_run:
-        from tasks.engine.plan import plan_job
+        from tasks.engine.dry_run import plan_job
 
         return await plan_job(job, options)
     if parameters.get("shards", 1) > 1 and not parameters.get("shard"):
@@ -97,7 +98,7 @@ async def run_untracked(job: Job, parameters: dict[str, Any]) -> dict[str, Any]:
 
 async def _shared_limits(host: str, model: str, limits: Limits) -> Any:
     """A tracked run shares its quota with every other on the same host and model (docs/how-to/scale-out.md)."""
-    from tasks.engine.shared_limits import open_shared_limits
+    from tasks.engine.send.shared_limits import open_shared_limits
 
     return await open_shared_limits(host, model, limits.rpm, limits.tpm, window_s=limits.window_s)
 
@@ -116,7 +117,7 @@ async def _run(job: Job, parameters: dict[str, Any]) -> dict[str, Any]:
 
     options = options_from(parameters)
     if options.dry_run:
-        from tasks.engine.plan import plan_job
+        from tasks.engine.dry_run import plan_job
 
         document = await plan_job(job, options)
         get_run_logger().info("dry run: %s", document["counts"] | document["estimate"])

@@ -5,12 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from flows.params import CommonOptions
-from tasks.engine.batch import BatchPolicy
-from tasks.engine.chunk import RetryPolicy
-from tasks.engine.limits import Limits
-from tasks.engine.outage import OutagePolicy
+from tasks.engine.plan.shard import Shard
 from tasks.engine.run import RunOptions
-from tasks.engine.shard import Shard
+from tasks.engine.send.batch.policy import BatchPolicy
+from tasks.engine.send.context import RetryPolicy
+from tasks.engine.send.limits import Limits
+from tasks.engine.send.outage import OutagePolicy
 from tasks.provider.client import ProviderSettings
 
 __all__ = ["options_from", "run_options"]

@@ -46,7 +46,7 @@ def choose_model(parameters: dict[str, Any], job: str, default: str) -> str:
 def _output_owner(output: str | None) -> dict[str, Any] | None:
     if not output:
         return None
-    from tasks.engine.store import OutputStore
+    from tasks.engine.store.output import OutputStore
 
     try:
         return OutputStore(output).owner()

@@ -170,7 +170,7 @@ def print_summary(document: dict[str, Any]) -> None:
     if document["status"] == "dry run":
         print_plan(document)
         return
-    from tasks.engine.metadata import summary_rows
+    from tasks.engine.report.metadata import summary_rows
 
     table = Table(title=f"gembatch {document['job']}", show_header=False)
     table.add_column("metric", style="bold")

@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flows.params import CommonOptions
-from tasks.engine.chunk import Job
-from tasks.engine.metadata import input_record, new_run_id, package_versions, utc_now
+from tasks.engine.job import Job
+from tasks.engine.report.metadata import input_record, new_run_id, package_versions, utc_now
 from tasks.errors import ConfigError
 from tasks.redact import redact_data
 
@@ -92,9 +92,9 @@ async def run_sharded(job: Job, parameters: dict[str, Any]) -> dict[str, Any]:
     from prefect.runtime import flow_run
 
     from flows.engine_options import options_from
-    from tasks.engine.io import check_ids
+    from tasks.engine.plan.input import check_ids
     from tasks.engine.run import preflight
-    from tasks.engine.store import OutputStore
+    from tasks.engine.store.output import OutputStore
 
     options = options_from(parameters)
     count = parameters["shards"]
@@ -312,7 +312,7 @@ def _rows_written_by(store: Any, run_ids: set[str]) -> dict[str, int]:
     """Result rows in the output written by these runs (read from each part's footer: its run id)."""
     import pyarrow.parquet as pq
 
-    from tasks.engine.store import META_KEY
+    from tasks.engine.store.output import META_KEY
 
     rows: dict[str, int] = {}
     for path in store.result_files():

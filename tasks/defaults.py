@@ -29,7 +29,7 @@ DEFAULT_SEGMENT_FORMAT = "mp3"
 
 DEFAULT_SIZE = "1024x1024"
 
-# Batch mode (tasks/engine/batch.py): polls, requests per batch (OpenAI's cap per input file), and the
+# Batch mode (tasks/engine/send/batch/policy.py): polls, requests per batch (OpenAI's cap per input file), and the
 # smallest request file --mode auto sends as a batch.
 DEFAULT_BATCH_POLL_S = 30.0
 MAX_BATCH_REQUESTS = 50_000

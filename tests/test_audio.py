@@ -26,7 +26,7 @@ import pytest
 from conftest import REPO, TEST_KEY, TEST_KEY_ENV, assert_balanced, read_errors, read_output
 
 from emulator.fakes import fake_caption, fake_transcript
-from tasks.engine.plan import plan_job
+from tasks.engine.dry_run import plan_job
 from tasks.engine.run import RunOptions, run_job
 from tasks.errors import InputError
 from tasks.jobs.audio import SAMPLE_RATE, SEGMENT_CODECS, cut_points, iter_segments, probe, quiet_cut
@@ -306,8 +306,8 @@ def test_a_segment_too_big_for_the_inline_limit_is_refused_before_any_work():
 
 
 def test_the_progress_bar_counts_audio_minutes_done():
-    from tasks.engine.chunk import RunStats
-    from tasks.engine.progress import ProgressBar
+    from tasks.engine.report.progress import ProgressBar
+    from tasks.engine.send.context import RunStats
 
     bar = ProgressBar("transcribe", 3, RunStats(), enabled=True, unit=TranscribeJob.progress_unit)
     try:

@@ -25,7 +25,7 @@ from conftest import REPO, TEST_KEY, TEST_KEY_ENV, assert_balanced, read_errors,
 from fsspec.implementations.local import LocalFileSystem
 
 from flows.extract import extract_job
-from tasks.engine.io import CSV_BLOCK_BYTES
+from tasks.engine.plan.input import CSV_BLOCK_BYTES
 from tasks.engine.run import RunOptions, run_job
 from tasks.errors import ConfigError, InputError
 from tasks.jobs.caption import CaptionJob

@@ -30,8 +30,8 @@ from conftest import (
 from emulator import Emulator, EmulatorConfig
 from emulator.batches import _gemini_body
 from schemas.examples import Invoice
-from tasks.engine.batch import BatchPolicy
 from tasks.engine.run import RunOptions, run_job
+from tasks.engine.send.batch.policy import BatchPolicy
 from tasks.errors import ConfigError
 from tasks.jobs.caption import CaptionJob
 from tasks.jobs.embed import EmbedJob
@@ -435,7 +435,7 @@ def test_batches_cancel_keeps_finished_lines_and_the_next_run_sends_the_rest(emu
 
 
 def test_dry_run_counts_batches_and_prices_them_at_half(tmp_path):
-    from tasks.engine.plan import plan_job
+    from tasks.engine.dry_run import plan_job
 
     def plan(mode: str, **policy) -> dict:
         options = RunOptions(

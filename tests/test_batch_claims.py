@@ -1,4 +1,4 @@
-"""Two `--mode batch` runs on one output never submit a row twice (the claims of tasks/engine/claims.py, in batch mode).
+"""Two `--mode batch` runs on one output never submit a row twice (plan/claims.py, in batch mode).
 
 Real `gembatch embed --mode batch` processes against the emulator's batch API on loopback, whose files
 and batches requests are slowed down so that the runs' submissions overlap. What the runs submitted is

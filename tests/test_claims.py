@@ -36,7 +36,7 @@ from conftest import (
 from test_embed import expected_vector
 
 from emulator import Emulator, EmulatorConfig
-from tasks.engine.claims import CLAIMS_DIR, ClaimPolicy, chunk_key
+from tasks.engine.plan.claims import CLAIMS_DIR, ClaimPolicy, chunk_key
 from tasks.engine.run import RunOptions, run_job
 from tasks.jobs.embed import EmbedJob
 from tasks.provider.client import ProviderSettings
@@ -238,7 +238,7 @@ def foreign_claim(path: Path, *, run_id: str, renewed_ago_s: float) -> None:
 
 
 def first_chunk_key(texts: dict[int, str]) -> str:
-    from tasks.engine.chunk import prepare_chunk
+    from tasks.engine.plan.rows import prepare_chunk
 
     job = EmbedJob(model="gemini-embedding-001", dimensions=DIMS, batch_size=BATCH)
     ids = list(texts)[:CHUNK]
@@ -322,7 +322,7 @@ def folder(request, tmp_path):
 
 
 def test_one_holder_at_a_time_and_a_stale_claim_goes_to_one_taker(folder):
-    from tasks.engine.claims import ClaimBook
+    from tasks.engine.plan.claims import ClaimBook
 
     fs, root = folder
     a, b, c = (ClaimBook(fs, root, run_id) for run_id in ("run-a", "run-b", "run-c"))
@@ -352,7 +352,7 @@ def test_one_holder_at_a_time_and_a_stale_claim_goes_to_one_taker(folder):
 
 
 def test_a_claim_lapses_when_its_run_stops_ticking(folder):
-    from tasks.engine.claims import ClaimBook
+    from tasks.engine.plan.claims import ClaimBook
 
     fs, root = folder
     policy = ClaimPolicy(ttl_s=0.6, heartbeat_s=0.1, poll_s=0.05)
@@ -382,7 +382,7 @@ def test_a_claim_lapses_when_its_run_stops_ticking(folder):
 def test_an_unreadable_claim_counts_from_its_modification_time(tmp_path):
     import fsspec
 
-    from tasks.engine.claims import ClaimBook
+    from tasks.engine.plan.claims import ClaimBook
 
     book = ClaimBook(fsspec.filesystem("file"), str(tmp_path), "run-x")
     book.start()

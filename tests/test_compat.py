@@ -21,9 +21,9 @@ from conftest import TEST_KEY, TEST_KEY_ENV, assert_balanced, read_errors, read_
 from test_embed import expected_vector
 from test_faults import CASES, Case
 
-from tasks.engine.chunk import RetryPolicy
-from tasks.engine.limits import Limits
 from tasks.engine.run import RunOptions, run_job
+from tasks.engine.send.context import RetryPolicy
+from tasks.engine.send.limits import Limits
 from tasks.errors import ConfigError
 from tasks.jobs.embed import EmbedJob
 from tasks.provider.client import ProviderSettings, check_model, open_connection

@@ -8,9 +8,9 @@ import pytest
 from conftest import REPO, TEST_KEY_ENV, assert_balanced, read_output, write_corpus
 from test_embed import assert_vectors_match, run_embed
 
-from tasks.engine.limits import Limits
-from tasks.engine.plan import plan_job
+from tasks.engine.dry_run import plan_job
 from tasks.engine.run import RunOptions
+from tasks.engine.send.limits import Limits
 from tasks.errors import ConfigError
 from tasks.jobs.embed import EmbedJob
 from tasks.provider.client import ProviderSettings

@@ -14,8 +14,8 @@ import pytest
 from conftest import CORPUS, TEST_KEY, TEST_KEY_ENV, assert_balanced, read_errors, read_output, write_corpus
 
 from emulator.fakes import fake_embedding
-from tasks.engine.limits import Limits
 from tasks.engine.run import RunOptions, run_job
+from tasks.engine.send.limits import Limits
 from tasks.errors import ConfigError, InputError
 from tasks.jobs.embed import EmbedJob
 from tasks.provider.client import ProviderSettings

@@ -22,7 +22,7 @@ from emulator.faults import BAD_JSON_REPLY
 from flows.extract import extract_job
 from schemas.arrow import model_mapping
 from schemas.examples import CalendarEvent, Invoice
-from tasks.engine.chunk import RowFailure
+from tasks.engine.job import RowFailure
 from tasks.engine.run import RunOptions, run_job
 from tasks.errors import ConfigError
 from tasks.jobs.extract import ExtractJob, import_model

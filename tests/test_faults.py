@@ -39,9 +39,9 @@ from test_transcribe import expected as expected_transcript
 
 from emulator.fakes import fake_chat_text, fake_json_for_schema, fake_png
 from schemas.examples import Contract, Invoice, Receipt
-from tasks.engine.chunk import RetryPolicy
-from tasks.engine.limits import Limits
 from tasks.engine.run import RunOptions, run_job
+from tasks.engine.send.context import RetryPolicy
+from tasks.engine.send.limits import Limits
 from tasks.jobs.caption import CaptionJob
 from tasks.jobs.embed import EmbedJob
 from tasks.jobs.extract import ExtractJob

@@ -16,9 +16,9 @@ from emulator.catalog import REASONING_EFFORT_TOKENS
 from emulator.chat import CHARS_PER_TOKEN, choice_text
 from emulator.fakes import count_tokens, fake_chat_text
 from flows.jobs import generate_job
-from tasks.engine.chunk import RetryPolicy
-from tasks.engine.plan import plan_job
+from tasks.engine.dry_run import plan_job
 from tasks.engine.run import RunOptions, run_job
+from tasks.engine.send.context import RetryPolicy
 from tasks.errors import ConfigError
 from tasks.jobs.generate import GenerateJob, template_columns
 from tasks.provider.client import ProviderSettings

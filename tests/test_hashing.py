@@ -1,4 +1,4 @@
-"""Content hashes a column at once (tasks/engine/hashing.py): the same bytes as the per-row path, so an
+"""Content hashes a column at once (tasks/engine/plan/hashing.py): the same bytes as the per-row path, so an
 output written before is still recognised as done, row for row."""
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ import pyarrow.parquet as pq
 from conftest import TEST_KEY_ENV, assert_balanced, read_output
 
 from schemas.examples import Invoice
-from tasks.engine.chunk import chunk_payloads, prepare_chunk, prepare_rows, row_hashes
-from tasks.engine.hashing import HashProcesses, non_blank
+from tasks.engine.plan.hashing import HashProcesses, non_blank
+from tasks.engine.plan.rows import chunk_payloads, prepare_chunk, prepare_rows, row_hashes
 from tasks.engine.run import RunOptions, run_job
-from tasks.engine.store import OutputStore
+from tasks.engine.store.output import OutputStore
 from tasks.jobs.embed import EmbedJob
 from tasks.jobs.extract import ExtractJob
 from tasks.provider.client import ProviderSettings

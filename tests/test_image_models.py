@@ -22,9 +22,9 @@ from conftest import REPO, TEST_KEY, TEST_KEY_ENV, assert_balanced, read_errors,
 from test_images import SIZE, assert_images_match, run_images, sample_prompts, write_prompts
 
 from flows.images import images_job
-from tasks.engine.budget import Budget
-from tasks.engine.plan import plan_job
+from tasks.engine.dry_run import plan_job
 from tasks.engine.run import RunOptions
+from tasks.engine.send.budget import Budget
 from tasks.errors import ConfigError
 from tasks.jobs.image_models import IMAGE_MODELS, check_image_request
 from tasks.jobs.images import ImagesJob

@@ -22,7 +22,7 @@ from PIL import Image
 
 from emulator.fakes import fake_image, fake_png
 from flows.images import images_job
-from tasks.engine.chunk import BadReply, Item, Prepared
+from tasks.engine.job import BadReply, Item, Prepared
 from tasks.engine.run import RunOptions, run_job
 from tasks.errors import ConfigError
 from tasks.jobs.images import IMAGES_DIR, LEGACY_IMAGES_DIR, ImagesJob

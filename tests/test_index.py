@@ -17,8 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import REPO, TEST_KEY_ENV, assert_balanced, read_errors, read_output, write_corpus
 
-from tasks.engine.chunk import content_hash, content_hashes, prepare_chunk, process_chunk
-from tasks.engine.index import (
+from tasks.engine.plan.index import (
     FP_LEVEL_ROWS,
     FP_MAX_LEVELS,
     FP_PARTITIONS,
@@ -30,9 +29,11 @@ from tasks.engine.index import (
     id_tags,
     pair_key,
 )
-from tasks.engine.io import InputSource, check_ids
+from tasks.engine.plan.input import InputSource, check_ids
+from tasks.engine.plan.rows import content_hash, content_hashes, prepare_chunk
 from tasks.engine.run import RunOptions, run_job
-from tasks.engine.store import OutputStore
+from tasks.engine.send.chunk import process_chunk
+from tasks.engine.store.output import OutputStore
 from tasks.errors import InputError
 from tasks.jobs.embed import EmbedJob
 from tasks.provider.client import ProviderSettings
@@ -189,8 +190,8 @@ def test_a_scanned_output_is_held_in_4_bytes_a_row_and_matches_are_confirmed_in_
 SCAN_IN_CHILD = """
 import json, sys
 sys.path.insert(0, sys.argv[1])
-from tasks.engine.store import OutputStore
-from tasks.engine.index import pair_key
+from tasks.engine.store.output import OutputStore
+from tasks.engine.plan.index import pair_key
 index = OutputStore(sys.argv[2]).scan("id")
 levels = [[lv.offsets.tolist(), lv.entries.tolist()] for lv in index.results._levels]
 print(json.dumps({"levels": levels, "pair": list(pair_key("doc-7", "ab" * 32))}))

@@ -12,9 +12,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.engine.index import hash_keys
-from tasks.engine.keycache import INDEX_DIR, KEYS_FILE
-from tasks.engine.store import OutputStore
+from tasks.engine.plan.index import hash_keys
+from tasks.engine.store.keycache import INDEX_DIR, KEYS_FILE
+from tasks.engine.store.output import OutputStore
 
 
 def sha(i: object) -> str:

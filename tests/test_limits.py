@@ -11,7 +11,7 @@ from conftest import assert_balanced, read_output, write_corpus
 from test_embed import assert_vectors_match, run_embed
 
 from emulator.limits import busiest_window
-from tasks.engine.limits import START_IN_FLIGHT, AdaptiveLimiter, Limits
+from tasks.engine.send.limits import START_IN_FLIGHT, AdaptiveLimiter, Limits
 
 
 async def drive(limiter: AdaptiveLimiter, n: int, latency, *, starts: list[float] | None = None) -> float:

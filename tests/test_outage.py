@@ -23,10 +23,10 @@ import pytest
 from conftest import TEST_KEY, TEST_KEY_ENV, assert_balanced, read_errors, read_output, write_corpus
 from test_embed import expected_vector
 
-from tasks.engine.chunk import RetryPolicy
-from tasks.engine.limits import Limits
-from tasks.engine.outage import OutagePolicy
 from tasks.engine.run import RunOptions, run_job
+from tasks.engine.send.context import RetryPolicy
+from tasks.engine.send.limits import Limits
+from tasks.engine.send.outage import OutagePolicy
 from tasks.jobs.embed import EmbedJob
 from tasks.provider.client import ProviderSettings
 

@@ -20,7 +20,7 @@ import pytest
 from conftest import TEST_KEY_ENV, read_errors, read_output
 from PIL import Image, ImageCms
 
-from tasks.engine.plan import plan_job
+from tasks.engine.dry_run import plan_job
 from tasks.engine.run import RunOptions, run_job
 from tasks.jobs.caption import DEFAULT_CAPTION_PROMPT, CaptionJob
 from tasks.jobs.embed import estimate_text_tokens

@@ -1,4 +1,4 @@
-"""A first run remembers only the results of contents that recur in its input (tasks/engine/recurring.py)."""
+"""A first run remembers only the results of contents that recur in its input (tasks/engine/plan/recurring.py)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ import numpy as np
 import pyarrow as pa
 from conftest import TEST_KEY_ENV, assert_balanced, read_output, write_corpus
 
-from tasks.engine.chunk import prepare_chunk, process_chunk
-from tasks.engine.io import InputSource
-from tasks.engine.recurring import PREPASS_CHUNK_ROWS, recurring_contents
+from tasks.engine.plan.input import InputSource
+from tasks.engine.plan.recurring import PREPASS_CHUNK_ROWS, recurring_contents
+from tasks.engine.plan.rows import prepare_chunk
 from tasks.engine.run import RunOptions, run_job
+from tasks.engine.send.chunk import process_chunk
 from tasks.jobs.embed import EmbedJob
 from tasks.provider.client import ProviderSettings
 

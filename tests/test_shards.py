@@ -306,7 +306,7 @@ def test_a_daily_quota_stop_stops_every_run_on_the_key_and_a_rerun_after_the_res
     from prefect.client.schemas.actions import VariableUpdate
 
     from flows.params import CommonOptions
-    from tasks.engine.shared_limits import SLOTS_PER_REQUEST, daily_quota_variable, limit_names, rate_settings
+    from tasks.engine.send.shared_limits import SLOTS_PER_REQUEST, daily_quota_variable, limit_names, rate_settings
 
     rows = 1000  # 10 requests of 100 each, one part per request
     inputs = {}
@@ -387,8 +387,8 @@ def test_a_daily_quota_stop_stops_every_run_on_the_key_and_a_rerun_after_the_res
 
 
 def test_shards_are_disjoint_cover_the_input_and_do_not_depend_on_row_order(tmp_path):
-    from tasks.engine.io import InputSource
-    from tasks.engine.shard import Shard, ShardSource
+    from tasks.engine.plan.input import InputSource
+    from tasks.engine.plan.shard import Shard, ShardSource
 
     ids = list(range(10_000))
     path = write_corpus(tmp_path / "in.parquet", ids, [f"t{i}" for i in ids])
@@ -409,7 +409,7 @@ def test_shards_are_disjoint_cover_the_input_and_do_not_depend_on_row_order(tmp_
 
 @pytest.mark.parametrize("spec", ["0/4", "5/4", "2", "a/b", "1/0"])
 def test_a_bad_shard_spec_says_how_to_write_it(spec):
-    from tasks.engine.shard import Shard
+    from tasks.engine.plan.shard import Shard
     from tasks.errors import ConfigError
 
     with pytest.raises(ConfigError, match="--shard"):
@@ -418,7 +418,7 @@ def test_a_bad_shard_spec_says_how_to_write_it(spec):
 
 @pytest.mark.parametrize("rpm", [5, 60, 300, 1500, 10_000])
 def test_a_shared_limit_is_the_rate_itself_in_blocks_several_processes_can_hold(rpm):
-    from tasks.engine.shared_limits import SLOTS_PER_REQUEST, rate_settings
+    from tasks.engine.send.shared_limits import SLOTS_PER_REQUEST, rate_settings
 
     s = rate_settings(rpm, SLOTS_PER_REQUEST)
     # Every request sent in the last window (and its arrival jitter) holds its slot: the limit is R.
@@ -436,7 +436,7 @@ def test_processes_sharing_a_limit_never_spend_more_than_it_in_a_window_and_use_
 
     from prefect.client.orchestration import get_client
 
-    from tasks.engine.shared_limits import limit_names, open_shared_limits
+    from tasks.engine.send.shared_limits import limit_names, open_shared_limits
 
     window, rpm, seconds = 3.0, 30, 8.0
     name, _ = limit_names("window.example", "m")
@@ -483,8 +483,8 @@ def test_processes_held_back_by_one_rate_split_its_pace_instead_of_bursting(pref
 
     from prefect.client.orchestration import get_client
 
-    from tasks.engine.limits import AdaptiveLimiter, Limits
-    from tasks.engine.shared_limits import limit_names, open_shared_limits, senders_name
+    from tasks.engine.send.limits import AdaptiveLimiter, Limits
+    from tasks.engine.send.shared_limits import limit_names, open_shared_limits, senders_name
 
     window, rpm, seconds = 6.0, 60, 9.0
     name, _ = limit_names("pace.example", "m")
@@ -540,8 +540,8 @@ def test_a_rate_cut_after_429s_in_one_process_lowers_the_shared_limit_until_it_r
 
     from prefect.client.orchestration import get_client
 
-    from tasks.engine.limits import AdaptiveLimiter, Limits
-    from tasks.engine.shared_limits import limit_names, open_shared_limits
+    from tasks.engine.send.limits import AdaptiveLimiter, Limits
+    from tasks.engine.send.shared_limits import limit_names, open_shared_limits
 
     name, _ = limit_names("cut.example", "m")
 

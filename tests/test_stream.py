@@ -21,8 +21,8 @@ from openai import OpenAI
 from emulator.fakes import fake_chat_text
 from emulator.streaming import STREAM_FAULTS
 from schemas.examples import Invoice
-from tasks.engine.chunk import RetryPolicy
 from tasks.engine.run import RunOptions, run_job
+from tasks.engine.send.context import RetryPolicy
 from tasks.errors import ConfigError
 from tasks.jobs.caption import CaptionJob
 from tasks.jobs.embed import EmbedJob
@@ -194,7 +194,7 @@ def test_the_emulator_streams_usage_last_and_marks_faults_on_the_wire(emulator):
 
 
 def test_first_token_figures_stay_bounded_and_exact_while_small():
-    from tasks.engine.timings import Timings
+    from tasks.engine.send.timings import Timings
 
     small = Timings()
     for s in (0.3, 0.1, 0.2, 0.4, 1.0):

@@ -23,9 +23,9 @@ from emulator.chat import BAD_ARGUMENTS, UNKNOWN_FUNCTION
 from emulator.fakes import fake_json_for_schema
 from flows.jobs import extract_job
 from schemas.examples import CalendarEvent, Contract, Invoice, Receipt
-from tasks.engine.chunk import RetryPolicy
-from tasks.engine.plan import plan_job
+from tasks.engine.dry_run import plan_job
 from tasks.engine.run import RunOptions, run_job
+from tasks.engine.send.context import RetryPolicy
 from tasks.errors import ConfigError
 from tasks.jobs.extract import ExtractJob
 from tasks.jobs.tools import ToolsExtractJob, function_name

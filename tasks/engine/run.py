@@ -15,35 +15,26 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from tasks.defaults import DEFAULT_CHUNK_SIZE
-from tasks.engine.batch import BatchPolicy, BatchRun, check_batch_capable
-from tasks.engine.budget import Budget
-from tasks.engine.chunk import (
-    REROUTED,
-    ChunkRunner,
-    Job,
-    PreparedChunk,
-    RetryPolicy,
-    RunContext,
-    _template_of,
-    chunk_statuses,
-    count_skipped,
-    nothing_to_do,
-    precheck_chunk,
-    prepare_and_look_up,
-    process_chunk,
-)
-from tasks.engine.claims import COMPACT_KEY, ClaimBook, ClaimPolicy, Holder, chunk_key
-from tasks.engine.claims import log as claims_log
-from tasks.engine.hashing import HashProcesses
-from tasks.engine.io import InputSource, check_ids
-from tasks.engine.limits import AdaptiveLimiter, Limits
+from tasks.engine.job import Job
 from tasks.engine.memory import release_free_memory
-from tasks.engine.metadata import batch_cost, counts, input_record, new_run_id, package_versions, usage, utc_now
-from tasks.engine.outage import OutageBreaker, OutagePolicy
-from tasks.engine.progress import ProgressBar
-from tasks.engine.recurring import recurring_contents
-from tasks.engine.shard import Shard, ShardSource
-from tasks.engine.store import KnownParts, OutputStore
+from tasks.engine.plan.claims import COMPACT_KEY, ClaimBook, ClaimPolicy, Holder, chunk_key
+from tasks.engine.plan.claims import log as claims_log
+from tasks.engine.plan.done import KnownParts
+from tasks.engine.plan.hashing import HashProcesses
+from tasks.engine.plan.input import InputSource, check_ids
+from tasks.engine.plan.recurring import recurring_contents
+from tasks.engine.plan.rows import PreparedChunk, _template_of, chunk_statuses, nothing_to_do
+from tasks.engine.plan.shard import Shard, ShardSource
+from tasks.engine.report.metadata import batch_cost, counts, input_record, new_run_id, package_versions, usage, utc_now
+from tasks.engine.report.progress import ProgressBar
+from tasks.engine.send.batch.batch_run import BatchRun
+from tasks.engine.send.batch.policy import BatchPolicy, check_batch_capable
+from tasks.engine.send.budget import Budget
+from tasks.engine.send.chunk import ChunkRunner, count_skipped, precheck_chunk, prepare_and_look_up, process_chunk
+from tasks.engine.send.context import REROUTED, RetryPolicy, RunContext
+from tasks.engine.send.limits import AdaptiveLimiter, Limits
+from tasks.engine.send.outage import OutageBreaker, OutagePolicy
+from tasks.engine.store.output import OutputStore
 from tasks.errors import ConfigError, GembatchError, RunStopped
 from tasks.jobs.media import folder_extensions
 from tasks.provider.catalog import lifecycle_note
@@ -52,7 +43,7 @@ from tasks.provider.prices import BATCH_PRICE_FACTOR
 from tasks.redact import redact_data
 
 if TYPE_CHECKING:
-    from tasks.engine.shared_limits import SharedLimits
+    from tasks.engine.send.shared_limits import SharedLimits
 
 __all__ = ["DEFAULT_CHUNK_SIZE", "COMPLETED", "COMPLETED_WITH_ERRORS", "RunOptions", "preflight", "run_job"]
 
@@ -78,7 +69,7 @@ class RunOptions:
     provider: ProviderSettings = field(default_factory=ProviderSettings)
     limits: Limits = field(default_factory=Limits)
     retry: RetryPolicy = field(default_factory=RetryPolicy)
-    # When the provider is down (its max_outage_s is --max-outage): see tasks/engine/outage.py.
+    # When the provider is down (its max_outage_s is --max-outage): see tasks/engine/send/outage.py.
     outage: OutagePolicy = field(default_factory=OutagePolicy)
     chunk_size: int = DEFAULT_CHUNK_SIZE
     chunks_in_flight: int = DEFAULT_CHUNKS_IN_FLIGHT
@@ -92,12 +83,12 @@ class RunOptions:
     dry_run: bool = False
     # A run whose failed rows are more than this share of its input (in %) is "completed with errors".
     max_failed_pct: float = 0.0
-    # --mode live|batch|auto and the batch settings (tasks/engine/batch.py).
+    # --mode live|batch|auto and the batch settings (tasks/engine/send/batch/policy.py).
     batch: BatchPolicy = field(default_factory=BatchPolicy)
     # Only this part of the input (--shard I/N): other shards write into the same output at the same
     # time, so this run deletes and rewrites nothing (no compaction: the parent of the shards does it).
     shard: Shard | None = None
-    # Claims on the output's chunks, so concurrent runs never send a row twice: see tasks/engine/claims.py.
+    # Claims on the output's chunks, so concurrent runs never send a row twice: see tasks/engine/plan/claims.py.
     claims: ClaimPolicy = field(default_factory=ClaimPolicy)
 
     def __post_init__(self) -> None:
@@ -110,7 +101,7 @@ class RunOptions:
 
 
 # The budget shared with other processes on the same host and model, given the run's host, model and
-# limits (tasks/engine/shared_limits.py: open_shared_limits); None: nothing to share.
+# limits (tasks/engine/send/shared_limits.py: open_shared_limits); None: nothing to share.
 SharedFactory = Callable[[str, str, Limits], Awaitable[Any]]
 
 
@@ -238,7 +229,7 @@ async def run_job(
         )
         if options.batch.mode == "live" and index.result_rows < total_rows:
             # Rows to send (a first run, a resumed one): find the contents that recur, so that the index
-            # learns only those of this run's results (see tasks/engine/recurring.py). A rerun of a
+            # learns only those of this run's results (see tasks/engine/plan/recurring.py). A rerun of a
             # finished output skips this and its index learns the few rows it sends, as before.
             ctx.recurring = await asyncio.to_thread(recurring_contents, job, source, options.id_col, total_rows)
             release_free_memory()
@@ -652,7 +643,7 @@ class _Chunks:
 
 
 async def _take_lease(store: OutputStore, run_id: str, policy: ClaimPolicy) -> ClaimBook:
-    """Write this run's lease on the output folder and start renewing it (see tasks/engine/claims.py);
+    """Write this run's lease on the output folder and start renewing it (see tasks/engine/plan/claims.py);
     then wait while another run compacts the folder."""
     claims = ClaimBook(store.fs, store.root, run_id, policy)
     await asyncio.to_thread(claims.start)

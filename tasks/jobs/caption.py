@@ -12,7 +12,7 @@ import pyarrow as pa
 from openai.types.chat import ChatCompletion
 
 from tasks.defaults import DEFAULT_CAPTION_PROMPT, DEFAULT_MAX_SIDE
-from tasks.engine.chunk import BadReply, Item, Prepared, Reply, RowFailure, RowInvalid, unexpected_reply
+from tasks.engine.job import BadReply, Item, Prepared, Reply, RowFailure, RowInvalid, unexpected_reply
 from tasks.jobs.chat import create_chat
 from tasks.jobs.embed import estimate_text_tokens
 from tasks.jobs.images_io import (

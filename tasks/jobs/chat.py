@@ -21,7 +21,7 @@ import openai
 from openai._models import construct_type
 from openai.types.chat import ChatCompletion
 
-from tasks.engine.chunk import BadReply, Reply, unexpected_reply
+from tasks.engine.job import BadReply, Reply, unexpected_reply
 from tasks.provider.client import Connection
 
 __all__ = ["ChatAnswer", "create_chat", "thinking_tokens"]

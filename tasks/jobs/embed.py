@@ -13,8 +13,8 @@ import pyarrow.compute as pc
 from openai.types import CreateEmbeddingResponse
 
 from tasks.defaults import MAX_INPUTS_PER_REQUEST
-from tasks.engine.chunk import BadReply, Item, Prepared, Reply, RowInvalid, unexpected_reply
-from tasks.engine.hashing import non_blank
+from tasks.engine.job import BadReply, Item, Prepared, Reply, RowInvalid, unexpected_reply
+from tasks.engine.plan.hashing import non_blank
 from tasks.provider.client import Connection
 
 __all__ = ["EmbedJob", "EMBEDDING_MODELS", "MAX_INPUTS_PER_REQUEST"]
@@ -49,10 +49,10 @@ class EmbedJob:
     batch_size: int = MAX_INPUTS_PER_REQUEST
 
     name = "embed"
-    # A reply that names another model stops the run before its vectors are written (tasks/engine/chunk.py):
+    # A reply that names another model stops the run before its vectors are written (tasks/engine/send/chunk.py):
     # an index of one model's vectors must not take another's.
     stop_on_reroute = True
-    # prepare()'s fields are the same for every row but this one, the text as-is: see tasks/engine/hashing.py.
+    # prepare()'s fields are the same for every row but this one, the text as-is: see tasks/engine/plan/hashing.py.
     hash_text_field = "input"
 
     def __post_init__(self) -> None:

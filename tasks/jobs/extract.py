@@ -20,7 +20,7 @@ from pydantic import BaseModel, ValidationError
 
 from schemas.arrow import ModelMapping, model_mapping
 from schemas.dialects import DialectSchema, build_schema, needs_restore, response_format_name, restore_defaults
-from tasks.engine.chunk import RowFailure
+from tasks.engine.job import RowFailure
 from tasks.errors import ConfigError
 from tasks.jobs.text_chat import REASONING_EFFORTS, TextChatJob
 

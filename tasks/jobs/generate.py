@@ -15,7 +15,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from tasks.engine.chunk import Item, Prepared, Reply, RowFailure, RowInvalid
+from tasks.engine.job import Item, Prepared, Reply, RowFailure, RowInvalid
 from tasks.errors import ConfigError
 from tasks.jobs.chat import create_chat, thinking_tokens
 from tasks.jobs.embed import estimate_text_tokens

@@ -36,8 +36,8 @@ from openai.types import ImagesResponse
 from PIL import Image
 
 from tasks.defaults import DEFAULT_SIZE
-from tasks.engine.chunk import BadReply, Item, Prepared, Reply, RowFailure, RowInvalid, unexpected_reply
-from tasks.engine.store import IMAGES_DIR, LEGACY_IMAGES_DIR, TMP_PREFIX
+from tasks.engine.job import BadReply, Item, Prepared, Reply, RowFailure, RowInvalid, unexpected_reply
+from tasks.engine.store.output import IMAGES_DIR, LEGACY_IMAGES_DIR, TMP_PREFIX
 from tasks.errors import ConfigError
 from tasks.jobs.embed import estimate_text_tokens
 from tasks.jobs.image_models import MAX_IMAGES_PER_PROMPT, check_image_request

@@ -16,8 +16,8 @@ import numpy as np
 import pyarrow as pa
 from openai.types.chat import ChatCompletion
 
-from tasks.engine.chunk import Item, Prepared, Reply, RowInvalid
-from tasks.engine.hashing import non_blank
+from tasks.engine.job import Item, Prepared, Reply, RowInvalid
+from tasks.engine.plan.hashing import non_blank
 from tasks.errors import ConfigError
 from tasks.jobs.chat import create_chat
 from tasks.jobs.embed import estimate_text_tokens
@@ -68,7 +68,7 @@ class TextChatJob:
     schema_dialect: str = "gemini"
 
     name = "extract"
-    # prepare()'s fields are the same for every row but this one, the text as-is: see tasks/engine/hashing.py.
+    # prepare()'s fields are the same for every row but this one, the text as-is: see tasks/engine/plan/hashing.py.
     hash_text_field = "text"
     max_items_per_request = 1
     streams = True  # --stream (tasks/jobs/chat.py)
@@ -98,7 +98,7 @@ class TextChatJob:
         raise NotImplementedError
 
     def _parse(self, completion: ChatCompletion) -> Any:
-        """The reply as the job's result, or a :class:`~tasks.engine.chunk.RowFailure` saying why not."""
+        """The reply as the job's result, or a :class:`~tasks.engine.job.RowFailure` saying why not."""
         raise NotImplementedError
 
     def surely_valid(self, texts: pa.Array) -> np.ndarray:

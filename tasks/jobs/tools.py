@@ -26,7 +26,7 @@ import pyarrow as pa
 from pydantic import BaseModel
 
 from schemas.arrow import ModelMapping
-from tasks.engine.chunk import RowFailure
+from tasks.engine.job import RowFailure
 from tasks.errors import ConfigError
 from tasks.jobs.extract import RESERVED_COLUMNS, ExtractJob
 from tasks.jobs.text_chat import TextChatJob

@@ -4,7 +4,7 @@ A WAV or MP3 file no longer than ``segment_s`` and within the inline limit is se
 request, as before. Any other recording (flac, ogg/opus, m4a/aac, the audio track of webm/mp4, anything
 longer) is decoded as a stream and cut into segments (see
 tasks/jobs/audio.py), each sent as its own request through the engine's limiter, retries and outage
-breaker (:func:`tasks.engine.chunk.send_part`). The row's transcript is the segments' texts in order,
+breaker (:func:`tasks.engine.send.chunk.send_part`). The row's transcript is the segments' texts in order,
 and ``segments`` lists each one's times and text.
 
 Every answered segment of a long recording is recorded at once in ``OUTPUT/_segments/<row content
@@ -29,8 +29,8 @@ import pyarrow.parquet as pq
 from openai.types.audio import Transcription
 
 from tasks.defaults import APIS, DEFAULT_SEGMENT_FORMAT, DEFAULT_SEGMENT_S, MAX_INLINE_BYTES, SEGMENT_FORMATS
-from tasks.engine.chunk import Item, Outcome, Prepared, Reply, RowFailure, RowInvalid, unexpected_reply
-from tasks.engine.index import hash_keys
+from tasks.engine.job import Item, Outcome, Prepared, Reply, RowFailure, RowInvalid, unexpected_reply
+from tasks.engine.plan.index import hash_keys
 from tasks.jobs.audio import (
     SEGMENT_CODECS,
     SILENCE_DBFS,

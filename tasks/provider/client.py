@@ -18,7 +18,7 @@ import openai
 from openai import AsyncOpenAI
 
 from tasks.defaults import DEFAULT_IDLE_TIMEOUT_S, DEFAULT_TIMEOUT_S
-from tasks.engine.limits import MAX_IN_FLIGHT
+from tasks.engine.send.limits import MAX_IN_FLIGHT
 from tasks.errors import ConfigError, RunStopped
 from tasks.redact import redact_text, redact_url
 

@@ -1,4 +1,4 @@
-"""A child process that hashes text columns for :class:`tasks.engine.hashing.HashProcesses`.
+"""A child process that hashes text columns for :class:`tasks.engine.plan.hashing.HashProcesses`.
 
 Kept to the standard library (it starts in ~30 ms and holds a few MB): it reads requests on stdin and
 writes the digests on stdout. A request is a header ``<IIIQ``: the head's and tail's lengths, the row

@@ -1,4 +1,4 @@
-"""The output folder: atomic part files, the done-key index, superseding, and run metadata files.
+"""The output folder: atomic part files, the scan into the done-key index, superseding, and run metadata files.
 
 Layout (see ARCHITECTURE.md)::
 
@@ -19,15 +19,11 @@ import hashlib
 import itertools
 import json
 import logging
-import os
-import tempfile
-import threading
 import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Collection, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
@@ -36,21 +32,20 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from tasks.engine.claims import CLAIMS_DIR
-from tasks.engine.index import (
+from tasks.engine.memory import release_free_memory
+from tasks.engine.plan.claims import CLAIMS_DIR
+from tasks.engine.plan.done import DoneIndex, NewParts
+from tasks.engine.plan.index import (
     LOCATIONS,
-    ContentTable,
     KeyTable,
     exact_id_keys,
     hash_key,
     hash_keys,
     id_tags,
-    member,
     pair_key,
     pair_keys,
 )
-from tasks.engine.keycache import INDEX_DIR, KEYS_FILE, KeyCache, KeyCacheWriter, part_stamp
-from tasks.engine.memory import release_free_memory
+from tasks.engine.store.keycache import INDEX_DIR, KEYS_FILE, KeyCache, KeyCacheWriter, part_stamp
 from tasks.errors import ConfigError
 from tasks.redact import redact_data, redact_text
 
@@ -58,8 +53,6 @@ log = logging.getLogger("gembatch.index")
 
 __all__ = [
     "OutputStore",
-    "DoneIndex",
-    "KnownParts",
     "pair_key",
     "hash_key",
     "ERRORS_DIR",
@@ -73,8 +66,6 @@ SCAN_BATCH_ROWS = 65536
 SCAN_THREADS = 2
 SCAN_FILES_AHEAD = 8
 COMPACT_BYTES = 32 << 20  # ids held at once while superseding
-RECENT_PARTS = 8  # parts whose keys DoneIndex keeps after confirming a match in them
-PROBE_ROWS = 8  # rows of a chunk whose parts are asked first (DoneIndex.pairs_done)
 
 ERRORS_DIR = "_errors"
 RUNS_DIR = "_runs"
@@ -89,223 +80,6 @@ RETRY_ON_REQUEST = "on_request"  # the row failed for itself (a 400 for it, an u
 # Error files written before the `retry` column: these error types were transient.
 LEGACY_AUTO_ERROR_TYPES = ("transient", "rate_limited")
 
-
-@dataclass
-class DoneIndex:
-    """What the output already holds, as fixed-width keys (see :mod:`tasks.engine.index`).
-
-    ``results`` has one entry per result row, 4 bytes: a 32-bit prefix of its content hash and the
-    ordinal of its part (a :class:`ContentTable`). It names the parts that may hold a content; whether
-    a row is done (this id, this content) or its content is stored under another id is confirmed by
-    reading those parts (:meth:`pairs_done`, :meth:`contents_stored`), a few small files a chunk.
-    ``errors`` has the rows of ``_errors/`` (10 bytes each, answered in memory: failed rows are few).
-    Another kind of key set is one more field, filled in :meth:`OutputStore.scan` and tested in
-    ``engine.chunk_statuses``.
-    """
-
-    results: ContentTable = field(default_factory=ContentTable)
-    errors: KeyTable = field(default_factory=KeyTable)
-    parts: list[str] = field(default_factory=list)  # result part paths by ordinal (location mod 2**16)
-    # Of ``errors``, the rows that failed on transient errors only: a plain rerun sends them again.
-    auto_errors: KeyTable = field(default_factory=KeyTable)
-    result_rows: int = 0
-    cached_parts: int = 0  # result parts whose keys came from the output's key cache (OUTPUT/_index/)
-    error_rows: int = 0
-    error_parts: set[str] = field(default_factory=set)  # the _errors/ parts read into ``errors``
-    # Rows another run recorded in _errors/ while this run ran (see OutputStore.read_new_parts): this
-    # run doesn't send them again, not even with --retry-errors; the next run decides.
-    fresh_errors: KeyTable = field(default_factory=KeyTable)
-    store: OutputStore | None = None  # where the parts are read to confirm a match
-    id_col: str = "id"
-    # The scanned parts' pair keys, on local disk: a done row is confirmed with a 16 KB read.
-    pair_file: PairFile = field(default_factory=lambda: PairFile(), repr=False)
-    _recent: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
-    _recent_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    @property
-    def errored_pairs(self) -> KeyTable:
-        return self.errors
-
-    def part_ordinal(self, path: str) -> int:
-        """The location number of a result part (a new part gets the next one)."""
-        self.parts.append(path)
-        return len(self.parts) - 1
-
-    def parts_at(self, location: int) -> list[str]:
-        return self.parts[int(location) % LOCATIONS :: LOCATIONS]
-
-    def parts_holding(self, keys: np.ndarray) -> list[str]:
-        """The result parts that may hold these hash keys (every part with a matching location)."""
-        _, locations = self.results.candidates(keys)
-        return sorted({p for loc in np.unique(locations).tolist() for p in self.parts_at(loc)})
-
-    def pairs_done(self, keys: np.ndarray, ids: pa.Array | pa.ChunkedArray | list[Any]) -> np.ndarray:
-        """For each row (hash key, id): does the output hold a result of this content for this id?
-
-        The table names the parts that may hold the content; those parts' (id, content_hash) columns
-        say for sure. Safe on a worker thread while the event loop adds rows (it reads a snapshot)."""
-        keys = np.asarray(keys, np.uint64)
-        n = len(keys)
-        done = np.zeros(n, bool)
-        if n == 0 or not len(self.results):
-            return done
-        if not isinstance(ids, (pa.Array, pa.ChunkedArray)):
-            ids = pa.array(list(ids))
-        wanted = pair_keys(keys, exact_id_keys(ids))
-        # The rows of a chunk mostly sit together in one or two parts (an output is written in its input's
-        # order): find those parts from a few rows, confirm every row there, and ask the table only for
-        # the rows not found (rows to send, or done in other parts). A pair found in a part is the same
-        # answer the table's way gives: this part holds this id with this content.
-        seen: set[str] = set()
-        if n > PROBE_ROWS:
-            _, locations = self.results.candidates(keys[np.linspace(0, n - 1, PROBE_ROWS).astype(np.intp)])
-            for loc in np.unique(locations).tolist():
-                for path in self.parts_at(loc):
-                    seen.add(path)
-                    done |= member(self._part_pairs(path), wanted)
-        rest = np.flatnonzero(~done)
-        if not len(rest):
-            return done
-        queries, locations = self.results.candidates(keys[rest])
-        for loc, at in _by_location(queries, locations).items():
-            rows = rest[at]
-            for path in self.parts_at(loc):
-                if path not in seen:
-                    done[rows] |= member(self._part_pairs(path), wanted[rows])
-        return done
-
-    def contents_stored(self, keys: np.ndarray) -> np.ndarray:
-        """For each hash key (the first 64 bits of a content hash): does some result row have it?"""
-        keys = np.asarray(keys, np.uint64)
-        found = np.zeros(len(keys), bool)
-        queries, locations = self.results.candidates(keys)
-        for loc, at in _by_location(queries, locations).items():
-            for path in self.parts_at(loc):
-                contents, _pairs = self._part_keys(path)
-                found[at] |= member(contents, keys[at])
-        return found
-
-    def _part_pairs(self, path: str) -> np.ndarray:
-        pairs = self.pair_file.get(path)
-        return pairs if pairs is not None else self._part_keys(path)[1]
-
-    def _part_keys(self, path: str) -> tuple[np.ndarray, np.ndarray]:
-        """A part's keys; the last few parts read are kept (a chunk often ends in the part the next
-        chunk starts in). Parts are never rewritten while a run reads them (compaction waits)."""
-        if self.store is None:
-            raise RuntimeError("this index was not read from an output folder: it can't confirm a match")
-        with self._recent_lock:
-            keys = self._recent.get(path)
-        if keys is None:
-            keys = self.store.part_keys(path, self.id_col)
-            with self._recent_lock:
-                self._recent[path] = keys
-                while len(self._recent) > RECENT_PARTS:
-                    del self._recent[next(iter(self._recent))]
-        return keys
-
-    def nbytes(self) -> int:
-        return self.results.nbytes + self.errors.nbytes
-
-    def clear(self) -> None:
-        """Free the tables (the run is over; compaction wants the memory)."""
-        self.results.clear()
-        self.errors.clear()
-        self.fresh_errors.clear()
-        self._recent.clear()
-        self.pair_file.close()
-
-
-class PairFile:
-    """The :func:`pair_keys` of each part read by the scan, sorted, in a local temporary file (8 bytes a
-    row, on disk: not in memory). What confirms that a row is done is then a read of a few KB instead
-    of decoding the part's Parquet again (the rerun of a 10M-row output confirms all 10M rows)."""
-
-    def __init__(self) -> None:
-        self._file: Any = None
-        self._where: dict[str, tuple[int, int]] = {}
-        self._end = 0
-
-    def add(self, path: str, pairs: np.ndarray) -> None:
-        if self._file is None:
-            self._file = tempfile.TemporaryFile(prefix="gembatch-pairs-")
-        data = np.asarray(pairs, np.uint64).tobytes()  # sorted by the caller (OutputStore.part_keys)
-        os.pwrite(self._file.fileno(), data, self._end)
-        self._where[path] = (self._end, len(pairs))
-        self._end += len(data)
-
-    def get(self, path: str) -> np.ndarray | None:
-        where = self._where.get(path)
-        file = self._file
-        if where is None or file is None:
-            return None
-        offset, rows = where
-        return np.frombuffer(os.pread(file.fileno(), 8 * rows, offset), np.uint64)
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-        self._file, self._where, self._end = None, {}, 0
-
-
-def _by_location(queries: np.ndarray, locations: np.ndarray) -> dict[int, np.ndarray]:
-    """The query positions matched at each location."""
-    out: dict[int, np.ndarray] = {}
-    if not len(queries):
-        return out
-    order = np.argsort(locations, kind="stable")
-    locs, qs = locations[order], queries[order]
-    cuts = np.flatnonzero(np.diff(locs)) + 1
-    for lo, hi in zip([0, *cuts.tolist()], [*cuts.tolist(), len(locs)]):
-        out[int(locs[lo])] = qs[lo:hi]  # a position twice is harmless: its answers agree
-    return out
-
-
-@dataclass
-class NewParts:
-    """Parts another run wrote while this one ran: (path, [hash keys, …]) each result part,
-    (path, [(hash keys, id tags), …]) each errors part."""
-
-    results: list[tuple[str, list[np.ndarray]]] = field(default_factory=list)
-    errors: list[tuple[str, list[tuple[np.ndarray, np.ndarray]]]] = field(default_factory=list)
-
-    def add_to(self, index: DoneIndex) -> int:
-        """Add to the index (on the event loop: the index is not shared with threads); rows added."""
-        rows = 0
-        for path, batches in self.results:
-            if path in index.parts:
-                continue
-            loc = index.part_ordinal(path)
-            for keys in batches:
-                index.results.add(keys, loc)
-                rows += len(keys)
-        for path, batches in self.errors:
-            if path in index.error_parts:
-                continue
-            index.error_parts.add(path)
-            for keys, tags in batches:
-                index.fresh_errors.add(keys, tags)
-                rows += len(keys)
-        return rows
-
-
-class KnownParts:
-    """The parts a run has read or written: what :meth:`OutputStore.read_new_parts` needn't read. It
-    follows the index's parts and the run's written parts (results, errors), lists that only grow: only
-    their new ends are added on each call."""
-
-    def __init__(self, index: DoneIndex, *written: list[str]) -> None:
-        self._index = index
-        self._sources = (index.parts, *written)
-        self._known: set[str] = set()
-        self._seen = [0] * len(self._sources)
-
-    def __call__(self) -> set[str]:
-        for i, source in enumerate(self._sources):
-            self._known.update(source[self._seen[i] :])
-            self._seen[i] = len(source)
-        self._known.update(self._index.error_parts)
-        return self._known
 
 
 class OutputStore:
@@ -411,7 +185,7 @@ class OutputStore:
         scan); at most ``SCAN_FILES_AHEAD`` parts' keys wait at a time.
 
         The parts' keys come from the output's key cache where it holds them (``OUTPUT/_index/``, see
-        :mod:`tasks.engine.keycache`); ``keep_keys=False`` (a dry run) reads it but never writes it.
+        :mod:`tasks.engine.store.keycache`); ``keep_keys=False`` (a dry run) reads it but never writes it.
 
         ``live_runs``: other runs working on the folder now; ``since_ns``: when this run took its lease.
         The rows they recorded as failed, or that were recorded since, belong to runs at work
@@ -478,7 +252,7 @@ class OutputStore:
         only_to_write: bool = False,
     ) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
         """(path, sorted content keys, sorted pair keys) of every result part, in order: from the
-        output's key cache (:mod:`tasks.engine.keycache`) for a part it holds as it is now, else read
+        output's key cache (:mod:`tasks.engine.store.keycache`) for a part it holds as it is now, else read
         from the part on ``pool``. When the cache missed a part or names one that is gone, it is
         written anew as the parts go by (a cache that can't be written is logged, not an error).
         ``only_to_write``: nothing when the cache is up to date."""

@@ -1,9 +1,9 @@
 """Content hashes of a whole text column at once: the check a rerun does for every input row.
 
 A text job (embed, extract) hashes fields that are the same for every row (job, model, parameters)
-plus the row's text. Encoded as sorted compact JSON (:func:`tasks.engine.chunk.content_hash`) that is
+plus the row's text. Encoded as sorted compact JSON (:func:`tasks.engine.plan.rows.content_hash`) that is
 ``head + json_string(text) + tail``, with ``head`` and ``tail`` fixed for the run. So a chunk is hashed
-without building a dict, a :class:`~tasks.engine.chunk.Prepared` or a hex string per row:
+without building a dict, a :class:`~tasks.engine.job.Prepared` or a hex string per row:
 
 * the texts come out of Arrow as ``bytes`` in one call;
 * a text with nothing JSON escapes (no ``"``, ``\\`` or control character: found with numpy on the
@@ -11,7 +11,7 @@ without building a dict, a :class:`~tasks.engine.chunk.Prepared` or a hex string
 * sha256 runs in one list comprehension and the digests land in one ``(n, 32)`` uint8 array, whose
   first 8 bytes per row are the index's hash key (:func:`digest_keys`), no hex in between.
 
-The bytes hashed are the ones :func:`~tasks.engine.chunk.content_hash` hashes, so a content hash is the
+The bytes hashed are the ones :func:`~tasks.engine.plan.rows.content_hash` hashes, so a content hash is the
 same whichever path computed it (tests check it, and every chunk checks one row against the per-row
 path). Rows the job can't vouch for at once (null, blank, too long, not text) take the per-row path.
 """
@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from tasks.engine.hash_worker import HEADER
+from tasks.engine.plan.hash_worker import HEADER
 
 __all__ = ["HashProcesses", "TextTemplate", "digest_keys", "hex_digests", "non_blank", "text_template"]
 
@@ -41,7 +41,7 @@ _NOT_SPACE = f"[^{PY_SPACE_CLASS}]"
 # A text that is not blank and not too long to send: a job's prepare() accepts it whatever it holds.
 _SENTINEL = "gembatch text template"
 
-_ROOT = str(Path(__file__).resolve().parents[2])  # where the child imports tasks.engine.hash_worker from
+_ROOT = str(Path(__file__).resolve().parents[3])  # where the child imports tasks.engine.plan.hash_worker from
 _ENCODER = json.JSONEncoder(sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
 _encode_str = json.encoder.encode_basestring
 
@@ -84,7 +84,7 @@ class TextTemplate:
 
 
 class HashProcesses:
-    """Child processes (:mod:`tasks.engine.hash_worker`) that hash text columns beside this process.
+    """Child processes (:mod:`tasks.engine.plan.hash_worker`) that hash text columns beside this process.
 
     A rerun's work is hashing every input row, and in threads the GIL keeps sha256 of short texts on
     one core; a child process hashes a chunk while this process reads, looks up and drives the next.
@@ -138,7 +138,7 @@ class HashProcesses:
             self._started += 1
         try:
             return subprocess.Popen(
-                [sys.executable, "-c", "from tasks.engine.hash_worker import serve; serve()"],
+                [sys.executable, "-c", "from tasks.engine.plan.hash_worker import serve; serve()"],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 cwd=_ROOT,

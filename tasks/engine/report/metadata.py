@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from importlib import metadata as importlib_metadata
 from typing import Any
 
-from tasks.engine.chunk import RunStats
+from tasks.engine.send.context import RunStats
 from tasks.provider.prices import estimate_cost_usd
 from tasks.redact import redact_text, redact_url
 

@@ -18,7 +18,7 @@ when their leases end (``lease_s`` after they were taken or last renewed, plus t
 loop, 15 s by default).
 
 One acquire per request would cap everyone at a few dozen requests a second (PREFECT.md): a block is
-spent through the process's own :class:`~tasks.engine.limits.AdaptiveLimiter`. A 429 that cuts one
+spent through the process's own :class:`~tasks.engine.send.limits.AdaptiveLimiter`. A 429 that cuts one
 process's rate lowers the shared limit by the same factor, and its recovery raises it again.
 
 The window alone would let N processes start at N times the rate until a window's worth is out, then

@@ -20,7 +20,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.engine.chunk import Item
+from tasks.engine.job import Item
 
 __all__ = ["BATCHES_DIR", "Book", "LineRows", "RequestFile", "read_records", "read_rows", "request_line"]
 

@@ -131,7 +131,7 @@ class _Gate:
 
 
 class SharedBudget(Protocol):
-    """A budget other processes draw on too (tasks/engine/shared_limits.py): asked after this limiter."""
+    """A budget other processes draw on too (tasks/engine/send/shared_limits.py): asked after this limiter."""
 
     async def take(self, requests: int, tokens: int, waiting: int = 1) -> None:
         """Wait for a permit; ``waiting``: requests queued here, this one included (sizes the block)."""

@@ -8,12 +8,13 @@ from typing import Any
 
 import numpy as np
 
-from tasks.engine.batch import check_batch_capable, files_needed
-from tasks.engine.chunk import DONE, INVALID, NEW, PREV_ERROR, Job, chunk_statuses, prepare_chunk
-from tasks.engine.index import KeyTable
-from tasks.engine.io import InputSource, check_ids
+from tasks.engine.job import Job
+from tasks.engine.plan.index import KeyTable
+from tasks.engine.plan.input import InputSource, check_ids
+from tasks.engine.plan.rows import DONE, INVALID, NEW, PREV_ERROR, chunk_statuses, prepare_chunk
 from tasks.engine.run import RunOptions, check_input_columns
-from tasks.engine.store import OutputStore
+from tasks.engine.send.batch.policy import check_batch_capable, files_needed
+from tasks.engine.store.output import OutputStore
 from tasks.jobs.media import folder_extensions
 from tasks.provider.prices import estimate_cost_usd, how_to_price, price_of
 

@@ -3,7 +3,7 @@
 A run reuses a result of its own when a later row has the same content (same text, same job
 parameters). Adding every row it sends to the in-memory index costs 4 bytes a row (40 MB for a
 10-million-row first run) for the few contents that come back. So a first run hashes its input once
-beforehand (column at once, :mod:`tasks.engine.hashing`: ~1.5 µs a row), spills the 64-bit hash keys
+beforehand (column at once, :mod:`tasks.engine.plan.hashing`: ~1.5 µs a row), spills the 64-bit hash keys
 into bucket files on local disk by their top bits, sorts each bucket and keeps the keys seen more than
 once: the run then adds to its index only results whose content is among them. Memory: one bucket
 (1/64 of the keys, 8 bytes each) and the recurring keys themselves.
@@ -16,9 +16,10 @@ import tempfile
 
 import numpy as np
 
-from tasks.engine.chunk import Job, _template_of, prepare_chunk
-from tasks.engine.hashing import HashProcesses
-from tasks.engine.io import InputSource
+from tasks.engine.job import Job
+from tasks.engine.plan.hashing import HashProcesses
+from tasks.engine.plan.input import InputSource
+from tasks.engine.plan.rows import _template_of, prepare_chunk
 
 __all__ = ["recurring_contents", "PREPASS_CHUNK_ROWS"]
 

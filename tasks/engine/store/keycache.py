@@ -1,7 +1,7 @@
 """The scan's keys, kept with the output: ``OUTPUT/_index/keys.bin``.
 
 Every run starts by reading the ``(id, content_hash)`` columns of every result part into its index
-(:meth:`tasks.engine.store.OutputStore.scan`). For a 10M-row output that is 5,000 Parquet files and
+(:meth:`tasks.engine.store.output.OutputStore.scan`). For a 10M-row output that is 5,000 Parquet files and
 ~640 MB of hex digests decoded and hashed again (7.1 s, measured): a fifth of a rerun's time, to learn
 what the previous run already knew (from this file: 1.5 s). This file keeps, for each part, what the
 scan makes of it (its sorted 64-bit content keys and sorted pair keys, 16 bytes a row); a part is read

@@ -18,7 +18,7 @@ are answered with ``np.searchsorted`` per run.
 Memory: 10 bytes a row (10 million rows: 100 MB; 14 with the whole 64-bit key before), against ~100+
 bytes a row for Python sets of ints. The index is rebuilt from the part files at the start of every
 run (``OutputStore.scan``); what the scan reads of each part is kept with the output
-(:mod:`tasks.engine.keycache`), so the keys must be stable across processes (tests check it).
+(:mod:`tasks.engine.store.keycache`), so the keys must be stable across processes (tests check it).
 
 "Is this (id, content) done?" is a 64-bit match: a false one is expected ~N·M/2⁶⁴ times (5·10⁻⁶
 rows for 10 million rows against 10 million stored). "Is this content stored?" is a 32-bit match,

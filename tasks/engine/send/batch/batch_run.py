@@ -23,11 +23,7 @@ A batch run (docs/how-to/batch-mode.md):
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import math
-import re
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -37,8 +33,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.defaults import DEFAULT_AUTO_MIN_REQUESTS, DEFAULT_BATCH_POLL_S, MAX_BATCH_REQUESTS
-from tasks.engine.batch_records import (
+from tasks.engine.job import Item, Outcome
+from tasks.engine.plan.claims import ClaimBook, Holder, batch_key, chunk_key
+from tasks.engine.plan.claims import log as claims_log
+from tasks.engine.plan.done import KnownParts
+from tasks.engine.plan.index import KeyTable, hash_keys, id_tags
+from tasks.engine.plan.rows import DONE, INVALID, NEW, PREV_ERROR, chunk_statuses
+from tasks.engine.send.batch.fallback import send_rest_live
+from tasks.engine.send.batch.manage import PollBar
+from tasks.engine.send.batch.policy import BatchPolicy
+from tasks.engine.send.batch.records import (
     BATCHES_DIR,
     LOST,
     PREPARED,
@@ -49,96 +53,25 @@ from tasks.engine.batch_records import (
     LineRows,
     RequestFile,
     now,
-    read_records,
     read_rows,
     remove_scratch,
     request_line,
 )
-from tasks.engine.chunk import (
-    DONE,
-    INVALID,
-    NEW,
-    PREV_ERROR,
-    BadReply,
-    Item,
-    Outcome,
-    RowFailure,
-    RunContext,
-    chunk_statuses,
-    prepare_and_look_up,
-    rerouted_stop,
-)
-from tasks.engine.claims import ClaimBook, Holder, batch_key, chunk_key
-from tasks.engine.claims import log as claims_log
-from tasks.engine.index import KeyTable, hash_keys, id_tags
-from tasks.engine.store import RETRY_AUTO, RETRY_ON_REQUEST, KnownParts
-from tasks.errors import ConfigError, RunStopped
+from tasks.engine.send.batch.results import ResultWriter
+from tasks.engine.send.batch.routes import BatchRoutes
+from tasks.engine.send.chunk import prepare_and_look_up
+from tasks.engine.send.context import RunContext
+from tasks.errors import RunStopped
 from tasks.provider.batches import (
     BatchApi,
     BatchInfo,
-    CapturingTransport,
-    ReplayTransport,
-    RequestCaptured,
-    endpoint_of,
-    normalise_body,
-    offline_client,
 )
-from tasks.provider.catalog import same_model
 from tasks.provider.client import Connection, classify_failure
 
-__all__ = ["BatchPolicy", "BatchRun", "BATCHES_DIR", "MODES", "check_batch_capable", "read_records"]
+__all__ = ["BatchRun", "BatchTotals"]
 
-MODES = ("live", "batch", "auto")
 log = logging.getLogger("gembatch.batch")
-# Tries of an upload or a batch creation that fails with a 5xx, a timeout or a broken connection.
-BATCH_ROUTE_ATTEMPTS = 4
-# A body saying the server has nowhere to keep files (LiteLLM without files_settings, a proxy without a store).
-_NO_STORAGE = re.compile(r"files_settings|file storage|storage (?:is )?not (?:set|configured)|no storage", re.I)
-# OpenAI's documented caps per input file; Gemini's (2 GB a file) are larger. Bytes are kept lower on
-# purpose: the OpenAI SDK sends a file in one request body.
-MAX_LINES_PER_FILE = MAX_BATCH_REQUESTS
-MAX_EMBEDDING_INPUTS_PER_FILE = 50_000
-MAX_BYTES_PER_FILE = 100 * 1024 * 1024
-DEFAULT_POLL_S = DEFAULT_BATCH_POLL_S
-# Result rows written together: one part file per this many rows (at least a chunk's worth).
-WRITE_RESULT_ROWS = 2000
 WAIT_NOTE_S = 30.0  # while waiting for rows other runs hold, say so this often
-
-
-@dataclass(frozen=True, kw_only=True)
-class BatchPolicy:
-    """How a run uses the provider's batch API (the ``--mode`` and ``--batch-*`` options)."""
-
-    mode: str = "live"
-    poll_s: float = DEFAULT_POLL_S
-    max_lines: int = MAX_LINES_PER_FILE
-    max_inputs: int = MAX_EMBEDDING_INPUTS_PER_FILE
-    max_bytes: int = MAX_BYTES_PER_FILE
-    auto_min_requests: int = DEFAULT_AUTO_MIN_REQUESTS
-
-    def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        if self.poll_s <= 0:
-            raise ValueError(f"--batch-poll must be positive, got {self.poll_s}")
-        if self.max_lines < 1:
-            raise ValueError(f"--batch-max-requests must be at least 1, got {self.max_lines}")
-        if self.auto_min_requests < 1:
-            raise ValueError(f"--auto-min-requests must be at least 1, got {self.auto_min_requests}")
-
-
-def check_batch_capable(job: Any, provider: str, base_url: str | None) -> None:
-    """Refuse, before any work, a job whose route has no batch form at this provider."""
-    if job.name == "images":
-        raise ConfigError(
-            "--mode batch/auto: image generation has no batch form here (Gemini's OpenAI-compatible batches "
-            "take only /v1/chat/completions and /v1/embeddings); run images with --mode live"
-        )
-    if getattr(job, "api", "chat") == "transcriptions":
-        raise ConfigError(
-            "--mode batch/auto: audio/transcriptions has no batch form (batches take /v1/chat/completions and "
-            "/v1/embeddings); use --api chat, or --mode live"
-        )
 
 
 # -- the run --------------------------------------------------------------------------------------------
@@ -214,34 +147,20 @@ class BatchRun:
         self._states: dict[str, str] = {}  # record name -> state last read (final ones are not read again)
         self.left: dict[int, _Left] = {}  # chunk number -> rows left to other runs
         self._known_parts = KnownParts(ctx.index, ctx.stats.parts_written, ctx.stats.error_parts_written)
-        self.failed_now = KeyTable()  # (content, id) pairs written to _errors/ by this run
         self.written: list[str] = []
         self.live_only = 0  # rows with no single batch line (the job splits them), sent live
-        self._capture = CapturingTransport()
-        self._capture_conn = Connection(
-            client=offline_client(conn.base_url, self._capture),
-            base_url=conn.base_url,
-            provider=conn.provider,
-            api_key="",
-        )
-        self._replay = ReplayTransport()
-        self._replay_conn = Connection(
-            client=offline_client(conn.base_url, self._replay),
-            base_url=conn.base_url,
-            provider=conn.provider,
-            api_key="",
-        )
+        self.routes = BatchRoutes(ctx, conn, auto=self.auto)
+        self.results = ResultWriter(ctx, conn, auto=self.auto, flush_rows=options.chunk_size)
         self._files = 0
         self._endpoint = ""
-        self._id_type: pa.DataType | None = None
         self._new_parts: Any = None
         self._current: RequestFile | None = None
         self._submitted = 0
         self._in_progress: str | None = None
-        self._fatal: Any = None  # a Failure every line would meet (see _parse_line)
-        # Why the provider's Files/Batches routes can't be used (a gateway without file storage, a
-        # server without batches): ``auto`` sends the rest live, ``batch`` stops. None: usable so far.
-        self.unavailable: str | None = None
+
+    @property
+    def unavailable(self) -> str | None:
+        return self.routes.unavailable
 
     @property
     def auto(self) -> bool:
@@ -278,8 +197,8 @@ class BatchRun:
             if (self.auto or self.live_only) and not self.ctx.stop_event.is_set():
                 await self._live_remainder()
         finally:
-            await self._capture_conn.client.close()
-            await self._replay_conn.client.close()
+            await self.routes.close()
+            await self.results.close()
             remove_scratch(self.book)
 
     # -- 1. re-attach ---------------------------------------------------------------------------------
@@ -428,8 +347,8 @@ class BatchRun:
                 chunk = chunk.slice(0, self.total_rows - seen)
                 first_row = seen
                 seen += chunk.num_rows
-                if self._id_type is None:
-                    self._id_type = chunk.schema.field(options.id_col).type
+                if self.results.id_type is None:
+                    self.results.id_type = chunk.schema.field(options.id_col).type
                 if only is not None:
                     if number not in only:
                         continue
@@ -524,8 +443,8 @@ class BatchRun:
         new = status == NEW
         if len(self.pending_keys):
             mine |= new & self.pending_keys.has_keys(keys.keys)
-        if len(self.failed_now):
-            mine |= new & self.failed_now.has_pairs(keys.keys, keys.tags)
+        if len(self.results.failed_now):
+            mine |= new & self.results.failed_now.has_pairs(keys.keys, keys.tags)
         return mine
 
     def _leave(
@@ -563,7 +482,7 @@ class BatchRun:
         if len(invalid) and count and not self.auto:  # auto: the live pass writes them
             outcomes = [Outcome(error_type="invalid_input", error_message=str(ready.prepared[p])) for p in invalid]
             rows = [(ids[p], hashes[p], first_row + p) for p in invalid]
-            await asyncio.to_thread(self._write_rows, rows, outcomes, [True] * len(rows))
+            await asyncio.to_thread(self.results.write_rows, rows, outcomes, [True] * len(rows))
         new = np.flatnonzero(work & (status == NEW))
         if not len(new):
             return False
@@ -577,7 +496,7 @@ class BatchRun:
                 new = new[one_line]
         stored = ctx.index.results.has_keys(keys.keys[new])
         if stored.any():
-            missing = await self._copy_stored(new[stored], ids, hashes, keys.keys, first_row)
+            missing = await self.results.copy_stored(new[stored], ids, hashes, keys.keys, first_row)
             stored[np.isin(new, missing)] = False  # the index only seemed to hold them: sent
         new = new[~stored]
         if not len(new):
@@ -605,7 +524,7 @@ class BatchRun:
             for start in range(0, len(groups), size):
                 part = groups[start : start + size]
                 items = [item for item, _ in part]
-                endpoint, body = await self._request_of(items)
+                endpoint, body = await self.routes.request_of(items)
                 if current is None:
                     current = self._current = self._new_file(key)
                 custom_id = f"{current.name}-{current.lines:05d}"
@@ -636,28 +555,10 @@ class BatchRun:
 
     def _new_file(self, key: str) -> RequestFile:
         self._files += 1
-        request_file = RequestFile(self.book, f"{self.ctx.run_id}-{self._files:04d}", self._id_type or pa.int64())
+        name = f"{self.ctx.run_id}-{self._files:04d}"
+        request_file = RequestFile(self.book, name, self.results.id_type or pa.int64())
         request_file.claims.add(key)
         return request_file
-
-    async def _request_of(self, items: list[Item]) -> tuple[str, dict[str, Any]]:
-        """The body the job's ``send`` would POST for these items, and the batch endpoint of its route."""
-        try:
-            await self.ctx.job.send(self._capture_conn, items)
-        except RequestCaptured:
-            pass
-        except Exception as exc:  # noqa: BLE001 - the SDK wraps the transport's exception
-            if not isinstance(exc.__cause__, RequestCaptured):
-                raise
-        else:
-            raise ConfigError(f"{self.ctx.job.name}: building a batch request sent nothing")
-        endpoint = endpoint_of(self._capture.path)
-        if endpoint is None or self._capture.body is None:
-            raise ConfigError(
-                f"--mode batch: the {self.ctx.job.name} job's route {self._capture.path} has no batch form "
-                "(batches take /v1/chat/completions and /v1/embeddings); use --mode live"
-            )
-        return endpoint, self._capture.body
 
     async def _submit(self, request_file: RequestFile, endpoint: str) -> int:
         """Record, upload and create one batch; the record is saved before each step that may cost."""
@@ -700,7 +601,7 @@ class BatchRun:
             "created_at": now(),
         }
         self.book.save(record)
-        file_id = await self._on_batch_route(
+        file_id = await self.routes.call(
             "POST files (upload of the request file)", lambda: self.api.upload(request_file.path, request_file.name)
         )
         info = None
@@ -708,7 +609,7 @@ class BatchRun:
             record["file_id"] = file_id
             record["state"] = UPLOADED
             self.book.save(record)
-            info = await self._on_batch_route(
+            info = await self.routes.call(
                 "POST batches", lambda: self.api.create(file_id, endpoint, {"gembatch": request_file.name})
             )
         if info is None:
@@ -734,91 +635,11 @@ class BatchRun:
         self.totals.lines_submitted += request_file.lines
         return request_file.lines
 
-    async def _on_batch_route(self, route: str, call: Callable[[], Awaitable[Any]]) -> Any:
-        """``call``'s answer; None when the route can't be used (then ``unavailable`` says why, and a
-        ``batch`` run is stopped). Transient failures are retried as requests are."""
-        ctx = self.ctx
-        attempts = 0
-        while True:
-            attempts += 1
-            try:
-                return await call()
-            except (asyncio.CancelledError, KeyboardInterrupt):
-                raise
-            except Exception as exc:  # noqa: BLE001 - classified below; a bug is re-raised
-                try:
-                    failure = classify_failure(exc)
-                except Exception:  # noqa: BLE001 - not a server's answer
-                    if isinstance(exc, ConfigError):
-                        failure = None
-                        message = str(exc)
-                    else:
-                        raise
-                else:
-                    message = self.conn.redact(failure.message)
-            if failure is not None and failure.retryable and attempts < BATCH_ROUTE_ATTEMPTS:
-                try:
-                    await asyncio.wait_for(ctx.stop_event.wait(), timeout=ctx.retry.delay(attempts, failure))
-                except TimeoutError:
-                    pass
-                if not ctx.stop_event.is_set():
-                    continue
-            self._unusable(route, message, failure)
-            return None
-
-    def _unusable(self, route: str, message: str, failure: Any) -> None:
-        where = f"{self.conn.host} ({self.conn.base_url})"
-        said = message.rstrip(".")
-        if failure is not None and failure.kind == "auth":
-            cause = "the key may not use the files or batches routes"
-        elif _NO_STORAGE.search(said):
-            cause = "the server or gateway has no file storage configured (LiteLLM: files_settings in its config.yaml)"
-        else:
-            cause = "the server or gateway offers no usable Files/Batches API"
-        self.unavailable = f"{route} at {where} answered {said}: {cause}"
-        if self.auto:
-            log.warning(
-                "--mode auto: %s; sending every row live instead (at the live price; nothing was sent as a batch)",
-                self.unavailable,
-            )
-            return
-        self.ctx.request_stop(
-            RunStopped(
-                "failed: batch unavailable",
-                f"--mode batch: {self.unavailable}. No batch was created and no row was marked as sent. Run the "
-                "same command with --mode live (or --mode auto, which falls back to live by itself)",
-            )
-        )
-
-    async def _copy_stored(
-        self, positions: np.ndarray, ids: list[Any], hashes: list[str], keys: np.ndarray, first_row: int
-    ) -> np.ndarray:
-        """Rows whose content the output already holds under another id: copied, as a live run does.
-        Returns the positions whose content was not there after all (the index matches a prefix)."""
-        ctx = self.ctx
-        wanted = {hashes[p] for p in positions.tolist()}
-        files = ctx.index.parts_holding(keys[positions])
-        table = await asyncio.to_thread(ctx.store.read_results_for, wanted, ctx.id_col, files=files)
-        found = ctx.job.results_from_table(table)
-        served: dict[str, Any] = {}
-        if "served_model" in table.column_names:
-            served = dict(zip(table.column("content_hash").to_pylist(), table.column("served_model").to_pylist()))
-        rows, outcomes, missing = [], [], []
-        for p in positions.tolist():
-            if hashes[p] in found:
-                rows.append((ids[p], hashes[p], first_row + p))
-                outcomes.append(Outcome(result=found[hashes[p]], served_model=served.get(hashes[p])))
-            else:
-                missing.append(p)
-        if rows:
-            await asyncio.to_thread(self._write_rows, rows, outcomes, [False] * len(rows))
-        return np.array(missing, np.intp)
-
     # -- 3. poll and write -----------------------------------------------------------------------------
 
     async def _poll_until_written(self, pending: list[dict[str, Any]]) -> None:
         ctx = self.ctx
-        bar = _PollBar(enabled=self.options.progress)
+        bar = PollBar(enabled=self.options.progress)
         try:
             # After a budget stop the batches already submitted are paid for: they are still awaited.
             while pending and (not ctx.stop_event.is_set() or _budget_stop(ctx)):
@@ -888,57 +709,9 @@ class BatchRun:
                 downloads.append(dest)
         rows_table = await asyncio.to_thread(read_rows, book, name)
         lines = LineRows(rows_table)
-        seen: set[str] = set()
-        answered = failed = 0
-        buffer_rows: list[tuple[Any, str, int]] = []
-        buffer_out: list[Outcome] = []
-        buffer_first: list[bool] = []
-        prompt = completion = total = 0
-        for path in downloads:
-            with path.open("rb") as f:
-                for raw in f:
-                    if not raw.strip():
-                        continue
-                    line = json.loads(raw)
-                    custom_id = line.get("custom_id")
-                    members = lines.get(custom_id)
-                    if members is None or custom_id in seen:
-                        continue
-                    response = line.get("response")
-                    if not isinstance(response, dict) or response.get("status_code") is None:
-                        continue  # never ran (expired, cancelled): sent again
-                    seen.add(custom_id)
-                    items, rows = members
-                    outcomes, reply = await self._parse_line(custom_id, response, items)
-                    if reply is not None:
-                        prompt += reply[0]
-                        completion += reply[1]
-                        total += reply[2]
-                    if outcomes[0] is None:
-                        seen.discard(custom_id)
-                        continue
-                    line_failed = all(not o.ok for o in outcomes)
-                    if line_failed:
-                        failed += 1
-                    else:
-                        answered += 1
-                    if self.auto and any(not o.ok for o in outcomes):
-                        # auto: what failed in the batch is sent live after; nothing of it is written now.
-                        outcomes = [o if o.ok else None for o in outcomes]
-                    firsts: set[int] = set()
-                    for item_index, row_id, input_row in rows:
-                        outcome = outcomes[item_index]
-                        if outcome is None:
-                            continue
-                        buffer_rows.append((row_id, items[item_index].content_hash, input_row))
-                        buffer_out.append(outcome)
-                        buffer_first.append(item_index not in firsts)
-                        firsts.add(item_index)
-                    if len(buffer_rows) >= max(WRITE_RESULT_ROWS, self.options.chunk_size):
-                        await asyncio.to_thread(self._write_rows, buffer_rows, buffer_out, buffer_first)
-                        buffer_rows, buffer_out, buffer_first = [], [], []
-        if buffer_rows:
-            await asyncio.to_thread(self._write_rows, buffer_rows, buffer_out, buffer_first)
+        tally = await self.results.write_lines(downloads, lines)
+        seen, answered, failed = tally.seen, tally.answered, tally.failed
+        prompt, completion, total = tally.prompt, tally.completion, tally.total
         stats = ctx.stats
         stats.prompt_tokens += prompt
         stats.completion_tokens += completion
@@ -970,123 +743,8 @@ class BatchRun:
         self._states[name] = WRITTEN
         await asyncio.to_thread(self.claims.release, batch_key(name))
         self.written.append(name)
-        if self._fatal is not None:
-            ctx.request_stop(self._fatal.stop())
-
-    async def _parse_line(
-        self, custom_id: str, response: dict[str, Any], items: list[Item]
-    ) -> tuple[list[Outcome | None], tuple[int, int, int] | None]:
-        """One result line through the job's own ``send`` (the SDK parses it as a live reply)."""
-        self._replay.status = int(response["status_code"])
-        self._replay.body = normalise_body(response.get("body"), custom_id)
-        redact = self.conn.redact
-        try:
-            reply = await self.ctx.job.send(self._replay_conn, items)
-            if len(reply.results) != len(items):
-                raise BadReply(f"the reply had {len(reply.results)} results for {len(items)} inputs")
-        except BadReply as exc:
-            raw = exc.raw_reply[:4000] if exc.raw_reply else None
-            return [
-                Outcome(error_type="bad_reply", error_message=f"bad reply: {exc}", attempts=1, raw_reply=raw)
-            ] * len(items), None
-        except Exception as exc:  # noqa: BLE001 - classify_failure re-raises what it doesn't know
-            failure = classify_failure(exc)
-            if failure.fatal:
-                # Every line would fail so (a refused schema, a key without access): stop as live does,
-                # and leave the rows unwritten.
-                self._fatal = failure
-                return [None] * len(items), None
-            message = redact(failure.message) + " (batch line)"
-            return [
-                Outcome(error_type=failure.kind, error_message=message, attempts=1, retry_auto=failure.retryable)
-            ] * len(items), None
-        job, served = self.ctx.job, reply.served_model
-        if served is not None and not same_model(job.model, served):
-            stats = self.ctx.stats
-            stats.rerouted[served] = stats.rerouted.get(served, 0) + len(items)
-            if getattr(job, "stop_on_reroute", False):
-                # As live: no vector of another model is written; the rows stay to send.
-                self.ctx.request_stop(rerouted_stop(job, served, self.ctx.store.url))
-                return [None] * len(items), None
-        outcomes = []
-        finish = getattr(self.ctx.job, "finish_line", None)  # a job that completes a row after its reply
-        for item, result in zip(items, reply.results, strict=True):
-            if isinstance(result, RowFailure):
-                outcomes.append(
-                    Outcome(
-                        error_type=result.kind,
-                        error_message=redact(result.message),
-                        attempts=1,
-                        raw_reply=result.raw_reply,
-                    )
-                )
-            elif finish is not None:
-                outcomes.append(await finish(item, Outcome(result=result, attempts=1, served_model=served)))
-            else:
-                outcomes.append(Outcome(result=result, attempts=1, served_model=served))
-        return outcomes, (reply.prompt_tokens, reply.completion_tokens, reply.total_tokens)
-
-    def _write_rows(self, rows: list[tuple[Any, str, int]], outcomes: list[Outcome], firsts: list[bool]) -> None:
-        """Write rows (id, content_hash, input_row) with their outcomes: one results part, one errors part,
-        the same columns as a live chunk's (engine.chunk._write_chunk); the done-key index learns them."""
-        ctx, job, stats = self.ctx, self.ctx.job, self.ctx.stats
-        id_type = self._id_type or pa.int64()
-        # A row already in the output (a run killed after writing, before marking the batch written).
-        keys = hash_keys([h for _, h, _ in rows])
-        ids = pa.array([r for r, _, _ in rows], self._id_type) if self._id_type is not None else [r for r, _, _ in rows]
-        done = ctx.index.pairs_done(keys, ids) if len(ctx.index.results) else np.zeros(len(rows), bool)
-        tags = id_tags(ids)
-        ok = [i for i, o in enumerate(outcomes) if o.ok and not done[i]]
-        bad = [i for i, o in enumerate(outcomes) if not o.ok and not done[i]]
-        stats.skipped_done += int(done.sum())
-        if ok:
-            results = [outcomes[i].result for i in ok]
-            table = pa.table(
-                {
-                    ctx.id_col: pa.array([rows[i][0] for i in ok], id_type),
-                    **job.result_arrays(results),
-                    "content_hash": pa.array([rows[i][1] for i in ok], pa.string()),
-                    "model": pa.array([job.model] * len(ok), pa.string()),
-                }
-            )
-            if ctx.served_column and not getattr(job, "stop_on_reroute", False):
-                table = table.append_column(
-                    pa.field("served_model", pa.string()),
-                    pa.array([outcomes[i].served_model for i in ok], pa.string()),
-                )
-            part = ctx.store.write_part(table, errors=False, run_id=ctx.run_id, id_col=ctx.id_col)
-            stats.parts_written.append(part)
-            ctx.index.results.add(keys[ok], ctx.index.part_ordinal(part))
-            for i in ok:
-                if firsts[i]:
-                    stats.succeeded += 1
-                else:
-                    stats.deduplicated += 1
-        if bad:
-            table = pa.table(
-                {
-                    ctx.id_col: pa.array([rows[i][0] for i in bad], id_type),
-                    "content_hash": pa.array([rows[i][1] for i in bad], pa.string()),
-                    "error_type": pa.array([outcomes[i].error_type for i in bad], pa.string()),
-                    "error_message": pa.array([outcomes[i].error_message or "" for i in bad], pa.string()),
-                    "attempts": pa.array([outcomes[i].attempts for i in bad], pa.int32()),
-                    "raw_reply": pa.array([outcomes[i].raw_reply for i in bad], pa.string()),
-                    "retry": pa.array(
-                        [RETRY_AUTO if outcomes[i].retry_auto else RETRY_ON_REQUEST for i in bad], pa.string()
-                    ),
-                    "input_row": pa.array([rows[i][2] for i in bad], pa.int64()),
-                    "model": pa.array([job.model] * len(bad), pa.string()),
-                    "run_id": pa.array([ctx.run_id] * len(bad), pa.string()),
-                }
-            )
-            path = ctx.store.write_part(table, errors=True, run_id=ctx.run_id, id_col=ctx.id_col)
-            stats.error_parts_written.append(path)
-            # Not sent again in this run (a plain rerun resends the transient ones, as after a live run).
-            ctx.index.errors.add(keys[bad], tags[bad])
-            self.failed_now.add(keys[bad], tags[bad])
-            stats.failed += len(bad)
-            stats.failed_retry_auto += sum(1 for i in bad if outcomes[i].retry_auto)
-        ctx.on_progress(len(ok) + len(bad))
+        if self.results.fatal is not None:
+            ctx.request_stop(self.results.fatal.stop())
 
     # -- rows left to other runs ------------------------------------------------------------------------
 
@@ -1149,46 +807,16 @@ class BatchRun:
     # -- 4. auto: the rest live ------------------------------------------------------------------------
 
     async def _live_remainder(self) -> None:
-        """Send live what no batch answered: a small remainder, failed and unfinished lines, invalid rows.
-
-        A second pass over the input with the live engine and its own counts; only what it sends or
-        writes is added to the run's counts (rows it finds done were counted already)."""
-        ctx = self.ctx
-        if ctx.budget is not None:
-            ctx.budget.price_factor = 1.0
-        live = RunContext(
-            job=ctx.job,
-            conn=ctx.conn,
-            limiter=ctx.limiter,
-            store=ctx.store,
-            index=ctx.index,
-            run_id=ctx.run_id,
-            id_col=ctx.id_col,
-            retry_errors=ctx.retry_errors,
-            retry=ctx.retry,
-            budget=ctx.budget,
-            outage=ctx.outage,
+        await send_rest_live(
+            self.ctx,
+            self.totals,
+            self.source,
+            self.options,
+            self.total_rows,
+            self.drive_live,
+            self.chunk_runner,
+            self.claims,
         )
-        try:
-            await self.drive_live(
-                live, self.source, self.options, self.total_rows, self.chunk_runner, claims=self.claims
-            )
-        finally:
-            s, t = live.stats, ctx.stats
-            new_errors = sum(pq.read_metadata(p, filesystem=ctx.store.fs).num_rows for p in s.error_parts_written)
-            t.succeeded += s.succeeded
-            t.deduplicated += s.deduplicated
-            t.failed += new_errors
-            t.failed_retry_auto += s.failed_retry_auto
-            for name in ("requests", "items_sent", "retries", "rate_limited", "transient_errors", "prompt_tokens",
-                         "completion_tokens", "total_tokens", "estimated_tokens", "images"):  # fmt: skip
-                setattr(t, name, getattr(t, name) + getattr(s, name))
-            t.parts_written += s.parts_written
-            t.error_parts_written += s.error_parts_written
-            self.totals.live_rows = s.succeeded + s.deduplicated + new_errors
-            ctx.on_progress(self.totals.live_rows)
-            if live.stopped is not None:
-                ctx.request_stop(live.stopped)
 
     # -- metadata ---------------------------------------------------------------------------------------
 
@@ -1215,96 +843,3 @@ class BatchRun:
 
 def _budget_stop(ctx: RunContext) -> bool:
     return ctx.stopped is not None and ctx.stopped.status == "stopped: budget"
-
-
-class _PollBar:
-    """While batches run: their states and request counts, on stderr."""
-
-    def __init__(self, *, enabled: bool) -> None:
-        self._progress = None
-        self._tasks: dict[str, Any] = {}
-        if enabled:
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            self._progress = Progress(
-                TextColumn("[bold]{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("requests · {task.fields[state]} · failed {task.fields[failed]}"),
-                TimeElapsedColumn(),
-                console=Console(file=sys.stderr),
-            )
-            self._progress.start()
-
-    def show(self, record: dict[str, Any]) -> None:
-        if self._progress is None:
-            return
-        counts = record.get("request_counts") or {}
-        done = (counts.get("completed") or 0) + (counts.get("failed") or 0)
-        name = record["batch_id"]
-        if name not in self._tasks:
-            self._tasks[name] = self._progress.add_task(
-                f"batch {name}", total=record.get("requests") or counts.get("total"), state="", failed=0
-            )
-        self._progress.update(
-            self._tasks[name], completed=done, state=record.get("status"), failed=counts.get("failed") or 0
-        )
-
-    def close(self) -> None:
-        if self._progress is not None:
-            self._progress.stop()
-
-
-def files_needed(requests: int, inputs: int, policy: BatchPolicy, embeddings: bool) -> int:
-    """How many request files (batches) ``requests`` lines of ``inputs`` items make under the limits."""
-    if requests == 0:
-        return 0
-    by_lines = math.ceil(requests / policy.max_lines)
-    by_inputs = math.ceil(inputs / policy.max_inputs) if embeddings else 1
-    return max(by_lines, by_inputs)
-
-
-async def manage_batches(output: str, settings: Any | None, *, refresh: bool, cancel: bool) -> list[dict[str, Any]]:
-    """`gembatch batches OUTPUT`: the recorded batches, their states asked again (``refresh``) or cancelled.
-
-    ``settings`` (a ProviderSettings) says where they were sent; None: as each record says (its provider
-    and base URL, the key from that provider's usual variable)."""
-    from tasks.engine.store import OutputStore
-    from tasks.provider.client import ProviderSettings, open_connection
-
-    store = OutputStore(output)
-    records = read_records(store)
-    if not records:
-        raise ConfigError(f"no batches are recorded in {output}/{BATCHES_DIR}/ (a --mode batch run records them)")
-    if not (refresh or cancel):
-        return records
-    book = Book(store)
-    connections: dict[tuple[str, str], tuple[Connection, BatchApi]] = {}
-    try:
-        for record in records:
-            if record["state"] != SUBMITTED:
-                continue
-            where = settings or ProviderSettings(
-                provider=record["provider"],
-                base_url=record["base_url"] if record["provider"] != "gemini" else None,
-            )
-            key = (where.provider, where.base_url or "")
-            if key not in connections:
-                conn = open_connection(where)
-                connections[key] = (conn, BatchApi(conn.client, conn.base_url, conn.api_key))
-            conn, api = connections[key]
-            try:
-                info = await (api.cancel(record["batch_id"]) if cancel else api.retrieve(record["batch_id"]))
-            except Exception as exc:  # noqa: BLE001 - shown per batch; the others are still asked
-                record["error"] = conn.redact(classify_failure(exc).message)
-                continue
-            record.update(
-                status=info.status,
-                request_counts={"total": info.total, "completed": info.completed, "failed": info.failed},
-            )
-            book.save(record)
-    finally:
-        for conn, _ in connections.values():
-            await conn.close()
-    return records

@@ -14,7 +14,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from tasks.engine.chunk import RunStats
+from tasks.engine.send.context import RunStats
 
 __all__ = ["ProgressBar"]
 

@@ -1,0 +1,1 @@
+"""Planning a run: reading the input, its shard, content hashes, the done-key index, claims."""

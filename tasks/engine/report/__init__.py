@@ -1,0 +1,1 @@
+"""Reporting a run: its metadata document and the progress bar."""

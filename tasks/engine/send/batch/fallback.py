@@ -1,0 +1,62 @@
+"""``--mode auto``'s last step: what no batch answered, sent live by the live engine, counted into the run."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from tasks.engine.plan.claims import ClaimBook
+from tasks.engine.send.context import RunContext
+
+_ADDED = ("requests", "items_sent", "retries", "rate_limited", "transient_errors", "prompt_tokens",
+          "completion_tokens", "total_tokens", "estimated_tokens", "images")  # fmt: skip
+
+
+async def send_rest_live(
+    ctx: RunContext,
+    totals: Any,
+    source: Any,
+    options: Any,
+    total_rows: int,
+    drive_live: Callable[..., Awaitable[None]],
+    chunk_runner: Any,
+    claims: ClaimBook,
+) -> None:
+    """Send live what no batch answered: a small remainder, failed and unfinished lines, invalid rows.
+
+    A second pass over the input with the live engine and its own counts; only what it sends or
+    writes is added to the run's counts (rows it finds done were counted already), and to ``totals.live_rows``."""
+    if ctx.budget is not None:
+        ctx.budget.price_factor = 1.0
+    live = RunContext(
+        job=ctx.job,
+        conn=ctx.conn,
+        limiter=ctx.limiter,
+        store=ctx.store,
+        index=ctx.index,
+        run_id=ctx.run_id,
+        id_col=ctx.id_col,
+        retry_errors=ctx.retry_errors,
+        retry=ctx.retry,
+        budget=ctx.budget,
+        outage=ctx.outage,
+    )
+    try:
+        await drive_live(live, source, options, total_rows, chunk_runner, claims=claims)
+    finally:
+        s, t = live.stats, ctx.stats
+        new_errors = sum(pq.read_metadata(p, filesystem=ctx.store.fs).num_rows for p in s.error_parts_written)
+        t.succeeded += s.succeeded
+        t.deduplicated += s.deduplicated
+        t.failed += new_errors
+        t.failed_retry_auto += s.failed_retry_auto
+        for name in _ADDED:
+            setattr(t, name, getattr(t, name) + getattr(s, name))
+        t.parts_written += s.parts_written
+        t.error_parts_written += s.error_parts_written
+        totals.live_rows = s.succeeded + s.deduplicated + new_errors
+        ctx.on_progress(totals.live_rows)
+        if live.stopped is not None:
+            ctx.request_stop(live.stopped)

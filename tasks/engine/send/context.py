@@ -1,0 +1,181 @@
+"""What a run's sending shares: the retry policy, the counts, the run context, a chunk's report."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from tasks.engine.job import Job, Outcome
+from tasks.engine.plan.done import DoneIndex
+from tasks.engine.plan.hashing import HashProcesses
+from tasks.engine.plan.rows import PreparedChunk
+from tasks.engine.send.budget import Budget
+from tasks.engine.send.limits import AdaptiveLimiter
+from tasks.engine.send.outage import OutageBreaker
+from tasks.engine.send.timings import Timings
+from tasks.engine.store.output import OutputStore
+from tasks.errors import RunStopped
+from tasks.provider.client import Connection, Failure
+
+RETRY_DELAY_ENV = "GEMBATCH_RETRY_DELAY_S"
+
+
+@dataclass(frozen=True, kw_only=True)
+class RetryPolicy:
+    """Exponential back-off with jitter; the server's own delay (Retry-After, retryDelay) wins."""
+
+    max_attempts: int = 8
+    max_rate_limited_attempts: int = 30
+    # A reply whose row part can't be used (invalid JSON, fails the schema) is asked once more.
+    max_row_failure_attempts: int = 2
+    base_delay_s: float = 1.0
+    max_delay_s: float = 60.0
+
+    @classmethod
+    def from_env(cls) -> RetryPolicy:
+        """The default policy; ``GEMBATCH_RETRY_DELAY_S`` scales its back-off (base delay in seconds,
+        the cap 60 times it). For tests and developers who drive failures through the command line."""
+        raw = os.environ.get(RETRY_DELAY_ENV, "").strip()
+        if not raw:
+            return cls()
+        try:
+            base = float(raw)
+        except ValueError:
+            raise ValueError(f"{RETRY_DELAY_ENV} must be a number of seconds, got {raw!r}") from None
+        if base < 0:
+            raise ValueError(f"{RETRY_DELAY_ENV} must be 0 or more, got {raw!r}")
+        return cls(base_delay_s=base, max_delay_s=60 * base)
+
+    def delay(self, attempt: int, failure: Failure) -> float:
+        if failure.retry_after_s is not None:
+            return min(failure.retry_after_s, 3600.0) + random.uniform(0, 1.0)
+        backoff = min(self.max_delay_s, self.base_delay_s * 2 ** (attempt - 1))
+        return random.uniform(backoff / 2, backoff)
+
+    def allows(self, attempts: int, failure: Failure) -> bool:
+        limit = self.max_rate_limited_attempts if failure.kind == "rate_limited" else self.max_attempts
+        return attempts < limit
+
+
+@dataclass
+class RunStats:
+    input_rows: int = 0
+    skipped_done: int = 0
+    deduplicated: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    not_attempted: int = 0
+    # Rows of ``failed`` recorded in _errors/ with retry "auto" (transient errors only).
+    failed_retry_auto: int = 0
+    requests: int = 0
+    items_sent: int = 0
+    retries: int = 0
+    rate_limited: int = 0
+    transient_errors: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    estimated_tokens: int = 0
+    images: int = 0
+    parts_written: list[str] = field(default_factory=list)
+    error_parts_written: list[str] = field(default_factory=list)
+    # Streamed replies: time to first token (tasks/jobs/chat.py).
+    first_token: Timings = field(default_factory=Timings)
+    # Rows answered by another model than the one asked for, by that model (the provider rerouted it).
+    rerouted: dict[str, int] = field(default_factory=dict)
+
+    def rows_accounted(self) -> int:
+        return self.skipped_done + self.deduplicated + self.succeeded + self.failed + self.not_attempted
+
+
+class RunContext:
+    """Everything the chunks of one run share. A plain class on purpose: Prefect walks dataclass
+    task parameters field by field, and this one holds the done-key index."""
+
+    def __init__(
+        self,
+        *,
+        job: Job,
+        conn: Connection,
+        limiter: AdaptiveLimiter,
+        store: OutputStore,
+        index: DoneIndex,
+        run_id: str,
+        id_col: str,
+        retry_errors: bool = False,
+        retry: RetryPolicy | None = None,
+        on_progress: Callable[[int], None] | None = None,
+        budget: Budget | None = None,
+        outage: OutageBreaker | None = None,
+    ) -> None:
+        self.job = job
+        self.conn = conn
+        self.limiter = limiter
+        self.store = store
+        self.index = index
+        self.run_id = run_id
+        self.id_col = id_col
+        self.retry_errors = retry_errors
+        self.retry = retry or RetryPolicy()
+        self.stats = RunStats()
+        self.on_progress = on_progress or (lambda rows: None)
+        self.inflight: dict[str, asyncio.Future[Outcome | None]] = {}
+        # Chunks prepared by the driver (precheck_chunk), by chunk number, until their task runs.
+        self.prechecked: dict[int, PreparedChunk] = {}
+        self.stop_event = asyncio.Event()
+        # Chunks between starting and queueing their requests (the driver waits for them before
+        # deciding the limiter is starved of work).
+        self.preparing = 0
+        self.stopped: RunStopped | None = None
+        self.budget: Budget | None = budget
+        self.outage = outage or OutageBreaker()
+        # For a job that measures its work in something besides rows (audio seconds): see ProgressBar.
+        self.on_units: Callable[[float], None] = lambda amount: None
+        # What a job keeps for the length of one run (a recording job's bound on segments on hand).
+        self.shared: dict[str, Any] = {}
+        # Sorted hash keys of the contents that recur in the input (tasks/engine/plan/recurring.py): the
+        # only results of this run that the index must learn (a later row may reuse them). None: all.
+        self.recurring: np.ndarray | None = None
+        # Child processes that hash text columns (a text job's run; see tasks/engine/plan/hashing.py).
+        self.hash_processes: HashProcesses | None = None
+        # Whether result parts get a served_model column (not in an output made before it existed, so
+        # that its parts keep one schema).
+        self.served_column = True
+
+    def request_stop(self, reason: RunStopped) -> None:
+        if self.stopped is None:
+            self.stopped = reason
+        self.stop_event.set()
+        self.outage.wake()
+
+    def __repr__(self) -> str:
+        return f"RunContext(run_id={self.run_id!r}, job={self.job.name!r})"
+
+
+@dataclass
+class ChunkReport:
+    index: int
+    rows: int
+    written: int
+    errors: int
+    part: str | None = None  # the results part written, if any
+
+
+REROUTED = "stopped: model rerouted"
+
+
+def rerouted_stop(job: Job, served: str, output: str) -> RunStopped:
+    return RunStopped(
+        REROUTED,
+        f"the provider answered requests for {job.model} with {served} (the reply's model says so): it "
+        f"rerouted the model. No vector of {served} was written into {output}, which holds {job.model}'s. "
+        f"To keep {job.model}, ask the provider; to move the output to the model that answers, rerun with "
+        f"--model {served} --change-model (check the rows and cost with --dry-run first), or write it to "
+        "another --output",
+    )

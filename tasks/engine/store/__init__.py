@@ -1,0 +1,1 @@
+"""The output store: atomic part files, superseding, error rows, and the key cache."""
