@@ -419,12 +419,9 @@ def _write_chunk(
             else:
                 ok_rows.append(pos)
                 ok_results.append(outcome.result)
-                if src == OWN:
-                    stats.succeeded += 1
-                else:
-                    stats.deduplicated += 1
-    stats.failed += len(err_rows)
-    stats.failed_retry_auto += len(auto)
+    # Rows count as succeeded or failed once their part file is written: a write that an interrupt cuts
+    # short leaves them unaccounted here, so the run counts them as not attempted (and a rerun sends them).
+    own_ok = sum(1 for pos in ok_rows if source[pos] == OWN)
     written = 0
     part = None
     if ok_rows:
@@ -447,6 +444,8 @@ def _write_chunk(
         part = ctx.store.write_part(table, errors=False, run_id=ctx.run_id, id_col=ctx.id_col)
         stats.parts_written.append(part)
         written = len(ok_results)
+        stats.succeeded += own_ok
+        stats.deduplicated += written - own_ok
     if err_rows:
         table = pa.table(
             {
@@ -466,6 +465,8 @@ def _write_chunk(
         )
         path = ctx.store.write_part(table, errors=True, run_id=ctx.run_id, id_col=ctx.id_col)
         stats.error_parts_written.append(path)
+        stats.failed += len(err_rows)
+        stats.failed_retry_auto += len(auto)
     return ChunkReport(index=index, rows=len(ids), written=written, errors=len(err_rows), part=part)
 
 
