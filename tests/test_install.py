@@ -85,7 +85,9 @@ def test_an_installed_wheel_runs_the_demo_from_an_empty_folder(tmp_path):
     gembatch = tmp_path / "venv" / "bin" / "gembatch"
     first = run(gembatch, "demo", cwd=empty)
     assert "gembatch-demo/" in first.stdout and "demo_data" in first.stdout  # the samples came with the wheel
-    assert sorted(p.name for p in (empty / "gembatch-demo").iterdir()) == sorted(JOBS)
+    # One folder per job, and the rerouted-model scene's output (it stops before writing a vector).
+    assert sorted(p.name for p in (empty / "gembatch-demo").iterdir()) == sorted([*JOBS, "lifecycle-rerouted"])
+    assert not list((empty / "gembatch-demo" / "lifecycle-rerouted").glob("part-*.parquet"))
     for job in JOBS:
         assert list((empty / "gembatch-demo" / job / "_runs").glob("*.json")), job
         assert list((empty / "gembatch-demo" / job).glob("part-*.parquet")), job
