@@ -326,9 +326,10 @@ def test_a_daily_quota_stop_stops_every_run_on_the_key_and_a_rerun_after_the_res
         async def both():
             return await asyncio.gather(run("a"), run("b"))
 
-        first = asyncio.run(both())
+        # Bounded: a run that never meets the daily quota would otherwise wait at 6 rpm for good.
+        first = asyncio.run(asyncio.wait_for(both(), timeout=300))
         daily_429s = emu.stats["by_status"].get(429, 0)
-        later = asyncio.run(run("c"))
+        later = asyncio.run(asyncio.wait_for(run("c"), timeout=300))
         host = first[0]["provider"]["host"]
         model = first[0]["provider"]["model"]
         rpm_name, _ = limit_names(host, model)
