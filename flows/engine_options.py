@@ -29,7 +29,7 @@ def run_options(input: str, output: str, options: CommonOptions) -> RunOptions:
         id_col=options.id_col,
         provider=ProviderSettings(
             provider=options.provider,
-            base_url=options.base_url,
+            base_url=_base_url(options),
             api_key_env=options.api_key_env,
             api_key_secret=options.api_key_secret,
             timeout_s=options.timeout,
@@ -58,6 +58,15 @@ def run_options(input: str, output: str, options: CommonOptions) -> RunOptions:
         ),
         shard=Shard.parse(options.shard) if options.shard else None,
     )
+
+
+def _base_url(options: CommonOptions) -> str | None:
+    """The URL the run connects to: --base-url-secret's (credentials and all) over --base-url's."""
+    if options.base_url_secret:
+        from tasks.provider.client import secret_base_url
+
+        return secret_base_url(options.base_url_secret)
+    return options.base_url
 
 
 def options_from(parameters: dict[str, Any]) -> RunOptions:

@@ -163,17 +163,30 @@ def require_key(settings: ProviderSettings) -> str:
 
 
 def _secret_key(name: str) -> str:
+    return secret_text(name, what="key", instead="--api-key-env")
+
+
+def secret_base_url(name: str) -> str:
+    """The base URL kept in the Prefect Secret block ``name`` (--base-url-secret); checked to be a URL."""
+    url = secret_text(name, what="base URL", instead="--base-url")
+    if urlsplit(url.strip()).scheme not in ("http", "https"):
+        raise ConfigError(f"the Prefect Secret block {name!r} holds no http(s) URL: save the gateway's base URL in it")
+    return url.strip()
+
+
+def secret_text(name: str, *, what: str, instead: str) -> str:
+    """The text kept in the Prefect Secret block ``name``; a clear error when it is missing or empty."""
     from prefect.blocks.system import Secret
 
     try:
         value = Secret.load(name, _sync=True).get()
-    except ValueError as exc:
+    except Exception as exc:  # noqa: BLE001 - a missing block, no Prefect API: one message either way
         raise ConfigError(
-            f"no Prefect Secret block named {name!r} ({exc}): create it in the Prefect UI or with "
-            f"`Secret(value=...).save({name!r})`, or use --api-key-env"
+            f"no Prefect Secret block named {name!r} ({redact_text(str(exc))}): create it in the Prefect UI or with "
+            f"`Secret(value=...).save({name!r})`, or use {instead}"
         ) from None
     if not isinstance(value, str) or not value.strip():
-        raise ConfigError(f"the Prefect Secret block {name!r} holds no key (an empty or non-text value)")
+        raise ConfigError(f"the Prefect Secret block {name!r} holds no {what} (an empty or non-text value)")
     return value
 
 
