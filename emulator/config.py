@@ -139,6 +139,10 @@ class EmulatorConfig:
     # Request parameters refused with LiteLLM's 400 (``litellm.UnsupportedParamsError: Setting X is not
     # supported …``) when a POST's JSON body carries them.
     refuse_params: tuple[str, ...] = ()
+    # Request parameters dropped without a word, as a LiteLLM proxy with ``drop_params: true`` (or a server
+    # that doesn't know them) does: embeddings answers as if the body hadn't carried them (``dimensions``:
+    # vectors at the model's full size), in live requests and batch lines alike.
+    ignore_params: tuple[str, ...] = ()
     # What images/generations answers when the request names no response_format: b64_json, or url (a
     # link to the image on this server, as OpenAI's DALL·E models answer by default).
     default_image_response: str = "b64_json"
@@ -153,6 +157,7 @@ class EmulatorConfig:
     def __post_init__(self) -> None:
         self.models = tuple(self.models)
         self.refuse_params = tuple(self.refuse_params)
+        self.ignore_params = tuple(self.ignore_params)
         self.route_answers = {
             route: answer if isinstance(answer, CannedAnswer) else CannedAnswer(**answer)
             for route, answer in dict(self.route_answers).items()
