@@ -11,7 +11,9 @@ from tasks.engine.send.batch.policy import BatchPolicy
 from tasks.engine.send.context import RetryPolicy
 from tasks.engine.send.limits import Limits
 from tasks.engine.send.outage import OutagePolicy
+from tasks.errors import ConfigError
 from tasks.provider.client import ProviderSettings
+from tasks.redact import MASK, redact_url
 
 __all__ = ["options_from", "run_options"]
 
@@ -66,7 +68,14 @@ def _base_url(options: CommonOptions) -> str | None:
         from tasks.provider.client import secret_base_url
 
         return secret_base_url(options.base_url_secret)
-    return options.base_url
+    url = options.base_url
+    if url and MASK in url and redact_url(url) == url and redact_url(url.replace(MASK, "x")) != url.replace(MASK, "x"):
+        # The URL as Prefect keeps a flow run's parameters (a run started again from the UI, say).
+        raise ConfigError(
+            f"--base-url {url} has its credentials masked (***), as gembatch shows and stores it: pass the URL "
+            "with its credentials again, or keep it in a Prefect Secret block and name it with --base-url-secret"
+        )
+    return url
 
 
 def options_from(parameters: dict[str, Any]) -> RunOptions:

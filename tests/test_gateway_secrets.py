@@ -141,3 +141,14 @@ def test_a_base_url_secret_that_is_missing_or_no_url_is_one_message(prefect_serv
     Secret(value="not a url").save("gembatch-test-not-a-url", overwrite=True)
     with pytest.raises(ConfigError, match="holds no http"):
         run_options("in", "out", CommonOptions(base_url_secret="gembatch-test-not-a-url"))
+
+
+def test_a_url_with_masked_credentials_is_refused_with_the_way_out():
+    from flows.engine_options import run_options
+    from flows.params import CommonOptions
+
+    masked = "http://***@127.0.0.1:9/v1beta/openai/?key=***"
+    with pytest.raises(ConfigError, match=r"credentials masked \(\*\*\*\).*--base-url-secret"):
+        run_options("in", "out", CommonOptions(base_url=masked))
+    plain = run_options("in", "out", CommonOptions(base_url="http://127.0.0.1:9/v1/?api-version=***"))
+    assert plain.provider.base_url == "http://127.0.0.1:9/v1/?api-version=***"
