@@ -97,5 +97,11 @@ def test_an_output_of_full_size_vectors_takes_no_shortened_ones(emulator, tmp_pa
     assert "Traceback" not in again.stderr
     assert "3072" in said and "--dimensions 256" in said
     assert sorted(out.glob("part-*.parquet")) == parts
+    assert "rerun without --dimensions to add to this one" in said and "--force" in said
     vectors = read_output(out)["embedding"].to_list()
     assert {len(v) for v in vectors} == {3072}
+    # Told to: every row is sent again at the new size, and the old vectors are superseded.
+    forced = embed(emulator.base_url, src, out, "--dimensions", "256", "--force")
+    assert forced.returncode == 0, forced.stderr
+    vectors = read_output(out).sort("id")["embedding"].to_list()
+    assert [len(v) for v in vectors] == [256] * 6

@@ -160,13 +160,15 @@ class EmbedJob:
         size = getattr(field.type, "list_size", None) if field is not None else None
         if size is None or size == asked:
             return
-        how = f"--dimensions {self.dimensions}" if self.dimensions else f"{self.model}'s full size (no --dimensions)"
+        how = f"--dimensions {self.dimensions}" if self.dimensions else f"{self.model}'s full size, no --dimensions"
         full = self.spec.dims if self.spec else None
-        keep = "no --dimensions" if size == full else f"--dimensions {size}"
+        keep = "without --dimensions" if size == full else f"with --dimensions {size}"
+        fits = "" if full is not None and size > full else f", or rerun {keep} to add to this one"
         raise ConfigError(
             f"output {store.url} holds vectors of {size} values, and this run asks for vectors of {asked} "
-            f"({how}): one output holds vectors of one size. Write them to another --output, or rerun with "
-            f"{keep} to add to this one. Nothing was sent."
+            f"({how}): one output holds vectors of one size. Write them to another --output{fits}; or pass "
+            "--force to write them here anyway (every row is sent again at the new size and its old vector "
+            "superseded; until the run completes, the folder holds both sizes). Nothing was sent."
         )
 
     def stop_for(self, reply: Reply, output: str) -> RunStopped | None:
