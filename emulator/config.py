@@ -19,20 +19,23 @@ FAULT_KINDS: tuple[str, ...] = ("500", "503", "hang", "truncate", "drop", "garba
 JSON_SCHEMA_SUPPORT: tuple[str, ...] = ("supported", "rejected", "ignored")
 IMAGE_FORMATS: dict[str, str] = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp", "svg": "image/svg+xml"}
 
-CANNED_BODIES: tuple[str, ...] = ("json", "text", "html", "empty")
+CANNED_BODIES: tuple[str, ...] = ("json", "text", "html", "empty", "raw")
 
 
 @dataclass(frozen=True, kw_only=True)
 class CannedAnswer:
     """What a route answers instead of its work (``EmulatorConfig.route_answers``), as gateways and load
     balancers do: ``body`` is ``json`` (OpenAI's error object), ``text`` (plain text), ``html`` (an nginx
-    error page) or ``empty`` (no body at all; with status 200, an empty success). The first ``after``
-    requests to the route are served as usual."""
+    error page), ``empty`` (no body at all; with status 200, an empty success) or ``raw`` (``message`` is
+    the JSON body itself, word for word: a gateway's own error shape, emulator/gateways.py). The first
+    ``after`` requests to the route are served as usual; ``times``, when set, ends the canned answers
+    after that many (a 429 that passes)."""
 
     status: int
     body: str = "json"
     message: str = "injected failure"
     after: int = 0
+    times: int | None = None
 
     def __post_init__(self) -> None:
         if self.body not in CANNED_BODIES:
@@ -41,6 +44,8 @@ class CannedAnswer:
     def response(self) -> Response:
         if self.body == "empty":
             return Response(self.status, b"")
+        if self.body == "raw":
+            return Response(self.status, self.message.encode(), content_type="application/json")
         if self.body == "text":
             return Response(self.status, self.message.encode(), content_type="text/plain; charset=utf-8")
         if self.body == "html":
@@ -139,6 +144,10 @@ class EmulatorConfig:
     # Request parameters refused with LiteLLM's 400 (``litellm.UnsupportedParamsError: Setting X is not
     # supported …``) when a POST's JSON body carries them.
     refuse_params: tuple[str, ...] = ()
+    # Request parameters dropped without a word, as a LiteLLM proxy with ``drop_params: true`` (or a server
+    # that doesn't know them) does: embeddings answers as if the body hadn't carried them (``dimensions``:
+    # vectors at the model's full size), in live requests and batch lines alike.
+    ignore_params: tuple[str, ...] = ()
     # What images/generations answers when the request names no response_format: b64_json, or url (a
     # link to the image on this server, as OpenAI's DALL·E models answer by default).
     default_image_response: str = "b64_json"
@@ -153,6 +162,7 @@ class EmulatorConfig:
     def __post_init__(self) -> None:
         self.models = tuple(self.models)
         self.refuse_params = tuple(self.refuse_params)
+        self.ignore_params = tuple(self.ignore_params)
         self.route_answers = {
             route: answer if isinstance(answer, CannedAnswer) else CannedAnswer(**answer)
             for route, answer in dict(self.route_answers).items()

@@ -18,6 +18,8 @@ MAX_EMBEDDING_INPUTS = 100
 
 async def handle(state: ServerState, req: Request, _arg: str, cfg: EmulatorConfig) -> Response:
     body = parse_json(req)
+    if cfg.ignore_params:
+        body = {k: v for k, v in body.items() if k not in cfg.ignore_params}
     model = model_of(body)
     if not cfg.serves(model) or model not in fakes.EMBEDDING_MODELS:
         raise model_not_found(model, "embedContent")

@@ -110,7 +110,7 @@ def canned(state: ServerState, req: Request, cfg: EmulatorConfig) -> Response | 
     if answer is not None:
         with state.lock:
             seen = state.route_hits[route] = state.route_hits.get(route, 0) + 1
-        if seen > answer.after:
+        if seen > answer.after and (answer.times is None or seen <= answer.after + answer.times):
             state.bump("faults", sub=f"canned:{route}")
             return answer.response()
     if cfg.refuse_params and req.method == "POST" and req.body[:1] == b"{":

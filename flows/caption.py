@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow
-
 from flows.common import run_flow
 from flows.jobs import caption_job
 from flows.params import CommonOptions
+from flows.prefect_flow import flow
 from tasks.jobs.caption import DEFAULT_CAPTION_PROMPT, DEFAULT_MAX_SIDE
 
 __all__ = ["caption_flow", "caption_job"]

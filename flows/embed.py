@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow
-
 from flows.common import run_flow
 from flows.jobs import embed_job
 from flows.params import CommonOptions
+from flows.prefect_flow import flow
 from tasks.jobs.embed import MAX_INPUTS_PER_REQUEST
 
 __all__ = ["embed_flow", "embed_job"]

@@ -11,7 +11,9 @@ from tasks.engine.send.batch.policy import BatchPolicy
 from tasks.engine.send.context import RetryPolicy
 from tasks.engine.send.limits import Limits
 from tasks.engine.send.outage import OutagePolicy
+from tasks.errors import ConfigError
 from tasks.provider.client import ProviderSettings
+from tasks.redact import MASK, redact_url
 
 __all__ = ["options_from", "run_options"]
 
@@ -29,7 +31,7 @@ def run_options(input: str, output: str, options: CommonOptions) -> RunOptions:
         id_col=options.id_col,
         provider=ProviderSettings(
             provider=options.provider,
-            base_url=options.base_url,
+            base_url=_base_url(options),
             api_key_env=options.api_key_env,
             api_key_secret=options.api_key_secret,
             timeout_s=options.timeout,
@@ -58,6 +60,22 @@ def run_options(input: str, output: str, options: CommonOptions) -> RunOptions:
         ),
         shard=Shard.parse(options.shard) if options.shard else None,
     )
+
+
+def _base_url(options: CommonOptions) -> str | None:
+    """The URL the run connects to: --base-url-secret's (credentials and all) over --base-url's."""
+    if options.base_url_secret:
+        from tasks.provider.client import secret_base_url
+
+        return secret_base_url(options.base_url_secret)
+    url = options.base_url
+    if url and MASK in url and redact_url(url) == url and redact_url(url.replace(MASK, "x")) != url.replace(MASK, "x"):
+        # The URL as Prefect keeps a flow run's parameters (a run started again from the UI, say).
+        raise ConfigError(
+            f"--base-url {url} has its credentials masked (***), as gembatch shows and stores it: pass the URL "
+            "with its credentials again, or keep it in a Prefect Secret block and name it with --base-url-secret"
+        )
+    return url
 
 
 def options_from(parameters: dict[str, Any]) -> RunOptions:

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow
-
 from flows.common import run_flow
 from flows.jobs import generate_job
 from flows.params import CommonOptions
+from flows.prefect_flow import flow
 
 __all__ = ["generate_flow", "generate_job"]
 

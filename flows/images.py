@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow
-
 from flows.common import run_flow
 from flows.jobs import images_job
 from flows.params import CommonOptions
+from flows.prefect_flow import flow
 from tasks.jobs.images import DEFAULT_SIZE
 
 __all__ = ["images_flow", "images_job"]

@@ -54,6 +54,13 @@ class CommonOptions(BaseModel):
         description="Any OpenAI-compatible server (vLLM, Ollama, LiteLLM).",
         json_schema_extra=_cli("--base-url", "URL"),
     )
+    base_url_secret: str | None = Field(
+        None,
+        description="Name of a Prefect Secret block holding the base URL, for a URL with credentials in it "
+        "(user:pass@, ?key=): the run connects to it, and only the URL with its credentials redacted is shown "
+        "or stored (what --shards hands its flow runs).",
+        json_schema_extra=_cli("--base-url-secret", "BLOCK"),
+    )
     api_key_env: str | None = Field(
         None, description="Environment variable that holds the key.", json_schema_extra=_cli("--api-key-env", "NAME")
     )

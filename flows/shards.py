@@ -19,6 +19,7 @@ parts it wrote: rows already in the output are skipped, not sent again.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -30,9 +31,11 @@ from tasks.engine.report.metadata import input_record, new_run_id, package_versi
 from tasks.errors import ConfigError
 from tasks.redact import redact_data
 
-__all__ = ["HEARTBEAT_LABEL", "heartbeat", "run_sharded", "sharded"]
+__all__ = ["BASE_URL_SECRET_PREFIX", "HEARTBEAT_LABEL", "heartbeat", "run_sharded", "sharded"]
 
 HEARTBEAT_LABEL = "gembatch.heartbeat"
+# The Prefect Secret block that hands the shards a base URL with credentials in it.
+BASE_URL_SECRET_PREFIX = "gembatch-base-url-"
 HEARTBEAT_S = 3.0
 # A shard with no sign of life for this long is taken for dead (see the module's text).
 STALE_S = 20.0
@@ -133,9 +136,10 @@ async def run_sharded(job: Job, parameters: dict[str, Any]) -> dict[str, Any]:
     }
     await asyncio.to_thread(store.write_run, run_id, document)
     shards = [_Shard(i, count) for i in range(1, count + 1)]
+    handed = await _base_url_by_secret(parameters)
     try:
-        await asyncio.gather(*(_start(s, deployment_id, parameters) for s in shards))
-        await _watch(shards, deployment_id, parameters)
+        await asyncio.gather(*(_start(s, deployment_id, handed) for s in shards))
+        await _watch(shards, deployment_id, handed)
     except BaseException:
         # Interrupted (Ctrl-C, the parent's flow run cancelled): the shards stop too, resumable.
         await asyncio.shield(_cancel(shards))
@@ -183,6 +187,26 @@ async def _deployment_of_this_flow() -> str:
         f"--shards: {name} has {len(found)} deployments ({names}); run the one to shard with "
         f"`prefect deployment run {name}/<name> --param options='{{\"shards\": N}}'`"
     )
+
+
+async def _base_url_by_secret(parameters: dict[str, Any]) -> dict[str, Any]:
+    """The parameters the shards get: a base URL with credentials in it goes by a Prefect Secret block.
+
+    Prefect keeps a flow run's parameters in clear, and a shard may run on another machine, which must
+    still reach the gateway with the credentials. So the parent saves the URL in a Secret block (kept
+    encrypted by the server, never shown in full) named after the URL's hash, and the shards get the
+    URL with its credentials redacted (where it points: the host, the path) plus the block's name.
+    """
+    from prefect.blocks.system import Secret
+
+    from tasks.redact import redact_url
+
+    url = parameters.get("base_url")
+    if not url or parameters.get("base_url_secret") or redact_url(url) == url:
+        return parameters
+    name = f"{BASE_URL_SECRET_PREFIX}{hashlib.sha256(url.encode()).hexdigest()[:16]}"
+    await Secret(value=url).asave(name, overwrite=True)
+    return parameters | {"base_url": redact_url(url), "base_url_secret": name}
 
 
 def _child_parameters(parameters: dict[str, Any], shard: _Shard) -> dict[str, Any]:

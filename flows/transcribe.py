@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow
-
 from flows.common import run_flow
 from flows.jobs import transcribe_job
 from flows.params import CommonOptions
+from flows.prefect_flow import flow
 from tasks.defaults import DEFAULT_SEGMENT_FORMAT, DEFAULT_SEGMENT_S
 from tasks.jobs.transcribe import MAX_INLINE_BYTES
 

@@ -171,6 +171,10 @@ async def run_job(
             force=options.force,
             change_model=options.change_model,
         )
+        # What the output already holds fits this run (unless told to write anyway: --force, --change-model).
+        check_output = getattr(job, "check_output", None)
+        if check_output is not None and not (options.force or options.change_model):
+            await asyncio.to_thread(check_output, store)
         index = await asyncio.to_thread(
             store.scan, options.id_col, live_runs={h.run_id for h in others}, since_ns=int(claims.since * 1e9)
         )

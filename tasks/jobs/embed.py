@@ -15,9 +15,12 @@ from openai.types import CreateEmbeddingResponse
 from tasks.defaults import MAX_INPUTS_PER_REQUEST
 from tasks.engine.job import BadReply, Item, Prepared, Reply, RowInvalid, unexpected_reply
 from tasks.engine.plan.hashing import non_blank
+from tasks.errors import ConfigError, RunStopped
 from tasks.provider.client import Connection
 
-__all__ = ["EmbedJob", "EMBEDDING_MODELS", "MAX_INPUTS_PER_REQUEST"]
+__all__ = ["DIMENSIONS_DROPPED", "EmbedJob", "EMBEDDING_MODELS", "MAX_INPUTS_PER_REQUEST"]
+
+DIMENSIONS_DROPPED = "failed: parameter dropped"
 
 
 @dataclass(frozen=True)
@@ -140,6 +143,54 @@ class EmbedJob:
             prompt_tokens=prompt,
             total_tokens=usage.total_tokens if usage else 0,
             served_model=getattr(response, "model", None) or None,
+        )
+
+    def check_output(self, store: Any) -> None:
+        """An output holds vectors of one size: a run that would add vectors of another is refused before
+        any request (Arrow reads a folder whose parts disagree on the size as no table at all)."""
+        import pyarrow.parquet as pq
+
+        asked = self.dimensions or (self.spec.dims if self.spec else None)
+        files = store.result_files()
+        if asked is None or not files:
+            return
+        with store.fs.open(files[0], "rb") as f:
+            schema = pq.ParquetFile(f).schema_arrow
+        field = schema.field("embedding") if "embedding" in schema.names else None
+        size = getattr(field.type, "list_size", None) if field is not None else None
+        if size is None or size == asked:
+            return
+        how = f"--dimensions {self.dimensions}" if self.dimensions else f"{self.model}'s full size, no --dimensions"
+        full = self.spec.dims if self.spec else None
+        keep = "without --dimensions" if size == full else f"with --dimensions {size}"
+        fits = "" if full is not None and size > full else f", or rerun {keep} to add to this one"
+        raise ConfigError(
+            f"output {store.url} holds vectors of {size} values, and this run asks for vectors of {asked} "
+            f"({how}): one output holds vectors of one size. Write them to another --output{fits}; or pass "
+            "--force to write them here anyway (every row is sent again at the new size and its old vector "
+            "superseded; until the run completes, the folder holds both sizes). Nothing was sent."
+        )
+
+    def stop_for(self, reply: Reply, output: str) -> RunStopped | None:
+        """A reply whose vectors don't have the size --dimensions asked for stops the run before any of it
+        is written: the server, or a gateway before it, dropped the parameter without a word (a LiteLLM
+        proxy with ``drop_params: true``), and an output's vectors must all have the size asked for."""
+        if self.dimensions is None:
+            return None
+        served = sorted({len(v) for v in reply.results if isinstance(v, np.ndarray)} - {self.dimensions})
+        if not served:
+            return None
+        sizes = " and ".join(str(n) for n in served)
+        return RunStopped(
+            DIMENSIONS_DROPPED,
+            f"the run asked for vectors of {self.dimensions} values (--dimensions {self.dimensions}) and the "
+            f"server answered with vectors of {sizes} values: it, or a gateway before it (a LiteLLM proxy with "
+            "`drop_params: true`), dropped the dimensions parameter without a word. Nothing of that reply was "
+            f"written into {output} and no row was marked failed. Ways out: rerun without --dimensions into "
+            f"another --output (the vectors then come at the model's full size, {sizes}, and are not shortened); "
+            "or have the gateway pass dimensions on to the model (LiteLLM: list it in the model's "
+            "`allowed_openai_params`, or turn drop_params off) and rerun the same command. Rows already done "
+            "are kept",
         )
 
     def _vector(self, raw: Any) -> np.ndarray:

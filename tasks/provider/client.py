@@ -163,17 +163,30 @@ def require_key(settings: ProviderSettings) -> str:
 
 
 def _secret_key(name: str) -> str:
+    return secret_text(name, what="key", instead="--api-key-env")
+
+
+def secret_base_url(name: str) -> str:
+    """The base URL kept in the Prefect Secret block ``name`` (--base-url-secret); checked to be a URL."""
+    url = secret_text(name, what="base URL", instead="--base-url")
+    if urlsplit(url.strip()).scheme not in ("http", "https"):
+        raise ConfigError(f"the Prefect Secret block {name!r} holds no http(s) URL: save the gateway's base URL in it")
+    return url.strip()
+
+
+def secret_text(name: str, *, what: str, instead: str) -> str:
+    """The text kept in the Prefect Secret block ``name``; a clear error when it is missing or empty."""
     from prefect.blocks.system import Secret
 
     try:
         value = Secret.load(name, _sync=True).get()
-    except ValueError as exc:
+    except Exception as exc:  # noqa: BLE001 - a missing block, no Prefect API: one message either way
         raise ConfigError(
-            f"no Prefect Secret block named {name!r} ({exc}): create it in the Prefect UI or with "
-            f"`Secret(value=...).save({name!r})`, or use --api-key-env"
+            f"no Prefect Secret block named {name!r} ({redact_text(str(exc))}): create it in the Prefect UI or with "
+            f"`Secret(value=...).save({name!r})`, or use {instead}"
         ) from None
     if not isinstance(value, str) or not value.strip():
-        raise ConfigError(f"the Prefect Secret block {name!r} holds no key (an empty or non-text value)")
+        raise ConfigError(f"the Prefect Secret block {name!r} holds no {what} (an empty or non-text value)")
     return value
 
 
@@ -559,14 +572,51 @@ def param_hint(param: str) -> str:
 
 
 def _error_object(body: object) -> dict[str, Any]:
-    # Gemini answers errors with a JSON array: [{"error": {...}}]; OpenAI with {"error": {...}}.
+    # Gemini answers errors with a JSON array: [{"error": {...}}]; OpenAI with {"error": {...}}; vLLM
+    # (before 0.9), Kong and Portkey's own checks with the fields at the top ({"message": ...}).
     if isinstance(body, list) and body and isinstance(body[0], dict):
         body = body[0]
     if isinstance(body, dict):
         inner = body.get("error", body)
         if isinstance(inner, dict):
-            return inner
+            return _upstream_error(inner) or _listed_errors(inner) or inner
+        if isinstance(inner, list):  # Cloudflare's API envelope names its list "errors"; some say "error"
+            return _listed_errors({"errors": inner}) or {}
     return {}
+
+
+def _upstream_error(error: dict[str, Any]) -> dict[str, Any] | None:
+    """The provider's own error that a gateway wraps in its metadata: OpenRouter answers "Provider
+    returned error" with the upstream body in ``metadata.raw`` (JSON text) and its name in
+    ``metadata.provider_name``. Its message and ``param`` say what was refused."""
+    metadata = error.get("metadata")
+    raw = metadata.get("raw") if isinstance(metadata, dict) else None
+    if isinstance(raw, dict) and isinstance(raw.get("data"), str):  # {"__kind": "OK", "data": "…"}
+        raw = raw["data"]
+    if not isinstance(raw, str) or not raw.strip():
+        return None
+    try:
+        parsed = _error_object(json.loads(raw))
+    except ValueError:
+        parsed = {"message": raw}
+    message = parsed.get("message") or parsed.get("detail")
+    if not message:
+        return None
+    provider = metadata.get("provider_name")
+    outer = str(error.get("message") or "the gateway's upstream answered")
+    return parsed | {"message": f"{outer} ({provider}): {message}" if provider else f"{outer}: {message}"}
+
+
+def _listed_errors(error: dict[str, Any]) -> dict[str, Any] | None:
+    """Cloudflare's API envelope: ``{"success": false, "errors": [{"code": 2009, "message": "…"}]}``."""
+    listed = error.get("errors")
+    if error.get("message") or not isinstance(listed, list):
+        return None
+    found = [e for e in listed if isinstance(e, dict) and e.get("message")]
+    if not found:
+        return None
+    message = "; ".join(f"{e['message']} (code {e['code']})" if e.get("code") else str(e["message"]) for e in found)
+    return {"message": message, "code": found[0].get("code")}
 
 
 # A 400 that refuses the request's JSON schema (response_format or function parameters), in the

@@ -292,6 +292,14 @@ async def _send(ctx: RunContext, items: list[Item], outcomes: dict[str, Outcome 
             stats.images += reply.images
             if reply.first_token_s is not None:
                 stats.first_token.add(reply.first_token_s)
+            wrong = getattr(job, "stop_for", None)
+            stop = wrong(reply, ctx.store.url) if wrong is not None else None
+            if stop is not None:
+                # A reply the job can't take as asked (vectors of another size): nothing of it is written
+                # and the rows stay to send.
+                await limiter.settle_tokens(estimate, reply.prompt_tokens)
+                ctx.request_stop(stop)
+                return
             served = reply.served_model
             if served is not None and not same_model(job.model, served):
                 stats.rerouted[served] = stats.rerouted.get(served, 0) + len(items)

@@ -149,6 +149,12 @@ class ResultWriter:
                 Outcome(error_type=failure.kind, error_message=message, attempts=1, retry_auto=failure.retryable)
             ] * len(items), None
         job, served = self.ctx.job, reply.served_model
+        wrong = getattr(job, "stop_for", None)
+        stop = wrong(reply, self.ctx.store.url) if wrong is not None else None
+        if stop is not None:
+            # As live: nothing of a reply the job can't take as asked is written; the rows stay to send.
+            self.ctx.request_stop(stop)
+            return [None] * len(items), None
         if served is not None and not same_model(job.model, served):
             stats = self.ctx.stats
             stats.rerouted[served] = stats.rerouted.get(served, 0) + len(items)
