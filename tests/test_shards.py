@@ -282,10 +282,11 @@ def test_an_extract_and_a_caption_deployment_on_one_model_stay_within_r_together
     assert np.isfinite(busiest)
 
 
-def _awaited_chain(task) -> list[str]:
-    """Where a task waits: each coroutine it awaits, innermost last, and what the innermost awaits."""
+def _awaited_chain(awaited) -> list[str]:
+    """Where a coroutine (or async generator) waits: each one it awaits, innermost last, and what the
+    innermost awaits. (An ``async with`` awaits a generator's ``asend``, which doesn't name it: the
+    suspended generators are listed on their own.)"""
     lines = []
-    awaited = task.get_coro()
     while awaited is not None:
         frame = getattr(awaited, "cr_frame", None) or getattr(awaited, "ag_frame", None)
         if frame is None:
@@ -301,6 +302,8 @@ async def _bounded(awaitable, timeout: float):
 
     A run that hangs (a wait nothing ends) would otherwise leave a silent, idle test until CI's own limit."""
     import asyncio
+    import gc
+    import inspect
 
     task = asyncio.ensure_future(awaitable)
     done, _ = await asyncio.wait({task}, timeout=timeout)
@@ -309,7 +312,10 @@ async def _bounded(awaitable, timeout: float):
     where = []
     for other in asyncio.all_tasks():
         if other is not asyncio.current_task():
-            where += [f"task {other.get_name()}:", *_awaited_chain(other)]
+            where += [f"task {other.get_name()}:", *_awaited_chain(other.get_coro())]
+    for generator in gc.get_objects():
+        if inspect.isasyncgen(generator) and generator.ag_await is not None:
+            where += [f"async generator {generator.__qualname__}:", *_awaited_chain(generator)]
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
     pytest.fail(f"not done after {timeout} s; the tasks waited here:\n" + "\n".join(where))
