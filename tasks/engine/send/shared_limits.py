@@ -85,6 +85,8 @@ MAX_RETRY_SLEEP_S = 2.0
 CLOSE_WAIT_S = 15.0
 # Longest sleep after the Prefect server failed to answer an ask.
 MAX_TROUBLE_SLEEP_S = 10.0
+# Refused for a lease's length and this (the server's repossessor loop and more), an ask is stalled: a warning.
+STALL_MARGIN_S = 30.0
 # How often a process held back by the rate counts the others (its share of the pace follows).
 SENDERS_POLL_S = 0.5
 # A process counts as held back while a request waited behind another within this many seconds; it
@@ -322,6 +324,7 @@ class SharedBucket:
 
         started = time.monotonic()
         trouble = 0
+        warn_at = started + self.settings.lease_s + STALL_MARGIN_S
         while True:
             # A block no longer wanted (closing, or stopped: nothing more is sent) is not asked for again.
             if self._closing or self._stop.is_set():
@@ -344,6 +347,9 @@ class SharedBucket:
                     continue
                 if status == 423:
                     self.stats.denied_423 += 1
+                    if time.monotonic() > warn_at:
+                        warn_at = math.inf
+                        self._stalled(started)
                     await self._stop.sleep(self._retry_after(slots))
                     continue
                 if status == 422:  # more than the limit: set to 0 (a pause), or lowered below our block
@@ -368,6 +374,18 @@ class SharedBucket:
             self.stats.wait_s += time.monotonic() - started
             lease_id = answer.json()["lease_id"]
             return _Block(lease_id, slots, slots, asked + self.settings.lease_s)
+
+    def _stalled(self, started: float) -> None:
+        """Refused longer than any slot can be held: say so (the run goes on asking)."""
+        log.warning(
+            "shared limit %s has refused this process's asks for %.0f s, longer than a slot is held: other "
+            "processes take every slot that comes back, or slots of ended processes are still taken (they "
+            "come back when their leases end, which takes the Prefect server's lease repossessor: `prefect "
+            "server start` runs it, an ephemeral server does not). `prefect gcl inspect %s` shows the slots",
+            self.name,
+            time.monotonic() - started,
+            self.name,
+        )
 
     def _retry_after(self, slots: int) -> float:
         """After a denied ask: about the time the limit takes to turn ``slots`` over (slots are let go at
