@@ -282,6 +282,45 @@ def test_an_extract_and_a_caption_deployment_on_one_model_stay_within_r_together
     assert np.isfinite(busiest)
 
 
+def _awaited_chain(awaited) -> list[str]:
+    """Where a coroutine (or async generator) waits: each one it awaits, innermost last, and what the
+    innermost awaits. (An ``async with`` awaits a generator's ``asend``, which doesn't name it: the
+    suspended generators are listed on their own.)"""
+    lines = []
+    while awaited is not None:
+        frame = getattr(awaited, "cr_frame", None) or getattr(awaited, "ag_frame", None)
+        if frame is None:
+            lines.append(f"    awaits {awaited!r}"[:300])
+            break
+        lines.append(f"    {frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}")
+        awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "ag_await", None)
+    return lines
+
+
+async def _bounded(awaitable, timeout: float):
+    """``awaitable``'s result; past ``timeout`` seconds the test fails, saying where every task waited.
+
+    A run that hangs (a wait nothing ends) would otherwise leave a silent, idle test until CI's own limit."""
+    import asyncio
+    import gc
+    import inspect
+
+    task = asyncio.ensure_future(awaitable)
+    done, _ = await asyncio.wait({task}, timeout=timeout)
+    if done:
+        return task.result()
+    where = []
+    for other in asyncio.all_tasks():
+        if other is not asyncio.current_task():
+            where += [f"task {other.get_name()}:", *_awaited_chain(other.get_coro())]
+    for generator in gc.get_objects():
+        if inspect.isasyncgen(generator) and generator.ag_await is not None:
+            where += [f"async generator {generator.__qualname__}:", *_awaited_chain(generator)]
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    pytest.fail(f"not done after {timeout} s; the tasks waited here:\n" + "\n".join(where))
+
+
 def _embed_flow_document(**kwargs) -> dict:
     """Run the embed flow (tracked, on the session's Prefect server); the run metadata, even when the
     flow run ends Failed (a stop)."""
@@ -327,9 +366,9 @@ def test_a_daily_quota_stop_stops_every_run_on_the_key_and_a_rerun_after_the_res
             return await asyncio.gather(run("a"), run("b"))
 
         # Bounded: a run that never meets the daily quota would otherwise wait at 6 rpm for good.
-        first = asyncio.run(asyncio.wait_for(both(), timeout=300))
+        first = asyncio.run(_bounded(both(), 300))
         daily_429s = emu.stats["by_status"].get(429, 0)
-        later = asyncio.run(asyncio.wait_for(run("c"), timeout=300))
+        later = asyncio.run(_bounded(run("c"), 300))
         host = first[0]["provider"]["host"]
         model = first[0]["provider"]["model"]
         rpm_name, _ = limit_names(host, model)
@@ -337,12 +376,10 @@ def test_a_daily_quota_stop_stops_every_run_on_the_key_and_a_rerun_after_the_res
 
         async def server_state():
             async with get_client() as client:
-                return (
-                    (await client.read_global_concurrency_limit_by_name(rpm_name)).limit,
-                    (await client.read_variable_by_name(variable)).value,
-                )
+                rpm_limit = await client.read_global_concurrency_limit_by_name(rpm_name)
+                return rpm_limit.limit, rpm_limit.active_slots, (await client.read_variable_by_name(variable)).value
 
-        limit, flag = asyncio.run(server_state())
+        limit, taken, flag = asyncio.run(server_state())
         # Both runs on the key ended "stopped: daily quota", stopped by the shared flag before they sent
         # more into a spent quota.
         for doc in first:
@@ -358,6 +395,9 @@ def test_a_daily_quota_stop_stops_every_run_on_the_key_and_a_rerun_after_the_res
         # The stop is the flag; the limit is left as it was (Prefect 3.8 can't let slots go from a limit of
         # 0, so a limit set to 0 would keep the slots held at the stop taken for good).
         assert limit == rate_settings(6, SLOTS_PER_REQUEST, window_s=WINDOW_S).limit
+        # Stopped, the runs let every slot go: none is left to its lease (which this test server never
+        # ends), so the run after the reset has the whole limit.
+        assert taken == 0
         assert "quota" in flag["message"].lower() and set(flag) == {"message", "until"}
 
         # The quota resets (midnight Pacific, here: now): the next run restores the limit and resumes.
@@ -371,7 +411,7 @@ def test_a_daily_quota_stop_stops_every_run_on_the_key_and_a_rerun_after_the_res
         asyncio.run(reset_flag())
         emu.configure(rpd=None)
         done_before = {d["parameters"]["input"]: d["counts"]["succeeded"] for d in first}
-        again = asyncio.run(run("a"))
+        again = asyncio.run(_bounded(run("a"), 300))
         assert again["status"] == "completed"
         assert again["counts"]["skipped_done"] == done_before[str(inputs["a"])]
         assert again["requests"]["items_sent"] == rows - done_before[str(inputs["a"])]
@@ -569,3 +609,56 @@ def test_a_rate_cut_after_429s_in_one_process_lowers_the_shared_limit_until_it_r
     nominal, cut, lowered, restored = asyncio.run(scenario())
     assert any(cut)
     assert lowered == pytest.approx(nominal / 2) and restored == pytest.approx(nominal)
+
+
+def test_a_daily_quota_stop_ends_every_wait_for_the_shared_budget_and_leaves_no_slot_taken(prefect_server):
+    """Two processes on one limit of 4 requests per 60 s window. A spends the window, then both ask for
+    more: their asks are refused (423) and their requests wait — in the ask, behind the lock, and on the
+    block asked for ahead. A meets the daily quota: every one of those waits ends with ``RunStopped``
+    (A's at once, B's once it reads the flag) instead of waiting for a permit that will never come, and
+    once both have closed no slot of the limit is taken. (The test harness's server never ends a lease:
+    a slot left to its lease would keep the first run after the reset waiting for good.)"""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+
+    from tasks.engine.send.shared_limits import daily_quota_variable, limit_names, open_shared_limits
+    from tasks.errors import RunStopped
+
+    window, rpm = 60.0, 4
+    name, _ = limit_names("stop.example", "m")
+
+    async def refused(*processes) -> None:
+        while not all(p.rpm.stats.denied_423 for p in processes):
+            await asyncio.sleep(0.05)
+
+    async def scenario():
+        a = await open_shared_limits("stop.example", "m", rpm, None, window_s=window)
+        b = await open_shared_limits("stop.example", "m", rpm, None, window_s=window)
+        waiters: list[asyncio.Future] = []
+        try:
+            for _ in range(rpm):
+                await a.take(1, 0, waiting=2)  # with requests queued: each next block is asked for ahead
+            waiters = [asyncio.ensure_future(p.take(1, 0, waiting=3)) for p in (a, a, b, b)]
+            await asyncio.wait_for(refused(a, b), timeout=60)
+            await a.stop_everyone("HTTP 429: the daily quota is used up")
+            waiters.append(asyncio.ensure_future(b.stop.watch()))  # every run reads the flag (tasks/engine/run.py)
+            await asyncio.wait(waiters, timeout=30)
+            ended = [w.exception() if w.done() else "still waiting" for w in waiters[:-1]]
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+            await asyncio.gather(*waiters, return_exceptions=True)
+            await a.close()
+            await b.close()
+        async with get_client() as client:
+            left = (await client.read_global_concurrency_limit_by_name(name)).active_slots
+            flag = (await client.read_variable_by_name(daily_quota_variable("stop.example", "m"))).value
+            await client.delete_global_concurrency_limit_by_name(name)
+            await client.delete_variable_by_name(daily_quota_variable("stop.example", "m"))
+        return ended, left, flag
+
+    ended, left, flag = asyncio.run(scenario())
+    assert all(isinstance(e, RunStopped) and e.status == "stopped: daily quota" for e in ended), ended
+    assert "daily quota" in flag["message"]
+    assert left == 0

@@ -266,6 +266,10 @@ async def run_job(
             if watch is not None:
                 watch.cancel()
                 await asyncio.gather(watch, return_exceptions=True)
+                if ctx.stopped is not None and ctx.stopped.status == DAILY_QUOTA:
+                    # Told even when the work ended before the watcher woke: else the others would each
+                    # find the spent quota with a request of their own.
+                    await shared.stop_everyone(str(ctx.stopped))
         tidy = getattr(job, "tidy_output", None)
         if tidy is not None and error is None:
             # What a job kept in OUTPUT for unfinished rows (a recording's answered segments) and no

@@ -33,6 +33,7 @@ from tasks.engine.plan.rows import (
 )
 from tasks.engine.send.context import ChunkReport, RunContext, rerouted_stop
 from tasks.engine.store.output import RETRY_AUTO, RETRY_ON_REQUEST
+from tasks.errors import RunStopped
 from tasks.provider.catalog import same_model
 from tasks.provider.client import Connection, Failure, classify_failure
 
@@ -279,6 +280,9 @@ async def _send(ctx: RunContext, items: list[Item], outcomes: dict[str, Outcome 
                         reply = Reply([unusable] * len(items), *_usage(reply))
                 except Exception as exc:  # noqa: BLE001 - classify_failure re-raises what it doesn't know
                     failure = classify_failure(exc)
+        except RunStopped as stop:  # the shared budget's: the key's daily quota is spent (this run or another)
+            ctx.request_stop(stop)
+            return
         finally:
             if ctx.budget is not None:
                 ctx.budget.release(reservation)

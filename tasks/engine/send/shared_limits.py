@@ -29,28 +29,31 @@ it has requests waiting for their turn, reads how many hold one every second, an
 limiter at that share of the rate. A process that sends less than the rate allows (decoding images, a
 tail of answers) takes no share, and the window still bounds everyone.
 
-A daily-quota stop is recorded in the Prefect variable ``gembatch-daily-quota-<host>-<model>`` until
-the next Pacific midnight (the limits are left as they are: Prefect 3.8 can't let slots go from a limit
-of 0); every run reads it every second, so every process on that key ends ``stopped: daily quota``
-(resumable), and so does a run started before the quota resets.
+A daily-quota stop (tasks/engine/send/daily_quota.py) is recorded in a Prefect variable until the next
+Pacific midnight (the limits are left as they are: Prefect 3.8 can't let slots go from a limit of 0);
+every run reads it every second, so every process on that key ends ``stopped: daily quota``
+(resumable), and so does a run started before the quota resets. Once a process is stopped, every wait
+for the budget ends (:class:`~tasks.errors.RunStopped`), no slot is taken any more, and the process
+lets go of every slot it holds when it closes: nothing is sent on the key until the quota resets, so
+no window needs them (left to their leases, they would keep the first run after the reset waiting, or
+for good on a server without its lease repossessor, as a test harness's).
 
-Prefect is imported here only: a run without a Prefect API never loads this module.
+Prefect is imported here and in daily_quota.py only: a run without a Prefect API never loads them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import datetime as dt
-import hashlib
 import heapq
 import logging
 import math
 import random
-import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
+
+from tasks.engine.send.daily_quota import SharedStop, daily_quota_variable
 
 __all__ = [
     "SLOTS_PER_REQUEST",
@@ -82,9 +85,8 @@ MAX_RETRY_SLEEP_S = 2.0
 CLOSE_WAIT_S = 15.0
 # Longest sleep after the Prefect server failed to answer an ask.
 MAX_TROUBLE_SLEEP_S = 10.0
-DAILY_QUOTA = "stopped: daily quota"
-# How often a run reads the daily-quota flag: a stop reaches every process on the key within this.
-FLAG_POLL_S = 1.0
+# Refused for a lease's length and this (the server's repossessor loop and more), an ask is stalled: a warning.
+STALL_MARGIN_S = 30.0
 # How often a process held back by the rate counts the others (its share of the pace follows).
 SENDERS_POLL_S = 0.5
 # A process counts as held back while a request waited behind another within this many seconds; it
@@ -110,13 +112,6 @@ def limit_names(host: str, model: str) -> tuple[str, str]:
 def senders_name(host: str, model: str) -> str:
     """The limit whose slots count the processes splitting the pace of a host and model."""
     return f"gembatch-senders:{_clean(host, model)}"
-
-
-def daily_quota_variable(host: str, model: str) -> str:
-    """The Prefect variable that holds a daily-quota stop for a host and model (letters, digits, -, _)."""
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", f"{host}-{model}").strip("-").lower()[:180]
-    digest = hashlib.sha256(f"{host}\0{model}".encode()).hexdigest()[:8]
-    return f"gembatch-daily-quota-{slug}-{digest}"
 
 
 @dataclass(frozen=True)
@@ -155,16 +150,6 @@ def rate_settings(per_window: float, unit: int, *, window_s: float = WINDOW_S) -
 def from_limit(limit: int, unit: int, *, window_s: float = WINDOW_S) -> RateSettings:
     """Settings read from an existing GCL (an operator's): its limit is the rate per window."""
     return rate_settings(limit // unit, unit, window_s=window_s)
-
-
-def next_pacific_midnight(now: dt.datetime | None = None) -> dt.datetime:
-    """When Gemini's per-day quotas reset (midnight America/Los_Angeles), in UTC."""
-    from zoneinfo import ZoneInfo
-
-    tz = ZoneInfo("America/Los_Angeles")
-    local = (now or dt.datetime.now(dt.UTC)).astimezone(tz)
-    midnight = dt.datetime.combine(local.date() + dt.timedelta(days=1), dt.time(), tz)
-    return midnight.astimezone(dt.UTC)
 
 
 @dataclass
@@ -234,7 +219,8 @@ class SharedBucket:
         self.gone = False
 
     async def take(self, amount: int, waiting: int = 1, share: float = 1.0) -> None:
-        """Wait until ``amount`` (requests or tokens) may be sent; blocks for good once the run must stop.
+        """Wait until ``amount`` (requests or tokens) may be sent; raises :class:`~tasks.errors.RunStopped`
+        as soon as the run must stop (a daily-quota stop), whatever this was waiting for.
 
         ``waiting``: how many are queued behind this one (the block is no larger than they need);
         ``share``: this process's share of the pace (a block is about ``BLOCK_S`` of it: a block is let
@@ -242,17 +228,22 @@ class SharedBucket:
         need = amount * self.settings.unit
         block = max(self.settings.unit, math.ceil(self.settings.block * share))
         wanted = max(need, min(block, waiting * need))
+        self._stop.check()
         async with self._lock:
             while need > 0:
+                self._stop.check()
                 block = self._block
                 if block is None or not block.left:
                     if self.gone:
                         return
-                    if self._next is not None:
-                        task, self._next = self._next, None
-                        self._block = await task
-                        continue
-                    self._block = await self._acquire(min(wanted, self.settings.limit))
+                    # The ask is a task of its own, left to close() when the stop comes first: an ask
+                    # cancelled in flight would lose the slots the server granted until their lease ends.
+                    if self._next is None:
+                        self._next = self._ask(min(wanted, self.settings.limit))
+                    await self._stop.first(self._next)
+                    self._stop.check()
+                    task, self._next = self._next, None
+                    self._block = task.result()
                     continue
                 now = time.monotonic()
                 if now + self.settings.hold_s > block.lease_ends and not await self._renew(block):
@@ -266,7 +257,10 @@ class SharedBucket:
                     self._retire(block, now)
                 if waiting > 1 and self._next is None and not self.gone:
                     self.stats.blocks_asked_ahead += 1
-                    self._next = asyncio.get_running_loop().create_task(self._acquire(min(wanted, self.settings.limit)))
+                    self._next = self._ask(min(wanted, self.settings.limit))
+
+    def _ask(self, slots: int) -> asyncio.Task:
+        return asyncio.get_running_loop().create_task(self._acquire(slots))
 
     def _retire(self, block: _Block, now: float) -> None:
         """The block is spent (or its lease is lost): let it go once its last slot left the window."""
@@ -330,11 +324,11 @@ class SharedBucket:
 
         started = time.monotonic()
         trouble = 0
+        warn_at = started + self.settings.lease_s + STALL_MARGIN_S
         while True:
-            if self._closing:  # a block asked for ahead, no longer wanted: not asked for again
+            # A block no longer wanted (closing, or stopped: nothing more is sent) is not asked for again.
+            if self._closing or self._stop.is_set():
                 return None
-            if self._stop.is_set():
-                await asyncio.Event().wait()  # until the run cancels this request
             asked = time.monotonic()
             try:
                 try:
@@ -353,7 +347,10 @@ class SharedBucket:
                     continue
                 if status == 423:
                     self.stats.denied_423 += 1
-                    await asyncio.sleep(self._retry_after(slots))
+                    if time.monotonic() > warn_at:
+                        warn_at = math.inf
+                        self._stalled(started)
+                    await self._stop.sleep(self._retry_after(slots))
                     continue
                 if status == 422:  # more than the limit: set to 0 (a pause), or lowered below our block
                     limit = await self._read_limit()
@@ -378,6 +375,18 @@ class SharedBucket:
             lease_id = answer.json()["lease_id"]
             return _Block(lease_id, slots, slots, asked + self.settings.lease_s)
 
+    def _stalled(self, started: float) -> None:
+        """Refused longer than any slot can be held: say so (the run goes on asking)."""
+        log.warning(
+            "shared limit %s has refused this process's asks for %.0f s, longer than a slot is held: other "
+            "processes take every slot that comes back, or slots of ended processes are still taken (they "
+            "come back when their leases end, which takes the Prefect server's lease repossessor: `prefect "
+            "server start` runs it, an ephemeral server does not). `prefect gcl inspect %s` shows the slots",
+            self.name,
+            time.monotonic() - started,
+            self.name,
+        )
+
     def _retry_after(self, slots: int) -> float:
         """After a denied ask: about the time the limit takes to turn ``slots`` over (slots are let go at
         the rate they were taken a window ago), with jitter so that processes don't ask in step."""
@@ -390,7 +399,7 @@ class SharedBucket:
         self.stats.prefect_server_errors += 1
         if times in (0, 5) or times % 30 == 29:
             log.warning("Prefect server failed to answer for shared limit %s (%s): asking again", self.name, exc)
-        await asyncio.sleep(min(MAX_TROUBLE_SLEEP_S, 2.0**times))
+        await self._stop.sleep(min(MAX_TROUBLE_SLEEP_S, 2.0**times))
         return times + 1
 
     async def _read_limit(self) -> int | None:
@@ -413,15 +422,17 @@ class SharedBucket:
 
     async def close(self) -> None:
         """Let go of what is due: slots never spent at once, spent ones whose window is over. Slots still
-        inside their window stay taken until their leases end (``lease_s`` after they were taken)."""
+        inside their window stay taken until their leases end (``lease_s`` after they were taken) —
+        unless the run was stopped: nothing more is sent on this key today, so every slot goes at once."""
         if self._block is not None:
             self._retire(self._block, time.monotonic())
         if self._next is not None:
-            # The block asked for ahead: let its ask finish (cancelled in flight, slots the server granted
-            # would stay taken until their lease ends), then let it go at once.
+            # The block being asked for: let its ask finish (cancelled in flight, slots the server granted
+            # would stay taken until their lease ends), then let it go at once. Closing (or stopped), it
+            # asks no more: only an ask in flight or a denied ask's sleep is waited for.
             task, self._next = self._next, None
             self._closing = True
-            if not task.done() and not self._stop.is_set():  # stopped: it waits for good, asking nothing
+            if not task.done():
                 await asyncio.wait({task}, timeout=CLOSE_WAIT_S)
             if not task.done():
                 task.cancel()  # the Prefect server is not answering: the lease ends what it granted
@@ -432,7 +443,7 @@ class SharedBucket:
             self._releaser.cancel()
             await asyncio.gather(self._releaser, return_exceptions=True)
         now = time.monotonic()
-        while self._releases and self._releases[0].at <= now:
+        while self._releases and (self._stop.is_set() or self._releases[0].at <= now):
             await self._release(heapq.heappop(self._releases))
 
     def describe(self) -> dict[str, Any]:
@@ -448,98 +459,6 @@ class SharedBucket:
             "slots_per_unit": s.unit,
             **self.stats.describe(),
         }
-
-
-class SharedStop:
-    """The daily-quota stop of one host and model, shared through a Prefect variable."""
-
-    def __init__(self, client: Any, variable: str) -> None:
-        self.client = client
-        self.variable = variable
-        self.event = asyncio.Event()
-        self.message = ""
-
-    def is_set(self) -> bool:
-        return self.event.is_set()
-
-    async def check_flag(self, *, default: bool = False) -> bool:
-        """Read the flag; set the stop when it is active (``default``: stop even if no flag says why)."""
-        value = await self._read()
-        if value is not None and _active(value):
-            self._set(str(value.get("message") or "the provider's daily quota is used up"), value.get("until"))
-            return True
-        if default:
-            self._set(
-                "a shared limit of this key and model is set to 0: paused by an operator",
-                None,
-                "Rerun once `prefect gcl update <limit> --limit N` has lifted the pause",
-            )
-            return True
-        return False
-
-    def _set(self, message: str, until: str | None, hint: str = "Rerun after the quota resets") -> None:
-        when = f" (until {until})" if until else ""
-        self.message = f"{message}{when}. {hint}: rows already written are kept and skipped."
-        self.event.set()
-
-    async def _read(self) -> dict[str, Any] | None:
-        from prefect.exceptions import ObjectNotFound
-
-        try:
-            variable = await self.client.read_variable_by_name(self.variable)
-        except ObjectNotFound:
-            return None
-        if variable is None or not isinstance(variable.value, dict):
-            return None
-        return variable.value
-
-    async def raise_flag(self, message: str) -> None:
-        """Stop everyone on this key and model: the reason and the next reset in the variable, which every
-        run reads every ``FLAG_POLL_S`` seconds.
-
-        The limits stay as they are: set to 0 they would stop asks at once, but Prefect 3.8 can't let
-        slots go from a limit of 0 (its occupancy average divides by the limit), neither when a run
-        releases them nor when a lease ends, so the slots held at the stop would stay taken for good."""
-        from prefect.client.schemas.actions import VariableCreate, VariableUpdate
-        from prefect.exceptions import ObjectAlreadyExists
-
-        value = {"message": message, "until": next_pacific_midnight().isoformat()}
-        try:
-            await self.client.create_variable(VariableCreate(name=self.variable, value=value))
-        except ObjectAlreadyExists:
-            await self.client.update_variable(VariableUpdate(name=self.variable, value=value))
-
-    async def watch(self) -> None:
-        """Read the flag every ``FLAG_POLL_S`` seconds until it is raised: a run whose requests are not
-        gated by a shared limit (none set) hears of another run's daily-quota stop this way."""
-        while not self.is_set():
-            await asyncio.sleep(FLAG_POLL_S)
-            try:
-                await self.check_flag()
-            except Exception as exc:  # noqa: BLE001 - a failed read is tried again
-                log.warning("could not read %s: %s", self.variable, exc)
-
-    async def clear_if_over(self) -> None:
-        """At a run's start: a flag whose time has passed is removed."""
-        from prefect.exceptions import ObjectNotFound
-
-        value = await self._read()
-        if value is None or _active(value):
-            return
-        try:
-            await self.client.delete_variable_by_name(self.variable)
-        except ObjectNotFound:  # another run starting at the same time removed it
-            pass
-
-
-def _active(value: dict[str, Any]) -> bool:
-    until = value.get("until")
-    if not until:
-        return True
-    try:
-        return dt.datetime.now(dt.UTC) < dt.datetime.fromisoformat(until)
-    except ValueError:
-        return True
 
 
 class Senders:
@@ -668,8 +587,8 @@ class SharedLimits:
         return self.senders.share if self.rpm is not None else 1.0
 
     async def take(self, requests: int, tokens: int, waiting: int = 1) -> None:
-        if self.stop.is_set():
-            await asyncio.Event().wait()
+        """Wait for a permit; :class:`~tasks.errors.RunStopped` once the key's daily quota is spent."""
+        self.stop.check()
         if self.rpm is not None and waiting > 1:
             await self.senders.busy()
         if self.rpm is not None:
@@ -695,7 +614,22 @@ class SharedLimits:
             log.warning("could not change the shared limits to %.0f%%: %s", 100 * factor, exc)
 
     async def stop_everyone(self, message: str) -> None:
-        await self.stop.raise_flag(message)
+        """This run met the daily quota: its own waits for the budget end at once, and the flag that stops
+        every other run on the key is written — shielded: the end of this run can't cut it short (a
+        cancelled caller leaves it to :meth:`close`, which waits for it)."""
+        if self.stop.is_set():
+            return
+        self.stop.set_here(message)
+        task = asyncio.get_running_loop().create_task(self._raise_flag(message))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        await asyncio.shield(task)
+
+    async def _raise_flag(self, message: str) -> None:
+        try:
+            await self.stop.raise_flag(message)
+        except Exception as exc:  # noqa: BLE001 - the others meet the quota themselves, a request each
+            log.warning("could not tell the other runs of the daily-quota stop (%s): %s", self.stop.variable, exc)
 
     def describe(self) -> dict[str, Any]:
         return {
