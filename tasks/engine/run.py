@@ -25,8 +25,8 @@ from tasks.engine.plan.input import InputSource, check_ids
 from tasks.engine.plan.recurring import recurring_contents
 from tasks.engine.plan.rows import PreparedChunk, _template_of, chunk_statuses, nothing_to_do
 from tasks.engine.plan.shard import Shard, ShardSource
-from tasks.engine.report.metadata import batch_cost, counts, input_record, new_run_id, package_versions, usage, utc_now
 from tasks.engine.report.live import RunObserver, start_watch
+from tasks.engine.report.metadata import batch_cost, counts, input_record, new_run_id, package_versions, usage, utc_now
 from tasks.engine.report.progress import ProgressBar
 from tasks.engine.send.batch.batch_run import BatchRun
 from tasks.engine.send.batch.policy import BatchPolicy, check_batch_capable
