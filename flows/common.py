@@ -139,6 +139,7 @@ async def _run(job: Job, parameters: dict[str, Any]) -> dict[str, Any]:
     else:
         # A shard stamps its flow run while it lives: the parent tells a dead worker's shard by the silence.
         beat = asyncio.create_task(heartbeat(str(flow_run.id))) if options.shard and flow_run.id else None
+        events.quiet_chunk_logs()
         try:
             with local_provider(options.provider) as provider:
                 document = await run_job(
