@@ -4,9 +4,12 @@ event names and payloads, the flow run's name, and an observer hearing a real ru
 from __future__ import annotations
 
 import asyncio
+import re
 
 import pytest
-from conftest import TEST_KEY_ENV, write_corpus
+import yaml
+from conftest import REPO, TEST_KEY_ENV, write_corpus
+from prefect.events.schemas.automations import AutomationCore
 
 from flows.events import _sum_rows, end_event, end_payload, live_row, resource_of, run_title, stop_event
 from tasks.engine.report.live import EVERY_ENV, Snapshot, Throttle, cost_marks_passed, snapshot, watch_every_s
@@ -223,3 +226,16 @@ def test_an_observer_that_fails_never_fails_the_run(emulator, tmp_path, caplog):
     assert doc["status"] == "completed" and doc["counts"]["succeeded"] == 80
     assert [k for k, _ in observer.calls][-1] == "finished"
     assert "the Prefect API is down" in caplog.text and "the run goes on" in caplog.text
+
+
+@pytest.mark.parametrize("name", ["notify-on-errors.yaml", "notify-on-cost.yaml"])
+def test_the_shipped_automations_are_valid(name):
+    spec = yaml.safe_load((REPO / "automations" / name).read_text())
+    automation = AutomationCore.model_validate(spec)
+    assert all(event.startswith("gembatch.run.") for event in automation.trigger.expect)
+
+
+def test_the_how_to_shows_the_shipped_automation():
+    page = (REPO / "docs" / "how-to" / "watch-and-alert.md").read_text()
+    (shown,) = re.findall(r"```yaml\n(.*?)```", page, re.S)
+    assert yaml.safe_load(shown) == yaml.safe_load((REPO / "automations" / "notify-on-errors.yaml").read_text())
