@@ -129,12 +129,14 @@ async def _run(job: Job, parameters: dict[str, Any]) -> dict[str, Any]:
         get_run_logger().info("dry run: %s", document["counts"] | document["estimate"])
         return document
     if sharded(CommonOptions.model_validate({k: parameters[k] for k in CommonOptions.model_fields})):
-        adding_up = asyncio.create_task(events.watch_shards(job.name))
+        shards = events.ShardsWatch(job.name)
+        adding_up = asyncio.create_task(shards.run())
         try:
             document = await run_sharded(job, parameters)
         finally:
             adding_up.cancel()
             await asyncio.gather(adding_up, return_exceptions=True)
+        await shards.update()
         events.emit_end(document)
     else:
         # A shard stamps its flow run while it lives: the parent tells a dead worker's shard by the silence.

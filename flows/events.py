@@ -38,7 +38,7 @@ __all__ = [
     "resource_of",
     "run_title",
     "stop_event",
-    "watch_shards",
+    "ShardsWatch",
 ]
 
 log = logging.getLogger("gembatch.events")
@@ -358,26 +358,35 @@ async def _shard_rows(client: Any, parent_id: UUID, job: str) -> list[dict[str, 
     return [latest[k] for k in sorted(latest)]
 
 
-async def watch_shards(job: str) -> None:
-    """A sharded run's parent: every few seconds, its shards' live rows and their sum, in the parent's
-    own progress artifact and table. Runs until cancelled (its end event goes out from flows/common.py)."""
-    from prefect.client.orchestration import get_client
-    from prefect.runtime import flow_run
+class ShardsWatch:
+    """A sharded run's parent: its shards' live rows and their sum, in the parent's own progress
+    artifact and table, every few seconds while it waits (:meth:`run`) and once more at the end."""
 
-    if not flow_run.id:
-        return
-    parent = UUID(str(flow_run.id))
-    artifacts = _Artifacts(job)
-    every = watch_every_s()
-    while True:
-        await asyncio.sleep(every)
+    def __init__(self, job: str) -> None:
+        from prefect.runtime import flow_run
+
+        self.job = job
+        self.parent = UUID(str(flow_run.id)) if flow_run.id else None
+        self.artifacts = _Artifacts(job)
+
+    async def update(self) -> None:
+        from prefect.client.orchestration import get_client
+
+        if self.parent is None:
+            return
         try:
             async with get_client() as client:
-                rows = await _shard_rows(client, parent, job)
+                rows = await _shard_rows(client, self.parent, self.job)
             now = _sum_rows(rows)
             if now is not None:
-                await artifacts.show([*rows, live_row("all shards", now)], now)
+                await self.artifacts.show([*rows, live_row("all shards", now)], now)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - best effort
             log.warning("could not add up the shards' progress (the run goes on): %s", exc)
+
+    async def run(self) -> None:
+        every = watch_every_s()
+        while True:
+            await asyncio.sleep(every)
+            await self.update()

@@ -16,7 +16,7 @@ import httpx
 import pytest
 import yaml
 from conftest import REPO, TEST_KEY, TEST_KEY_ENV, cli_env, embed_command, write_corpus
-from servers import free_port, prefect_cli, prefect_env, start_server, stop
+from servers import free_port, prefect_cli, prefect_env, start_server, start_worker, stop
 
 from emulator import Emulator, EmulatorConfig
 from flows.events import run_title
@@ -184,3 +184,52 @@ def test_a_daily_quota_stop_is_an_event_when_it_happens(server, tmp_path):
     assert stopped["payload"]["counts"]["succeeded"] == 50 and "per-day quota" in stopped["payload"]["message"]
     (stopping,) = [e for e in new if e["event"] == "gembatch.run.stopping.daily-quota"]
     assert stopping["payload"]["reason"] == "daily quota" and stopping["payload"]["rows_left"] > 0
+
+
+def test_a_sharded_runs_parent_adds_up_its_shards_and_each_is_named(server, tmp_path):
+    spec = yaml.safe_load((REPO / "deployments.yaml").read_text())
+    spec["deployments"] = [d for d in spec["deployments"] if d["name"] == "nightly-embed"]
+    spec["deployments"][0].pop("schedules")
+    spec["deployments"][0]["work_pool"]["name"] = "watch-pool"
+    prefect_file = tmp_path / "deployments.yaml"
+    prefect_file.write_text(yaml.safe_dump(spec, sort_keys=False))
+    prefect_cli(server, "work-pool", "create", "watch-pool", "--type", "process")
+    prefect_cli(server, "deploy", "--prefect-file", str(prefect_file), "--all")
+    env = server | {"GEMBATCH_PROGRESS_EVERY_S": "0.5"}
+    worker = start_worker(env, "watch-pool", tmp_path, tmp_path / "worker.log", "--type", "process")
+    src = write_corpus(tmp_path / "in.parquet", list(range(2000)), [f"sharded {i}" for i in range(2000)])
+    out = tmp_path / "out"
+    try:
+        with Emulator(EmulatorConfig(api_key=TEST_KEY, latency_seconds=0.1)) as emu:
+            argv = embed_command(src, out, emu.base_url, "--shards", "2", batch_size=20, chunk_size=200)
+            run = subprocess.run(argv, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    finally:
+        stop(worker)
+    assert run.returncode == 0, run.stdout + run.stderr + (tmp_path / "worker.log").read_text()[-3000:]
+    docs = [json.loads(p.read_text()) for p in (out / "_runs").glob("*.json")]
+    (parent,) = [d for d in docs if "shards" in d]
+    with api(server) as client:
+        shown = client.post(
+            "/artifacts/filter",
+            json={
+                "artifacts": {
+                    "key": {"any_": ["gembatch-embed-live"]},
+                    "flow_run_id": {"any_": [parent["flow_run_id"]]},
+                }
+            },
+        ).json()
+        children = client.post(
+            "/flow_runs/filter", json={"flow_runs": {"parent_flow_run_id": {"any_": [parent["flow_run_id"]]}}}
+        ).json()
+    (table,) = shown
+    rows = {row["run"]: row for row in json.loads(table["data"])}
+    assert sorted(rows) == ["all shards", "shard 1/2", "shard 2/2"]
+    assert rows["all shards"]["done"] == 2000 and rows["all shards"]["left"] == 0
+    assert rows["shard 1/2"]["done"] + rows["shard 2/2"]["done"] == 2000
+    assert sorted(c["name"] for c in children) == [run_title("embed", str(src), str(out), f"{i}/2") for i in (1, 2)]
+    ends = wait_for(
+        "three end events",
+        lambda: (found := [e for e in events(server) if e["event"] == "gembatch.run.completed"
+                           and e["payload"]["output"] == str(out)]) and len(found) == 3 and found,
+    )  # fmt: skip
+    assert sorted(e["payload"].get("shard", "parent") for e in ends) == ["1/2", "2/2", "parent"]
