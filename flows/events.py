@@ -197,7 +197,7 @@ def _description(job: str, now: Snapshot) -> str:
     rate = f"{now.rows_per_s:,.0f} rows/s" if now.rows_per_s else "rate: -"
     cost = "" if now.cost_usd is None else f", ${now.cost_usd:,.4f} so far"
     return (
-        f"gembatch {job}: {now.settled:,} of {now.total:,} rows settled ({now.failed:,} failed), {rate}, "
+        f"{now.percent:g}% · {job}: {now.settled:,} of {now.total:,} rows settled ({now.failed:,} failed), {rate}, "
         f"ETA {_eta(now.eta_s)}, {now.rate_limited:,} 429s{cost}"
     )
 
@@ -229,13 +229,11 @@ class _Artifacts:
             self.progress_id = await acreate_progress_artifact(
                 now.percent, key=f"gembatch-{self.job}-progress", description=description
             )
-            self.table_id = await acreate_table_artifact(
-                rows, key=f"gembatch-{self.job}-live", description=f"gembatch {self.job}: live counts"
-            )
+            self.table_id = await acreate_table_artifact(rows, key=f"gembatch-{self.job}-live", description=description)
             return
         async with get_client() as client:
             await aupdate_progress_artifact(self.progress_id, now.percent, description=description, client=client)
-            await client.update_artifact(self.table_id, ArtifactUpdate(data=json.dumps(rows)))
+            await client.update_artifact(self.table_id, ArtifactUpdate(data=json.dumps(rows), description=description))
 
 
 class PrefectObserver:
