@@ -121,7 +121,8 @@ async def _run(job: Job, parameters: dict[str, Any]) -> dict[str, Any]:
 
     options = options_from(parameters)
     shard = str(options.shard) if options.shard else None
-    await events.name_flow_run(events.run_title(job.name, options.input, options.output, shard))
+    title = events.run_title(job.name, options.input, options.output, shard)
+    await events.name_flow_run(f"{title} (dry run)" if options.dry_run else title)
     if options.dry_run:
         from tasks.engine.dry_run import plan_job
 
