@@ -117,6 +117,7 @@ async def _run(job: Job, parameters: dict[str, Any]) -> dict[str, Any]:
     from prefect.runtime import flow_run
 
     from flows import events
+    from flows.chunk_groups import tracked_chunk_groups
     from flows.shards import heartbeat, run_sharded, sharded
 
     options = options_from(parameters)
@@ -143,18 +144,21 @@ async def _run(job: Job, parameters: dict[str, Any]) -> dict[str, Any]:
         # A shard stamps its flow run while it lives: the parent tells a dead worker's shard by the silence.
         beat = asyncio.create_task(heartbeat(str(flow_run.id))) if options.shard and flow_run.id else None
         events.quiet_chunk_logs()
+        # At most about a hundred chunk task runs, however large the input (flows/chunk_groups.py).
+        chunks = tracked_chunk_groups(_chunk_task(), chunk_size=options.chunk_size)
         try:
             with local_provider(options.provider) as provider:
                 document = await run_job(
                     job,
                     dataclasses.replace(options, provider=provider),
                     parameters=_recorded(parameters),
-                    chunk_runner=_chunk_task(),
+                    chunk_runner=chunks,
                     flow_run_id=str(flow_run.id) if flow_run.id else None,
                     shared_limits=_shared_limits,
                     observer=events.PrefectObserver(job.name, label=f"shard {shard}" if shard else "this run"),
                 )
         finally:
+            await chunks.close()
             if beat is not None:
                 beat.cancel()
                 await asyncio.gather(beat, return_exceptions=True)

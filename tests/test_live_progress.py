@@ -11,6 +11,7 @@ import yaml
 from conftest import REPO, TEST_KEY_ENV, write_corpus
 from prefect.events.schemas.automations import AutomationCore
 
+from flows.chunk_groups import TASK_RUNS_ENV, ChunkGroup, ChunkGroups, group_size, wait_for_group
 from flows.events import _sum_rows, end_event, end_payload, live_row, resource_of, run_title, stop_event
 from tasks.engine.report.live import EVERY_ENV, Snapshot, Throttle, cost_marks_passed, snapshot, watch_every_s
 from tasks.engine.run import RunOptions, run_job
@@ -177,19 +178,21 @@ class Recorder:
         await self._hear("finished", (document["status"], last))
 
 
-def run_observed(emulator, tmp_path, observer, rows: int = 240, **options) -> dict:
+def options(emulator, tmp_path, rows: int) -> RunOptions:
     texts = [f"live sentence {i}" for i in range(rows)]
     src = write_corpus(tmp_path / "in.parquet", list(range(rows)), texts)
-    job = EmbedJob(model=MODEL, batch_size=10)
-    run = RunOptions(
+    return RunOptions(
         input=str(src),
         output=str(tmp_path / "out"),
         provider=ProviderSettings(provider="local", base_url=emulator.base_url, api_key_env=TEST_KEY_ENV, timeout_s=5),
-        limits=options.pop("limits", Limits(max_concurrency=1)),
+        limits=Limits(max_concurrency=1),
         chunk_size=40,
-        **options,
     )
-    return asyncio.run(run_job(job, run, observer=observer))
+
+
+def run_observed(emulator, tmp_path, observer, rows: int = 240) -> dict:
+    job = EmbedJob(model=MODEL, batch_size=10)
+    return asyncio.run(run_job(job, options(emulator, tmp_path, rows), observer=observer))
 
 
 def test_an_observer_hears_a_run_start_progress_and_end(emulator, tmp_path, monkeypatch):
@@ -239,3 +242,68 @@ def test_the_how_to_shows_the_shipped_automation():
     page = (REPO / "docs" / "how-to" / "watch-and-alert.md").read_text()
     (shown,) = re.findall(r"```yaml\n(.*?)```", page, re.S)
     assert yaml.safe_load(shown) == yaml.safe_load((REPO / "automations" / "notify-on-errors.yaml").read_text())
+
+
+def test_group_size_keeps_a_run_to_about_a_hundred_task_runs():
+    assert group_size(100 * 2000, 2000, 100) == 1  # 100 chunks: one task run each, as before
+    assert group_size(100 * 2000 + 1, 2000, 100) == 2
+    assert group_size(10_000_000, 2000, 100) == 50  # 5,000 chunks: 100 task runs of 50
+    assert group_size(0, 2000, 100) == 1
+
+
+def test_chunk_groups_frame_consecutive_chunks_and_end_after_their_last(emulator, tmp_path):
+    framed: list[tuple[int, int, dict]] = []
+
+    async def group_task(first, last, group):
+        framed.append((first, last, await wait_for_group(first, last, group)))
+
+    async def not_used(*args):
+        raise AssertionError("a run of more chunks than task runs is grouped")
+
+    runner = ChunkGroups(not_used, group_task, chunk_size=40, task_runs=3)
+
+    async def run():
+        try:
+            return await run_job(
+                EmbedJob(model=MODEL, batch_size=10), options(emulator, tmp_path, 240), chunk_runner=runner
+            )
+        finally:
+            await runner.close()
+
+    doc = asyncio.run(run())
+    assert doc["status"] == "completed" and doc["counts"]["succeeded"] == 240
+    # 6 chunks of 40, at most 3 task runs: chunks 0-1, 2-3, 4-5, each with its chunks' rows.
+    assert [(first, last) for first, last, _ in framed] == [(0, 1), (2, 3), (4, 5)]
+    assert all(summary == {"chunks": 2, "rows": 80, "written": 80, "errors": 0} for *_, summary in framed)
+
+
+def test_a_group_with_a_failed_chunk_fails():
+    group = ChunkGroup(0, 9)
+    group.errors.append(OSError("disk full"))
+    group.close()
+    with pytest.raises(RuntimeError, match="1 of the chunks 0-9 did not finish: OSError: disk full"):
+        asyncio.run(wait_for_group(0, 9, group))
+
+
+def test_a_large_tracked_run_makes_grouped_task_runs(prefect_server, emulator, tmp_path, monkeypatch):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from flows.embed import embed_flow
+    from flows.params import CommonOptions
+
+    monkeypatch.setenv(TASK_RUNS_ENV, "4")
+    src = write_corpus(tmp_path / "in.parquet", list(range(90)), [f"grouped {i}" for i in range(90)])
+    common = CommonOptions(base_url=emulator.base_url, api_key_env=TEST_KEY_ENV, provider="local", chunk_size=10)
+    doc = asyncio.run(embed_flow(input=str(src), output=str(tmp_path / "out"), batch_size=10, options=common))
+    assert doc["status"] == "completed" and doc["counts"]["succeeded"] == 90
+
+    async def task_runs():
+        async with get_client() as client:
+            flow_filter = FlowRunFilter(id=FlowRunFilterId(any_=[doc["flow_run_id"]]))
+            return await client.read_task_runs(flow_run_filter=flow_filter)
+
+    runs = asyncio.run(task_runs())
+    # 9 chunks, at most 4 task runs: groups of 3.
+    assert sorted(t.name for t in runs) == ["chunks 0-2", "chunks 3-5", "chunks 6-8"]
+    assert all(t.state.is_completed() for t in runs)
