@@ -225,14 +225,17 @@ class _Artifacts:
         from prefect.client.schemas.actions import ArtifactUpdate
 
         description = _description(self.job, now)
+        # Each is made once (again at the next update if the API did not answer), then updated in place.
         if self.progress_id is None:
             self.progress_id = await acreate_progress_artifact(
                 now.percent, key=f"gembatch-{self.job}-progress", description=description
             )
+        else:
+            await aupdate_progress_artifact(self.progress_id, now.percent, description=description)
+        if self.table_id is None:
             self.table_id = await acreate_table_artifact(rows, key=f"gembatch-{self.job}-live", description=description)
             return
         async with get_client() as client:
-            await aupdate_progress_artifact(self.progress_id, now.percent, description=description, client=client)
             await client.update_artifact(self.table_id, ArtifactUpdate(data=json.dumps(rows), description=description))
 
 
