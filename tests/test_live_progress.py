@@ -4,11 +4,15 @@ event names and payloads, the flow run's name, and an observer hearing a real ru
 from __future__ import annotations
 
 import asyncio
+import json
 import re
+import signal
+import subprocess
+import time
 
 import pytest
 import yaml
-from conftest import REPO, TEST_KEY_ENV, write_corpus
+from conftest import REPO, TEST_KEY_ENV, cli_env, embed_command, read_output, write_corpus
 from prefect.events.schemas.automations import AutomationCore
 
 from flows.chunk_groups import TASK_RUNS_ENV, ChunkGroup, ChunkGroups, group_size, wait_for_group
@@ -285,10 +289,15 @@ def test_a_group_with_a_failed_chunk_fails():
         asyncio.run(wait_for_group(0, 9, group))
 
 
-def test_a_large_tracked_run_makes_grouped_task_runs(prefect_server, emulator, tmp_path, monkeypatch):
+async def task_runs_of(flow_run_id: str) -> list:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
+    async with get_client() as client:
+        return await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+
+
+def test_a_large_tracked_run_makes_grouped_task_runs(prefect_server, emulator, tmp_path, monkeypatch):
     from flows.embed import embed_flow
     from flows.params import CommonOptions
 
@@ -298,12 +307,43 @@ def test_a_large_tracked_run_makes_grouped_task_runs(prefect_server, emulator, t
     doc = asyncio.run(embed_flow(input=str(src), output=str(tmp_path / "out"), batch_size=10, options=common))
     assert doc["status"] == "completed" and doc["counts"]["succeeded"] == 90
 
-    async def task_runs():
-        async with get_client() as client:
-            flow_filter = FlowRunFilter(id=FlowRunFilterId(any_=[doc["flow_run_id"]]))
-            return await client.read_task_runs(flow_run_filter=flow_filter)
-
-    runs = asyncio.run(task_runs())
+    runs = asyncio.run(task_runs_of(doc["flow_run_id"]))
     # 9 chunks, at most 4 task runs: groups of 3.
     assert sorted(t.name for t in runs) == ["chunks 0-2", "chunks 3-5", "chunks 6-8"]
     assert all(t.state.is_completed() for t in runs)
+
+
+def test_ctrl_c_on_a_grouped_tracked_run_stops_cleanly_and_a_rerun_resumes(prefect_server, emulator, tmp_path):
+    from prefect.settings import PREFECT_API_URL
+
+    emulator.configure(latency_seconds=0.2)
+    n = 1000
+    src = write_corpus(tmp_path / "in.parquet", list(range(n)), [f"interrupt me {i}" for i in range(n)])
+    out = tmp_path / "out"
+    # 5 chunks of 200, at most 2 task runs: the chunks run in groups of 3.
+    env = cli_env(PREFECT_API_URL.value(), **{TASK_RUNS_ENV: "2"})
+    argv = embed_command(src, out, emulator.base_url, batch_size=20, chunk_size=200)
+    proc = subprocess.Popen(
+        argv, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not list(out.glob("part-*.parquet")) and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stdout.read().decode()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=60)
+    assert proc.returncode == 130
+
+    (run,) = [json.loads(p.read_text()) for p in (out / "_runs").glob("*.json")]
+    assert run["status"] == "interrupted"
+    written = read_output(out).height
+    assert run["counts"]["succeeded"] == written < n and run["counts"]["not_attempted"] == n - written
+    names = {t.name for t in asyncio.run(task_runs_of(run["flow_run_id"]))}
+    assert "chunks 0-2" in names and names <= {"chunks 0-2", "chunks 3-5"}
+
+    emulator.reset_stats()
+    result = subprocess.run(argv, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert emulator.stats["embedding_inputs"] == n - written
+    assert read_output(out).height == n
