@@ -101,9 +101,11 @@ def end_event(status: str) -> str:
     return f"{EVENT_PREFIX}.failed"
 
 
-def stop_event(status: str) -> str:
+def stop_event(status: str) -> str | None:
     """The event sent the moment a run decides to stop: ``stopped: daily quota`` →
-    ``gembatch.run.stopping.daily-quota``."""
+    ``gembatch.run.stopping.daily-quota``; None for a status that is not a stop."""
+    if not status.startswith("stopped:"):
+        return None
     return f"{EVENT_PREFIX}.stopping.{_slug(status.removeprefix('stopped:')) or 'other'}"
 
 
@@ -275,6 +277,8 @@ class PrefectObserver:
         )
 
     async def stopping(self, status: str, message: str, now: Snapshot) -> None:
+        if stop_event(status) is None:
+            return  # a failure (``failed: …``) is told by the end event, moments later
         _emit(
             stop_event(status),
             self.resource,

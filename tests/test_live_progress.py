@@ -96,6 +96,7 @@ def test_a_stop_is_told_by_its_reason():
     assert stop_event("stopped: daily quota") == "gembatch.run.stopping.daily-quota"
     assert stop_event("stopped: provider unavailable") == "gembatch.run.stopping.provider-unavailable"
     assert stop_event("stopped: budget") == "gembatch.run.stopping.budget"
+    assert stop_event("failed: batch") is None  # a failure is told by the end event
 
 
 def document(**over) -> dict:
