@@ -72,6 +72,9 @@ async def run_flow_job(job: Job, parameters: dict[str, Any]) -> dict[str, Any]:
         # The message says what to do; Prefect's traceback would only bury it.
         message = redact_text(str(exc))
         get_run_logger().error("%s", message)
+        from flows.events import emit_refused
+
+        emit_refused(job.name, parameters, message)
         return Failed(message=message, data=exc)
     if document["status"] not in (COMPLETED, "dry run"):
         problem = RunNotCompleted(document)
@@ -113,9 +116,14 @@ async def _run(job: Job, parameters: dict[str, Any]) -> dict[str, Any]:
     from prefect.artifacts import acreate_table_artifact
     from prefect.runtime import flow_run
 
+    from flows import events
+    from flows.chunk_groups import tracked_chunk_groups
     from flows.shards import heartbeat, run_sharded, sharded
 
     options = options_from(parameters)
+    shard = str(options.shard) if options.shard else None
+    title = events.run_title(job.name, options.input, options.output, shard)
+    await events.name_flow_run(f"{title} (dry run)" if options.dry_run else title)
     if options.dry_run:
         from tasks.engine.dry_run import plan_job
 
@@ -123,21 +131,34 @@ async def _run(job: Job, parameters: dict[str, Any]) -> dict[str, Any]:
         get_run_logger().info("dry run: %s", document["counts"] | document["estimate"])
         return document
     if sharded(CommonOptions.model_validate({k: parameters[k] for k in CommonOptions.model_fields})):
-        document = await run_sharded(job, parameters)
+        shards = events.ShardsWatch(job.name)
+        adding_up = asyncio.create_task(shards.run())
+        try:
+            document = await run_sharded(job, parameters)
+        finally:
+            adding_up.cancel()
+            await asyncio.gather(adding_up, return_exceptions=True)
+        await shards.update()
+        events.emit_end(document)
     else:
         # A shard stamps its flow run while it lives: the parent tells a dead worker's shard by the silence.
         beat = asyncio.create_task(heartbeat(str(flow_run.id))) if options.shard and flow_run.id else None
+        events.quiet_chunk_logs()
+        # At most about a hundred chunk task runs, however large the input (flows/chunk_groups.py).
+        chunks = tracked_chunk_groups(_chunk_task(), chunk_size=options.chunk_size)
         try:
             with local_provider(options.provider) as provider:
                 document = await run_job(
                     job,
                     dataclasses.replace(options, provider=provider),
                     parameters=_recorded(parameters),
-                    chunk_runner=_chunk_task(),
+                    chunk_runner=chunks,
                     flow_run_id=str(flow_run.id) if flow_run.id else None,
                     shared_limits=_shared_limits,
+                    observer=events.PrefectObserver(job.name, label=f"shard {shard}" if shard else "this run"),
                 )
         finally:
+            await chunks.close()
             if beat is not None:
                 beat.cancel()
                 await asyncio.gather(beat, return_exceptions=True)

@@ -25,6 +25,7 @@ from tasks.engine.plan.input import InputSource, check_ids
 from tasks.engine.plan.recurring import recurring_contents
 from tasks.engine.plan.rows import PreparedChunk, _template_of, chunk_statuses, nothing_to_do
 from tasks.engine.plan.shard import Shard, ShardSource
+from tasks.engine.report.live import RunObserver, start_watch
 from tasks.engine.report.metadata import batch_cost, counts, input_record, new_run_id, package_versions, usage, utc_now
 from tasks.engine.report.progress import ProgressBar
 from tasks.engine.send.batch.batch_run import BatchRun
@@ -137,8 +138,12 @@ async def run_job(
     chunk_runner: ChunkRunner = process_chunk,
     flow_run_id: str | None = None,
     shared_limits: SharedFactory | None = None,
+    observer: RunObserver | None = None,
 ) -> dict[str, Any]:
     """Run ``job`` over ``options.input`` into ``options.output``; returns the run metadata document.
+
+    ``observer`` hears of the run while it works (a tracked run's progress and events: see
+    tasks/engine/report/live.py).
 
     Raises :class:`GembatchError` for problems found before any work, and re-raises an unexpected
     error after writing the metadata of what was done.
@@ -152,6 +157,7 @@ async def run_job(
     shared = None
     claims: ClaimBook | None = None
     hashers: HashProcesses | None = None
+    live = None
     try:
         await check_model(conn, job.model, key_source=options.provider.key_source)
         budget = Budget.for_job(options.max_cost_usd, job) if options.max_cost_usd is not None else None
@@ -254,6 +260,7 @@ async def run_job(
                 budget.price_factor = BATCH_PRICE_FACTOR
             batch_run = BatchRun(ctx, source, options, total_rows, conn, _drive, chunk_runner, claims)
         watch = asyncio.create_task(_share_stops(ctx, shared)) if shared is not None else None
+        live = await start_watch(ctx, observer, document, total=total_rows)
         try:
             if batch_run is not None:
                 await batch_run.drive()
@@ -358,10 +365,14 @@ async def run_job(
         )
         document["claims"] = claims.describe()
         await asyncio.to_thread(store.write_run, run_id, document)
+        if live is not None:
+            await live.finish(document)
         if error is not None and not _answered_by_server(error):
             raise error
         return document
     finally:
+        if live is not None:
+            await live.close()
         if hashers is not None:
             await asyncio.to_thread(hashers.close)
         if claims is not None:
