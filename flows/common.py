@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Callable
 from functools import cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from flows.engine_options import options_from
+from flows.engine_options import options_of
 from flows.local import local_provider
-from flows.params import CommonOptions, flat_parameters
-from tasks.engine.job import Job
 from tasks.engine.report.metadata import summary_rows
 from tasks.engine.run import COMPLETED, run_job
 from tasks.engine.send.chunk import process_chunk
@@ -24,7 +21,10 @@ from tasks.engine.send.limits import Limits
 from tasks.errors import GembatchError, RunNotCompleted
 from tasks.redact import redact_text
 
-__all__ = ["run_flow", "run_flow_job", "run_untracked"]
+if TYPE_CHECKING:
+    from flows.jobs import FlowJob
+
+__all__ = ["run_flow", "run_untracked"]
 
 
 @cache
@@ -49,14 +49,8 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-async def run_flow(build_job: Callable[[dict[str, Any]], Job], values: dict[str, Any]) -> dict[str, Any]:
-    """The body of every job's flow: ``values`` are the flow's arguments (its ``locals()``)."""
-    parameters = flat_parameters(values)
-    return await run_flow_job(build_job(parameters), parameters)
-
-
-async def run_flow_job(job: Job, parameters: dict[str, Any]) -> dict[str, Any]:
-    """Run ``job`` inside the current flow: chunks as Prefect tasks, summary as a table artifact.
+async def run_flow(flow_job: FlowJob) -> dict[str, Any]:
+    """Run a built job inside the current flow: chunks as Prefect tasks, summary as a table artifact.
 
     A :class:`GembatchError` (wrong key, unknown model, bad input…) fails the flow run with its message
     and is raised to the caller as it is. A run that ends other than ``completed`` (rows failed past
@@ -67,7 +61,7 @@ async def run_flow_job(job: Job, parameters: dict[str, Any]) -> dict[str, Any]:
     from prefect.states import Failed
 
     try:
-        document = await _run(job, parameters)
+        document = await _run(flow_job)
     except GembatchError as exc:
         # The message says what to do; Prefect's traceback would only bury it.
         message = redact_text(str(exc))
@@ -79,21 +73,23 @@ async def run_flow_job(job: Job, parameters: dict[str, Any]) -> dict[str, Any]:
     return document
 
 
-async def run_untracked(job: Job, parameters: dict[str, Any]) -> dict[str, Any]:
+async def run_untracked(flow_job: FlowJob) -> dict[str, Any]:
     """The same run (or dry run) as the job's flow, without Prefect: no flow run, no task runs, no
     artifact, ``flow_run_id`` null in the metadata. What `gembatch` does when no Prefect API is set."""
-    options = options_from(parameters)
+    options = options_of(flow_job)
     if options.dry_run:
         from tasks.engine.dry_run import plan_job
 
-        return await plan_job(job, options)
-    if parameters.get("shards", 1) > 1 and not parameters.get("shard"):
+        return await plan_job(flow_job.job, options)
+    if flow_job.options.shards > 1 and not flow_job.options.shard:
         raise GembatchError(
             "--shards runs each part as a flow run on a Prefect work pool, and no Prefect API is configured: "
             "set PREFECT_API_URL to your server (docs/how-to/scale-out.md), or drop --shards"
         )
     with local_provider(options.provider) as provider:
-        return await run_job(job, dataclasses.replace(options, provider=provider), parameters=_recorded(parameters))
+        return await run_job(
+            flow_job.job, dataclasses.replace(options, provider=provider), parameters=flow_job.recorded()
+        )
 
 
 async def _shared_limits(host: str, model: str, limits: Limits) -> Any:
@@ -103,27 +99,22 @@ async def _shared_limits(host: str, model: str, limits: Limits) -> Any:
     return await open_shared_limits(host, model, limits.rpm, limits.tpm, window_s=limits.window_s)
 
 
-def _recorded(parameters: dict[str, Any]) -> dict[str, Any]:
-    """The parameters the run metadata keeps (``progress`` only says where the run was started)."""
-    return {k: v for k, v in parameters.items() if k != "progress"}
-
-
-async def _run(job: Job, parameters: dict[str, Any]) -> dict[str, Any]:
+async def _run(flow_job: FlowJob) -> dict[str, Any]:
     from prefect import get_run_logger
     from prefect.artifacts import acreate_table_artifact
     from prefect.runtime import flow_run
 
     from flows.shards import heartbeat, run_sharded, sharded
 
-    options = options_from(parameters)
+    job, options = flow_job.job, options_of(flow_job)
     if options.dry_run:
         from tasks.engine.dry_run import plan_job
 
         document = await plan_job(job, options)
         get_run_logger().info("dry run: %s", document["counts"] | document["estimate"])
         return document
-    if sharded(CommonOptions.model_validate({k: parameters[k] for k in CommonOptions.model_fields})):
-        document = await run_sharded(job, parameters)
+    if sharded(flow_job.options):
+        document = await run_sharded(flow_job)
     else:
         # A shard stamps its flow run while it lives: the parent tells a dead worker's shard by the silence.
         beat = asyncio.create_task(heartbeat(str(flow_run.id))) if options.shard and flow_run.id else None
@@ -132,7 +123,7 @@ async def _run(job: Job, parameters: dict[str, Any]) -> dict[str, Any]:
                 document = await run_job(
                     job,
                     dataclasses.replace(options, provider=provider),
-                    parameters=_recorded(parameters),
+                    parameters=flow_job.recorded(),
                     chunk_runner=_chunk_task(),
                     flow_run_id=str(flow_run.id) if flow_run.id else None,
                     shared_limits=_shared_limits,

@@ -1,8 +1,8 @@
-"""From a flow's parameters to the engine's RunOptions (the provider, limits, retries, batching, shard)."""
+"""From a flow's built job to the engine's RunOptions (the provider, limits, retries, batching, shard)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from flows.params import CommonOptions
 from tasks.engine.plan.shard import Shard
@@ -13,7 +13,10 @@ from tasks.engine.send.limits import Limits
 from tasks.engine.send.outage import OutagePolicy
 from tasks.provider.client import ProviderSettings
 
-__all__ = ["options_from", "run_options"]
+if TYPE_CHECKING:
+    from flows.jobs import FlowJob
+
+__all__ = ["options_of", "run_options"]
 
 
 def run_options(input: str, output: str, options: CommonOptions) -> RunOptions:
@@ -60,7 +63,6 @@ def run_options(input: str, output: str, options: CommonOptions) -> RunOptions:
     )
 
 
-def options_from(parameters: dict[str, Any]) -> RunOptions:
-    """The engine's options from flat parameters (the common fields picked out and validated)."""
-    common = CommonOptions.model_validate({k: parameters[k] for k in CommonOptions.model_fields if k in parameters})
-    return run_options(parameters["input"], parameters["output"], common)
+def options_of(flow_job: FlowJob) -> RunOptions:
+    """The engine's options for a built job: its input, output and common options."""
+    return run_options(flow_job.input, flow_job.output, flow_job.options)
