@@ -29,15 +29,8 @@ async def caption_flow(
 ) -> dict[str, Any]:
     """Caption the image in ``image_col`` of every row of ``input`` into ``output`` (docs/how-to/caption.md)."""
     job = caption_job(
-        input=input,
-        output=output,
-        image_col=image_col,
-        prompt=prompt,
-        model=model,
-        max_side=max_side,
-        media_root=media_root,
-        allow_media_scheme=allow_media_scheme,
-        allow_private_urls=allow_private_urls,
+        input=input, output=output, image_col=image_col, prompt=prompt, model=model, max_side=max_side,
+        media_root=media_root, allow_media_scheme=allow_media_scheme, allow_private_urls=allow_private_urls,
         options=options,
-    )
+    )  # fmt: skip
     return await run_flow(job)

@@ -26,12 +26,7 @@ async def embed_flow(
 ) -> dict[str, Any]:
     """Embed ``text_col`` of every row of ``input`` into ``output`` (docs/how-to/embed.md)."""
     job = embed_job(
-        input=input,
-        output=output,
-        text_col=text_col,
-        model=model,
-        dimensions=dimensions,
-        batch_size=batch_size,
+        input=input, output=output, text_col=text_col, model=model, dimensions=dimensions, batch_size=batch_size,
         options=options,
-    )
+    )  # fmt: skip
     return await run_flow(job)

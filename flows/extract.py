@@ -31,16 +31,7 @@ async def extract_flow(
 
     ``via="tools"`` sends the schema as a function; several schemas (a list) let the model pick one per row."""
     job = extract_job(
-        input=input,
-        output=output,
-        schema_ref=schema_ref,
-        text_col=text_col,
-        prompt=prompt,
-        prompt_file=prompt_file,
-        model=model,
-        reasoning_effort=reasoning_effort,
-        schema_dialect=schema_dialect,
-        via=via,
-        options=options,
-    )
+        input=input, output=output, schema_ref=schema_ref, text_col=text_col, prompt=prompt, prompt_file=prompt_file,
+        model=model, reasoning_effort=reasoning_effort, schema_dialect=schema_dialect, via=via, options=options,
+    )  # fmt: skip
     return await run_flow(job)

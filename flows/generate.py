@@ -29,16 +29,7 @@ async def generate_flow(
 ) -> dict[str, Any]:
     """Render ``prompt`` (or ``prompt_file``) over each row of ``input`` and write each answer to ``output``."""
     job = generate_job(
-        input=input,
-        output=output,
-        prompt=prompt,
-        prompt_file=prompt_file,
-        system=system,
-        model=model,
-        temperature=temperature,
-        max_tokens=max_tokens,
-        reasoning_effort=reasoning_effort,
-        n=n,
-        options=options,
-    )
+        input=input, output=output, prompt=prompt, prompt_file=prompt_file, system=system, model=model,
+        temperature=temperature, max_tokens=max_tokens, reasoning_effort=reasoning_effort, n=n, options=options,
+    )  # fmt: skip
     return await run_flow(job)

@@ -27,13 +27,7 @@ async def images_flow(
 ) -> dict[str, Any]:
     """Generate ``n`` images for ``prompt_col`` of every row of ``input`` into ``output``/_images."""
     job = images_job(
-        input=input,
-        output=output,
-        prompt_col=prompt_col,
-        model=model,
-        size=size,
-        n=n,
-        quality=quality,
+        input=input, output=output, prompt_col=prompt_col, model=model, size=size, n=n, quality=quality,
         options=options,
-    )
+    )  # fmt: skip
     return await run_flow(job)

@@ -1,10 +1,10 @@
 """Each job's object, built from its flow's (or command's) named, typed arguments — no Prefect here.
 
-A builder takes the same arguments as its flow (``options`` the common ones) and returns a
-:class:`FlowJob`: the job, where it reads and writes, the options, and what the run metadata records as
-``parameters``. The flows build their job with these, and so does the command line before it decides
-whether to start a flow run at all: the checks that need no server (key, input, columns, the --schema
-import) and an untracked run need the job but not Prefect.
+A builder takes every argument of its flow by name (``options`` the common ones; the defaults are the
+flow's and the command's) and returns a :class:`FlowJob`: the job, where it reads and writes, the
+options, and what the run metadata records as ``parameters``. The flows build their job with these, and
+so does the command line before it decides whether to start a flow run at all: the checks that need no
+server (key, input, columns, the --schema import) and an untracked run need the job but not Prefect.
 """
 
 from __future__ import annotations
@@ -13,15 +13,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from flows.params import CommonOptions
-from tasks.defaults import (
-    DEFAULT_CAPTION_PROMPT,
-    DEFAULT_MAX_SIDE,
-    DEFAULT_SEGMENT_FORMAT,
-    DEFAULT_SEGMENT_S,
-    DEFAULT_SIZE,
-    MAX_INLINE_BYTES,
-    MAX_INPUTS_PER_REQUEST,
-)
 from tasks.errors import ConfigError
 from tasks.provider.catalog import default_model
 
@@ -103,14 +94,13 @@ def _choose(given: str | None, job: str, default: str, output: str, options: Com
 
 
 def embed_job(
-    *,
     input: str,
     output: str,
-    text_col: str = "text",
-    model: str | None = None,
-    dimensions: int | None = None,
-    batch_size: int = MAX_INPUTS_PER_REQUEST,
-    options: CommonOptions = CommonOptions(),
+    text_col: str,
+    model: str | None,
+    dimensions: int | None,
+    batch_size: int,
+    options: CommonOptions,
 ) -> FlowJob:
     """The embed flow's job (fills in the provider's default model)."""
     from tasks.jobs.embed import EmbedJob
@@ -123,18 +113,17 @@ def embed_job(
 
 
 def extract_job(
-    *,
     input: str,
     output: str,
     schema_ref: str | list[str],
-    text_col: str = "text",
-    prompt: str | None = None,
-    prompt_file: str | None = None,
-    model: str | None = None,
-    reasoning_effort: str | None = None,
-    schema_dialect: str | None = None,
-    via: str = "json_schema",
-    options: CommonOptions = CommonOptions(),
+    text_col: str,
+    prompt: str | None,
+    prompt_file: str | None,
+    model: str | None,
+    reasoning_effort: str | None,
+    schema_dialect: str | None,
+    via: str,
+    options: CommonOptions,
 ) -> FlowJob:
     """The extract flow's job (imports the schema(s), reads the prompt file, fills the model).
 
@@ -198,18 +187,17 @@ def _check_id_col(job: Any, id_col: str) -> None:
 
 
 def generate_job(
-    *,
     input: str,
     output: str,
-    prompt: str | None = None,
-    prompt_file: str | None = None,
-    system: str | None = None,
-    model: str | None = None,
-    temperature: float | None = None,
-    max_tokens: int | None = None,
-    reasoning_effort: str | None = None,
-    n: int = 1,
-    options: CommonOptions = CommonOptions(),
+    prompt: str | None,
+    prompt_file: str | None,
+    system: str | None,
+    model: str | None,
+    temperature: float | None,
+    max_tokens: int | None,
+    reasoning_effort: str | None,
+    n: int,
+    options: CommonOptions,
 ) -> FlowJob:
     """The generate flow's job (reads the template file, fills in the default chat model)."""
     from tasks.jobs.generate import GenerateJob
@@ -222,15 +210,9 @@ def generate_job(
             "(column names in braces are filled from each row)"
         )
     job = GenerateJob(
-        model=choice.model,
-        prompt=template,
-        system=system,
-        temperature=temperature,
-        max_tokens=max_tokens,
-        reasoning_effort=reasoning_effort,
-        n=n,
-        id_col=options.id_col,
-    )
+        model=choice.model, prompt=template, system=system, temperature=temperature, max_tokens=max_tokens,
+        reasoning_effort=reasoning_effort, n=n, id_col=options.id_col,
+    )  # fmt: skip
     arguments = {"input": input, "output": output, "prompt": prompt, "prompt_file": prompt_file, "system": system}
     arguments |= {"model": choice.model, "temperature": temperature, "max_tokens": max_tokens}
     arguments |= {"reasoning_effort": reasoning_effort, "n": n}
@@ -258,17 +240,16 @@ def _read_prompt(path: str) -> str:
 
 
 def caption_job(
-    *,
     input: str,
     output: str,
-    image_col: str = "image",
-    prompt: str = DEFAULT_CAPTION_PROMPT,
-    model: str | None = None,
-    max_side: int = DEFAULT_MAX_SIDE,
-    media_root: list[str] | None = None,
-    allow_media_scheme: list[str] | None = None,
-    allow_private_urls: bool = False,
-    options: CommonOptions = CommonOptions(),
+    image_col: str,
+    prompt: str,
+    model: str | None,
+    max_side: int,
+    media_root: list[str] | None,
+    allow_media_scheme: list[str] | None,
+    allow_private_urls: bool,
+    options: CommonOptions,
 ) -> FlowJob:
     """The caption flow's job (fills in the provider's default chat model)."""
     from tasks.jobs.caption import CaptionJob
@@ -290,20 +271,19 @@ def caption_job(
 
 
 def transcribe_job(
-    *,
     input: str,
     output: str,
-    audio_col: str = "audio",
-    model: str | None = None,
-    prompt: str | None = None,
-    api: str = "chat",
-    max_inline_bytes: int = MAX_INLINE_BYTES,
-    segment_s: float = DEFAULT_SEGMENT_S,
-    segment_format: str = DEFAULT_SEGMENT_FORMAT,
-    media_root: list[str] | None = None,
-    allow_media_scheme: list[str] | None = None,
-    allow_private_urls: bool = False,
-    options: CommonOptions = CommonOptions(),
+    audio_col: str,
+    model: str | None,
+    prompt: str | None,
+    api: str,
+    max_inline_bytes: int,
+    segment_s: float,
+    segment_format: str,
+    media_root: list[str] | None,
+    allow_media_scheme: list[str] | None,
+    allow_private_urls: bool,
+    options: CommonOptions,
 ) -> FlowJob:
     """The transcribe flow's job (fills in the default model for the chosen API)."""
     from tasks.jobs.media import base_dir_of
@@ -312,16 +292,10 @@ def transcribe_job(
     default = DEFAULT_TRANSCRIPTIONS_MODEL if api == "transcriptions" else default_model(options.provider, "chat")
     choice = _choose(model, "transcribe", default, output, options)
     job = TranscribeJob(
-        model=choice.model,
-        audio_col=audio_col,
-        prompt=prompt,
-        api=api,
-        max_inline_bytes=max_inline_bytes,
-        base_dir=base_dir_of(input),
-        segment_s=segment_s,
-        segment_format=segment_format,
+        model=choice.model, audio_col=audio_col, prompt=prompt, api=api, max_inline_bytes=max_inline_bytes,
+        base_dir=base_dir_of(input), segment_s=segment_s, segment_format=segment_format,
         media=media_policy(input, media_root, allow_media_scheme, allow_private_urls),
-    )
+    )  # fmt: skip
     arguments = {"input": input, "output": output, "audio_col": audio_col, "model": choice.model, "prompt": prompt}
     arguments |= {"api": api, "max_inline_bytes": max_inline_bytes, "segment_s": segment_s}
     arguments |= {"segment_format": segment_format, "media_root": media_root}
@@ -354,15 +328,14 @@ def media_policy(
 
 
 def images_job(
-    *,
     input: str,
     output: str,
-    prompt_col: str = "prompt",
-    model: str | None = None,
-    size: str = DEFAULT_SIZE,
-    n: int = 1,
-    quality: str | None = None,
-    options: CommonOptions = CommonOptions(),
+    prompt_col: str,
+    model: str | None,
+    size: str,
+    n: int,
+    quality: str | None,
+    options: CommonOptions,
 ) -> FlowJob:
     """The images flow's job (fills in the provider's default model; refuses a size, n, quality or model
     the provider's images route doesn't take, before any request)."""

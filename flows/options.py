@@ -86,6 +86,11 @@ def built_job(build_job: str, params: dict[str, Any]) -> FlowJob:
     return resolve(build_job)(**flow_arguments(params))
 
 
+def command_job(command: Callable[..., None], **values: Any) -> FlowJob:
+    """The job ``command`` builds from ``values`` and its own defaults for the rest, as the command line does."""
+    return built_job(command.build_job, command_params(command, **values))
+
+
 def resolve(ref: str) -> Any:
     """The object a "module:attribute" name refers to (imported now)."""
     module, _, name = ref.partition(":")

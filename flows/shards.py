@@ -96,6 +96,7 @@ async def run_sharded(flow_job: FlowJob) -> dict[str, Any]:
     from flows.engine_options import options_of
     from tasks.engine.plan.input import check_ids
     from tasks.engine.run import preflight
+    from tasks.engine.store.lease import claim_output
     from tasks.engine.store.output import OutputStore
 
     job, options, count = flow_job.job, options_of(flow_job), flow_job.options.shards
@@ -107,14 +108,7 @@ async def run_sharded(flow_job: FlowJob) -> dict[str, Any]:
     total_rows = await asyncio.to_thread(check_ids, source, options.id_col, limit=None)
     store = OutputStore(options.output)
     await asyncio.to_thread(store.prepare)
-    await asyncio.to_thread(
-        store.claim,
-        job=job.name,
-        model=job.model,
-        run_id=run_id,
-        force=options.force,
-        change_model=options.change_model,
-    )
+    await claim_output(store, job, run_id, options)
     had_rows = bool(store.result_files() or store.error_files())
     deployment_id = await _deployment_of_this_flow()
     document: dict[str, Any] = {

@@ -21,8 +21,8 @@ import pytest
 from conftest import REPO, TEST_KEY, TEST_KEY_ENV, assert_balanced, read_errors, read_output
 from test_images import SIZE, assert_images_match, run_images, sample_prompts, write_prompts
 
-from flows.images import images_job
-from flows.params import flow_arguments
+from flows import commands
+from flows.options import command_job
 from tasks.engine.dry_run import plan_job
 from tasks.engine.run import RunOptions
 from tasks.engine.send.budget import Budget
@@ -45,7 +45,7 @@ def params(**kw) -> dict:
 
 def build(parameters: dict) -> object:
     """The images job the command builds from these flat parameters."""
-    return images_job(**flow_arguments({"input": "", **parameters})).job
+    return command_job(commands.images, **{"input": "", **parameters}).job
 
 
 def gembatch(*argv: str, cwd: Path) -> subprocess.CompletedProcess:

@@ -21,8 +21,9 @@ from openai.lib._pydantic import to_strict_json_schema
 from pydantic import BaseModel, ConfigDict, Field
 
 from emulator.fakes import fake_json_for_schema
-from flows.extract import extract_flow, extract_job
-from flows.params import flow_arguments
+from flows import commands
+from flows.extract import extract_flow
+from flows.options import command_job
 from schemas.dialects import auto_dialect, build_schema, restore_defaults
 from schemas.examples import CalendarEvent, Invoice
 from tasks.engine.run import RunOptions, run_job
@@ -164,7 +165,7 @@ def test_dialects_follow_the_provider_and_go_into_the_content_hash():
     params = {"input": "", "output": "", "schema_ref": "schemas.examples:Invoice"}
 
     def dialect(**kw: str) -> str:
-        return extract_job(**flow_arguments(params | kw)).job.schema_dialect
+        return command_job(commands.extract, **params | kw).job.schema_dialect
 
     assert dialect(provider="openai") == "openai"
     assert dialect(provider="gemini", base_url="http://vllm:8000/v1/") == "plain"
