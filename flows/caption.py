@@ -27,4 +27,9 @@ async def caption_flow(
     options: CommonOptions = CommonOptions(),
 ) -> dict[str, Any]:
     """Caption the image in ``image_col`` of every row of ``input`` into ``output`` (docs/how-to/caption.md)."""
-    return await run_flow(caption_job, locals())
+    job = caption_job(
+        input=input, output=output, image_col=image_col, prompt=prompt, model=model, max_side=max_side,
+        media_root=media_root, allow_media_scheme=allow_media_scheme, allow_private_urls=allow_private_urls,
+        options=options,
+    )  # fmt: skip
+    return await run_flow(job)

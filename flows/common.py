@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Callable
 from functools import cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from flows.engine_options import options_from
+from flows.engine_options import options_of
 from flows.local import local_provider
-from flows.params import CommonOptions, flat_parameters
-from tasks.engine.job import Job
 from tasks.engine.report.metadata import summary_rows
 from tasks.engine.run import COMPLETED, run_job
 from tasks.engine.send.chunk import process_chunk
@@ -24,7 +21,11 @@ from tasks.engine.send.limits import Limits
 from tasks.errors import GembatchError, RunNotCompleted
 from tasks.redact import redact_text
 
-__all__ = ["run_flow", "run_flow_job", "run_untracked"]
+if TYPE_CHECKING:
+    from flows.jobs import FlowJob
+    from tasks.engine.options import RunOptions
+
+__all__ = ["run_flow", "run_untracked"]
 
 
 @cache
@@ -49,14 +50,8 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-async def run_flow(build_job: Callable[[dict[str, Any]], Job], values: dict[str, Any]) -> dict[str, Any]:
-    """The body of every job's flow: ``values`` are the flow's arguments (its ``locals()``)."""
-    parameters = flat_parameters(values)
-    return await run_flow_job(build_job(parameters), parameters)
-
-
-async def run_flow_job(job: Job, parameters: dict[str, Any]) -> dict[str, Any]:
-    """Run ``job`` inside the current flow: chunks as Prefect tasks, summary as a table artifact.
+async def run_flow(flow_job: FlowJob) -> dict[str, Any]:
+    """Run a built job inside the current flow: chunks as Prefect tasks, summary as a table artifact.
 
     A :class:`GembatchError` (wrong key, unknown model, bad input…) fails the flow run with its message
     and is raised to the caller as it is. A run that ends other than ``completed`` (rows failed past
@@ -67,14 +62,14 @@ async def run_flow_job(job: Job, parameters: dict[str, Any]) -> dict[str, Any]:
     from prefect.states import Failed
 
     try:
-        document = await _run(job, parameters)
+        document = await _run(flow_job)
     except GembatchError as exc:
         # The message says what to do; Prefect's traceback would only bury it.
         message = redact_text(str(exc))
         get_run_logger().error("%s", message)
         from flows.events import emit_refused
 
-        emit_refused(job.name, parameters, message)
+        emit_refused(flow_job.job.name, flow_job.recorded(), message)
         return Failed(message=message, data=exc)
     if document["status"] not in (COMPLETED, "dry run"):
         problem = RunNotCompleted(document)
@@ -82,21 +77,23 @@ async def run_flow_job(job: Job, parameters: dict[str, Any]) -> dict[str, Any]:
     return document
 
 
-async def run_untracked(job: Job, parameters: dict[str, Any]) -> dict[str, Any]:
+async def run_untracked(flow_job: FlowJob) -> dict[str, Any]:
     """The same run (or dry run) as the job's flow, without Prefect: no flow run, no task runs, no
     artifact, ``flow_run_id`` null in the metadata. What `gembatch` does when no Prefect API is set."""
-    options = options_from(parameters)
+    options = options_of(flow_job)
     if options.dry_run:
         from tasks.engine.dry_run import plan_job
 
-        return await plan_job(job, options)
-    if parameters.get("shards", 1) > 1 and not parameters.get("shard"):
+        return await plan_job(flow_job.job, options)
+    if flow_job.options.shards > 1 and not flow_job.options.shard:
         raise GembatchError(
             "--shards runs each part as a flow run on a Prefect work pool, and no Prefect API is configured: "
             "set PREFECT_API_URL to your server (docs/how-to/scale-out.md), or drop --shards"
         )
     with local_provider(options.provider) as provider:
-        return await run_job(job, dataclasses.replace(options, provider=provider), parameters=_recorded(parameters))
+        return await run_job(
+            flow_job.job, dataclasses.replace(options, provider=provider), parameters=flow_job.recorded()
+        )
 
 
 async def _shared_limits(host: str, model: str, limits: Limits) -> Any:
@@ -106,21 +103,13 @@ async def _shared_limits(host: str, model: str, limits: Limits) -> Any:
     return await open_shared_limits(host, model, limits.rpm, limits.tpm, window_s=limits.window_s)
 
 
-def _recorded(parameters: dict[str, Any]) -> dict[str, Any]:
-    """The parameters the run metadata keeps (``progress`` only says where the run was started)."""
-    return {k: v for k, v in parameters.items() if k != "progress"}
-
-
-async def _run(job: Job, parameters: dict[str, Any]) -> dict[str, Any]:
+async def _run(flow_job: FlowJob) -> dict[str, Any]:
     from prefect import get_run_logger
-    from prefect.artifacts import acreate_table_artifact
-    from prefect.runtime import flow_run
 
     from flows import events
-    from flows.chunk_groups import tracked_chunk_groups
-    from flows.shards import heartbeat, run_sharded, sharded
+    from flows.shards import sharded
 
-    options = options_from(parameters)
+    job, options = flow_job.job, options_of(flow_job)
     shard = str(options.shard) if options.shard else None
     title = events.run_title(job.name, options.input, options.output, shard)
     await events.name_flow_run(f"{title} (dry run)" if options.dry_run else title)
@@ -130,42 +119,73 @@ async def _run(job: Job, parameters: dict[str, Any]) -> dict[str, Any]:
         document = await plan_job(job, options)
         get_run_logger().info("dry run: %s", document["counts"] | document["estimate"])
         return document
-    if sharded(CommonOptions.model_validate({k: parameters[k] for k in CommonOptions.model_fields})):
-        shards = events.ShardsWatch(job.name)
-        adding_up = asyncio.create_task(shards.run())
-        try:
-            document = await run_sharded(job, parameters)
-        finally:
-            adding_up.cancel()
-            await asyncio.gather(adding_up, return_exceptions=True)
-        await shards.update()
-        events.emit_end(document)
+    if sharded(flow_job.options):
+        document = await _run_shards(flow_job)
     else:
-        # A shard stamps its flow run while it lives: the parent tells a dead worker's shard by the silence.
-        beat = asyncio.create_task(heartbeat(str(flow_run.id))) if options.shard and flow_run.id else None
-        events.quiet_chunk_logs()
-        # At most about a hundred chunk task runs, however large the input (flows/chunk_groups.py).
-        chunks = tracked_chunk_groups(_chunk_task(), chunk_size=options.chunk_size)
-        try:
-            with local_provider(options.provider) as provider:
-                document = await run_job(
-                    job,
-                    dataclasses.replace(options, provider=provider),
-                    parameters=_recorded(parameters),
-                    chunk_runner=chunks,
-                    flow_run_id=str(flow_run.id) if flow_run.id else None,
-                    shared_limits=_shared_limits,
-                    observer=events.PrefectObserver(job.name, label=f"shard {shard}" if shard else "this run"),
-                )
-        finally:
-            await chunks.close()
-            if beat is not None:
-                beat.cancel()
-                await asyncio.gather(beat, return_exceptions=True)
+        document = await _run_one(flow_job, options)
+    await _report(job.name, document)
+    return document
+
+
+async def _run_shards(flow_job: FlowJob) -> dict[str, Any]:
+    """The parent of ``--shards N``: its shards' flow runs, their live table added up, one end event."""
+    from flows import events
+    from flows.shards import run_sharded
+
+    shards = events.ShardsWatch(flow_job.job.name)
+    adding_up = asyncio.create_task(shards.run())
+    try:
+        document = await run_sharded(flow_job)
+    finally:
+        adding_up.cancel()
+        await asyncio.gather(adding_up, return_exceptions=True)
+    await shards.update()
+    events.emit_end(document)
+    return document
+
+
+async def _run_one(flow_job: FlowJob, options: RunOptions) -> dict[str, Any]:
+    """One run (or one shard) in this flow run: chunks as grouped task runs, progress and events told."""
+    from prefect.runtime import flow_run
+
+    from flows import events
+    from flows.chunk_groups import tracked_chunk_groups
+    from flows.shards import heartbeat
+
+    job = flow_job.job
+    shard = str(options.shard) if options.shard else None
+    # A shard stamps its flow run while it lives: the parent tells a dead worker's shard by the silence.
+    beat = asyncio.create_task(heartbeat(str(flow_run.id))) if options.shard and flow_run.id else None
+    events.quiet_chunk_logs()
+    # At most about a hundred chunk task runs, however large the input (flows/chunk_groups.py).
+    chunks = tracked_chunk_groups(_chunk_task(), chunk_size=options.chunk_size)
+    try:
+        with local_provider(options.provider) as provider:
+            return await run_job(
+                job,
+                dataclasses.replace(options, provider=provider),
+                parameters=flow_job.recorded(),
+                chunk_runner=chunks,
+                flow_run_id=str(flow_run.id) if flow_run.id else None,
+                shared_limits=_shared_limits,
+                observer=events.PrefectObserver(job.name, label=f"shard {shard}" if shard else "this run"),
+            )
+    finally:
+        await chunks.close()
+        if beat is not None:
+            beat.cancel()
+            await asyncio.gather(beat, return_exceptions=True)
+
+
+async def _report(job_name: str, document: dict[str, Any]) -> None:
+    """The run's summary as a table artifact, and its counts (and any message) in the flow run's log."""
+    from prefect import get_run_logger
+    from prefect.artifacts import acreate_table_artifact
+
     await acreate_table_artifact(
-        key=f"gembatch-{job.name}-run",
+        key=f"gembatch-{job_name}-run",
         table=summary_rows(document),
-        description=f"gembatch {job.name} run {document['run_id']}: {document['status']}",
+        description=f"gembatch {job_name} run {document['run_id']}: {document['status']}",
     )
     logger = get_run_logger()
     c = document["counts"]
@@ -188,4 +208,3 @@ async def _run(job: Job, parameters: dict[str, Any]) -> dict[str, Any]:
         logger.error("%s — %s", document["status"], redact_text(document["message"]))
     elif document["message"]:
         logger.warning("%s", redact_text(document["message"]))
-    return document

@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from flows import commands
-from flows.options import command_params, resolve
+from flows.options import built_job, command_params, resolve
 from flows.params import flow_arguments
 
 __all__ = ["DATA_DIR", "default_output", "run_demo"]
@@ -75,7 +75,7 @@ async def _run_all(output: Path, tracked: bool) -> list[dict[str, Any]]:
             documents.append(await resolve(command.flow)(**flow_arguments(values)))
         else:
             parameters = command_params(command, **values)
-            documents.append(await run_untracked(resolve(command.build_job)(parameters), parameters))
+            documents.append(await run_untracked(built_job(command.build_job, parameters)))
     return documents
 
 
@@ -170,7 +170,7 @@ def _model_lifecycle(root: Path, console: Console) -> None:
             model="imagen-4.0-generate-001", size="256x256", **server,
         )  # fmt: skip
         try:
-            asyncio.run(run_untracked(resolve(commands.images.build_job)(retired), retired))
+            asyncio.run(run_untracked(built_job(commands.images.build_job, retired)))
         except GembatchError as exc:
             said = str(exc).split(". ")
             console.print(f"  retired: {'. '.join(s for s in said if 'shut down' in s)}", highlight=False)
@@ -179,7 +179,7 @@ def _model_lifecycle(root: Path, console: Console) -> None:
             commands.embed, input=str(DATA_DIR / "corpus.parquet"), output=str(root / "lifecycle-rerouted"),
             limit=20, **server,
         )  # fmt: skip
-        doc = asyncio.run(run_untracked(resolve(commands.embed.build_job)(rerouted), rerouted))
+        doc = asyncio.run(run_untracked(built_job(commands.embed.build_job, rerouted)))
         written = doc["counts"]["succeeded"]
         console.print(
             f"  rerouted: embed asked for {doc['provider']['model']}, the reply named "

@@ -24,4 +24,8 @@ async def embed_flow(
     options: CommonOptions = CommonOptions(),
 ) -> dict[str, Any]:
     """Embed ``text_col`` of every row of ``input`` into ``output`` (docs/how-to/embed.md)."""
-    return await run_flow(embed_job, locals())
+    job = embed_job(
+        input=input, output=output, text_col=text_col, model=model, dimensions=dimensions, batch_size=batch_size,
+        options=options,
+    )  # fmt: skip
+    return await run_flow(job)

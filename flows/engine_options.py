@@ -1,8 +1,8 @@
-"""From a flow's parameters to the engine's RunOptions (the provider, limits, retries, batching, shard)."""
+"""From a flow's built job to the engine's RunOptions (the provider, limits, retries, batching, shard)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from flows.params import CommonOptions
 from tasks.engine.plan.shard import Shard
@@ -15,7 +15,10 @@ from tasks.errors import ConfigError
 from tasks.provider.client import ProviderSettings
 from tasks.redact import MASK, redact_url
 
-__all__ = ["options_from", "run_options"]
+if TYPE_CHECKING:
+    from flows.jobs import FlowJob
+
+__all__ = ["options_of", "run_options"]
 
 
 def run_options(input: str, output: str, options: CommonOptions) -> RunOptions:
@@ -78,7 +81,6 @@ def _base_url(options: CommonOptions) -> str | None:
     return url
 
 
-def options_from(parameters: dict[str, Any]) -> RunOptions:
-    """The engine's options from flat parameters (the common fields picked out and validated)."""
-    common = CommonOptions.model_validate({k: parameters[k] for k in CommonOptions.model_fields if k in parameters})
-    return run_options(parameters["input"], parameters["output"], common)
+def options_of(flow_job: FlowJob) -> RunOptions:
+    """The engine's options for a built job: its input, output and common options."""
+    return run_options(flow_job.input, flow_job.output, flow_job.options)

@@ -29,4 +29,8 @@ async def extract_flow(
     """Extract the --schema model (MODULE:Model) from ``text_col`` of every row of ``input`` into ``output``.
 
     ``via="tools"`` sends the schema as a function; several schemas (a list) let the model pick one per row."""
-    return await run_flow(extract_job, locals())
+    job = extract_job(
+        input=input, output=output, schema_ref=schema_ref, text_col=text_col, prompt=prompt, prompt_file=prompt_file,
+        model=model, reasoning_effort=reasoning_effort, schema_dialect=schema_dialect, via=via, options=options,
+    )  # fmt: skip
+    return await run_flow(job)

@@ -27,4 +27,8 @@ async def generate_flow(
     options: CommonOptions = CommonOptions(),
 ) -> dict[str, Any]:
     """Render ``prompt`` (or ``prompt_file``) over each row of ``input`` and write each answer to ``output``."""
-    return await run_flow(generate_job, locals())
+    job = generate_job(
+        input=input, output=output, prompt=prompt, prompt_file=prompt_file, system=system, model=model,
+        temperature=temperature, max_tokens=max_tokens, reasoning_effort=reasoning_effort, n=n, options=options,
+    )  # fmt: skip
+    return await run_flow(job)

@@ -25,4 +25,8 @@ async def images_flow(
     options: CommonOptions = CommonOptions(),
 ) -> dict[str, Any]:
     """Generate ``n`` images for ``prompt_col`` of every row of ``input`` into ``output``/_images."""
-    return await run_flow(images_job, locals())
+    job = images_job(
+        input=input, output=output, prompt_col=prompt_col, model=model, size=size, n=n, quality=quality,
+        options=options,
+    )  # fmt: skip
+    return await run_flow(job)

@@ -7,13 +7,16 @@ import importlib
 import inspect
 import sys
 from collections.abc import Callable
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from flows.params import CommonOptions, cli_flag, flow_arguments
+
+if TYPE_CHECKING:
+    from flows.jobs import FlowJob
 
 console = Console()
 err_console = Console(stderr=True)
@@ -76,6 +79,16 @@ def command_params(command: Callable[..., None], **values: Any) -> dict[str, Any
     """The flow parameters ``command`` runs its job with: its defaults, updated with ``values``."""
     defaults = {p.name: p.default for p in inspect.signature(command).parameters.values() if p.default is not p.empty}
     return common_params(**(defaults | {"no_progress": True} | values))
+
+
+def built_job(build_job: str, params: dict[str, Any]) -> FlowJob:
+    """The job that the builder ``build_job`` ("module:attribute") makes from a command's flat parameters."""
+    return resolve(build_job)(**flow_arguments(params))
+
+
+def command_job(command: Callable[..., None], **values: Any) -> FlowJob:
+    """The job ``command`` builds from ``values`` and its own defaults for the rest, as the command line does."""
+    return built_job(command.build_job, command_params(command, **values))
 
 
 def resolve(ref: str) -> Any:
@@ -186,14 +199,13 @@ def run_command(flow: str, build_job: str, params: dict[str, Any]) -> None:
     dry run never needs Prefect. A run is a flow run when a Prefect API is configured, else the same
     engine runs untracked (one note on stderr says so): no temporary Prefect server to start and stop."""
     from flows.common import run_untracked
-    from flows.engine_options import options_from
+    from flows.engine_options import options_of
     from flows.tracking import UNTRACKED_NOTE, configured_api_url
-    from tasks.engine.run import preflight
+    from tasks.engine.preflight import preflight
 
-    parameters = dict(params)
-    job = resolve(build_job)(parameters)
-    options = options_from(parameters)
-    preflight(job, options)
+    flow_job = built_job(build_job, params)
+    options = options_of(flow_job)
+    preflight(flow_job.job, options)
     if not options.dry_run and configured_api_url():
         from tasks.errors import RunNotCompleted
 
@@ -205,7 +217,7 @@ def run_command(flow: str, build_job: str, params: dict[str, Any]) -> None:
         return
     if not options.dry_run:
         err_console.print(UNTRACKED_NOTE, markup=False, highlight=False, soft_wrap=True)
-    finish(asyncio.run(run_untracked(job, parameters)))
+    finish(asyncio.run(run_untracked(flow_job)))
 
 
 # Exit codes: 0 completed (or a dry run), 2 a problem found before any work, 3 the run stopped early

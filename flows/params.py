@@ -225,8 +225,8 @@ def flow_arguments(parameters: dict[str, Any]) -> dict[str, Any]:
 
 
 def flat_parameters(arguments: dict[str, Any]) -> dict[str, Any]:
-    """A flow's arguments as one flat mapping, the common options' fields beside the job's own: what the
-    job builders read and the run metadata records (``parameters``), as the command line gathers them."""
+    """A flow's arguments as one flat mapping, the common options' fields beside the job's own, as the
+    command line gathers them: the inverse of :func:`flow_arguments`."""
     options = CommonOptions.model_validate(arguments.get("options") or {})
     return {k: v for k, v in arguments.items() if k != "options"} | options.model_dump()
 

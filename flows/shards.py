@@ -22,14 +22,16 @@ import asyncio
 import hashlib
 import json
 import time
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
 
 from flows.params import CommonOptions
-from tasks.engine.job import Job
 from tasks.engine.report.metadata import input_record, new_run_id, package_versions, utc_now
 from tasks.errors import ConfigError
 from tasks.redact import redact_data
+
+if TYPE_CHECKING:
+    from flows.jobs import FlowJob
 
 __all__ = ["BASE_URL_SECRET_PREFIX", "HEARTBEAT_LABEL", "heartbeat", "run_sharded", "sharded"]
 
@@ -90,17 +92,17 @@ class _Shard:
         return f"{self.number}/{self.count}"
 
 
-async def run_sharded(job: Job, parameters: dict[str, Any]) -> dict[str, Any]:
-    """Run ``job`` as ``options.shards`` flow runs of its deployment; returns the summary document."""
+async def run_sharded(flow_job: FlowJob) -> dict[str, Any]:
+    """Run the job as ``options.shards`` flow runs of its deployment; returns the summary document."""
     from prefect.runtime import flow_run
 
-    from flows.engine_options import options_from
+    from flows.engine_options import options_of
     from tasks.engine.plan.input import check_ids
-    from tasks.engine.run import preflight
+    from tasks.engine.preflight import preflight
+    from tasks.engine.store.lease import claim_output
     from tasks.engine.store.output import OutputStore
 
-    options = options_from(parameters)
-    count = parameters["shards"]
+    job, options, count = flow_job.job, options_of(flow_job), flow_job.options.shards
     if options.limit is not None:
         raise ConfigError("--limit and --shards don't go together: shard the whole input, or run --limit alone")
     started = utc_now()
@@ -109,24 +111,16 @@ async def run_sharded(job: Job, parameters: dict[str, Any]) -> dict[str, Any]:
     total_rows = await asyncio.to_thread(check_ids, source, options.id_col, limit=None)
     store = OutputStore(options.output)
     await asyncio.to_thread(store.prepare)
-    await asyncio.to_thread(
-        store.claim,
-        job=job.name,
-        model=job.model,
-        run_id=run_id,
-        force=options.force,
-        change_model=options.change_model,
-    )
+    await claim_output(store, job, run_id, options)
     had_rows = bool(store.result_files() or store.error_files())
     deployment_id = await _deployment_of_this_flow()
-    recorded = {k: v for k, v in parameters.items() if k != "progress"}
     document: dict[str, Any] = {
         "run_id": run_id,
         "flow_run_id": str(flow_run.id) if flow_run.id else None,
         "job": job.name,
         "status": "running",
         "message": "",
-        "parameters": redact_data(recorded),
+        "parameters": redact_data(flow_job.recorded()),
         "job_parameters": job.parameters(),
         "input": await asyncio.to_thread(input_record, source, total_rows),
         "output": {"path": options.output},
@@ -136,15 +130,7 @@ async def run_sharded(job: Job, parameters: dict[str, Any]) -> dict[str, Any]:
     }
     await asyncio.to_thread(store.write_run, run_id, document)
     shards = [_Shard(i, count) for i in range(1, count + 1)]
-    handed = await _base_url_by_secret(parameters)
-    try:
-        await asyncio.gather(*(_start(s, deployment_id, handed) for s in shards))
-        await _watch(shards, deployment_id, handed)
-    except BaseException:
-        # Interrupted (Ctrl-C, the parent's flow run cancelled): the shards stop too, resumable.
-        await asyncio.shield(_cancel(shards))
-        raise
-
+    await _drive(shards, deployment_id, flow_job)
     removed = 0
     # A shard taken for dead may have lived on and written rows its rerun wrote too: compaction keeps one.
     if had_rows or any(s.restarts for s in shards):
@@ -162,6 +148,18 @@ async def run_sharded(job: Job, parameters: dict[str, Any]) -> dict[str, Any]:
         document["provider"]["model"] = job.model
     await asyncio.to_thread(store.write_run, run_id, document)
     return document
+
+
+async def _drive(shards: list[_Shard], deployment_id: str, flow_job: FlowJob) -> None:
+    """Start every shard's flow run and watch them to the end (restarting a dead one)."""
+    handed = await _base_url_by_secret(flow_job)
+    try:
+        await asyncio.gather(*(_start(s, deployment_id, handed) for s in shards))
+        await _watch(shards, deployment_id, handed)
+    except BaseException:
+        # Interrupted (Ctrl-C, the parent's flow run cancelled): the shards stop too, resumable.
+        await asyncio.shield(_cancel(shards))
+        raise
 
 
 async def _deployment_of_this_flow() -> str:
@@ -189,8 +187,8 @@ async def _deployment_of_this_flow() -> str:
     )
 
 
-async def _base_url_by_secret(parameters: dict[str, Any]) -> dict[str, Any]:
-    """The parameters the shards get: a base URL with credentials in it goes by a Prefect Secret block.
+async def _base_url_by_secret(flow_job: FlowJob) -> FlowJob:
+    """The job the shards are started with: a base URL with credentials in it goes by a Prefect Secret block.
 
     Prefect keeps a flow run's parameters in clear, and a shard may run on another machine, which must
     still reach the gateway with the credentials. So the parent saves the URL in a Secret block (kept
@@ -201,30 +199,28 @@ async def _base_url_by_secret(parameters: dict[str, Any]) -> dict[str, Any]:
 
     from tasks.redact import redact_url
 
-    url = parameters.get("base_url")
-    if not url or parameters.get("base_url_secret") or redact_url(url) == url:
-        return parameters
+    options = flow_job.options
+    url = options.base_url
+    if not url or options.base_url_secret or redact_url(url) == url:
+        return flow_job
     name = f"{BASE_URL_SECRET_PREFIX}{hashlib.sha256(url.encode()).hexdigest()[:16]}"
     await Secret(value=url).asave(name, overwrite=True)
-    return parameters | {"base_url": redact_url(url), "base_url_secret": name}
+    handed = options.model_copy(update={"base_url": redact_url(url), "base_url_secret": name})
+    return replace(flow_job, options=handed)
 
 
-def _child_parameters(parameters: dict[str, Any], shard: _Shard) -> dict[str, Any]:
-    from flows.params import flow_arguments
-
-    # model_from says where the parent's model came from (flows/jobs.py); the child gets the model itself.
-    flat = {k: v for k, v in parameters.items() if k not in ("progress", "model_from")}
-    arguments = flow_arguments(flat | {"shards": 1, "shard": shard.spec, "progress": False})
-    arguments["options"] = arguments["options"].model_dump(exclude_defaults=True)
-    return arguments
+def _child_parameters(flow_job: FlowJob, shard: _Shard) -> dict[str, Any]:
+    """The shard's flow arguments: the parent's own (its model the one chosen) and its options for one part."""
+    options = flow_job.options.model_copy(update={"shards": 1, "shard": shard.spec, "progress": False})
+    return dict(flow_job.arguments) | {"options": options.model_dump(exclude_defaults=True)}
 
 
-async def _start(shard: _Shard, deployment_id: str, parameters: dict[str, Any]) -> None:
+async def _start(shard: _Shard, deployment_id: str, flow_job: FlowJob) -> None:
     from prefect.deployments import run_deployment
 
     flow_run = await run_deployment(
         deployment_id,
-        parameters=_child_parameters(parameters, shard),
+        parameters=_child_parameters(flow_job, shard),
         timeout=0,
         flow_run_name=f"shard-{shard.number}-of-{shard.count}" + (f"-retry-{shard.restarts}" if shard.restarts else ""),
         tags=["gembatch-shard"],
@@ -234,7 +230,7 @@ async def _start(shard: _Shard, deployment_id: str, parameters: dict[str, Any]) 
     shard.started_at = time.monotonic()
 
 
-async def _watch(shards: list[_Shard], deployment_id: str, parameters: dict[str, Any]) -> None:
+async def _watch(shards: list[_Shard], deployment_id: str, flow_job: FlowJob) -> None:
     from prefect import get_run_logger
     from prefect.client.orchestration import get_client
     from prefect.states import Crashed
@@ -263,7 +259,7 @@ async def _watch(shards: list[_Shard], deployment_id: str, parameters: dict[str,
                         state.message,
                         shard.restarts + 1,
                     )
-                    await _start(shard, deployment_id, parameters)
+                    await _start(shard, deployment_id, flow_job)
                     continue
                 shard.done = True
                 logger.info("shard %s: %s", shard.spec, state.type.value)

@@ -32,4 +32,9 @@ async def transcribe_flow(
 ) -> dict[str, Any]:
     """Transcribe the recording in ``audio_col`` of every row of ``input`` (or every file of a folder or
     glob ``input``) into ``output``; long recordings go in segments of ``segment_s`` (docs/how-to/transcribe.md)."""
-    return await run_flow(transcribe_job, locals())
+    job = transcribe_job(
+        input=input, output=output, audio_col=audio_col, model=model, prompt=prompt, api=api,
+        max_inline_bytes=max_inline_bytes, segment_s=segment_s, segment_format=segment_format, media_root=media_root,
+        allow_media_scheme=allow_media_scheme, allow_private_urls=allow_private_urls, options=options,
+    )  # fmt: skip
+    return await run_flow(job)

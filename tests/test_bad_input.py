@@ -24,7 +24,8 @@ import pytest
 from conftest import REPO, TEST_KEY, TEST_KEY_ENV, assert_balanced, read_errors, read_output, write_corpus
 from fsspec.implementations.local import LocalFileSystem
 
-from flows.extract import extract_job
+from flows import commands
+from flows.options import command_job
 from tasks.engine.plan.input import CSV_BLOCK_BYTES
 from tasks.engine.run import RunOptions, run_job
 from tasks.errors import ConfigError, InputError
@@ -539,9 +540,9 @@ def test_schema_that_cannot_be_imported_fails_before_any_work(tmp_path, monkeypa
     if source is not None:
         (tmp_path / f"{spec.split(':')[0]}.py").write_text(source)
         monkeypatch.syspath_prepend(str(tmp_path))
-    parameters = {"schema_ref": spec, "provider": "local", "text_col": "text", "model": None}
+    parameters = {"input": "", "output": "", "schema_ref": spec, "provider": "local", "text_col": "text"}
     with pytest.raises(ConfigError) as error:
-        extract_job(parameters)
+        command_job(commands.extract, **parameters)
     message = str(error.value)
     assert message.startswith(f"--schema {spec!r}: "), message
     assert says in message, message

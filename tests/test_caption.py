@@ -16,7 +16,8 @@ from conftest import REPO, TEST_KEY_ENV, assert_balanced, read_errors, read_outp
 from PIL import Image
 
 from emulator.fakes import fake_caption
-from flows.caption import caption_job
+from flows import commands
+from flows.options import command_job
 from tasks.engine.run import RunOptions, run_job
 from tasks.jobs.caption import DEFAULT_CAPTION_PROMPT, CaptionJob, image_tokens
 from tasks.jobs.images_io import image_for_model
@@ -173,10 +174,11 @@ def test_relative_paths_resolve_against_an_fsspec_input_folder(emulator, tmp_pat
 
 
 def test_the_sample_list_and_the_flow_builder(emulator, tmp_path):
-    params = {"input": str(REPO / "data" / "images.csv"), "provider": "gemini", "model": None}
+    params = {"input": str(REPO / "data" / "images.csv"), "output": "", "provider": "gemini", "model": None}
     params |= {"image_col": "image", "prompt": DEFAULT_CAPTION_PROMPT, "max_side": 1536}
-    job = caption_job(params)
-    assert job.model == params["model"] == "gemini-3.8-flash"
+    built = command_job(commands.caption, **params)
+    job = built.job
+    assert job.model == built.arguments["model"] == "gemini-3.8-flash" and built.model_from == "default"
     assert job.base_dir == str(REPO / "data")
 
     doc = run_caption(emulator, REPO / "data" / "images.csv", tmp_path / "out")

@@ -19,7 +19,8 @@ from pydantic import BaseModel, Field
 
 from emulator.fakes import fake_json_for_schema
 from emulator.faults import BAD_JSON_REPLY
-from flows.extract import extract_job
+from flows import commands
+from flows.options import command_job
 from schemas.arrow import model_mapping
 from schemas.examples import CalendarEvent, Invoice
 from tasks.engine.job import RowFailure
@@ -276,22 +277,22 @@ def test_an_unmappable_field_is_a_config_error_naming_its_path(model, path):
     ],
 )
 def test_a_bad_schema_option_fails_when_the_job_is_built(spec, named):
-    parameters = {"schema_ref": spec, "provider": "local", "text_col": "text", "model": None}
+    parameters = {"input": "", "output": "", "schema_ref": spec, "provider": "local", "text_col": "text"}
     with pytest.raises(ConfigError) as error:
-        extract_job(parameters)
+        command_job(commands.extract, **parameters)
     assert named in str(error.value)
     assert import_model("schemas.examples:CalendarEvent") is CalendarEvent
 
 
 def test_prompt_file_and_id_column_clash(tmp_path):
     (tmp_path / "prompt.txt").write_text("Pull out the invoice.\n")
-    params = {"schema_ref": "schemas.examples:Invoice", "provider": "openai", "text_col": "text", "model": None}
-    job = extract_job({**params, "prompt_file": str(tmp_path / "prompt.txt")})
+    params = {"input": "", "output": "", "schema_ref": "schemas.examples:Invoice", "provider": "openai"}
+    job = command_job(commands.extract, **{**params, "prompt_file": str(tmp_path / "prompt.txt")}).job
     assert job.system_prompt == "Pull out the invoice." and job.model == "gpt-4o-mini"
     with pytest.raises(ConfigError, match="only one"):
-        extract_job({**params, "prompt": "a", "prompt_file": str(tmp_path / "prompt.txt")})
+        command_job(commands.extract, **{**params, "prompt": "a", "prompt_file": str(tmp_path / "prompt.txt")})
     with pytest.raises(ConfigError, match="Invoice.vendor: the output's id column"):
-        extract_job({**params, "id_col": "vendor"})
+        command_job(commands.extract, **{**params, "id_col": "vendor"})
 
 
 class Stamp(BaseModel):

@@ -15,7 +15,8 @@ from conftest import REPO, TEST_KEY, TEST_KEY_ENV, assert_balanced, read_errors,
 from emulator.catalog import REASONING_EFFORT_TOKENS
 from emulator.chat import CHARS_PER_TOKEN, choice_text
 from emulator.fakes import count_tokens, fake_chat_text
-from flows.jobs import generate_job
+from flows import commands
+from flows.options import command_job
 from tasks.engine.dry_run import plan_job
 from tasks.engine.run import RunOptions, run_job
 from tasks.engine.send.context import RetryPolicy
@@ -227,17 +228,17 @@ def test_null_cells_and_empty_prompts_become_error_rows_naming_the_column(emulat
 
 def test_the_builder_reads_the_prompt_file_and_refuses_two_or_no_prompts(tmp_path):
     base = {"provider": "local", "input": str(REVIEWS), "output": str(tmp_path)}
-    job = generate_job({**base, "prompt_file": str(PROMPT_FILE), "n": 2})
+    job = command_job(commands.generate, **{**base, "prompt_file": str(PROMPT_FILE), "n": 2}).job
     assert job.prompt == PROMPT_FILE.read_text().strip() and job.columns == ("product", "review")
     assert job.model == MODEL and job.n == 2
     with pytest.raises(ConfigError, match="--prompt and --prompt-file both given"):
-        generate_job({**base, "prompt": "{review}", "prompt_file": str(PROMPT_FILE)})
+        command_job(commands.generate, **{**base, "prompt": "{review}", "prompt_file": str(PROMPT_FILE)})
     with pytest.raises(ConfigError, match="needs a prompt template"):
-        generate_job(dict(base))
+        command_job(commands.generate, **dict(base))
     bad_temperature = {"temperature": 3.0, "model": SAMPLED}
     for bad, says in (({"n": 9}, "--n 9"), (bad_temperature, "--temperature 3"), ({"max_tokens": 0}, "--max")):
         with pytest.raises(ConfigError, match=says):
-            generate_job({**base, "prompt": "{review}", **bad})
+            command_job(commands.generate, **{**base, "prompt": "{review}", **bad})
 
 
 def test_dry_run_estimates_the_rendered_prompts_without_a_request(emulator, tmp_path, monkeypatch):
@@ -317,9 +318,9 @@ def test_generate_as_a_prefect_flow(prefect_server, emulator, tmp_path):
 def test_a_template_may_name_the_id_and_numeric_columns_of_a_csv(emulator, tmp_path):
     src = tmp_path / "in.csv"
     src.write_text("id,item,price\n1,kettle,19.5\n2,stove,120\n")
-    job = generate_job(
-        {"provider": "local", "input": str(src), "output": "", "prompt": "#{id}: {item} costs {price}", "id_col": "id"}
-    )
+    job = command_job(
+        commands.generate, input=str(src), output="", prompt="#{id}: {item} costs {price}", provider="local"
+    ).job
     doc = run_generate(emulator, src, tmp_path / "out", job)
     assert doc["status"] == "completed", doc["message"]
     out = read_output(tmp_path / "out").sort("id")

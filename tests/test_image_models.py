@@ -21,7 +21,8 @@ import pytest
 from conftest import REPO, TEST_KEY, TEST_KEY_ENV, assert_balanced, read_errors, read_output
 from test_images import SIZE, assert_images_match, run_images, sample_prompts, write_prompts
 
-from flows.images import images_job
+from flows import commands
+from flows.options import command_job
 from tasks.engine.dry_run import plan_job
 from tasks.engine.run import RunOptions
 from tasks.engine.send.budget import Budget
@@ -42,6 +43,11 @@ def params(**kw) -> dict:
     return {"provider": "gemini", "output": "out", "prompt_col": "prompt", "size": "1024x1024", "n": 1, **kw}
 
 
+def build(parameters: dict) -> object:
+    """The images job the command builds from these flat parameters."""
+    return command_job(commands.images, **{"input": "", **parameters}).job
+
+
 def gembatch(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
     """The command as a user runs it, untracked (no Prefect API)."""
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | {TEST_KEY_ENV: TEST_KEY, "COLUMNS": "200"}
@@ -55,11 +61,11 @@ def test_the_default_image_model_is_a_gemini_image_model_for_gemini_and_local_an
     assert default_model("openai", "images") == "gpt-image-1"
     for provider in ("gemini", "local"):
         p = params(provider=provider)
-        job = images_job(p)
-        assert job.model == p["model"] == DEFAULT and job.route == "gemini"
+        job = build(p)
+        assert job.model == DEFAULT and job.route == "gemini"
         assert job.per_image_usd == DEFAULT_PRICE
-    assert images_job(params(provider="openai")).route == "openai"
-    assert images_job(params(base_url="http://127.0.0.1:1/v1/")).route is None  # another server: any model
+    assert build(params(provider="openai")).route == "openai"
+    assert build(params(base_url="http://127.0.0.1:1/v1/")).route is None  # another server: any model
 
 
 def test_a_local_run_with_the_default_model_writes_rows_priced_per_image(tmp_path):
@@ -119,14 +125,14 @@ def test_sizes_in_the_models_aspect_ratios_are_taken(model, size, ratio):
 
 def test_a_model_the_providers_images_route_does_not_serve_is_refused_by_the_command():
     with pytest.raises(ConfigError) as error:
-        images_job(params(model="gpt-image-1"))
+        build(params(model="gpt-image-1"))
     assert str(error.value) == (
         "--model gpt-image-1 is not served by Gemini's OpenAI-compatible images route; image models there: "
         "gemini-3-pro-image, gemini-3.1-flash-image, gemini-3.1-flash-lite-image, gemini-nano-banana-2.1 "
         "(or point --base-url at a server that has it)"
     )
     with pytest.raises(ConfigError, match="--model imagen-4.0-generate-001 is not served by OpenAI's images route"):
-        images_job(params(provider="openai", model=IMAGEN))
+        build(params(provider="openai", model=IMAGEN))
 
 
 def test_an_invalid_size_is_refused_by_the_command_before_any_request(emulator, tmp_path):

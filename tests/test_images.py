@@ -21,7 +21,8 @@ from openai import AsyncOpenAI
 from PIL import Image
 
 from emulator.fakes import fake_image, fake_png
-from flows.images import images_job
+from flows import commands
+from flows.options import command_job
 from tasks.engine.job import BadReply, Item, Prepared
 from tasks.engine.run import RunOptions, run_job
 from tasks.errors import ConfigError
@@ -234,14 +235,15 @@ def test_pq_read_table_reads_an_images_output_as_one_clean_table(emulator, tmp_p
 def test_size_must_be_width_x_height_for_a_model_of_another_server(size):
     params = {"provider": "local", "base_url": "http://127.0.0.1:1/v1/", "model": "my-diffusion-model"}
     with pytest.raises(ConfigError, match="--size must look like WIDTHxHEIGHT"):
-        images_job({**params, "output": "out", "prompt_col": "prompt", "size": size, "n": 1})
+        command_job(commands.images, **{**params, "input": "", "output": "out", "size": size, "n": 1})
 
 
 def test_the_builder_fills_the_provider_default_model():
-    params = {"provider": "openai", "output": "out", "prompt_col": "prompt", "size": "1024x1024", "n": 2}
-    assert images_job(params).model == "gpt-image-1" == params["model"]
+    params = {"provider": "openai", "input": "", "output": "out", "prompt_col": "prompt", "size": "1024x1024", "n": 2}
+    built = command_job(commands.images, **params)
+    assert built.job.model == "gpt-image-1" == built.arguments["model"] and built.model_from == "default"
     with pytest.raises(ConfigError, match="--n must be between 1 and 10 for gpt-image-1, got 0"):
-        images_job({**params, "n": 0})
+        command_job(commands.images, **{**params, "n": 0})
 
 
 def _gif() -> bytes:

@@ -20,7 +20,7 @@ from emulator.catalog import DEFAULT_MODELS, LEGACY_MODELS
 from emulator.fakes import fake_chat_text, fake_embedding
 from flows import commands
 from flows.common import run_untracked
-from flows.options import command_params, resolve
+from flows.options import built_job, command_params
 from tasks.errors import ConfigError
 from tasks.provider.catalog import DEFAULT_MODELS as DEFAULTS
 from tasks.provider.catalog import same_model
@@ -43,8 +43,7 @@ def run(command, emu: Emulator, **values) -> dict:
     parameters = command_params(
         command, base_url=emu.base_url, api_key_env=TEST_KEY_ENV, provider="local", **values
     )
-    job = resolve(command.build_job)(parameters)
-    return asyncio.run(run_untracked(job, parameters))
+    return asyncio.run(run_untracked(built_job(command.build_job, parameters)))
 
 
 def cli(*args: str, **env: str) -> subprocess.CompletedProcess:

@@ -21,7 +21,9 @@ from openai.lib._pydantic import to_strict_json_schema
 from pydantic import BaseModel, ConfigDict, Field
 
 from emulator.fakes import fake_json_for_schema
-from flows.extract import extract_flow, extract_job
+from flows import commands
+from flows.extract import extract_flow
+from flows.options import command_job
 from schemas.dialects import auto_dialect, build_schema, restore_defaults
 from schemas.examples import CalendarEvent, Invoice
 from tasks.engine.run import RunOptions, run_job
@@ -160,10 +162,14 @@ def test_dialects_follow_the_provider_and_go_into_the_content_hash():
     assert auto_dialect("gemini", "https://api.openai.com/v1/") == "openai"
     assert auto_dialect("gemini", "http://localhost:8000/v1/") == "plain"
     assert auto_dialect("local", "http://127.0.0.1:9/v1/") == "openai"
-    params = {"schema_ref": "schemas.examples:Invoice", "text_col": "text", "model": None}
-    assert extract_job({**params, "provider": "openai"}).schema_dialect == "openai"
-    assert extract_job({**params, "provider": "gemini", "base_url": "http://vllm:8000/v1/"}).schema_dialect == "plain"
-    assert extract_job({**params, "provider": "openai", "schema_dialect": "gemini"}).schema_dialect == "gemini"
+    params = {"input": "", "output": "", "schema_ref": "schemas.examples:Invoice"}
+
+    def dialect(**kw: str) -> str:
+        return command_job(commands.extract, **params | kw).job.schema_dialect
+
+    assert dialect(provider="openai") == "openai"
+    assert dialect(provider="gemini", base_url="http://vllm:8000/v1/") == "plain"
+    assert dialect(provider="openai", schema_dialect="gemini") == "gemini"
     hashes = {d: ExtractJob(model=MODEL, schema=Invoice, schema_dialect=d).prepare({"text": "x"}) for d in
               ("openai", "gemini", "plain")}  # fmt: skip
     assert len({content.fields["schema_sha256"] for content in hashes.values()}) == 3

@@ -21,7 +21,8 @@ from test_extract import ENUM, invoice_row
 
 from emulator.chat import BAD_ARGUMENTS, UNKNOWN_FUNCTION
 from emulator.fakes import fake_json_for_schema
-from flows.jobs import extract_job
+from flows import commands
+from flows.options import command_job
 from schemas.examples import CalendarEvent, Contract, Invoice, Receipt
 from tasks.engine.dry_run import plan_job
 from tasks.engine.run import RunOptions, run_job
@@ -178,18 +179,18 @@ def test_bad_arguments_or_an_unknown_function_are_asked_once_more_then_kept_raw(
 def test_the_builder_takes_repeated_schemas_only_with_tools(tmp_path):
     base = {"provider": "local", "input": str(DOCUMENTS), "output": str(tmp_path), "text_col": "text"}
     refs = [f"schemas.examples:{m.__name__}" for m in TRIAGE]
-    job = extract_job({**base, "schema_ref": refs, "via": "tools"})
+    job = command_job(commands.extract, **{**base, "schema_ref": refs, "via": "tools"}).job
     assert isinstance(job, ToolsExtractJob) and list(job.branches) == ["invoice", "receipt", "contract"]
     assert job.tool_choice == "required"
-    single = extract_job({**base, "schema_ref": refs[:1], "via": "tools"})
+    single = command_job(commands.extract, **{**base, "schema_ref": refs[:1], "via": "tools"}).job
     assert single.tool_choice == {"type": "function", "function": {"name": "invoice"}}
-    assert isinstance(extract_job({**base, "schema_ref": refs[0]}), ExtractJob)
+    assert isinstance(command_job(commands.extract, **{**base, "schema_ref": refs[0]}).job, ExtractJob)
     with pytest.raises(ConfigError, match="3 --schema given: .*add --via tools"):
-        extract_job({**base, "schema_ref": refs})
+        command_job(commands.extract, **{**base, "schema_ref": refs})
     with pytest.raises(ConfigError, match="--via 'xml'"):
-        extract_job({**base, "schema_ref": refs, "via": "xml"})
+        command_job(commands.extract, **{**base, "schema_ref": refs, "via": "xml"})
     with pytest.raises(ConfigError, match="both offered as function 'invoice'"):
-        extract_job({**base, "schema_ref": [refs[0], refs[0]], "via": "tools"})
+        command_job(commands.extract, **{**base, "schema_ref": [refs[0], refs[0]], "via": "tools"})
     assert function_name(CalendarEvent) == "calendar_event"
 
 

@@ -16,7 +16,8 @@ import pytest
 from conftest import REPO, TEST_KEY_ENV, assert_balanced, read_errors, read_output
 
 from emulator.fakes import fake_transcript
-from flows.transcribe import transcribe_job
+from flows import commands
+from flows.options import command_job
 from tasks.engine.run import RunOptions, run_job
 from tasks.jobs.audio import SEGMENT_CODECS, iter_segments
 from tasks.jobs.media import base_dir_of, sniff_audio_format
@@ -153,10 +154,10 @@ def test_rerun_sends_nothing(emulator, recordings, tmp_path):
 
 
 def test_the_transcriptions_api_for_openai_style_servers(emulator, recordings, tmp_path):
-    params = {"input": str(recordings / "list.csv"), "provider": "openai", "model": None, "api": "transcriptions"}
+    params = {"input": str(recordings / "list.csv"), "output": "", "provider": "openai", "api": "transcriptions"}
     # A multipart upload carries the raw bytes (no base64): long.wav is 80,044 of them.
     params |= {"audio_col": "audio", "prompt": None, "max_inline_bytes": 70_000, "segment_s": SEGMENT_S}
-    job = transcribe_job(params)
+    job = command_job(commands.transcribe, **params).job
     assert job.model == "whisper-1" and job.base_dir == str(recordings)
     options = RunOptions(
         input=params["input"],
@@ -180,9 +181,9 @@ def test_the_transcriptions_api_for_openai_style_servers(emulator, recordings, t
 
 def test_the_sample_list_resolves_from_another_working_directory(emulator, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    params = {"input": str(REPO / "data" / "audio.csv"), "provider": "gemini", "model": None, "api": "chat"}
+    params = {"input": str(REPO / "data" / "audio.csv"), "output": "", "provider": "gemini", "api": "chat"}
     params |= {"audio_col": "audio", "prompt": None, "max_inline_bytes": MAX_INLINE_BYTES}
-    job = transcribe_job(params)
+    job = command_job(commands.transcribe, **params).job
     assert job.model == "gemini-3.8-flash" and job.max_inline_bytes == 20 * 1024 * 1024
 
     doc = run_transcribe(emulator, REPO / "data" / "audio.csv", tmp_path / "out")

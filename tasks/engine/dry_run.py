@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -12,7 +13,8 @@ from tasks.engine.job import Job
 from tasks.engine.plan.index import KeyTable
 from tasks.engine.plan.input import InputSource, check_ids
 from tasks.engine.plan.rows import DONE, INVALID, NEW, PREV_ERROR, chunk_statuses, prepare_chunk
-from tasks.engine.run import RunOptions, check_input_columns
+from tasks.engine.preflight import check_input_columns
+from tasks.engine.run import RunOptions
 from tasks.engine.send.batch.policy import check_batch_capable, files_needed
 from tasks.engine.store.output import OutputStore
 from tasks.jobs.media import folder_extensions
@@ -21,6 +23,18 @@ from tasks.provider.prices import estimate_cost_usd, how_to_price, price_of
 __all__ = ["plan_job"]
 
 COUNT_OF = {DONE: "skipped_done", PREV_ERROR: "failed_before", INVALID: "invalid"}
+
+
+@dataclass
+class _Tally:
+    """What a dry run counts as it reads the input: rows by what a run would do with them, and the
+    requests, tokens and measures (audio seconds) of the rows it would send."""
+
+    counts: dict[str, int]
+    would_send: int = 0
+    tokens: int = 0
+    requests: int = 0
+    measured: dict[str, float] = field(default_factory=dict)
 
 
 async def plan_job(job: Job, options: RunOptions) -> dict[str, Any]:
@@ -37,13 +51,35 @@ async def plan_job(job: Job, options: RunOptions) -> dict[str, Any]:
     # The id check first: its key table is freed before the index is built.
     total_rows = await asyncio.to_thread(check_ids, source, options.id_col, limit=options.limit)
     index = await asyncio.to_thread(store.scan, options.id_col, keep_keys=False)
+    tally = await _count(job, options, source, index, total_rows)
+    change: dict[str, Any] = {}
+    if owner is not None and owner.get("job") == job.name and owner.get("model") != job.model:
+        # --change-model: every row of the old model is sent again (its content hash names the model).
+        change = {
+            "model_change": {
+                "from": owner.get("model"),
+                "to": job.model,
+                "rows_in_output": index.result_rows,
+                "rows_to_resend": tally.would_send,
+            }
+        }
+    return {
+        "status": "dry run",
+        "job": job.name,
+        "model": job.model,
+        "price": price_note(job),
+        **change,
+        "input": {"path": source.path, "rows": total_rows},
+        "output": {"path": options.output},
+        "counts": {**tally.counts, "would_send": tally.would_send},
+        "estimate": _estimate(job, options, tally),
+    }
+
+
+async def _count(job: Job, options: RunOptions, source: InputSource, index: Any, total_rows: int) -> _Tally:
+    """Go through the input chunk by chunk as a run would, counting instead of sending."""
     counts = {"input_rows": total_rows, "skipped_done": 0, "deduplicated": 0, "invalid": 0, "failed_before": 0}
-    would_send = tokens = requests = 0
-    # A job whose rows take several requests (a recording's segments) says how many, and what else
-    # it measures (audio seconds from the files' headers): for all valid rows and for those to send.
-    requests_for = getattr(job, "requests_for", None)
-    measure = getattr(job, "measure", None)
-    measured: dict[str, float] = {}
+    tally = _Tally(counts)
     planned = KeyTable(payload=False)  # contents this dry run would send: 8 bytes each
     chunks = source.iter_chunks(
         # A job may read the id too (generate's template can name it): each column once.
@@ -73,24 +109,38 @@ async def plan_job(job: Job, options: RunOptions) -> dict[str, Any]:
         counts["deduplicated"] += int(len(new) - np.count_nonzero(fresh))
         own = new[fresh]
         planned.add(keys.keys[own])
-        would_send += len(own)
         ready.fill(job, chunk, own)  # text jobs' rows are only hashed until they are to be sent
-        prepared = ready.prepared
-        tokens += sum(prepared[pos].tokens for pos in own.tolist())
-        if requests_for is not None:
-            requests += sum(requests_for(prepared[pos]) for pos in own.tolist())
-        else:
-            requests += math.ceil(len(own) / job.max_items_per_request)
-        if measure is not None:  # jobs without a column-at-once hash: every row is prepared
-            sending = set(own.tolist())
-            for pos in np.flatnonzero(keys.status != INVALID).tolist():
-                name, amount = measure(prepared[pos])
-                measured[name] = measured.get(name, 0.0) + amount
-                if pos in sending:
-                    measured[f"{name}_to_send"] = measured.get(f"{name}_to_send", 0.0) + amount
+        _add_sent(job, tally, ready.prepared, own, valid=np.flatnonzero(keys.status != INVALID))
         if seen >= total_rows:
             break
-    limits = options.limits
+    return tally
+
+
+def _add_sent(job: Job, tally: _Tally, prepared: Any, own: np.ndarray, *, valid: np.ndarray) -> None:
+    """Count the rows at ``own`` as sent. A job whose rows take several requests (a recording's
+    segments) says how many, and what else it measures (audio seconds from the files' headers): for all
+    ``valid`` rows and for those to send."""
+    tally.would_send += len(own)
+    tally.tokens += sum(prepared[pos].tokens for pos in own.tolist())
+    requests_for = getattr(job, "requests_for", None)
+    if requests_for is not None:
+        tally.requests += sum(requests_for(prepared[pos]) for pos in own.tolist())
+    else:
+        tally.requests += math.ceil(len(own) / job.max_items_per_request)
+    measure = getattr(job, "measure", None)
+    if measure is None:
+        return
+    measured, sending = tally.measured, set(own.tolist())
+    for pos in valid.tolist():  # jobs without a column-at-once hash: every row is prepared
+        name, amount = measure(prepared[pos])
+        measured[name] = measured.get(name, 0.0) + amount
+        if pos in sending:
+            measured[f"{name}_to_send"] = measured.get(f"{name}_to_send", 0.0) + amount
+
+
+def _estimate(job: Job, options: RunOptions, tally: _Tally) -> dict[str, Any]:
+    """The plan's ``estimate``: requests, tokens, cost (input, capped output, images, batches), minutes."""
+    requests, tokens, limits = tally.requests, tally.tokens, options.limits
     minutes = [
         m
         for m in (requests / limits.rpm if limits.rpm else None, tokens / limits.tpm if limits.tpm else None)
@@ -107,52 +157,35 @@ async def plan_job(job: Job, options: RunOptions) -> dict[str, Any]:
             "max_output_tokens": requests * max_output,
             "max_output_cost_usd": None if out_cost is None else round(out_cost, 6),
         }
-    per_image = getattr(job, "per_image_usd", None)
-    images: dict[str, Any] = {}
-    if job.name == "images":
-        # Each request asks for n images, each billed at the table's price for the size and quality.
-        count = would_send * job.n
-        image_cost = None if per_image is None else count * per_image
-        images = {
-            "images": count,
-            "usd_per_image": per_image,
-            "image_cost_usd": None if image_cost is None else round(image_cost, 6),
-            "cost_usd": None if image_cost is None or cost is None else round(image_cost + cost, 6),
-        }
-    batches = _batch_plan(job, options, requests, would_send, tokens)
+    images = _images_estimate(job, tally.would_send, cost)
+    batches = _batch_plan(job, options, requests, tally.would_send, tokens)
     if batches:
         cost = batches.pop("cost_usd")
-    change: dict[str, Any] = {}
-    if owner is not None and owner.get("job") == job.name and owner.get("model") != job.model:
-        # --change-model: every row of the old model is sent again (its content hash names the model).
-        change = {
-            "model_change": {
-                "from": owner.get("model"),
-                "to": job.model,
-                "rows_in_output": index.result_rows,
-                "rows_to_resend": would_send,
-            }
-        }
     return {
-        "status": "dry run",
-        "job": job.name,
-        "model": job.model,
-        "price": price_note(job),
-        **change,
-        "input": {"path": source.path, "rows": total_rows},
-        "output": {"path": options.output},
-        "counts": {**counts, "would_send": would_send},
-        "estimate": {
-            "requests": requests,
-            "input_tokens": tokens,
-            "input_cost_usd": None if cost is None else round(cost, 6),
-            **output,
-            **images,
-            **{name: round(amount, 3) for name, amount in measured.items()},
-            "minutes_at_limits": round(max(minutes), 2) if minutes else None,
-            "limits": {"rpm": limits.rpm, "tpm": limits.tpm},
-            **batches,
-        },
+        "requests": requests,
+        "input_tokens": tokens,
+        "input_cost_usd": None if cost is None else round(cost, 6),
+        **output,
+        **images,
+        **{name: round(amount, 3) for name, amount in tally.measured.items()},
+        "minutes_at_limits": round(max(minutes), 2) if minutes else None,
+        "limits": {"rpm": limits.rpm, "tpm": limits.tpm},
+        **batches,
+    }
+
+
+def _images_estimate(job: Job, would_send: int, cost: float | None) -> dict[str, Any]:
+    """The images job: each request asks for n images, each billed at the table's price for the size and quality."""
+    if job.name != "images":
+        return {}
+    per_image = getattr(job, "per_image_usd", None)
+    count = would_send * job.n
+    image_cost = None if per_image is None else count * per_image
+    return {
+        "images": count,
+        "usd_per_image": per_image,
+        "image_cost_usd": None if image_cost is None else round(image_cost, 6),
+        "cost_usd": None if image_cost is None or cost is None else round(image_cost + cost, 6),
     }
 
 

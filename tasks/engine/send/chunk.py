@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from tasks.engine.job import MAX_RAW_REPLY_CHARS, BadReply, Item, Outcome, Reply, RowFailure
+from tasks.engine.job import BadReply, Item, Outcome, Reply, RowFailure
 from tasks.engine.plan.index import member
 from tasks.engine.plan.rows import (
     DONE,
@@ -31,11 +31,11 @@ from tasks.engine.plan.rows import (
     nothing_to_do,
     prepare_chunk,
 )
-from tasks.engine.send.context import ChunkReport, RunContext, rerouted_stop
+from tasks.engine.send.context import ChunkReport, RunContext
+from tasks.engine.send.replies import count_reply, reply_stop, take_results
 from tasks.engine.store.output import RETRY_AUTO, RETRY_ON_REQUEST
 from tasks.errors import RunStopped
-from tasks.provider.catalog import same_model
-from tasks.provider.client import Connection, Failure, classify_failure
+from tasks.provider.client import Failure, classify_failure
 
 log = logging.getLogger("gembatch.engine")
 
@@ -290,47 +290,14 @@ async def _send(ctx: RunContext, items: list[Item], outcomes: dict[str, Outcome 
                     ctx.budget.charge(reply.prompt_tokens, reply.total_tokens, reply.images)
         if failure is None:
             ctx.outage.record_success(started, probe, items[0].content_hash)
-            stats.prompt_tokens += reply.prompt_tokens
-            stats.completion_tokens += reply.completion_tokens
-            stats.total_tokens += reply.total_tokens
-            stats.images += reply.images
-            if reply.first_token_s is not None:
-                stats.first_token.add(reply.first_token_s)
-            wrong = getattr(job, "stop_for", None)
-            stop = wrong(reply, ctx.store.url) if wrong is not None else None
+            count_reply(stats, reply)
+            stop = reply_stop(ctx, items, reply)
             if stop is not None:
-                # A reply the job can't take as asked (vectors of another size): nothing of it is written
-                # and the rows stay to send.
+                # Nothing of this reply is written; the rows stay to send.
                 await limiter.settle_tokens(estimate, reply.prompt_tokens)
                 ctx.request_stop(stop)
                 return
-            served = reply.served_model
-            if served is not None and not same_model(job.model, served):
-                stats.rerouted[served] = stats.rerouted.get(served, 0) + len(items)
-                if stats.rerouted[served] == len(items):
-                    log.warning(
-                        "%s asked for %s, and the reply says %s answered (the provider rerouted the model)",
-                        job.name, job.model, served,
-                    )  # fmt: skip
-                if getattr(job, "stop_on_reroute", False):
-                    # Embeddings: one index must not hold vectors of two models. Nothing of this reply
-                    # is written; the rows stay to send.
-                    await limiter.settle_tokens(estimate, reply.prompt_tokens)
-                    ctx.request_stop(rerouted_stop(job, served, ctx.store.url))
-                    return
-            again: list[Item] = []
-            for item, result in zip(items, reply.results):
-                if not isinstance(result, RowFailure):
-                    outcomes[item.content_hash] = Outcome(result=result, attempts=attempts, served_model=served)
-                elif result.ask_again and attempts < ctx.retry.max_row_failure_attempts:
-                    again.append(item)
-                else:
-                    outcomes[item.content_hash] = Outcome(
-                        error_type=result.kind,
-                        error_message=ctx.conn.redact(result.message),
-                        attempts=attempts,
-                        raw_reply=_raw_kept(ctx.conn, result.raw_reply),
-                    )
+            again = take_results(ctx, items, reply, attempts, outcomes)
             await limiter.settle_tokens(estimate, reply.prompt_tokens)
             if again:
                 stats.retries += 1
@@ -378,15 +345,6 @@ async def _send(ctx: RunContext, items: list[Item], outcomes: dict[str, Outcome 
 
 def _usage(reply: Reply | None) -> tuple[int, int, int]:
     return (reply.prompt_tokens, reply.completion_tokens, reply.total_tokens) if reply is not None else (0, 0, 0)
-
-
-def _raw_kept(conn: Connection, raw: str | None) -> str | None:
-    if raw is None:
-        return None
-    raw = conn.redact(raw)  # before cutting, so no part of the key survives at the cut
-    if len(raw) > MAX_RAW_REPLY_CHARS:
-        raw = f"{raw[:MAX_RAW_REPLY_CHARS]}… [cut: {len(raw)} characters in all]"
-    return raw
 
 
 def _write_chunk(

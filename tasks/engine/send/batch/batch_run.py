@@ -502,14 +502,7 @@ class BatchRun:
         if not len(new):
             return False
         await asyncio.to_thread(ready.fill, job, chunk, new)
-        # One item per content; every row of that content rides on it.
-        owners: dict[str, tuple[Item, list[tuple[Any, int]]]] = {}
-        for pos in new.tolist():
-            h = hashes[pos]
-            if h in owners:
-                owners[h][1].append((ids[pos], first_row + pos))
-            else:
-                owners[h] = (Item(pos, ids[pos], h, ready.prepared[pos]), [(ids[pos], first_row + pos)])
+        owners = _one_item_per_content(new, ids, hashes, ready.prepared, first_row)
         current = self._current
         if current is not None:
             current.claims.add(key)
@@ -520,30 +513,35 @@ class BatchRun:
         ]
         self._in_progress = key
         try:
-            size = job.max_items_per_request
-            for start in range(0, len(groups), size):
-                part = groups[start : start + size]
-                items = [item for item, _ in part]
-                endpoint, body = await self.routes.request_of(items)
-                if current is None:
-                    current = self._current = self._new_file(key)
-                custom_id = f"{current.name}-{current.lines:05d}"
-                line = request_line(custom_id, endpoint, body)
-                if not current.fits(len(items), len(line), self.policy, endpoint):
-                    self._current = None
-                    self._submitted += await self._submit(current, endpoint)
-                    if self.unavailable is not None:
-                        return False  # the request file was dropped: nothing holds these rows
-                    if ctx.stop_event.is_set():
-                        return True
-                    current = self._current = self._new_file(key)
-                    custom_id = f"{current.name}-{current.lines:05d}"
-                    line = request_line(custom_id, endpoint, body)
-                rows = [(i, row_id, input_row) for i, (_, members) in enumerate(part) for row_id, input_row in members]
-                current.add_line(line, items, rows, custom_id)
-                self._endpoint = endpoint
+            return await self._add_lines(groups, key)
         finally:
             self._in_progress = None
+
+    async def _add_lines(self, groups: list[tuple[Item, list[tuple[Any, int]]]], key: str) -> bool:
+        """Add the items as lines of the current request file (a new one when it is full: the full one is
+        submitted). False if the request file was dropped (nothing holds the rows), else True."""
+        current, size = self._current, self.ctx.job.max_items_per_request
+        for start in range(0, len(groups), size):
+            part = groups[start : start + size]
+            items = [item for item, _ in part]
+            endpoint, body = await self.routes.request_of(items)
+            if current is None:
+                current = self._current = self._new_file(key)
+            custom_id = f"{current.name}-{current.lines:05d}"
+            line = request_line(custom_id, endpoint, body)
+            if not current.fits(len(items), len(line), self.policy, endpoint):
+                self._current = None
+                self._submitted += await self._submit(current, endpoint)
+                if self.unavailable is not None:
+                    return False  # the request file was dropped: nothing holds these rows
+                if self.ctx.stop_event.is_set():
+                    return True
+                current = self._current = self._new_file(key)
+                custom_id = f"{current.name}-{current.lines:05d}"
+                line = request_line(custom_id, endpoint, body)
+            rows = [(i, row_id, input_row) for i, (_, members) in enumerate(part) for row_id, input_row in members]
+            current.add_line(line, items, rows, custom_id)
+            self._endpoint = endpoint
         return True
 
     def _discard(self, request_file: RequestFile) -> None:
@@ -577,29 +575,7 @@ class BatchRun:
         if held is not None:
             raise RuntimeError(f"batch record {request_file.name} is claimed by {held.describe()}")
         self.mine.add(request_file.name)
-        record = {
-            "name": request_file.name,
-            "run_id": ctx.run_id,
-            "job": ctx.job.name,
-            "model": ctx.job.model,
-            "provider": self.conn.provider,
-            # Credentials in the URL are never written (`gembatch batches --base-url URL` gives them again).
-            "base_url": self.conn.shown_url,
-            "flavor": self.api.flavor,
-            "endpoint": endpoint,
-            "state": PREPARED,
-            "requests": request_file.lines,
-            "items": request_file.inputs,
-            "rows": request_file.rows,
-            "estimated_tokens": request_file.tokens,
-            "request_bytes": request_file.bytes,
-            "reserved_usd": reservation,
-            "file_id": None,
-            "batch_id": None,
-            "status": None,
-            "request_counts": None,
-            "created_at": now(),
-        }
+        record = self._record_of(request_file, endpoint, reservation)
         self.book.save(record)
         file_id = await self.routes.call(
             "POST files (upload of the request file)", lambda: self.api.upload(request_file.path, request_file.name)
@@ -634,6 +610,33 @@ class BatchRun:
         self.totals.created += 1
         self.totals.lines_submitted += request_file.lines
         return request_file.lines
+
+    def _record_of(self, request_file: RequestFile, endpoint: str, reservation: float | None) -> dict[str, Any]:
+        """The batch record of a request file about to be uploaded (state PREPARED)."""
+        ctx = self.ctx
+        return {
+            "name": request_file.name,
+            "run_id": ctx.run_id,
+            "job": ctx.job.name,
+            "model": ctx.job.model,
+            "provider": self.conn.provider,
+            # Credentials in the URL are never written (`gembatch batches --base-url URL` gives them again).
+            "base_url": self.conn.shown_url,
+            "flavor": self.api.flavor,
+            "endpoint": endpoint,
+            "state": PREPARED,
+            "requests": request_file.lines,
+            "items": request_file.inputs,
+            "rows": request_file.rows,
+            "estimated_tokens": request_file.tokens,
+            "request_bytes": request_file.bytes,
+            "reserved_usd": reservation,
+            "file_id": None,
+            "batch_id": None,
+            "status": None,
+            "request_counts": None,
+            "created_at": now(),
+        }
 
     # -- 3. poll and write -----------------------------------------------------------------------------
 
@@ -843,3 +846,17 @@ class BatchRun:
 
 def _budget_stop(ctx: RunContext) -> bool:
     return ctx.stopped is not None and ctx.stopped.status == "stopped: budget"
+
+
+def _one_item_per_content(
+    positions: np.ndarray, ids: list[Any], hashes: list[str], prepared: Any, first_row: int
+) -> dict[str, tuple[Item, list[tuple[Any, int]]]]:
+    """One item per content, by content hash; every row of that content (id, input row) rides on it."""
+    owners: dict[str, tuple[Item, list[tuple[Any, int]]]] = {}
+    for pos in positions.tolist():
+        h = hashes[pos]
+        if h in owners:
+            owners[h][1].append((ids[pos], first_row + pos))
+        else:
+            owners[h] = (Item(pos, ids[pos], h, prepared[pos]), [(ids[pos], first_row + pos)])
+    return owners
