@@ -41,6 +41,7 @@ from tasks.provider.catalog import lifecycle_note
 from tasks.provider.client import ProviderSettings, check_model, classify_failure, open_connection, require_key
 from tasks.provider.prices import BATCH_PRICE_FACTOR
 from tasks.redact import redact_data
+from tasks.sinks.lance import TableSink, sync_if_last
 
 if TYPE_CHECKING:
     from tasks.engine.send.shared_limits import SharedLimits
@@ -146,6 +147,8 @@ async def run_job(
     started = utc_now()
     run_id = new_run_id(started)
     source = preflight(job, options)
+    # --output lancedb://…: the run writes into a staging folder; the table is synced at the end.
+    sink = TableSink.for_run(job.name, options.output, options.id_col, parameters or {})
     if options.shard is not None:
         source = ShardSource(source, options.shard, options.id_col)
     conn = open_connection(options.provider)
@@ -348,6 +351,9 @@ async def run_job(
                 "compaction": compaction,
             }
         )
+        if sink is not None and options.shard is None:
+            synced = await sync_if_last(sink, claims, store, source, compacted=compaction == "done")
+            document["output"]["table"] = synced
         document["claims"] = claims.describe()
         await asyncio.to_thread(store.write_run, run_id, document)
         if error is not None and not _answered_by_server(error):
