@@ -190,7 +190,7 @@ class CommonOptions(BaseModel):
     )
     vector_index: bool = Field(
         False,
-        description="With --output lancedb://PATH/TABLE: build the table's vector index (IVF_HNSW_SQ) once it "
+        description="With --output lancedb://PATH/TABLE: build the table's vector index (IVF_SQ, cosine) once it "
         "holds 100,000 rows, and rebuild it when 10% of its rows are not in it.",
         json_schema_extra=_cli("--index"),
     )

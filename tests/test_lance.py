@@ -111,10 +111,13 @@ def test_a_backfill_then_reruns_keep_the_table_in_step_with_the_corpus(emulator,
     assert_table(db, texts | kept)
     # ...and with it they are deleted; nothing is sent.
     emulator.reset_stats()
-    embed(src, db, emulator.base_url, "--delete-missing")
+    result = embed(src, db, emulator.base_url, "--delete-missing", "--index")
     assert emulator.stats["embedding_inputs"] == 0
     assert_table(db, kept)
     table = last_run(db)["output"]["table"]
+    # Under 100,000 rows LanceDB's exact search is fast: no index (tests/test_lance_index.py builds one).
+    assert table["index"] == {"status": "not needed: 998 rows (< 100000: exact search is fast)", "column": "embedding"}
+    assert "index: not needed" in result.stdout
     assert (table["inserted"], table["updated"], table["deleted"], table["unchanged"]) == (0, 0, 5, n - 5 + 3)
 
     # A deleted id that comes back is sent again (its staging row went with it) and inserted.

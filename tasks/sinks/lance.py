@@ -60,6 +60,7 @@ DELETE_BATCH = 1000  # ids per delete statement
 INDEX_MIN_ROWS = 100_000
 # Rebuild the index once this share of the table is not in it (new or updated rows since the last build).
 REINDEX_SHARE = 0.10
+INDEX_TYPE = "IVF_SQ"
 INSTALL_HINT = "pip install 'gembatch[lancedb]' (or: uv add lancedb)"
 
 
@@ -217,13 +218,14 @@ class TableSink:
 def refresh_index(table: Any) -> dict[str, Any]:
     """Build the vector index when the table needs one and it is missing or stale; say what was done.
 
-    IVF_HNSW_SQ with cosine distance: HNSW within IVF partitions reaches a high recall at LanceDB's
-    default search settings (IVF_PQ needs a refine step to get there), and scalar quantisation keeps the
-    index at a quarter of the vectors' size. Below :data:`INDEX_MIN_ROWS` rows there is none (LanceDB's
-    exact search is fast there); rows added or updated since the last build are searched exactly by
-    LanceDB until they pass :data:`REINDEX_SHARE` of the table, then the index is rebuilt.
+    IVF_SQ with cosine distance (docs/how-to/vector-index.md has the measurements): on 100,000 vectors
+    it builds in under a second and LanceDB's search at its default settings finds 97.7% of the exact
+    top 10 (100% with ``refine_factor(10)``); IVF_PQ found 26% at its defaults and IVF_HNSW_SQ took
+    over two minutes and 2.5 GB to build. Below :data:`INDEX_MIN_ROWS` rows there is none (LanceDB's
+    exact search is fast there). Rows added or updated since the last build are searched exactly by
+    LanceDB beside the index until they pass :data:`REINDEX_SHARE` of the table; then it is rebuilt.
     """
-    from lancedb.index import HnswSq
+    from lancedb.index import IvfSq
 
     column = next((f.name for f in table.schema if pa.types.is_fixed_size_list(f.type)), None)
     rows = table.count_rows()
@@ -237,12 +239,12 @@ def refresh_index(table: Any) -> dict[str, Any]:
         stats = table.index_stats(existing.name)
         unindexed = (stats.num_unindexed_rows or 0) if stats is not None else rows
         if unindexed < REINDEX_SHARE * rows:
-            return {"status": "current", "column": column, "type": "IVF_HNSW_SQ", "unindexed_rows": unindexed}
-    table.create_index(column, config=HnswSq(distance_type="cosine"), replace=True)
+            return {"status": "current", "column": column, "type": INDEX_TYPE, "unindexed_rows": unindexed}
+    table.create_index(column, config=IvfSq(distance_type="cosine"), replace=True)
     return {
         "status": "built" if existing is None else "rebuilt",
         "column": column,
-        "type": "IVF_HNSW_SQ",
+        "type": INDEX_TYPE,
         "distance": "cosine",
         "unindexed_rows_before": unindexed,
     }
