@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -335,7 +336,9 @@ async def sync_if_last(
     try:
         if others := await asyncio.to_thread(claims.other_runs):
             return {"sync": f"left to the last run: {others[0].describe()} started on this folder"}
-        return {"sync": "done"} | await asyncio.to_thread(sink.sync, store, source, compacted=compacted)
+        started = time.monotonic()
+        document = await asyncio.to_thread(sink.sync, store, source, compacted=compacted)
+        return {"sync": "done"} | document | {"sync_s": round(time.monotonic() - started, 3)}
     except (OSError, RuntimeError, ValueError) as exc:
         # The parts stay pending: the next run (any run on this output) applies them.
         log.error("the LanceDB table %s was not updated: %s", sink.location.table, exc)
