@@ -214,3 +214,26 @@ def test_options_that_cannot_work_are_refused_before_any_request(output, paramet
 def test_images_cannot_go_to_a_table():
     with pytest.raises(ConfigError, match="can't be a LanceDB table"):
         TableSink.for_run("images", "lancedb://db/pics", "id", {})
+
+
+def test_two_runs_at_once_pay_each_row_once_and_the_last_updates_the_table(emulator, tmp_path):
+    emulator.configure(latency_seconds=0.3)
+    texts = texts_for(1500)
+    src = write_corpus(tmp_path / "in.parquet", list(texts), list(texts.values()))
+    db = tmp_path / "vectors"
+    cmd = embed_command(
+        src, f"lancedb://{db}/docs", emulator.base_url, "--dimensions", str(DIMS), batch_size=BATCH, chunk_size=CHUNK
+    )
+    procs = [
+        subprocess.Popen(cmd, env=cli_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for _ in range(2)
+    ]
+    for proc in procs:
+        printed, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, printed
+    assert emulator.stats["embedding_inputs"] == len(texts), "each row paid once"
+    assert_table(db, texts)
+    runs = [json.loads(p.read_text()) for p in sorted((db / "docs.gembatch" / "_runs").glob("*.json"))]
+    synced = [r["output"]["table"] for r in runs]
+    assert synced[-1]["sync"] == "done" or synced[0]["sync"] == "done", synced
+    assert sum(s.get("inserted", 0) for s in synced) == len(texts), "every row inserted once, by one sync or two"
