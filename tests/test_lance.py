@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -237,3 +238,9 @@ def test_two_runs_at_once_pay_each_row_once_and_the_last_updates_the_table(emula
     synced = [r["output"]["table"] for r in runs]
     assert synced[-1]["sync"] == "done" or synced[0]["sync"] == "done", synced
     assert sum(s.get("inserted", 0) for s in synced) == len(texts), "every row inserted once, by one sync or two"
+
+
+def test_a_missing_lancedb_package_is_one_line_saying_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "lancedb", None)  # as if not installed
+    with pytest.raises(ConfigError, match=r"needs the lancedb package.*pip install 'gembatch\[lancedb\]'"):
+        TableSink.for_run("embed", "lancedb://db/docs", "id", {})

@@ -20,6 +20,7 @@ The counts (inserted, updated, deleted, unchanged) go into the run metadata unde
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import time
@@ -105,7 +106,8 @@ class TableSink:
                 "--delete-missing deletes the ids that are not in the input, and --limit reads only part of it: "
                 "drop one of the two"
             )
-        _lancedb()
+        if importlib.util.find_spec("lancedb") is None:  # found, not imported: that takes seconds
+            raise ConfigError(f"--output lancedb://… needs the lancedb package, which is not installed: {INSTALL_HINT}")
         return cls(location=TableLocation.parse(output), id_col=id_col, delete_missing=delete_missing, index=index)
 
     # -- the sync -----------------------------------------------------------------------------------
