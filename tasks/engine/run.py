@@ -352,7 +352,7 @@ async def run_job(
             }
         )
         if sink is not None and options.shard is None:
-            synced = await sync_if_last(sink, claims, store, source, compacted=compaction == "done")
+            synced = await sync_if_last(sink, claims, store, source, run_id=run_id, compacted=compaction == "done")
             document["output"]["table"] = synced
         document["claims"] = claims.describe()
         await asyncio.to_thread(store.write_run, run_id, document)

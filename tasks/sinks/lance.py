@@ -111,17 +111,19 @@ class TableSink:
         return cls(location=TableLocation.parse(output), id_col=id_col, delete_missing=delete_missing, index=index)
 
     # -- the sync -----------------------------------------------------------------------------------
-    def sync(self, store: OutputStore, source: InputSource | None, *, compacted: bool) -> dict[str, Any]:
+    def sync(self, store: OutputStore, source: InputSource | None, *, run_id: str, compacted: bool) -> dict[str, Any]:
         """Bring the table in step with the staging folder (and the input, with --delete-missing)."""
         db = _lancedb().connect(self.location.database)
         table = _open(db, self.location.table)
         applied = self._read_applied(store) if table is not None else set()
         pending = [p for p in store.result_files() if _name(p) not in applied]
-        if pending and not compacted:
-            # A run killed before it compacted left two records of an id; the newest must win here too.
+        metas = {p: _part_meta(store, p) for p in pending}
+        if not compacted and any(m.get("run_id") != run_id for m in metas.values()):
+            # Parts of a run killed before it compacted may hold two records of an id: the newest must win.
             store.compact(self.id_col)
             pending = [p for p in store.result_files() if _name(p) not in applied]
-        pending.sort(key=lambda path: _part_meta(store, path).get("written_at_ns", 0))
+            metas = {p: _part_meta(store, p) for p in pending}
+        pending.sort(key=lambda path: metas[path].get("written_at_ns", 0))
         inserted = updated = 0
         if pending:
             if table is None:
@@ -323,7 +325,13 @@ def _literal(value: Any) -> str:
 
 
 async def sync_if_last(
-    sink: TableSink, claims: ClaimBook, store: OutputStore, source: InputSource | None, *, compacted: bool
+    sink: TableSink,
+    claims: ClaimBook,
+    store: OutputStore,
+    source: InputSource | None,
+    *,
+    run_id: str,
+    compacted: bool,
 ) -> dict[str, Any]:
     """Sync the table when no other run works on the staging folder, under the compaction claim (the
     last run to finish does it, as it does compaction); say what happened, for ``output.table``."""
@@ -339,7 +347,7 @@ async def sync_if_last(
         if others := await asyncio.to_thread(claims.other_runs):
             return {"sync": f"left to the last run: {others[0].describe()} started on this folder"}
         started = time.monotonic()
-        document = await asyncio.to_thread(sink.sync, store, source, compacted=compacted)
+        document = await asyncio.to_thread(sink.sync, store, source, run_id=run_id, compacted=compacted)
         return {"sync": "done"} | document | {"sync_s": round(time.monotonic() - started, 3)}
     except (OSError, RuntimeError, ValueError) as exc:
         # The parts stay pending: the next run (any run on this output) applies them.
