@@ -7,6 +7,7 @@ with LanceDB's own API and checked value by value against the emulator's vectors
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -188,6 +189,14 @@ def test_parts_written_but_not_applied_are_applied_by_the_next_run(emulator, tmp
     assert_table(db, more)
     synced = last_run(db)["output"]["table"]
     assert (synced["inserted"], synced["updated"], synced["unchanged"]) == (200, 0, 400)
+
+    # A table deleted by hand is made again from the staging folder, with no request.
+    shutil.rmtree(db / "docs.lance")
+    emulator.reset_stats()
+    embed(src, db, emulator.base_url)
+    assert emulator.stats["embedding_inputs"] == 0
+    assert_table(db, more)
+    assert last_run(db)["output"]["table"]["inserted"] == 600
 
 
 def test_where_the_table_and_its_staging_folder_are():
