@@ -16,9 +16,10 @@ from pathlib import Path
 
 import lancedb
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import EMBED_MODEL, REPO, cli_env, embed_command, write_corpus
+from conftest import EMBED_MODEL, REPO, TEST_KEY_ENV, cli_env, embed_command, write_corpus
 from test_embed import expected_vector
 
 from tasks.errors import ConfigError
@@ -253,3 +254,22 @@ def test_a_missing_lancedb_package_is_one_line_saying_what_to_install(monkeypatc
     monkeypatch.setitem(sys.modules, "lancedb", None)  # as if not installed
     with pytest.raises(ConfigError, match=r"needs the lancedb package.*pip install 'gembatch\[lancedb\]'"):
         TableSink.for_run("embed", "lancedb://db/docs", "id", {})
+
+
+def test_extract_writes_its_typed_columns_into_a_table(emulator, tmp_path):
+    db = tmp_path / "db"
+    cmd = [
+        sys.executable, "-m", "flows.cli", "extract", str(REPO / "data" / "extract" / "invoices.csv"),
+        "--output", f"lancedb://{db}/invoices", "--schema", "schemas.examples:Invoice",
+        "--base-url", emulator.base_url, "--api-key-env", TEST_KEY_ENV, "--no-progress",
+    ]  # fmt: skip
+    result = subprocess.run(cmd, env=cli_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    table = lancedb.connect(str(db)).open_table("invoices").to_arrow().sort_by("id")
+    staged = pq.read_table(db / "invoices.gembatch").sort_by("id")
+    assert table.num_rows == staged.num_rows == 10
+    assert pa.types.is_struct(table.schema.field("line_items").type.value_type)
+    assert (
+        table.drop_columns(["run_id"]).to_pylist()
+        == staged.select(table.drop_columns(["run_id"]).column_names).to_pylist()
+    )
