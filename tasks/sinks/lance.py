@@ -130,7 +130,9 @@ class TableSink:
                 table, inserted = self._create(db, store, pending)
                 applied = {_name(p) for p in pending}
                 self._write_applied(store, applied)
+                _index_ids(table, self.id_col)
             else:
+                _index_ids(table, self.id_col)
                 for group in _groups(store, pending):
                     result = (
                         table.merge_insert(self.id_col)
@@ -253,6 +255,19 @@ def refresh_index(table: Any) -> dict[str, Any]:
         "distance": "cosine",
         "unindexed_rows_before": unindexed,
     }
+
+
+def _index_ids(table: Any, id_col: str) -> None:
+    """A BTREE index on the id, kept current: a merge then reads only the rows it matches. Without it
+    LanceDB scans the whole table for each merge (a 1M-row table: +217 MiB for 10,000 rows, +39 with it)."""
+    from lancedb.index import BTree
+
+    existing = next((i for i in table.list_indices() if list(i.columns) == [id_col]), None)
+    if existing is not None:
+        stats = table.index_stats(existing.name)
+        if stats is not None and (stats.num_unindexed_rows or 0) <= REINDEX_SHARE * table.count_rows():
+            return
+    table.create_index(id_col, config=BTree(), replace=True)
 
 
 def _open(db: Any, name: str) -> Any:
