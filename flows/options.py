@@ -14,7 +14,6 @@ from rich.console import Console
 from rich.table import Table
 
 from flows.params import CommonOptions, cli_flag, flow_arguments
-from tasks.sinks.location import staging_folder
 
 console = Console()
 err_console = Console(stderr=True)
@@ -184,6 +183,8 @@ def print_summary(document: dict[str, Any]) -> None:
     for row in summary_rows(document):
         table.add_row(row["metric"], row["value"])
     console.print(table)
+    from tasks.sinks.location import staging_folder  # `gembatch --help` imports this module: not at its top
+
     synced = document["output"].get("table")
     if synced:
         console.print(_table_line(synced))
