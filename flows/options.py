@@ -21,7 +21,12 @@ if TYPE_CHECKING:
 console = Console()
 err_console = Console(stderr=True)
 
-Output = Annotated[str, typer.Option("--output", "-o", help="Output folder (local path or fsspec URL).")]
+Output = Annotated[
+    str,
+    typer.Option(
+        "--output", "-o", help="Output folder (local path or fsspec URL), or a LanceDB table: lancedb://PATH/TABLE."
+    ),
+]
 
 
 def common_option(name: str) -> Any:
@@ -191,7 +196,26 @@ def print_summary(document: dict[str, Any]) -> None:
     for row in summary_rows(document):
         table.add_row(row["metric"], row["value"])
     console.print(table)
-    console.print(f"Run metadata: {document['output']['path']}/_runs/{document['run_id']}.json")
+    from tasks.sinks.location import staging_folder  # `gembatch --help` imports this module: not at its top
+
+    synced = document["output"].get("table")
+    if synced:
+        console.print(_table_line(synced))
+    console.print(f"Run metadata: {staging_folder(document['output']['path'])}/_runs/{document['run_id']}.json")
+
+
+def _table_line(synced: dict[str, Any]) -> str:
+    """What the run did to its LanceDB table (--output lancedb://…)."""
+    if synced.get("sync") != "done":
+        return f"LanceDB table: {synced.get('sync')}"
+    line = (
+        f"LanceDB table {synced['table']}: {synced['inserted']} inserted, {synced['updated']} updated, "
+        f"{synced['deleted']} deleted, {synced['unchanged']} unchanged "
+        f"({synced['rows']} rows, version {synced['version']})"
+    )
+    if "index" in synced:
+        line += f"; index: {synced['index']['status']}"
+    return line
 
 
 def run_command(flow: str, build_job: str, params: dict[str, Any]) -> None:

@@ -188,6 +188,19 @@ class CommonOptions(BaseModel):
         "other parts and leaves compaction to the run that started them.",
         json_schema_extra=_cli("--shard", "I/N"),
     )
+    # A LanceDB table as the output (--output lancedb://PATH/TABLE, docs/how-to/vector-index.md).
+    delete_missing: bool = Field(
+        False,
+        description="With --output lancedb://PATH/TABLE: delete from the table the ids that are no longer in "
+        "the input.",
+        json_schema_extra=_cli("--delete-missing"),
+    )
+    vector_index: bool = Field(
+        False,
+        description="With --output lancedb://PATH/TABLE: build the table's vector index (IVF_SQ, cosine) once it "
+        "holds 100,000 rows, and rebuild it when 10% of its rows are not in it.",
+        json_schema_extra=_cli("--index"),
+    )
     # The command shows a bar on a terminal unless --no-progress; a flow run shows none unless asked.
     progress: bool = Field(
         False,

@@ -20,7 +20,8 @@ from tasks.engine.plan.rows import _template_of
 from tasks.engine.plan.shard import ShardSource
 from tasks.engine.preflight import preflight
 from tasks.engine.report.live import LiveWatch, RunObserver, start_watch
-from tasks.engine.report.metadata import batch_cost, counts, input_record, new_run_id, package_versions, usage, utc_now
+from tasks.engine.report.metadata import input_record, new_run_id, package_versions, utc_now
+from tasks.engine.report.outcome import Ending, outcome
 from tasks.engine.report.progress import ProgressBar
 from tasks.engine.report.status import (
     COMPLETED,
@@ -44,6 +45,7 @@ from tasks.provider.catalog import lifecycle_note
 from tasks.provider.client import Connection, check_model, open_connection
 from tasks.provider.prices import BATCH_PRICE_FACTOR
 from tasks.redact import redact_data
+from tasks.sinks.lance import TableSink, sync_if_last
 
 if TYPE_CHECKING:
     from datetime import datetime
@@ -113,6 +115,8 @@ async def run_job(
     """
     started = utc_now()
     source = preflight(job, options)
+    # --output lancedb://…: the run writes into a staging folder; the table is synced at the end.
+    sink = TableSink.for_run(job.name, options.output, options.id_col, parameters or {})
     if options.shard is not None:
         source = ShardSource(source, options.shard, options.id_col)
     held = _Held(open_connection(options.provider))
@@ -122,7 +126,7 @@ async def run_job(
         ctx, progress = await _context(job, options, begun, held)
         held.live = await start_watch(ctx, observer, document, total=begun.total_rows)
         error, batch_run = await _send(ctx, options, begun, held, chunk_runner, progress)
-        await _end(ctx, options, begun, held, error, batch_run, document)
+        await _end(ctx, options, begun, held, error, batch_run, document, sink)
         if held.live is not None:
             await held.live.finish(document)
         if error is not None and not answered_by_server(error):
@@ -296,8 +300,10 @@ async def _end(
     error: BaseException | None,
     batch_run: BatchRun | None,
     document: dict[str, Any],
+    sink: TableSink | None,
 ) -> None:
-    """Tidy and compact the output, then complete the run metadata and write it."""
+    """Tidy and compact the output (and bring a LanceDB table up to date), then complete the run
+    metadata and write it."""
     job, stats = ctx.job, ctx.stats
     tidy = getattr(job, "tidy_output", None)
     if tidy is not None and error is None:
@@ -312,7 +318,8 @@ async def _end(
     stats.not_attempted += max(0, begun.total_rows - stats.rows_accounted())
     removed, compaction = await _settle_output(ctx, options, begun, held.claims)
     finished = utc_now()
-    document.update(_outcome(ctx, options, begun, batch_run, finished, status, held.conn.redact(message)))
+    ended = Ending(begun.started, finished, status, held.conn.redact(message))
+    document.update(outcome(ctx, begun.limiter, batch_run, ended))
     if options.provider.stream:
         document["streaming"] = {
             "idle_timeout_s": options.provider.idle_timeout_s,
@@ -328,6 +335,10 @@ async def _end(
             "compaction": compaction,
         }
     )
+    if sink is not None and options.shard is None:
+        document["output"]["table"] = await sync_if_last(
+            sink, held.claims, begun.store, begun.source, run_id=begun.run_id, compacted=compaction == "done"
+        )
     document["claims"] = held.claims.describe()
     await asyncio.to_thread(begun.store.write_run, begun.run_id, document)
 
@@ -350,55 +361,3 @@ async def _settle_output(ctx: RunContext, options: RunOptions, begun: _Begun, cl
         # The next run reads the output's keys from one file (OUTPUT/_index/), not from every part.
         await asyncio.to_thread(begun.store.refresh_key_cache, options.id_col)
     return removed, compaction
-
-
-def _outcome(
-    ctx: RunContext,
-    options: RunOptions,
-    begun: _Begun,
-    batch_run: BatchRun | None,
-    finished: datetime,
-    status: str,
-    message: str,
-) -> dict[str, Any]:
-    """The run metadata's fields on how the run ended: counts, requests, tokens, cost, throughput."""
-    job, stats = ctx.job, ctx.stats
-    duration = (finished - begun.started).total_seconds()
-    audio_input = getattr(job, "audio_input", False)
-    tokens, cost = usage(stats, job.model, per_image_usd=getattr(job, "per_image_usd", None), audio_input=audio_input)
-    batches = {}
-    if batch_run is not None:
-        cost = batch_cost(cost, batch_run.totals, job.model, audio_input=audio_input)
-        batches = {"batches": batch_run.describe()}
-    if stats.rerouted:
-        # Priced at the model asked for; a provider may bill rerouted requests at the answering
-        # model's price (reported for gemini-2.5-flash, unconfirmed).
-        cost["rerouted_rows_priced_as"] = job.model
-    return batches | {
-        "status": status,
-        "message": message,
-        "finished_at": finished.isoformat(),
-        "duration_s": round(duration, 3),
-        "counts": counts(stats),
-        "requests": {
-            "sent": stats.requests,
-            "items_sent": stats.items_sent,
-            "retries": stats.retries,
-            "rate_limited_429": stats.rate_limited,
-            "transient_errors": stats.transient_errors,
-        },
-        # Provider outages: how often the run paused, for how long, and the probes it sent.
-        "outage": ctx.outage.describe(),
-        # Failed rows by what a rerun does with them (retry column of _errors/).
-        "failed_rows": {
-            "retry_auto": stats.failed_retry_auto,
-            "retry_on_request": stats.failed - stats.failed_retry_auto,
-        },
-        "tokens": tokens,
-        "cost": cost,
-        "throughput": {
-            "rows_per_s": round((stats.succeeded + stats.deduplicated) / duration, 2) if duration else None,
-            "requests_per_s": round(stats.requests / duration, 2) if duration else None,
-        },
-        "limits": begun.limiter.describe(),
-    }

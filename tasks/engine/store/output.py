@@ -48,6 +48,7 @@ from tasks.engine.plan.index import (
 from tasks.engine.store.keycache import INDEX_DIR, KEYS_FILE, KeyCache, KeyCacheWriter, part_stamp
 from tasks.errors import ConfigError
 from tasks.redact import redact_data, redact_text
+from tasks.sinks.location import staging_folder
 
 log = logging.getLogger("gembatch.index")
 
@@ -84,7 +85,7 @@ LEGACY_AUTO_ERROR_TYPES = ("transient", "rate_limited")
 
 class OutputStore:
     def __init__(self, root: str) -> None:
-        self.url = root
+        self.url = root = staging_folder(root)  # a lancedb:// output: the run's folder beside the table
         self.fs, self.root = fsspec.core.url_to_fs(root)
         self.root = self.root.rstrip("/")
 

@@ -1,0 +1,275 @@
+"""`gembatch embed --output lancedb://PATH/TABLE`: the table in step with a changing corpus.
+
+Real `gembatch embed` processes (untracked) against the emulator on loopback; the table is read back
+with LanceDB's own API and checked value by value against the emulator's vectors.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lancedb
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import EMBED_MODEL, REPO, TEST_KEY_ENV, cli_env, embed_command, write_corpus
+from test_embed import expected_vector
+
+from tasks.errors import ConfigError
+from tasks.sinks.lance import TableSink
+from tasks.sinks.location import TableLocation, staging_folder
+
+DIMS = 16
+BATCH = 50
+CHUNK = 200
+
+
+def texts_for(n: int, start: int = 0, edited: set[int] = frozenset()) -> dict[int, str]:
+    return {
+        i: f"lance test row {i}: terns on the pier, {i * 37 % 991} of them" + (" (edited)" if i in edited else "")
+        for i in range(start, n)
+    }
+
+
+def embed(src: Path, db: Path, base_url: str, *extra: str) -> subprocess.CompletedProcess:
+    cmd = embed_command(
+        src, f"lancedb://{db}/docs", base_url, "--dimensions", str(DIMS), *extra, batch_size=BATCH, chunk_size=CHUNK
+    )
+    result = subprocess.run(cmd, env=cli_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def last_run(db: Path) -> dict:
+    runs = sorted((db / "docs.gembatch" / "_runs").glob("*.json"))
+    return json.loads(runs[-1].read_text())
+
+
+def assert_table(db: Path, texts: dict[int, str]) -> dict[int, dict]:
+    """The table as LanceDB reads it: one row per id of ``texts``, each with its text's vector."""
+    table = lancedb.connect(str(db)).open_table("docs").to_arrow()
+    rows = {r["id"]: r for r in table.to_pylist()}
+    assert table.num_rows == len(rows) == len(texts), "one row per id"
+    assert set(rows) == set(texts)
+    assert table.schema.field("embedding").type.list_size == DIMS
+    for row_id, row in rows.items():
+        np.testing.assert_allclose(
+            np.asarray(row["embedding"], np.float32), expected_vector(texts[row_id], DIMS), rtol=1e-6, atol=1e-7
+        )
+        assert row["model"] == EMBED_MODEL
+        assert len(row["content_hash"]) == 64 and row["run_id"]
+    return rows
+
+
+def test_a_backfill_then_reruns_keep_the_table_in_step_with_the_corpus(emulator, tmp_path):
+    n = 1000
+    texts = texts_for(n)
+    src = write_corpus(tmp_path / "in.parquet", list(texts), list(texts.values()))
+    db = tmp_path / "vectors"
+
+    result = embed(src, db, emulator.base_url)
+    first = assert_table(db, texts)
+    doc = last_run(db)
+    assert doc["output"]["table"] | {"version": None} == doc["output"]["table"] | {
+        "sync": "done",
+        "inserted": n,
+        "updated": 0,
+        "deleted": 0,
+        "unchanged": 0,
+        "rows": n,
+        "version": None,
+    }
+    assert {r["run_id"] for r in first.values()} == {doc["run_id"]}
+    # The content hashes are the staging parts' own.
+    staged = pq.read_table(db / "docs.gembatch", columns=["id", "content_hash"]).to_pylist()
+    assert {r["id"]: r["content_hash"] for r in staged} == {i: r["content_hash"] for i, r in first.items()}
+    assert f"LanceDB table docs: {n} inserted, 0 updated, 0 deleted, 0 unchanged" in result.stdout
+
+    # 1% of the texts change: exactly those are sent, and updated in place.
+    edited = set(range(0, n, 100))
+    texts = texts_for(n, edited=edited)
+    write_corpus(src, list(texts), list(texts.values()))
+    emulator.reset_stats()
+    embed(src, db, emulator.base_url)
+    assert emulator.stats["embedding_inputs"] == len(edited)
+    second = assert_table(db, texts)
+    table = last_run(db)["output"]["table"]
+    assert (table["inserted"], table["updated"], table["deleted"], table["unchanged"]) == (0, 10, 0, n - 10)
+    assert {i for i in second if second[i]["content_hash"] != first[i]["content_hash"]} == edited
+
+    # Ids leave the corpus and new ones come: without --delete-missing the table keeps the old ids...
+    gone = {3, 4, 5, 500, 999}
+    kept = {i: t for i, t in texts.items() if i not in gone} | texts_for(1003, start=1000)
+    write_corpus(src, list(kept), list(kept.values()))
+    emulator.reset_stats()
+    embed(src, db, emulator.base_url)
+    assert emulator.stats["embedding_inputs"] == 3
+    assert_table(db, texts | kept)
+    # ...and with it they are deleted; nothing is sent.
+    emulator.reset_stats()
+    result = embed(src, db, emulator.base_url, "--delete-missing", "--index")
+    assert emulator.stats["embedding_inputs"] == 0
+    assert_table(db, kept)
+    table = last_run(db)["output"]["table"]
+    # Under 100,000 rows LanceDB's exact search is fast: no index (tests/test_lance_index.py builds one).
+    assert table["index"] == {"status": "not needed: 998 rows (< 100000: exact search is fast)", "column": "embedding"}
+    assert "index: not needed" in result.stdout
+    assert (table["inserted"], table["updated"], table["deleted"], table["unchanged"]) == (0, 0, 5, n - 5 + 3)
+
+    # A deleted id that comes back is sent again (its staging row went with it) and inserted.
+    back = kept | {500: texts[500]}
+    write_corpus(src, list(back), list(back.values()))
+    emulator.reset_stats()
+    embed(src, db, emulator.base_url, "--delete-missing")
+    assert emulator.stats["embedding_inputs"] == 1
+    assert_table(db, back)
+    assert last_run(db)["output"]["table"]["inserted"] == 1
+
+
+def test_a_run_killed_mid_way_then_rerun_gives_the_table_of_a_clean_run(emulator, tmp_path):
+    emulator.configure(latency_seconds=0.2)
+    n = 3000
+    texts = texts_for(n)
+    src = write_corpus(tmp_path / "in.parquet", list(texts), list(texts.values()))
+    db = tmp_path / "vectors"
+    staging = db / "docs.gembatch"
+    cmd = embed_command(
+        src, f"lancedb://{db}/docs", emulator.base_url, "--dimensions", str(DIMS), batch_size=BATCH, chunk_size=CHUNK
+    )
+    proc = subprocess.Popen(cmd, env=cli_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while not list(staging.glob("part-*.parquet")) and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stdout.read().decode()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    written = pq.read_table(staging, columns=["id"]).num_rows
+    assert 0 < written < n, "killed mid-way"
+    assert not (db / "docs.lance").exists(), "killed before the table was made"
+
+    emulator.reset_stats()
+    embed(src, db, emulator.base_url)
+    assert emulator.stats["embedding_inputs"] == n - written, "the rows written before the kill are not paid again"
+    killed = assert_table(db, texts)
+
+    clean_db = tmp_path / "clean"
+    embed(src, clean_db, emulator.base_url)
+    clean = assert_table(clean_db, texts)
+    assert {i: (r["content_hash"], r["embedding"]) for i, r in killed.items()} == {
+        i: (r["content_hash"], r["embedding"]) for i, r in clean.items()
+    }
+
+
+def test_parts_written_but_not_applied_are_applied_by_the_next_run(emulator, tmp_path):
+    """A crash between "parts written" and "table updated": the next run applies them, sending nothing."""
+    texts = texts_for(400)
+    src = write_corpus(tmp_path / "in.parquet", list(texts), list(texts.values()))
+    db = tmp_path / "vectors"
+    embed(src, db, emulator.base_url)
+    first_parts = last_run(db)["output"]["parts_written"]
+    more = texts_for(600)
+    write_corpus(src, list(more), list(more.values()))
+    embed(src, db, emulator.base_url)
+    # As if the second run had died before its sync: the table one version back, its parts not recorded.
+    table = lancedb.connect(str(db)).open_table("docs")
+    table.restore(1)
+    applied = db / "docs.gembatch" / "_lance" / "applied.json"
+    applied.write_text(json.dumps({"table": "docs", "parts": first_parts}))
+    assert table.count_rows() == 400
+
+    emulator.reset_stats()
+    embed(src, db, emulator.base_url)
+    assert emulator.stats["embedding_inputs"] == 0
+    assert_table(db, more)
+    synced = last_run(db)["output"]["table"]
+    assert (synced["inserted"], synced["updated"], synced["unchanged"]) == (200, 0, 400)
+
+    # A table deleted by hand is made again from the staging folder, with no request.
+    shutil.rmtree(db / "docs.lance")
+    emulator.reset_stats()
+    embed(src, db, emulator.base_url)
+    assert emulator.stats["embedding_inputs"] == 0
+    assert_table(db, more)
+    assert last_run(db)["output"]["table"]["inserted"] == 600
+
+
+def test_where_the_table_and_its_staging_folder_are():
+    assert TableLocation.parse("lancedb://data/out/vectors/docs") == TableLocation("data/out/vectors", "docs")
+    assert staging_folder("lancedb:///srv/db/docs") == "/srv/db/docs.gembatch"
+    assert staging_folder("lancedb://s3://bucket/db/docs") == "s3://bucket/db/docs.gembatch"
+    assert staging_folder("data/out/emb") == "data/out/emb"
+    with pytest.raises(ConfigError, match="lancedb://PATH/TABLE"):
+        TableLocation.parse("lancedb://docs")
+
+
+@pytest.mark.parametrize(
+    ("output", "parameters", "message"),
+    [
+        ("data/out/emb", {"delete_missing": True}, "use them with --output lancedb://PATH/TABLE"),
+        ("data/out/emb", {"vector_index": True}, "use them with --output lancedb://PATH/TABLE"),
+        ("lancedb://db/docs", {"delete_missing": True, "limit": 10}, "drop one of the two"),
+    ],
+)
+def test_options_that_cannot_work_are_refused_before_any_request(output, parameters, message):
+    with pytest.raises(ConfigError, match=message):
+        TableSink.for_run("embed", output, "id", parameters)
+
+
+def test_images_cannot_go_to_a_table():
+    with pytest.raises(ConfigError, match="can't be a LanceDB table"):
+        TableSink.for_run("images", "lancedb://db/pics", "id", {})
+
+
+def test_two_runs_at_once_pay_each_row_once_and_the_last_updates_the_table(emulator, tmp_path):
+    emulator.configure(latency_seconds=0.3)
+    texts = texts_for(1500)
+    src = write_corpus(tmp_path / "in.parquet", list(texts), list(texts.values()))
+    db = tmp_path / "vectors"
+    cmd = embed_command(
+        src, f"lancedb://{db}/docs", emulator.base_url, "--dimensions", str(DIMS), batch_size=BATCH, chunk_size=CHUNK
+    )
+    procs = [
+        subprocess.Popen(cmd, env=cli_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for _ in range(2)
+    ]
+    for proc in procs:
+        printed, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, printed
+    assert emulator.stats["embedding_inputs"] == len(texts), "each row paid once"
+    assert_table(db, texts)
+    runs = [json.loads(p.read_text()) for p in sorted((db / "docs.gembatch" / "_runs").glob("*.json"))]
+    synced = [r["output"]["table"] for r in runs]
+    assert synced[-1]["sync"] == "done" or synced[0]["sync"] == "done", synced
+    assert sum(s.get("inserted", 0) for s in synced) == len(texts), "every row inserted once, by one sync or two"
+
+
+def test_a_missing_lancedb_package_is_one_line_saying_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "lancedb", None)  # as if not installed
+    with pytest.raises(ConfigError, match=r"needs the lancedb package.*pip install 'gembatch\[lancedb\]'"):
+        TableSink.for_run("embed", "lancedb://db/docs", "id", {})
+
+
+def test_extract_writes_its_typed_columns_into_a_table(emulator, tmp_path):
+    db = tmp_path / "db"
+    cmd = [
+        sys.executable, "-m", "flows.cli", "extract", str(REPO / "data" / "extract" / "invoices.csv"),
+        "--output", f"lancedb://{db}/invoices", "--schema", "schemas.examples:Invoice",
+        "--base-url", emulator.base_url, "--api-key-env", TEST_KEY_ENV, "--no-progress",
+    ]  # fmt: skip
+    result = subprocess.run(cmd, env=cli_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    table = lancedb.connect(str(db)).open_table("invoices").to_arrow().sort_by("id")
+    staged = pq.read_table(db / "invoices.gembatch").sort_by("id")
+    assert table.num_rows == staged.num_rows == 10
+    assert pa.types.is_struct(table.schema.field("line_items").type.value_type)
+    assert (
+        table.drop_columns(["run_id"]).to_pylist()
+        == staged.select(table.drop_columns(["run_id"]).column_names).to_pylist()
+    )
