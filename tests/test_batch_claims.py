@@ -15,7 +15,7 @@ from collections import Counter
 from pathlib import Path
 
 import pyarrow.parquet as pq
-from conftest import assert_balanced, write_corpus
+from conftest import assert_balanced, hurry_batches, write_corpus
 from test_claims import (
     BATCH,
     assert_no_claims_left,
@@ -101,14 +101,15 @@ def test_a_batch_run_killed_mid_submission_leaves_its_chunks_and_batches_to_the_
     """A is killed (SIGKILL) while it submits, holding chunk claims and batches it has not written, and
     while B, at work beside it, has left A's chunks and batches to A. B takes A's claims over (A's pid
     is gone), re-attaches to A's batches, and submits what A had not."""
-    # A's batches run 12 s: B (a new process, seconds to start on a loaded machine) starts while they do.
-    emulator.configure(batch_request_seconds=0.3, batch_seconds=12.0)
+    # A's batches run 5 min: B (a new process, seconds to a minute to start on a loaded machine) starts
+    # while they do; once A is killed they are hurried along.
+    emulator.configure(batch_request_seconds=0.3, batch_seconds=300.0)
     texts = texts_for(ROWS)
     src = write_corpus(tmp_path / "in.parquet", list(texts), list(texts.values()))
     out = tmp_path / "out"
     a = start(embed_cmd(src, out, emulator.base_url, *BATCH_ARGS), tmp_path)
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 240
         while not (out / "_batches").exists() or not records(out):
             assert a.poll() is None and time.monotonic() < deadline, a.communicate()
             time.sleep(0.02)
@@ -128,6 +129,8 @@ def test_a_batch_run_killed_mid_submission_leaves_its_chunks_and_batches_to_the_
     assert held, "chunk claims were held when A was killed"
     a_batches = [r for r in records(out) if r["run_id"] == killed and r.get("batch_id")]
     assert a_batches and all(r["state"] == "submitted" for r in a_batches), "A's batches were still running"
+    # A is gone, its batches unwritten: they (and B's) need not run on.
+    hurry_batches(emulator, SLOW_BATCH_API["batch_seconds"])
 
     ((_code, text),) = finish([b])
 

@@ -41,14 +41,34 @@ def _selected(request: pytest.FixtureRequest, blocks: list[ex.Block]) -> list[ex
     return [b for b in blocks if b.page in chosen]
 
 
+def _run_once(request: pytest.FixtureRequest, factory: pytest.TempPathFactory, blocks: list[ex.Block], name: str):
+    """The blocks' results, run once per pytest run: under pytest-xdist every worker collects (and so selects)
+    the same blocks, and the first worker that needs them runs them (15-25 s of CPU) for all the others."""
+    if not hasattr(request.config, "workerinput"):
+        return _run(blocks, factory.mktemp(name))
+    import fcntl
+    import hashlib
+
+    key = hashlib.sha256("\n".join(b.id for b in blocks).encode()).hexdigest()[:16]
+    folder = factory.getbasetemp().parent / f"{name}-{key}"
+    folder.mkdir(exist_ok=True)
+    with (folder / "lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one worker runs them; the others wait, then read what it wrote
+        done = folder / "results.json"
+        if not done.exists():
+            results = _run(blocks, folder)
+            done.write_text(json.dumps(results), encoding="utf-8")
+        return json.loads(done.read_text(encoding="utf-8"))
+
+
 @pytest.fixture(scope="module")
 def results(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict]]:
-    return _run(_selected(request, RUN), tmp_path_factory.mktemp("doc-examples"))
+    return _run_once(request, tmp_path_factory, _selected(request, RUN), "doc-examples")
 
 
 @pytest.fixture(scope="module")
 def slow_results(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict]]:
-    return _run(_selected(request, RUN_SLOW), tmp_path_factory.mktemp("doc-examples-slow"))
+    return _run_once(request, tmp_path_factory, _selected(request, RUN_SLOW), "doc-examples-slow")
 
 
 @pytest.mark.parametrize("block", CHECKED, ids=[b.id for b in CHECKED])

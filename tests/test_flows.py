@@ -186,6 +186,7 @@ def test_ctrl_c_stops_cleanly_with_interrupted_metadata_and_resumes(tracked, req
     assert not list(out.rglob(".tmp-*"))
 
     emulator.reset_stats()
+    emulator.configure(latency_seconds=0)  # the latency was there to interrupt a run mid-way
     result = subprocess.run(_embed_cmd(src, out, emulator.base_url), env=env, cwd=tmp_path, capture_output=True,
                             text=True, timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr

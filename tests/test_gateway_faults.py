@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pyarrow.csv as pcsv
 import pytest
-from conftest import REPO, TEST_KEY, TEST_KEY_ENV, read_errors, read_output
+from conftest import REPO, TEST_KEY, TEST_KEY_ENV, gembatch, read_errors, read_output
 
 from emulator import CannedAnswer, Emulator, EmulatorConfig
 from flows.cli import run_cli
@@ -92,12 +92,6 @@ def command(job: str, inputs: dict[str, Path], out: Path, base_url: str, *extra:
     # A rate window of 0.02 s: after persistent 429s the limiter paces at its floor per window, not per minute.
     common = ["--base-url", base_url, "--api-key-env", TEST_KEY_ENV, "--no-progress", "--rate-window", "0.02"]
     return [*filled, "--output", str(out), *common, *extra]
-
-
-def gembatch(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
-    capsys.readouterr()
-    code = run_cli(argv)
-    return code, capsys.readouterr().err
 
 
 def assert_one_paragraph(code: int, err: str) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import openai
 import pytest
-from conftest import REPO, TEST_KEY, TEST_KEY_ENV, assert_balanced, read_errors, read_output
+from conftest import REPO, TEST_KEY, TEST_KEY_ENV, assert_balanced, read_errors, read_output, run_gembatch
 from test_images import SIZE, assert_images_match, run_images, sample_prompts, write_prompts
 
 from flows import commands
@@ -135,11 +135,11 @@ def test_a_model_the_providers_images_route_does_not_serve_is_refused_by_the_com
         build(params(provider="openai", model=IMAGEN))
 
 
-def test_an_invalid_size_is_refused_by_the_command_before_any_request(emulator, tmp_path):
-    result = gembatch(
+def test_an_invalid_size_is_refused_by_the_command_before_any_request(emulator, tmp_path, capsys):
+    result = run_gembatch([
         "images", str(PROMPTS), "-o", str(tmp_path / "out"), "--size", "1100x1000",
-        "--base-url", emulator.base_url, "--api-key-env", TEST_KEY_ENV, cwd=REPO,
-    )  # fmt: skip
+        "--base-url", emulator.base_url, "--api-key-env", TEST_KEY_ENV, "--no-progress",
+    ], capsys)  # fmt: skip
     assert result.returncode == 2, result.stdout + result.stderr
     assert "error: --size '1100x1000' is not an aspect ratio gemini-nano-banana-2.1 takes: use 1024x1024 (1:1)" in (
         " ".join(result.stderr.split())

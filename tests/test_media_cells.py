@@ -1,6 +1,6 @@
 """Media cells are input, not code paths: a bad or hostile cell costs one error row and leaks nothing.
 
-Real files in tmp folders, the real `gembatch` command against the emulator on loopback, a real HTTP
+Real files in tmp folders, the `gembatch` command (in this process) against the emulator on loopback, a real HTTP
 server on 127.0.0.1 for http(s) cells, and a real "gateway" (a loopback proxy that wants credentials
 in its URL) for the redaction of URL secrets.
 """
@@ -24,7 +24,7 @@ import httpx2
 import pyarrow as pa
 import pyarrow.csv as pcsv
 import pytest
-from conftest import REPO, TEST_KEY, TEST_KEY_ENV, cli_env, read_errors, read_output
+from conftest import REPO, TEST_KEY, TEST_KEY_ENV, CliResult, cli_env, read_errors, read_output, run_gembatch
 
 from emulator.fakes import fake_caption, fake_transcript
 from tasks.defaults import DEFAULT_CAPTION_PROMPT
@@ -51,6 +51,11 @@ def gembatch(*args: str, env: dict[str, str] | None = None) -> subprocess.Comple
         [sys.executable, "-m", "flows.cli", *args, "--no-progress"],
         capture_output=True, text=True, env=env or cli_env(), cwd=REPO, timeout=300,
     )  # fmt: skip
+
+
+def gembatch_here(capsys: pytest.CaptureFixture[str], *args: str) -> CliResult:
+    """`gembatch ARGS --no-progress` in this process (conftest.run_gembatch), untracked."""
+    return run_gembatch([*args, "--no-progress"], capsys)
 
 
 def on_emulator(emu) -> list[str]:
@@ -106,7 +111,7 @@ EXPECTED = {
 }
 
 
-def check_hostile_run(result: subprocess.CompletedProcess, out: Path, expected_good: str, not_media: str) -> None:
+def check_hostile_run(result: CliResult, out: Path, expected_good: str, not_media: str) -> None:
     assert result.returncode == 4, result.stderr  # completed with errors: the run went on
     assert "Traceback" not in result.stdout + result.stderr
     good = read_output(out)
@@ -127,42 +132,44 @@ def check_hostile_run(result: subprocess.CompletedProcess, out: Path, expected_g
 
 
 # -- a hostile cell is one error row -----------------------------------------------------------------
-def test_caption_hostile_cells_cost_one_error_row_each_and_leak_no_bytes(emulator, hostile, tmp_path):
+def test_caption_hostile_cells_cost_one_error_row_each_and_leak_no_bytes(emulator, hostile, tmp_path, capsys):
     src = write_list(hostile["in"] / "list.csv", "image", hostile_cells("image", hostile["secret"]))
     out = tmp_path / "out"
-    result = gembatch("caption", str(src), "-o", str(out), *on_emulator(emulator))
+    result = gembatch_here(capsys, "caption", str(src), "-o", str(out), *on_emulator(emulator))
     sunset = image_for_model((IMAGES / "sunset.png").read_bytes(), 1536, name="sunset.png")
     caption = fake_caption(sunset.data, sunset.mime, MODEL, DEFAULT_CAPTION_PROMPT)
     check_hostile_run(result, out, ("caption", caption), "notes.png (")
     assert "is not a PNG, JPEG, WebP" in read_errors(out).filter(id=9)["error_message"][0]
 
 
-def test_transcribe_hostile_cells_cost_one_error_row_each_and_leak_no_bytes(emulator, hostile, tmp_path):
+def test_transcribe_hostile_cells_cost_one_error_row_each_and_leak_no_bytes(emulator, hostile, tmp_path, capsys):
     src = write_list(hostile["in"] / "list.csv", "audio", hostile_cells("audio", hostile["secret"]))
     out = tmp_path / "out"
-    result = gembatch("transcribe", str(src), "-o", str(out), *on_emulator(emulator))
+    result = gembatch_here(capsys, "transcribe", str(src), "-o", str(out), *on_emulator(emulator))
     data = (AUDIO / "speech.wav").read_bytes()
     check_hostile_run(result, out, ("transcript", fake_transcript(data, "wav", MODEL)), "notes.wav")
 
 
-def test_a_scheme_allowed_but_not_installed_is_refused_before_anything_is_sent(emulator, tmp_path):
+def test_a_scheme_allowed_but_not_installed_is_refused_before_anything_is_sent(emulator, tmp_path, capsys):
     if missing_package("s3") is None:
         pytest.skip("s3fs is installed here")
     src = write_list(tmp_path / "list.csv", "image", ["s3://some-bucket/x.png"])
     out = tmp_path / "out"
-    result = gembatch("caption", str(src), "-o", str(out), "--allow-media-scheme", "s3", *on_emulator(emulator))
+    result = gembatch_here(
+        capsys, "caption", str(src), "-o", str(out), "--allow-media-scheme", "s3", *on_emulator(emulator)
+    )
     assert result.returncode == 2, result.stderr
     assert "pip install s3fs" in result.stderr and "Traceback" not in result.stderr
     assert not out.exists()
     assert emulator.stats.get("requests", 0) == 0
 
 
-def test_media_root_widens_where_paths_may_point(emulator, hostile, tmp_path):
+def test_media_root_widens_where_paths_may_point(emulator, hostile, tmp_path, capsys):
     shutil.copy(IMAGES / "house.jpg", hostile["secret"].parent / "house.jpg")
     src = write_list(hostile["in"] / "list.csv", "image", ["../private/house.jpg", "media/sunset.png"])
     out = tmp_path / "out"
     extra = ["--media-root", str(hostile["secret"].parent)]
-    result = gembatch("caption", str(src), "-o", str(out), *extra, *on_emulator(emulator))
+    result = gembatch_here(capsys, "caption", str(src), "-o", str(out), *extra, *on_emulator(emulator))
     assert result.returncode == 0, result.stderr
     assert read_output(out)["id"].sort().to_list() == [1, 2]
 
@@ -205,19 +212,19 @@ def file_server(files: dict[str, bytes | str]) -> Iterator[str]:
 
 
 @pytest.mark.parametrize("kind", ["image", "audio"])
-def test_http_cells_are_fetched_when_allowed_and_reach_loopback_only_when_asked(emulator, tmp_path, kind):
+def test_http_cells_are_fetched_when_allowed_and_reach_loopback_only_when_asked(emulator, tmp_path, kind, capsys):
     sample = (IMAGES / "sunset.png") if kind == "image" else (AUDIO / "speech.wav")
     command, column = ("caption", "image") if kind == "image" else ("transcribe", "audio")
     with file_server({f"/{sample.name}": sample.read_bytes()}) as site:
         src = write_list(tmp_path / "list.csv", column, [f"{site}/{sample.name}", f"{site}/missing.bin"])
 
-        refused = gembatch(command, str(src), "-o", str(tmp_path / "a"), "--allow-media-scheme", "http",
+        refused = gembatch_here(capsys, command, str(src), "-o", str(tmp_path / "a"), "--allow-media-scheme", "http",
                            *on_emulator(emulator))  # fmt: skip
         assert refused.returncode == 4, refused.stderr
         errors = read_errors(tmp_path / "a").sort("id")["error_message"].to_list()
         assert all("127.0.0.1, a loopback address" in m and "--allow-private-urls" in m for m in errors), errors
 
-        allowed = gembatch(command, str(src), "-o", str(tmp_path / "b"), "--allow-media-scheme", "http",
+        allowed = gembatch_here(capsys, command, str(src), "-o", str(tmp_path / "b"), "--allow-media-scheme", "http",
                            "--allow-private-urls", *on_emulator(emulator))  # fmt: skip
     assert allowed.returncode == 4, allowed.stderr  # the missing file is an error row
     row = read_output(tmp_path / "b").row(0, named=True)

@@ -13,7 +13,17 @@ from datetime import date
 
 import numpy as np
 import pytest
-from conftest import CORPUS, REPO, TEST_KEY, TEST_KEY_ENV, assert_balanced, cli_env, read_output
+from conftest import (
+    CORPUS,
+    REPO,
+    TEST_KEY,
+    TEST_KEY_ENV,
+    CliResult,
+    assert_balanced,
+    cli_env,
+    read_output,
+    run_gembatch,
+)
 
 from emulator import Emulator, EmulatorConfig
 from emulator.catalog import DEFAULT_MODELS, LEGACY_MODELS
@@ -46,7 +56,14 @@ def run(command, emu: Emulator, **values) -> dict:
     return asyncio.run(run_untracked(built_job(command.build_job, parameters)))
 
 
-def cli(*args: str, **env: str) -> subprocess.CompletedProcess:
+def cli(capsys: pytest.CaptureFixture[str], *args: str) -> CliResult:
+    """`gembatch ARGS` in this process (conftest.run_gembatch), untracked."""
+    return run_gembatch(list(args), capsys)
+
+
+def cli_process(*args: str, **env: str) -> subprocess.CompletedProcess:
+    """`gembatch ARGS` in a new process, 250 columns wide: for what a test reads of rich's tables and
+    panels (in this process they are drawn 80 wide, for pytest's capture)."""
     return subprocess.run(
         [sys.executable, "-m", "flows.cli", *args],
         env=cli_env(COLUMNS="250", **env),
@@ -94,8 +111,8 @@ def test_every_job_runs_without_model_against_a_server_of_todays_models(tmp_path
         assert emu.stats["by_route"]["images/generations"] == read_output(tmp_path / "images").height
 
 
-def test_a_retired_model_stops_the_run_before_any_request_naming_date_and_replacement(emulator, tmp_path):
-    result = cli("images", str(DATA / "prompts.csv"), "-o", str(tmp_path / "img"), "--model",
+def test_a_retired_model_stops_the_run_before_any_request_naming_date_and_replacement(emulator, tmp_path, capsys):
+    result = cli(capsys, "images", str(DATA / "prompts.csv"), "-o", str(tmp_path / "img"), "--model",
                  "imagen-4.0-generate-001", *key_args(emulator))  # fmt: skip
     assert result.returncode == 2, result.stderr
     message = " ".join(result.stderr.split())
@@ -123,12 +140,12 @@ def test_a_model_retired_under_a_scheduled_output_stops_it_before_sending(tmp_pa
     assert "--change-model" in message
 
 
-def test_a_rerouted_embeddings_model_never_writes_a_foreign_vector(emulator, tmp_path):
+def test_a_rerouted_embeddings_model_never_writes_a_foreign_vector(emulator, tmp_path, capsys):
     out = tmp_path / "vectors"
     first = run(commands.embed, emulator, input=str(CORPUS), output=str(out), limit=40, chunk_size=20)
     assert first["status"] == "completed"
     emulator.configure(reroutes={"gemini-embedding-2": "gemini-embedding-001"})
-    result = cli("embed", str(CORPUS), "-o", str(out), "--chunk-size", "20", *key_args(emulator))
+    result = cli(capsys, "embed", str(CORPUS), "-o", str(out), "--chunk-size", "20", *key_args(emulator))
     assert result.returncode == 3, result.stderr
     message = " ".join(result.stderr.split())
     assert "stopped: model rerouted" in message
@@ -229,14 +246,14 @@ def test_a_prices_file_gives_dated_prices_and_the_estimate_uses_the_one_in_force
     assert load_prices(str(json_prices)).price("x-model", date(2027, 1, 1)).input == 0.5
 
 
-def test_a_model_without_a_price_says_how_to_give_one_and_then_can_be_budgeted(tmp_path, emulator):
+def test_a_model_without_a_price_says_how_to_give_one_and_then_can_be_budgeted(tmp_path, emulator, capsys, monkeypatch):
     values = {"input": str(DATA / "generate" / "reviews.csv"), "prompt": "Summarise: {review}",
               "model": "gemini-3.1-flash-lite"}  # fmt: skip
     plan = run(commands.generate, emulator, output=str(tmp_path / "plan"), dry_run=True, **values)
     assert plan["estimate"]["input_cost_usd"] is None
     assert plan["price"].startswith("unknown") and "--prices FILE" in plan["price"]
-    result = cli("generate", values["input"], "-o", str(tmp_path / "g"), "--prompt", values["prompt"], "--model",
-                 values["model"], "--max-cost-usd", "0.0000001", *key_args(emulator))  # fmt: skip
+    result = cli(capsys, "generate", values["input"], "-o", str(tmp_path / "g"), "--prompt", values["prompt"],
+                 "--model", values["model"], "--max-cost-usd", "0.0000001", *key_args(emulator))  # fmt: skip
     assert result.returncode == 2
     message = " ".join(result.stderr.split())
     assert "--max-cost-usd needs a price for model 'gemini-3.1-flash-lite'" in message
@@ -246,7 +263,8 @@ def test_a_model_without_a_price_says_how_to_give_one_and_then_can_be_budgeted(t
     prices.write_text('[[price]]\nmodel = "gemini-3.1-flash-lite"\ninput = 0.10\noutput = 0.40\n')
     args = ["generate", values["input"], "-o", str(tmp_path / "g"), "--prompt", values["prompt"], "--model",
             values["model"], "--max-cost-usd", "1", *key_args(emulator)]  # fmt: skip
-    budgeted = cli(*args, GEMBATCH_PRICES=str(prices))
+    monkeypatch.setenv("GEMBATCH_PRICES", str(prices))
+    budgeted = cli(capsys, *args)
     assert budgeted.returncode == 0, budgeted.stderr
     assert read_output(tmp_path / "g").height == 8  # every review
 
@@ -259,8 +277,8 @@ def test_a_model_without_a_price_says_how_to_give_one_and_then_can_be_budgeted(t
         (["--model", "gemini-4-argon", "--reasoning-effort", "minimal"], "low, medium, high"),
     ],
 )
-def test_options_a_model_family_refuses_stop_the_run_before_sending(emulator, tmp_path, args, said):
-    result = cli("generate", str(DATA / "generate" / "reviews.csv"), "-o", str(tmp_path / "g"), "--prompt",
+def test_options_a_model_family_refuses_stop_the_run_before_sending(emulator, tmp_path, args, said, capsys):
+    result = cli(capsys, "generate", str(DATA / "generate" / "reviews.csv"), "-o", str(tmp_path / "g"), "--prompt",
                  "Summarise: {review}", *args, *key_args(emulator))  # fmt: skip
     assert result.returncode == 2, result.stderr
     assert said in " ".join(result.stderr.split())
@@ -282,7 +300,7 @@ def test_gembatch_models_marks_the_defaults_with_lifecycle_and_prices(tmp_path):
         retired=("gemini-nano-banana-2.1",),
     )
     with Emulator(config) as emu:
-        result = cli("models", "--base-url", emu.base_url, "--api-key-env", TEST_KEY_ENV)
+        result = cli_process("models", "--base-url", emu.base_url, "--api-key-env", TEST_KEY_ENV)
     assert result.returncode == 0, result.stderr
     lines = {line.split("│")[1].strip(): line for line in result.stdout.splitlines() if line.count("│") > 3}
     today = price_of("gemini-3.8-flash").describe()  # $0.75 in / $3.75 out per 1M until 2026-12-31
@@ -368,8 +386,8 @@ def test_a_run_records_what_the_catalog_says_of_its_model(tmp_path):
 
 
 def test_the_emulator_command_takes_retired_and_rerouted_models_and_says_how_to_write_a_reroute():
-    result = cli("emulator", "--port", "0", "--reroute", "gemini-3.7-flash")
+    result = cli_process("emulator", "--port", "0", "--reroute", "gemini-3.7-flash")
     assert result.returncode == 2
     assert "write OLD=NEW, e.g. gemini-3.7-flash=gemini-3.8-flash" in " ".join(result.stderr.split())
-    helped = cli("emulator", "--help")
+    helped = cli_process("emulator", "--help")
     assert all(flag in helped.stdout for flag in ("--retire", "--reroute", "--legacy-models"))

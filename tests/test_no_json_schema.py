@@ -16,9 +16,6 @@ naming the cause and ``--via tools``; a prose answer is an error row, never data
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +23,7 @@ import httpx2 as httpx
 import openai
 import pyarrow.parquet as pq
 import pytest
-from conftest import TEST_KEY, TEST_KEY_ENV, assert_balanced, read_errors, read_output
+from conftest import TEST_KEY, TEST_KEY_ENV, CliResult, assert_balanced, read_errors, read_output, run_gembatch
 from test_tools import INVOICES, MODEL, expected, run, sorted_rows, texts_of
 
 from emulator import Emulator, EmulatorConfig
@@ -43,15 +40,14 @@ def _server(mode: str) -> Emulator:
     return Emulator(EmulatorConfig(api_key=TEST_KEY, json_schema=mode))
 
 
-def _cli(out: Path, base_url: str, *extra: str) -> subprocess.CompletedProcess[str]:
+def _cli(capsys: pytest.CaptureFixture[str], out: Path, base_url: str, *extra: str) -> CliResult:
+    """`gembatch extract` of the invoices in this process (conftest.run_gembatch), untracked."""
     argv = [
-        sys.executable, "-m", "flows.cli", "extract", str(INVOICES), "--output", str(out),
-        "--schema", "schemas.examples:Invoice", "--base-url", base_url, "--api-key-env", TEST_KEY_ENV,
-        "--model", MODEL, "--chunk-size", "4", "--no-progress", *extra,
+        "extract", str(INVOICES), "--output", str(out), "--schema", "schemas.examples:Invoice",
+        "--base-url", base_url, "--api-key-env", TEST_KEY_ENV, "--model", MODEL, "--chunk-size", "4",
+        "--no-progress", *extra,
     ]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    env.update({TEST_KEY_ENV: TEST_KEY, "COLUMNS": "200"})
-    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120, cwd=out.parent)
+    return run_gembatch(argv, capsys)
 
 
 def _runs(out: Path) -> list[dict[str, Any]]:
@@ -101,12 +97,12 @@ def test_the_emulator_rejects_or_ignores_json_schema_as_real_servers_do():
         EmulatorConfig(json_schema="maybe")
 
 
-def test_a_rejecting_server_stops_extract_after_one_request_and_via_tools_fills_the_table(tmp_path):
+def test_a_rejecting_server_stops_extract_after_one_request_and_via_tools_fills_the_table(tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     with _server("rejected") as emu:
         groq_like = emu.base_url.replace("/v1beta/openai/", "/v1/")  # an OpenAI-style server's path
-        first = _cli(out, groq_like)
+        first = _cli(capsys, out, groq_like)
         assert first.returncode == 3, first.stdout + first.stderr
         said = " ".join((first.stdout + first.stderr).split())
         assert "HTTP 400: This model does not support response format `json_schema`" in said
@@ -118,7 +114,7 @@ def test_a_rejecting_server_stops_extract_after_one_request_and_via_tools_fills_
         assert_balanced(doc)
         assert read_output(out).is_empty() and read_errors(out).is_empty()  # nothing lost, nothing half-done
 
-        second = _cli(out, groq_like, "--via", "tools")
+        second = _cli(capsys, out, groq_like, "--via", "tools")
         assert second.returncode == 0, second.stdout + second.stderr
         assert emu.stats["by_route"]["chat/completions"] == 1 + ROWS
         assert emu.stats["faults"] == {"json_schema:rejected": 1}

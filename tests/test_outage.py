@@ -2,8 +2,10 @@
 
 Each test runs a real embed job over HTTP against the emulator and flips the emulator's fault switches
 from another thread while the run is going: every POST answered 500 or 503 is "the provider is down".
-Requests the server saw during the outage are counted at the emulator. Outages are kept short (about
-10 s) so the suite stays fast; benchmarks/bench_outage.py runs a 4-minute outage.
+Requests the server saw during the outage are counted at the emulator. Outages are kept short (a few
+seconds, probed every 0.5-2 s instead of 2-60 s) so the suite stays fast; the default probe schedule is
+checked on the breaker itself with a clock the test turns; benchmarks/bench_outage.py runs a 4-minute
+outage.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from test_embed import expected_vector
 from tasks.engine.run import RunOptions, run_job
 from tasks.engine.send.context import RetryPolicy
 from tasks.engine.send.limits import Limits
-from tasks.engine.send.outage import OutagePolicy
+from tasks.engine.send.outage import DEFAULT_MAX_OUTAGE_S, OutageBreaker, OutagePolicy
 from tasks.jobs.embed import EmbedJob
 from tasks.provider.client import ProviderSettings
 
@@ -39,6 +41,9 @@ RPM = 600  # 10 requests a second: 1,000 rows of 10 per request take 10 s
 FAST_RETRY = RetryPolicy(base_delay_s=0.05, max_delay_s=0.5)
 # "A few dozen": failures before the breaker opens (about 10-16) plus one probe per interval.
 MAX_REQUESTS_WHILE_DOWN = 36
+# Probes 0.5 s after the breaker opens, then 1, 2, 2 … s apart: the runs wait out their short outages
+# in seconds (the default, 2 s doubling to 60, is test_the_default_probes_come_2_4_8_up_to_60_s_apart).
+QUICK_PROBES = OutagePolicy(first_probe_s=0.5, max_probe_s=2.0)
 
 
 def texts_for(n: int, bad: set[int] = frozenset()) -> dict[int, str]:
@@ -48,7 +53,7 @@ def texts_for(n: int, bad: set[int] = frozenset()) -> dict[int, str]:
     }
 
 
-def run_embed(emu, src: Path, out: Path, *, outage: OutagePolicy | None = None, **kw) -> dict:
+def run_embed(emu, src: Path, out: Path, *, outage: OutagePolicy = QUICK_PROBES, **kw) -> dict:
     options = RunOptions(
         input=str(src),
         output=str(out),
@@ -56,7 +61,7 @@ def run_embed(emu, src: Path, out: Path, *, outage: OutagePolicy | None = None, 
         limits=kw.pop("limits", Limits(rpm=RPM)),
         chunk_size=kw.pop("chunk_size", 200),
         retry=kw.pop("retry", FAST_RETRY),
-        outage=outage or OutagePolicy(),
+        outage=outage,
         **kw,
     )
     return asyncio.run(run_job(EmbedJob(model=MODEL, batch_size=BATCH), options))
@@ -111,12 +116,12 @@ def check_vectors(out: pl.DataFrame, texts: dict[int, str]) -> None:
 
 
 def test_a_full_outage_mid_run_pauses_sending_and_leaves_no_row_behind(emulator, tmp_path):
-    n = 1000
+    n = 600
     texts = texts_for(n)
     src = write_corpus(tmp_path / "in.parquet", list(texts), list(texts.values()))
     out = tmp_path / "out"
 
-    with Outage(emulator, after_requests=25, seconds=10) as outage:
+    with Outage(emulator, after_requests=25, seconds=6) as outage:
         doc = run_embed(emulator, src, out)
 
     assert outage.began is not None and outage.ended is not None, "the run ended before the outage"
@@ -129,12 +134,15 @@ def test_a_full_outage_mid_run_pauses_sending_and_leaves_no_row_behind(emulator,
     assert out_rows.height == n and out_rows["id"].n_unique() == n
     check_vectors(out_rows, texts)
     assert read_errors(out).height == 0
-    # The server was asked a few dozen times while down, not hundreds (10 s at 10 requests/s = 100).
+    # The server was asked a few dozen times while down, not every row's requests and their retries
+    # (6 s at 10 requests/s = 60).
     assert outage.requests_while_down <= MAX_REQUESTS_WHILE_DOWN, outage.requests_while_down
     facts = doc["outage"]
     assert facts["outages"] == 1 and not facts["open_at_end"], facts
-    assert 5 <= facts["paused_s"] <= 10 + 16, facts  # opened within ~1 s; the last probe interval is 8 s
-    assert 1 <= facts["probes"] <= 4, facts
+    # Opened within ~1-2 s of the outage's start; closed by the first probe after its end (probes 0.5,
+    # 1.5, 3.5, 5.5, 7.5 s after opening).
+    assert 3 <= facts["paused_s"] <= 6 + 2, facts
+    assert 1 <= facts["probes"] <= 5, facts
     # Every request the run counts reached the server; failures during the outage used no attempts.
     assert doc["requests"]["sent"] == emulator.stats["by_route"]["embeddings"]
     assert doc["requests"]["sent"] == n // BATCH + doc["requests"]["retries"]
@@ -153,22 +161,22 @@ def test_an_outage_longer_than_max_outage_stops_resumably_and_a_plain_rerun_fini
 
     with Outage(emulator, after_requests=25, seconds=None) as outage:
         began = time.monotonic()
-        doc = run_embed(emulator, src, out, outage=OutagePolicy(max_outage_s=4))
+        doc = run_embed(emulator, src, out, outage=OutagePolicy(max_outage_s=2, first_probe_s=0.5, max_probe_s=2))
         took = time.monotonic() - began
         outage.end()
 
     assert doc["status"] == "stopped: provider unavailable", doc["status"]
-    assert "--max-outage 4" in doc["message"] and "rerun" in doc["message"]
+    assert "--max-outage 2" in doc["message"] and "rerun" in doc["message"]
     assert_balanced(doc)
     c = doc["counts"]
     assert c["failed"] == 0 and c["not_attempted"] > 0 and c["succeeded"] >= 200, c
     assert read_errors(out).height == 0
     assert doc["outage"]["open_at_end"] and doc["outage"]["outages"] == 1, doc["outage"]
     assert outage.requests_while_down <= MAX_REQUESTS_WHILE_DOWN, outage.requests_while_down
-    assert took < 25, took  # gave up after 4 s of outage, not after every row's attempts
+    assert took < 25, took  # gave up after 2 s of outage, not after every row's attempts
 
     emulator.reset_stats()
-    again = run_embed(emulator, src, out)
+    again = run_embed(emulator, src, out, limits=Limits())  # the resume, at no rate: it is about the rows
     assert again["status"] == "completed", again["message"]
     assert_balanced(again)
     assert again["counts"]["skipped_done"] == c["succeeded"] and again["counts"]["succeeded"] == n - c["succeeded"]
@@ -188,7 +196,7 @@ def test_a_bad_row_and_an_outage_only_the_bad_row_stays_in_errors(emulator, tmp_
     out = tmp_path / "out"
     emulator.configure(fault_rate_drop=0.2, seed=18)
 
-    with Outage(emulator, after_requests=30, seconds=8) as outage:
+    with Outage(emulator, after_requests=30, seconds=4) as outage:
         doc = run_embed(emulator, src, out, retry=RetryPolicy(max_attempts=2, base_delay_s=0.05, max_delay_s=0.5))
     emulator.configure(fault_rate_drop=0.0)
 
@@ -235,6 +243,51 @@ def test_a_bad_row_and_an_outage_only_the_bad_row_stays_in_errors(emulator, tmp_
     # --retry-errors resends the bad row; the server refuses it again.
     retried = run_embed(emulator, src, out, retry_errors=True)
     assert emulator.stats["by_route"]["embeddings"] == 1 and retried["counts"]["failed"] == 1
+
+
+def test_the_default_probes_come_2_4_8_up_to_60_s_apart_and_the_first_success_closes(tmp_path):
+    """The breaker alone, on a clock the test turns: no probe before it is due, one when it is."""
+    now = [100.0]
+    breaker = OutageBreaker(OutagePolicy(), clock=lambda: now[0])
+
+    async def probe_due_at(t: float) -> None:
+        stop = asyncio.Event()
+        now[0] = t - 0.01
+        waiting = asyncio.create_task(breaker.admit(stop))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert not waiting.done(), f"a probe went out before {t - 100:g} s"
+        now[0] = t
+        breaker.wake()
+        assert await asyncio.wait_for(waiting, timeout=10) is True, "the probe was due"
+
+    async def scenario() -> None:
+        for i in range(10):  # 10 distinct requests fail: the provider looks down
+            breaker.record_failure("transient", started=now[0], probe=False, key=f"request {i}")
+        assert breaker.is_open and breaker.opened_at == 100.0
+        for t in (102, 106, 114, 130, 162, 222, 282):  # 2 s, then 4, 8, 16, 32, 60, 60 apart
+            await probe_due_at(t)
+            assert breaker.record_failure("transient", started=t, probe=True, key="probe") is True
+        await probe_due_at(342)
+        breaker.record_success(started=342, probe=True, key="probe")
+        assert not breaker.is_open
+        assert breaker.describe() | {"failures_not_counted": None} == {
+            "outages": 1,
+            "paused_s": 242.0,
+            "longest_s": 242.0,
+            "probes": 8,
+            "failures_not_counted": None,
+            "open_at_end": False,
+            "max_outage_s": DEFAULT_MAX_OUTAGE_S,
+        }
+        # Open again for longer than --max-outage: the waiting request is told to give up.
+        for i in range(10):
+            breaker.record_failure("transient", started=now[0], probe=False, key=f"again {i}")
+        assert breaker.is_open
+        now[0] += DEFAULT_MAX_OUTAGE_S
+        assert await breaker.admit(asyncio.Event()) is False and breaker.gave_up
+
+    asyncio.run(scenario())
 
 
 def test_errors_written_before_the_retry_column_are_judged_by_their_error_type(emulator, tmp_path):

@@ -18,10 +18,9 @@ from typing import Any
 import httpx2
 import openai
 import pytest
-from conftest import TEST_KEY, TEST_KEY_ENV, read_errors, read_output
+from conftest import TEST_KEY, TEST_KEY_ENV, gembatch, read_errors, read_output
 
 from emulator import Emulator, EmulatorConfig
-from flows.cli import run_cli
 from tasks.jobs.images import ImageNotFetched, download_image
 from tasks.provider.client import classify_failure
 
@@ -99,12 +98,6 @@ def test_the_json_schema_hint_only_for_a_request_that_sent_a_json_schema():
     extract = {"model": "m", "messages": [], "response_format": {"type": "json_schema", "json_schema": {}}}
     failure = classify_failure(refusal(body, extract, path="/v1/chat/completions"))
     assert failure.kind == "json_schema_unsupported" and "--via tools" in str(failure.stop())
-
-
-def gembatch(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
-    capsys.readouterr()
-    code = run_cli(argv)
-    return code, capsys.readouterr().err
 
 
 def texts(path: Path, rows: int) -> Path:
