@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import EMBED_MODEL, REPO, TEST_KEY_ENV, cli_env, embed_command, write_corpus
+from conftest import EMBED_MODEL, REPO, TEST_KEY_ENV, CliResult, cli_env, embed_command, run_gembatch, write_corpus
 from test_embed import expected_vector
 
 from tasks.errors import ConfigError
@@ -38,18 +38,20 @@ def texts_for(n: int, start: int = 0, edited: set[int] = frozenset()) -> dict[in
     }
 
 
-def embed(src: Path, db: Path, base_url: str, *extra: str) -> subprocess.CompletedProcess:
+def embed(capsys: pytest.CaptureFixture[str], src: Path, db: Path, base_url: str, *extra: str) -> CliResult:
+    """`gembatch embed SRC --output lancedb://DB/docs` in this process (a crash test runs its own process)."""
     cmd = embed_command(
         src, f"lancedb://{db}/docs", base_url, "--dimensions", str(DIMS), *extra, batch_size=BATCH, chunk_size=CHUNK
     )
-    result = subprocess.run(cmd, env=cli_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = run_gembatch(cmd[3:], capsys)
     assert result.returncode == 0, result.stdout + result.stderr
     return result
 
 
 def last_run(db: Path) -> dict:
-    runs = sorted((db / "docs.gembatch" / "_runs").glob("*.json"))
-    return json.loads(runs[-1].read_text())
+    """The newest run's metadata (by its start: run ids of runs started within a second don't sort by time)."""
+    docs = [json.loads(p.read_text()) for p in (db / "docs.gembatch" / "_runs").glob("*.json")]
+    return max(docs, key=lambda d: d["started_at"])
 
 
 def assert_table(db: Path, texts: dict[int, str]) -> dict[int, dict]:
@@ -68,13 +70,13 @@ def assert_table(db: Path, texts: dict[int, str]) -> dict[int, dict]:
     return rows
 
 
-def test_a_backfill_then_reruns_keep_the_table_in_step_with_the_corpus(emulator, tmp_path):
+def test_a_backfill_then_reruns_keep_the_table_in_step_with_the_corpus(emulator, tmp_path, capsys):
     n = 1000
     texts = texts_for(n)
     src = write_corpus(tmp_path / "in.parquet", list(texts), list(texts.values()))
     db = tmp_path / "vectors"
 
-    result = embed(src, db, emulator.base_url)
+    result = embed(capsys, src, db, emulator.base_url)
     first = assert_table(db, texts)
     doc = last_run(db)
     assert doc["output"]["table"] | {"version": None} == doc["output"]["table"] | {
@@ -97,7 +99,7 @@ def test_a_backfill_then_reruns_keep_the_table_in_step_with_the_corpus(emulator,
     texts = texts_for(n, edited=edited)
     write_corpus(src, list(texts), list(texts.values()))
     emulator.reset_stats()
-    embed(src, db, emulator.base_url)
+    embed(capsys, src, db, emulator.base_url)
     assert emulator.stats["embedding_inputs"] == len(edited)
     second = assert_table(db, texts)
     table = last_run(db)["output"]["table"]
@@ -109,12 +111,12 @@ def test_a_backfill_then_reruns_keep_the_table_in_step_with_the_corpus(emulator,
     kept = {i: t for i, t in texts.items() if i not in gone} | texts_for(1003, start=1000)
     write_corpus(src, list(kept), list(kept.values()))
     emulator.reset_stats()
-    embed(src, db, emulator.base_url)
+    embed(capsys, src, db, emulator.base_url)
     assert emulator.stats["embedding_inputs"] == 3
     assert_table(db, texts | kept)
     # ...and with it they are deleted; nothing is sent.
     emulator.reset_stats()
-    result = embed(src, db, emulator.base_url, "--delete-missing", "--index")
+    result = embed(capsys, src, db, emulator.base_url, "--delete-missing", "--index")
     assert emulator.stats["embedding_inputs"] == 0
     assert_table(db, kept)
     table = last_run(db)["output"]["table"]
@@ -127,13 +129,13 @@ def test_a_backfill_then_reruns_keep_the_table_in_step_with_the_corpus(emulator,
     back = kept | {500: texts[500]}
     write_corpus(src, list(back), list(back.values()))
     emulator.reset_stats()
-    embed(src, db, emulator.base_url, "--delete-missing")
+    embed(capsys, src, db, emulator.base_url, "--delete-missing")
     assert emulator.stats["embedding_inputs"] == 1
     assert_table(db, back)
     assert last_run(db)["output"]["table"]["inserted"] == 1
 
 
-def test_a_run_killed_mid_way_then_rerun_gives_the_table_of_a_clean_run(emulator, tmp_path):
+def test_a_run_killed_mid_way_then_rerun_gives_the_table_of_a_clean_run(emulator, tmp_path, capsys):
     emulator.configure(latency_seconds=0.2)
     n = 3000
     texts = texts_for(n)
@@ -155,28 +157,28 @@ def test_a_run_killed_mid_way_then_rerun_gives_the_table_of_a_clean_run(emulator
     assert not (db / "docs.lance").exists(), "killed before the table was made"
 
     emulator.reset_stats()
-    embed(src, db, emulator.base_url)
+    embed(capsys, src, db, emulator.base_url)
     assert emulator.stats["embedding_inputs"] == n - written, "the rows written before the kill are not paid again"
     killed = assert_table(db, texts)
 
     clean_db = tmp_path / "clean"
-    embed(src, clean_db, emulator.base_url)
+    embed(capsys, src, clean_db, emulator.base_url)
     clean = assert_table(clean_db, texts)
     assert {i: (r["content_hash"], r["embedding"]) for i, r in killed.items()} == {
         i: (r["content_hash"], r["embedding"]) for i, r in clean.items()
     }
 
 
-def test_parts_written_but_not_applied_are_applied_by_the_next_run(emulator, tmp_path):
+def test_parts_written_but_not_applied_are_applied_by_the_next_run(emulator, tmp_path, capsys):
     """A crash between "parts written" and "table updated": the next run applies them, sending nothing."""
     texts = texts_for(400)
     src = write_corpus(tmp_path / "in.parquet", list(texts), list(texts.values()))
     db = tmp_path / "vectors"
-    embed(src, db, emulator.base_url)
+    embed(capsys, src, db, emulator.base_url)
     first_parts = last_run(db)["output"]["parts_written"]
     more = texts_for(600)
     write_corpus(src, list(more), list(more.values()))
-    embed(src, db, emulator.base_url)
+    embed(capsys, src, db, emulator.base_url)
     # As if the second run had died before its sync: the table one version back, its parts not recorded.
     table = lancedb.connect(str(db)).open_table("docs")
     table.restore(1)
@@ -185,7 +187,7 @@ def test_parts_written_but_not_applied_are_applied_by_the_next_run(emulator, tmp
     assert table.count_rows() == 400
 
     emulator.reset_stats()
-    embed(src, db, emulator.base_url)
+    embed(capsys, src, db, emulator.base_url)
     assert emulator.stats["embedding_inputs"] == 0
     assert_table(db, more)
     synced = last_run(db)["output"]["table"]
@@ -194,7 +196,7 @@ def test_parts_written_but_not_applied_are_applied_by_the_next_run(emulator, tmp
     # A table deleted by hand is made again from the staging folder, with no request.
     shutil.rmtree(db / "docs.lance")
     emulator.reset_stats()
-    embed(src, db, emulator.base_url)
+    embed(capsys, src, db, emulator.base_url)
     assert emulator.stats["embedding_inputs"] == 0
     assert_table(db, more)
     assert last_run(db)["output"]["table"]["inserted"] == 600
