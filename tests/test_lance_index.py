@@ -9,6 +9,7 @@ from __future__ import annotations
 import lancedb
 import numpy as np
 import pyarrow as pa
+import pytest
 
 from emulator.fakes import fake_embeddings
 from tasks.sinks.lance import INDEX_MIN_ROWS, INDEX_TYPE, REINDEX_SHARE, refresh_index
@@ -34,6 +35,7 @@ def rows(start: int, stop: int) -> pa.Table:
     )
 
 
+@pytest.mark.slow  # 100,000 vectors and an index build: a measurement, run in CI's slow tier
 def test_the_index_agrees_with_brute_force_on_a_100k_row_table(tmp_path):
     table = lancedb.connect(str(tmp_path)).create_table("docs", data=rows(0, ROWS - 1))
     assert refresh_index(table)["status"].startswith("not needed"), "below 100,000 rows: no index"
