@@ -286,3 +286,23 @@ def assert_balanced(doc: dict) -> None:
     assert c["input_rows"] == (
         c["skipped_done"] + c["deduplicated"] + c["succeeded"] + c["failed"] + c["not_attempted"]
     ), c
+
+
+def interrupt_after_first_part(argv: list[str], env: dict[str, str], cwd: Path, out: Path) -> None:
+    """Start `gembatch` (``argv``) as a process of its own and press Ctrl-C once its first part file is in
+    ``out``: it must exit 130 (interrupted, resumable)."""
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(
+        argv, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not list(out.glob("part-*.parquet")) and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stdout.read().decode()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    output = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 130, output.decode(errors="replace")

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import time
 
+import conftest
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -165,17 +166,7 @@ def test_ctrl_c_stops_cleanly_with_interrupted_metadata_and_resumes(tracked, req
     src = write_corpus(tmp_path / "in.parquet", list(range(n)), texts)
     out = tmp_path / "out"
     env = cli_env(request.getfixturevalue("api_url") if tracked else None)
-    proc = subprocess.Popen(
-        _embed_cmd(src, out, emulator.base_url), env=env, cwd=tmp_path, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )  # fmt: skip
-    deadline = time.monotonic() + 60
-    while not list(out.glob("part-*.parquet")) and time.monotonic() < deadline:
-        assert proc.poll() is None, proc.stdout.read().decode()
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    proc.communicate(timeout=60)
-    assert proc.returncode == 130
+    conftest.interrupt_after_first_part(_embed_cmd(src, out, emulator.base_url), env, tmp_path, out)
 
     (run,) = [json.loads(p.read_text()) for p in (out / "_runs").glob("*.json")]
     assert run["status"] == "interrupted"

@@ -6,13 +6,11 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import signal
 import subprocess
-import time
 
 import pytest
 import yaml
-from conftest import REPO, TEST_KEY_ENV, cli_env, embed_command, read_output, write_corpus
+from conftest import REPO, TEST_KEY_ENV, cli_env, embed_command, interrupt_after_first_part, read_output, write_corpus
 from prefect.events.schemas.automations import AutomationCore
 
 from flows.chunk_groups import TASK_RUNS_ENV, ChunkGroup, ChunkGroups, group_size, wait_for_group
@@ -325,17 +323,7 @@ def test_ctrl_c_on_a_grouped_tracked_run_stops_cleanly_and_a_rerun_resumes(prefe
     # 5 chunks of 200, at most 2 task runs: the chunks run in groups of 3.
     env = cli_env(PREFECT_API_URL.value(), **{TASK_RUNS_ENV: "2"})
     argv = embed_command(src, out, emulator.base_url, batch_size=20, chunk_size=200)
-    proc = subprocess.Popen(
-        argv, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )  # fmt: skip
-    deadline = time.monotonic() + 60
-    while not list(out.glob("part-*.parquet")) and time.monotonic() < deadline:
-        assert proc.poll() is None, proc.stdout.read().decode()
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    proc.communicate(timeout=60)
-    assert proc.returncode == 130
+    interrupt_after_first_part(argv, env, tmp_path, out)
 
     (run,) = [json.loads(p.read_text()) for p in (out / "_runs").glob("*.json")]
     assert run["status"] == "interrupted"
