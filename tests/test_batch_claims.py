@@ -15,6 +15,7 @@ from collections import Counter
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 from conftest import assert_balanced, hurry_batches, write_corpus
 from test_claims import (
     BATCH,
