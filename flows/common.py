@@ -106,13 +106,9 @@ async def _shared_limits(host: str, model: str, limits: Limits) -> Any:
 async def _run(flow_job: FlowJob) -> dict[str, Any]:
     from prefect import get_run_logger
 
-    from flows import events
     from flows.shards import sharded
 
     job, options = flow_job.job, options_of(flow_job)
-    shard = str(options.shard) if options.shard else None
-    title = events.run_title(job.name, options.input, options.output, shard)
-    await events.name_flow_run(f"{title} (dry run)" if options.dry_run else title)
     if options.dry_run:
         from tasks.engine.dry_run import plan_job
 

@@ -1,7 +1,8 @@
 """A tracked run as an operator sees it in Prefect: its name, its live progress, its events.
 
-- The flow run is renamed after what it does (``embed corpus.parquet → s3://bucket/emb``, a shard
-  ``… shard 2/4``) instead of Prefect's random ``winged-moth``.
+- The flow run is named after what it does (``embed corpus.parquet → s3://bucket/emb``, a shard
+  ``… shard 2/4``) instead of Prefect's random ``winged-moth``, from its first log line on
+  (flows/prefect_flow.py).
 - While it works, a progress artifact (percent of rows settled) and a one-row table (rows done,
   failed and left, requests, 429s, tokens, cost so far, rate, ETA) are updated every few seconds
   (tasks/engine/report/live.py); a sharded run's parent adds up its shards' tables, one row each.
@@ -33,7 +34,6 @@ __all__ = [
     "end_event",
     "end_payload",
     "live_row",
-    "name_flow_run",
     "quiet_chunk_logs",
     "resource_of",
     "run_title",
@@ -64,20 +64,6 @@ def run_title(job: str, input_path: str, output: str, shard: str | None = None) 
     source = PurePosixPath(redact_url(input_path).rstrip("/")).name or _short(input_path)
     title = f"{job} {source} → {_short(output)}"
     return f"{title} shard {shard}" if shard else title
-
-
-async def name_flow_run(title: str) -> None:
-    """Rename the current flow run (best effort: a name is not worth failing a run for)."""
-    from prefect.client.orchestration import get_client
-    from prefect.runtime import flow_run
-
-    if not flow_run.id:
-        return
-    try:
-        async with get_client() as client:
-            await client.update_flow_run(UUID(str(flow_run.id)), name=title)
-    except Exception as exc:  # noqa: BLE001 - best effort
-        log.warning("could not rename the flow run to %r: %s", title, exc)
 
 
 def quiet_chunk_logs() -> None:

@@ -187,7 +187,10 @@ def api_url(prefect_server) -> str:
 
 def test_with_a_prefect_api_a_run_is_a_flow_run_and_writes_what_an_untracked_run_writes(api_url, emulator, tmp_path):
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.sorting import LogSort
+
+    from flows.events import run_title
 
     src = write_corpus(tmp_path / "in.parquet", list(TEXTS), list(TEXTS.values()))
     docs, tables = {}, {}
@@ -219,10 +222,17 @@ def test_with_a_prefect_api_a_run_is_a_flow_run_and_writes_what_an_untracked_run
             task_runs = await client.read_task_runs(
                 flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id]))
             )
-            return flow_run, flow, task_runs
+            logs = await client.read_logs(
+                LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run.id])), sort=LogSort.TIMESTAMP_ASC
+            )
+            return flow_run, flow, task_runs, logs
 
-    flow_run, flow, task_runs = asyncio.run(flow_run_and_tasks())
+    flow_run, flow, task_runs, logs = asyncio.run(flow_run_and_tasks())
     assert flow.name == "gembatch-embed" and flow_run.state.is_completed()
+    # Named after its work from its first log line on, not "winged-moth" first and renamed later.
+    title = run_title("embed", str(src), str(tmp_path / "tracked"))
+    assert flow_run.name == title
+    assert logs and logs[0].message == f"Beginning flow run {title!r} for flow 'gembatch-embed'"
     assert flow_run.parameters["input"] == str(src)
     assert sorted(t.name for t in task_runs) == ["chunk-0", "chunk-1", "chunk-2"]
 
