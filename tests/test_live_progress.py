@@ -16,6 +16,7 @@ from prefect.events.schemas.automations import AutomationCore
 from flows.chunk_groups import TASK_RUNS_ENV, ChunkGroup, ChunkGroups, group_size, wait_for_group
 from flows.events import _sum_rows, end_event, end_payload, live_row, resource_of, run_title, stop_event
 from tasks.engine.report.live import EVERY_ENV, Snapshot, Throttle, cost_marks_passed, snapshot, watch_every_s
+from tasks.engine.report.metadata import usage
 from tasks.engine.run import RunOptions, run_job
 from tasks.engine.send.context import RunStats
 from tasks.engine.send.limits import Limits
@@ -63,6 +64,19 @@ def test_a_snapshot_counts_rows_settled_and_left():
     assert now.rows_per_s == 31.0 and round(now.eta_s) == 19
     assert now.cost_usd == pytest.approx(0.15)  # gemini-embedding-001: $0.15 per 1M input tokens
     assert snapshot(RunStats(), total=0, model=MODEL, elapsed_s=1.0, sent_since_start=0).percent == 100.0
+
+
+def test_the_cost_so_far_prices_images_and_audio_as_the_run_metadata_does():
+    images = RunStats(succeeded=10, images=10)
+    now = snapshot(images, total=20, model="imagen-4.0-generate-001", elapsed_s=5.0, sent_since_start=10,
+                   per_image_usd=0.04)  # fmt: skip
+    assert now.cost_usd == pytest.approx(0.40)  # ten images at $0.04, no tokens at all
+    audio = RunStats(succeeded=1)
+    audio.prompt_tokens, audio.total_tokens = 1_000_000, 1_000_000
+    as_text = snapshot(audio, total=1, model="gemini-2.5-flash", elapsed_s=1.0, sent_since_start=1)
+    as_audio = snapshot(audio, total=1, model="gemini-2.5-flash", elapsed_s=1.0, sent_since_start=1, audio_input=True)
+    assert as_audio.cost_usd == pytest.approx(usage(audio, "gemini-2.5-flash", audio_input=True)[1]["estimated_usd"])
+    assert as_audio.cost_usd > as_text.cost_usd  # audio input is dearer than text
 
 
 def test_cost_marks_are_told_once_each_as_they_are_passed():

@@ -20,8 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from tasks.engine.report.metadata import usage
 from tasks.engine.send.context import RunContext, RunStats
-from tasks.provider.prices import estimate_cost_usd
 
 __all__ = [
     "EVERY_ENV",
@@ -109,10 +109,20 @@ class Snapshot:
         }
 
 
-def snapshot(stats: RunStats, *, total: int, model: str, elapsed_s: float, sent_since_start: int) -> Snapshot:
+def snapshot(
+    stats: RunStats,
+    *,
+    total: int,
+    model: str,
+    elapsed_s: float,
+    sent_since_start: int,
+    per_image_usd: float | None = None,
+    audio_input: bool = False,
+) -> Snapshot:
     """The counts of ``stats`` now. ``sent_since_start``: rows this run settled by sending or
-    deduplicating (not those done before it), which is what the rate is measured on."""
-    cost = estimate_cost_usd(model, prompt_tokens=stats.prompt_tokens, total_tokens=stats.total_tokens)
+    deduplicating (not those done before it), which is what the rate is measured on. The cost so far
+    is priced as the run metadata prices it at the end: images per image, audio at the audio price."""
+    cost = usage(stats, model, per_image_usd=per_image_usd, audio_input=audio_input)[1]["estimated_usd"]
     return Snapshot(
         total=total,
         done=stats.skipped_done + stats.deduplicated + stats.succeeded,
@@ -120,7 +130,7 @@ def snapshot(stats: RunStats, *, total: int, model: str, elapsed_s: float, sent_
         requests=stats.requests,
         rate_limited=stats.rate_limited,
         tokens=stats.total_tokens,
-        cost_usd=None if cost is None else round(cost, 6),
+        cost_usd=cost,
         rows_per_s=round(sent_since_start / elapsed_s, 2) if elapsed_s > 0 and sent_since_start else None,
         elapsed_s=round(elapsed_s, 1),
     )
@@ -206,6 +216,8 @@ class LiveWatch:
             model=self.ctx.job.model,
             elapsed_s=time.monotonic() - self._clock_start,
             sent_since_start=self._sent_or_deduplicated() - self._base,
+            per_image_usd=getattr(self.ctx.job, "per_image_usd", None),
+            audio_input=getattr(self.ctx.job, "audio_input", False),
         )
 
     async def _tick(self) -> None:
