@@ -480,7 +480,7 @@ def test_latency_overlaps_concurrent_requests(make_emu: Any) -> None:
         return elapsed
 
     elapsed = asyncio.run(go())
-    assert 0.3 <= elapsed < 1.0
+    assert 0.3 <= elapsed < 1.8  # one after the other would take 8 × 0.3 = 2.4 s (slack: a busy machine)
     assert emu.stats["max_in_flight"] == 8
 
 

@@ -33,7 +33,9 @@ def test_declared_rate_is_reached_whatever_the_latency():
     limiter = AdaptiveLimiter(Limits(rpm=100, window_s=1.0))
     wall = asyncio.run(drive(limiter, 300, lambda i: asyncio.sleep(0.5)))
     floor = 300 / 100 + 0.5
-    assert wall <= 1.1 * floor, (wall, floor)
+    # The old fixed 16 in flight took 300 / 32 = 9.4 s; the slack is for a busy machine (the real figure
+    # is benchmarks/bench_rate.py's).
+    assert wall <= 1.5 * floor, (wall, floor)
     assert limiter.describe()["max_in_flight_seen"] >= 45
 
 
