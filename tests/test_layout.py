@@ -46,8 +46,6 @@ LONG_MODULES = {
     # The Prefect-concurrency-limit quota: one protocol (lease, renew, give back) that reads best whole
     # (its daily-quota stop is daily_quota.py).
     "tasks/engine/send/shared_limits.py": 730,
-    # The done-key index: one flat-memory structure and its queries.
-    "tasks/engine/plan/index.py": 650,
     "tasks/engine/plan/claims.py": 440,
     "tasks/engine/send/limits.py": 450,
 }

@@ -11,7 +11,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from tasks.engine.plan.index import LOCATIONS, ContentTable, KeyTable, exact_id_keys, member, pair_keys
+from tasks.engine.plan.content_table import ContentTable
+from tasks.engine.plan.key_table import KeyTable, member
+from tasks.engine.plan.keys import LOCATIONS, exact_id_keys, pair_keys
 
 RECENT_PARTS = 8  # parts whose keys DoneIndex keeps after confirming a match in them
 PROBE_ROWS = 8  # rows of a chunk whose parts are asked first (DoneIndex.pairs_done)
@@ -19,7 +21,7 @@ PROBE_ROWS = 8  # rows of a chunk whose parts are asked first (DoneIndex.pairs_d
 
 @dataclass
 class DoneIndex:
-    """What the output already holds, as fixed-width keys (see :mod:`tasks.engine.plan.index`).
+    """What the output already holds, as fixed-width keys (see :mod:`tasks.engine.plan.keys`).
 
     ``results`` has one entry per result row, 4 bytes: a 32-bit prefix of its content hash and the
     ordinal of its part (a :class:`ContentTable`). It names the parts that may hold a content; whether

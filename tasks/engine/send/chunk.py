@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from tasks.engine.job import BadReply, Item, Outcome, Reply, RowFailure
-from tasks.engine.plan.index import member
+from tasks.engine.plan.key_table import member
 from tasks.engine.plan.rows import (
     DONE,
     INVALID,

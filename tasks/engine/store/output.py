@@ -35,16 +35,8 @@ import pyarrow.parquet as pq
 from tasks.engine.memory import release_free_memory
 from tasks.engine.plan.claims import CLAIMS_DIR
 from tasks.engine.plan.done import DoneIndex, NewParts
-from tasks.engine.plan.index import (
-    LOCATIONS,
-    KeyTable,
-    exact_id_keys,
-    hash_key,
-    hash_keys,
-    id_tags,
-    pair_key,
-    pair_keys,
-)
+from tasks.engine.plan.key_table import KeyTable
+from tasks.engine.plan.keys import LOCATIONS, exact_id_keys, hash_key, hash_keys, id_tags, pair_key, pair_keys
 from tasks.engine.store.keycache import INDEX_DIR, KEYS_FILE, KeyCache, KeyCacheWriter, part_stamp
 from tasks.errors import ConfigError
 from tasks.redact import redact_data, redact_text
