@@ -194,7 +194,6 @@ MANY_FIELDS = {
     "tasks/engine/plan/claims.py:ClaimBook": 17,
     "tasks/engine/send/batch/records.py:RequestFile": 16,
     "tasks/engine/send/outage.py:OutageBreaker": 15,
-    "tasks/engine/plan/done.py:DoneIndex": 14,
     "tasks/engine/send/shared_limits.py:SharedBucket": 13,
     "emulator/batches.py:Batch": 19,
 }

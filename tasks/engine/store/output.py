@@ -37,6 +37,7 @@ from tasks.engine.plan.claims import CLAIMS_DIR
 from tasks.engine.plan.done import DoneIndex, NewParts
 from tasks.engine.plan.key_table import KeyTable
 from tasks.engine.plan.keys import LOCATIONS, exact_id_keys, hash_key, hash_keys, id_tags, pair_key, pair_keys
+from tasks.engine.plan.part_keys import PartKeys
 from tasks.engine.store.keycache import INDEX_DIR, KEYS_FILE, KeyCache, KeyCacheWriter, part_stamp
 from tasks.errors import ConfigError
 from tasks.redact import redact_data, redact_text
@@ -72,7 +73,6 @@ RETRY_AUTO = "auto"  # transient errors (5xx, timeouts, broken connections, 429s
 RETRY_ON_REQUEST = "on_request"  # the row failed for itself (a 400 for it, an unusable reply): --retry-errors
 # Error files written before the `retry` column: these error types were transient.
 LEGACY_AUTO_ERROR_TYPES = ("transient", "rate_limited")
-
 
 
 class OutputStore:
@@ -183,7 +183,7 @@ class OutputStore:
         ``live_runs``: other runs working on the folder now; ``since_ns``: when this run took its lease.
         The rows they recorded as failed, or that were recorded since, belong to runs at work
         (``fresh_errors``): this run doesn't resend them, not even with --retry-errors."""
-        index = DoneIndex(store=self, id_col=id_col)
+        index = DoneIndex(part_keys=PartKeys(lambda path: self.part_keys(path, id_col)))
         loader = index.results.loader()
         pending: list[tuple[np.ndarray, int]] = []  # parts' keys handed to the loader together
         pending_rows = 0
@@ -211,7 +211,7 @@ class OutputStore:
                     if pending_rows >= SCAN_BATCH_ROWS:
                         load()
                         pending_rows = 0
-                    index.pair_file.add(path, pairs)
+                    index.part_keys.pair_file.add(path, pairs)
                     index.result_rows += len(keys)
                 if pending:
                     load()
