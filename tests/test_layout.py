@@ -44,7 +44,6 @@ LONG_MODULES = {
     # The Prefect-concurrency-limit quota: one protocol (lease, renew, give back) that reads best whole
     # (its daily-quota stop is daily_quota.py).
     "tasks/engine/send/shared_limits.py": 730,
-    "tasks/engine/plan/claims.py": 440,
     "tasks/engine/send/limits.py": 450,
 }
 
@@ -188,7 +187,6 @@ MANY_FIELDS = {
     "tasks/engine/send/batch/batch_run.py:BatchRun": 29,
     "tasks/engine/send/context.py:RunContext": 23,
     "tasks/engine/send/limits.py:AdaptiveLimiter": 31,
-    "tasks/engine/plan/claims.py:ClaimBook": 17,
     "tasks/engine/send/batch/records.py:RequestFile": 16,
     "tasks/engine/send/outage.py:OutageBreaker": 15,
     "tasks/engine/send/shared_limits.py:SharedBucket": 13,

@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from tasks.engine.plan.claims import CLAIMS_DIR
+from tasks.engine.plan.claim_files import CLAIMS_DIR
 from tasks.engine.plan.done import DoneIndex, NewParts
 from tasks.engine.store import compaction, scanning
 from tasks.engine.store.compaction import COMPACT_BYTES
