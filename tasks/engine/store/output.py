@@ -1,4 +1,4 @@
-"""The output folder: atomic part files, the scan into the done-key index, superseding, and run metadata files.
+"""The output folder: its layout and owner, result and error parts written, run documents, the scan and superseding.
 
 Layout (see ARCHITECTURE.md)::
 
@@ -11,6 +11,10 @@ Layout (see ARCHITECTURE.md)::
 Every part file carries its write time in its schema metadata. When one id has several records
 (its text changed, or it failed and later succeeded), the newest record wins and the older ones are
 removed by :meth:`OutputStore.compact` at the end of every run that wrote something.
+
+The part files themselves are :mod:`tasks.engine.store.part_files`, the failed rows
+:mod:`tasks.engine.store.error_rows`, the scan :mod:`tasks.engine.store.scanning`, superseding
+:mod:`tasks.engine.store.compaction`.
 """
 
 from __future__ import annotations
