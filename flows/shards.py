@@ -332,7 +332,7 @@ def _rows_written_by(store: Any, run_ids: set[str]) -> dict[str, int]:
     """Result rows in the output written by these runs (read from each part's footer: its run id)."""
     import pyarrow.parquet as pq
 
-    from tasks.engine.store.output import META_KEY
+    from tasks.engine.store.part_files import META_KEY
 
     rows: dict[str, int] = {}
     for path in store.result_files():

@@ -36,7 +36,8 @@ from conftest import (
 from test_embed import expected_vector
 
 from emulator import Emulator, EmulatorConfig
-from tasks.engine.plan.claims import CLAIMS_DIR, ClaimPolicy, chunk_key
+from tasks.engine.plan.claim_files import CLAIMS_DIR
+from tasks.engine.plan.claims import ClaimPolicy, chunk_key
 from tasks.engine.run import RunOptions, run_job
 from tasks.jobs.embed import EmbedJob
 from tasks.provider.client import ProviderSettings

@@ -17,19 +17,10 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import REPO, TEST_KEY_ENV, assert_balanced, read_errors, read_output, write_corpus
 
-from tasks.engine.plan.index import (
-    FP_LEVEL_ROWS,
-    FP_MAX_LEVELS,
-    FP_PARTITIONS,
-    ContentTable,
-    KeyTable,
-    exact_id_keys,
-    hash_key,
-    hash_keys,
-    id_tags,
-    pair_key,
-)
+from tasks.engine.plan.content_table import FP_LEVEL_ROWS, FP_MAX_LEVELS, FP_PARTITIONS, ContentTable
 from tasks.engine.plan.input import InputSource, check_ids
+from tasks.engine.plan.key_table import KeyTable
+from tasks.engine.plan.keys import exact_id_keys, hash_key, hash_keys, id_tags, pair_key
 from tasks.engine.plan.rows import content_hash, content_hashes, prepare_chunk
 from tasks.engine.run import RunOptions, run_job
 from tasks.engine.send.chunk import process_chunk
@@ -191,7 +182,7 @@ SCAN_IN_CHILD = """
 import json, sys
 sys.path.insert(0, sys.argv[1])
 from tasks.engine.store.output import OutputStore
-from tasks.engine.plan.index import pair_key
+from tasks.engine.plan.keys import pair_key
 index = OutputStore(sys.argv[2]).scan("id")
 levels = [[lv.offsets.tolist(), lv.entries.tolist()] for lv in index.results._levels]
 print(json.dumps({"levels": levels, "pair": list(pair_key("doc-7", "ab" * 32))}))

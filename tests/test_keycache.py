@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.engine.plan.index import hash_keys
+from tasks.engine.plan.keys import hash_keys
 from tasks.engine.store.keycache import INDEX_DIR, KEYS_FILE
 from tasks.engine.store.output import OutputStore
 

@@ -41,14 +41,9 @@ LONG_MODULES = {
     "tasks/engine/send/chunk.py": 443,
     # Not yet split: BatchRun's submit pass and its re-attach/poll loop share the claims bookkeeping.
     "tasks/engine/send/batch/batch_run.py": 862,
-    # Parts, compaction, error rows and the scan: one OutputStore whose methods share its file helpers.
-    "tasks/engine/store/output.py": 580,
     # The Prefect-concurrency-limit quota: one protocol (lease, renew, give back) that reads best whole
     # (its daily-quota stop is daily_quota.py).
     "tasks/engine/send/shared_limits.py": 730,
-    # The done-key index: one flat-memory structure and its queries.
-    "tasks/engine/plan/index.py": 650,
-    "tasks/engine/plan/claims.py": 440,
     "tasks/engine/send/limits.py": 450,
 }
 
@@ -170,7 +165,6 @@ LONG_FUNCTIONS = {
     "tasks/engine/send/chunk.py:process_chunk": 93,
     "tasks/engine/send/chunk.py:_write_chunk": 91,
     "tasks/engine/send/batch/results.py:write_rows": 61,
-    "tasks/engine/store/output.py:scan": 66,
     "tasks/jobs/transcribe.py:_send_segments": 108,
     "tasks/jobs/images.py:send": 64,
     # Adding up the shards' documents: one loop over the shards filling one summary.
@@ -193,10 +187,8 @@ MANY_FIELDS = {
     "tasks/engine/send/batch/batch_run.py:BatchRun": 29,
     "tasks/engine/send/context.py:RunContext": 23,
     "tasks/engine/send/limits.py:AdaptiveLimiter": 31,
-    "tasks/engine/plan/claims.py:ClaimBook": 17,
     "tasks/engine/send/batch/records.py:RequestFile": 16,
     "tasks/engine/send/outage.py:OutageBreaker": 15,
-    "tasks/engine/plan/done.py:DoneIndex": 14,
     "tasks/engine/send/shared_limits.py:SharedBucket": 13,
     "emulator/batches.py:Batch": 19,
 }

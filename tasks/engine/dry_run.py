@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 
 from tasks.engine.job import Job
-from tasks.engine.plan.index import KeyTable
 from tasks.engine.plan.input import InputSource, check_ids
+from tasks.engine.plan.key_table import KeyTable
 from tasks.engine.plan.rows import DONE, INVALID, NEW, PREV_ERROR, chunk_statuses, prepare_chunk
 from tasks.engine.preflight import check_input_columns
 from tasks.engine.run import RunOptions

@@ -30,7 +30,7 @@ from openai.types.audio import Transcription
 
 from tasks.defaults import APIS, DEFAULT_SEGMENT_FORMAT, DEFAULT_SEGMENT_S, MAX_INLINE_BYTES, SEGMENT_FORMATS
 from tasks.engine.job import Item, Outcome, Prepared, Reply, RowFailure, RowInvalid, unexpected_reply
-from tasks.engine.plan.index import hash_keys
+from tasks.engine.plan.keys import hash_keys
 from tasks.jobs.audio import (
     SEGMENT_CODECS,
     SILENCE_DBFS,

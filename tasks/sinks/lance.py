@@ -282,7 +282,7 @@ def _name(path: str) -> str:
 
 
 def _part_meta(store: OutputStore, path: str) -> dict[str, Any]:
-    from tasks.engine.store.output import META_KEY
+    from tasks.engine.store.part_files import META_KEY
 
     raw = (pq.read_schema(path, filesystem=store.fs).metadata or {}).get(META_KEY)
     return json.loads(raw) if raw else {}

@@ -22,27 +22,24 @@ holder is always the highest generation present. The stale file is removed after
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import os
-import socket
 import threading
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from fsspec.implementations.local import LocalFileSystem
+from tasks.engine.plan.claim_files import HOST, TMP_PREFIX, ClaimFiles
+from tasks.engine.plan.heartbeat import Heartbeat
 
-__all__ = ["CLAIMS_DIR", "COMPACT_KEY", "ClaimPolicy", "ClaimBook", "Holder", "batch_key", "chunk_key"]
+__all__ = ["COMPACT_KEY", "ClaimPolicy", "ClaimBook", "Holder", "batch_key", "chunk_key"]
 
 log = logging.getLogger("gembatch.claims")
 
-CLAIMS_DIR = "_claims"
 # A heartbeat every 10 s and stale after 60 s: a chunk's claim survives five missed heartbeats (a
 # loaded machine, a slow object store), and a run killed on another machine frees its chunks within a
 # minute. On the same machine a dead pid frees them at once.
@@ -51,7 +48,6 @@ DEFAULT_HEARTBEAT_S = 10.0
 DEFAULT_POLL_S = 1.0
 COMPACT_KEY = "compact"
 BATCH_PREFIX = "batch-"
-TMP_PREFIX = ".tmp-"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -114,9 +110,6 @@ class Holder:
         return f"run {self.run_id} on host {self.host} (pid {self.pid}) since {since}"
 
 
-HOST = socket.gethostname()
-
-
 def chunk_key(ids: Sequence[Any], content_hashes: Sequence[str]) -> str:
     """A chunk's identity: its ids and content hashes, so every run over the same input (any
     options that leave the content alone: --retry-errors, a restart, a schedule) names it alike."""
@@ -134,15 +127,17 @@ class ClaimBook:
     thread in async code. The heartbeat runs on its own thread, so a busy event loop can't starve it."""
 
     def __init__(self, fs: Any, root: str, run_id: str, policy: ClaimPolicy | None = None) -> None:
-        self.fs = fs
-        self.folder = f"{root}/{CLAIMS_DIR}"
-        self.run_id = run_id
+        self.files = ClaimFiles(fs, root, run_id)
         self.policy = policy or ClaimPolicy()
         self.since = time.time()
         self._held: dict[str, str] = {}  # key -> path of our claim file
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self.heartbeat = Heartbeat(
+            self._renew,
+            interval_s=self.policy.heartbeat_s,
+            lapse_s=self.policy.ttl_s,
+            name=f"gembatch-claims-{run_id}",
+        )
         # Other runs seen working on the folder during this run (run id -> holder): they may have
         # written parts this run's scan didn't see, and they decide who compacts.
         self.others_seen: dict[str, Holder] = {}
@@ -151,40 +146,45 @@ class ClaimBook:
         self._told: set[str] = set()  # holders this run said it leaves chunks to
         self.waited_s = 0.0  # time spent waiting at the end for chunks other runs held
         self._lease_on = True
-        # The run's event loop says it is alive (tick); a loop stuck for ttl_s stops the renewals, so
-        # a hung run loses its claims like a dead one instead of holding them forever.
-        self._ticked = time.monotonic()
-        self.ticking: Any = None  # the run's asyncio task that calls tick()
+
+    @property
+    def fs(self) -> Any:
+        return self.files.fs
+
+    @property
+    def folder(self) -> str:
+        return self.files.folder
+
+    @property
+    def run_id(self) -> str:
+        return self.files.run_id
 
     # -- the run's lease ----------------------------------------------------------------------------
     def start(self) -> None:
         self.fs.makedirs(self.folder, exist_ok=True)
-        self._write(self._lease_path(), self._body(self.since), replace=True)
-        self._thread = threading.Thread(target=self._beat, name=f"gembatch-claims-{self.run_id}", daemon=True)
-        self._thread.start()
+        self.files.write(self.files.lease_path(), self.files.body(self.since))
+        self.heartbeat.start()
 
     def stop(self) -> None:
         """Stop the heartbeat and release every claim (the chunks still held and the run's lease)."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
+        self.heartbeat.stop()
         with self._lock:
             paths = list(self._held.values())
             self._held.clear()
-        for path in [*paths, self._lease_path()]:
-            self._remove(path)
+        for path in [*paths, self.files.lease_path()]:
+            self.files.remove(path)
 
     def other_runs(self) -> list[Holder]:
         """Live leases of other runs on the folder (stale ones of dead runs are removed on the way)."""
         live = []
-        for name in self._names():
-            if not name.startswith("run-") or name == self._lease_path().rsplit("/", 1)[-1]:
+        for name in self.files.names():
+            if not name.startswith("run-") or name == self.files.lease_path().rsplit("/", 1)[-1]:
                 continue
             holder = Holder.read(self.fs, f"{self.folder}/{name}")
             if holder is None:
                 continue
             if holder.is_stale(self.policy):
-                self._remove(holder.path)
+                self.files.remove(holder.path)
                 continue
             live.append(holder)
             self.others_seen.setdefault(holder.run_id, holder)
@@ -220,7 +220,7 @@ class ClaimBook:
         """Claim ``key`` for this run: None if this run holds it now, else the live holder."""
         prefix = _prefix(key)
         gens = sorted(
-            int(g) for name in self._names() if name.startswith(prefix) and (g := name[len(prefix) : -5]).isdigit()
+            int(g) for name in self.files.names() if name.startswith(prefix) and (g := name[len(prefix) : -5]).isdigit()
         )
         gen, stale = 0, None
         if gens:
@@ -233,7 +233,7 @@ class ClaimBook:
                 return holder
             gen, stale = gens[-1] + 1, holder
         path = f"{self.folder}/{prefix}{gen}.json"
-        if not self._create(path, self._body(time.time())):
+        if not self.files.create(path, self.files.body(time.time())):
             holder = Holder.read(self.fs, path)
             if holder is not None:  # another run was quicker
                 self._saw(holder)
@@ -245,7 +245,7 @@ class ClaimBook:
             self.taken_over += 1
             log.warning("taking over a claim of %s: %s (%s)", stale.describe(), stale.why_stale(self.policy), path)
         for old in gens:
-            self._remove(f"{self.folder}/{prefix}{old}.json")
+            self.files.remove(f"{self.folder}/{prefix}{old}.json")
         return None
 
     def holder_of(self, key: str) -> Holder | None:
@@ -254,7 +254,7 @@ class ClaimBook:
 
     def holders_of(self, keys: Sequence[str]) -> dict[str, Holder | None]:
         """:meth:`holder_of` for many keys, with one listing of the folder."""
-        names = self._names()
+        names = self.files.names()
         found: dict[str, Holder | None] = {}
         for key in keys:
             prefix = _prefix(key)
@@ -267,15 +267,15 @@ class ClaimBook:
         """Remove the claims of dead runs (a chunk claim nobody needed to take over, a lease): call it
         only while no other run works on the folder. Returns the files removed."""
         removed = 0
-        for name in self._names():
+        for name in self.files.names():
             path = f"{self.folder}/{name}"
             if name.startswith(TMP_PREFIX):
-                self._remove(path)
+                self.files.remove(path)
                 removed += 1
                 continue
             holder = Holder.read(self.fs, path)
             if holder is not None and holder.run_id != self.run_id and holder.is_stale(self.policy):
-                self._remove(path)
+                self.files.remove(path)
                 removed += 1
         return removed
 
@@ -284,13 +284,13 @@ class ClaimBook:
         it still holds (the compaction claim)."""
         with self._lock:
             self._lease_on = False
-            self._remove(self._lease_path())
+            self.files.remove(self.files.lease_path())
 
     def release(self, key: str) -> None:
         with self._lock:
             path = self._held.pop(key, None)
             if path is not None:
-                self._remove(path)
+                self.files.remove(path)
 
     def held(self) -> int:
         with self._lock:
@@ -303,94 +303,30 @@ class ClaimBook:
 
     def tick(self) -> None:
         """The run is making progress (called from its event loop every heartbeat)."""
-        self._ticked = time.monotonic()
+        self.heartbeat.tick()
 
-    def _beat(self) -> None:
-        while not self._stop.wait(self.policy.heartbeat_s):
-            if time.monotonic() - self._ticked > self.policy.ttl_s:
-                log.warning("this run's event loop has not answered for %.0f s: its claims lapse", self.policy.ttl_s)
-                continue
-            now = time.time()
-            try:
-                with self._lock:
-                    if self._lease_on:
-                        self._write(self._lease_path(), self._body(self.since, now), replace=True)
-                    held = list(self._held.items())
-                for key, path in held:
-                    with self._lock:  # not while release() removes it: that would bring it back
-                        if self._held.get(key) != path:
-                            continue
-                        current = Holder.read(self.fs, path)
-                        if current is None or current.run_id != self.run_id:
-                            # Judged stale and taken over by another run (a stall longer than ttl_s):
-                            # both send this chunk now; its part is the same either way.
-                            del self._held[key]
-                            log.warning("this run's claim %s was taken over by another run", path)
-                            continue
-                        self._write(path, self._body(current.since, now), replace=True)
-            except Exception as exc:  # noqa: BLE001 - a failed heartbeat is retried at the next beat
-                log.warning("could not renew this run's claims in %s: %s", self.folder, exc)
-
-    def _lease_path(self) -> str:
-        return f"{self.folder}/run-{self.run_id}.json"
-
-    def _body(self, since: float, renewed: float | None = None) -> bytes:
-        return json.dumps(
-            {
-                "run_id": self.run_id,
-                "host": HOST,
-                "pid": os.getpid(),
-                "since": since,
-                "renewed": time.time() if renewed is None else renewed,
-            }
-        ).encode()
-
-    def _names(self) -> list[str]:
+    def _renew(self) -> None:
+        """Renew the run's lease and every claim it holds (on the heartbeat's thread)."""
+        now = time.time()
         try:
-            return [p.rsplit("/", 1)[-1] for p in self.fs.ls(self.folder, detail=False)]
-        except FileNotFoundError:
-            return []
-
-    def _create(self, path: str, data: bytes) -> bool:
-        """Exclusive create: False if the file exists. On local disk the content is written first and
-        hard-linked into place (link fails if the name exists), so a claim is never seen half-written."""
-        if isinstance(self.fs, LocalFileSystem):
-            tmp = f"{self.folder}/{TMP_PREFIX}{uuid.uuid4().hex}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                return False
-            except OSError:  # no hard links here (some network or FAT mounts): O_EXCL, then write
-                try:
-                    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-                except FileExistsError:
-                    return False
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-            finally:
-                os.unlink(tmp)
-            return True
-        try:
-            self.fs.pipe_file(path, data, mode="create")
-        except FileExistsError:
-            return False
-        return True
-
-    def _write(self, path: str, data: bytes, *, replace: bool) -> None:
-        """Overwrite (renew): atomic on local disk (temporary file, then rename), a single PUT elsewhere."""
-        if isinstance(self.fs, LocalFileSystem):
-            tmp = f"{self.folder}/{TMP_PREFIX}{uuid.uuid4().hex}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
-            return
-        self.fs.pipe_file(path, data)
-
-    def _remove(self, path: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self.fs.rm_file(path)
+            with self._lock:
+                if self._lease_on:
+                    self.files.write(self.files.lease_path(), self.files.body(self.since, now))
+                held = list(self._held.items())
+            for key, path in held:
+                with self._lock:  # not while release() removes it: that would bring it back
+                    if self._held.get(key) != path:
+                        continue
+                    current = Holder.read(self.fs, path)
+                    if current is None or current.run_id != self.run_id:
+                        # Judged stale and taken over by another run (a stall longer than ttl_s):
+                        # both send this chunk now; its part is the same either way.
+                        del self._held[key]
+                        log.warning("this run's claim %s was taken over by another run", path)
+                        continue
+                    self.files.write(path, self.files.body(current.since, now))
+        except Exception as exc:  # noqa: BLE001 - a failed renewal is retried at the next beat
+            log.warning("could not renew this run's claims in %s: %s", self.folder, exc)
 
 
 def _modified(fs: Any, path: str) -> float:

@@ -2,24 +2,23 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
-import threading
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from tasks.engine.plan.index import LOCATIONS, ContentTable, KeyTable, exact_id_keys, member, pair_keys
+from tasks.engine.plan.content_table import ContentTable
+from tasks.engine.plan.key_table import KeyTable, member
+from tasks.engine.plan.keys import LOCATIONS, exact_id_keys, pair_keys
+from tasks.engine.plan.part_keys import PartKeys
 
-RECENT_PARTS = 8  # parts whose keys DoneIndex keeps after confirming a match in them
 PROBE_ROWS = 8  # rows of a chunk whose parts are asked first (DoneIndex.pairs_done)
 
 
 @dataclass
 class DoneIndex:
-    """What the output already holds, as fixed-width keys (see :mod:`tasks.engine.plan.index`).
+    """What the output already holds, as fixed-width keys (see :mod:`tasks.engine.plan.keys`).
 
     ``results`` has one entry per result row, 4 bytes: a 32-bit prefix of its content hash and the
     ordinal of its part (a :class:`ContentTable`). It names the parts that may hold a content; whether
@@ -42,12 +41,8 @@ class DoneIndex:
     # Rows another run recorded in _errors/ while this run ran (see OutputStore.read_new_parts): this
     # run doesn't send them again, not even with --retry-errors; the next run decides.
     fresh_errors: KeyTable = field(default_factory=KeyTable)
-    store: Any = None  # the OutputStore where the parts are read to confirm a match
-    id_col: str = "id"
-    # The scanned parts' pair keys, on local disk: a done row is confirmed with a 16 KB read.
-    pair_file: PairFile = field(default_factory=lambda: PairFile(), repr=False)
-    _recent: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
-    _recent_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    # The parts' keys, read from the output to confirm a match (a done row: a 16 KB read).
+    part_keys: PartKeys = field(default_factory=PartKeys, repr=False)
 
     @property
     def errored_pairs(self) -> KeyTable:
@@ -89,7 +84,7 @@ class DoneIndex:
             for loc in np.unique(locations).tolist():
                 for path in self.parts_at(loc):
                     seen.add(path)
-                    done |= member(self._part_pairs(path), wanted)
+                    done |= member(self.part_keys.pairs(path), wanted)
         rest = np.flatnonzero(~done)
         if not len(rest):
             return done
@@ -98,7 +93,7 @@ class DoneIndex:
             rows = rest[at]
             for path in self.parts_at(loc):
                 if path not in seen:
-                    done[rows] |= member(self._part_pairs(path), wanted[rows])
+                    done[rows] |= member(self.part_keys.pairs(path), wanted[rows])
         return done
 
     def contents_stored(self, keys: np.ndarray) -> np.ndarray:
@@ -108,28 +103,9 @@ class DoneIndex:
         queries, locations = self.results.candidates(keys)
         for loc, at in _by_location(queries, locations).items():
             for path in self.parts_at(loc):
-                contents, _pairs = self._part_keys(path)
+                contents, _pairs = self.part_keys.keys(path)
                 found[at] |= member(contents, keys[at])
         return found
-
-    def _part_pairs(self, path: str) -> np.ndarray:
-        pairs = self.pair_file.get(path)
-        return pairs if pairs is not None else self._part_keys(path)[1]
-
-    def _part_keys(self, path: str) -> tuple[np.ndarray, np.ndarray]:
-        """A part's keys; the last few parts read are kept (a chunk often ends in the part the next
-        chunk starts in). Parts are never rewritten while a run reads them (compaction waits)."""
-        if self.store is None:
-            raise RuntimeError("this index was not read from an output folder: it can't confirm a match")
-        with self._recent_lock:
-            keys = self._recent.get(path)
-        if keys is None:
-            keys = self.store.part_keys(path, self.id_col)
-            with self._recent_lock:
-                self._recent[path] = keys
-                while len(self._recent) > RECENT_PARTS:
-                    del self._recent[next(iter(self._recent))]
-        return keys
 
     def nbytes(self) -> int:
         return self.results.nbytes + self.errors.nbytes
@@ -139,40 +115,7 @@ class DoneIndex:
         self.results.clear()
         self.errors.clear()
         self.fresh_errors.clear()
-        self._recent.clear()
-        self.pair_file.close()
-
-
-class PairFile:
-    """The :func:`pair_keys` of each part read by the scan, sorted, in a local temporary file (8 bytes a
-    row, on disk: not in memory). What confirms that a row is done is then a read of a few KB instead
-    of decoding the part's Parquet again (the rerun of a 10M-row output confirms all 10M rows)."""
-
-    def __init__(self) -> None:
-        self._file: Any = None
-        self._where: dict[str, tuple[int, int]] = {}
-        self._end = 0
-
-    def add(self, path: str, pairs: np.ndarray) -> None:
-        if self._file is None:
-            self._file = tempfile.TemporaryFile(prefix="gembatch-pairs-")
-        data = np.asarray(pairs, np.uint64).tobytes()  # sorted by the caller (OutputStore.part_keys)
-        os.pwrite(self._file.fileno(), data, self._end)
-        self._where[path] = (self._end, len(pairs))
-        self._end += len(data)
-
-    def get(self, path: str) -> np.ndarray | None:
-        where = self._where.get(path)
-        file = self._file
-        if where is None or file is None:
-            return None
-        offset, rows = where
-        return np.frombuffer(os.pread(file.fileno(), 8 * rows, offset), np.uint64)
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-        self._file, self._where, self._end = None, {}, 0
+        self.part_keys.clear()
 
 
 def _by_location(queries: np.ndarray, locations: np.ndarray) -> dict[int, np.ndarray]:

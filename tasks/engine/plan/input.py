@@ -287,7 +287,8 @@ def check_ids(
     """
     import numpy as np
 
-    from tasks.engine.plan.index import KeyTable, exact_id_keys
+    from tasks.engine.plan.key_table import KeyTable
+    from tasks.engine.plan.keys import exact_id_keys
 
     rows = nulls = 0
     null_rows: list[int] = []
@@ -351,7 +352,7 @@ def _raise_duplicates(source: InputSource, id_col: str, limit: int | None, chunk
     import numpy as np
     import polars as pl
 
-    from tasks.engine.plan.index import exact_id_keys
+    from tasks.engine.plan.keys import exact_id_keys
 
     values: list[pa.Array] = []
     positions: list[np.ndarray] = []

@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 from tasks.engine.job import Job, Prepared, RowInvalid
 from tasks.engine.plan.done import DoneIndex
 from tasks.engine.plan.hashing import HashProcesses, TextTemplate, digest_keys, text_template
-from tasks.engine.plan.index import hash_keys, id_tags
+from tasks.engine.plan.keys import hash_keys, id_tags
 
 _ENCODER = json.JSONEncoder(sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
 

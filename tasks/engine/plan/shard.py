@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from tasks.engine.plan.index import exact_id_keys
 from tasks.engine.plan.input import InputSource
+from tasks.engine.plan.keys import exact_id_keys
 from tasks.errors import ConfigError
 
 __all__ = ["Shard", "ShardSource", "shard_mask"]

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from tasks.engine.job import BadReply, Item, Outcome, Reply, RowFailure
-from tasks.engine.plan.index import member
+from tasks.engine.plan.key_table import member
 from tasks.engine.plan.rows import (
     DONE,
     INVALID,
@@ -33,7 +33,7 @@ from tasks.engine.plan.rows import (
 )
 from tasks.engine.send.context import ChunkReport, RunContext
 from tasks.engine.send.replies import count_reply, reply_stop, take_results
-from tasks.engine.store.output import RETRY_AUTO, RETRY_ON_REQUEST
+from tasks.engine.store.error_rows import RETRY_AUTO, RETRY_ON_REQUEST
 from tasks.errors import RunStopped
 from tasks.provider.client import Failure, classify_failure
 

@@ -35,7 +35,7 @@ async def take_lease(store: OutputStore, run_id: str, policy: ClaimPolicy) -> Cl
     then wait while another run compacts the folder."""
     claims = ClaimBook(store.fs, store.root, run_id, policy)
     await asyncio.to_thread(claims.start)
-    claims.ticking = asyncio.create_task(_tick(claims))
+    claims.heartbeat.ticking = asyncio.create_task(_tick(claims))
     try:
         await _wait_for_compaction(claims)
     except BaseException:
@@ -45,9 +45,9 @@ async def take_lease(store: OutputStore, run_id: str, policy: ClaimPolicy) -> Cl
 
 
 async def give_up_lease(claims: ClaimBook) -> None:
-    if claims.ticking is not None:
-        claims.ticking.cancel()
-        await asyncio.gather(claims.ticking, return_exceptions=True)
+    if claims.heartbeat.ticking is not None:
+        claims.heartbeat.ticking.cancel()
+        await asyncio.gather(claims.heartbeat.ticking, return_exceptions=True)
     await asyncio.to_thread(claims.stop)
 
 

@@ -37,7 +37,7 @@ from tasks.engine.job import Item, Outcome
 from tasks.engine.plan.claims import ClaimBook, Holder, batch_key, chunk_key
 from tasks.engine.plan.claims import log as claims_log
 from tasks.engine.plan.done import KnownParts
-from tasks.engine.plan.index import KeyTable, hash_keys, id_tags
+from tasks.engine.plan.key_table import KeyTable, hash_keys, id_tags
 from tasks.engine.plan.rows import DONE, INVALID, NEW, PREV_ERROR, chunk_statuses
 from tasks.engine.send.batch.fallback import send_rest_live
 from tasks.engine.send.batch.manage import PollBar

@@ -12,10 +12,11 @@ import numpy as np
 import pyarrow as pa
 
 from tasks.engine.job import BadReply, Item, Outcome, RowFailure
-from tasks.engine.plan.index import KeyTable, hash_keys, id_tags
+from tasks.engine.plan.key_table import KeyTable
+from tasks.engine.plan.keys import hash_keys, id_tags
 from tasks.engine.send.batch.records import LineRows
 from tasks.engine.send.context import RunContext, rerouted_stop
-from tasks.engine.store.output import RETRY_AUTO, RETRY_ON_REQUEST
+from tasks.engine.store.error_rows import RETRY_AUTO, RETRY_ON_REQUEST
 from tasks.provider.batches import ReplayTransport, normalise_body, offline_client
 from tasks.provider.catalog import same_model
 from tasks.provider.client import Connection, classify_failure
