@@ -39,8 +39,6 @@ LONG_MODULES = {
     # The live path's fan-out, retries and part writing (planning is in plan/rows.py, the shared values in
     # job.py and send/context.py); _send and process_chunk are still long functions.
     "tasks/engine/send/chunk.py": 443,
-    # Not yet split: BatchRun's submit pass and its re-attach/poll loop share the claims bookkeeping.
-    "tasks/engine/send/batch/batch_run.py": 862,
     # Parts, compaction, error rows and the scan: one OutputStore whose methods share its file helpers.
     "tasks/engine/store/output.py": 580,
     # The Prefect-concurrency-limit quota: one protocol (lease, renew, give back) that reads best whole
@@ -190,11 +188,9 @@ MANY_FIELDS = {
     # Counters of one run, each a number the run metadata reports.
     "tasks/engine/send/context.py:RunStats": 21,
     # Not yet split.
-    "tasks/engine/send/batch/batch_run.py:BatchRun": 29,
     "tasks/engine/send/context.py:RunContext": 23,
     "tasks/engine/send/limits.py:AdaptiveLimiter": 31,
     "tasks/engine/plan/claims.py:ClaimBook": 17,
-    "tasks/engine/send/batch/records.py:RequestFile": 16,
     "tasks/engine/send/outage.py:OutageBreaker": 15,
     "tasks/engine/plan/done.py:DoneIndex": 14,
     "tasks/engine/send/shared_limits.py:SharedBucket": 13,

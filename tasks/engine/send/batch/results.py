@@ -14,26 +14,16 @@ import pyarrow as pa
 from tasks.engine.job import BadReply, Item, Outcome, RowFailure
 from tasks.engine.plan.index import KeyTable, hash_keys, id_tags
 from tasks.engine.send.batch.records import LineRows
+from tasks.engine.send.batch.routes import offline_connection
+from tasks.engine.send.batch.totals import LineTally
 from tasks.engine.send.context import RunContext, rerouted_stop
 from tasks.engine.store.output import RETRY_AUTO, RETRY_ON_REQUEST
-from tasks.provider.batches import ReplayTransport, normalise_body, offline_client
+from tasks.provider.batches import ReplayTransport, normalise_body
 from tasks.provider.catalog import same_model
 from tasks.provider.client import Connection, classify_failure
 
 # Result rows written together: one part file per this many rows (at least a chunk's worth).
 WRITE_RESULT_ROWS = 2000
-
-
-@dataclass
-class LineTally:
-    """What one batch's result files held: lines answered or failed, and the tokens they cost."""
-
-    seen: set[str] = field(default_factory=set)
-    answered: int = 0
-    failed: int = 0
-    prompt: int = 0
-    completion: int = 0
-    total: int = 0
 
 
 @dataclass
@@ -60,12 +50,7 @@ class ResultWriter:
         self.failed_now = KeyTable()
         self.fatal: Any = None
         self._replay = ReplayTransport()
-        self._replay_conn = Connection(
-            client=offline_client(conn.base_url, self._replay),
-            base_url=conn.base_url,
-            provider=conn.provider,
-            api_key="",
-        )
+        self._replay_conn = offline_connection(conn, self._replay)
 
     async def close(self) -> None:
         await self._replay_conn.client.close()
@@ -98,9 +83,7 @@ class ResultWriter:
         items, rows = members
         outcomes, reply = await self.parse_line(custom_id, response, items)
         if reply is not None:
-            tally.prompt += reply[0]
-            tally.completion += reply[1]
-            tally.total += reply[2]
+            tally.tokens.add(*reply)
         if outcomes[0] is None:
             tally.seen.discard(custom_id)
             return
