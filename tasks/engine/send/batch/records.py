@@ -163,22 +163,17 @@ class RequestFile:
         counts.bytes += len(line)
         counts.tokens += sum(item.tokens for item in items)
         firsts: set[int] = set()
-        b = self._buffer
         for item_index, row_id, input_row in rows:
             item = items[item_index]
-            b["custom_id"].append(custom_id)
-            b["item"].append(item_index)
-            b["content_hash"].append(item.content_hash)
-            b["id"].append(row_id)
-            b["input_row"].append(input_row)
             first = item_index not in firsts
             firsts.add(item_index)
-            b["prepared"].append(pickle.dumps(item.prepared, protocol=5) if first else None)
+            prepared = pickle.dumps(item.prepared, protocol=5) if first else None
+            self._buffer_row(custom_id, item_index, item.content_hash, row_id, input_row, prepared)
         for index, item in enumerate(items):
             self.where[item.content_hash] = (custom_id, index)
         self.hashes.extend(item.content_hash for item in items)
         counts.rows += len(rows)
-        if len(b["custom_id"]) >= WRITE_ROWS:
+        if len(self._buffer["custom_id"]) >= WRITE_ROWS:
             self._flush()
 
     def join(self, content_hash: str, members: list[tuple[Any, int]]) -> bool:
@@ -186,16 +181,15 @@ class RequestFile:
         if content_hash not in self.where:
             return False
         custom_id, index = self.where[content_hash]
-        b = self._buffer
         for row_id, input_row in members:
-            b["custom_id"].append(custom_id)
-            b["item"].append(index)
-            b["content_hash"].append(content_hash)
-            b["id"].append(row_id)
-            b["input_row"].append(input_row)
-            b["prepared"].append(None)
+            self._buffer_row(custom_id, index, content_hash, row_id, input_row, None)
         self.counts.rows += len(members)
         return True
+
+    def _buffer_row(self, *values: Any) -> None:
+        """One row of the rows file (custom_id, item, content_hash, id, input_row, prepared), buffered."""
+        for name, value in zip(self._schema.names, values, strict=True):
+            self._buffer[name].append(value)
 
     def _flush(self) -> None:
         if self._buffer["custom_id"]:
