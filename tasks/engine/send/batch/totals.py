@@ -5,30 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from tasks.engine.send.context import RunStats
-
-
-@dataclass
-class Tokens:
-    """Tokens a provider counted, named as the run's own counts are (RunStats) so they add into them."""
-
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    total_tokens: int = 0
-
-    def add(self, prompt: int, completion: int, total: int) -> None:
-        self.prompt_tokens += prompt
-        self.completion_tokens += completion
-        self.total_tokens += total
-
-    def add_into(self, other: Tokens | RunStats) -> None:
-        """Add these counts into ``other`` (another tally, or the run's stats)."""
-        other.prompt_tokens += self.prompt_tokens
-        other.completion_tokens += self.completion_tokens
-        other.total_tokens += self.total_tokens
-
-    def as_dict(self) -> dict[str, int]:
-        return {"prompt": self.prompt_tokens, "completion": self.completion_tokens, "total": self.total_tokens}
+from tasks.engine.send.context import RunStats, Tokens
 
 
 @dataclass
