@@ -32,7 +32,7 @@ def outcome(ctx: RunContext, limiter: AdaptiveLimiter, batch_run: BatchRun | Non
     tokens, cost = usage(stats, job.model, per_image_usd=getattr(job, "per_image_usd", None), audio_input=audio_input)
     batches = {}
     if batch_run is not None:
-        cost = batch_cost(cost, batch_run.totals, job.model, audio_input=audio_input)
+        cost = batch_cost(cost, batch_run.totals.tokens, job.model, audio_input=audio_input)
         batches = {"batches": batch_run.describe()}
     if stats.rerouted:
         # Priced at the model asked for; a provider may bill rerouted requests at the answering

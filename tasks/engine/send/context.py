@@ -64,7 +64,32 @@ class RetryPolicy:
 
 
 @dataclass
-class RunStats:
+class Tokens:
+    """Tokens a provider counted: the run's own counts (RunStats), a batch run's, one batch's."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+    def add(self, prompt: int, completion: int, total: int) -> None:
+        self.prompt_tokens += prompt
+        self.completion_tokens += completion
+        self.total_tokens += total
+
+    def add_into(self, other: Tokens) -> None:
+        """Add these counts into ``other`` (another tally, or the run's stats)."""
+        other.prompt_tokens += self.prompt_tokens
+        other.completion_tokens += self.completion_tokens
+        other.total_tokens += self.total_tokens
+
+    def as_dict(self) -> dict[str, int]:
+        return {"prompt": self.prompt_tokens, "completion": self.completion_tokens, "total": self.total_tokens}
+
+
+@dataclass
+class RunStats(Tokens):
+    """The run's counts, each a number the run metadata reports (the tokens are those of Tokens)."""
+
     input_rows: int = 0
     skipped_done: int = 0
     deduplicated: int = 0
@@ -78,9 +103,6 @@ class RunStats:
     retries: int = 0
     rate_limited: int = 0
     transient_errors: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    total_tokens: int = 0
     estimated_tokens: int = 0
     images: int = 0
     parts_written: list[str] = field(default_factory=list)

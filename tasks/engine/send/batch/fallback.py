@@ -10,8 +10,7 @@ import pyarrow.parquet as pq
 from tasks.engine.plan.claims import ClaimBook
 from tasks.engine.send.context import RunContext
 
-_ADDED = ("requests", "items_sent", "retries", "rate_limited", "transient_errors", "prompt_tokens",
-          "completion_tokens", "total_tokens", "estimated_tokens", "images")  # fmt: skip
+_ADDED = ("requests", "items_sent", "retries", "rate_limited", "transient_errors", "estimated_tokens", "images")
 
 
 async def send_rest_live(
@@ -54,6 +53,7 @@ async def send_rest_live(
         t.failed_retry_auto += s.failed_retry_auto
         for name in _ADDED:
             setattr(t, name, getattr(t, name) + getattr(s, name))
+        s.add_into(t)  # the tokens
         t.parts_written += s.parts_written
         t.error_parts_written += s.error_parts_written
         totals.live_rows = s.succeeded + s.deduplicated + new_errors

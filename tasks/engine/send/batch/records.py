@@ -14,6 +14,7 @@ import pickle
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ import pyarrow.parquet as pq
 
 from tasks.engine.job import Item
 
-__all__ = ["BATCHES_DIR", "Book", "LineRows", "RequestFile", "read_records", "read_rows", "request_line"]
+__all__ = ["BATCHES_DIR", "Book", "FileCounts", "LineRows", "RequestFile", "read_records", "read_rows", "request_line"]
 
 BATCHES_DIR = "_batches"
 # Record states (ours; the provider's status is kept beside them).
@@ -106,6 +107,17 @@ class Book:
 # -- one request file being built ---------------------------------------------------------------------
 
 
+@dataclass
+class FileCounts:
+    """What a request file holds so far: lines, embedding inputs, bytes, rows answered, estimated tokens."""
+
+    lines: int = 0
+    inputs: int = 0
+    bytes: int = 0
+    rows: int = 0
+    tokens: int = 0
+
+
 class RequestFile:
     """A JSONL request file and its rows file, written as lines are added (never held in memory)."""
 
@@ -127,8 +139,7 @@ class RequestFile:
         )
         self._writer = pq.ParquetWriter(self._rows_fh, self._schema, compression="zstd")
         self._buffer: dict[str, list[Any]] = {n: [] for n in self._schema.names}
-        self.lines = self.inputs = self.bytes = self.rows = 0
-        self.tokens = 0
+        self.counts = FileCounts()
         self.hashes: list[str] = []  # content hashes of the items (for the in-flight key table)
         # content hash -> (custom_id, item index): a later row of the same content joins that item.
         self.where: dict[str, tuple[str, int]] = {}
@@ -136,36 +147,33 @@ class RequestFile:
 
     def fits(self, inputs: int, size: int, policy: Any, endpoint: str) -> bool:
         """Room for one more line under ``policy`` (a BatchPolicy): requests, bytes, embedding inputs."""
-        if self.lines == 0:
+        counts = self.counts
+        if counts.lines == 0:
             return True
-        if self.lines + 1 > policy.max_lines or self.bytes + size > policy.max_bytes:
+        if counts.lines + 1 > policy.max_lines or counts.bytes + size > policy.max_bytes:
             return False
-        return not (endpoint.endswith("embeddings") and self.inputs + inputs > policy.max_inputs)
+        return not (endpoint.endswith("embeddings") and counts.inputs + inputs > policy.max_inputs)
 
     def add_line(self, line: bytes, items: list[Item], rows: list[tuple[int, Any, int]], custom_id: str) -> None:
         """``rows``: (item index, row id, input row) of every row the line answers."""
         self._fh.write(line)
-        self.lines += 1
-        self.inputs += len(items)
-        self.bytes += len(line)
-        self.tokens += sum(item.tokens for item in items)
+        counts = self.counts
+        counts.lines += 1
+        counts.inputs += len(items)
+        counts.bytes += len(line)
+        counts.tokens += sum(item.tokens for item in items)
         firsts: set[int] = set()
-        b = self._buffer
         for item_index, row_id, input_row in rows:
             item = items[item_index]
-            b["custom_id"].append(custom_id)
-            b["item"].append(item_index)
-            b["content_hash"].append(item.content_hash)
-            b["id"].append(row_id)
-            b["input_row"].append(input_row)
             first = item_index not in firsts
             firsts.add(item_index)
-            b["prepared"].append(pickle.dumps(item.prepared, protocol=5) if first else None)
+            prepared = pickle.dumps(item.prepared, protocol=5) if first else None
+            self._buffer_row(custom_id, item_index, item.content_hash, row_id, input_row, prepared)
         for index, item in enumerate(items):
             self.where[item.content_hash] = (custom_id, index)
         self.hashes.extend(item.content_hash for item in items)
-        self.rows += len(rows)
-        if len(b["custom_id"]) >= WRITE_ROWS:
+        counts.rows += len(rows)
+        if len(self._buffer["custom_id"]) >= WRITE_ROWS:
             self._flush()
 
     def join(self, content_hash: str, members: list[tuple[Any, int]]) -> bool:
@@ -173,16 +181,15 @@ class RequestFile:
         if content_hash not in self.where:
             return False
         custom_id, index = self.where[content_hash]
-        b = self._buffer
         for row_id, input_row in members:
-            b["custom_id"].append(custom_id)
-            b["item"].append(index)
-            b["content_hash"].append(content_hash)
-            b["id"].append(row_id)
-            b["input_row"].append(input_row)
-            b["prepared"].append(None)
-        self.rows += len(members)
+            self._buffer_row(custom_id, index, content_hash, row_id, input_row, None)
+        self.counts.rows += len(members)
         return True
+
+    def _buffer_row(self, *values: Any) -> None:
+        """One row of the rows file (custom_id, item, content_hash, id, input_row, prepared), buffered."""
+        for name, value in zip(self._schema.names, values, strict=True):
+            self._buffer[name].append(value)
 
     def _flush(self) -> None:
         if self._buffer["custom_id"]:

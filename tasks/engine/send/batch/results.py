@@ -15,26 +15,16 @@ from tasks.engine.job import BadReply, Item, Outcome, RowFailure
 from tasks.engine.plan.key_table import KeyTable
 from tasks.engine.plan.keys import hash_keys, id_tags
 from tasks.engine.send.batch.records import LineRows
+from tasks.engine.send.batch.routes import offline_connection
+from tasks.engine.send.batch.totals import LineTally
 from tasks.engine.send.context import RunContext, rerouted_stop
 from tasks.engine.store.error_rows import RETRY_AUTO, RETRY_ON_REQUEST
-from tasks.provider.batches import ReplayTransport, normalise_body, offline_client
+from tasks.provider.batches import ReplayTransport, normalise_body
 from tasks.provider.catalog import same_model
 from tasks.provider.client import Connection, classify_failure
 
 # Result rows written together: one part file per this many rows (at least a chunk's worth).
 WRITE_RESULT_ROWS = 2000
-
-
-@dataclass
-class LineTally:
-    """What one batch's result files held: lines answered or failed, and the tokens they cost."""
-
-    seen: set[str] = field(default_factory=set)
-    answered: int = 0
-    failed: int = 0
-    prompt: int = 0
-    completion: int = 0
-    total: int = 0
 
 
 @dataclass
@@ -61,12 +51,7 @@ class ResultWriter:
         self.failed_now = KeyTable()
         self.fatal: Any = None
         self._replay = ReplayTransport()
-        self._replay_conn = Connection(
-            client=offline_client(conn.base_url, self._replay),
-            base_url=conn.base_url,
-            provider=conn.provider,
-            api_key="",
-        )
+        self._replay_conn = offline_connection(conn, self._replay)
 
     async def close(self) -> None:
         await self._replay_conn.client.close()
@@ -99,9 +84,7 @@ class ResultWriter:
         items, rows = members
         outcomes, reply = await self.parse_line(custom_id, response, items)
         if reply is not None:
-            tally.prompt += reply[0]
-            tally.completion += reply[1]
-            tally.total += reply[2]
+            tally.tokens.add(*reply)
         if outcomes[0] is None:
             tally.seen.discard(custom_id)
             return
@@ -208,61 +191,71 @@ class ResultWriter:
     def write_rows(self, rows: list[tuple[Any, str, int]], outcomes: list[Outcome], firsts: list[bool]) -> None:
         """Write rows (id, content_hash, input_row) with their outcomes: one results part, one errors part,
         the same columns as a live chunk's (send/chunk.py, _write_chunk); the done-key index learns them."""
-        ctx, job, stats = self.ctx, self.ctx.job, self.ctx.stats
-        id_type = self.id_type or pa.int64()
+        ctx = self.ctx
         # A row already in the output (a run killed after writing, before marking the batch written).
         keys = hash_keys([h for _, h, _ in rows])
         ids = pa.array([r for r, _, _ in rows], self.id_type) if self.id_type is not None else [r for r, _, _ in rows]
         done = ctx.index.pairs_done(keys, ids) if len(ctx.index.results) else np.zeros(len(rows), bool)
-        tags = id_tags(ids)
         ok = [i for i, o in enumerate(outcomes) if o.ok and not done[i]]
         bad = [i for i, o in enumerate(outcomes) if not o.ok and not done[i]]
-        stats.skipped_done += int(done.sum())
+        ctx.stats.skipped_done += int(done.sum())
         if ok:
-            results = [outcomes[i].result for i in ok]
-            table = pa.table(
-                {
-                    ctx.id_col: pa.array([rows[i][0] for i in ok], id_type),
-                    **job.result_arrays(results),
-                    "content_hash": pa.array([rows[i][1] for i in ok], pa.string()),
-                    "model": pa.array([job.model] * len(ok), pa.string()),
-                }
-            )
-            if ctx.served_column and not getattr(job, "stop_on_reroute", False):
-                table = table.append_column(
-                    pa.field("served_model", pa.string()),
-                    pa.array([outcomes[i].served_model for i in ok], pa.string()),
-                )
-            part = ctx.store.write_part(table, errors=False, run_id=ctx.run_id, id_col=ctx.id_col)
-            stats.parts_written.append(part)
-            ctx.index.results.add(keys[ok], ctx.index.part_ordinal(part))
-            for i in ok:
-                if firsts[i]:
-                    stats.succeeded += 1
-                else:
-                    stats.deduplicated += 1
+            self._write_results(ok, rows, outcomes, firsts, keys)
         if bad:
-            table = pa.table(
-                {
-                    ctx.id_col: pa.array([rows[i][0] for i in bad], id_type),
-                    "content_hash": pa.array([rows[i][1] for i in bad], pa.string()),
-                    "error_type": pa.array([outcomes[i].error_type for i in bad], pa.string()),
-                    "error_message": pa.array([outcomes[i].error_message or "" for i in bad], pa.string()),
-                    "attempts": pa.array([outcomes[i].attempts for i in bad], pa.int32()),
-                    "raw_reply": pa.array([outcomes[i].raw_reply for i in bad], pa.string()),
-                    "retry": pa.array(
-                        [RETRY_AUTO if outcomes[i].retry_auto else RETRY_ON_REQUEST for i in bad], pa.string()
-                    ),
-                    "input_row": pa.array([rows[i][2] for i in bad], pa.int64()),
-                    "model": pa.array([job.model] * len(bad), pa.string()),
-                    "run_id": pa.array([ctx.run_id] * len(bad), pa.string()),
-                }
-            )
-            path = ctx.store.write_part(table, errors=True, run_id=ctx.run_id, id_col=ctx.id_col)
-            stats.error_parts_written.append(path)
-            # Not sent again in this run (a plain rerun resends the transient ones, as after a live run).
-            ctx.index.errors.add(keys[bad], tags[bad])
-            self.failed_now.add(keys[bad], tags[bad])
-            stats.failed += len(bad)
-            stats.failed_retry_auto += sum(1 for i in bad if outcomes[i].retry_auto)
+            self._write_errors(bad, rows, outcomes, keys, id_tags(ids))
         ctx.on_progress(len(ok) + len(bad))
+
+    def _write_results(
+        self, ok: list[int], rows: list[tuple[Any, str, int]], outcomes: list[Outcome], firsts: list[bool], keys: Any
+    ) -> None:
+        ctx, job, stats = self.ctx, self.ctx.job, self.ctx.stats
+        results = [outcomes[i].result for i in ok]
+        table = pa.table(
+            {
+                ctx.id_col: pa.array([rows[i][0] for i in ok], self.id_type or pa.int64()),
+                **job.result_arrays(results),
+                "content_hash": pa.array([rows[i][1] for i in ok], pa.string()),
+                "model": pa.array([job.model] * len(ok), pa.string()),
+            }
+        )
+        if ctx.served_column and not getattr(job, "stop_on_reroute", False):
+            table = table.append_column(
+                pa.field("served_model", pa.string()),
+                pa.array([outcomes[i].served_model for i in ok], pa.string()),
+            )
+        part = ctx.store.write_part(table, errors=False, run_id=ctx.run_id, id_col=ctx.id_col)
+        stats.parts_written.append(part)
+        ctx.index.results.add(keys[ok], ctx.index.part_ordinal(part))
+        for i in ok:
+            if firsts[i]:
+                stats.succeeded += 1
+            else:
+                stats.deduplicated += 1
+
+    def _write_errors(
+        self, bad: list[int], rows: list[tuple[Any, str, int]], outcomes: list[Outcome], keys: Any, tags: Any
+    ) -> None:
+        ctx, job, stats = self.ctx, self.ctx.job, self.ctx.stats
+        table = pa.table(
+            {
+                ctx.id_col: pa.array([rows[i][0] for i in bad], self.id_type or pa.int64()),
+                "content_hash": pa.array([rows[i][1] for i in bad], pa.string()),
+                "error_type": pa.array([outcomes[i].error_type for i in bad], pa.string()),
+                "error_message": pa.array([outcomes[i].error_message or "" for i in bad], pa.string()),
+                "attempts": pa.array([outcomes[i].attempts for i in bad], pa.int32()),
+                "raw_reply": pa.array([outcomes[i].raw_reply for i in bad], pa.string()),
+                "retry": pa.array(
+                    [RETRY_AUTO if outcomes[i].retry_auto else RETRY_ON_REQUEST for i in bad], pa.string()
+                ),
+                "input_row": pa.array([rows[i][2] for i in bad], pa.int64()),
+                "model": pa.array([job.model] * len(bad), pa.string()),
+                "run_id": pa.array([ctx.run_id] * len(bad), pa.string()),
+            }
+        )
+        path = ctx.store.write_part(table, errors=True, run_id=ctx.run_id, id_col=ctx.id_col)
+        stats.error_parts_written.append(path)
+        # Not sent again in this run (a plain rerun resends the transient ones, as after a live run).
+        ctx.index.errors.add(keys[bad], tags[bad])
+        self.failed_now.add(keys[bad], tags[bad])
+        stats.failed += len(bad)
+        stats.failed_retry_auto += sum(1 for i in bad if outcomes[i].retry_auto)

@@ -21,6 +21,13 @@ BATCH_ROUTE_ATTEMPTS = 4
 _NO_STORAGE = re.compile(r"files_settings|file storage|storage (?:is )?not (?:set|configured)|no storage", re.I)
 
 
+def offline_connection(conn: Connection, transport: Any) -> Connection:
+    """A connection like ``conn`` whose requests go to ``transport`` (nothing leaves the machine, no key)."""
+    return Connection(
+        client=offline_client(conn.base_url, transport), base_url=conn.base_url, provider=conn.provider, api_key=""
+    )
+
+
 class BatchRoutes:
     """Builds request lines with the job's own ``send`` and calls the upload and create routes.
 
@@ -33,12 +40,7 @@ class BatchRoutes:
         self.auto = auto
         self.unavailable: str | None = None
         self._capture = CapturingTransport()
-        self._capture_conn = Connection(
-            client=offline_client(conn.base_url, self._capture),
-            base_url=conn.base_url,
-            provider=conn.provider,
-            api_key="",
-        )
+        self._capture_conn = offline_connection(conn, self._capture)
 
     async def close(self) -> None:
         await self._capture_conn.client.close()
