@@ -1,5 +1,8 @@
-"""When a LanceDB table is synced (the last run at work on its staging folder, or the parent of shards),
-and what a failed sync leaves: the rows done, the error recorded, the table synced by the next run."""
+"""When a LanceDB table is synced, and what a failed sync leaves: the rows done, the error recorded.
+
+The last run at work on the staging folder syncs it (as it compacts the folder); with ``--shards N``, the
+parent, once every shard is over. A sync that fails leaves the parts pending, so the next run applies them.
+"""
 
 from __future__ import annotations
 
