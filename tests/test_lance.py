@@ -371,3 +371,26 @@ def test_the_parent_of_shards_syncs_the_table_the_shards_wrote_once(emulator, tm
     synced = asyncio.run(sync_after_shards(sink, OutputStore(output), InputSource.open(str(src)), run_id="parent"))
     assert (synced["sync"], synced["inserted"], synced["rows"]) == ("done", len(texts), len(texts))
     assert {i: r["text"] for i, r in assert_table(db, texts).items()} == texts
+
+
+def test_the_demo_embeds_the_samples_into_a_table_and_queries_it(tmp_path):
+    """`gembatch demo`'s LanceDB scene (README.md shows its output): the committed corpus, every text
+    beside its vector, and row 7 nearest to itself."""
+    from io import StringIO
+
+    from rich.console import Console
+
+    from flows.demo import DATA_DIR, _table_query
+
+    console = Console(file=StringIO(), width=300)
+    _table_query(tmp_path, console)
+    corpus = {r["id"]: r["text"] for r in pq.read_table(DATA_DIR / "corpus.parquet").to_pylist()}
+    rows = {r["id"]: r for r in lancedb.connect(str(tmp_path / "lancedb")).open_table("corpus").to_arrow().to_pylist()}
+    assert {i: r["text"] for i, r in rows.items()} == corpus
+    for row in rows.values():
+        np.testing.assert_allclose(
+            np.asarray(row["embedding"], np.float32), expected_vector(row["text"], model=row["model"]), atol=1e-6
+        )
+    printed = console.file.getvalue()
+    assert f"{len(corpus)} rows with their text (--keep-text), 4 requests this run" in printed
+    assert f"    7  0.0000  {corpus[7][:20]}" in printed

@@ -178,7 +178,6 @@ LONG_FUNCTIONS = {
     # Command-line output: one table or one option list each, a row a line.
     "flows/options.py:print_plan": 76,
     "flows/cli.py:emulator": 91,
-    "flows/demo.py:run_demo": 65,
 }
 MAX_FIELDS = 12
 # Classes with more than MAX_FIELDS fields of their own (dataclass fields and self.x assignments).
