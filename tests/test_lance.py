@@ -18,6 +18,7 @@ from pathlib import Path
 import lancedb
 import numpy as np
 import pyarrow as pa
+import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 import pytest
 from conftest import EMBED_MODEL, REPO, TEST_KEY_ENV, CliResult, cli_env, embed_command, run_gembatch, write_corpus
@@ -271,7 +272,7 @@ def test_extract_writes_its_typed_columns_into_a_table(emulator, tmp_path):
     cmd = [
         sys.executable, "-m", "flows.cli", "extract", str(REPO / "data" / "extract" / "invoices.csv"),
         "--output", f"lancedb://{db}/invoices", "--schema", "schemas.examples:Invoice",
-        "--base-url", emulator.base_url, "--api-key-env", TEST_KEY_ENV, "--no-progress",
+        "--base-url", emulator.base_url, "--api-key-env", TEST_KEY_ENV, "--no-progress", "--keep-text",
     ]  # fmt: skip
     result = subprocess.run(cmd, env=cli_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -279,10 +280,11 @@ def test_extract_writes_its_typed_columns_into_a_table(emulator, tmp_path):
     staged = pq.read_table(db / "invoices.gembatch").sort_by("id")
     assert table.num_rows == staged.num_rows == 10
     assert pa.types.is_struct(table.schema.field("line_items").type.value_type)
-    assert (
-        table.drop_columns(["run_id"]).to_pylist()
-        == staged.select(table.drop_columns(["run_id"]).column_names).to_pylist()
-    )
+    own = table.drop_columns(["run_id", "text"])
+    assert own.to_pylist() == staged.select(own.column_names).to_pylist()
+    # --keep-text with a CSV input: each invoice's text as the file holds it.
+    csv = pcsv.read_csv(REPO / "data" / "extract" / "invoices.csv").sort_by("id")
+    assert table.column("text").to_pylist() == csv.column("text").to_pylist()
 
 
 def test_keep_text_puts_the_input_text_beside_each_vector(emulator, tmp_path, capsys):

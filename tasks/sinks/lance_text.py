@@ -33,7 +33,8 @@ class TextColumn:
         ids: list[pa.Array] = []
         texts: list[pa.Array] = []
         value_set: pa.Array | None = None
-        for chunk in source.iter_chunks([id_col, name], READ_ROWS):
+        # Read as the run read it (a CSV's text as bytes, not a guessed type); only applied rows are cast.
+        for chunk in source.iter_chunks([id_col, name], READ_ROWS, string_columns=(name,)):
             chunk_ids = chunk.column(id_col)
             if value_set is None:
                 value_set = wanted.combine_chunks().cast(chunk_ids.type)
