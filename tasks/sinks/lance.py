@@ -15,8 +15,8 @@ of a run the last run at work on the folder (the one that compacts it) brings th
    enough of it is not indexed (:func:`refresh_index`).
 
 With ``--keep-text`` the table also holds the input's text column, read from the input for the rows
-being applied (tasks/sinks/lance_text.py). A table made with the other choice is made again from the
-staging folder (no request), so its rows never mix texts and nulls.
+being applied, a group of parts at a time (tasks/sinks/lance_text.py). A table made with the other
+choice is made again from the staging folder (no request), so its rows never mix texts and nulls.
 
 The counts (inserted, updated, deleted, unchanged) go into the run metadata under ``output.table``; when
 and how the sync runs, and what a failed one leaves, is tasks/sinks/lance_sync.py.
@@ -146,14 +146,13 @@ class TableSink:
             pending = [p for p in store.result_files() if _name(p) not in applied]
             metas = {p: _part_meta(store, p) for p in pending}
         pending.sort(key=lambda path: metas[path].get("written_at_ns", 0))
-        texts = self._texts(store, source, pending)
         inserted = updated = 0
         if pending and (table is None or remade):
-            table, inserted = self._create(db, store, pending, texts, overwrite=remade)
+            table, inserted = self._create(db, store, pending, source, overwrite=remade)
             self._write_applied(store, {_name(p) for p in pending})
             _index_ids(table, self.id_col)
         elif pending:
-            inserted, updated = self._merge(table, store, pending, applied, texts)
+            inserted, updated = self._merge(table, store, pending, applied, source)
         deleted = 0
         if self.delete_missing and table is not None and source is not None:
             deleted = self._delete_missing(table, store, source)
@@ -180,7 +179,8 @@ class TableSink:
         return document
 
     def _texts(self, store: OutputStore, source: InputSource | None, pending: list[str]) -> TextColumn | None:
-        """With --keep-text, the input's texts of the rows in the pending parts."""
+        """With --keep-text, the input's texts of the rows in these parts (one group at a time: memory
+        follows a group, not the corpus)."""
         if self.text_col is None or source is None or not pending:
             return None
         ids = pa.chunked_array(
@@ -189,7 +189,7 @@ class TableSink:
         return TextColumn.read(source, self.id_col, self.text_col, ids)
 
     def _merge(
-        self, table: Any, store: OutputStore, pending: list[str], applied: set[str], texts: TextColumn | None
+        self, table: Any, store: OutputStore, pending: list[str], applied: set[str], source: InputSource | None
     ) -> tuple[int, int]:
         """Merge the pending parts into the table on the id, a group at a time; returns (inserted, updated)."""
         inserted = updated = 0
@@ -199,7 +199,7 @@ class TableSink:
                 table.merge_insert(self.id_col)
                 .when_matched_update_all(where="target.content_hash != source.content_hash")
                 .when_not_matched_insert_all()
-                .execute(_read_parts(store, group, table.schema, texts))
+                .execute(_read_parts(store, group, table.schema, self._texts(store, source, group)))
             )
             inserted += result.num_inserted_rows
             updated += result.num_updated_rows
@@ -208,13 +208,15 @@ class TableSink:
         return inserted, updated
 
     def _create(
-        self, db: Any, store: OutputStore, pending: list[str], texts: TextColumn | None, *, overwrite: bool
+        self, db: Any, store: OutputStore, pending: list[str], source: InputSource | None, *, overwrite: bool
     ) -> tuple[Any, int]:
         schema = _table_schema(store, pending[0], self.text_col)
 
         def batches() -> Iterator[pa.RecordBatch]:
-            for path in pending:
-                yield from _part_batches(store, path, schema, texts)
+            for group in _groups(store, pending):
+                texts = self._texts(store, source, group)
+                for path in group:
+                    yield from _part_batches(store, path, schema, texts)
 
         data = pa.RecordBatchReader.from_batches(schema, batches())
         table = db.create_table(self.location.table, data=data, mode="overwrite" if overwrite else "create")
