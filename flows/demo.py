@@ -109,6 +109,16 @@ def run_demo(*, output: str | None = None, fresh: bool, console: Console, tracke
     console.print("Each output folder has _runs/<run-id>.json (the run metadata). Read a result with polars:\n")
     console.print(f'    import polars as pl\n    pl.read_parquet("{root}/embed/*.parquet")\n', highlight=False)
 
+    _previews(root, console)
+    _table_query(root, console)
+    _model_lifecycle(root, console)
+    again = "uv run gembatch demo" if DATA_DIR == REPO_DATA_DIR else "gembatch demo"
+    console.print(f"\nRun `{again}` again: every row is already done, so nothing is sent.", highlight=False)
+    return documents
+
+
+def _previews(root: Path, console: Console) -> None:
+    """The first rows of a few outputs, as polars reads them, and where the generated images are."""
     embed = pl.read_parquet(f"{root}/embed/*.parquet").sort("id")
     preview = embed.select(
         "id",
@@ -140,10 +150,34 @@ def run_demo(*, output: str | None = None, fresh: bool, console: Console, tracke
         f'pq.read_table("{root}/images") reads their table ({", ".join(images.column_names[:4])}, …).',
         highlight=False,
     )
-    _model_lifecycle(root, console)
-    again = "uv run gembatch demo" if DATA_DIR == REPO_DATA_DIR else "gembatch demo"
-    console.print(f"\nRun `{again}` again: every row is already done, so nothing is sent.", highlight=False)
-    return documents
+
+
+def _table_query(root: Path, console: Console) -> None:
+    """The corpus embedded into a LanceDB table (``--output lancedb://…  --keep-text``) and one query
+    against it, read with LanceDB's own API; only where lancedb is installed (an optional extra)."""
+    import importlib.util
+
+    from flows.common import run_untracked
+
+    if importlib.util.find_spec("lancedb") is None:
+        console.print("\nLanceDB: not installed (pip install 'gembatch[lancedb]'), so no table here.", highlight=False)
+        return
+    import lancedb
+
+    values = {"input": str(DATA_DIR / "corpus.parquet"), "output": f"lancedb://{root}/lancedb/corpus",
+              "keep_text": True, "chunk_size": 100, "provider": "local"}  # fmt: skip
+    doc = asyncio.run(run_untracked(built_job(commands.embed.build_job, command_params(commands.embed, **values))))
+    table = lancedb.connect(f"{root}/lancedb").open_table("corpus")
+    query = table.search().where("id = 7").limit(1).to_list()[0]
+    found = table.search(query["embedding"]).metric("cosine").limit(3).to_list()
+    console.print(
+        f"\nLanceDB table {values['output']}: {table.count_rows()} rows with their text (--keep-text), "
+        f"{doc['requests']['sent']} requests this run. The 3 nearest to row 7 (cosine distance):",
+        highlight=False,
+    )
+    for row in found:
+        text = row["text"] if len(row["text"]) <= 58 else row["text"][:57] + "…"
+        console.print(f"  {row['id']:>3}  {max(row['_distance'], 0.0):.4f}  {text}", highlight=False, markup=False)
 
 
 def _model_lifecycle(root: Path, console: Console) -> None:

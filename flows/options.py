@@ -245,9 +245,11 @@ def run_command(flow: str, build_job: str, params: dict[str, Any]) -> None:
 
 
 # Exit codes: 0 completed (or a dry run), 2 a problem found before any work, 3 the run stopped early
-# (resumable), 4 every row was tried but more than --max-failed-pct failed, 130 Ctrl-C.
+# (resumable), 4 every row was tried but more than --max-failed-pct failed, 5 the rows are done but the
+# LanceDB table was not updated (the next run updates it), 130 Ctrl-C.
 EXIT_STOPPED = 3
 EXIT_FAILED_ROWS = 4
+EXIT_TABLE_NOT_SYNCED = 5
 
 
 def finish(document: dict[str, Any]) -> None:
@@ -260,3 +262,7 @@ def finish(document: dict[str, Any]) -> None:
         raise typer.Exit(EXIT_FAILED_ROWS if document["status"] == COMPLETED_WITH_ERRORS else EXIT_STOPPED)
     if document.get("message"):
         err_console.print(redact_text(document["message"]), highlight=False)
+    synced = (document.get("output") or {}).get("table") or {}
+    if synced.get("sync") == "failed":
+        err_console.print(f"[bold red]table not updated[/]: {redact_text(synced['message'])}", highlight=False)
+        raise typer.Exit(EXIT_TABLE_NOT_SYNCED)

@@ -201,6 +201,12 @@ class CommonOptions(BaseModel):
         "holds 100,000 rows, and rebuild it when 10% of its rows are not in it.",
         json_schema_extra=_cli("--index"),
     )
+    keep_text: bool = Field(
+        False,
+        description="With --output lancedb://PATH/TABLE: the table also holds the input's text column (--text-col) "
+        "beside each row's result; off: ids, results and hashes only. Refused with a Parquet output.",
+        json_schema_extra=_cli("--keep-text"),
+    )
     # The command shows a bar on a terminal unless --no-progress; a flow run shows none unless asked.
     progress: bool = Field(
         False,

@@ -2,8 +2,9 @@
 
 The job's flow, given ``options.shards`` > 1, becomes the parent: it checks the input once, starts one
 flow run per shard (``run_deployment`` of the job's deployment with ``--shard I/N``), watches them, runs
-a crashed shard again, compacts the output once when every shard is over, and writes one summary in
-``OUTPUT/_runs/`` that adds the shards up.
+a crashed shard again, compacts the output once when every shard is over (and syncs a ``lancedb://``
+output's table: the shards leave it to the parent), and writes one summary in ``OUTPUT/_runs/`` that
+adds the shards up.
 
 A shard whose process died is found two ways. While its worker lives, the worker sees the process end
 and Prefect marks the run Crashed. When the worker died with it (a machine lost, ``kill -9`` of the
@@ -29,6 +30,8 @@ from flows.params import CommonOptions
 from tasks.engine.report.metadata import input_record, new_run_id, package_versions, utc_now
 from tasks.errors import ConfigError
 from tasks.redact import redact_data
+from tasks.sinks.lance import TableSink
+from tasks.sinks.lance_sync import sync_after_shards
 
 if TYPE_CHECKING:
     from flows.jobs import FlowJob
@@ -108,6 +111,7 @@ async def run_sharded(flow_job: FlowJob) -> dict[str, Any]:
     started = utc_now()
     run_id = new_run_id(started)
     source = preflight(job, options)
+    sink = TableSink.for_run(job.name, options.output, options.id_col, flow_job.recorded())
     total_rows = await asyncio.to_thread(check_ids, source, options.id_col, limit=None)
     store = OutputStore(options.output)
     await asyncio.to_thread(store.prepare)
@@ -137,6 +141,8 @@ async def run_sharded(flow_job: FlowJob) -> dict[str, Any]:
         removed = await asyncio.to_thread(store.compact, options.id_col)
     # The shards left the output's key cache to this parent (OUTPUT/_index/): one file for the next run.
     await asyncio.to_thread(store.refresh_key_cache, options.id_col)
+    if sink is not None:
+        document["output"]["table"] = await sync_after_shards(sink, store, source, run_id=run_id)
     finished = utc_now()
     docs = await asyncio.to_thread(_shard_documents, store, shards)
     crashed = {d["run_id"] for s in shards for fid in s.flow_run_ids[:-1] if (d := docs.get(fid))}

@@ -6,6 +6,7 @@ with LanceDB's own API and checked value by value against the emulator's vectors
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import signal
@@ -17,13 +18,17 @@ from pathlib import Path
 import lancedb
 import numpy as np
 import pyarrow as pa
+import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 import pytest
 from conftest import EMBED_MODEL, REPO, TEST_KEY_ENV, CliResult, cli_env, embed_command, run_gembatch, write_corpus
 from test_embed import expected_vector
 
+from tasks.engine.plan.input import InputSource
+from tasks.engine.store.output import OutputStore
 from tasks.errors import ConfigError
 from tasks.sinks.lance import TableSink
+from tasks.sinks.lance_sync import sync_after_shards
 from tasks.sinks.location import TableLocation, staging_folder
 
 DIMS = 16
@@ -38,13 +43,15 @@ def texts_for(n: int, start: int = 0, edited: set[int] = frozenset()) -> dict[in
     }
 
 
-def embed(capsys: pytest.CaptureFixture[str], src: Path, db: Path, base_url: str, *extra: str) -> CliResult:
+def embed(
+    capsys: pytest.CaptureFixture[str], src: Path, db: Path, base_url: str, *extra: str, exit_code: int = 0
+) -> CliResult:
     """`gembatch embed SRC --output lancedb://DB/docs` in this process (a crash test runs its own process)."""
     cmd = embed_command(
         src, f"lancedb://{db}/docs", base_url, "--dimensions", str(DIMS), *extra, batch_size=BATCH, chunk_size=CHUNK
     )
     result = run_gembatch(cmd[3:], capsys)
-    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.returncode == exit_code, result.stdout + result.stderr
     return result
 
 
@@ -214,8 +221,10 @@ def test_where_the_table_and_its_staging_folder_are():
 @pytest.mark.parametrize(
     ("output", "parameters", "message"),
     [
-        ("data/out/emb", {"delete_missing": True}, "use them with --output lancedb://PATH/TABLE"),
-        ("data/out/emb", {"vector_index": True}, "use them with --output lancedb://PATH/TABLE"),
+        ("data/out/emb", {"delete_missing": True}, "^--delete-missing: only for a LanceDB table output"),
+        ("data/out/emb", {"vector_index": True}, "^--index: only for a LanceDB table output"),
+        ("data/out/emb", {"keep_text": True, "text_col": "text"}, "^--keep-text: only for a LanceDB table"),
+        ("lancedb://db/docs", {"keep_text": True}, "reads no text column: drop --keep-text"),
         ("lancedb://db/docs", {"delete_missing": True, "limit": 10}, "drop one of the two"),
     ],
 )
@@ -263,7 +272,7 @@ def test_extract_writes_its_typed_columns_into_a_table(emulator, tmp_path):
     cmd = [
         sys.executable, "-m", "flows.cli", "extract", str(REPO / "data" / "extract" / "invoices.csv"),
         "--output", f"lancedb://{db}/invoices", "--schema", "schemas.examples:Invoice",
-        "--base-url", emulator.base_url, "--api-key-env", TEST_KEY_ENV, "--no-progress",
+        "--base-url", emulator.base_url, "--api-key-env", TEST_KEY_ENV, "--no-progress", "--keep-text",
     ]  # fmt: skip
     result = subprocess.run(cmd, env=cli_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -271,7 +280,119 @@ def test_extract_writes_its_typed_columns_into_a_table(emulator, tmp_path):
     staged = pq.read_table(db / "invoices.gembatch").sort_by("id")
     assert table.num_rows == staged.num_rows == 10
     assert pa.types.is_struct(table.schema.field("line_items").type.value_type)
-    assert (
-        table.drop_columns(["run_id"]).to_pylist()
-        == staged.select(table.drop_columns(["run_id"]).column_names).to_pylist()
-    )
+    own = table.drop_columns(["run_id", "text"])
+    assert own.to_pylist() == staged.select(own.column_names).to_pylist()
+    # --keep-text with a CSV input: each invoice's text as the file holds it.
+    csv = pcsv.read_csv(REPO / "data" / "extract" / "invoices.csv").sort_by("id")
+    assert table.column("text").to_pylist() == csv.column("text").to_pylist()
+
+
+def test_keep_text_puts_the_input_text_beside_each_vector(emulator, tmp_path, capsys):
+    texts = texts_for(300)
+    src = write_corpus(tmp_path / "in.parquet", list(texts), list(texts.values()))
+    db = tmp_path / "vectors"
+    embed(capsys, src, db, emulator.base_url, "--keep-text")
+    rows = assert_table(db, texts)
+    assert {i: r["text"] for i, r in rows.items()} == texts
+    assert last_run(db)["output"]["table"]["text_column"] == "text"
+
+    # Edited texts: the rows sent again carry their new text; the others keep theirs.
+    edited = {0, 7, 299}
+    texts = texts_for(300, edited=edited)
+    write_corpus(src, list(texts), list(texts.values()))
+    emulator.reset_stats()
+    embed(capsys, src, db, emulator.base_url, "--keep-text")
+    assert emulator.stats["embedding_inputs"] == len(edited)
+    rows = assert_table(db, texts)
+    assert {i: r["text"] for i, r in rows.items()} == texts
+    assert last_run(db)["output"]["table"]["updated"] == len(edited)
+
+    # Without --keep-text the table is made again from the staging folder, without the text: no request.
+    emulator.reset_stats()
+    embed(capsys, src, db, emulator.base_url)
+    assert emulator.stats["embedding_inputs"] == 0
+    rows = assert_table(db, texts)
+    assert "text" not in lancedb.connect(str(db)).open_table("docs").schema.names
+    assert last_run(db)["output"]["table"]["remade"] == "made again from the staging folder: without --keep-text"
+    # And back: the text column is filled for every row, still with no request.
+    embed(capsys, src, db, emulator.base_url, "--keep-text")
+    assert emulator.stats["embedding_inputs"] == 0
+    assert {i: r["text"] for i, r in assert_table(db, texts).items()} == texts
+
+
+def test_keep_text_with_a_parquet_output_is_refused_naming_the_option(emulator, tmp_path, capsys):
+    texts = texts_for(5)
+    src = write_corpus(tmp_path / "in.parquet", list(texts), list(texts.values()))
+    cmd = embed_command(src, tmp_path / "out", emulator.base_url, "--keep-text", batch_size=BATCH, chunk_size=CHUNK)
+    result = run_gembatch(cmd[3:], capsys)
+    assert result.returncode == 2
+    assert "--keep-text" in result.stderr and "lancedb://PATH/TABLE" in result.stderr
+    assert emulator.stats["embedding_inputs"] == 0
+
+
+def test_a_failed_table_update_keeps_the_rows_done_and_the_next_run_applies_them(emulator, tmp_path, capsys):
+    texts = texts_for(250)
+    src = write_corpus(tmp_path / "in.parquet", list(texts), list(texts.values()))
+    db = tmp_path / "vectors"
+    db.mkdir()
+    (db / "docs.lance").write_text("not a table")  # LanceDB can neither open nor make the table here
+
+    result = embed(capsys, src, db, emulator.base_url, exit_code=5)
+    doc = last_run(db)
+    assert doc["status"] == "completed" and doc["counts"]["succeeded"] == len(texts), "the rows' status is theirs"
+    synced = doc["output"]["table"]
+    assert synced["sync"] == "failed" and synced["table"] == "docs"
+    assert synced["message"].startswith(f"the LanceDB table docs ({db}/docs) was not updated: RuntimeError: ")
+    assert "rerun the same command" in synced["message"]
+    assert "table not updated" in result.stderr and "rerun the same command" in result.stderr
+    assert pq.read_table(db / "docs.gembatch", columns=["id"]).num_rows == len(texts), "the rows stay done"
+
+    (db / "docs.lance").unlink()
+    emulator.reset_stats()
+    embed(capsys, src, db, emulator.base_url)
+    assert emulator.stats["embedding_inputs"] == 0, "nothing sent again"
+    assert_table(db, texts)
+    assert last_run(db)["output"]["table"]["inserted"] == len(texts)
+
+
+def test_the_parent_of_shards_syncs_the_table_the_shards_wrote_once(emulator, tmp_path, capsys):
+    """What `--shards 2` does with a table: each shard writes the staging folder and leaves the table to
+    the parent, which syncs it once when both are over (the shards run here untracked, one after the
+    other; tests/test_shards.py runs real flow runs)."""
+    texts = texts_for(400)
+    src = write_corpus(tmp_path / "in.parquet", list(texts), list(texts.values()))
+    db = tmp_path / "vectors"
+    for shard in ("1/2", "2/2"):
+        embed(capsys, src, db, emulator.base_url, "--keep-text", "--shard", shard)
+        assert "table" not in last_run(db)["output"], "a shard leaves the table to the parent"
+    assert not (db / "docs.lance").exists()
+    assert emulator.stats["embedding_inputs"] == len(texts)
+
+    output = f"lancedb://{db}/docs"
+    sink = TableSink.for_run("embed", output, "id", {"keep_text": True, "text_col": "text"})
+    synced = asyncio.run(sync_after_shards(sink, OutputStore(output), InputSource.open(str(src)), run_id="parent"))
+    assert (synced["sync"], synced["inserted"], synced["rows"]) == ("done", len(texts), len(texts))
+    assert {i: r["text"] for i, r in assert_table(db, texts).items()} == texts
+
+
+def test_the_demo_embeds_the_samples_into_a_table_and_queries_it(tmp_path):
+    """`gembatch demo`'s LanceDB scene (README.md shows its output): the committed corpus, every text
+    beside its vector, and row 7 nearest to itself."""
+    from io import StringIO
+
+    from rich.console import Console
+
+    from flows.demo import DATA_DIR, _table_query
+
+    console = Console(file=StringIO(), width=300)
+    _table_query(tmp_path, console)
+    corpus = {r["id"]: r["text"] for r in pq.read_table(DATA_DIR / "corpus.parquet").to_pylist()}
+    rows = {r["id"]: r for r in lancedb.connect(str(tmp_path / "lancedb")).open_table("corpus").to_arrow().to_pylist()}
+    assert {i: r["text"] for i, r in rows.items()} == corpus
+    for row in rows.values():
+        np.testing.assert_allclose(
+            np.asarray(row["embedding"], np.float32), expected_vector(row["text"], model=row["model"]), atol=1e-6
+        )
+    printed = console.file.getvalue()
+    assert f"{len(corpus)} rows with their text (--keep-text), 4 requests this run" in printed
+    assert f"    7  0.0000  {corpus[7][:20]}" in printed

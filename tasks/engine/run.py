@@ -45,7 +45,8 @@ from tasks.provider.catalog import lifecycle_note
 from tasks.provider.client import Connection, check_model, open_connection
 from tasks.provider.prices import BATCH_PRICE_FACTOR
 from tasks.redact import redact_data
-from tasks.sinks.lance import TableSink, sync_if_last
+from tasks.sinks.lance import TableSink
+from tasks.sinks.lance_sync import sync_if_last
 
 if TYPE_CHECKING:
     from datetime import datetime

@@ -14,7 +14,12 @@ of a run the last run at work on the folder (the one that compacts it) brings th
 3. with ``--index``, a vector index is built or rebuilt when the table is big enough to need one and
    enough of it is not indexed (:func:`refresh_index`).
 
-The counts (inserted, updated, deleted, unchanged) go into the run metadata under ``output.table``.
+With ``--keep-text`` the table also holds the input's text column, read from the input for the rows
+being applied, a group of parts at a time (tasks/sinks/lance_text.py). A table made with the other
+choice is made again from the staging folder (no request), so its rows never mix texts and nulls.
+
+The counts (inserted, updated, deleted, unchanged) go into the run metadata under ``output.table``; when
+and how the sync runs, and what a failed one leaves, is tasks/sinks/lance_sync.py.
 ``lancedb`` is imported only here, and only for such an output (``pip install 'gembatch[lancedb]'``).
 """
 
@@ -22,8 +27,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import logging
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -33,10 +36,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from tasks.errors import ConfigError
+from tasks.sinks.lance_text import TextColumn
 from tasks.sinks.location import SCHEME, TableLocation, is_table_output, staging_folder
 
 if TYPE_CHECKING:
-    from tasks.engine.plan.claims import ClaimBook
     from tasks.engine.plan.input import InputSource
     from tasks.engine.store.output import OutputStore
 
@@ -47,10 +50,8 @@ __all__ = [
     "is_table_output",
     "refresh_index",
     "staging_folder",
-    "sync_if_last",
 ]
 
-log = logging.getLogger("gembatch.lance")
 
 SYNC_DIR = "_lance"  # in the staging folder: which parts the table holds
 APPLIED_FILE = "applied.json"
@@ -84,18 +85,30 @@ class TableSink:
     id_col: str = "id"
     delete_missing: bool = False
     index: bool = False
+    text_col: str | None = None  # --keep-text: the input's column the table holds too
 
     @classmethod
     def for_run(cls, job: str, output: str, id_col: str, parameters: dict[str, Any]) -> TableSink | None:
         """The sink of a run, or None for a Parquet output; refuses what can't work before any request."""
         delete_missing, index = bool(parameters.get("delete_missing")), bool(parameters.get("vector_index"))
+        keep_text = bool(parameters.get("keep_text"))
         if not is_table_output(output):
-            if delete_missing or index:
+            flags = [
+                f
+                for f, on in (("--delete-missing", delete_missing), ("--index", index), ("--keep-text", keep_text))
+                if on
+            ]
+            if flags:
                 raise ConfigError(
-                    "--delete-missing and --index keep a LanceDB table in step with the input: use them with "
-                    "--output lancedb://PATH/TABLE"
+                    f"{' and '.join(flags)}: only for a LanceDB table output, and --output {output} is a Parquet "
+                    "folder. Drop it, or write the table with --output lancedb://PATH/TABLE"
                 )
             return None
+        if keep_text and not parameters.get("text_col"):
+            raise ConfigError(
+                f"--keep-text keeps the input's text column beside each row, and gembatch {job} reads no text "
+                "column: drop --keep-text"
+            )
         if job == "images":
             raise ConfigError(
                 "gembatch images writes image files beside its table; its output can't be a LanceDB table. "
@@ -108,14 +121,23 @@ class TableSink:
             )
         if importlib.util.find_spec("lancedb") is None:  # found, not imported: that takes seconds
             raise ConfigError(f"--output lancedb://… needs the lancedb package, which is not installed: {INSTALL_HINT}")
-        return cls(location=TableLocation.parse(output), id_col=id_col, delete_missing=delete_missing, index=index)
+        return cls(
+            location=TableLocation.parse(output),
+            id_col=id_col,
+            delete_missing=delete_missing,
+            index=index,
+            text_col=parameters["text_col"] if keep_text else None,
+        )
 
     # -- the sync -----------------------------------------------------------------------------------
     def sync(self, store: OutputStore, source: InputSource | None, *, run_id: str, compacted: bool) -> dict[str, Any]:
         """Bring the table in step with the staging folder (and the input, with --delete-missing)."""
         db = _lancedb().connect(self.location.database)
         table = _open(db, self.location.table)
-        applied = self._read_applied(store) if table is not None else set()
+        applied, kept = self._read_applied(store) if table is not None else (set(), self.text_col)
+        remade = table is not None and kept != self.text_col  # --keep-text changed: made again, all parts
+        if remade:
+            applied = set()
         pending = [p for p in store.result_files() if _name(p) not in applied]
         metas = {p: _part_meta(store, p) for p in pending}
         if not compacted and any(m.get("run_id") != run_id for m in metas.values()):
@@ -125,25 +147,12 @@ class TableSink:
             metas = {p: _part_meta(store, p) for p in pending}
         pending.sort(key=lambda path: metas[path].get("written_at_ns", 0))
         inserted = updated = 0
-        if pending:
-            if table is None:
-                table, inserted = self._create(db, store, pending)
-                applied = {_name(p) for p in pending}
-                self._write_applied(store, applied)
-                _index_ids(table, self.id_col)
-            else:
-                _index_ids(table, self.id_col)
-                for group in _groups(store, pending):
-                    result = (
-                        table.merge_insert(self.id_col)
-                        .when_matched_update_all(where="target.content_hash != source.content_hash")
-                        .when_not_matched_insert_all()
-                        .execute(_read_parts(store, group, table.schema))
-                    )
-                    inserted += result.num_inserted_rows
-                    updated += result.num_updated_rows
-                    applied |= {_name(p) for p in group}
-                    self._write_applied(store, applied)
+        if pending and (table is None or remade):
+            table, inserted = self._create(db, store, pending, source, overwrite=remade)
+            self._write_applied(store, {_name(p) for p in pending})
+            _index_ids(table, self.id_col)
+        elif pending:
+            inserted, updated = self._merge(table, store, pending, applied, source)
         deleted = 0
         if self.delete_missing and table is not None and source is not None:
             deleted = self._delete_missing(table, store, source)
@@ -159,19 +168,58 @@ class TableSink:
             "unchanged": max(0, rows - inserted - updated),
             "rows": rows,
             "version": table.version if table is not None else None,
+            "text_column": self.text_col,
         }
+        if remade:
+            document["remade"] = "made again from the staging folder: " + (
+                f"--keep-text adds the text column {self.text_col}" if self.text_col else "without --keep-text"
+            )
         if self.index:
             document["index"] = refresh_index(table) if table is not None else {"status": "no table yet"}
         return document
 
-    def _create(self, db: Any, store: OutputStore, pending: list[str]) -> tuple[Any, int]:
-        schema = _table_schema(store, pending[0])
+    def _texts(self, store: OutputStore, source: InputSource | None, pending: list[str]) -> TextColumn | None:
+        """With --keep-text, the input's texts of the rows in these parts (one group at a time: memory
+        follows a group, not the corpus)."""
+        if self.text_col is None or source is None or not pending:
+            return None
+        ids = pa.chunked_array(
+            [pq.read_table(p, columns=[self.id_col], filesystem=store.fs).column(0) for p in pending]
+        )
+        return TextColumn.read(source, self.id_col, self.text_col, ids)
+
+    def _merge(
+        self, table: Any, store: OutputStore, pending: list[str], applied: set[str], source: InputSource | None
+    ) -> tuple[int, int]:
+        """Merge the pending parts into the table on the id, a group at a time; returns (inserted, updated)."""
+        inserted = updated = 0
+        _index_ids(table, self.id_col)
+        for group in _groups(store, pending):
+            result = (
+                table.merge_insert(self.id_col)
+                .when_matched_update_all(where="target.content_hash != source.content_hash")
+                .when_not_matched_insert_all()
+                .execute(_read_parts(store, group, table.schema, self._texts(store, source, group)))
+            )
+            inserted += result.num_inserted_rows
+            updated += result.num_updated_rows
+            applied |= {_name(p) for p in group}
+            self._write_applied(store, applied)
+        return inserted, updated
+
+    def _create(
+        self, db: Any, store: OutputStore, pending: list[str], source: InputSource | None, *, overwrite: bool
+    ) -> tuple[Any, int]:
+        schema = _table_schema(store, pending[0], self.text_col)
 
         def batches() -> Iterator[pa.RecordBatch]:
-            for path in pending:
-                yield from _part_batches(store, path, schema)
+            for group in _groups(store, pending):
+                texts = self._texts(store, source, group)
+                for path in group:
+                    yield from _part_batches(store, path, schema, texts)
 
-        table = db.create_table(self.location.table, data=pa.RecordBatchReader.from_batches(schema, batches()))
+        data = pa.RecordBatchReader.from_batches(schema, batches())
+        table = db.create_table(self.location.table, data=data, mode="overwrite" if overwrite else "create")
         return table, table.count_rows()
 
     def _delete_missing(self, table: Any, store: OutputStore, source: InputSource) -> int:
@@ -204,12 +252,14 @@ class TableSink:
     def _applied_path(self, store: OutputStore) -> str:
         return f"{store.root}/{SYNC_DIR}/{APPLIED_FILE}"
 
-    def _read_applied(self, store: OutputStore) -> set[str]:
+    def _read_applied(self, store: OutputStore) -> tuple[set[str], str | None]:
+        """The parts the table holds, and the text column it was made with (None: none)."""
         try:
             with store.fs.open(self._applied_path(store), "r") as f:
-                return set(json.load(f).get("parts", []))
+                recorded = json.load(f)
         except (FileNotFoundError, ValueError):
-            return set()
+            return set(), self.text_col
+        return set(recorded.get("parts", [])), recorded.get("text_column")
 
     def _write_applied(self, store: OutputStore, parts: set[str]) -> None:
         from tasks.engine.store.output import TMP_PREFIX
@@ -218,7 +268,7 @@ class TableSink:
         store.fs.makedirs(folder, exist_ok=True)
         tmp = f"{folder}/{TMP_PREFIX}{APPLIED_FILE}"
         with store.fs.open(tmp, "w") as f:
-            json.dump({"table": self.location.table, "parts": sorted(parts)}, f)
+            json.dump({"table": self.location.table, "text_column": self.text_col, "parts": sorted(parts)}, f)
         store.fs.mv(tmp, self._applied_path(store))
 
 
@@ -288,16 +338,22 @@ def _part_meta(store: OutputStore, path: str) -> dict[str, Any]:
     return json.loads(raw) if raw else {}
 
 
-def _table_schema(store: OutputStore, path: str) -> pa.Schema:
-    """The table's columns: the part's (the id, the job's typed columns, content_hash, model) and the run."""
+def _table_schema(store: OutputStore, path: str, text_col: str | None) -> pa.Schema:
+    """The table's columns: the part's (the id, the job's typed columns, content_hash, model), the run,
+    and with --keep-text the input's text."""
     schema = pq.read_schema(path, filesystem=store.fs).remove_metadata()
     if RUN_ID_COL not in schema.names:
         schema = schema.append(pa.field(RUN_ID_COL, pa.string()))
+    if text_col is not None and text_col not in schema.names:
+        schema = schema.append(pa.field(text_col, pa.string()))
     return schema
 
 
-def _part_batches(store: OutputStore, path: str, schema: pa.Schema) -> Iterator[pa.RecordBatch]:
-    """A part's rows in the table's columns (missing ones null, cast where types differ), with its run id."""
+def _part_batches(
+    store: OutputStore, path: str, schema: pa.Schema, texts: TextColumn | None = None
+) -> Iterator[pa.RecordBatch]:
+    """A part's rows in the table's columns (missing ones null, cast where types differ), with its run id
+    (and its texts, with --keep-text)."""
     run_id = _part_meta(store, path).get("run_id")
     parquet = pq.ParquetFile(path, filesystem=store.fs)
     for batch in parquet.iter_batches(batch_size=8192):
@@ -308,6 +364,8 @@ def _part_batches(store: OutputStore, path: str, schema: pa.Schema) -> Iterator[
                 columns.append(column if column.type == field.type else column.cast(field.type))
             elif field.name == RUN_ID_COL:
                 columns.append(pa.array([run_id] * batch.num_rows, pa.string()))
+            elif texts is not None and field.name == texts.name:
+                columns.append(texts.take(batch.column(texts.id_col)))
             else:
                 columns.append(pa.nulls(batch.num_rows, field.type))
         yield pa.RecordBatch.from_arrays(columns, schema=schema)
@@ -329,44 +387,12 @@ def _groups(store: OutputStore, parts: list[str]) -> Iterator[list[str]]:
         yield group
 
 
-def _read_parts(store: OutputStore, parts: list[str], schema: pa.Schema) -> pa.Table:
-    return pa.Table.from_batches([b for path in parts for b in _part_batches(store, path, schema)], schema=schema)
+def _read_parts(store: OutputStore, parts: list[str], schema: pa.Schema, texts: TextColumn | None) -> pa.Table:
+    batches = [b for path in parts for b in _part_batches(store, path, schema, texts)]
+    return pa.Table.from_batches(batches, schema=schema)
 
 
 def _literal(value: Any) -> str:
     if isinstance(value, str):
         return "'" + value.replace("'", "''") + "'"
     return str(value)
-
-
-async def sync_if_last(
-    sink: TableSink,
-    claims: ClaimBook,
-    store: OutputStore,
-    source: InputSource | None,
-    *,
-    run_id: str,
-    compacted: bool,
-) -> dict[str, Any]:
-    """Sync the table when no other run works on the staging folder, under the compaction claim (the
-    last run to finish does it, as it does compaction); say what happened, for ``output.table``."""
-    import asyncio
-
-    from tasks.engine.plan.claims import COMPACT_KEY
-
-    if others := await asyncio.to_thread(claims.other_runs):
-        return {"sync": f"left to the last run: {others[0].describe()} still works on this folder"}
-    if (holder := await asyncio.to_thread(claims.acquire, COMPACT_KEY)) is not None:
-        return {"sync": f"left to {holder.describe()}, which is compacting"}
-    try:
-        if others := await asyncio.to_thread(claims.other_runs):
-            return {"sync": f"left to the last run: {others[0].describe()} started on this folder"}
-        started = time.monotonic()
-        document = await asyncio.to_thread(sink.sync, store, source, run_id=run_id, compacted=compacted)
-        return {"sync": "done"} | document | {"sync_s": round(time.monotonic() - started, 3)}
-    except (OSError, RuntimeError, ValueError) as exc:
-        # The parts stay pending: the next run (any run on this output) applies them.
-        log.error("the LanceDB table %s was not updated: %s", sink.location.table, exc)
-        return {"sync": f"failed: {exc}; the next run on this output applies the pending parts"}
-    finally:
-        await asyncio.to_thread(claims.release, COMPACT_KEY)
