@@ -43,9 +43,6 @@ LONG_MODULES = {
     "tasks/engine/send/batch/batch_run.py": 862,
     # Parts, compaction, error rows and the scan: one OutputStore whose methods share its file helpers.
     "tasks/engine/store/output.py": 580,
-    # The Prefect-concurrency-limit quota: one protocol (lease, renew, give back) that reads best whole
-    # (its daily-quota stop is daily_quota.py).
-    "tasks/engine/send/shared_limits.py": 730,
     # The done-key index: one flat-memory structure and its queries.
     "tasks/engine/plan/index.py": 650,
     "tasks/engine/plan/claims.py": 440,
@@ -197,7 +194,6 @@ MANY_FIELDS = {
     "tasks/engine/send/batch/records.py:RequestFile": 16,
     "tasks/engine/send/outage.py:OutageBreaker": 15,
     "tasks/engine/plan/done.py:DoneIndex": 14,
-    "tasks/engine/send/shared_limits.py:SharedBucket": 13,
     "emulator/batches.py:Batch": 19,
 }
 
