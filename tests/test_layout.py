@@ -192,7 +192,6 @@ MANY_FIELDS = {
     "tasks/engine/send/limits.py:AdaptiveLimiter": 31,
     "tasks/engine/plan/claims.py:ClaimBook": 17,
     "tasks/engine/send/batch/records.py:RequestFile": 16,
-    "tasks/engine/send/outage.py:OutageBreaker": 15,
     "tasks/engine/plan/done.py:DoneIndex": 14,
     "emulator/batches.py:Batch": 19,
 }
