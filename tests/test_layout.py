@@ -43,7 +43,6 @@ LONG_MODULES = {
     # The done-key index: one flat-memory structure and its queries.
     "tasks/engine/plan/index.py": 650,
     "tasks/engine/plan/claims.py": 440,
-    "tasks/engine/send/limits.py": 450,
 }
 
 
@@ -182,7 +181,6 @@ MANY_FIELDS = {
     # Not yet split.
     "tasks/engine/send/batch/batch_run.py:BatchRun": 29,
     "tasks/engine/send/context.py:RunContext": 23,
-    "tasks/engine/send/limits.py:AdaptiveLimiter": 31,
     "tasks/engine/plan/claims.py:ClaimBook": 17,
     "tasks/engine/send/batch/records.py:RequestFile": 16,
     "tasks/engine/plan/done.py:DoneIndex": 14,
