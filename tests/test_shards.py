@@ -345,7 +345,8 @@ def test_a_daily_quota_stop_stops_every_run_on_the_key_and_a_rerun_after_the_res
     from prefect.client.schemas.actions import VariableUpdate
 
     from flows.params import CommonOptions
-    from tasks.engine.send.shared_limits import SLOTS_PER_REQUEST, daily_quota_variable, limit_names, rate_settings
+    from tasks.engine.send.daily_quota import daily_quota_variable
+    from tasks.engine.send.shared_rate import SLOTS_PER_REQUEST, limit_names, rate_settings
 
     rows = 1000  # 10 requests of 100 each, one part per request
     inputs = {}
@@ -459,7 +460,7 @@ def test_a_bad_shard_spec_says_how_to_write_it(spec):
 
 @pytest.mark.parametrize("rpm", [5, 60, 300, 1500, 10_000])
 def test_a_shared_limit_is_the_rate_itself_in_blocks_several_processes_can_hold(rpm):
-    from tasks.engine.send.shared_limits import SLOTS_PER_REQUEST, rate_settings
+    from tasks.engine.send.shared_rate import SLOTS_PER_REQUEST, rate_settings
 
     s = rate_settings(rpm, SLOTS_PER_REQUEST)
     # Every request sent in the last window (and its arrival jitter) holds its slot: the limit is R.
@@ -477,7 +478,8 @@ def test_processes_sharing_a_limit_never_spend_more_than_it_in_a_window_and_use_
 
     from prefect.client.orchestration import get_client
 
-    from tasks.engine.send.shared_limits import limit_names, open_shared_limits
+    from tasks.engine.send.shared_limits import open_shared_limits
+    from tasks.engine.send.shared_rate import limit_names
 
     window, rpm, seconds = 3.0, 30, 11.0
     name, _ = limit_names("window.example", "m")
@@ -529,7 +531,8 @@ def test_processes_held_back_by_one_rate_split_its_pace_instead_of_bursting(pref
     from prefect.client.orchestration import get_client
 
     from tasks.engine.send.limits import AdaptiveLimiter, Limits
-    from tasks.engine.send.shared_limits import limit_names, open_shared_limits, senders_name
+    from tasks.engine.send.shared_limits import open_shared_limits
+    from tasks.engine.send.shared_rate import limit_names, senders_name
 
     window, rpm, seconds = 6.0, 60, 9.0
     name, _ = limit_names("pace.example", "m")
@@ -586,7 +589,8 @@ def test_a_rate_cut_after_429s_in_one_process_lowers_the_shared_limit_until_it_r
     from prefect.client.orchestration import get_client
 
     from tasks.engine.send.limits import AdaptiveLimiter, Limits
-    from tasks.engine.send.shared_limits import limit_names, open_shared_limits
+    from tasks.engine.send.shared_limits import open_shared_limits
+    from tasks.engine.send.shared_rate import limit_names
 
     name, _ = limit_names("cut.example", "m")
 
@@ -630,7 +634,9 @@ def test_a_daily_quota_stop_ends_every_wait_for_the_shared_budget_and_leaves_no_
 
     from prefect.client.orchestration import get_client
 
-    from tasks.engine.send.shared_limits import daily_quota_variable, limit_names, open_shared_limits
+    from tasks.engine.send.daily_quota import daily_quota_variable
+    from tasks.engine.send.shared_limits import open_shared_limits
+    from tasks.engine.send.shared_rate import limit_names
     from tasks.errors import RunStopped
 
     window, rpm = 60.0, 4

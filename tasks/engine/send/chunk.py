@@ -2,20 +2,20 @@
 
 A job (see :class:`tasks.engine.job.Job`) says how a row becomes a request and a response becomes typed
 columns; everything else — skipping done rows, sharing identical contents, retries, limits, atomic writes,
-counts — lives here and in the modules it imports.
+counts — lives here and in the modules it imports: the requests in send_rows.py, the parts in
+write_parts.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from tasks.engine.job import BadReply, Item, Outcome, Reply, RowFailure
+from tasks.engine.job import Item, Outcome
 from tasks.engine.plan.key_table import member
 from tasks.engine.plan.rows import (
     DONE,
@@ -32,16 +32,8 @@ from tasks.engine.plan.rows import (
     prepare_chunk,
 )
 from tasks.engine.send.context import ChunkReport, RunContext
-from tasks.engine.send.replies import count_reply, reply_stop, take_results
-from tasks.engine.store.error_rows import RETRY_AUTO, RETRY_ON_REQUEST
-from tasks.errors import RunStopped
-from tasks.provider.client import Failure, classify_failure
-
-log = logging.getLogger("gembatch.engine")
-
-# After a stop (daily quota, fatal error) requests already in flight get this long to finish: their
-# answers are paid for, so keep them if they come soon; then they are cancelled.
-STOP_GRACE_S = 5.0
+from tasks.engine.send.send_rows import send_all
+from tasks.engine.send.write_parts import write_chunk
 
 
 def count_skipped(ctx: RunContext, status: np.ndarray) -> None:
@@ -81,97 +73,125 @@ async def precheck_chunk(ctx: RunContext, chunk: pa.Table, index: int, ready: Pr
 
 async def process_chunk(ctx: RunContext, chunk: pa.Table, index: int, first_row: int) -> ChunkReport:
     """Send what this chunk still needs, then write one results part and at most one errors part."""
-    job = ctx.job
     id_array = chunk.column(ctx.id_col)
     n = chunk.num_rows
-    ready = ctx.prechecked.pop(index, None)
-    if ready is None or ready.rows != n:
-        ctx.preparing += 1
-        try:
-            ready = await asyncio.to_thread(prepare_and_look_up, ctx, chunk)
-        finally:
-            ctx.preparing -= 1
+    ready = await _ready(ctx, chunk, index)
     # Deciding who owns which content is synchronous: no other chunk runs in between. (Which rows are
     # done was asked on a worker thread: no other chunk of this run writes this chunk's ids.)
     keys = chunk_statuses(
         ctx.index, id_array, ready.keys, ready.invalid, retry_errors=ctx.retry_errors, done=ready.done
     )
-    source = keys.status
-    if nothing_to_do(source):
+    if nothing_to_do(keys.status):
         # Nothing to send or write (a rerun's chunk): count and go.
-        count_skipped(ctx, source)
+        count_skipped(ctx, keys.status)
         return ChunkReport(index=index, rows=n, written=0, errors=0)
-    todo = np.flatnonzero(source == NEW)
+    todo = np.flatnonzero(keys.status == NEW)
     if len(todo) > 0 and any(ready.prepared[pos] is None for pos in todo.tolist()):
-        await asyncio.to_thread(ready.fill, job, chunk, todo)
-    prepared = ready.prepared
-    hashes = ready.hex(np.flatnonzero((source != DONE) & (source != PREV_ERROR)))
-    source = source.astype(np.int64)
-    invalid = {int(pos): str(prepared[pos]) for pos in np.flatnonzero(source == INVALID)}
+        await asyncio.to_thread(ready.fill, ctx.job, chunk, todo)
+    claims = _Claims(ctx, keys.status, ready, id_array.to_pylist())
     stored_before = ctx.index.results.has_keys(keys.keys[todo])
-    ids = id_array.to_pylist()
-    own: dict[str, Item] = {}
-    peers: dict[str, asyncio.Future[Outcome | None]] = {}
-    stored: set[str] = set()
-    stored_pos: list[int] = []
     for pos, known in zip(todo.tolist(), stored_before.tolist()):
-        h = hashes[pos]
-        if h in own:
-            source[pos] = SAME
-        elif h in ctx.inflight:
-            source[pos], peers[h] = PEER, ctx.inflight[h]
-        elif known:
-            source[pos] = STORED
-            if h not in stored:
-                stored.add(h)
-                stored_pos.append(pos)
-        else:
-            source[pos] = OWN
-            own[h] = Item(pos, ids[pos], h, prepared[pos])
-            ctx.inflight[h] = asyncio.get_running_loop().create_future()
-
+        claims.claim(pos, known)
     outcomes: dict[str, Outcome | None] = {}
     try:
-        if stored:
-            found = await asyncio.to_thread(
-                _stored_results, ctx, [hashes[p] for p in stored_pos], keys.keys[stored_pos]
-            )
-            found, served_of = found
-            outcomes.update({h: Outcome(result=found[h], served_model=served_of.get(h)) for h in stored if h in found})
-            # The index matches 32 bits of a content: one it pointed at that isn't there is sent after all.
-            for pos in todo.tolist():
-                h = hashes[pos]
-                if source[pos] != STORED or h in found:
-                    continue
-                if h in own:
-                    source[pos] = SAME
-                elif h in ctx.inflight:
-                    source[pos], peers[h] = PEER, ctx.inflight[h]
-                else:
-                    source[pos] = OWN
-                    own[h] = Item(pos, ids[pos], h, prepared[pos])
-                    ctx.inflight[h] = asyncio.get_running_loop().create_future()
-        await _send_all(ctx, list(own.values()), outcomes)
-        for h, future in peers.items():
+        if claims.stored:
+            await _take_stored(ctx, claims, keys.keys, todo, outcomes)
+        await send_all(ctx, list(claims.own.values()), outcomes)
+        for h, future in claims.peers.items():
             outcomes[h] = await future
         id_type = chunk.schema.field(ctx.id_col).type
         report = await asyncio.to_thread(
-            _write_chunk, ctx, index, first_row, ids, id_type, hashes, source.tolist(), invalid, outcomes
+            write_chunk,
+            ctx,
+            index,
+            first_row,
+            claims.ids,
+            id_type,
+            claims.hashes,
+            claims.source.tolist(),
+            claims.invalid,
+            outcomes,
         )
-        added = [item.position for h, item in own.items() if (o := outcomes.get(h)) is not None and o.ok]
-        if added and report.part is not None:
-            learnt = keys.keys[np.array(added, np.intp)]
-            if ctx.recurring is not None:
-                learnt = learnt[member(ctx.recurring, learnt)]
-            if len(learnt):
-                ctx.index.results.add(learnt, ctx.index.part_ordinal(report.part))
+        _learn(ctx, claims, keys.keys, outcomes, report)
     finally:
-        for h in own:
+        for h in claims.own:
             future = ctx.inflight.pop(h)
             if not future.done():
                 future.set_result(outcomes.get(h))
     ctx.on_progress(n)
     return report
+
+
+async def _ready(ctx: RunContext, chunk: pa.Table, index: int) -> PreparedChunk:
+    """The chunk's prepared rows: its precheck's, or prepared now."""
+    ready = ctx.prechecked.pop(index, None)
+    if ready is None or ready.rows != chunk.num_rows:
+        ctx.preparing += 1
+        try:
+            ready = await asyncio.to_thread(prepare_and_look_up, ctx, chunk)
+        finally:
+            ctx.preparing -= 1
+    return ready
+
+
+class _Claims:
+    """Who sends each content of a chunk's new rows: this chunk (its first row with it), a chunk
+    in flight (a peer), or nobody (the output holds its result)."""
+
+    def __init__(self, ctx: RunContext, status: np.ndarray, ready: PreparedChunk, ids: list[Any]) -> None:
+        self.ctx = ctx
+        self.ids = ids
+        self.prepared = ready.prepared
+        self.hashes = ready.hex(np.flatnonzero((status != DONE) & (status != PREV_ERROR)))
+        self.source = status.astype(np.int64)
+        self.invalid = {int(pos): str(self.prepared[pos]) for pos in np.flatnonzero(self.source == INVALID)}
+        self.own: dict[str, Item] = {}
+        self.peers: dict[str, asyncio.Future[Outcome | None]] = {}
+        self.stored: set[str] = set()
+        self.stored_pos: list[int] = []
+
+    def claim(self, pos: int, known: bool) -> None:
+        """Decide the row at ``pos``: ``known``: the index holds a result of its content (32 bits of it)."""
+        h = self.hashes[pos]
+        if h in self.own:
+            self.source[pos] = SAME
+        elif h in self.ctx.inflight:
+            self.source[pos], self.peers[h] = PEER, self.ctx.inflight[h]
+        elif known:
+            self.source[pos] = STORED
+            if h not in self.stored:
+                self.stored.add(h)
+                self.stored_pos.append(pos)
+        else:
+            self.source[pos] = OWN
+            self.own[h] = Item(pos, self.ids[pos], h, self.prepared[pos])
+            self.ctx.inflight[h] = asyncio.get_running_loop().create_future()
+
+
+async def _take_stored(
+    ctx: RunContext, claims: _Claims, keys: np.ndarray, todo: np.ndarray, outcomes: dict[str, Outcome | None]
+) -> None:
+    """The stored results of the chunk's contents the index knows; the others are claimed after all."""
+    hashes, stored_pos = claims.hashes, claims.stored_pos
+    found, served_of = await asyncio.to_thread(_stored_results, ctx, [hashes[p] for p in stored_pos], keys[stored_pos])
+    outcomes.update({h: Outcome(result=found[h], served_model=served_of.get(h)) for h in claims.stored if h in found})
+    # The index matches 32 bits of a content: one it pointed at that isn't there is sent after all.
+    for pos in todo.tolist():
+        if claims.source[pos] == STORED and hashes[pos] not in found:
+            claims.claim(pos, False)
+
+
+def _learn(
+    ctx: RunContext, claims: _Claims, keys: np.ndarray, outcomes: dict[str, Outcome | None], report: ChunkReport
+) -> None:
+    """Point the index at the part holding the results this chunk sent for."""
+    added = [item.position for h, item in claims.own.items() if (o := outcomes.get(h)) is not None and o.ok]
+    if added and report.part is not None:
+        learnt = keys[np.array(added, np.intp)]
+        if ctx.recurring is not None:
+            learnt = learnt[member(ctx.recurring, learnt)]
+        if len(learnt):
+            ctx.index.results.add(learnt, ctx.index.part_ordinal(report.part))
 
 
 def _stored_results(
@@ -190,254 +210,6 @@ def _stored_results(
     if "served_model" in table.column_names:  # the stored row's served model goes with its result
         served = dict(zip(table.column("content_hash").to_pylist(), table.column("served_model").to_pylist()))
     return ctx.job.results_from_table(table), served
-
-
-async def send_part(ctx: RunContext, part: Item) -> Outcome | None:
-    """One request of a row that its job sends in several parts (a recording's segments): through the
-    same limiter, retries, outage breaker and budget as a row. None: not sent (the run is stopping)."""
-    got: dict[str, Outcome | None] = {}
-    await _send(ctx, [part], got)
-    return got.get(part.content_hash)
-
-
-async def _send_in_parts(ctx: RunContext, item: Item, outcomes: dict[str, Outcome | None]) -> None:
-    outcome = await ctx.job.send_in_parts(ctx, item, send_part)
-    if outcome is not None:
-        outcomes[item.content_hash] = outcome
-
-
-async def _send_all(ctx: RunContext, items: list[Item], outcomes: dict[str, Outcome | None]) -> None:
-    if hasattr(ctx.job, "send_in_parts"):
-        # The job splits each row into requests itself (``send_in_parts(ctx, item, send_part)`` returns
-        # the row's Outcome, or None when not attempted), each sent with :func:`send_part`.
-        tasks = [asyncio.create_task(_send_in_parts(ctx, item, outcomes)) for item in items]
-    else:
-        size = ctx.job.max_items_per_request
-        batches = [items[i : i + size] for i in range(0, len(items), size)]
-        tasks = [asyncio.create_task(_send(ctx, batch, outcomes)) for batch in batches]
-    if not tasks:
-        return
-    stop_wait = asyncio.create_task(ctx.stop_event.wait())
-    try:
-        pending = set(tasks)
-        while pending:
-            done, pending = await asyncio.wait(pending | {stop_wait}, return_when=asyncio.FIRST_COMPLETED)
-            pending.discard(stop_wait)
-            if stop_wait in done and pending:
-                _, pending = await asyncio.wait(pending, timeout=STOP_GRACE_S)
-                for task in pending:
-                    task.cancel()
-                await asyncio.gather(*pending, return_exceptions=True)
-                break
-        for task in tasks:
-            if task.done() and not task.cancelled() and task.exception() is not None:
-                raise task.exception()
-    finally:
-        stop_wait.cancel()
-
-
-async def _send(ctx: RunContext, items: list[Item], outcomes: dict[str, Outcome | None], attempts: int = 0) -> None:
-    job, stats, limiter = ctx.job, ctx.stats, ctx.limiter
-    estimate = sum(item.tokens for item in items)
-    while True:
-        if ctx.stop_event.is_set():
-            return
-        # While the provider is down, wait here (one request at a time probes): see tasks/engine/send/outage.py.
-        probe = await ctx.outage.admit(ctx.stop_event)
-        if ctx.outage.gave_up:
-            ctx.request_stop(ctx.outage.stop())
-        if ctx.stop_event.is_set():
-            return
-        attempts += 1
-        failure: Failure | None = None
-        reply: Reply | None = None
-        reservation = 0.0
-        if ctx.budget is not None:
-            reservation = ctx.budget.reserve(estimate)
-            if reservation is None:
-                ctx.request_stop(ctx.budget.stop())
-                return
-        try:
-            async with limiter.slot(estimate) as started:
-                if ctx.stop_event.is_set():
-                    return
-                if ctx.outage.holding(probe):  # the provider went down while this waited for its turn
-                    limiter.give_back(started)
-                    attempts -= 1
-                    continue
-                stats.requests += 1
-                stats.items_sent += len(items)
-                stats.estimated_tokens += estimate
-                try:
-                    reply = await job.send(ctx.conn, items)
-                    if len(reply.results) != len(items):
-                        raise BadReply(f"the reply had {len(reply.results)} results for {len(items)} inputs")
-                except BadReply as exc:
-                    if exc.transport:
-                        failure = Failure("transient", f"bad reply: {exc}")
-                    else:  # it arrived but can't be used: each row of it goes the RowFailure way
-                        unusable = RowFailure("bad_reply", f"bad reply: {exc}", exc.raw_reply)
-                        reply = Reply([unusable] * len(items), *_usage(reply))
-                except Exception as exc:  # noqa: BLE001 - classify_failure re-raises what it doesn't know
-                    failure = classify_failure(exc)
-        except RunStopped as stop:  # the shared budget's: the key's daily quota is spent (this run or another)
-            ctx.request_stop(stop)
-            return
-        finally:
-            if ctx.budget is not None:
-                ctx.budget.release(reservation)
-                if failure is None and reply is not None:
-                    ctx.budget.charge(reply.prompt_tokens, reply.total_tokens, reply.images)
-        if failure is None:
-            ctx.outage.record_success(started, probe, items[0].content_hash)
-            count_reply(stats, reply)
-            stop = reply_stop(ctx, items, reply)
-            if stop is not None:
-                # Nothing of this reply is written; the rows stay to send.
-                await limiter.settle_tokens(estimate, reply.prompt_tokens)
-                ctx.request_stop(stop)
-                return
-            again = take_results(ctx, items, reply, attempts, outcomes)
-            await limiter.settle_tokens(estimate, reply.prompt_tokens)
-            if again:
-                stats.retries += 1
-                await _send(ctx, again, outcomes, attempts)
-            return
-        if failure.kind == "rate_limited":
-            stats.rate_limited += 1
-            limiter.on_rate_limited(started, failure.retry_after_s)
-        elif failure.kind == "transient":
-            stats.transient_errors += 1
-        if ctx.outage.record_failure(failure.kind, started, probe, items[0].content_hash):
-            # The provider is down: not the rows' fault, so no attempt used and no back-off (the
-            # breaker decides when to send again).
-            attempts -= 1
-            stats.retries += 1
-            continue
-        if failure.fatal:
-            if failure.kind == "daily_quota":
-                stats.rate_limited += 1
-            ctx.request_stop(failure.stop())
-            return
-        if failure.retryable and ctx.retry.allows(attempts, failure):
-            stats.retries += 1
-            try:
-                await asyncio.wait_for(ctx.stop_event.wait(), timeout=ctx.retry.delay(attempts, failure))
-            except TimeoutError:
-                pass
-            continue
-        if failure.kind == "invalid_request" and len(items) > 1:
-            # One bad input fails the whole request: split to find it, so the rest still succeed.
-            half = len(items) // 2
-            await asyncio.gather(
-                _send(ctx, items[:half], outcomes, attempts), _send(ctx, items[half:], outcomes, attempts)
-            )
-            return
-        for item in items:
-            outcomes[item.content_hash] = Outcome(
-                error_type=failure.kind,
-                error_message=ctx.conn.redact(failure.message),
-                attempts=attempts,
-                retry_auto=failure.retryable,
-            )
-        return
-
-
-def _usage(reply: Reply | None) -> tuple[int, int, int]:
-    return (reply.prompt_tokens, reply.completion_tokens, reply.total_tokens) if reply is not None else (0, 0, 0)
-
-
-def _write_chunk(
-    ctx: RunContext,
-    index: int,
-    first_row: int,
-    ids: list[Any],
-    id_type: pa.DataType,
-    hashes: list[str],
-    source: list[int],
-    invalid: dict[int, str],
-    outcomes: dict[str, Outcome | None],
-) -> ChunkReport:
-    job, stats = ctx.job, ctx.stats
-    ok_rows: list[int] = []
-    ok_results: list[Any] = []
-    err_rows: list[tuple[int, str, str, int, str | None]] = []
-    auto: set[int] = set()  # positions of error rows the next plain run sends again
-    for pos, src in enumerate(source):
-        if src == DONE:
-            stats.skipped_done += 1
-        elif src == PREV_ERROR:
-            stats.failed += 1
-        elif src == INVALID:
-            err_rows.append((pos, "invalid_input", invalid[pos], 0, None))
-        else:
-            outcome = outcomes.get(hashes[pos])
-            if outcome is None:
-                stats.not_attempted += 1
-            elif not outcome.ok:
-                if outcome.retry_auto:
-                    auto.add(pos)
-                err_rows.append(
-                    (
-                        pos,
-                        outcome.error_type or "error",
-                        outcome.error_message or "",
-                        outcome.attempts,
-                        outcome.raw_reply,
-                    )
-                )
-            else:
-                ok_rows.append(pos)
-                ok_results.append(outcome.result)
-    # Rows count as succeeded or failed once their part file is written: a write that an interrupt cuts
-    # short leaves them unaccounted here, so the run counts them as not attempted (and a rerun sends them).
-    own_ok = sum(1 for pos in ok_rows if source[pos] == OWN)
-    written = 0
-    part = None
-    if ok_rows:
-        rows_per_result = getattr(job, "rows_per_result", None)
-        if rows_per_result is not None:
-            ok_rows = [p for p, r in zip(ok_rows, ok_results) for _ in range(rows_per_result(r))]
-        table = pa.table(
-            {
-                ctx.id_col: pa.array([ids[p] for p in ok_rows], id_type),
-                **job.result_arrays(ok_results),
-                "content_hash": pa.array([hashes[p] for p in ok_rows], pa.string()),
-                "model": pa.array([job.model] * len(ok_rows), pa.string()),
-            }
-        )
-        if ctx.served_column and not getattr(job, "stop_on_reroute", False):
-            served = {p: outcomes[hashes[p]].served_model for p in set(ok_rows) if outcomes.get(hashes[p])}
-            table = table.append_column(
-                pa.field("served_model", pa.string()), pa.array([served.get(p) for p in ok_rows], pa.string())
-            )
-        part = ctx.store.write_part(table, errors=False, run_id=ctx.run_id, id_col=ctx.id_col)
-        stats.parts_written.append(part)
-        written = len(ok_results)
-        stats.succeeded += own_ok
-        stats.deduplicated += written - own_ok
-    if err_rows:
-        table = pa.table(
-            {
-                ctx.id_col: pa.array([ids[p] for p, *_ in err_rows], id_type),
-                "content_hash": pa.array([hashes[p] for p, *_ in err_rows], pa.string()),
-                "error_type": pa.array([e[1] for e in err_rows], pa.string()),
-                "error_message": pa.array([e[2] for e in err_rows], pa.string()),
-                "attempts": pa.array([e[3] for e in err_rows], pa.int32()),
-                "raw_reply": pa.array([e[4] for e in err_rows], pa.string()),
-                # "auto": transient errors used up the attempts, the next plain run sends the row
-                # again; "on_request": it failed for itself, resent only with --retry-errors.
-                "retry": pa.array([RETRY_AUTO if p in auto else RETRY_ON_REQUEST for p, *_ in err_rows], pa.string()),
-                "input_row": pa.array([first_row + p for p, *_ in err_rows], pa.int64()),
-                "model": pa.array([job.model] * len(err_rows), pa.string()),
-                "run_id": pa.array([ctx.run_id] * len(err_rows), pa.string()),
-            }
-        )
-        path = ctx.store.write_part(table, errors=True, run_id=ctx.run_id, id_col=ctx.id_col)
-        stats.error_parts_written.append(path)
-        stats.failed += len(err_rows)
-        stats.failed_retry_auto += len(auto)
-    return ChunkReport(index=index, rows=len(ids), written=written, errors=len(err_rows), part=part)
 
 
 ChunkRunner = Callable[[RunContext, pa.Table, int, int], Awaitable[ChunkReport]]

@@ -28,16 +28,17 @@ After ``RECOVERY_INTERVAL_S`` seconds without a 429 the rate grows by
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import math
 import time
 from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
-from aiolimiter import AsyncLimiter
+from tasks.engine.send.in_flight import Gate, SlowStart
+from tasks.engine.send.request_times import RequestTimes
+from tasks.engine.send.tpm import TokenMeter
 
 __all__ = ["Limits", "AdaptiveLimiter", "MAX_IN_FLIGHT", "SharedBudget"]
 
@@ -45,8 +46,7 @@ __all__ = ["Limits", "AdaptiveLimiter", "MAX_IN_FLIGHT", "SharedBudget"]
 # a while, its reply. 1,024 carries 2,000 requests a minute at 30 s latency.
 MAX_IN_FLIGHT = 1024
 START_IN_FLIGHT = 16
-# A doubling of requests in flight must raise the completion rate by this much to count as needed.
-PROBE_GAIN = 1.10
+# A held in-flight limit is probed again after this long (tasks/engine/send/in_flight.py).
 PROBE_AGAIN_S = 60.0
 MIN_RPM = 1.0
 WINDOW_S = 60.0
@@ -91,45 +91,6 @@ class Limits:
         return min(self.max_concurrency or MAX_IN_FLIGHT, MAX_IN_FLIGHT)
 
 
-class _Gate:
-    """A semaphore whose size can change while tasks wait on it."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.active = 0
-        self.waiting = 0
-        self.saturated = False
-        self._waiters: deque[asyncio.Future[None]] = deque()
-
-    async def acquire(self) -> None:
-        while self.active >= self.limit:
-            self.saturated = True
-            future = asyncio.get_running_loop().create_future()
-            self._waiters.append(future)
-            self.waiting += 1
-            try:
-                await future
-            finally:
-                self.waiting -= 1
-        self.active += 1
-
-    def release(self) -> None:
-        self.active -= 1
-        self._wake()
-
-    def resize(self, limit: int) -> None:
-        self.limit = limit
-        self._wake()
-
-    def _wake(self) -> None:
-        free = self.limit - self.active
-        while free > 0 and self._waiters:
-            future = self._waiters.popleft()
-            if not future.done():
-                future.set_result(None)
-                free -= 1
-
-
 class SharedBudget(Protocol):
     """A budget other processes draw on too (tasks/engine/send/shared_limits.py): asked after this limiter."""
 
@@ -142,6 +103,19 @@ class SharedBudget(Protocol):
     @property
     def pace_share(self) -> float:
         """The share of the rate this process paces at: others held back by the same rate take theirs."""
+
+
+@dataclass
+class _BackOff:
+    """The 429s of the last window and the rate cuts they made: when the rate last changed, when
+    requests may start again after a cut."""
+
+    last_change: float
+    min_rpm_seen: float | None
+    resume_at: float = 0.0
+    recent_429s: deque[float] = field(default_factory=deque)
+    rate_cuts: int = 0
+    tolerated_429s: int = 0
 
 
 class AdaptiveLimiter:
@@ -157,32 +131,36 @@ class AdaptiveLimiter:
         self._next_start = 0.0
         self._turn = asyncio.Lock()
         self._queued = 0
-        self._sending = 0
-        self.peak_sending = 0
         burst = TPM_BURST_SECONDS * limits.window_s / WINDOW_S
-        self._tpm_bucket = AsyncLimiter(limits.tpm * burst / limits.window_s, burst) if limits.tpm else None
-        self._window = limits.window_s
-        # Arrival jitter is absolute (the network, a busy event loop), not a share of the window.
-        self._guard = min(WINDOW_GUARD_S, limits.window_s * 0.05)
-        self._catch_up = CATCH_UP_S * limits.window_s / WINDOW_S
-        self._probing = limits.rpm is None and limits.tpm is None and limits.ceiling > START_IN_FLIGHT
-        self._gate = _Gate(START_IN_FLIGHT if self._probing else limits.ceiling)
-        self._probe = _Probe(self._gate.limit, clock())
-        self._last_change = clock()
-        self._resume_at = 0.0
+        self._tokens = TokenMeter(limits.tpm, limits.window_s, burst)
+        probing = limits.rpm is None and limits.tpm is None and limits.ceiling > START_IN_FLIGHT
+        self._in_flight = SlowStart(
+            START_IN_FLIGHT if probing else limits.ceiling,
+            limits.ceiling,
+            probing=probing,
+            again_s=PROBE_AGAIN_S * limits.window_s / WINDOW_S,
+            now=clock(),
+        )
+        self._back_off = _BackOff(last_change=clock(), min_rpm_seen=limits.rpm)
         self._recent_starts: deque[float] = deque()
-        self._recent_429s: deque[float] = deque()
-        self.rate_cuts = 0
-        self.tolerated_429s = 0
-        self.min_rpm_seen: float | None = limits.rpm
-        self._reported_tokens = 0
-        self._estimated_tokens = 0
-        self._latency_sum = 0.0
-        self._latency_count = 0
-        self._created = clock()
-        self._created_wall = time.time()
-        self._first_start: float | None = None
-        self._last_start: float | None = None
+        self._times = RequestTimes(clock())
+
+    @property
+    def _window(self) -> float:
+        return self.limits.window_s
+
+    @property
+    def _guard(self) -> float:
+        # Arrival jitter is absolute (the network, a busy event loop), not a share of the window.
+        return min(WINDOW_GUARD_S, self.limits.window_s * 0.05)
+
+    @property
+    def _catch_up(self) -> float:
+        return CATCH_UP_S * self.limits.window_s / WINDOW_S
+
+    @property
+    def _gate(self) -> Gate:
+        return self._in_flight.gate
 
     @property
     def current_rpm(self) -> float | None:
@@ -201,9 +179,7 @@ class AdaptiveLimiter:
     @property
     def token_correction(self) -> float:
         """Reported / estimated tokens so far, applied to later estimates (clamped to 0.25–4)."""
-        if self._estimated_tokens < 1000 or self._reported_tokens == 0:
-            return 1.0
-        return min(4.0, max(0.25, self._reported_tokens / self._estimated_tokens))
+        return self._tokens.correction
 
     @asynccontextmanager
     async def slot(self, estimated_tokens: int) -> AsyncIterator[float]:
@@ -218,22 +194,18 @@ class AdaptiveLimiter:
             try:
                 tokens = round(estimated_tokens * self.token_correction)
                 await self._wait_turn(tokens)
-                await self._take_tokens(tokens)
+                await self._tokens.take(tokens)
             finally:
                 self._queued -= 1
             started = self._clock()
-            if self._first_start is None:
-                self._first_start = started
-            self._last_start = started
-            self._sending += 1
-            self.peak_sending = max(self.peak_sending, self._sending)
+            self._times.started(started)
             self._recent_starts.append(started)
             while self._recent_starts and self._recent_starts[0] < started - self._window - self._guard:
                 self._recent_starts.popleft()
             try:
                 yield started
             finally:
-                self._sending -= 1
+                self._times.ended()
         finally:
             self._gate.release()
         self._completed(started)
@@ -249,7 +221,7 @@ class AdaptiveLimiter:
             while True:
                 self._maybe_recover()
                 now = self._clock()
-                wait = self._resume_at - now
+                wait = self._back_off.resume_at - now
                 if self._rpm is not None:
                     wait = max(wait, self._next_start - now, self._window_wait(now))
                 if wait <= 0:
@@ -282,37 +254,8 @@ class AdaptiveLimiter:
 
     def _completed(self, started: float) -> None:
         now = self._clock()
-        self._latency_sum += now - started
-        self._latency_count += 1
-        if not self._probing and not self._probe.holding:
-            return
-        probe = self._probe
-        probe.completions += 1
-        if probe.completions < 2 * self._gate.limit:
-            return
-        rate = probe.completions / max(now - probe.since, 1e-6)
-        saturated, self._gate.saturated = self._gate.saturated, False
-        if probe.holding:
-            if now - probe.held_at >= PROBE_AGAIN_S * self._window / WINDOW_S and saturated:
-                probe.holding = False
-                self._probing = True
-                probe.best_rate, probe.best_limit = rate, self._gate.limit
-                self._gate.resize(min(self.limits.ceiling, self._gate.limit * 2))
-            probe.restart(now)
-            return
-        if not saturated:
-            # The work on hand did not fill the limit: the measure says nothing about a larger one.
-            probe.restart(now)
-            return
-        if rate >= probe.best_rate * PROBE_GAIN and self._gate.limit < self.limits.ceiling:
-            probe.best_rate, probe.best_limit = rate, self._gate.limit
-            self._gate.resize(min(self.limits.ceiling, self._gate.limit * 2))
-        else:
-            if rate < probe.best_rate:
-                self._gate.resize(probe.best_limit)
-            self._probing = False
-            probe.holding, probe.held_at = True, now
-        probe.restart(now)
+        self._times.completed(now - started)
+        self._in_flight.completed(now)
 
     def give_back(self, started: float) -> None:
         """Free the place in the pacing of a start that sent nothing (the run paused for a provider
@@ -327,13 +270,7 @@ class AdaptiveLimiter:
 
     async def settle_tokens(self, estimated: int, reported: int | None) -> None:
         """Charge the TPM budget for tokens the response reports beyond the estimate."""
-        if not reported:
-            return
-        self._estimated_tokens += estimated
-        self._reported_tokens += reported
-        extra = reported - round(estimated * self.token_correction)
-        if extra > 0:
-            await self._take_tokens(extra)
+        await self._tokens.settle(estimated, reported)
 
     def on_rate_limited(self, request_started: float, retry_after_s: float | None = None) -> bool:
         """Slow down after a 429. Returns True if this 429 cut the rate.
@@ -343,17 +280,17 @@ class AdaptiveLimiter:
         requests sent in it. Servers also answer 429 when they are busy, whatever the client's rate; a
         cut for each of those would halve the rate again and again.
         """
-        now = self._clock()
-        self._recent_429s.append(now)
-        while self._recent_429s[0] < now - self._window:
-            self._recent_429s.popleft()
-        if request_started < self._last_change and self.rate_cuts:
+        now, back_off = self._clock(), self._back_off
+        back_off.recent_429s.append(now)
+        while back_off.recent_429s[0] < now - self._window:
+            back_off.recent_429s.popleft()
+        if request_started < back_off.last_change and back_off.rate_cuts:
             return False
         if self._rpm is not None:
             sent = sum(1 for t in self._recent_starts if t >= now - self._window)
-            count = len(self._recent_429s)
+            count = len(back_off.recent_429s)
             if count <= TOLERATED_429_PER_MINUTE or count <= NOISE_SHARE * sent:
-                self.tolerated_429s += 1
+                back_off.tolerated_429s += 1
                 return False
         if self._rpm is None:
             full = self._window
@@ -363,13 +300,12 @@ class AdaptiveLimiter:
         else:
             new_rpm = max(MIN_RPM, self._rpm / 2)
         # From here on the pacer sets the rate; requests in flight follow it up to the ceiling.
-        self._probing = self._probe.holding = False
-        self._gate.resize(self.limits.ceiling)
+        self._in_flight.paced()
         self._set_rpm(new_rpm, now)
-        self._resume_at = max(self._resume_at, now + max(self._window / new_rpm, retry_after_s or 0.0))
-        self.rate_cuts += 1
-        self._recent_429s.clear()
-        self.min_rpm_seen = new_rpm if self.min_rpm_seen is None else min(self.min_rpm_seen, new_rpm)
+        back_off.resume_at = max(back_off.resume_at, now + max(self._window / new_rpm, retry_after_s or 0.0))
+        back_off.rate_cuts += 1
+        back_off.recent_429s.clear()
+        back_off.min_rpm_seen = new_rpm if back_off.min_rpm_seen is None else min(back_off.min_rpm_seen, new_rpm)
         return True
 
     def describe(self) -> dict[str, float | int | None]:
@@ -379,34 +315,22 @@ class AdaptiveLimiter:
             "max_concurrency": self.limits.max_concurrency,
             "in_flight_ceiling": self.limits.ceiling,
             "in_flight_limit": self._gate.limit,
-            "max_in_flight_seen": self.peak_sending,
-            "mean_latency_s": round(self._latency_sum / self._latency_count, 3) if self._latency_count else None,
-            # When the first and the last request started, in seconds after the limiter was made.
-            "first_request_at_s": _since(self._first_start, self._created),
-            "last_request_at_s": _since(self._last_start, self._created),
-            # The same two moments on the wall clock (UTC), to line up the processes of one sharded run.
-            "first_request_at": self._wall(self._first_start),
-            "last_request_at": self._wall(self._last_start),
-            "tolerated_429s": self.tolerated_429s,
-            "rate_cuts_after_429": self.rate_cuts,
-            "lowest_rpm_after_429": self.min_rpm_seen if self.rate_cuts else None,
+            **self._times.describe(),
+            "tolerated_429s": self._back_off.tolerated_429s,
+            "rate_cuts_after_429": self._back_off.rate_cuts,
+            "lowest_rpm_after_429": self._back_off.min_rpm_seen if self._back_off.rate_cuts else None,
             "final_rpm": self._rpm,
             "token_correction": round(self.token_correction, 3),
         }
 
-    def _wall(self, moment: float | None) -> str | None:
-        if moment is None:
-            return None
-        return dt.datetime.fromtimestamp(self._created_wall + moment - self._created, dt.UTC).isoformat()
-
     def _maybe_recover(self) -> None:
-        if self._rpm is None or not self.rate_cuts:
+        if self._rpm is None or not self._back_off.rate_cuts:
             return
         target = self.limits.rpm
         if target is not None and self._rpm >= target:
             return
         now = self._clock()
-        if now - self._last_change < RECOVERY_INTERVAL_S * self._window / WINDOW_S:
+        if now - self._back_off.last_change < RECOVERY_INTERVAL_S * self._window / WINDOW_S:
             return
         step = RECOVERY_STEP * (target if target is not None else self._rpm)
         new_rpm = self._rpm + step
@@ -415,35 +339,6 @@ class AdaptiveLimiter:
     def _set_rpm(self, rpm: float, now: float) -> None:
         self._rpm = rpm
         self._next_start = now
-        self._last_change = now
+        self._back_off.last_change = now
         if self.shared is not None and self.limits.rpm:
             self.shared.rate_factor(min(1.0, rpm / self.limits.rpm))
-
-    async def _take_tokens(self, amount: int) -> None:
-        bucket = self._tpm_bucket
-        if bucket is None or amount <= 0:
-            return
-        # A request larger than the bucket is charged in bucket-sized pieces.
-        while amount > 0:
-            piece = min(amount, bucket.max_rate)
-            await bucket.acquire(piece)
-            amount -= piece
-
-
-def _since(moment: float | None, origin: float) -> float | None:
-    return None if moment is None else round(moment - origin, 3)
-
-
-@dataclass
-class _Probe:
-    """The slow start's measurements: completions since the last change of the in-flight limit."""
-
-    best_limit: int
-    since: float
-    best_rate: float = 0.0
-    completions: int = 0
-    holding: bool = False
-    held_at: float = 0.0
-
-    def restart(self, now: float) -> None:
-        self.completions, self.since = 0, now

@@ -56,6 +56,17 @@ class OutagePolicy:
             raise ValueError("the outage window must hold at least min_samples (>= 1) outcomes")
 
 
+@dataclass
+class OutageFacts:
+    """What the breaker saw in a run, for the run metadata."""
+
+    outages: int = 0
+    paused_s: float = 0.0
+    longest_s: float = 0.0
+    probes: int = 0
+    failures_not_counted: int = 0
+
+
 class OutageBreaker:
     """Held by the run context; every request asks :meth:`admit` before it is sent."""
 
@@ -70,12 +81,7 @@ class OutageBreaker:
         self._probe_out = False
         self._changed = asyncio.Event()
         self.gave_up = False
-        # Facts for the run metadata.
-        self.outages = 0
-        self.paused_s = 0.0
-        self.longest_s = 0.0
-        self.probes = 0
-        self.failures_not_counted = 0
+        self.facts = OutageFacts()
 
     @property
     def is_open(self) -> bool:
@@ -92,7 +98,7 @@ class OutageBreaker:
                 return False
             if not self._probe_out and now >= self._next_probe_at:
                 self._probe_out = True
-                self.probes += 1
+                self.facts.probes += 1
                 return True
             wake = deadline if self._probe_out else min(self._next_probe_at, deadline)
             changed = self._changed
@@ -133,16 +139,16 @@ class OutageBreaker:
                 self._interval = min(self._interval * 2, self.policy.max_probe_s)
                 self._next_probe_at = now + self._interval
                 self._notify()
-            self.failures_not_counted += 1
+            self.facts.failures_not_counted += 1
             return True
         if started < self._closed_at:
             # Sent before the last outage ended: it tells nothing new and is not the row's fault.
-            self.failures_not_counted += 1
+            self.facts.failures_not_counted += 1
             return True
         self._recent.append((False, key))
         if self._should_open():
             self._open(now)
-            self.failures_not_counted += 1
+            self.facts.failures_not_counted += 1
             return True
         return False
 
@@ -151,23 +157,23 @@ class OutageBreaker:
         self._notify()
 
     def stop(self) -> RunStopped:
-        open_for = self._clock() - self.opened_at if self.opened_at is not None else self.longest_s
+        open_for = self._clock() - self.opened_at if self.opened_at is not None else self.facts.longest_s
         return RunStopped(
             PROVIDER_UNAVAILABLE,
             f"the provider answered only with transient errors (5xx, timeouts, broken connections) for "
             f"{open_for:.0f} s, longer than --max-outage {self.policy.max_outage_s:g}; meanwhile only one "
-            f"probe at a time was sent ({self.probes} in all). Finished rows are kept; rerun the same command "
+            f"probe at a time was sent ({self.facts.probes} in all). Finished rows are kept; rerun the same command "
             "when the provider is back: the rows not done are sent then.",
         )
 
     def describe(self) -> dict[str, Any]:
         current = self._clock() - self.opened_at if self.opened_at is not None else 0.0
         return {
-            "outages": self.outages,
-            "paused_s": round(self.paused_s + current, 3),
-            "longest_s": round(max(self.longest_s, current), 3),
-            "probes": self.probes,
-            "failures_not_counted": self.failures_not_counted,
+            "outages": self.facts.outages,
+            "paused_s": round(self.facts.paused_s + current, 3),
+            "longest_s": round(max(self.facts.longest_s, current), 3),
+            "probes": self.facts.probes,
+            "failures_not_counted": self.facts.failures_not_counted,
             "open_at_end": self.opened_at is not None,
             "max_outage_s": self.policy.max_outage_s,
         }
@@ -189,7 +195,7 @@ class OutageBreaker:
             self.policy.first_probe_s,
         )
         self.opened_at = now
-        self.outages += 1
+        self.facts.outages += 1
         self._interval = self.policy.first_probe_s
         self._next_probe_at = now + self._interval
         self._probe_out = False
@@ -201,8 +207,8 @@ class OutageBreaker:
         assert self.opened_at is not None
         lasted = now - self.opened_at
         log.warning("the provider answers again after %.1f s: resuming", lasted)
-        self.paused_s += lasted
-        self.longest_s = max(self.longest_s, lasted)
+        self.facts.paused_s += lasted
+        self.facts.longest_s = max(self.facts.longest_s, lasted)
         self.opened_at = None
         self._closed_at = now
         self._recent.clear()
