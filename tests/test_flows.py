@@ -158,6 +158,36 @@ def test_the_demo_runs_every_job_and_a_second_run_sends_nothing(prefect_server, 
         assert path.startswith("_images/") and (images / path).is_file()
 
 
+def test_a_part_write_under_way_when_ctrl_c_comes_lands_and_is_counted_before_the_run_ends():
+    """Ctrl-C cancels the chunk awaiting its part write; the write's thread goes on regardless. The
+    cancellation must wait for it, or the run ends (counting the rows as not attempted) and the write
+    then lands and counts them as succeeded too."""
+    import threading
+    import time as clock
+
+    from tasks.engine.store.part_files import write_in_thread
+
+    landed: list[str] = []
+    started = threading.Event()
+
+    def write(name: str) -> str:
+        started.set()
+        clock.sleep(0.5)
+        landed.append(name)
+        return name
+
+    async def scenario() -> list[str]:
+        chunk = asyncio.ensure_future(write_in_thread(write, "part-1"))
+        await asyncio.to_thread(started.wait, 5)
+        chunk.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await chunk
+        return list(landed)  # what the run's end sees
+
+    assert asyncio.run(scenario()) == ["part-1"]
+    assert asyncio.run(write_in_thread(write, "part-2")) == "part-2"
+
+
 @pytest.mark.parametrize("tracked", [True, False], ids=["tracked", "untracked"])
 def test_ctrl_c_stops_cleanly_with_interrupted_metadata_and_resumes(tracked, request, emulator, tmp_path):
     emulator.configure(latency_seconds=0.2)

@@ -34,6 +34,7 @@ from tasks.engine.plan.rows import (
 from tasks.engine.send.context import ChunkReport, RunContext
 from tasks.engine.send.send_rows import send_all
 from tasks.engine.send.write_parts import write_chunk
+from tasks.engine.store.part_files import write_in_thread
 
 
 def count_skipped(ctx: RunContext, status: np.ndarray) -> None:
@@ -100,7 +101,7 @@ async def process_chunk(ctx: RunContext, chunk: pa.Table, index: int, first_row:
         for h, future in claims.peers.items():
             outcomes[h] = await future
         id_type = chunk.schema.field(ctx.id_col).type
-        report = await asyncio.to_thread(
+        report = await write_in_thread(
             write_chunk,
             ctx,
             index,

@@ -2,21 +2,47 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tasks.engine.store.keycache import part_stamp
 
-__all__ = ["BATCH_ROWS", "ERRORS_DIR", "META_KEY", "TMP_PREFIX", "PartFolder", "name"]
+__all__ = ["BATCH_ROWS", "ERRORS_DIR", "META_KEY", "TMP_PREFIX", "PartFolder", "name", "write_in_thread"]
 
 ERRORS_DIR = "_errors"
 TMP_PREFIX = ".tmp-"
 META_KEY = b"gembatch"
 BATCH_ROWS = 65536  # rows of a part read at a time
+
+T = TypeVar("T")
+
+
+async def write_in_thread(write: Callable[..., T], *args: Any) -> T:
+    """``write(*args)`` in a thread, waited for to its end even when the caller is cancelled meanwhile.
+
+    A cancelled ``asyncio.to_thread`` leaves its thread running: a part write cut off by Ctrl-C would
+    still land, and count its rows as succeeded, after the run had ended and counted them as not
+    attempted. Here a cancellation waits for the write (a part is seconds at most), then goes on."""
+    landing = asyncio.ensure_future(asyncio.to_thread(write, *args))
+    try:
+        return await asyncio.shield(landing)
+    except asyncio.CancelledError:
+        while not landing.done():
+            try:
+                await asyncio.shield(landing)
+            except asyncio.CancelledError:
+                continue
+            except Exception:  # noqa: BLE001 - the write's own error goes with the cancellation, below
+                break
+        if not landing.cancelled():
+            landing.exception()  # retrieved: a failed write is not "never retrieved" as well
+        raise
 
 
 class PartFolder:

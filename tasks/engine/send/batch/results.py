@@ -19,6 +19,7 @@ from tasks.engine.send.batch.routes import offline_connection
 from tasks.engine.send.batch.totals import LineTally
 from tasks.engine.send.context import RunContext, rerouted_stop
 from tasks.engine.store.error_rows import RETRY_AUTO, RETRY_ON_REQUEST
+from tasks.engine.store.part_files import write_in_thread
 from tasks.provider.batches import ReplayTransport, normalise_body
 from tasks.provider.catalog import same_model
 from tasks.provider.client import Connection, classify_failure
@@ -66,10 +67,10 @@ class ResultWriter:
                     if raw.strip():
                         await self._take_line(json.loads(raw), lines, tally, pending)
                     if len(pending.rows) >= self.flush_rows:
-                        await asyncio.to_thread(self.write_rows, pending.rows, pending.outcomes, pending.firsts)
+                        await write_in_thread(self.write_rows, pending.rows, pending.outcomes, pending.firsts)
                         pending = _Pending()
         if pending.rows:
-            await asyncio.to_thread(self.write_rows, pending.rows, pending.outcomes, pending.firsts)
+            await write_in_thread(self.write_rows, pending.rows, pending.outcomes, pending.firsts)
         return tally
 
     async def _take_line(self, line: dict[str, Any], lines: LineRows, tally: LineTally, pending: _Pending) -> None:
@@ -185,7 +186,7 @@ class ResultWriter:
             else:
                 missing.append(p)
         if rows:
-            await asyncio.to_thread(self.write_rows, rows, outcomes, [False] * len(rows))
+            await write_in_thread(self.write_rows, rows, outcomes, [False] * len(rows))
         return np.array(missing, np.intp)
 
     def write_rows(self, rows: list[tuple[Any, str, int]], outcomes: list[Outcome], firsts: list[bool]) -> None:

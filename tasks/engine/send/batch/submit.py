@@ -15,6 +15,7 @@ from tasks.engine.send.batch.left import leave
 from tasks.engine.send.batch.request_files import RequestFiles, one_item_per_content
 from tasks.engine.send.batch.shared import BatchShared
 from tasks.engine.send.chunk import prepare_and_look_up
+from tasks.engine.store.part_files import write_in_thread
 
 
 class SubmitPass:
@@ -170,7 +171,7 @@ class SubmitPass:
         if len(invalid) and count and not shared.auto:  # auto: the live pass writes them
             outcomes = [Outcome(error_type="invalid_input", error_message=str(ready.prepared[p])) for p in invalid]
             rows = [(ids[p], hashes[p], first_row + p) for p in invalid]
-            await asyncio.to_thread(results.write_rows, rows, outcomes, [True] * len(rows))
+            await write_in_thread(results.write_rows, rows, outcomes, [True] * len(rows))
         new = np.flatnonzero(work & (status == NEW))
         if not len(new):
             return False
