@@ -237,19 +237,7 @@ class PrefectObserver:
         self.resource: dict[str, str] = {}
 
     async def started(self, document: dict[str, Any], first: Snapshot) -> None:
-        self.resource = _document_resource(document)
-        _emit(
-            f"{EVENT_PREFIX}.started",
-            self.resource,
-            {
-                "run_id": document["run_id"],
-                "flow_run_id": document.get("flow_run_id"),
-                "job": document["job"],
-                "rows_total": first.total,
-                "input": redact_url((document.get("input") or {}).get("path") or ""),
-                "output": redact_url(document["output"]["path"]),
-            },
-        )
+        self.resource = emit_started(document, first.total)
         await self.artifacts.show([live_row(self.label, first)], first)
 
     async def progress(self, now: Snapshot) -> None:
@@ -277,6 +265,25 @@ class PrefectObserver:
         finally:
             self.resource = self.resource or _document_resource(document)
             _emit(end_event(document["status"]), self.resource, end_payload(document))
+
+
+def emit_started(document: dict[str, Any], rows_total: int) -> dict[str, str]:
+    """``gembatch.run.started`` for the run of ``document`` (a run, a shard, or a sharded run's parent,
+    before its shards start); returns the resource its other events are about."""
+    resource = _document_resource(document)
+    _emit(
+        f"{EVENT_PREFIX}.started",
+        resource,
+        {
+            "run_id": document["run_id"],
+            "flow_run_id": document.get("flow_run_id"),
+            "job": document["job"],
+            "rows_total": rows_total,
+            "input": redact_url((document.get("input") or {}).get("path") or ""),
+            "output": redact_url(document["output"]["path"]),
+        },
+    )
+    return resource
 
 
 def emit_end(document: dict[str, Any]) -> None:

@@ -233,3 +233,8 @@ def test_a_sharded_runs_parent_adds_up_its_shards_and_each_is_named(server, tmp_
                            and e["payload"]["output"] == str(out)]) and len(found) == 3 and found,
     )  # fmt: skip
     assert sorted(e["payload"].get("shard", "parent") for e in ends) == ["1/2", "2/2", "parent"]
+    # The parent says it started too, before its shards, with the whole input's rows.
+    starts = [e for e in events(server) if e["event"] == "gembatch.run.started" and e["payload"]["output"] == str(out)]
+    assert sorted(e["resource"].get("gembatch.shard", "parent") for e in starts) == ["1/2", "2/2", "parent"]
+    (parent_start,) = [e for e in starts if "gembatch.shard" not in e["resource"]]
+    assert parent_start["payload"]["rows_total"] == 2000 and parent_start["payload"]["run_id"] == parent["run_id"]
