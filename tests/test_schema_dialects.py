@@ -29,7 +29,8 @@ from schemas.examples import CalendarEvent, Invoice
 from tasks.engine.run import RunOptions, run_job
 from tasks.errors import ConfigError
 from tasks.jobs.extract import ExtractJob
-from tasks.provider.client import ProviderSettings, classify_failure
+from tasks.provider.client import ProviderSettings
+from tasks.provider.failures import classify_failure
 
 MODEL = "gemini-3.8-flash"
 

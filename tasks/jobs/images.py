@@ -41,7 +41,8 @@ from tasks.engine.store.output import IMAGES_DIR, LEGACY_IMAGES_DIR, TMP_PREFIX
 from tasks.errors import ConfigError
 from tasks.jobs.embed import estimate_text_tokens
 from tasks.jobs.image_models import MAX_IMAGES_PER_PROMPT, check_image_request
-from tasks.provider.client import Connection, classify_failure
+from tasks.provider.client import Connection
+from tasks.provider.failures import classify_failure
 from tasks.provider.prices import image_price_usd
 
 __all__ = [

@@ -35,7 +35,7 @@ from tasks.engine.send.context import ChunkReport, RunContext
 from tasks.engine.send.replies import count_reply, reply_stop, take_results
 from tasks.engine.store.output import RETRY_AUTO, RETRY_ON_REQUEST
 from tasks.errors import RunStopped
-from tasks.provider.client import Failure, classify_failure
+from tasks.provider.failures import Failure, classify_failure
 
 log = logging.getLogger("gembatch.engine")
 

@@ -18,7 +18,8 @@ from tasks.engine.send.context import RunContext, rerouted_stop
 from tasks.engine.store.output import RETRY_AUTO, RETRY_ON_REQUEST
 from tasks.provider.batches import ReplayTransport, normalise_body, offline_client
 from tasks.provider.catalog import same_model
-from tasks.provider.client import Connection, classify_failure
+from tasks.provider.client import Connection
+from tasks.provider.failures import classify_failure
 
 # Result rows written together: one part file per this many rows (at least a chunk's worth).
 WRITE_RESULT_ROWS = 2000
