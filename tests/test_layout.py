@@ -185,7 +185,6 @@ MANY_FIELDS = {
     "tasks/engine/send/outage.py:OutageBreaker": 15,
     "tasks/engine/plan/done.py:DoneIndex": 14,
     "tasks/engine/send/shared_limits.py:SharedBucket": 13,
-    "emulator/batches.py:Batch": 19,
 }
 
 
