@@ -21,7 +21,7 @@ import pytest
 from conftest import TEST_KEY, TEST_KEY_ENV, gembatch, read_errors, read_output
 
 from emulator import Emulator, EmulatorConfig
-from tasks.jobs.images import ImageNotFetched, download_image
+from tasks.jobs.image_replies import ImageNotFetched, download_image
 from tasks.provider.failures import classify_failure
 
 
