@@ -159,9 +159,6 @@ LONG_FUNCTIONS = {
     "tasks/engine/send/chunk.py:_write_chunk": 91,
     "tasks/engine/send/batch/results.py:write_rows": 61,
     "tasks/engine/store/output.py:scan": 66,
-    "tasks/jobs/images.py:send": 64,
-    # Adding up the shards' documents: one loop over the shards filling one summary.
-    "flows/shards.py:_summary": 78,
     # Command-line output: one table or one option list each, a row a line.
     "flows/options.py:print_plan": 76,
     "flows/cli.py:emulator": 91,
