@@ -141,7 +141,7 @@ def test_engine_phases_import_one_way():
 
 def test_modules_stay_short():
     too_long = {}
-    for package in ("tasks/engine",):  # tasks/jobs/ and tasks/provider/: not measured yet
+    for package in ("tasks", "flows", "emulator"):  # schemas/: data shapes, declarations not measured
         for path in (ROOT / package).rglob("*.py"):
             relative = path.relative_to(ROOT).as_posix()
             lines = len(path.read_text(encoding="utf-8").splitlines())
