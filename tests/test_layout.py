@@ -126,6 +126,15 @@ def test_no_circles_in_tasks():
     assert not circles, f"import circles in tasks/: {[sorted(c) for c in circles]}"
 
 
+def test_tasks_do_not_import_the_emulator():
+    """The pipeline (the provider layer above all) talks to any OpenAI-compatible server; the emulator only
+    stands in for one in tests, the demo and ``gembatch emulator``."""
+    found = {
+        (m, t) for m, targets in _graph().items() if m.startswith("tasks") for t in targets if t.startswith("emulator")
+    }
+    assert not found, f"tasks/ imports the emulator: {sorted(found)}"
+
+
 def test_engine_phases_import_one_way():
     backward = set()
     for module, targets in _graph().items():
