@@ -183,12 +183,7 @@ class _Gen:
         lo_f, hi_f, lo_x, hi_x = self._bounds(s)
         lo = None if lo_f is None else (math.floor(lo_f) + 1 if lo_x else math.ceil(lo_f))
         hi = None if hi_f is None else (math.ceil(hi_f) - 1 if hi_x else math.floor(hi_f))
-        if lo is None and hi is None:
-            lo, hi = 0, 100
-        elif lo is None:
-            lo = hi - 100
-        elif hi is None:
-            hi = lo + 100
+        lo, hi = _span(lo, hi, 100)
         if hi < lo:
             return lo
         value = lo + self.h(path) % (hi - lo + 1)
@@ -203,12 +198,7 @@ class _Gen:
         lo_b, hi_b, _, _ = self._bounds(s)
         lo = float(lo_b) if lo_b is not None else None
         hi = float(hi_b) if hi_b is not None else None
-        if lo is None and hi is None:
-            lo, hi = 0.0, 100.0
-        elif lo is None:
-            lo = hi - 100.0
-        elif hi is None:
-            hi = lo + 100.0
+        lo, hi = _span(lo, hi, 100.0)
         if hi <= lo:
             return lo
         frac = (self.h(path) % 10_000) / 10_000
@@ -216,6 +206,17 @@ class _Gen:
         value = lo + (hi - lo) * (0.05 + 0.9 * frac)
         rounded = round(value, 2)
         return rounded if lo < rounded < hi else value
+
+
+def _span(lo: Any, hi: Any, width: Any) -> tuple[Any, Any]:
+    """The range a number is drawn from: its bounds, ``width`` wide past the one given, 0..width if none."""
+    if lo is None and hi is None:
+        return 0 * width, width
+    if lo is None:
+        return hi - width, hi
+    if hi is None:
+        return lo, lo + width
+    return lo, hi
 
 
 _FORMAT_HINT = re.compile(r"\bformat (date-time|date|time|email|uri|uuid)\b")
