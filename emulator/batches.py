@@ -1,4 +1,4 @@
-"""The emulator's batch routes: OpenAI files + batches, and Gemini's shape of them.
+"""The emulator's batch routes (their files: emulator/files.py), in OpenAI's and Gemini's shape.
 
 Two flavours, by path, as the providers differ (docs/how-to/batch-mode.md):
 
@@ -23,22 +23,19 @@ Files are kept on disk, never in memory.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import math
 import secrets
-import shutil
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, unquote
+from urllib.parse import unquote
 
-from emulator.bodies import multipart, parse_json
+from emulator.bodies import parse_json
 from emulator.config import EmulatorConfig
 from emulator.errors import ApiError, internal, invalid, json_response, openai_error
+from emulator.files import UPLOAD_PATH, FileStore
 from emulator.state import ServerState
 from emulator.wire import Request, Response
 
@@ -47,24 +44,33 @@ AnswerLine = Callable[[Request, str], Awaitable[Response]]
 
 OPENAI_PREFIX = "/v1/"
 GEMINI_PREFIX = "/v1beta/openai/"
-UPLOAD_PATH = "/upload/v1beta/files"
 DOWNLOAD_PREFIX = "/download/v1beta/"
 ENDPOINTS = {"/v1/chat/completions": "chat/completions", "/v1/embeddings": "embeddings"}
 FINAL = ("completed", "failed", "expired", "cancelled")
 
 
 @dataclass
-class StoredFile:
-    id: str
-    path: Path
-    filename: str
-    purpose: str
-    created: int
-    generated: bool  # written by a batch (downloadable on Gemini) rather than uploaded
+class Simulation:
+    """How the emulator plays a batch out, from its settings when the batch was created (a test may
+    shorten ``seconds`` of a running batch)."""
 
-    @property
-    def size(self) -> int:
-        return self.path.stat().st_size
+    seconds: float  # lines finish evenly over this time
+    failure_rate: float
+    expire_fraction: float | None  # set: the batch expires with only this part answered
+    seed: int
+
+
+@dataclass
+class Results:
+    """What a finished batch produced."""
+
+    completed: int = 0
+    failed: int = 0
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    final_at: float | None = None
+    # Lines answered with an error: (custom_id, the line's request body), for tests to check against.
+    failed_lines: list[tuple[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -75,32 +81,16 @@ class Batch:
     input_file_id: str
     created: float
     total: int
-    seconds: float
-    failure_rate: float
-    expire_fraction: float | None
-    seed: int
+    simulation: Simulation
     metadata: dict[str, Any] | None = None
     status: str = "in_progress"
     cancel_requested_at: float | None = None
-    completed: int = 0
-    failed: int = 0
-    output_file_id: str | None = None
-    error_file_id: str | None = None
-    final_at: float | None = None
-    # Lines answered with an error: (custom_id, the line's request body), for tests to check against.
-    failed_lines: list[tuple[str, Any]] = field(default_factory=list)
+    results: Results = field(default_factory=Results)
 
     def progress(self, now: float) -> float:
-        if self.seconds <= 0:
+        if self.simulation.seconds <= 0:
             return 1.0
-        return min(1.0, (now - self.created) / self.seconds)
-
-
-@dataclass
-class Upload:
-    path: Path
-    filename: str
-    received: int = 0
+        return min(1.0, (now - self.created) / self.simulation.seconds)
 
 
 class BatchService:
@@ -109,16 +99,13 @@ class BatchService:
     def __init__(self, state: ServerState, answer_line: AnswerLine) -> None:
         self._state = state
         self._answer_line = answer_line
-        self._dir = Path(tempfile.mkdtemp(prefix="gembatch-emulator-files-"))
-        self.files: dict[str, StoredFile] = {}
+        self.files = FileStore(state)
         self.batches: dict[str, Batch] = {}
-        self._uploads: dict[str, Upload] = {}
-        self._ids = itertools.count(1)
         # What the emulator did, for tests: batches created, lines answered / failed, cancels.
         self.created: list[str] = []
 
     def close(self) -> None:
-        shutil.rmtree(self._dir, ignore_errors=True)
+        self.files.close()
 
     # -- routing -------------------------------------------------------------------------------------
 
@@ -137,9 +124,9 @@ class BatchService:
         path = unquote(req.path)
         try:
             if path.startswith(UPLOAD_PATH):
-                return self._google_upload(req)
+                return self.files.google_upload(req)
             if path.startswith(DOWNLOAD_PREFIX):
-                return await self._google_download(path[len(DOWNLOAD_PREFIX) :], cfg)
+                return await self.files.google_download(path[len(DOWNLOAD_PREFIX) :], cfg)
             flavor = "openai" if path.startswith(OPENAI_PREFIX) else "gemini"
             rest = path[len(OPENAI_PREFIX if flavor == "openai" else GEMINI_PREFIX) :].strip("/")
             if rest.startswith("files"):
@@ -150,115 +137,12 @@ class BatchService:
                         "File upload and download are not supported through the OpenAI compatibility layer: "
                         "use the Files API (POST /upload/v1beta/files).",
                     )
-                return await self._openai_files(req, rest[len("files") :].strip("/"), cfg)
+                return await self.files.openai_route(req, rest[len("files") :].strip("/"), cfg)
             return await self._batches(req, flavor, rest[len("batches") :].strip("/"), cfg)
         except ApiError as e:
             if path.startswith(OPENAI_PREFIX):
                 return openai_error(e.code, e.message, None)
             return e.response()
-
-    # -- files ---------------------------------------------------------------------------------------
-
-    def _new_file(self, flavor: str, filename: str, purpose: str, *, generated: bool) -> StoredFile:
-        token = f"{next(self._ids):06d}{secrets.token_hex(6)}"
-        file_id = f"file-{token}" if flavor == "openai" else f"files/{token}"
-        stored = StoredFile(file_id, self._dir / token, filename, purpose, int(time.time()), generated)
-        self.files[file_id] = stored
-        return stored
-
-    @staticmethod
-    def _file_object(f: StoredFile) -> dict[str, Any]:
-        return {
-            "id": f.id,
-            "object": "file",
-            "bytes": f.size,
-            "created_at": f.created,
-            "filename": f.filename,
-            "purpose": f.purpose,
-            "status": "processed",
-        }
-
-    async def _openai_files(self, req: Request, rest: str, cfg: EmulatorConfig) -> Response:
-        if req.method == "POST" and not rest:
-            fields = multipart(req)
-            purpose = fields.get("purpose", (b"", None, None))[0].decode()
-            if purpose != "batch":
-                raise invalid(f"purpose: only 'batch' is served here, got {purpose!r}.")
-            if "file" not in fields:
-                raise invalid("file: required.")
-            content, filename, _ = fields["file"]
-            _check_jsonl(content)
-            stored = self._new_file("openai", filename or "upload.jsonl", purpose, generated=False)
-            stored.path.write_bytes(content)
-            return json_response(self._file_object(stored))
-        file_id, _, what = rest.partition("/")
-        stored = self._file(file_id)
-        if req.method == "GET" and what == "content":
-            return Response(200, stored.path, "application/octet-stream")
-        if req.method == "GET" and not what:
-            return json_response(self._file_object(stored))
-        raise invalid(f"unsupported files request {req.method} {rest}")
-
-    def _file(self, file_id: str) -> StoredFile:
-        stored = self.files.get(file_id)
-        if stored is None:
-            raise ApiError(404, "NOT_FOUND", f"No such file: {file_id}")
-        return stored
-
-    def _google_upload(self, req: Request) -> Response:
-        """Google's resumable upload: ``start`` answers an upload URL; ``upload, finalize`` ends it."""
-
-        command = req.headers.get("x-goog-upload-command", "").lower()
-        query = parse_qs(req.target.partition("?")[2])
-        if "start" in command:
-            try:
-                meta = json.loads(req.body or b"{}").get("file", {})
-            except ValueError:
-                raise invalid("Invalid JSON payload received.") from None
-            upload_id = secrets.token_hex(8)
-            self._uploads[upload_id] = Upload(self._dir / f"upload-{upload_id}", meta.get("display_name") or "")
-            self._uploads[upload_id].path.touch()
-            host = req.headers.get("host", f"127.0.0.1:{self._state.port}")
-            headers = {
-                "x-goog-upload-url": f"http://{host}{UPLOAD_PATH}?upload_id={upload_id}&upload_protocol=resumable",
-                "x-goog-upload-status": "active",
-            }
-            return Response(200, b"", "text/plain", headers)
-        upload = self._uploads.get((query.get("upload_id") or [""])[0])
-        if upload is None:
-            raise invalid("unknown upload_id: start the upload first.")
-        offset = int(req.headers.get("x-goog-upload-offset", "-1"))
-        if offset != upload.received:
-            raise invalid(f"X-Goog-Upload-Offset {offset} does not match the {upload.received} bytes received.")
-        with upload.path.open("ab") as f:
-            f.write(req.body)
-        upload.received += len(req.body)
-        if "finalize" not in command:
-            return Response(200, b"", "text/plain", {"x-goog-upload-status": "active"})
-        self._uploads.pop((query.get("upload_id") or [""])[0])
-        with upload.path.open("rb") as f:
-            _check_jsonl_file(f)
-        stored = self._new_file("gemini", upload.filename, "batch", generated=False)
-        upload.path.rename(stored.path)
-        obj = {
-            "name": stored.id,
-            "displayName": stored.filename,
-            "mimeType": "jsonl",
-            "sizeBytes": str(stored.size),
-            "state": "ACTIVE",
-            "source": "UPLOADED",
-            "expirationTime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 48 * 3600)),
-        }
-        resp = json_response({"file": obj})
-        resp.headers["x-goog-upload-status"] = "final"
-        return resp
-
-    async def _google_download(self, rest: str, cfg: EmulatorConfig) -> Response:
-        name = rest.split(":download", 1)[0]
-        stored = self._file(name)
-        if not stored.generated:
-            raise ApiError(400, "INVALID_ARGUMENT", f"Only generated files can be downloaded; {name} was uploaded.")
-        return Response(200, stored.path, "application/octet-stream")
 
     # -- batches -------------------------------------------------------------------------------------
 
@@ -296,7 +180,7 @@ class BatchService:
             raise invalid(f"endpoint: batches take {', '.join(ENDPOINTS)}, got {endpoint!r}.")
         if body.get("completion_window") != "24h":
             raise invalid(f"completion_window: only '24h' is supported, got {body.get('completion_window')!r}.")
-        stored = self._file(str(body.get("input_file_id")))
+        stored = self.files.get(str(body.get("input_file_id")))
         total = 0
         with stored.path.open("rb") as f:
             for raw in f:
@@ -305,7 +189,7 @@ class BatchService:
                     if line.get("url") != endpoint:
                         raise invalid(f"line {total + 1}: url {line.get('url')!r} differs from endpoint {endpoint}.")
                     total += 1
-        token = f"{next(self._ids):06d}{secrets.token_hex(6)}"
+        token = self.files.next_token()
         batch = Batch(
             id=f"batch_{token}" if flavor == "openai" else f"batches/{token}",
             flavor=flavor,
@@ -313,10 +197,12 @@ class BatchService:
             input_file_id=stored.id,
             created=time.time(),
             total=total,
-            seconds=cfg.batch_seconds,
-            failure_rate=cfg.batch_line_failure_rate,
-            expire_fraction=cfg.batch_expire_fraction,
-            seed=cfg.seed,
+            simulation=Simulation(
+                seconds=cfg.batch_seconds,
+                failure_rate=cfg.batch_line_failure_rate,
+                expire_fraction=cfg.batch_expire_fraction,
+                seed=cfg.seed,
+            ),
             metadata=body.get("metadata"),
         )
         self.batches[batch.id] = batch
@@ -325,11 +211,11 @@ class BatchService:
 
     def _describe(self, b: Batch) -> dict[str, Any]:
         created = int(b.created)
-        done = b.completed + b.failed
+        done = b.results.completed + b.results.failed
         if b.status in ("in_progress", "cancelling"):
             done = math.floor(b.progress(time.time()) * b.total)
-            if b.expire_fraction is not None:
-                done = min(done, math.floor(b.expire_fraction * b.total))
+            if b.simulation.expire_fraction is not None:
+                done = min(done, math.floor(b.simulation.expire_fraction * b.total))
         return {
             "id": b.id,
             "object": "batch",
@@ -338,19 +224,19 @@ class BatchService:
             "input_file_id": b.input_file_id,
             "completion_window": "24h",
             "status": b.status,
-            "output_file_id": b.output_file_id,
-            "error_file_id": b.error_file_id,
+            "output_file_id": b.results.output_file_id,
+            "error_file_id": b.results.error_file_id,
             "created_at": created,
             "in_progress_at": created,
             "expires_at": created + 24 * 3600,
-            "completed_at": int(b.final_at) if b.final_at and b.status == "completed" else None,
-            "expired_at": int(b.final_at) if b.final_at and b.status == "expired" else None,
-            "cancelled_at": int(b.final_at) if b.final_at and b.status == "cancelled" else None,
+            "completed_at": int(b.results.final_at) if b.results.final_at and b.status == "completed" else None,
+            "expired_at": int(b.results.final_at) if b.results.final_at and b.status == "expired" else None,
+            "cancelled_at": int(b.results.final_at) if b.results.final_at and b.status == "cancelled" else None,
             "cancelling_at": int(b.cancel_requested_at) if b.cancel_requested_at else None,
             "request_counts": {
                 "total": b.total,
-                "completed": b.completed if b.status in FINAL else done,
-                "failed": b.failed,
+                "completed": b.results.completed if b.status in FINAL else done,
+                "failed": b.results.failed,
             },
             "metadata": b.metadata,
         }
@@ -360,22 +246,22 @@ class BatchService:
             return
         if b.cancel_requested_at is not None:
             done = math.floor(b.progress(b.cancel_requested_at) * b.total)
-            if b.expire_fraction is not None:
-                done = min(done, math.floor(b.expire_fraction * b.total))
+            if b.simulation.expire_fraction is not None:
+                done = min(done, math.floor(b.simulation.expire_fraction * b.total))
             await self._finish(b, "cancelled", done)
         elif b.progress(now) >= 1.0:
-            if b.expire_fraction is not None:
-                await self._finish(b, "expired", math.floor(b.expire_fraction * b.total))
+            if b.simulation.expire_fraction is not None:
+                await self._finish(b, "expired", math.floor(b.simulation.expire_fraction * b.total))
             else:
                 await self._finish(b, "completed", b.total)
 
     async def _finish(self, b: Batch, status: str, answered: int) -> None:
         """Answer the first ``answered`` lines through the live handlers; write the output (and error) file."""
-        out = self._new_file(b.flavor, f"{b.id.replace('/', '-')}-output.jsonl", "batch_output", generated=True)
+        out = self.files.new(b.flavor, f"{b.id.replace('/', '-')}-output.jsonl", "batch_output", generated=True)
         err = None
         if b.flavor == "openai":
-            err = self._new_file(b.flavor, f"{b.id}-errors.jsonl", "batch_output", generated=True)
-        stored = self.files[b.input_file_id]
+            err = self.files.new(b.flavor, f"{b.id}-errors.jsonl", "batch_output", generated=True)
+        stored = self.files.get(b.input_file_id)
         with stored.path.open("rb") as src, out.path.open("wb") as out_f:
             err_f = err.path.open("wb") if err is not None else None
             try:
@@ -388,10 +274,10 @@ class BatchService:
                     if number < answered:
                         status_code, body = await self._answer(b, line)
                         ok = status_code == 200
-                        b.completed += ok
-                        b.failed += not ok
+                        b.results.completed += ok
+                        b.results.failed += not ok
                         if not ok:
-                            b.failed_lines.append((custom_id, line.get("body")))
+                            b.results.failed_lines.append((custom_id, line.get("body")))
                         record = self._result_line(b, custom_id, status_code, body)
                         target = out_f if ok or err_f is None else err_f
                         target.write(json.dumps(record, separators=(",", ":")).encode() + b"\n")
@@ -413,15 +299,14 @@ class BatchService:
             finally:
                 if err_f is not None:
                     err_f.close()
-        b.output_file_id = out.id
+        b.results.output_file_id = out.id
         if err is not None:
             if err.size:
-                b.error_file_id = err.id
+                b.results.error_file_id = err.id
             else:
-                self.files.pop(err.id)
-                err.path.unlink()
+                self.files.drop(err.id)
         b.status = status
-        b.final_at = time.time()
+        b.results.final_at = time.time()
 
     def _result_line(self, b: Batch, custom_id: str, status_code: int, body: Any) -> dict[str, Any]:
         if b.flavor == "openai":
@@ -436,8 +321,8 @@ class BatchService:
     async def _answer(self, b: Batch, line: dict[str, Any]) -> tuple[int, Any]:
         """One line through the live route's handler (no rate limits: batches have their own quota)."""
 
-        digest = hashlib.sha256(f"{b.seed}\x00{b.id}\x00{line.get('custom_id')}".encode()).digest()
-        if int.from_bytes(digest[:8], "big") / 2**64 < b.failure_rate:
+        digest = hashlib.sha256(f"{b.simulation.seed}\x00{b.id}\x00{line.get('custom_id')}".encode()).digest()
+        if int.from_bytes(digest[:8], "big") / 2**64 < b.simulation.failure_rate:
             self._state.bump("faults", sub="batch:line")
             resp = internal().response()
             return resp.status, json.loads(resp.body)
@@ -472,24 +357,3 @@ def _gemini_body(body: Any) -> Any:
         }
         body["usage"] = {names.get(k, k): v for k, v in usage.items()}
     return body
-
-
-def _check_jsonl(content: bytes) -> None:
-    for number, raw in enumerate(content.splitlines(), 1):
-        if raw.strip():
-            _check_line(raw, number, invalid)
-
-
-def _check_jsonl_file(f: Any) -> None:
-    for number, raw in enumerate(f, 1):
-        if raw.strip():
-            _check_line(raw, number, invalid)
-
-
-def _check_line(raw: bytes, number: int, invalid: Any) -> None:
-    try:
-        line = json.loads(raw)
-    except ValueError:
-        raise invalid(f"line {number} is not JSON.") from None
-    if not isinstance(line, dict) or not line.get("custom_id") or not isinstance(line.get("body"), dict):
-        raise invalid(f"line {number}: custom_id, method, url and body are required.")

@@ -27,6 +27,7 @@ from emulator.bodies import model_of, parse_json
 from emulator.catalog import DEPRECATED_SAMPLING, NEWER_FAMILY_PREFIXES, REASONING_EFFORT_TOKENS, efforts_of
 from emulator.config import EmulatorConfig
 from emulator.errors import invalid, json_response, model_not_found, openai_error
+from emulator.fake_json import fake_json_for_schema
 from emulator.faults import BAD_JSON_REPLY, check_markers, marker
 from emulator.state import ServerState
 from emulator.wire import Request, Response
@@ -93,7 +94,7 @@ def _tool_call(body: dict[str, Any], text: str, texts: list[str], k: int, null_r
     fn = chosen_tool(body["tools"], body.get("tool_choice"), text)
     seed = text if k == 0 else f"{text}\x00{k}"
     parameters = fn.get("parameters") if isinstance(fn.get("parameters"), dict) else {"type": "object"}
-    arguments = json.dumps(fakes.fake_json_for_schema(parameters, seed=seed, null_rate=null_rate))
+    arguments = json.dumps(fake_json_for_schema(parameters, seed=seed, null_rate=null_rate))
     name = fn["name"]
     if any("[[emulator:badargs]]" in t for t in texts):
         arguments = BAD_ARGUMENTS
@@ -260,7 +261,7 @@ def _reply(
         data, fmt = content.audios[-1]
         return fakes.fake_transcript(data, fmt, answering)
     if schema is not None:
-        return json.dumps(fakes.fake_json_for_schema(schema, seed=prompt_text, null_rate=cfg.null_rate))
+        return json.dumps(fake_json_for_schema(schema, seed=prompt_text, null_rate=cfg.null_rate))
     if json_object:
         return json.dumps({"text": fakes.fake_chat_text(answering, prompt_text)})
     return fakes.fake_chat_text(answering, prompt_text)

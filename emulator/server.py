@@ -3,7 +3,7 @@ checks the key, applies limits, latency and faults.
 
 Written on raw asyncio streams (no web framework) so that transport faults -- truncated bodies,
 dropped connections, hangs -- can be injected exactly. The API areas: emulator/chat.py,
-embeddings.py, images.py, audio.py, models.py, batches.py (files and batches), admin.py.
+embeddings.py, images.py, audio.py, models.py, files.py and batches.py, admin.py.
 """
 
 from __future__ import annotations

@@ -336,7 +336,7 @@ def run_cli(argv: list[str] | None = None) -> int:
 
 def _unexpected(exc: BaseException) -> str:
     try:
-        from tasks.provider.client import classify_failure
+        from tasks.provider.failures import classify_failure
 
         failure = classify_failure(exc)
     except BaseException:  # noqa: BLE001 - not a server's answer: a bug to report

@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import time
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from flows.params import CommonOptions
+from flows.shard_summary import rows_written_by, shard_documents, sharded_summary
 from tasks.engine.report.metadata import input_record, new_run_id, package_versions, utc_now
 from tasks.errors import ConfigError
 from tasks.redact import redact_data
@@ -51,9 +51,6 @@ START_TIMEOUT_S = 900.0
 POLL_S = 1.0
 # A shard is started at most this many times (the first run and its restarts after crashes).
 MAX_ATTEMPTS = 4
-COMPLETED = "completed"
-# What the summary's status is when shards end differently: the first of these that any shard has.
-STATUS_ORDER = ("stopped: daily quota", "interrupted", "completed with errors")
 
 
 async def heartbeat(flow_run_id: str) -> None:
@@ -100,6 +97,7 @@ async def run_sharded(flow_job: FlowJob) -> dict[str, Any]:
     from prefect.runtime import flow_run
 
     from flows.engine_options import options_of
+    from flows.events import emit_started
     from tasks.engine.plan.input import check_ids
     from tasks.engine.preflight import preflight
     from tasks.engine.store.lease import claim_output
@@ -118,21 +116,15 @@ async def run_sharded(flow_job: FlowJob) -> dict[str, Any]:
     await claim_output(store, job, run_id, options)
     had_rows = bool(store.result_files() or store.error_files())
     deployment_id = await _deployment_of_this_flow()
-    document: dict[str, Any] = {
+    document = {
         "run_id": run_id,
         "flow_run_id": str(flow_run.id) if flow_run.id else None,
-        "job": job.name,
-        "status": "running",
-        "message": "",
-        "parameters": redact_data(flow_job.recorded()),
-        "job_parameters": job.parameters(),
-        "input": await asyncio.to_thread(input_record, source, total_rows),
-        "output": {"path": options.output},
+        **await _parent_record(flow_job, source, total_rows, options.output),
         "started_at": started.isoformat(),
         "deployment_id": deployment_id,
-        "versions": package_versions(),
     }
     await asyncio.to_thread(store.write_run, run_id, document)
+    emit_started(document, total_rows)  # the parent's own start, before its shards'
     shards = [_Shard(i, count) for i in range(1, count + 1)]
     await _drive(shards, deployment_id, flow_job)
     removed = 0
@@ -144,16 +136,30 @@ async def run_sharded(flow_job: FlowJob) -> dict[str, Any]:
     if sink is not None:
         document["output"]["table"] = await sync_after_shards(sink, store, source, run_id=run_id)
     finished = utc_now()
-    docs = await asyncio.to_thread(_shard_documents, store, shards)
+    docs = await asyncio.to_thread(shard_documents, store, shards)
     crashed = {d["run_id"] for s in shards for fid in s.flow_run_ids[:-1] if (d := docs.get(fid))}
-    written = await asyncio.to_thread(_rows_written_by, store, crashed) if crashed else {}
-    summary = _summary(shards, docs, (finished - started).total_seconds(), written)
+    written = await asyncio.to_thread(rows_written_by, store, crashed) if crashed else {}
+    summary = sharded_summary(shards, docs, (finished - started).total_seconds(), written)
     document["output"].update(summary.pop("parts"), superseded_rows_removed=removed)
     document.update(summary, finished_at=finished.isoformat())
     if document["provider"]["model"] is None:
         document["provider"]["model"] = job.model
     await asyncio.to_thread(store.write_run, run_id, document)
     return document
+
+
+async def _parent_record(flow_job: FlowJob, source: Any, total_rows: int, output: str) -> dict[str, Any]:
+    """The parent's run metadata as it starts: the job, its parameters (redacted), input and output."""
+    return {
+        "job": flow_job.job.name,
+        "status": "running",
+        "message": "",
+        "parameters": redact_data(flow_job.recorded()),
+        "job_parameters": flow_job.job.parameters(),
+        "input": await asyncio.to_thread(input_record, source, total_rows),
+        "output": {"path": output},
+        "versions": package_versions(),
+    }
 
 
 async def _drive(shards: list[_Shard], deployment_id: str, flow_job: FlowJob) -> None:
@@ -314,127 +320,6 @@ async def _worker_gone(client: Any, pool: str, name: str) -> bool:
     interval = worker.heartbeat_interval_seconds or 30
     age = time.time() - worker.last_heartbeat_time.timestamp()
     return age > WORKER_MISSED_BEATS * interval + POLL_S
-
-
-def _shard_documents(store: Any, shards: list[_Shard]) -> dict[str, dict[str, Any]]:
-    """The run metadata each shard's flow runs wrote, by flow run id."""
-    wanted = {fid for s in shards for fid in s.flow_run_ids}
-    found: dict[str, dict[str, Any]] = {}
-    folder = f"{store.root}/_runs"
-    for path in store.fs.ls(folder, detail=False):
-        if not path.endswith(".json"):
-            continue
-        with store.fs.open(path, "r") as f:
-            try:
-                doc = json.load(f)
-            except ValueError:
-                continue
-        if doc.get("flow_run_id") in wanted:
-            found[doc["flow_run_id"]] = doc
-    return found
-
-
-def _rows_written_by(store: Any, run_ids: set[str]) -> dict[str, int]:
-    """Result rows in the output written by these runs (read from each part's footer: its run id)."""
-    import pyarrow.parquet as pq
-
-    from tasks.engine.store.part_files import META_KEY
-
-    rows: dict[str, int] = {}
-    for path in store.result_files():
-        metadata = pq.read_metadata(path, filesystem=store.fs)
-        raw = (metadata.schema.to_arrow_schema().metadata or {}).get(META_KEY)
-        run_id = json.loads(raw).get("run_id") if raw else None
-        if run_id in run_ids:
-            rows[run_id] = rows.get(run_id, 0) + metadata.num_rows
-    return rows
-
-
-def _add(total: dict[str, Any], part: dict[str, Any] | None) -> None:
-    for key, value in (part or {}).items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            continue
-        total[key] = total.get(key, 0) + value
-
-
-def _summary(
-    shards: list[_Shard], docs: dict[str, dict[str, Any]], duration: float, written: dict[str, int]
-) -> dict[str, Any]:
-    """The shards added up. Rows a crashed attempt wrote count as succeeded (its rerun skipped them as
-    done); its requests went unrecorded (the process died before writing its metadata)."""
-    counts = dict.fromkeys(("input_rows", "skipped_done", "deduplicated", "succeeded", "failed", "not_attempted"), 0)
-    requests = dict.fromkeys(("sent", "items_sent", "retries", "rate_limited_429", "transient_errors"), 0)
-    tokens = dict.fromkeys(("prompt", "completion", "total"), 0)
-    cost_usd = 0.0
-    priced = True
-    parts: list[str] = []
-    error_parts: list[str] = []
-    per_shard = []
-    statuses = []
-    messages = []
-    provider = None
-    limits = None
-    for shard in shards:
-        attempts = [docs.get(fid) for fid in shard.flow_run_ids]
-        final = attempts[-1]
-        for doc in attempts:  # every attempt's requests were sent (and paid); a killed one's weren't recorded
-            if doc is None or "requests" not in doc:
-                continue
-            _add(requests, doc["requests"])
-            _add(tokens, {k: v for k, v in doc["tokens"].items() if k in ("prompt", "completion", "total")})
-            usd = (doc.get("cost") or {}).get("estimated_usd")
-            priced = priced and usd is not None
-            cost_usd += usd or 0.0
-            parts += doc["output"]["parts_written"]
-            error_parts += doc["output"]["error_parts_written"]
-            provider = provider or doc.get("provider")
-            limits = limits or doc.get("limits")
-        status = final["status"] if final and "counts" in final else f"failed: shard run {shard.states[-1].lower()}"
-        recovered = sum(written.get(d["run_id"], 0) for d in attempts[:-1] if d)
-        if final and "counts" in final:
-            shard_counts = dict(final["counts"])
-            moved = min(recovered, shard_counts["skipped_done"])
-            shard_counts["skipped_done"] -= moved
-            shard_counts["succeeded"] += moved
-            _add(counts, shard_counts)
-        statuses.append(status)
-        if final and final.get("message"):
-            messages.append(f"shard {shard.spec}: {final['message']}")
-        elif status != COMPLETED:
-            messages.append(f"shard {shard.spec}: {status}")
-        per_shard.append(
-            {
-                "shard": shard.spec,
-                "status": status,
-                "flow_run_ids": shard.flow_run_ids,
-                "flow_run_states": shard.states,
-                "run_ids": [d["run_id"] if d else None for d in attempts],
-                "restarts_after_crash": shard.restarts,
-                "rows_written_by_crashed_attempts": recovered,
-                "counts": final.get("counts") if final else None,
-            }
-        )
-    status = COMPLETED
-    if any(s != COMPLETED for s in statuses):
-        status = next((o for o in STATUS_ORDER if o in statuses), None) or next(s for s in statuses if s != COMPLETED)
-    succeeded = counts.get("succeeded", 0) + counts.get("deduplicated", 0)
-    return {
-        "status": status,
-        "message": "; ".join(messages),
-        "provider": provider or {"host": None, "model": None},
-        "duration_s": round(duration, 3),
-        "counts": counts,
-        "requests": requests,
-        "tokens": tokens,
-        "cost": {"estimated_usd": round(cost_usd, 6) if priced else None},
-        "throughput": {
-            "rows_per_s": round(succeeded / duration, 2) if duration else None,
-            "requests_per_s": round(requests.get("sent", 0) / duration, 2) if duration else None,
-        },
-        "limits": limits,
-        "shards": per_shard,
-        "parts": {"parts_written": sorted(parts), "error_parts_written": sorted(error_parts)},
-    }
 
 
 def sharded(options: CommonOptions) -> bool:

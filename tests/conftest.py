@@ -183,7 +183,7 @@ def hurry_batches(emu: Emulator, seconds: float = 0.0) -> None:
     time.sleep(0.5)  # a create request already in the server holds the settings it arrived with
     now = time.time()
     for batch in list(emu.batches.batches.values()):
-        batch.seconds = min(batch.seconds, now - batch.created + seconds)
+        batch.simulation.seconds = min(batch.simulation.seconds, now - batch.created + seconds)
 
 
 def read_output(path: Path) -> pl.DataFrame:

@@ -249,7 +249,7 @@ def test_two_percent_failed_lines_are_exactly_the_error_rows_then_retry_errors_f
     emulator.configure(batch_line_failure_rate=0.02, seed=7)
     job = EmbedJob(model=EMBED, batch_size=1)  # one row a line
     doc = run(emulator, job, src, tmp_path / "out", chunk_size=250, flavor=flavor)
-    failed_lines = [line for b in emulator.batches.batches.values() for line in b.failed_lines]
+    failed_lines = [line for b in emulator.batches.batches.values() for line in b.results.failed_lines]
     assert 3 <= len(failed_lines) <= 30  # about 2% of 600
     failed_texts = {text for _, body in failed_lines for text in body["input"]}
     errors = read_errors(tmp_path / "out")
@@ -426,12 +426,12 @@ def test_batches_cancel_keeps_finished_lines_and_the_next_run_sends_the_rest(emu
         if proc.poll() is None:
             proc.kill()
     (first,) = [b for b in emulator.batches.batches.values() if b.status == "cancelled"]
-    assert 0 < first.completed < n
+    assert 0 < first.results.completed < n
     assert len(emulator.batches.created) == 2
-    assert emulator.batches.batches[emulator.batches.created[1]].total == n - first.completed
+    assert emulator.batches.batches[emulator.batches.created[1]].total == n - first.results.completed
     doc = json.loads(sorted((out / "_runs").glob("*.json"))[-1].read_text())
     assert doc["status"] == "completed"
-    assert doc["batches"]["requests_unfinished"] == n - first.completed
+    assert doc["batches"]["requests_unfinished"] == n - first.results.completed
     run(emulator, EmbedJob(model=EMBED, batch_size=1), src, tmp_path / "live", mode="live")
     assert table(out).equals(table(tmp_path / "live"))
 

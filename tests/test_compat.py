@@ -26,7 +26,8 @@ from tasks.engine.send.context import RetryPolicy
 from tasks.engine.send.limits import Limits
 from tasks.errors import ConfigError
 from tasks.jobs.embed import EmbedJob
-from tasks.provider.client import ProviderSettings, check_model, open_connection
+from tasks.provider.client import ProviderSettings, open_connection
+from tasks.provider.model_check import check_model
 
 MODEL = "gemini-embedding-001"
 FAST_RETRY = RetryPolicy(base_delay_s=0.01, max_delay_s=0.05)

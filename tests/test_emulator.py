@@ -18,6 +18,7 @@ import pydantic
 import pytest
 
 from emulator import Emulator, EmulatorConfig
+from emulator.fake_json import fake_json_for_schema
 from emulator.fakes import (
     EMBEDDING_MODELS,
     audio_seconds,
@@ -25,7 +26,6 @@ from emulator.fakes import (
     fake_caption,
     fake_chat_text,
     fake_embedding,
-    fake_json_for_schema,
     fake_png,
     fake_transcript,
     image_size,

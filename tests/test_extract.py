@@ -17,7 +17,7 @@ from conftest import REPO, TEST_KEY_ENV, assert_balanced, read_errors
 from openai.types.chat import ChatCompletion
 from pydantic import BaseModel, Field
 
-from emulator.fakes import fake_json_for_schema
+from emulator.fake_json import fake_json_for_schema
 from emulator.faults import BAD_JSON_REPLY
 from flows import commands
 from flows.options import command_job

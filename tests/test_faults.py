@@ -37,7 +37,8 @@ from test_extract import expected as expected_invoice
 from test_extract import invoice_row
 from test_transcribe import expected as expected_transcript
 
-from emulator.fakes import fake_chat_text, fake_json_for_schema, fake_png
+from emulator.fake_json import fake_json_for_schema
+from emulator.fakes import fake_chat_text, fake_png
 from schemas.examples import Contract, Invoice, Receipt
 from tasks.engine.run import RunOptions, run_job
 from tasks.engine.send.context import RetryPolicy

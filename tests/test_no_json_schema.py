@@ -31,7 +31,7 @@ from emulator.chat import JSON_SCHEMA_REJECTED
 from schemas.examples import Invoice
 from tasks.jobs.extract import ExtractJob
 from tasks.jobs.tools import ToolsExtractJob
-from tasks.provider.client import classify_failure
+from tasks.provider.failures import classify_failure
 
 ROWS = 10  # data/extract/invoices.csv
 

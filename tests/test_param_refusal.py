@@ -21,8 +21,8 @@ import pytest
 from conftest import TEST_KEY, TEST_KEY_ENV, gembatch, read_errors, read_output
 
 from emulator import Emulator, EmulatorConfig
-from tasks.jobs.images import ImageNotFetched, download_image
-from tasks.provider.client import classify_failure
+from tasks.jobs.image_replies import ImageNotFetched, download_image
+from tasks.provider.failures import classify_failure
 
 
 def refusal(body: Any, sent: dict[str, Any], *, status: int = 400, path: str = "/v1/embeddings") -> Exception:

@@ -20,7 +20,7 @@ from conftest import TEST_KEY, TEST_KEY_ENV, assert_balanced
 from openai.lib._pydantic import to_strict_json_schema
 from pydantic import BaseModel, ConfigDict, Field
 
-from emulator.fakes import fake_json_for_schema
+from emulator.fake_json import fake_json_for_schema
 from flows import commands
 from flows.extract import extract_flow
 from flows.options import command_job
@@ -29,7 +29,8 @@ from schemas.examples import CalendarEvent, Invoice
 from tasks.engine.run import RunOptions, run_job
 from tasks.errors import ConfigError
 from tasks.jobs.extract import ExtractJob
-from tasks.provider.client import ProviderSettings, classify_failure
+from tasks.provider.client import ProviderSettings
+from tasks.provider.failures import classify_failure
 
 MODEL = "gemini-3.8-flash"
 

@@ -20,7 +20,7 @@ from conftest import REPO, TEST_KEY, TEST_KEY_ENV, assert_balanced, read_errors,
 from test_extract import ENUM, invoice_row
 
 from emulator.chat import BAD_ARGUMENTS, UNKNOWN_FUNCTION
-from emulator.fakes import fake_json_for_schema
+from emulator.fake_json import fake_json_for_schema
 from flows import commands
 from flows.options import command_job
 from schemas.examples import CalendarEvent, Contract, Invoice, Receipt

@@ -42,7 +42,8 @@ from tasks.engine.send.quota_share import DAILY_QUOTA, paced_by, share_stops
 from tasks.engine.store.lease import claim_output, compact_if_last, give_up_lease, take_lease
 from tasks.engine.store.output import OutputStore
 from tasks.provider.catalog import lifecycle_note
-from tasks.provider.client import Connection, check_model, open_connection
+from tasks.provider.client import Connection, open_connection
+from tasks.provider.model_check import check_model
 from tasks.provider.prices import BATCH_PRICE_FACTOR
 from tasks.redact import redact_data
 from tasks.sinks.lance import TableSink

@@ -52,7 +52,7 @@ class EmbedJob:
     batch_size: int = MAX_INPUTS_PER_REQUEST
 
     name = "embed"
-    # A reply that names another model stops the run before its vectors are written (tasks/engine/send/chunk.py):
+    # A reply that names another model stops the run before its vectors are written (tasks/engine/send/send_rows.py):
     # an index of one model's vectors must not take another's.
     stop_on_reroute = True
     # prepare()'s fields are the same for every row but this one, the text as-is: see tasks/engine/plan/hashing.py.

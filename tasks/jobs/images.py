@@ -17,23 +17,16 @@ rerun pays for nothing again) and rows keep pointing at them; new images go to `
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
-import io
-import json
 import logging
 import uuid
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
-from urllib.parse import urlsplit
 
 import fsspec
-import httpx2
 import openai
 import pyarrow as pa
 from openai.types import ImagesResponse
-from PIL import Image
 
 from tasks.defaults import DEFAULT_SIZE
 from tasks.engine.job import BadReply, Item, Prepared, Reply, RowFailure, RowInvalid, unexpected_reply
@@ -41,7 +34,9 @@ from tasks.engine.store.output import IMAGES_DIR, LEGACY_IMAGES_DIR, TMP_PREFIX
 from tasks.errors import ConfigError
 from tasks.jobs.embed import estimate_text_tokens
 from tasks.jobs.image_models import MAX_IMAGES_PER_PROMPT, check_image_request
-from tasks.provider.client import Connection, classify_failure
+from tasks.jobs.image_replies import IMAGE_FORMATS, ImageNotFetched, image_bytes, raw_reply, read_image
+from tasks.provider.client import Connection
+from tasks.provider.failures import classify_failure
 from tasks.provider.prices import image_price_usd
 
 __all__ = [
@@ -55,16 +50,8 @@ __all__ = [
     "image_name",
 ]
 
-# Pillow's name of a format we keep -> (the image_format value, the file extension).
-IMAGE_FORMATS: dict[str, tuple[str, str]] = {"PNG": ("png", "png"), "JPEG": ("jpeg", "jpg"), "WEBP": ("webp", "webp")}
 _EXTENSIONS = {fmt: ext for fmt, ext in IMAGE_FORMATS.values()}
 _FORMAT_OF_EXTENSION = {ext: fmt for fmt, ext in IMAGE_FORMATS.values()}
-# How much of each base64 string an error row keeps of an unusable reply.
-RAW_B64_CHARS = 120
-# An image a reply points at by URL: the largest file downloaded, and the tries.
-MAX_IMAGE_BYTES = 64 * 1024 * 1024
-DOWNLOAD_ATTEMPTS = 4
-DOWNLOAD_BACKOFF_S = 0.5
 log = logging.getLogger("gembatch.images")
 
 
@@ -159,41 +146,21 @@ class ImagesJob:
         if not self.model.removeprefix("models/").startswith("gpt-image") and not self._seen.get("no_response_format"):
             # GPT image models always answer base64 and take no response_format.
             extra["response_format"] = "b64_json"
-        try:
-            response = await conn.client.images.generate(
-                model=self.model, prompt=item.prepared.data, n=self.n, size=self.size, **extra
-            )
-        except openai.APIStatusError as exc:
-            failure = classify_failure(exc)
-            refused_format = failure.kind == "param_refused" and failure.param == "response_format"
-            if not (refused_format and extra.get("response_format")):
-                raise
-            # gembatch added response_format itself (a gateway such as LiteLLM refuses it for models it
-            # doesn't know): ask again without it, and so for the rest of the run. Nothing was made yet.
-            if not self._seen.get("no_response_format"):
-                log.warning(
-                    "%s refused response_format=b64_json for %s (%s): images are asked for without it from now on",
-                    conn.host, self.model, conn.redact(failure.message),
-                )  # fmt: skip
-            self._seen["no_response_format"] = True
-            del extra["response_format"]
-            response = await conn.client.images.generate(
-                model=self.model, prompt=item.prepared.data, n=self.n, size=self.size, **extra
-            )
+        response = await self._generate(conn, item.prepared.data, extra)
         if not isinstance(response, ImagesResponse):
             raise unexpected_reply(response, "an images object")
         data = response.data or []
         try:
             if len(data) != self.n:
                 raise BadReply(f"asked for {self.n} images, the reply had {len(data)}")
-            blobs = [await _image_bytes(entry, k, conn) for k, entry in enumerate(data)]
+            blobs = [await image_bytes(entry, k, conn) for k, entry in enumerate(data)]
             images = await asyncio.to_thread(self._decode_and_write, item.content_hash, blobs)
         except ImageNotFetched as exc:
             # The images were made (and paid for): asking again would pay twice. The row fails now.
-            unfetched = RowFailure("image_not_downloaded", str(exc), _raw_reply(response), ask_again=False)
+            unfetched = RowFailure("image_not_downloaded", str(exc), raw_reply(response), ask_again=False)
             return Reply(results=[unfetched], images=len(data))
         except BadReply as exc:
-            raise BadReply(str(exc), raw_reply=_raw_reply(response)) from None
+            raise BadReply(str(exc), raw_reply=raw_reply(response)) from None
         result = tuple(
             GeneratedImage(path, entry.revised_prompt, size, k, fmt)
             for k, (entry, (path, size, fmt)) in enumerate(zip(data, images))
@@ -212,9 +179,29 @@ class ImagesJob:
             images=len(result),
         )
 
+    async def _generate(self, conn: Connection, prompt: str, extra: dict[str, Any]) -> Any:
+        """One images.generate request; asked again without response_format if a server refuses it."""
+        try:
+            return await conn.client.images.generate(model=self.model, prompt=prompt, n=self.n, size=self.size, **extra)
+        except openai.APIStatusError as exc:
+            failure = classify_failure(exc)
+            refused_format = failure.kind == "param_refused" and failure.param == "response_format"
+            if not (refused_format and extra.get("response_format")):
+                raise
+            # gembatch added response_format itself (a gateway such as LiteLLM refuses it for models it
+            # doesn't know): ask again without it, and so for the rest of the run. Nothing was made yet.
+            if not self._seen.get("no_response_format"):
+                log.warning(
+                    "%s refused response_format=b64_json for %s (%s): images are asked for without it from now on",
+                    conn.host, self.model, conn.redact(failure.message),
+                )  # fmt: skip
+            self._seen["no_response_format"] = True
+            del extra["response_format"]
+            return await conn.client.images.generate(model=self.model, prompt=prompt, n=self.n, size=self.size, **extra)
+
     def _decode_and_write(self, content_hash: str, blobs: list[bytes]) -> list[tuple[str, int, str]]:
         """(path, size, format) of each image, written only once every image of the reply is usable."""
-        decoded = [_read_image(blob, k) for k, blob in enumerate(blobs)]
+        decoded = [read_image(blob, k) for k, blob in enumerate(blobs)]
         fs, root = self._fs_root
         fs.makedirs(f"{root}/{IMAGES_DIR}", exist_ok=True)
         written = []
@@ -309,103 +296,3 @@ class ImagesJob:
                 images = {**{image.index: image for image in on_disk}, **images}
             results[h] = tuple(images[k] for k in sorted(images))
         return results
-
-
-class ImageNotFetched(Exception):
-    """An image the reply points at (``url``) could not be downloaded."""
-
-
-async def _image_bytes(entry: Any, k: int, conn: Connection) -> bytes:
-    """The bytes of one image of a reply: its ``b64_json``, or else the file its ``url`` names
-    (servers that answer URLs by default, once response_format had to be left out)."""
-    b64 = getattr(entry, "b64_json", None)
-    if b64:
-        try:
-            return base64.b64decode(b64, validate=True)
-        except (binascii.Error, ValueError) as exc:
-            raise BadReply(f"image {k} of the reply was not valid base64: {exc}") from None
-    url = getattr(entry, "url", None)
-    if not url:
-        raise BadReply(f"image {k} of the reply had no b64_json data and no url")
-    if url.startswith("data:"):
-        _, _, data = url.partition(",")
-        try:
-            return base64.b64decode(data, validate=True)
-        except (binascii.Error, ValueError) as exc:
-            raise BadReply(f"image {k} of the reply was a data: URL that is not valid base64: {exc}") from None
-    return await download_image(url, k, timeout=conn.client.timeout)
-
-
-async def download_image(url: str, k: int, *, timeout: Any, attempts: int = DOWNLOAD_ATTEMPTS) -> bytes:
-    """GET an image URL (never with the API key: the URL may be anyone's storage), with the request
-    timeout, retries for 5xx/429/broken connections, and at most MAX_IMAGE_BYTES."""
-    shown = redact_url(url)
-    if not url.startswith(("http://", "https://")):
-        raise ImageNotFetched(f"image {k} of the reply is at {shown}, which is not an http(s) URL")
-    problem = ""
-    for attempt in range(1, attempts + 1):
-        try:
-            async with httpx2.AsyncClient(timeout=timeout, follow_redirects=True) as http:
-                async with http.stream("GET", url) as response:
-                    if response.status_code >= 400:
-                        problem = f"HTTP {response.status_code}"
-                        if response.status_code < 500 and response.status_code != 429:
-                            break
-                    else:
-                        blob = bytearray()
-                        async for block in response.aiter_bytes():
-                            blob += block
-                            if len(blob) > MAX_IMAGE_BYTES:
-                                raise ImageNotFetched(
-                                    f"image {k} of the reply at {shown} is larger than {MAX_IMAGE_BYTES} bytes: "
-                                    "not downloaded"
-                                )
-                        return bytes(blob)
-        except (httpx2.TransportError, httpx2.StreamError) as exc:
-            problem = f"{type(exc).__name__}: {exc}"
-        if attempt < attempts:
-            await asyncio.sleep(DOWNLOAD_BACKOFF_S * 2 ** (attempt - 1))
-    raise ImageNotFetched(
-        f"image {k} of the reply could not be downloaded from {shown} ({problem}); it was made and paid for, so "
-        "it is not asked for again: rerun with --retry-errors to make it anew"
-    )
-
-
-def redact_url(url: str) -> str:
-    """A URL as messages show it: no user:password, no query string (signed URLs carry tokens there)."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return f"{parts.scheme}://{host}{parts.path}" + ("?…" if parts.query else "")
-
-
-def _read_image(blob: bytes, k: int) -> tuple[bytes, str]:
-    """The image's bytes and format (png, jpeg or webp); :class:`BadReply` for anything else."""
-    if not blob:
-        raise BadReply(f"image {k} of the reply had no data")
-    try:
-        with Image.open(io.BytesIO(blob)) as image:
-            found = image.format or "unknown"
-            image.load()  # a truncated or corrupt file fails here, not in the user's viewer
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise BadReply(
-            f"image {k} of the reply is not a PNG, JPEG or WebP image Pillow can read ({exc}); "
-            f"it starts with {blob[:40]!r}"
-        ) from None
-    if found not in IMAGE_FORMATS:
-        raise BadReply(f"image {k} of the reply is {found}, not PNG, JPEG or WebP")
-    return blob, IMAGE_FORMATS[found][0]
-
-
-def _raw_reply(response: ImagesResponse) -> str:
-    """What came back, for the error row: the reply's JSON with each base64 string cut short."""
-    try:
-        body = response.model_dump(mode="json", exclude_none=True)
-    except Exception:  # noqa: BLE001 - a reply too odd to dump is still described
-        return str(response)[:2000]
-    for entry in body.get("data") or []:
-        b64 = entry.get("b64_json") if isinstance(entry, dict) else None
-        if isinstance(b64, str) and len(b64) > RAW_B64_CHARS:
-            entry["b64_json"] = f"{b64[:RAW_B64_CHARS]}… [{len(b64)} base64 characters in all]"
-    return json.dumps(body, ensure_ascii=False)

@@ -4,7 +4,7 @@ A WAV or MP3 file no longer than ``segment_s`` and within the inline limit is se
 request, as before. Any other recording (flac, ogg/opus, m4a/aac, the audio track of webm/mp4, anything
 longer) is decoded as a stream and cut into segments (see
 tasks/jobs/audio.py), each sent as its own request through the engine's limiter, retries and outage
-breaker (:func:`tasks.engine.send.chunk.send_part`). The row's transcript is the segments' texts in order,
+breaker (:func:`tasks.engine.send.send_rows.send_part`). The row's transcript is the segments' texts in order,
 and ``segments`` lists each one's times and text.
 
 Every answered segment of a long recording is recorded at once in ``OUTPUT/_segments/<row content
@@ -15,33 +15,22 @@ recorded there. The folder of a row is removed once the row is in the output.
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
 import math
 import posixpath
-import uuid
-from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
-from openai.types.audio import Transcription
 
 from tasks.defaults import APIS, DEFAULT_SEGMENT_FORMAT, DEFAULT_SEGMENT_S, MAX_INLINE_BYTES, SEGMENT_FORMATS
-from tasks.engine.job import Item, Outcome, Prepared, Reply, RowFailure, RowInvalid, unexpected_reply
-from tasks.engine.plan.keys import hash_keys
+from tasks.engine.job import Item, Outcome, Prepared, Reply, RowFailure, RowInvalid
 from tasks.jobs.audio import (
     SEGMENT_CODECS,
-    SILENCE_DBFS,
-    SILENCE_PEAK,
     AudioError,
-    Segment,
-    iter_segments,
     probe,
 )
-from tasks.jobs.caption import reply_text
-from tasks.jobs.chat import create_chat
 from tasks.jobs.embed import estimate_text_tokens
 from tasks.jobs.media import (
     audio_duration_s,
@@ -53,6 +42,24 @@ from tasks.jobs.media import (
     sniff_audio_format,
 )
 from tasks.jobs.media_access import MediaPolicy, MediaRefused
+from tasks.jobs.transcribe_requests import send_chat, send_transcriptions
+from tasks.jobs.transcript_segments import (
+    AUDIO_TOKENS_PER_SECOND,
+    SEGMENT_TYPE,
+    SEGMENTS_DIR,
+    SegmentRef,
+    SegmentSend,
+    SegmentStore,
+    TranscriptResult,
+    invalid_row,
+    measure_recording,
+    silent_message,
+    stitch,
+    tidy_segments,
+    transcript_arrays,
+    transcripts_from_table,
+    whole_outcome,
+)
 from tasks.provider.client import Connection
 from tasks.redact import redact_text, redact_url
 
@@ -72,9 +79,7 @@ __all__ = [
 
 DEFAULT_TRANSCRIBE_PROMPT = "Transcribe this audio verbatim."
 DEFAULT_TRANSCRIPTIONS_MODEL = "whisper-1"
-AUDIO_TOKENS_PER_SECOND = 32  # GEMINI.md
 UNKNOWN_DURATION_BYTES_PER_S = 16_000  # a rough bitrate for formats whose duration isn't read here
-SEGMENTS_DIR = "_segments"
 # Sent as they are when short enough: the formats both Gemini and OpenAI take inline. Anything else
 # (aac, ogg/opus, flac, aiff, m4a, webm…) is decoded and sent as segments of --segment-format, since
 # GEMINI.md marks the others unconfirmed through the OpenAI-compatible endpoint and OpenAI refuses them.
@@ -86,23 +91,6 @@ MAX_SEGMENTS_ON_HAND = 64
 MAX_RECORDINGS_DECODING = 8
 # Bump when the way segments are cut or encoded changes: recorded segments then no longer match.
 SEGMENTER_VERSION = 1
-SEGMENT_TYPE = pa.list_(
-    pa.struct([pa.field("start_s", pa.float64()), pa.field("end_s", pa.float64()), pa.field("text", pa.string())])
-)
-
-
-@dataclass(frozen=True, slots=True)
-class SegmentText:
-    start_s: float
-    end_s: float
-    text: str
-
-
-@dataclass(frozen=True, slots=True)
-class TranscriptResult:
-    transcript: str
-    duration_s: float | None
-    segments: list[SegmentText] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,16 +104,6 @@ class AudioRef:
     duration_s: float | None
     whole: bool
     segments: int  # expected (from the header's duration)
-
-
-@dataclass(frozen=True, slots=True)
-class SegmentRef:
-    """One encoded segment of a recording, ready to send."""
-
-    path: str
-    index: int
-    format: str
-    audio: bytes = field(repr=False)
 
 
 def audio_tokens(size_bytes: int, duration_s: float | None) -> int:
@@ -318,134 +296,30 @@ class TranscribeJob:
         if outcome is None or not outcome.ok:
             return outcome
         ctx.on_units(measured.end_s)
-        return _whole_outcome(ref, measured, outcome)
+        return whole_outcome(ref, measured, outcome)
 
     async def finish_line(self, item: Item, outcome: Outcome) -> Outcome:
         """Batch mode: a recording answered as one batch line gets what a live whole send gives it (the
         decoded duration, one segment); a silent or corrupt one is an error row as live."""
         measured = await self._measure_whole(item.prepared.data)
-        return measured if isinstance(measured, Outcome) else _whole_outcome(item.prepared.data, measured, outcome)
+        return measured if isinstance(measured, Outcome) else whole_outcome(item.prepared.data, measured, outcome)
 
     async def _measure_whole(self, ref: AudioRef) -> Any:
         """The recording decoded once (not silent, not corrupt), or the error row it makes."""
         try:
-            measured = await asyncio.to_thread(_measure, ref.path, self.segment_s, self.media)
+            measured = await asyncio.to_thread(measure_recording, ref.path, self.segment_s, self.media)
         except MediaRefused as exc:
-            return _invalid(str(exc))
+            return invalid_row(str(exc))
         except (AudioError, OSError) as exc:
-            return _invalid(f"{ref.path} {exc}: it is corrupt; re-encode it (e.g. ffmpeg -i IN OUT.mp3)")
+            return invalid_row(f"{ref.path} {exc}: it is corrupt; re-encode it (e.g. ffmpeg -i IN OUT.mp3)")
         if measured.silent:
-            return _invalid(_silent_message(ref.path, measured.end_s))
+            return invalid_row(silent_message(ref.path, measured.end_s))
         return measured
 
     async def _send_segments(self, ctx: Any, item: Item, send_part: Callable, shared: dict) -> Outcome | None:
-        ref: AudioRef = item.prepared.data
         store = SegmentStore(ctx.store.fs, f"{ctx.store.root}/{SEGMENTS_DIR}/{item.content_hash}")
-        recorded = await asyncio.to_thread(store.load)
-        codec = SEGMENT_CODECS[self.segment_format]
-        texts: dict[int, SegmentText] = {}
-        outcomes: dict[int, Outcome | None] = {}
-        times: dict[int, tuple[float, float]] = {}
-        tasks: set[asyncio.Task] = set()
-        on_hand: asyncio.Semaphore = shared["on_hand"]
-        broken: str | None = None
-        finished = False
-        last_end = 0.0
-
-        async def one(segment: Segment, part: Item) -> None:
-            try:
-                outcome = await send_part(ctx, part)
-            finally:
-                on_hand.release()
-            outcomes[segment.index] = outcome
-            if outcome is not None and outcome.ok:
-                text = SegmentText(segment.start_s, segment.end_s, outcome.result.transcript)
-                texts[segment.index] = text
-                await asyncio.to_thread(store.record, segment.index, text)
-                ctx.on_units(segment.seconds)
-
-        try:
-            async with shared["decoding"]:
-                try:
-                    changed = await asyncio.to_thread(file_sha256, ref.path, self.media)
-                except (MediaRefused, OSError) as exc:
-                    return _invalid(f"can't read audio {redact_url(ref.path)} again: {redact_text(str(exc))}")
-                if changed != ref.sha256:
-                    message = f"{ref.path} changed during the run: run again to transcribe the current file"
-                    return _invalid(message)
-                segments = _segments_of(ref.path, self.segment_s, codec, recorded, self.media)
-                try:
-                    while not ctx.stop_event.is_set():
-                        await on_hand.acquire()
-                        try:
-                            segment = await asyncio.to_thread(next, segments, None)
-                        except BaseException:
-                            on_hand.release()
-                            raise
-                        if segment is None:
-                            on_hand.release()
-                            finished = True
-                            break
-                        times[segment.index] = (segment.start_s, segment.end_s)
-                        last_end = segment.end_s
-                        known = recorded.get(segment.index)
-                        if known is not None and (known.start_s, known.end_s) == (segment.start_s, segment.end_s):
-                            texts[segment.index] = known
-                            on_hand.release()
-                            ctx.on_units(segment.seconds)
-                            continue
-                        if segment.audio is None:  # silence: nothing to send
-                            texts[segment.index] = SegmentText(segment.start_s, segment.end_s, "")
-                            on_hand.release()
-                            ctx.on_units(segment.seconds)
-                            continue
-                        tokens = math.ceil(segment.seconds * AUDIO_TOKENS_PER_SECOND)
-                        if self.effective_prompt:
-                            tokens += estimate_text_tokens(self.effective_prompt)
-                        data = SegmentRef(ref.path, segment.index, codec.format, segment.audio)
-                        key = f"{item.content_hash}:{segment.index}"
-                        part = Item(item.position, item.row_id, key, Prepared({}, tokens, data))
-                        task = asyncio.create_task(one(segment, part))
-                        tasks.add(task)
-                        task.add_done_callback(tasks.discard)
-                except AudioError as exc:
-                    broken = f"{ref.path} {exc}: it is corrupt from there on; re-encode it (e.g. ffmpeg -i IN OUT.mp3)"
-                except MediaRefused as exc:
-                    broken = str(exc)
-                except OSError as exc:
-                    broken = f"can't read audio {ref.path}: {exc}"
-                finally:
-                    await asyncio.to_thread(_close, segments)
-            if tasks:
-                await asyncio.gather(*list(tasks))
-        finally:
-            for task in list(tasks):
-                task.cancel()
-        attempts = max((o.attempts for o in outcomes.values() if o is not None), default=0)
-        if broken is not None:
-            return _invalid(broken, attempts)
-        for index in sorted(outcomes):
-            outcome = outcomes[index]
-            if outcome is None:
-                return None  # the run is stopping: the answered segments are recorded
-            if not outcome.ok:
-                start, end = times[index]
-                return Outcome(
-                    error_type=outcome.error_type,
-                    error_message=f"segment {index} ({start:.1f}-{end:.1f} s) of {ref.path}: {outcome.error_message}",
-                    attempts=attempts,
-                    raw_reply=outcome.raw_reply,
-                    retry_auto=outcome.retry_auto,
-                )
-        if not finished or len(texts) < len(times):
-            return None  # the run is stopping: the answered segments are recorded
-        ordered = [texts[i] for i in sorted(times)]
-        if not outcomes and not any(i in recorded for i in times):
-            return _invalid(_silent_message(ref.path, last_end))
-        result = TranscriptResult(transcript=stitch(ordered), duration_s=last_end, segments=ordered)
-        # The segments' models (one, unless the provider rerouted the model in the middle of a recording).
-        served = sorted({o.served_model for o in outcomes.values() if o is not None and o.served_model})
-        return Outcome(result=result, attempts=max(attempts, 1), served_model=",".join(served) or None)
+        segments = SegmentSend(self, ctx, item, send_part, shared["on_hand"], store)
+        return await segments.run(shared["decoding"])
 
     async def send(self, conn: Connection, items: list[Item]) -> Reply:
         (item,) = items
@@ -463,49 +337,9 @@ class TranscribeJob:
             stem = posixpath.splitext(ref.path.rsplit("/", 1)[-1])[0] or "audio"
             where = ref.path
         if self.api == "transcriptions":
-            return await self._send_transcriptions(conn, where, f"{stem}.{fmt}", data)
-        return await self._send_chat(conn, where, data, fmt, segment=isinstance(ref, SegmentRef))
-
-    async def _send_chat(self, conn: Connection, where: str, data: bytes, fmt: str, *, segment: bool) -> Reply:
-        audio = {"data": base64.b64encode(data).decode(), "format": fmt}
-        answer = await create_chat(
-            conn,
-            model=self.model,
-            messages=[
-                {
-                    "role": "user",
-                    "content": [
-                        {"type": "text", "text": self.effective_prompt},
-                        {"type": "input_audio", "input_audio": audio},
-                    ],
-                }
-            ],
-        )
-        response = answer.completion
-        text = reply_text(response)
-        result: Any
-        reason = response.choices[0].finish_reason
-        if text or (segment and reason == "stop"):
-            # A segment of a recording may hold no speech (music, a pause above the silence level):
-            # an empty answer that ended normally is its transcript.
-            result = TranscriptResult(transcript=text or "", duration_s=None)
-        else:
-            message = f"the model returned no transcript for {where} (finish_reason={reason})"
-            result = RowFailure("empty_reply", message)
-        return answer.reply(result)
-
-    async def _send_transcriptions(self, conn: Connection, where: str, filename: str, data: bytes) -> Reply:
-        # The server reads the format from the file name: name it by what the bytes are.
-        extra = {"prompt": self.effective_prompt} if self.effective_prompt else {}
-        response = await conn.client.audio.transcriptions.create(model=self.model, file=(filename, data), **extra)
-        if not isinstance(response, Transcription):
-            raise unexpected_reply(response, "a transcription")
-        text = response.text.strip() if response.text else ""
-        result: Any = TranscriptResult(transcript=text, duration_s=None)
-        if not text:
-            result = RowFailure("empty_reply", f"the server returned an empty transcript for {where}")
-        # This route reports no token usage (Whisper bills by the minute): none is recorded.
-        return Reply(results=[result])
+            return await send_transcriptions(conn, self.model, self.effective_prompt, where, f"{stem}.{fmt}", data)
+        segment = isinstance(ref, SegmentRef)
+        return await send_chat(conn, self.model, self.effective_prompt, where, data, fmt, segment=segment)
 
     # -- output -----------------------------------------------------------------------------------
     def output_schema(self, id_col: str, id_type: pa.DataType) -> pa.Schema:
@@ -523,140 +357,14 @@ class TranscribeJob:
         )
 
     def result_arrays(self, results: list[Any]) -> dict[str, pa.Array]:
-        segments = [None if r.segments is None else [_segment_dict(x) for x in r.segments] for r in results]
-        return {
-            "transcript": pa.array([r.transcript for r in results], pa.string()),
-            "duration_s": pa.array([r.duration_s for r in results], pa.float64()),
-            "segments": pa.array(segments, SEGMENT_TYPE),
-        }
+        return transcript_arrays(results)
 
     def results_from_table(self, table: pa.Table) -> dict[str, Any]:
-        names = ("content_hash", "transcript", "duration_s")
-        columns = [table.column(c).to_pylist() for c in names]
-        segments = table.column("segments").to_pylist() if "segments" in table.column_names else [None] * len(table)
-        return {
-            h: TranscriptResult(
-                transcript=t,
-                duration_s=d,
-                segments=None if s is None else [SegmentText(x["start_s"], x["end_s"], x["text"]) for x in s],
-            )
-            for h, t, d, s in zip(*columns, segments)
-        }
+        return transcripts_from_table(table)
 
     def tidy_output(self, store: Any, index: Any) -> int:
         """Remove the recorded segments of rows now in the output; returns the folders removed."""
-        folder = f"{store.root}/{SEGMENTS_DIR}"
-        if not store.fs.exists(folder):
-            return 0
-        rows = [p.rstrip("/") for p in store.fs.ls(folder, detail=False)]
-        names = [p.rsplit("/", 1)[-1] for p in rows]
-        if not names:
-            return 0
-        done = index.contents_stored(hash_keys(names))
-        removed = 0
-        for path, is_done in zip(rows, done.tolist()):
-            if is_done:
-                store.fs.rm(path, recursive=True)
-                removed += 1
-        if removed == len(rows):
-            store.fs.rm(folder, recursive=True)
-        return removed
-
-
-def _segment_dict(segment: SegmentText) -> dict[str, Any]:
-    return {"start_s": segment.start_s, "end_s": segment.end_s, "text": segment.text}
-
-
-def stitch(segments: list[SegmentText]) -> str:
-    """A row's transcript: the segments' texts in order, one space between (silent ones left out)."""
-    return " ".join(s.text.strip() for s in segments if s.text.strip())
-
-
-class SegmentStore:
-    """The answered segments of one recording: one small Parquet file each, written atomically."""
-
-    def __init__(self, fs: Any, folder: str) -> None:
-        self.fs = fs
-        self.folder = folder
-
-    def load(self) -> dict[int, SegmentText]:
-        if not self.fs.exists(self.folder):
-            return {}
-        found: dict[int, SegmentText] = {}
-        for path in self.fs.ls(self.folder, detail=False):
-            if not path.endswith(".parquet") or path.rsplit("/", 1)[-1].startswith("."):
-                continue
-            try:
-                with self.fs.open(path, "rb") as f:
-                    row = pq.read_table(f).to_pylist()[0]
-            except (OSError, pa.ArrowException, IndexError):
-                continue  # unreadable: the segment is sent again
-            found[int(row["index"])] = SegmentText(row["start_s"], row["end_s"], row["text"])
-        return found
-
-    def record(self, index: int, segment: SegmentText) -> None:
-        table = pa.table(
-            {
-                "index": pa.array([index], pa.int32()),
-                "start_s": pa.array([segment.start_s], pa.float64()),
-                "end_s": pa.array([segment.end_s], pa.float64()),
-                "text": pa.array([segment.text], pa.string()),
-            }
-        )
-        self.fs.makedirs(self.folder, exist_ok=True)
-        tmp = f"{self.folder}/.tmp-{uuid.uuid4().hex}.inprogress"
-        with self.fs.open(tmp, "wb") as f:
-            pq.write_table(table, f)
-        self.fs.mv(tmp, f"{self.folder}/{index:05d}.parquet")
-
-
-@dataclass(frozen=True, slots=True)
-class _Measured:
-    end_s: float
-    silent: bool
-
-
-def _measure(path: str, segment_s: float, policy: MediaPolicy | None = None) -> _Measured:
-    """Decode a recording (nothing encoded): its decoded length, and whether it is all silence."""
-    end, silent = 0.0, True
-    for segment in iter_segments(path, max(segment_s, 1.0), None, policy=policy):
-        end = segment.end_s
-        silent = silent and segment.peak < SILENCE_PEAK
-    return _Measured(end, silent)
-
-
-def _segments_of(
-    path: str, segment_s: float, codec: Any, recorded: dict[int, SegmentText], policy: MediaPolicy | None = None
-) -> Iterator[Segment]:
-    """The recording's segments, encoded except those already recorded (their times are checked)."""
-    skip = {i: (s.start_s, s.end_s) for i, s in recorded.items()}
-    return iter_segments(path, segment_s, codec, skip=skip, policy=policy)
-
-
-def _close(segments: Iterator[Segment]) -> None:
-    """Close the decoder (and its file); a cancelled run may leave a decode step still running."""
-    try:
-        segments.close()
-    except ValueError:  # "generator already executing": it ends with the thread, the file with it
-        pass
-
-
-def _silent_message(path: str, seconds: float) -> str:
-    return (
-        f"{path} is silent: no sound above {SILENCE_DBFS:g} dBFS in its {seconds:.1f} s, nothing to transcribe; "
-        "check the recording (muted microphone, wrong track)"
-    )
-
-
-def _whole_outcome(ref: AudioRef, measured: Any, outcome: Outcome) -> Outcome:
-    text = outcome.result.transcript
-    segment = SegmentText(0.0, measured.end_s, text)
-    result = TranscriptResult(transcript=text, duration_s=ref.duration_s or measured.end_s, segments=[segment])
-    return Outcome(result=result, attempts=outcome.attempts, served_model=outcome.served_model)
-
-
-def _invalid(message: str, attempts: int = 0) -> Outcome:
-    return Outcome(error_type="invalid_input", error_message=message, attempts=attempts)
+        return tidy_segments(store, index)
 
 
 def _guard(path: str, value: Any, read: Callable[[str], Any]) -> Any:

@@ -6,7 +6,7 @@ import asyncio
 from typing import TYPE_CHECKING
 
 from tasks.errors import GembatchError, RunStopped
-from tasks.provider.client import classify_failure
+from tasks.provider.failures import classify_failure
 
 if TYPE_CHECKING:
     from tasks.engine.options import RunOptions

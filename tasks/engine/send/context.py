@@ -21,7 +21,8 @@ from tasks.engine.send.outage import OutageBreaker
 from tasks.engine.send.timings import Timings
 from tasks.engine.store.output import OutputStore
 from tasks.errors import RunStopped
-from tasks.provider.client import Connection, Failure
+from tasks.provider.client import Connection
+from tasks.provider.failures import Failure
 
 RETRY_DELAY_ENV = "GEMBATCH_RETRY_DELAY_S"
 

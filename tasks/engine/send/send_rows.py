@@ -15,7 +15,7 @@ from tasks.engine.job import BadReply, Item, Outcome, Reply, RowFailure
 from tasks.engine.send.context import RunContext
 from tasks.engine.send.replies import count_reply, reply_stop, take_results
 from tasks.errors import RunStopped
-from tasks.provider.client import Failure, classify_failure
+from tasks.provider.failures import Failure, classify_failure
 
 __all__ = ["STOP_GRACE_S", "send_all", "send_part"]
 

@@ -8,7 +8,8 @@ from typing import Any
 from tasks.engine.send.batch.records import BATCHES_DIR, SUBMITTED, Book, read_records
 from tasks.errors import ConfigError
 from tasks.provider.batches import BatchApi
-from tasks.provider.client import Connection, classify_failure
+from tasks.provider.client import Connection
+from tasks.provider.failures import classify_failure
 
 
 class PollBar:

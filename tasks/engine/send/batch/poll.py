@@ -11,7 +11,7 @@ from tasks.engine.send.batch.shared import BatchShared
 from tasks.engine.send.context import RunContext
 from tasks.errors import RunStopped
 from tasks.provider.batches import BatchInfo
-from tasks.provider.client import classify_failure
+from tasks.provider.failures import classify_failure
 
 
 class Poller:

@@ -22,7 +22,8 @@ from tasks.engine.store.error_rows import RETRY_AUTO, RETRY_ON_REQUEST
 from tasks.engine.store.part_files import write_in_thread
 from tasks.provider.batches import ReplayTransport, normalise_body
 from tasks.provider.catalog import same_model
-from tasks.provider.client import Connection, classify_failure
+from tasks.provider.client import Connection
+from tasks.provider.failures import classify_failure
 
 # Result rows written together: one part file per this many rows (at least a chunk's worth).
 WRITE_RESULT_ROWS = 2000
@@ -191,7 +192,7 @@ class ResultWriter:
 
     def write_rows(self, rows: list[tuple[Any, str, int]], outcomes: list[Outcome], firsts: list[bool]) -> None:
         """Write rows (id, content_hash, input_row) with their outcomes: one results part, one errors part,
-        the same columns as a live chunk's (send/chunk.py, _write_chunk); the done-key index learns them."""
+        the same columns as a live chunk's (send/write_parts.py, write_chunk); the done-key index learns them."""
         ctx = self.ctx
         # A row already in the output (a run killed after writing, before marking the batch written).
         keys = hash_keys([h for _, h, _ in rows])

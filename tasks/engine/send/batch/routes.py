@@ -12,7 +12,8 @@ from tasks.engine.job import Item
 from tasks.engine.send.context import RunContext
 from tasks.errors import ConfigError, RunStopped
 from tasks.provider.batches import CapturingTransport, RequestCaptured, endpoint_of, offline_client
-from tasks.provider.client import Connection, classify_failure
+from tasks.provider.client import Connection
+from tasks.provider.failures import classify_failure
 
 log = logging.getLogger("gembatch.batch")
 # Tries of an upload or a batch creation that fails with a 5xx, a timeout or a broken connection.
