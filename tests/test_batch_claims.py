@@ -38,7 +38,7 @@ def submitted_inputs(emulator) -> Counter:
     """Every embedding input in the request files of the batches the emulator created (what is paid)."""
     seen: Counter = Counter()
     for batch in emulator.batches.batches.values():
-        with emulator.batches.files[batch.input_file_id].path.open("rb") as f:
+        with emulator.batches.files.files[batch.input_file_id].path.open("rb") as f:
             for raw in f:
                 if raw.strip():
                     seen.update(json.loads(raw)["body"]["input"])
