@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -146,3 +147,15 @@ def unexpected_reply(response: object, what: str) -> BadReply:
     """The SDK handed back something other than ``what``: a str is a body that was not JSON."""
     text = str(response)
     return BadReply(f"the reply was not {what}: {text[:200]!r}", raw_reply=text, transport=isinstance(response, str))
+
+
+def result_schema(
+    id_col: str, id_type: pa.DataType, columns: Iterable[pa.Field], *, served_model: bool = True
+) -> pa.Schema:
+    """A job's output schema: the id, the job's own ``columns``, the content hash and the model; and, for
+    jobs whose replies name a model, ``served_model`` (the model the reply named: a reroute shows there;
+    null where the reply named none)."""
+    tail = [pa.field("content_hash", pa.string()), pa.field("model", pa.string())]
+    if served_model:
+        tail.append(pa.field("served_model", pa.string()))
+    return pa.schema([pa.field(id_col, id_type), *columns, *tail])

@@ -12,7 +12,7 @@ import pyarrow as pa
 from openai.types.chat import ChatCompletion
 
 from tasks.defaults import DEFAULT_CAPTION_PROMPT, DEFAULT_MAX_SIDE
-from tasks.engine.job import BadReply, Item, Prepared, Reply, RowFailure, RowInvalid, unexpected_reply
+from tasks.engine.job import BadReply, Item, Prepared, Reply, RowFailure, RowInvalid, result_schema, unexpected_reply
 from tasks.jobs.chat import create_chat
 from tasks.jobs.embed import estimate_text_tokens
 from tasks.jobs.images_io import (
@@ -158,17 +158,14 @@ class CaptionJob:
         return image.mime, base64.b64encode(image.data).decode()
 
     def output_schema(self, id_col: str, id_type: pa.DataType) -> pa.Schema:
-        return pa.schema(
+        return result_schema(
+            id_col,
+            id_type,
             [
-                pa.field(id_col, id_type),
                 pa.field("caption", pa.string()),
                 pa.field("image_width", pa.int32()),
                 pa.field("image_height", pa.int32()),
-                pa.field("content_hash", pa.string()),
-                pa.field("model", pa.string()),
-                # The model the reply named (a reroute shows here); null where the reply named none.
-                pa.field("served_model", pa.string()),
-            ]
+            ],
         )
 
     def result_arrays(self, results: list[Any]) -> dict[str, pa.Array]:

@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 from openai.types import CreateEmbeddingResponse
 
 from tasks.defaults import MAX_INPUTS_PER_REQUEST
-from tasks.engine.job import BadReply, Item, Prepared, Reply, RowInvalid, unexpected_reply
+from tasks.engine.job import BadReply, Item, Prepared, Reply, RowInvalid, result_schema, unexpected_reply
 from tasks.engine.plan.hashing import non_blank
 from tasks.errors import ConfigError, RunStopped
 from tasks.provider.client import Connection
@@ -209,14 +209,7 @@ class EmbedJob:
         dims = dims or self.dimensions or (self.spec.dims if self.spec else None)
         if dims is None:
             raise ValueError("embedding size unknown: pass --dimensions")
-        return pa.schema(
-            [
-                pa.field(id_col, id_type),
-                pa.field("embedding", pa.list_(pa.float32(), dims)),
-                pa.field("content_hash", pa.string()),
-                pa.field("model", pa.string()),
-            ]
-        )
+        return result_schema(id_col, id_type, [pa.field("embedding", pa.list_(pa.float32(), dims))], served_model=False)
 
     def result_arrays(self, results: list[Any]) -> dict[str, pa.Array]:
         dims = {len(v) for v in results}

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ValidationError
 
 from schemas.arrow import ModelMapping, model_mapping
 from schemas.dialects import DialectSchema, build_schema, needs_restore, response_format_name, restore_defaults
-from tasks.engine.job import RowFailure
+from tasks.engine.job import RowFailure, result_schema
 from tasks.errors import ConfigError
 from tasks.jobs.text_chat import REASONING_EFFORTS, TextChatJob
 
@@ -178,16 +178,7 @@ class ExtractJob(TextChatJob):
         return message if len(message) <= MAX_ERROR_CHARS else message[: MAX_ERROR_CHARS - 1] + "…"
 
     def output_schema(self, id_col: str, id_type: pa.DataType) -> pa.Schema:
-        return pa.schema(
-            [
-                pa.field(id_col, id_type),
-                *self.mapping.arrow_fields,
-                pa.field("content_hash", pa.string()),
-                pa.field("model", pa.string()),
-                # The model the reply named (a reroute shows here); null where the reply named none.
-                pa.field("served_model", pa.string()),
-            ]
-        )
+        return result_schema(id_col, id_type, self.mapping.arrow_fields)
 
     def result_arrays(self, results: list[Any]) -> dict[str, pa.Array]:
         return self.mapping.arrays(results)

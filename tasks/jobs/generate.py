@@ -15,7 +15,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from tasks.engine.job import Item, Prepared, Reply, RowFailure, RowInvalid
+from tasks.engine.job import Item, Prepared, Reply, RowFailure, RowInvalid, result_schema
 from tasks.errors import ConfigError
 from tasks.jobs.chat import create_chat, thinking_tokens
 from tasks.jobs.embed import estimate_text_tokens
@@ -200,9 +200,10 @@ class GenerateJob:
         return len(result.choices)
 
     def output_schema(self, id_col: str, id_type: pa.DataType) -> pa.Schema:
-        return pa.schema(
+        return result_schema(
+            id_col,
+            id_type,
             [
-                pa.field(id_col, id_type),
                 pa.field("text", pa.string()),
                 pa.field("choice", pa.int32()),
                 pa.field("finish_reason", pa.string()),
@@ -210,11 +211,7 @@ class GenerateJob:
                 pa.field("prompt_tokens", pa.int64()),
                 pa.field("completion_tokens", pa.int64()),
                 pa.field("thinking_tokens", pa.int64()),
-                pa.field("content_hash", pa.string()),
-                pa.field("model", pa.string()),
-                # The model the reply named (a reroute shows here); null where the reply named none.
-                pa.field("served_model", pa.string()),
-            ]
+            ],
         )
 
     def result_arrays(self, results: list[GeneratedRow]) -> dict[str, pa.Array]:

@@ -29,7 +29,7 @@ import pyarrow as pa
 from openai.types import ImagesResponse
 
 from tasks.defaults import DEFAULT_SIZE
-from tasks.engine.job import BadReply, Item, Prepared, Reply, RowFailure, RowInvalid, unexpected_reply
+from tasks.engine.job import BadReply, Item, Prepared, Reply, RowFailure, RowInvalid, result_schema, unexpected_reply
 from tasks.engine.store.output import IMAGES_DIR, LEGACY_IMAGES_DIR, TMP_PREFIX
 from tasks.errors import ConfigError
 from tasks.jobs.embed import estimate_text_tokens
@@ -245,19 +245,16 @@ class ImagesJob:
         return len(result)
 
     def output_schema(self, id_col: str, id_type: pa.DataType) -> pa.Schema:
-        return pa.schema(
+        return result_schema(
+            id_col,
+            id_type,
             [
-                pa.field(id_col, id_type),
                 pa.field("image_path", pa.string()),
                 pa.field("image_format", pa.string()),
                 pa.field("revised_prompt", pa.string()),
                 pa.field("image_bytes", pa.int64()),
                 pa.field("image_index", pa.int32()),
-                pa.field("content_hash", pa.string()),
-                pa.field("model", pa.string()),
-                # The model the reply named (a reroute shows here); null where the reply named none.
-                pa.field("served_model", pa.string()),
-            ]
+            ],
         )
 
     def result_arrays(self, results: list[tuple[GeneratedImage, ...]]) -> dict[str, pa.Array]:

@@ -26,7 +26,7 @@ import pyarrow as pa
 from pydantic import BaseModel
 
 from schemas.arrow import ModelMapping
-from tasks.engine.job import RowFailure
+from tasks.engine.job import RowFailure, result_schema
 from tasks.errors import ConfigError
 from tasks.jobs.extract import RESERVED_COLUMNS, ExtractJob
 from tasks.jobs.text_chat import TextChatJob
@@ -184,15 +184,7 @@ class ToolsExtractJob(TextChatJob):
         own = [pa.field(KIND_COLUMN, pa.string())] + [
             pa.field(name, pa.struct(_struct_fields(b))) for name, b in self.branches.items()
         ]
-        return pa.schema(
-            [
-                pa.field(id_col, id_type),
-                *own,
-                pa.field("content_hash", pa.string()),
-                pa.field("model", pa.string()),
-                pa.field("served_model", pa.string()),
-            ]
-        )
+        return result_schema(id_col, id_type, own)
 
     def result_arrays(self, results: list[Any]) -> dict[str, pa.Array]:
         if not self.triage:

@@ -25,7 +25,7 @@ from typing import Any
 import pyarrow as pa
 
 from tasks.defaults import APIS, DEFAULT_SEGMENT_FORMAT, DEFAULT_SEGMENT_S, MAX_INLINE_BYTES, SEGMENT_FORMATS
-from tasks.engine.job import Item, Outcome, Prepared, Reply, RowFailure, RowInvalid
+from tasks.engine.job import Item, Outcome, Prepared, Reply, RowFailure, RowInvalid, result_schema
 from tasks.jobs.audio import (
     SEGMENT_CODECS,
     AudioError,
@@ -343,17 +343,14 @@ class TranscribeJob:
 
     # -- output -----------------------------------------------------------------------------------
     def output_schema(self, id_col: str, id_type: pa.DataType) -> pa.Schema:
-        return pa.schema(
+        return result_schema(
+            id_col,
+            id_type,
             [
-                pa.field(id_col, id_type),
                 pa.field("transcript", pa.string()),
                 pa.field("duration_s", pa.float64()),
                 pa.field("segments", SEGMENT_TYPE),
-                pa.field("content_hash", pa.string()),
-                pa.field("model", pa.string()),
-                # The model the reply named (a reroute shows here); null where the reply named none.
-                pa.field("served_model", pa.string()),
-            ]
+            ],
         )
 
     def result_arrays(self, results: list[Any]) -> dict[str, pa.Array]:
