@@ -84,7 +84,7 @@ async def run_untracked(flow_job: FlowJob) -> dict[str, Any]:
     if options.dry_run:
         from tasks.engine.dry_run import plan_job
 
-        return await plan_job(flow_job.job, options)
+        return await plan_job(flow_job.job, options, flow_job.recorded())
     if flow_job.options.shards > 1 and not flow_job.options.shard:
         raise GembatchError(
             "--shards runs each part as a flow run on a Prefect work pool, and no Prefect API is configured: "
@@ -112,7 +112,7 @@ async def _run(flow_job: FlowJob) -> dict[str, Any]:
     if options.dry_run:
         from tasks.engine.dry_run import plan_job
 
-        document = await plan_job(job, options)
+        document = await plan_job(job, options, flow_job.recorded())
         get_run_logger().info("dry run: %s", document["counts"] | document["estimate"])
         return document
     if sharded(flow_job.options):

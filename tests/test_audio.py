@@ -127,6 +127,7 @@ def test_a_cut_falls_in_the_quietest_window_before_the_boundary():
 
 
 # -- long recordings ---------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_a_45_minute_mp3_and_a_70_minute_m4a_become_one_row_each(emulator, long_recordings, tmp_path):
     job = TranscribeJob(model=MODEL, segment_s=300, segment_format="wav")
     out = tmp_path / "out"
@@ -207,6 +208,7 @@ def test_a_killed_run_resends_only_the_missing_segments(emulator, tmp_path):
 
 
 # -- a folder of everything --------------------------------------------------------------------------
+@pytest.mark.slow
 def test_a_folder_of_200_mixed_files_accounts_for_every_file(emulator, tmp_path):
     folder = tmp_path / "recordings"
     good: list[str] = []

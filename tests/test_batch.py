@@ -636,6 +636,7 @@ def test_batch_states_in_gemini_native_names_read_as_openai_ones():
         assert info.status == meant and info.final == (meant in ("completed", "expired"))
 
 
+@pytest.mark.slow
 def test_a_recording_cut_into_segments_is_sent_live_in_batch_mode(emulator, tmp_path):
     """A row the job sends as several requests has no single batch line: the short recording goes in
     the batch, the long one's segments live, and the table equals a live run's."""

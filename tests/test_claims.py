@@ -167,6 +167,7 @@ def test_plain_and_retry_errors_runs_together_resend_failed_rows_once(emulator, 
     assert_no_claims_left(out)
 
 
+@pytest.mark.slow
 def test_a_run_killed_mid_way_is_restarted_while_another_runs(tmp_path):
     """Run B is killed (SIGKILL) holding claims; its restart and run A, still at work, share what B left:
     B's stale claims (its pid is gone) are taken over at once, and no row written before is sent again.

@@ -379,7 +379,14 @@ def report(case: Case, doc: dict, faults: dict, retry_doc: dict, final_ok: int, 
     )
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+# The three longest cases (3,000 images, 1,000 recordings, 3,000 extractions: 11-15 s each) run in the slow tier.
+LONG_CASES = {"extract", "transcribe", "images"}
+
+
+@pytest.mark.parametrize(
+    "case",
+    [pytest.param(c, id=c.name, marks=[pytest.mark.slow] if c.name in LONG_CASES else []) for c in CASES],
+)
 def test_a_faulty_server_loses_no_row_and_a_retry_errors_run_finishes_the_rest(emulator, tmp_path, case: Case):
     began = time.monotonic()
     source, expected_by_id = case.make_input(tmp_path, case.rows)

@@ -142,6 +142,7 @@ def test_a_backfill_then_reruns_keep_the_table_in_step_with_the_corpus(emulator,
     assert last_run(db)["output"]["table"]["inserted"] == 1
 
 
+@pytest.mark.slow
 def test_a_run_killed_mid_way_then_rerun_gives_the_table_of_a_clean_run(emulator, tmp_path, capsys):
     emulator.configure(latency_seconds=0.2)
     n = 3000
@@ -231,6 +232,20 @@ def test_where_the_table_and_its_staging_folder_are():
 def test_options_that_cannot_work_are_refused_before_any_request(output, parameters, message):
     with pytest.raises(ConfigError, match=message):
         TableSink.for_run("embed", output, "id", parameters)
+
+
+@pytest.mark.parametrize("flag", ["--keep-text", "--index", "--delete-missing"])
+def test_a_dry_run_refuses_a_table_option_for_a_parquet_output_as_the_run_does(flag, tmp_path, capsys):
+    src = write_corpus(tmp_path / "in.parquet", [1, 2], ["one", "two"])
+    out = tmp_path / "emb"
+    for extra in (["--dry-run"], []):
+        argv = ["embed", str(src), "-o", str(out), "--provider", "local", "--no-progress", flag, *extra]
+        result = run_gembatch(argv, capsys)
+        assert result.returncode == 2, (extra, result.stderr)
+        said = " ".join(result.stderr.split())
+        assert f"{flag}: only for a LanceDB table output" in said and "lancedb://PATH/TABLE" in said, said
+        assert "Traceback" not in result.stderr
+    assert not out.exists() or not list(out.glob("part-*.parquet"))
 
 
 def test_images_cannot_go_to_a_table():

@@ -327,6 +327,7 @@ def test_a_large_tracked_run_makes_grouped_task_runs(prefect_server, emulator, t
     assert all(t.state.is_completed() for t in runs)
 
 
+@pytest.mark.slow
 def test_ctrl_c_on_a_grouped_tracked_run_stops_cleanly_and_a_rerun_resumes(prefect_server, emulator, tmp_path):
     from prefect.settings import PREFECT_API_URL
 

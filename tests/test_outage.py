@@ -115,6 +115,7 @@ def check_vectors(out: pl.DataFrame, texts: dict[int, str]) -> None:
     np.testing.assert_allclose(got["embedding"].to_numpy(), want, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_a_full_outage_mid_run_pauses_sending_and_leaves_no_row_behind(emulator, tmp_path):
     n = 600
     texts = texts_for(n)
@@ -187,6 +188,7 @@ def test_an_outage_longer_than_max_outage_stops_resumably_and_a_plain_rerun_fini
     assert read_errors(out).height == 0
 
 
+@pytest.mark.slow
 def test_a_bad_row_and_an_outage_only_the_bad_row_stays_in_errors(emulator, tmp_path):
     """Besides the outage, 20% of requests fail at random and rows get only 2 attempts: some rows use
     them up on transient errors (retry "auto"), one row is refused with a 400 (retry "on_request")."""

@@ -19,6 +19,7 @@ from tasks.engine.send.batch.policy import check_batch_capable, files_needed
 from tasks.engine.store.output import OutputStore
 from tasks.jobs.media import folder_extensions
 from tasks.provider.prices import estimate_cost_usd, how_to_price, price_of
+from tasks.sinks.lance import TableSink
 
 __all__ = ["plan_job"]
 
@@ -37,8 +38,11 @@ class _Tally:
     measured: dict[str, float] = field(default_factory=dict)
 
 
-async def plan_job(job: Job, options: RunOptions) -> dict[str, Any]:
-    """Read the input, skip done rows and duplicates as a run would, and estimate — no request, no key."""
+async def plan_job(job: Job, options: RunOptions, parameters: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Read the input, skip done rows and duplicates as a run would, and estimate — no request, no key.
+    ``parameters`` (the run's recorded options) are checked as a run checks them: a dry run refuses
+    what the run would refuse (``--keep-text`` with a Parquet output, say)."""
+    TableSink.for_run(job.name, options.output, options.id_col, parameters or {})
     if options.batch.mode != "live":
         check_batch_capable(job, options.provider.provider, options.provider.base_url)
     source = InputSource.open(options.input, media_extensions=folder_extensions(job))
