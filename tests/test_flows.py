@@ -188,7 +188,9 @@ def test_a_part_write_under_way_when_ctrl_c_comes_lands_and_is_counted_before_th
     assert asyncio.run(write_in_thread(write, "part-2")) == "part-2"
 
 
-@pytest.mark.parametrize("tracked", [pytest.param(True, id="tracked", marks=pytest.mark.slow), pytest.param(False, id="untracked")])
+@pytest.mark.parametrize(
+    "tracked", [pytest.param(True, id="tracked", marks=pytest.mark.slow), pytest.param(False, id="untracked")]
+)
 def test_ctrl_c_stops_cleanly_with_interrupted_metadata_and_resumes(tracked, request, emulator, tmp_path):
     emulator.configure(latency_seconds=0.2)
     n = 1000
