@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import TEST_KEY, TEST_KEY_ENV, cli_env, read_errors, read_output, write_corpus
+from conftest import TEST_KEY, TEST_KEY_ENV, CliResult, read_errors, read_output, run_gembatch, write_corpus
 
 from emulator import Emulator, EmulatorConfig
 from tasks.engine.run import RunOptions, run_job
@@ -30,11 +28,10 @@ def dropping():
         yield emu
 
 
-def embed(base_url: str, src: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    argv = [sys.executable, "-m", "flows.cli", "embed", str(src), "-o", str(out), "--base-url", base_url,
-            "--api-key-env", TEST_KEY_ENV, "--model", MODEL, "--batch-size", "2", "--max-concurrency", "1",
-            "--no-progress", *extra]  # fmt: skip
-    return subprocess.run(argv, capture_output=True, text=True, env=cli_env(), timeout=300)
+def embed(capsys: pytest.CaptureFixture[str], base_url: str, src: Path, out: Path, *extra: str) -> CliResult:
+    argv = ["embed", str(src), "-o", str(out), "--base-url", base_url, "--api-key-env", TEST_KEY_ENV,
+            "--model", MODEL, "--batch-size", "2", "--max-concurrency", "1", "--no-progress", *extra]  # fmt: skip
+    return run_gembatch(argv, capsys)
 
 
 def run_document(out: Path) -> dict:
@@ -42,10 +39,10 @@ def run_document(out: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def test_a_dropped_dimensions_parameter_stops_the_run_before_anything_is_written(dropping, tmp_path):
+def test_a_dropped_dimensions_parameter_stops_the_run_before_anything_is_written(dropping, tmp_path, capsys):
     src = write_corpus(tmp_path / "in.parquet", list(range(1, 7)), TEXTS)
     out = tmp_path / "out"
-    result = embed(dropping.base_url, src, out, "--dimensions", "256")
+    result = embed(capsys, dropping.base_url, src, out, "--dimensions", "256")
     assert result.returncode == 3, result.stderr
     assert "Traceback" not in result.stderr
     said = " ".join(result.stderr.split())
@@ -59,9 +56,9 @@ def test_a_dropped_dimensions_parameter_stops_the_run_before_anything_is_written
     assert dropping.stats["embedding_inputs"] >= 1
 
 
-def test_the_same_server_honouring_dimensions_gives_vectors_of_the_size_asked(emulator, tmp_path):
+def test_the_same_server_honouring_dimensions_gives_vectors_of_the_size_asked(emulator, tmp_path, capsys):
     src = write_corpus(tmp_path / "in.parquet", list(range(1, 7)), TEXTS)
-    result = embed(emulator.base_url, src, tmp_path / "out", "--dimensions", "256")
+    result = embed(capsys, emulator.base_url, src, tmp_path / "out", "--dimensions", "256")
     assert result.returncode == 0, result.stderr
     vectors = read_output(tmp_path / "out").sort("id")["embedding"].to_list()
     assert [len(v) for v in vectors] == [256] * 6
@@ -85,13 +82,13 @@ def test_a_batch_result_with_vectors_of_another_size_stops_the_run_unwritten(dro
     assert doc["counts"]["succeeded"] == 0 and doc["counts"]["failed"] == 0
 
 
-def test_an_output_of_full_size_vectors_takes_no_shortened_ones(emulator, tmp_path):
+def test_an_output_of_full_size_vectors_takes_no_shortened_ones(emulator, tmp_path, capsys):
     src = write_corpus(tmp_path / "in.parquet", list(range(1, 7)), TEXTS)
     out = tmp_path / "out"
-    first = embed(emulator.base_url, src, out)
+    first = embed(capsys, emulator.base_url, src, out)
     assert first.returncode == 0, first.stderr
     parts = sorted(out.glob("part-*.parquet"))
-    again = embed(emulator.base_url, src, out, "--dimensions", "256")
+    again = embed(capsys, emulator.base_url, src, out, "--dimensions", "256")
     assert again.returncode == 2, again.stderr
     said = " ".join(again.stderr.split())
     assert "Traceback" not in again.stderr
@@ -101,7 +98,7 @@ def test_an_output_of_full_size_vectors_takes_no_shortened_ones(emulator, tmp_pa
     vectors = read_output(out)["embedding"].to_list()
     assert {len(v) for v in vectors} == {3072}
     # Told to: every row is sent again at the new size, and the old vectors are superseded.
-    forced = embed(emulator.base_url, src, out, "--dimensions", "256", "--force")
+    forced = embed(capsys, emulator.base_url, src, out, "--dimensions", "256", "--force")
     assert forced.returncode == 0, forced.stderr
     vectors = read_output(out).sort("id")["embedding"].to_list()
     assert [len(v) for v in vectors] == [256] * 6
