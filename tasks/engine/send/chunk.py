@@ -27,7 +27,6 @@ from tasks.engine.plan.rows import (
     SAME,
     STORED,
     PreparedChunk,
-    chunk_statuses,
     nothing_to_do,
     prepare_chunk,
 )
@@ -62,14 +61,7 @@ async def precheck_chunk(ctx: RunContext, chunk: pa.Table, index: int, ready: Pr
     """
     if ready is None:
         ready = await asyncio.to_thread(prepare_and_look_up, ctx, chunk)
-    keys = chunk_statuses(
-        ctx.output.index,
-        chunk.column(ctx.output.id_col),
-        ready.keys,
-        ready.invalid,
-        retry_errors=ctx.output.retry_errors,
-        done=ready.done,
-    )
+    keys = ctx.output.statuses(chunk.column(ctx.output.id_col), ready)
     if nothing_to_do(keys.status):
         count_skipped(ctx, keys.status)
         return False
@@ -84,9 +76,7 @@ async def process_chunk(ctx: RunContext, chunk: pa.Table, index: int, first_row:
     ready = await _ready(ctx, chunk, index)
     # Deciding who owns which content is synchronous: no other chunk runs in between. (Which rows are
     # done was asked on a worker thread: no other chunk of this run writes this chunk's ids.)
-    keys = chunk_statuses(
-        ctx.output.index, id_array, ready.keys, ready.invalid, retry_errors=ctx.output.retry_errors, done=ready.done
-    )
+    keys = ctx.output.statuses(id_array, ready)
     if nothing_to_do(keys.status):
         # Nothing to send or write (a rerun's chunk): count and go.
         count_skipped(ctx, keys.status)

@@ -15,7 +15,7 @@ import numpy as np
 from tasks.engine.job import Outcome
 from tasks.engine.plan.done import DoneIndex
 from tasks.engine.plan.hashing import HashProcesses
-from tasks.engine.plan.rows import PreparedChunk
+from tasks.engine.plan.rows import ChunkKeys, PreparedChunk, chunk_statuses
 from tasks.engine.store.output import OutputStore
 from tasks.errors import RunStopped
 
@@ -68,6 +68,12 @@ class RunOutput:
         # Whether result parts get a served_model column (not in an output made before it existed, so
         # that its parts keep one schema).
         self.served_column = True
+
+    def statuses(self, ids: Any, ready: PreparedChunk) -> ChunkKeys:
+        """What the output says of each row of a prepared chunk (:func:`~tasks.engine.plan.rows.chunk_statuses`)."""
+        return chunk_statuses(
+            self.index, ids, ready.keys, ready.invalid, retry_errors=self.retry_errors, done=ready.done
+        )
 
 
 class ProgressSink:

@@ -19,7 +19,7 @@ from tasks.engine.plan.claims import ClaimBook, Holder, chunk_key
 from tasks.engine.plan.claims import log as claims_log
 from tasks.engine.plan.done import KnownParts
 from tasks.engine.plan.input import InputSource
-from tasks.engine.plan.rows import PreparedChunk, chunk_statuses, nothing_to_do
+from tasks.engine.plan.rows import PreparedChunk, nothing_to_do
 from tasks.engine.send.chunk import ChunkRunner, count_skipped, precheck_chunk, prepare_and_look_up
 from tasks.engine.send.context import RunContext
 
@@ -185,14 +185,7 @@ class _Chunks:
                     ready.done = await asyncio.to_thread(
                         ctx.output.index.pairs_done, ready.keys, chunk.column(ctx.output.id_col)
                     )
-                keys = chunk_statuses(
-                    ctx.output.index,
-                    chunk.column(ctx.output.id_col),
-                    ready.keys,
-                    ready.invalid,
-                    retry_errors=ctx.output.retry_errors,
-                    done=ready.done,
-                )
+                keys = ctx.output.statuses(chunk.column(ctx.output.id_col), ready)
             except BaseException:
                 await asyncio.to_thread(claims.release, key)
                 raise

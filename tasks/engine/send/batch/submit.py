@@ -10,7 +10,7 @@ import pyarrow as pa
 
 from tasks.engine.job import Outcome
 from tasks.engine.plan.claims import chunk_key
-from tasks.engine.plan.rows import DONE, INVALID, NEW, PREV_ERROR, chunk_statuses
+from tasks.engine.plan.rows import DONE, INVALID, NEW, PREV_ERROR
 from tasks.engine.send.batch.left import leave
 from tasks.engine.send.batch.request_files import RequestFiles, one_item_per_content
 from tasks.engine.send.batch.shared import BatchShared
@@ -83,9 +83,7 @@ class SubmitPass:
         ctx, claims, watch = shared.ctx, shared.claims, shared.watch
         ready = await asyncio.to_thread(prepare_and_look_up, ctx, chunk)
         id_array = chunk.column(shared.options.id_col)
-        keys = chunk_statuses(
-            ctx.output.index, id_array, ready.keys, ready.invalid, retry_errors=ctx.output.retry_errors, done=ready.done
-        )
+        keys = ctx.output.statuses(id_array, ready)
         status = keys.status
         in_play = np.ones(chunk.num_rows, bool)
         if within is not None:
@@ -109,14 +107,7 @@ class SubmitPass:
             await watch.look_again()
             if watch.new_parts.results:
                 ready.done = await asyncio.to_thread(ctx.output.index.pairs_done, ready.keys, id_array)
-            keys = chunk_statuses(
-                ctx.output.index,
-                id_array,
-                ready.keys,
-                ready.invalid,
-                retry_errors=ctx.output.retry_errors,
-                done=ready.done,
-            )
+            keys = ctx.output.statuses(id_array, ready)
             status = keys.status
             # Rows of ``work`` another run wrote meanwhile: counted here (this run never counted them).
             self._count_seen(status, work)
