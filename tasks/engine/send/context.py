@@ -111,7 +111,7 @@ class RunStats(Tokens):
 
 class RunContext:
     """Everything the chunks of one run share. A plain class on purpose: Prefect walks dataclass
-    task parameters field by field, and this one holds the done-key index."""
+    task parameters field by field, and this one holds (in its output) the done-key index."""
 
     def __init__(
         self,

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from tasks.engine.job import Outcome
 from tasks.engine.plan.done import DoneIndex
@@ -69,7 +70,7 @@ class RunOutput:
         # that its parts keep one schema).
         self.served_column = True
 
-    def statuses(self, ids: Any, ready: PreparedChunk) -> ChunkKeys:
+    def statuses(self, ids: pa.Array | pa.ChunkedArray, ready: PreparedChunk) -> ChunkKeys:
         """What the output says of each row of a prepared chunk (:func:`~tasks.engine.plan.rows.chunk_statuses`)."""
         return chunk_statuses(
             self.index, ids, ready.keys, ready.invalid, retry_errors=self.retry_errors, done=ready.done
