@@ -161,10 +161,6 @@ MANY_FIELDS = {
     "emulator/config.py:EmulatorConfig": 43,
     # Counters of one run, each a number the run metadata reports.
     "tasks/engine/send/context.py:RunStats": 18,
-    # Every step of a run reads it attribute by attribute (send/chunk.py, send/fanout.py, run.py, the jobs):
-    # its groups (stopping, the live fan-out's chunks in flight, what a job keeps for the run) move those
-    # reads, so they follow those modules' own splits.
-    "tasks/engine/send/context.py:RunContext": 23,
 }
 
 

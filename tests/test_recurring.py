@@ -50,7 +50,7 @@ def test_a_first_run_learns_only_the_recurring_contents_and_still_reuses_them(em
 
     async def watching(ctx, chunk, index, first_row):
         report = await process_chunk(ctx, chunk, index, first_row)
-        learnt.append(len(ctx.index.results))
+        learnt.append(len(ctx.output.index.results))
         return report
 
     options = RunOptions(

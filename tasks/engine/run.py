@@ -34,6 +34,7 @@ from tasks.engine.send.batch.batch_run import BatchRun
 from tasks.engine.send.budget import Budget
 from tasks.engine.send.chunk import ChunkRunner, process_chunk
 from tasks.engine.send.context import REROUTED, RunContext
+from tasks.engine.send.context_parts import RunOutput
 from tasks.engine.send.fanout import LOOK_AHEAD, drive_chunks
 from tasks.engine.send.first_request import FirstRequestAlone
 from tasks.engine.send.limits import AdaptiveLimiter, Limits
@@ -222,11 +223,10 @@ async def _context(job: Job, options: RunOptions, begun: _Begun, held: _Held) ->
         job=job,
         conn=held.conn,
         limiter=FirstRequestAlone(limiter) if getattr(job, "first_request_alone", False) else limiter,
-        store=begun.store,
-        index=begun.index,
+        output=RunOutput(
+            store=begun.store, index=begun.index, id_col=options.id_col, retry_errors=options.retry_errors
+        ),
         run_id=begun.run_id,
-        id_col=options.id_col,
-        retry_errors=options.retry_errors,
         retry=options.retry,
         budget=begun.budget,
         outage=OutageBreaker(options.outage),
@@ -242,17 +242,18 @@ async def _context(job: Job, options: RunOptions, begun: _Begun, held: _Held) ->
         # Rows to send (a first run, a resumed one): find the contents that recur, so that the index
         # learns only those of this run's results (see tasks/engine/plan/recurring.py). A rerun of a
         # finished output skips this and its index learns the few rows it sends, as before.
-        ctx.recurring = await asyncio.to_thread(recurring_contents, job, begun.source, options.id_col, begun.total_rows)
+        ctx.output.recurring = await asyncio.to_thread(
+            recurring_contents, job, begun.source, options.id_col, begun.total_rows
+        )
         release_free_memory()
     elif _template_of(job) is not None and begun.index.result_rows:
         # A rerun: its work is hashing every row; child processes (~14 MiB each) do it beside this one.
         # (A run that sends is bound by its requests: it hashes in its own threads.)
-        ctx.hash_processes = held.hashers = HashProcesses(LOOK_AHEAD)
+        ctx.on_hand.hash_processes = held.hashers = HashProcesses(LOOK_AHEAD)
     if not getattr(job, "stop_on_reroute", False):
         columns = await asyncio.to_thread(begun.store.result_columns)
-        ctx.served_column = columns is None or "served_model" in columns
-    ctx.on_progress = progress.advance
-    ctx.on_units = progress.add_units
+        ctx.output.served_column = columns is None or "served_model" in columns
+    ctx.progress = progress
     ctx.stats.input_rows = begun.total_rows
     return ctx, progress
 
@@ -287,10 +288,10 @@ async def _send(
         if watch is not None:
             watch.cancel()
             await asyncio.gather(watch, return_exceptions=True)
-            if ctx.stopped is not None and ctx.stopped.status == DAILY_QUOTA:
+            if ctx.stop.reason is not None and ctx.stop.reason.status == DAILY_QUOTA:
                 # Told even when the work ended before the watcher woke: else the others would each
                 # find the spent quota with a request of their own.
-                await held.shared.stop_everyone(str(ctx.stopped))
+                await held.shared.stop_everyone(str(ctx.stop.reason))
     return error, batch_run
 
 

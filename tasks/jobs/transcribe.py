@@ -275,7 +275,7 @@ class TranscribeJob:
         """The whole row: its recording checked (decoded: not silent, not corrupt), then sent whole
         or segment by segment; the row's Outcome, or None if the run stopped before it was done."""
         ref: AudioRef = item.prepared.data
-        shared = ctx.shared.setdefault(
+        shared = ctx.on_hand.kept.setdefault(
             "transcribe",
             {
                 "decoding": asyncio.Semaphore(MAX_RECORDINGS_DECODING),
@@ -295,7 +295,7 @@ class TranscribeJob:
         outcome = await send_part(ctx, item)
         if outcome is None or not outcome.ok:
             return outcome
-        ctx.on_units(measured.end_s)
+        ctx.progress.add_units(measured.end_s)
         return whole_outcome(ref, measured, outcome)
 
     async def finish_line(self, item: Item, outcome: Outcome) -> Outcome:
@@ -317,7 +317,7 @@ class TranscribeJob:
         return measured
 
     async def _send_segments(self, ctx: Any, item: Item, send_part: Callable, shared: dict) -> Outcome | None:
-        store = SegmentStore(ctx.store.fs, f"{ctx.store.root}/{SEGMENTS_DIR}/{item.content_hash}")
+        store = SegmentStore(ctx.output.store.fs, f"{ctx.output.store.root}/{SEGMENTS_DIR}/{item.content_hash}")
         segments = SegmentSend(self, ctx, item, send_part, shared["on_hand"], store)
         return await segments.run(shared["decoding"])
 

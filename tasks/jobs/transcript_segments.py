@@ -178,7 +178,7 @@ class SegmentSend:
         codec = SEGMENT_CODECS[self.job.segment_format]
         segments = segments_of(self.ref.path, self.job.segment_s, codec, self.recorded, self.job.media)
         try:
-            while not self.ctx.stop_event.is_set():
+            while not self.ctx.stop.event.is_set():
                 await self.on_hand.acquire()
                 try:
                     segment = await asyncio.to_thread(next, segments, None)
@@ -223,7 +223,7 @@ class SegmentSend:
             return
         self.texts[segment.index] = done
         self.on_hand.release()
-        self.ctx.on_units(segment.seconds)
+        self.ctx.progress.add_units(segment.seconds)
 
     async def _send_one(self, segment: Segment, part: Item) -> None:
         try:
@@ -235,7 +235,7 @@ class SegmentSend:
             text = SegmentText(segment.start_s, segment.end_s, outcome.result.transcript)
             self.texts[segment.index] = text
             await asyncio.to_thread(self.store.record, segment.index, text)
-            self.ctx.on_units(segment.seconds)
+            self.ctx.progress.add_units(segment.seconds)
 
     def _outcome(self, finished: bool, broken: str | None) -> Outcome | None:
         outcomes = self.outcomes

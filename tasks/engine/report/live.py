@@ -227,13 +227,13 @@ class LiveWatch:
         for mark in cost_marks_passed(self._cost, now.cost_usd):
             await _safely("cost", self.observer.cost_passed(mark, now))
         self._cost = now.cost_usd
-        stopped = self.ctx.stopped
+        stopped = self.ctx.stop.reason
         if stopped is not None and not self._told_stop:
             self._told_stop = True
             await _safely("stop", self.observer.stopping(stopped.status, str(stopped), now))
 
     async def _run(self) -> None:
-        stop = self.ctx.stop_event
+        stop = self.ctx.stop.event
         while True:
             if stop.is_set():
                 await asyncio.sleep(self.every_s)
@@ -256,9 +256,9 @@ class LiveWatch:
         """Stop ticking; tell the observer the run's end (with its last counts)."""
         await self.close()
         last = self.now()
-        if not self._told_stop and self.ctx.stopped is not None:
+        if not self._told_stop and self.ctx.stop.reason is not None:
             self._told_stop = True
-            await _safely("stop", self.observer.stopping(self.ctx.stopped.status, str(self.ctx.stopped), last))
+            await _safely("stop", self.observer.stopping(self.ctx.stop.reason.status, str(self.ctx.stop.reason), last))
         for mark in cost_marks_passed(self._cost, last.cost_usd):
             await _safely("cost", self.observer.cost_passed(mark, last))
         await _safely("end", self.observer.finished(document, last))

@@ -15,11 +15,12 @@ from rich.progress import (
 )
 
 from tasks.engine.send.context import RunStats
+from tasks.engine.send.context_parts import ProgressSink
 
 __all__ = ["ProgressBar"]
 
 
-class ProgressBar:
+class ProgressBar(ProgressSink):
     def __init__(
         self, label: str, total: int | None, stats: RunStats, *, enabled: bool, unit: str | None = None
     ) -> None:

@@ -45,8 +45,8 @@ def run_status(ctx: RunContext, error: BaseException | None, options: RunOptions
         )
     if error is not None:
         return "failed: " + type(error).__name__, f"{type(error).__name__}: {error}"
-    if ctx.stopped is not None:
-        return ctx.stopped.status, str(ctx.stopped)
+    if ctx.stop.reason is not None:
+        return ctx.stop.reason.status, str(ctx.stop.reason)
     stats = ctx.stats
     if not stats.failed:
         return COMPLETED, ""
@@ -65,7 +65,7 @@ def run_status(ctx: RunContext, error: BaseException | None, options: RunOptions
 
 def rerouted_warning(model: str, rerouted: dict[str, int], ctx: RunContext) -> str:
     served = ", ".join(f"{rows} by {name}" for name, rows in sorted(rerouted.items()))
-    where = "their served_model column says which" if ctx.served_column else "see served_models in _runs/"
+    where = "their served_model column says which" if ctx.output.served_column else "see served_models in _runs/"
     return (
         f"warning: rows asked of {model} were answered by another model ({served}): the provider rerouted "
         f"it; {where}. Pick the model that answers with --model (an existing output: --change-model)"

@@ -27,7 +27,6 @@ from tasks.engine.plan.rows import (
     SAME,
     STORED,
     PreparedChunk,
-    chunk_statuses,
     nothing_to_do,
     prepare_chunk,
 )
@@ -40,15 +39,15 @@ from tasks.engine.store.part_files import write_in_thread
 def count_skipped(ctx: RunContext, status: np.ndarray) -> None:
     ctx.stats.skipped_done += int(np.count_nonzero(status == DONE))
     ctx.stats.failed += int(np.count_nonzero(status == PREV_ERROR))
-    ctx.on_progress(len(status))
+    ctx.progress.advance(len(status))
 
 
 def prepare_and_look_up(ctx: RunContext, chunk: pa.Table) -> PreparedChunk:
     """Hash a chunk and ask the output which of its rows are done (reading the parts the index points
     to): the slow half of :func:`chunk_statuses`, on a worker thread."""
-    ready = prepare_chunk(ctx.job, chunk, ctx.hash_processes)
-    if len(ctx.index.results):
-        ready.done = ctx.index.pairs_done(ready.keys, chunk.column(ctx.id_col))
+    ready = prepare_chunk(ctx.job, chunk, ctx.on_hand.hash_processes)
+    if len(ctx.output.index.results):
+        ready.done = ctx.output.index.pairs_done(ready.keys, chunk.column(ctx.output.id_col))
     return ready
 
 
@@ -62,26 +61,22 @@ async def precheck_chunk(ctx: RunContext, chunk: pa.Table, index: int, ready: Pr
     """
     if ready is None:
         ready = await asyncio.to_thread(prepare_and_look_up, ctx, chunk)
-    keys = chunk_statuses(
-        ctx.index, chunk.column(ctx.id_col), ready.keys, ready.invalid, retry_errors=ctx.retry_errors, done=ready.done
-    )
+    keys = ctx.output.statuses(chunk.column(ctx.output.id_col), ready)
     if nothing_to_do(keys.status):
         count_skipped(ctx, keys.status)
         return False
-    ctx.prechecked[index] = ready
+    ctx.on_hand.prechecked[index] = ready
     return True
 
 
 async def process_chunk(ctx: RunContext, chunk: pa.Table, index: int, first_row: int) -> ChunkReport:
     """Send what this chunk still needs, then write one results part and at most one errors part."""
-    id_array = chunk.column(ctx.id_col)
+    id_array = chunk.column(ctx.output.id_col)
     n = chunk.num_rows
     ready = await _ready(ctx, chunk, index)
     # Deciding who owns which content is synchronous: no other chunk runs in between. (Which rows are
     # done was asked on a worker thread: no other chunk of this run writes this chunk's ids.)
-    keys = chunk_statuses(
-        ctx.index, id_array, ready.keys, ready.invalid, retry_errors=ctx.retry_errors, done=ready.done
-    )
+    keys = ctx.output.statuses(id_array, ready)
     if nothing_to_do(keys.status):
         # Nothing to send or write (a rerun's chunk): count and go.
         count_skipped(ctx, keys.status)
@@ -90,7 +85,7 @@ async def process_chunk(ctx: RunContext, chunk: pa.Table, index: int, first_row:
     if len(todo) > 0 and any(ready.prepared[pos] is None for pos in todo.tolist()):
         await asyncio.to_thread(ready.fill, ctx.job, chunk, todo)
     claims = _Claims(ctx, keys.status, ready, id_array.to_pylist())
-    stored_before = ctx.index.results.has_keys(keys.keys[todo])
+    stored_before = ctx.output.index.results.has_keys(keys.keys[todo])
     for pos, known in zip(todo.tolist(), stored_before.tolist()):
         claims.claim(pos, known)
     outcomes: dict[str, Outcome | None] = {}
@@ -100,7 +95,7 @@ async def process_chunk(ctx: RunContext, chunk: pa.Table, index: int, first_row:
         await send_all(ctx, list(claims.own.values()), outcomes)
         for h, future in claims.peers.items():
             outcomes[h] = await future
-        id_type = chunk.schema.field(ctx.id_col).type
+        id_type = chunk.schema.field(ctx.output.id_col).type
         report = await write_in_thread(
             write_chunk,
             ctx,
@@ -116,22 +111,22 @@ async def process_chunk(ctx: RunContext, chunk: pa.Table, index: int, first_row:
         _learn(ctx, claims, keys.keys, outcomes, report)
     finally:
         for h in claims.own:
-            future = ctx.inflight.pop(h)
+            future = ctx.on_hand.inflight.pop(h)
             if not future.done():
                 future.set_result(outcomes.get(h))
-    ctx.on_progress(n)
+    ctx.progress.advance(n)
     return report
 
 
 async def _ready(ctx: RunContext, chunk: pa.Table, index: int) -> PreparedChunk:
     """The chunk's prepared rows: its precheck's, or prepared now."""
-    ready = ctx.prechecked.pop(index, None)
+    ready = ctx.on_hand.prechecked.pop(index, None)
     if ready is None or ready.rows != chunk.num_rows:
-        ctx.preparing += 1
+        ctx.on_hand.preparing += 1
         try:
             ready = await asyncio.to_thread(prepare_and_look_up, ctx, chunk)
         finally:
-            ctx.preparing -= 1
+            ctx.on_hand.preparing -= 1
     return ready
 
 
@@ -156,8 +151,8 @@ class _Claims:
         h = self.hashes[pos]
         if h in self.own:
             self.source[pos] = SAME
-        elif h in self.ctx.inflight:
-            self.source[pos], self.peers[h] = PEER, self.ctx.inflight[h]
+        elif h in self.ctx.on_hand.inflight:
+            self.source[pos], self.peers[h] = PEER, self.ctx.on_hand.inflight[h]
         elif known:
             self.source[pos] = STORED
             if h not in self.stored:
@@ -166,7 +161,7 @@ class _Claims:
         else:
             self.source[pos] = OWN
             self.own[h] = Item(pos, self.ids[pos], h, self.prepared[pos])
-            self.ctx.inflight[h] = asyncio.get_running_loop().create_future()
+            self.ctx.on_hand.inflight[h] = asyncio.get_running_loop().create_future()
 
 
 async def _take_stored(
@@ -189,10 +184,10 @@ def _learn(
     added = [item.position for h, item in claims.own.items() if (o := outcomes.get(h)) is not None and o.ok]
     if added and report.part is not None:
         learnt = keys[np.array(added, np.intp)]
-        if ctx.recurring is not None:
-            learnt = learnt[member(ctx.recurring, learnt)]
+        if ctx.output.recurring is not None:
+            learnt = learnt[member(ctx.output.recurring, learnt)]
         if len(learnt):
-            ctx.index.results.add(learnt, ctx.index.part_ordinal(report.part))
+            ctx.output.index.results.add(learnt, ctx.output.index.part_ordinal(report.part))
 
 
 def _stored_results(
@@ -201,12 +196,12 @@ def _stored_results(
     """The stored results of these contents (the index matched their first 32 bits). The parts' keys
     confirm the match first: a false one (a run's own results make them common at corpus scale) costs
     a read of the parts' key columns, not of their results."""
-    confirmed = ctx.index.contents_stored(keys)
+    confirmed = ctx.output.index.contents_stored(keys)
     if not confirmed.any():
         return {}, {}
     wanted = [h for h, ok in zip(hashes, confirmed.tolist()) if ok]
-    files = ctx.index.parts_holding(keys[confirmed])
-    table = ctx.store.read_results_for(wanted, ctx.id_col, files=files)
+    files = ctx.output.index.parts_holding(keys[confirmed])
+    table = ctx.output.store.read_results_for(wanted, ctx.output.id_col, files=files)
     served: dict[str, str | None] = {}
     if "served_model" in table.column_names:  # the stored row's served model goes with its result
         served = dict(zip(table.column("content_hash").to_pylist(), table.column("served_model").to_pylist()))

@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import random
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
-import numpy as np
-
-from tasks.engine.job import Job, Outcome
-from tasks.engine.plan.done import DoneIndex
-from tasks.engine.plan.hashing import HashProcesses
-from tasks.engine.plan.rows import PreparedChunk
+from tasks.engine.job import Job
 from tasks.engine.send.budget import Budget
+from tasks.engine.send.context_parts import ProgressSink, RunOutput, Stop, WorkOnHand
 from tasks.engine.send.limits import AdaptiveLimiter
 from tasks.engine.send.outage import OutageBreaker
 from tasks.engine.send.timings import Timings
-from tasks.engine.store.output import OutputStore
 from tasks.errors import RunStopped
 from tasks.provider.client import Connection
 from tasks.provider.failures import Failure
@@ -119,7 +111,7 @@ class RunStats(Tokens):
 
 class RunContext:
     """Everything the chunks of one run share. A plain class on purpose: Prefect walks dataclass
-    task parameters field by field, and this one holds the done-key index."""
+    task parameters field by field, and this one holds (in its output) the done-key index."""
 
     def __init__(
         self,
@@ -127,54 +119,28 @@ class RunContext:
         job: Job,
         conn: Connection,
         limiter: AdaptiveLimiter,
-        store: OutputStore,
-        index: DoneIndex,
+        output: RunOutput,
         run_id: str,
-        id_col: str,
-        retry_errors: bool = False,
         retry: RetryPolicy | None = None,
-        on_progress: Callable[[int], None] | None = None,
         budget: Budget | None = None,
         outage: OutageBreaker | None = None,
     ) -> None:
         self.job = job
         self.conn = conn
         self.limiter = limiter
-        self.store = store
-        self.index = index
+        self.output = output
         self.run_id = run_id
-        self.id_col = id_col
-        self.retry_errors = retry_errors
         self.retry = retry or RetryPolicy()
-        self.stats = RunStats()
-        self.on_progress = on_progress or (lambda rows: None)
-        self.inflight: dict[str, asyncio.Future[Outcome | None]] = {}
-        # Chunks prepared by the driver (precheck_chunk), by chunk number, until their task runs.
-        self.prechecked: dict[int, PreparedChunk] = {}
-        self.stop_event = asyncio.Event()
-        # Chunks between starting and queueing their requests (the driver waits for them before
-        # deciding the limiter is starved of work).
-        self.preparing = 0
-        self.stopped: RunStopped | None = None
         self.budget: Budget | None = budget
         self.outage = outage or OutageBreaker()
-        # For a job that measures its work in something besides rows (audio seconds): see ProgressBar.
-        self.on_units: Callable[[float], None] = lambda amount: None
-        # What a job keeps for the length of one run (a recording job's bound on segments on hand).
-        self.shared: dict[str, Any] = {}
-        # Sorted hash keys of the contents that recur in the input (tasks/engine/plan/recurring.py): the
-        # only results of this run that the index must learn (a later row may reuse them). None: all.
-        self.recurring: np.ndarray | None = None
-        # Child processes that hash text columns (a text job's run; see tasks/engine/plan/hashing.py).
-        self.hash_processes: HashProcesses | None = None
-        # Whether result parts get a served_model column (not in an output made before it existed, so
-        # that its parts keep one schema).
-        self.served_column = True
+        self.stats = RunStats()
+        self.progress = ProgressSink()
+        self.on_hand = WorkOnHand()
+        self.stop = Stop()
 
     def request_stop(self, reason: RunStopped) -> None:
-        if self.stopped is None:
-            self.stopped = reason
-        self.stop_event.set()
+        """Stop the run (the first reason given is the one it reports), waking whoever waits for the provider."""
+        self.stop.request(reason)
         self.outage.wake()
 
     def __repr__(self) -> str:

@@ -19,7 +19,7 @@ from tasks.engine.plan.claims import ClaimBook, Holder, chunk_key
 from tasks.engine.plan.claims import log as claims_log
 from tasks.engine.plan.done import KnownParts
 from tasks.engine.plan.input import InputSource
-from tasks.engine.plan.rows import PreparedChunk, chunk_statuses, nothing_to_do
+from tasks.engine.plan.rows import PreparedChunk, nothing_to_do
 from tasks.engine.send.chunk import ChunkRunner, count_skipped, precheck_chunk, prepare_and_look_up
 from tasks.engine.send.context import RunContext
 
@@ -94,7 +94,7 @@ class _Chunks:
         self.cancelled: list[BaseException] = []
         self.deferred: dict[int, _Deferred] = {}
         # This run's own parts are in ``parts_written``: the index learns only the recurring contents.
-        self._known_parts = KnownParts(ctx.index, ctx.stats.parts_written, ctx.stats.error_parts_written)
+        self._known_parts = KnownParts(ctx.output.index, ctx.stats.parts_written, ctx.stats.error_parts_written)
 
     def _chunks(self):
         ctx, options = self.ctx, self.options
@@ -130,7 +130,7 @@ class _Chunks:
         pool = ThreadPoolExecutor(max_workers=LOOK_AHEAD, thread_name_prefix="gembatch-check")
         loop = asyncio.get_running_loop()
         try:
-            while not ctx.stop_event.is_set():
+            while not ctx.stop.event.is_set():
                 while len(ahead) < LOOK_AHEAD and first_row < total_rows:
                     chunk = await asyncio.to_thread(next, chunks, None)
                     if chunk is None:
@@ -146,7 +146,7 @@ class _Chunks:
                 await self.room()
                 chunk, number, first, future = ahead.popleft()
                 ready = await future
-                if ctx.stop_event.is_set():
+                if ctx.stop.event.is_set():
                     break
                 if number % TRIM_EVERY_CHUNKS == TRIM_EVERY_CHUNKS - 1:
                     release_free_memory()  # chunks free many small blocks: see tasks/engine/memory.py
@@ -168,34 +168,29 @@ class _Chunks:
             return  # nothing to send or write: counted, no task
         key = None
         if claims is not None:
-            ready = ctx.prechecked[number]
-            key = chunk_key(chunk.column(ctx.id_col).to_pylist(), ready.hashes)
+            ready = ctx.on_hand.prechecked[number]
+            key = chunk_key(chunk.column(ctx.output.id_col).to_pylist(), ready.hashes)
             holder = await asyncio.to_thread(claims.acquire, key)
             if holder is not None:
-                ctx.prechecked.pop(number, None)
+                ctx.on_hand.prechecked.pop(number, None)
                 self._defer(number, first, chunk.num_rows, key, holder)
                 return
             try:
                 # Other runs may have written this chunk's rows since this run read the output.
                 new = await asyncio.to_thread(
-                    ctx.store.read_new_parts, self._known_parts(), ctx.id_col, run_id=ctx.run_id
+                    ctx.output.store.read_new_parts, self._known_parts(), ctx.output.id_col, run_id=ctx.run_id
                 )
-                new.add_to(ctx.index)
+                new.add_to(ctx.output.index)
                 if new.results:
-                    ready.done = await asyncio.to_thread(ctx.index.pairs_done, ready.keys, chunk.column(ctx.id_col))
-                keys = chunk_statuses(
-                    ctx.index,
-                    chunk.column(ctx.id_col),
-                    ready.keys,
-                    ready.invalid,
-                    retry_errors=ctx.retry_errors,
-                    done=ready.done,
-                )
+                    ready.done = await asyncio.to_thread(
+                        ctx.output.index.pairs_done, ready.keys, chunk.column(ctx.output.id_col)
+                    )
+                keys = ctx.output.statuses(chunk.column(ctx.output.id_col), ready)
             except BaseException:
                 await asyncio.to_thread(claims.release, key)
                 raise
             if nothing_to_do(keys.status):
-                ctx.prechecked.pop(number, None)
+                ctx.on_hand.prechecked.pop(number, None)
                 count_skipped(ctx, keys.status)
                 await asyncio.to_thread(claims.release, key)
                 return
@@ -219,9 +214,9 @@ class _Chunks:
         ctx, claims = self.ctx, self.claims
         waited_from = time.monotonic()
         next_note = 0.0
-        stopping = asyncio.ensure_future(ctx.stop_event.wait())
+        stopping = asyncio.ensure_future(ctx.stop.event.wait())
         try:
-            while self.deferred and not ctx.stop_event.is_set() and not self.failures:
+            while self.deferred and not ctx.stop.event.is_set() and not self.failures:
                 keys = {n: d.key for n, d in self.deferred.items()}
                 holders = await asyncio.to_thread(claims.holders_of, list(keys.values()))
                 free = sorted(n for n, key in keys.items() if holders[key] is None)
@@ -267,7 +262,7 @@ class _Chunks:
         first_row = 0
         last = max(wanted)
         try:
-            while first_row < total_rows and number <= last and not ctx.stop_event.is_set():
+            while first_row < total_rows and number <= last and not ctx.stop.event.is_set():
                 chunk = await asyncio.to_thread(next, chunks, None)
                 if chunk is None:
                     break
@@ -290,4 +285,6 @@ def _room_for_chunk(ctx: RunContext, active: int, usual: int) -> bool:
         return True
     # A chunk still preparing its rows will soon queue requests: wait for it before judging.
     # No more rows on hand while the provider is down: nothing is being sent anyway.
-    return active < MAX_CHUNKS_IN_FLIGHT and ctx.preparing == 0 and ctx.limiter.starved and not ctx.outage.is_open
+    return (
+        active < MAX_CHUNKS_IN_FLIGHT and ctx.on_hand.preparing == 0 and ctx.limiter.starved and not ctx.outage.is_open
+    )

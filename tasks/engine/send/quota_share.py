@@ -31,7 +31,7 @@ def paced_by(limits: Limits, shared: SharedLimits | None) -> Limits:
 async def share_stops(ctx: RunContext, shared: Any) -> None:
     """A daily-quota stop is everyone's: this run's is told to the others on the key and model, and
     theirs stops this run (ending ``stopped: daily quota``, resumable)."""
-    own = asyncio.create_task(ctx.stop_event.wait())
+    own = asyncio.create_task(ctx.stop.event.wait())
     theirs = asyncio.create_task(shared.stop.event.wait())
     poll = asyncio.create_task(shared.stop.watch())
     try:
@@ -42,5 +42,5 @@ async def share_stops(ctx: RunContext, shared: Any) -> None:
         await asyncio.gather(own, theirs, poll, return_exceptions=True)
     if shared.stop.is_set():
         ctx.request_stop(RunStopped(DAILY_QUOTA, shared.stop.message))
-    elif ctx.stopped is not None and ctx.stopped.status == DAILY_QUOTA:
-        await shared.stop_everyone(str(ctx.stopped))
+    elif ctx.stop.reason is not None and ctx.stop.reason.status == DAILY_QUOTA:
+        await shared.stop_everyone(str(ctx.stop.reason))

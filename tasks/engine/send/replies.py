@@ -32,7 +32,7 @@ def reply_stop(ctx: RunContext, items: list[Item], reply: Reply) -> RunStopped |
     vectors of two models). A rerouted model is counted (and told once) either way."""
     job, stats = ctx.job, ctx.stats
     wrong = getattr(job, "stop_for", None)
-    stop = wrong(reply, ctx.store.url) if wrong is not None else None
+    stop = wrong(reply, ctx.output.store.url) if wrong is not None else None
     if stop is not None:
         return stop
     served = reply.served_model
@@ -45,7 +45,7 @@ def reply_stop(ctx: RunContext, items: list[Item], reply: Reply) -> RunStopped |
             job.name, job.model, served,
         )  # fmt: skip
     if getattr(job, "stop_on_reroute", False):
-        return rerouted_stop(job, served, ctx.store.url)
+        return rerouted_stop(job, served, ctx.output.store.url)
     return None
 
 

@@ -50,7 +50,7 @@ async def send_all(ctx: RunContext, items: list[Item], outcomes: dict[str, Outco
         tasks = [asyncio.create_task(_send(ctx, batch, outcomes)) for batch in batches]
     if not tasks:
         return
-    stop_wait = asyncio.create_task(ctx.stop_event.wait())
+    stop_wait = asyncio.create_task(ctx.stop.event.wait())
     try:
         pending = set(tasks)
         while pending:
@@ -83,13 +83,13 @@ class _Sent:
 async def _send(ctx: RunContext, items: list[Item], outcomes: dict[str, Outcome | None], attempts: int = 0) -> None:
     estimate = sum(item.tokens for item in items)
     while True:
-        if ctx.stop_event.is_set():
+        if ctx.stop.event.is_set():
             return
         # While the provider is down, wait here (one request at a time probes): see tasks/engine/send/outage.py.
-        probe = await ctx.outage.admit(ctx.stop_event)
+        probe = await ctx.outage.admit(ctx.stop.event)
         if ctx.outage.gave_up:
             ctx.request_stop(ctx.outage.stop())
-        if ctx.stop_event.is_set():
+        if ctx.stop.event.is_set():
             return
         attempts += 1
         sent = await _attempt(ctx, items, estimate, probe)
@@ -120,7 +120,7 @@ async def _attempt(ctx: RunContext, items: list[Item], estimate: int, probe: boo
             return None
     try:
         async with limiter.slot(estimate) as started:
-            if ctx.stop_event.is_set():
+            if ctx.stop.event.is_set():
                 return None
             if ctx.outage.holding(probe):  # the provider went down while this waited for its turn
                 limiter.give_back(started)
@@ -214,7 +214,7 @@ async def _after_failure(
     if failure.retryable and ctx.retry.allows(attempts, failure):
         stats.retries += 1
         try:
-            await asyncio.wait_for(ctx.stop_event.wait(), timeout=ctx.retry.delay(attempts, failure))
+            await asyncio.wait_for(ctx.stop.event.wait(), timeout=ctx.retry.delay(attempts, failure))
         except TimeoutError:
             pass
         return attempts

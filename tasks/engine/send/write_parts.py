@@ -104,18 +104,18 @@ def _write_results(
         ok_rows = [p for p, r in zip(ok_rows, ok_results) for _ in range(rows_per_result(r))]
     table = pa.table(
         {
-            ctx.id_col: pa.array([ids[p] for p in ok_rows], id_type),
+            ctx.output.id_col: pa.array([ids[p] for p in ok_rows], id_type),
             **job.result_arrays(ok_results),
             "content_hash": pa.array([hashes[p] for p in ok_rows], pa.string()),
             "model": pa.array([job.model] * len(ok_rows), pa.string()),
         }
     )
-    if ctx.served_column and not getattr(job, "stop_on_reroute", False):
+    if ctx.output.served_column and not getattr(job, "stop_on_reroute", False):
         served = {p: outcomes[hashes[p]].served_model for p in set(ok_rows) if outcomes.get(hashes[p])}
         table = table.append_column(
             pa.field("served_model", pa.string()), pa.array([served.get(p) for p in ok_rows], pa.string())
         )
-    part = ctx.store.write_part(table, errors=False, run_id=ctx.run_id, id_col=ctx.id_col)
+    part = ctx.output.store.write_part(table, errors=False, run_id=ctx.run_id, id_col=ctx.output.id_col)
     stats.parts_written.append(part)
     written = len(ok_results)
     stats.succeeded += own_ok
@@ -130,7 +130,7 @@ def _write_errors(
     err_rows, auto = rows.err_rows, rows.auto
     table = pa.table(
         {
-            ctx.id_col: pa.array([ids[p] for p, *_ in err_rows], id_type),
+            ctx.output.id_col: pa.array([ids[p] for p, *_ in err_rows], id_type),
             "content_hash": pa.array([hashes[p] for p, *_ in err_rows], pa.string()),
             "error_type": pa.array([e[1] for e in err_rows], pa.string()),
             "error_message": pa.array([e[2] for e in err_rows], pa.string()),
@@ -144,7 +144,7 @@ def _write_errors(
             "run_id": pa.array([ctx.run_id] * len(err_rows), pa.string()),
         }
     )
-    path = ctx.store.write_part(table, errors=True, run_id=ctx.run_id, id_col=ctx.id_col)
+    path = ctx.output.store.write_part(table, errors=True, run_id=ctx.run_id, id_col=ctx.output.id_col)
     stats.error_parts_written.append(path)
     stats.failed += len(err_rows)
     stats.failed_retry_auto += len(auto)

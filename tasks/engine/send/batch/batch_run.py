@@ -73,7 +73,7 @@ class BatchRun:
         claims: ClaimBook,
     ) -> None:
         auto = options.batch.mode == "auto"
-        book = Book(ctx.store)
+        book = Book(ctx.output.store)
         self.shared = BatchShared(
             ctx=ctx,
             options=options,
@@ -106,7 +106,7 @@ class BatchRun:
         try:
             await adopt_records(shared)
             first = True
-            while not ctx.stop_event.is_set():
+            while not ctx.stop.event.is_set():
                 ended_before = shared.totals.lines_ended()
                 submitted = await self.submit.run(first)
                 first = False
@@ -114,7 +114,7 @@ class BatchRun:
                 if not pending and not submitted:
                     break
                 await self.poller.until_written(pending)
-                if shared.auto or ctx.stop_event.is_set():
+                if shared.auto or ctx.stop.event.is_set():
                     break
                 if shared.totals.lines_ended() == ended_before:
                     problems = "; ".join(sorted({r.get("errors") or r.get("status", "") for r in pending}))
@@ -126,9 +126,9 @@ class BatchRun:
                         )
                     )
                     break
-            if shared.left and not ctx.stop_event.is_set():
+            if shared.left and not ctx.stop.event.is_set():
                 await self._finish_left()
-            if (shared.auto or self.submit.live_only) and not ctx.stop_event.is_set():
+            if (shared.auto or self.submit.live_only) and not ctx.stop.event.is_set():
                 await self._live_remainder()
         finally:
             await shared.routes.close()
@@ -146,7 +146,7 @@ class BatchRun:
         waited_from = time.monotonic()
         next_note = 0.0
         try:
-            while left and not ctx.stop_event.is_set():
+            while left and not ctx.stop.event.is_set():
                 await adopt_records(shared)
                 pending = watch.my_submitted()
                 if pending:
@@ -167,11 +167,11 @@ class BatchRun:
                     next_note = time.monotonic() + WAIT_NOTE_S
                     claims_log.warning("waiting for %s", waiting_for(left, claims))
                 try:
-                    await asyncio.wait_for(ctx.stop_event.wait(), timeout=claims.policy.poll_s)
+                    await asyncio.wait_for(ctx.stop.event.wait(), timeout=claims.policy.poll_s)
                 except TimeoutError:
                     pass
             pending = watch.my_submitted()
-            if pending and not ctx.stop_event.is_set():
+            if pending and not ctx.stop.event.is_set():
                 await self.poller.until_written(pending)
         finally:
             claims.waited_s += time.monotonic() - waited_from

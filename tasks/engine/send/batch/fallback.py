@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 
 from tasks.engine.plan.claims import ClaimBook
 from tasks.engine.send.context import RunContext
+from tasks.engine.send.context_parts import RunOutput
 
 _ADDED = ("requests", "items_sent", "retries", "rate_limited", "transient_errors", "estimated_tokens", "images")
 
@@ -33,11 +34,13 @@ async def send_rest_live(
         job=ctx.job,
         conn=ctx.conn,
         limiter=ctx.limiter,
-        store=ctx.store,
-        index=ctx.index,
+        output=RunOutput(
+            store=ctx.output.store,
+            index=ctx.output.index,
+            id_col=ctx.output.id_col,
+            retry_errors=ctx.output.retry_errors,
+        ),
         run_id=ctx.run_id,
-        id_col=ctx.id_col,
-        retry_errors=ctx.retry_errors,
         retry=ctx.retry,
         budget=ctx.budget,
         outage=ctx.outage,
@@ -46,7 +49,7 @@ async def send_rest_live(
         await drive_live(live, source, options, total_rows, chunk_runner, claims=claims)
     finally:
         s, t = live.stats, ctx.stats
-        new_errors = sum(pq.read_metadata(p, filesystem=ctx.store.fs).num_rows for p in s.error_parts_written)
+        new_errors = sum(pq.read_metadata(p, filesystem=ctx.output.store.fs).num_rows for p in s.error_parts_written)
         t.succeeded += s.succeeded
         t.deduplicated += s.deduplicated
         t.failed += new_errors
@@ -57,6 +60,6 @@ async def send_rest_live(
         t.parts_written += s.parts_written
         t.error_parts_written += s.error_parts_written
         totals.live_rows = s.succeeded + s.deduplicated + new_errors
-        ctx.on_progress(totals.live_rows)
-        if live.stopped is not None:
-            ctx.request_stop(live.stopped)
+        ctx.progress.advance(totals.live_rows)
+        if live.stop.reason is not None:
+            ctx.request_stop(live.stop.reason)

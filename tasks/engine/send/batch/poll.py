@@ -27,7 +27,7 @@ class Poller:
         bar = PollBar(enabled=shared.options.progress)
         try:
             # After a budget stop the batches already submitted are paid for: they are still awaited.
-            while pending and (not ctx.stop_event.is_set() or _budget_stop(ctx)):
+            while pending and (not ctx.stop.event.is_set() or _budget_stop(ctx)):
                 still = []
                 for record in pending:
                     try:
@@ -49,11 +49,11 @@ class Poller:
                         still.append(record)
                     bar.show(record)
                 pending = still
-                if pending and ctx.stop_event.is_set():
+                if pending and ctx.stop.event.is_set():
                     await asyncio.sleep(shared.policy.poll_s)
                 elif pending:
                     try:
-                        await asyncio.wait_for(ctx.stop_event.wait(), timeout=shared.policy.poll_s)
+                        await asyncio.wait_for(ctx.stop.event.wait(), timeout=shared.policy.poll_s)
                     except TimeoutError:
                         pass
         finally:
@@ -123,4 +123,4 @@ class Poller:
 
 
 def _budget_stop(ctx: RunContext) -> bool:
-    return ctx.stopped is not None and ctx.stopped.status == "stopped: budget"
+    return ctx.stop.reason is not None and ctx.stop.reason.status == "stopped: budget"

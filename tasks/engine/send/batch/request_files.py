@@ -50,7 +50,7 @@ class RequestFiles:
                 self.submitted += await self._submit(current, endpoint)
                 if shared.unavailable is not None:
                     return False  # the request file was dropped: nothing holds these rows
-                if shared.ctx.stop_event.is_set():
+                if shared.ctx.stop.event.is_set():
                     return True
                 current = self.current = self._new_file(key)
                 custom_id = f"{current.name}-{current.counts.lines:05d}"
@@ -65,7 +65,7 @@ class RequestFiles:
         to be worth a batch (its rows are sent live after)."""
         shared, current = self.shared, self.current
         if current is not None and current.counts.lines:
-            stopping = shared.ctx.stop_event.is_set()
+            stopping = shared.ctx.stop.event.is_set()
             if shared.auto and current.counts.lines < shared.policy.auto_min_requests and not stopping:
                 self.discard(current)
             elif not stopping:

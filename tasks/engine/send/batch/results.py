@@ -136,7 +136,7 @@ class ResultWriter:
             ] * len(items), None
         job, served = self.ctx.job, reply.served_model
         wrong = getattr(job, "stop_for", None)
-        stop = wrong(reply, self.ctx.store.url) if wrong is not None else None
+        stop = wrong(reply, self.ctx.output.store.url) if wrong is not None else None
         if stop is not None:
             # As live: nothing of a reply the job can't take as asked is written; the rows stay to send.
             self.ctx.request_stop(stop)
@@ -146,7 +146,7 @@ class ResultWriter:
             stats.rerouted[served] = stats.rerouted.get(served, 0) + len(items)
             if getattr(job, "stop_on_reroute", False):
                 # As live: no vector of another model is written; the rows stay to send.
-                self.ctx.request_stop(rerouted_stop(job, served, self.ctx.store.url))
+                self.ctx.request_stop(rerouted_stop(job, served, self.ctx.output.store.url))
                 return [None] * len(items), None
         outcomes = []
         finish = getattr(self.ctx.job, "finish_line", None)  # a job that completes a row after its reply
@@ -173,8 +173,8 @@ class ResultWriter:
         Returns the positions whose content was not there after all (the index matches a prefix)."""
         ctx = self.ctx
         wanted = {hashes[p] for p in positions.tolist()}
-        files = ctx.index.parts_holding(keys[positions])
-        table = await asyncio.to_thread(ctx.store.read_results_for, wanted, ctx.id_col, files=files)
+        files = ctx.output.index.parts_holding(keys[positions])
+        table = await asyncio.to_thread(ctx.output.store.read_results_for, wanted, ctx.output.id_col, files=files)
         found = ctx.job.results_from_table(table)
         served: dict[str, Any] = {}
         if "served_model" in table.column_names:
@@ -197,7 +197,7 @@ class ResultWriter:
         # A row already in the output (a run killed after writing, before marking the batch written).
         keys = hash_keys([h for _, h, _ in rows])
         ids = pa.array([r for r, _, _ in rows], self.id_type) if self.id_type is not None else [r for r, _, _ in rows]
-        done = ctx.index.pairs_done(keys, ids) if len(ctx.index.results) else np.zeros(len(rows), bool)
+        done = ctx.output.index.pairs_done(keys, ids) if len(ctx.output.index.results) else np.zeros(len(rows), bool)
         ok = [i for i, o in enumerate(outcomes) if o.ok and not done[i]]
         bad = [i for i, o in enumerate(outcomes) if not o.ok and not done[i]]
         ctx.stats.skipped_done += int(done.sum())
@@ -205,7 +205,7 @@ class ResultWriter:
             self._write_results(ok, rows, outcomes, firsts, keys)
         if bad:
             self._write_errors(bad, rows, outcomes, keys, id_tags(ids))
-        ctx.on_progress(len(ok) + len(bad))
+        ctx.progress.advance(len(ok) + len(bad))
 
     def _write_results(
         self, ok: list[int], rows: list[tuple[Any, str, int]], outcomes: list[Outcome], firsts: list[bool], keys: Any
@@ -214,20 +214,20 @@ class ResultWriter:
         results = [outcomes[i].result for i in ok]
         table = pa.table(
             {
-                ctx.id_col: pa.array([rows[i][0] for i in ok], self.id_type or pa.int64()),
+                ctx.output.id_col: pa.array([rows[i][0] for i in ok], self.id_type or pa.int64()),
                 **job.result_arrays(results),
                 "content_hash": pa.array([rows[i][1] for i in ok], pa.string()),
                 "model": pa.array([job.model] * len(ok), pa.string()),
             }
         )
-        if ctx.served_column and not getattr(job, "stop_on_reroute", False):
+        if ctx.output.served_column and not getattr(job, "stop_on_reroute", False):
             table = table.append_column(
                 pa.field("served_model", pa.string()),
                 pa.array([outcomes[i].served_model for i in ok], pa.string()),
             )
-        part = ctx.store.write_part(table, errors=False, run_id=ctx.run_id, id_col=ctx.id_col)
+        part = ctx.output.store.write_part(table, errors=False, run_id=ctx.run_id, id_col=ctx.output.id_col)
         stats.parts_written.append(part)
-        ctx.index.results.add(keys[ok], ctx.index.part_ordinal(part))
+        ctx.output.index.results.add(keys[ok], ctx.output.index.part_ordinal(part))
         for i in ok:
             if firsts[i]:
                 stats.succeeded += 1
@@ -240,7 +240,7 @@ class ResultWriter:
         ctx, job, stats = self.ctx, self.ctx.job, self.ctx.stats
         table = pa.table(
             {
-                ctx.id_col: pa.array([rows[i][0] for i in bad], self.id_type or pa.int64()),
+                ctx.output.id_col: pa.array([rows[i][0] for i in bad], self.id_type or pa.int64()),
                 "content_hash": pa.array([rows[i][1] for i in bad], pa.string()),
                 "error_type": pa.array([outcomes[i].error_type for i in bad], pa.string()),
                 "error_message": pa.array([outcomes[i].error_message or "" for i in bad], pa.string()),
@@ -254,10 +254,10 @@ class ResultWriter:
                 "run_id": pa.array([ctx.run_id] * len(bad), pa.string()),
             }
         )
-        path = ctx.store.write_part(table, errors=True, run_id=ctx.run_id, id_col=ctx.id_col)
+        path = ctx.output.store.write_part(table, errors=True, run_id=ctx.run_id, id_col=ctx.output.id_col)
         stats.error_parts_written.append(path)
         # Not sent again in this run (a plain rerun resends the transient ones, as after a live run).
-        ctx.index.errors.add(keys[bad], tags[bad])
+        ctx.output.index.errors.add(keys[bad], tags[bad])
         self.failed_now.add(keys[bad], tags[bad])
         stats.failed += len(bad)
         stats.failed_retry_auto += sum(1 for i in bad if outcomes[i].retry_auto)

@@ -89,10 +89,10 @@ class BatchRoutes:
                     message = self.conn.redact(failure.message)
             if failure is not None and failure.retryable and attempts < BATCH_ROUTE_ATTEMPTS:
                 try:
-                    await asyncio.wait_for(ctx.stop_event.wait(), timeout=ctx.retry.delay(attempts, failure))
+                    await asyncio.wait_for(ctx.stop.event.wait(), timeout=ctx.retry.delay(attempts, failure))
                 except TimeoutError:
                     pass
-                if not ctx.stop_event.is_set():
+                if not ctx.stop.event.is_set():
                     continue
             self._unusable(route, message, failure)
             return None

@@ -10,7 +10,7 @@ import pyarrow as pa
 
 from tasks.engine.job import Outcome
 from tasks.engine.plan.claims import chunk_key
-from tasks.engine.plan.rows import DONE, INVALID, NEW, PREV_ERROR, chunk_statuses
+from tasks.engine.plan.rows import DONE, INVALID, NEW, PREV_ERROR
 from tasks.engine.send.batch.left import leave
 from tasks.engine.send.batch.request_files import RequestFiles, one_item_per_content
 from tasks.engine.send.batch.shared import BatchShared
@@ -50,7 +50,7 @@ class SubmitPass:
         try:
             for chunk in chunks:
                 number += 1
-                if ctx.stop_event.is_set() or shared.unavailable is not None or seen >= self.total_rows:
+                if ctx.stop.event.is_set() or shared.unavailable is not None or seen >= self.total_rows:
                     break
                 chunk = chunk.slice(0, self.total_rows - seen)
                 first_row = seen
@@ -83,9 +83,7 @@ class SubmitPass:
         ctx, claims, watch = shared.ctx, shared.claims, shared.watch
         ready = await asyncio.to_thread(prepare_and_look_up, ctx, chunk)
         id_array = chunk.column(shared.options.id_col)
-        keys = chunk_statuses(
-            ctx.index, id_array, ready.keys, ready.invalid, retry_errors=ctx.retry_errors, done=ready.done
-        )
+        keys = ctx.output.statuses(id_array, ready)
         status = keys.status
         in_play = np.ones(chunk.num_rows, bool)
         if within is not None:
@@ -108,10 +106,8 @@ class SubmitPass:
             # Other runs may have written or submitted these rows since this run looked.
             await watch.look_again()
             if watch.new_parts.results:
-                ready.done = await asyncio.to_thread(ctx.index.pairs_done, ready.keys, id_array)
-            keys = chunk_statuses(
-                ctx.index, id_array, ready.keys, ready.invalid, retry_errors=ctx.retry_errors, done=ready.done
-            )
+                ready.done = await asyncio.to_thread(ctx.output.index.pairs_done, ready.keys, id_array)
+            keys = ctx.output.statuses(id_array, ready)
             status = keys.status
             # Rows of ``work`` another run wrote meanwhile: counted here (this run never counted them).
             self._count_seen(status, work)
@@ -134,7 +130,7 @@ class SubmitPass:
         ctx.stats.skipped_done += skipped
         ctx.stats.failed += failed
         if skipped or failed:
-            ctx.on_progress(skipped + failed)
+            ctx.progress.advance(skipped + failed)
 
     def _pending_mine(self, keys: Any, status: np.ndarray) -> np.ndarray:
         """Rows in a batch this run polls (or failed in this run's batches): written by this run."""
@@ -183,7 +179,7 @@ class SubmitPass:
             if not one_line.all():
                 self.live_only += int(np.count_nonzero(~one_line))
                 new = new[one_line]
-        stored = ctx.index.results.has_keys(keys.keys[new])
+        stored = ctx.output.index.results.has_keys(keys.keys[new])
         if stored.any():
             missing = await results.copy_stored(new[stored], ids, hashes, keys.keys, first_row)
             stored[np.isin(new, missing)] = False  # the index only seemed to hold them: sent

@@ -31,7 +31,7 @@ class RecordWatch:
         self.pending_keys = KeyTable(payload=False)
         self.others_pending = KeyTable(payload=False)
         self._others_submitted: frozenset[str] = frozenset()
-        self._known_parts = KnownParts(ctx.index, ctx.stats.parts_written, ctx.stats.error_parts_written)
+        self._known_parts = KnownParts(ctx.output.index, ctx.stats.parts_written, ctx.stats.error_parts_written)
         self.new_parts: Any = None
 
     def my_submitted(self) -> list[dict[str, Any]]:
@@ -56,7 +56,7 @@ class RecordWatch:
         """What other runs did since this run last looked (worker thread): their new parts go into the
         index, and the contents of their submitted batches into ``others_pending``."""
         ctx = self.ctx
-        self.new_parts = ctx.store.read_new_parts(self._known_parts(), ctx.id_col)
+        self.new_parts = ctx.output.store.read_new_parts(self._known_parts(), ctx.output.id_col)
         submitted = set()
         for name in self.book.names():
             if name in self.mine:
@@ -77,7 +77,7 @@ class RecordWatch:
 
     async def look_again(self) -> None:
         await asyncio.to_thread(self.refresh)
-        self.new_parts.add_to(self.ctx.index)
+        self.new_parts.add_to(self.ctx.output.index)
 
     async def drop(self, record: dict[str, Any]) -> None:
         """Remove a record that never became a batch (nothing was paid): its rows are free again."""
