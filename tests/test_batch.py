@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx2
 import polars as pl
+import pyarrow.parquet as pq
 import pytest
 from conftest import (
     CORPUS,
@@ -38,6 +39,7 @@ from tasks.errors import ConfigError
 from tasks.jobs.caption import CaptionJob
 from tasks.jobs.embed import EmbedJob
 from tasks.jobs.extract import ExtractJob
+from tasks.jobs.generate import GenerateJob
 from tasks.jobs.images import ImagesJob
 from tasks.jobs.media import base_dir_of
 from tasks.jobs.transcribe import TranscribeJob
@@ -314,6 +316,27 @@ def test_expired_batch_keeps_its_half_and_the_other_half_is_sent_again(emulator,
     assert table(tmp_path / "out").equals(table(tmp_path / "live"))
     first = json.loads(sorted((tmp_path / "out" / "_batches").glob("*-0001.json"))[0].read_text())
     assert first["status"] == "expired" and first["lines_unfinished"] == 100
+
+
+def test_auto_writes_the_rows_it_sends_live_in_an_old_outputs_schema_too(emulator, tmp_path):
+    """An output whose parts were written before parts had a served_model column keeps one schema in
+    --mode auto: the batch's rows, and the rows no batch answered that go live after it, come without it."""
+    n = 200
+    texts = [f"schema text {i}" for i in range(n)]
+    job, out = GenerateJob(model=CHAT, prompt="Summarise: {text}"), tmp_path / "out"
+    run(emulator, job, write_corpus(tmp_path / "old.parquet", list(range(10)), texts[:10]), out, mode="live")
+    for part in out.glob("part-*.parquet"):  # as parts were written then
+        old = pq.read_table(part)
+        pq.write_table(old.drop_columns(["served_model"]).replace_schema_metadata(old.schema.metadata), part)
+    watcher = _expire_first_batch_only(emulator)  # its unfinished half goes live
+    src = write_corpus(tmp_path / "in.parquet", list(range(n)), texts)
+    doc = run(emulator, job, src, out, mode="auto", chunk_size=100, auto_min_requests=50)
+    watcher.join()
+    assert doc["status"] == "completed", doc["message"]
+    assert doc["batches"]["rows_live"] > 0 and doc["batches"]["requests_answered"] > 0, doc["batches"]
+    names = {tuple(pq.read_schema(p).names) for p in out.glob("part-*.parquet")}
+    assert len(names) == 1 and "served_model" not in next(iter(names)), names
+    assert sorted(read_output(out)["id"].to_list()) == list(range(n))
 
 
 def test_auto_sends_a_small_run_live_without_a_batch(emulator, tmp_path):

@@ -9,7 +9,6 @@ import pyarrow.parquet as pq
 
 from tasks.engine.plan.claims import ClaimBook
 from tasks.engine.send.context import RunContext
-from tasks.engine.send.context_parts import RunOutput
 
 _ADDED = ("requests", "items_sent", "retries", "rate_limited", "transient_errors", "estimated_tokens", "images")
 
@@ -34,12 +33,7 @@ async def send_rest_live(
         job=ctx.job,
         conn=ctx.conn,
         limiter=ctx.limiter,
-        output=RunOutput(
-            store=ctx.output.store,
-            index=ctx.output.index,
-            id_col=ctx.output.id_col,
-            retry_errors=ctx.output.retry_errors,
-        ),
+        output=ctx.output,  # what the run learnt of its output (the parts' schema) holds for this pass too
         run_id=ctx.run_id,
         retry=ctx.retry,
         budget=ctx.budget,
